@@ -1,0 +1,136 @@
+// Growable byte buffer, writer and bounds-checked reader: the bytes every
+// message between the parent and a worker is made of.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+
+#include "procpool/errors.hpp"
+
+namespace procpool::detail {
+
+/// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
+/// results of hundreds of MiB must not be zero-filled before they are written.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(std::size_t size) { resize(size); }
+  Buffer(Buffer&& other) noexcept { swap(other); }
+  Buffer& operator=(Buffer&& other) noexcept {
+    Buffer moved(std::move(other));
+    swap(moved);
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  std::byte* data() noexcept { return data_.get(); }
+  const std::byte* data() const noexcept { return data_.get(); }
+  std::size_t size() const noexcept { return size_; }
+  std::size_t capacity() const noexcept { return capacity_; }
+  bool empty() const noexcept { return size_ == 0; }
+  void clear() noexcept { size_ = 0; }
+
+  void reserve(std::size_t capacity) {
+    if (capacity <= capacity_) return;
+    std::unique_ptr<std::byte[]> grown(new std::byte[capacity]);
+    if (size_ != 0) std::memcpy(grown.get(), data_.get(), size_);
+    data_ = std::move(grown);
+    capacity_ = capacity;
+  }
+  void resize(std::size_t size) {
+    if (size > capacity_) reserve(std::max(size, capacity_ + capacity_ / 2));
+    size_ = size;
+  }
+  /// Appends `n` uninitialised bytes and returns where they start.
+  std::byte* grow(std::size_t n) {
+    std::size_t old = size_;
+    resize(size_ + n);
+    return data_.get() + old;
+  }
+  void append(const void* bytes, std::size_t n) {
+    if (n != 0) std::memcpy(grow(n), bytes, n);
+  }
+  /// Drops the first `n` bytes.
+  void consume(std::size_t n) {
+    if (n >= size_) {
+      size_ = 0;
+      return;
+    }
+    std::memmove(data_.get(), data_.get() + n, size_ - n);
+    size_ -= n;
+  }
+  void swap(Buffer& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+    std::swap(capacity_, other.capacity_);
+  }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_ = 0;
+  std::size_t capacity_ = 0;
+};
+
+/// Appends values to a Buffer.
+class Writer {
+ public:
+  explicit Writer(Buffer& buffer) : buffer_(buffer) {}
+  void write(const void* bytes, std::size_t n) { buffer_.append(bytes, n); }
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  void put(const T& value) {
+    write(&value, sizeof value);
+  }
+  std::size_t size() const noexcept { return buffer_.size(); }
+  /// Forgets everything written after `size` (used to replace a half-written result by an error).
+  void truncate(std::size_t size) { buffer_.resize(size); }
+  Buffer& buffer() noexcept { return buffer_; }
+
+ private:
+  Buffer& buffer_;
+};
+
+/// Reads values from a byte range; reading past its end throws ProtocolError
+/// instead of reading garbage, so a truncated or corrupt message cannot crash the reader.
+class Reader {
+ public:
+  Reader(const std::byte* data, std::size_t size) : pos_(data), left_(size) {}
+  explicit Reader(const Buffer& buffer) : Reader(buffer.data(), buffer.size()) {}
+
+  /// Returns a pointer to the next `n` bytes and skips them.
+  const std::byte* take(std::size_t n) {
+    if (n > left_) throw_truncated(n);
+    const std::byte* at = pos_;
+    pos_ += n;
+    left_ -= n;
+    return at;
+  }
+  void read(void* out, std::size_t n) {
+    if (n != 0) std::memcpy(out, take(n), n);
+  }
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  T get() {
+    T value;
+    read(&value, sizeof value);
+    return value;
+  }
+  std::size_t remaining() const noexcept { return left_; }
+  const std::byte* position() const noexcept { return pos_; }
+
+ private:
+  [[noreturn]] void throw_truncated(std::size_t wanted) const {
+    throw ProtocolError("procpool: truncated message: needed " + std::to_string(wanted) +
+                        " more bytes but only " + std::to_string(left_) + " remain");
+  }
+  const std::byte* pos_;
+  std::size_t left_;
+};
+
+}  // namespace procpool::detail

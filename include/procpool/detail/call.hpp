@@ -1,0 +1,309 @@
+// The caller's side of one call: takes inputs from the range chunk by chunk,
+// hands them to the engine, and gives outcomes back in input or completion order.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "procpool/detail/engine.hpp"
+#include "procpool/detail/protocol.hpp"
+#include "procpool/options.hpp"
+#include "procpool/serialize.hpp"
+
+namespace procpool {
+
+/// An element of `imap_unordered`: the input's index and its result.
+///
+///     for (auto [index, value] : procpool::imap_unordered(f, inputs)) out[index] = value;
+template <class T>
+struct Indexed {
+  std::size_t index;
+  T value;
+};
+
+namespace detail {
+
+/// Stands in for `void` results.
+struct Empty {};
+
+template <class R>
+using stored_t = std::conditional_t<std::is_void_v<R>, Empty, R>;
+
+/// One task's outcome on the caller's side: its value or its error.
+template <class Out>
+struct Outcome {
+  std::size_t index = 0;
+  std::optional<Out> value;
+  std::exception_ptr error;
+};
+
+/// Calls `f(args...)`, returning Empty for a void function.
+template <class F, class... Args>
+decltype(auto) invoke_stored(F& f, Args&&... args) {
+  if constexpr (std::is_void_v<std::invoke_result_t<F&, Args&&...>>) {
+    std::invoke(f, std::forward<Args>(args)...);
+    return Empty{};
+  } else {
+    return std::invoke(f, std::forward<Args>(args)...);
+  }
+}
+
+template <class Out>
+std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
+  std::deque<Outcome<Out>> outcomes;
+  std::uint64_t i = 0;
+  auto fail_rest = [&](std::exception_ptr error) {
+    for (; i < done.count; ++i) {
+      outcomes.push_back(Outcome<Out>{static_cast<std::size_t>(done.first + i), {}, error});
+    }
+  };
+  if (done.failure) {
+    fail_rest(done.failure);
+    return outcomes;
+  }
+  Reader in(done.payload);
+  try {
+    for (; i < done.count; ++i) {
+      Outcome<Out> outcome;
+      outcome.index = static_cast<std::size_t>(done.first + i);
+      if (in.get<OutcomeTag>() == OutcomeTag::value) {
+        if constexpr (std::is_empty_v<Out>) {
+          outcome.value.emplace();
+        } else {
+          outcome.value.emplace(load_value<Out>(in));
+        }
+      } else {
+        auto type_name = load_value<std::string>(in);
+        auto what = load_value<std::string>(in);
+        outcome.error =
+            std::make_exception_ptr(TaskError(outcome.index, std::move(type_name), std::move(what)));
+      }
+      outcomes.push_back(std::move(outcome));
+    }
+  } catch (const ProtocolError&) {
+    fail_rest(std::current_exception());
+  }
+  return outcomes;
+}
+
+/// Inputs that the workers read from memory they inherited at the fork:
+/// a chunk is just a range of indices, nothing is copied.
+template <class View>
+class IndexFeed {
+ public:
+  explicit IndexFeed(const View& view) : size_(static_cast<std::size_t>(std::ranges::size(view))) {}
+  bool done() const noexcept { return next_ >= size_; }
+  std::optional<std::size_t> total() const noexcept { return size_; }
+  Chunk next(std::uint64_t call, std::size_t max_items) {
+    Chunk chunk;
+    chunk.call = call;
+    chunk.first = next_;
+    chunk.count = std::min(max_items, size_ - next_);
+    next_ += static_cast<std::size_t>(chunk.count);
+    return chunk;
+  }
+
+ private:
+  std::size_t size_;
+  std::size_t next_ = 0;
+};
+
+/// Inputs that must travel: taken lazily from any input range and serialised.
+template <class View, class Item>
+class StreamFeed {
+ public:
+  explicit StreamFeed(View& view) : it_(std::ranges::begin(view)), end_(std::ranges::end(view)) {
+    if constexpr (std::ranges::sized_range<View>) {
+      total_ = static_cast<std::size_t>(std::ranges::size(view));
+    }
+  }
+  bool done() const { return it_ == end_; }
+  std::optional<std::size_t> total() const noexcept { return total_; }
+  Chunk next(std::uint64_t call, std::size_t max_items) {
+    Chunk chunk;
+    chunk.call = call;
+    chunk.first = next_;
+    Writer out(chunk.payload);
+    for (; chunk.count < max_items && it_ != end_; ++it_, ++chunk.count) {
+      chunk.offsets.push_back(out.size());
+      save(out, static_cast<const Item&>(*it_));
+    }
+    next_ += chunk.count;
+    return chunk;
+  }
+
+ private:
+  std::ranges::iterator_t<View> it_;
+  std::ranges::sentinel_t<View> end_;
+  std::optional<std::size_t> total_;
+  std::uint64_t next_ = 0;
+};
+
+/// What to do with the workers when a call stops early (an error, or the
+/// caller dropped a lazy range): kill them (fork per call) or leave them to
+/// serve other calls (a Pool).
+enum class StopMode { kill_workers, close_call };
+
+/// Drives one call through the engine. `Feed` is IndexFeed or StreamFeed.
+template <class Out, class Feed>
+class CallDriver {
+ public:
+  CallDriver(Engine& engine, std::mutex& mutex, Buffer setup, Feed feed, const Options& options,
+             bool ordered, StopMode stop_mode)
+      : engine_(engine),
+        mutex_(mutex),
+        feed_(std::move(feed)),
+        options_(options),
+        ordered_(ordered),
+        stop_mode_(stop_mode) {
+    std::lock_guard lock(mutex_);
+    call_ = engine_.open_call(std::move(setup));
+  }
+  ~CallDriver() { stop(); }
+  CallDriver(const CallDriver&) = delete;
+  CallDriver& operator=(const CallDriver&) = delete;
+
+  /// The next outcome, in input order if ordered; nullopt once every input is done.
+  std::optional<Outcome<Out>> next() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      if (auto outcome = take_ready()) return outcome;
+      if (finished()) return std::nullopt;
+      step(lock, std::chrono::milliseconds(100));
+    }
+  }
+
+  /// Sends the first inputs to the workers without waiting for anything.
+  void start() {
+    std::unique_lock lock(mutex_);
+    step(lock, std::chrono::milliseconds(0));
+  }
+
+  /// Drives the call until an outcome is ready or the deadline passes.
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      collect();
+      if (has_ready() || finished()) return true;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return false;
+      step(lock, std::min(left, std::chrono::milliseconds(100)));
+    }
+  }
+
+  /// Stops the call early; safe to call more than once.
+  void stop() {
+    if (stopped_) return;
+    stopped_ = true;
+    std::lock_guard lock(mutex_);
+    const bool all_done = feed_.done() && in_flight_ == 0;
+    if (stop_mode_ == StopMode::kill_workers && !all_done) engine_.kill_workers();
+    engine_.close_call(call_);
+  }
+
+ private:
+  bool finished() const { return feed_.done() && in_flight_ == 0; }
+
+  void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
+    fill();
+    engine_.pump(lock, timeout);
+    collect();
+  }
+
+  std::size_t chunk_size() {
+    if (options_.chunksize != 0) return options_.chunksize;
+    constexpr double target_nanos = 5e6;  // per chunk: overhead stays ~1% of the work
+    const double per_task = engine_.nanos_per_task(call_);
+    // Until a task has been timed, send single tasks: a long task must not be batched blindly.
+    std::size_t n = per_task <= 0 ? 1
+                                  : static_cast<std::size_t>(std::clamp(target_nanos / per_task,
+                                                                        1.0, 65536.0));
+    if (auto total = feed_.total()) {
+      // Near the end, smaller chunks keep every worker busy until the last task.
+      const std::size_t remaining = *total - sent_;
+      n = std::min(n, std::max<std::size_t>(1, remaining / (2 * engine_.processes())));
+    }
+    return n;
+  }
+
+  void fill() {
+    while (!feed_.done()) {
+      std::size_t n = chunk_size();
+      const std::size_t limit = options_.max_inflight != 0
+                                    ? options_.max_inflight
+                                    : n * engine_.processes() * (engine_.pipeline_depth(call_, n) + 2);
+      if (in_flight_ >= limit) return;
+      n = std::min(n, limit - in_flight_);
+      Chunk chunk = feed_.next(call_, n);
+      if (chunk.count == 0) return;
+      in_flight_ += static_cast<std::size_t>(chunk.count);
+      sent_ += static_cast<std::size_t>(chunk.count);
+      engine_.submit(std::move(chunk));
+    }
+  }
+
+  void collect() {
+    auto& done = engine_.completed(call_);
+    while (!done.empty()) {
+      std::deque<Outcome<Out>> outcomes = decode_chunk<Out>(done.front());
+      const std::uint64_t first = done.front().first;
+      done.pop_front();
+      if (ordered_) {
+        ready_by_index_[first] = std::move(outcomes);
+      } else {
+        for (auto& o : outcomes) current_.push_back(std::move(o));
+      }
+    }
+  }
+
+  bool has_ready() const {
+    return !current_.empty() || (ordered_ && ready_by_index_.contains(next_index_));
+  }
+
+  std::optional<Outcome<Out>> take_ready() {
+    collect();
+    if (current_.empty() && ordered_) {
+      auto it = ready_by_index_.find(next_index_);
+      if (it != ready_by_index_.end()) {
+        current_ = std::move(it->second);
+        ready_by_index_.erase(it);
+      }
+    }
+    if (current_.empty()) return std::nullopt;
+    Outcome<Out> outcome = std::move(current_.front());
+    current_.pop_front();
+    ++next_index_;
+    --in_flight_;
+    return outcome;
+  }
+
+  Engine& engine_;
+  std::mutex& mutex_;
+  std::uint64_t call_ = 0;
+  Feed feed_;
+  Options options_;
+  bool ordered_;
+  StopMode stop_mode_;
+  bool stopped_ = false;
+  std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
+  std::size_t sent_ = 0;
+  std::uint64_t next_index_ = 0;
+  std::map<std::uint64_t, std::deque<Outcome<Out>>> ready_by_index_;
+  std::deque<Outcome<Out>> current_;
+};
+
+}  // namespace detail
+}  // namespace procpool

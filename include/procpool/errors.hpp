@@ -1,0 +1,79 @@
+// procpool/errors.hpp - every error procpool throws derives from procpool::Error.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <sys/types.h>
+
+namespace procpool {
+
+/// Root of procpool's exceptions.
+///
+///     try { procpool::map(f, xs); } catch (const procpool::Error& e) { log(e.what()); }
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A task threw an exception in its worker. Carries the exception's dynamic
+/// type name and `what()` as seen in the worker, and the task's input index.
+class TaskError : public Error {
+ public:
+  TaskError(std::size_t index, std::string type_name, std::string remote_what);
+  std::size_t index() const noexcept { return index_; }
+  /// Demangled dynamic type of the thrown exception, e.g. "std::invalid_argument".
+  const std::string& type_name() const noexcept { return type_name_; }
+  /// The `what()` of the exception in the worker.
+  const std::string& remote_what() const noexcept { return remote_what_; }
+
+ private:
+  std::size_t index_;
+  std::string type_name_;
+  std::string remote_what_;
+};
+
+/// The worker running a task died: killed by a signal (segfault, abort, the
+/// OOM killer, a `kill -9`) or it exited (`exit()`, `_exit()`) in mid-task.
+class WorkerCrashed : public Error {
+ public:
+  /// `signal` is the terminating signal or 0; `exit_status` is valid when `signal` is 0.
+  WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status);
+  std::size_t index() const noexcept { return index_; }
+  pid_t pid() const noexcept { return pid_; }
+  int signal() const noexcept { return signal_; }
+  int exit_status() const noexcept { return exit_status_; }
+
+ private:
+  std::size_t index_;
+  pid_t pid_;
+  int signal_;
+  int exit_status_;
+};
+
+/// A task ran longer than its time limit and its worker was stopped.
+class TaskTimeout : public Error {
+ public:
+  TaskTimeout(std::size_t index, std::chrono::milliseconds limit);
+  std::size_t index() const noexcept { return index_; }
+  std::chrono::milliseconds limit() const noexcept { return limit_; }
+
+ private:
+  std::size_t index_;
+  std::chrono::milliseconds limit_;
+};
+
+/// A message between the parent and a worker was corrupt or truncated.
+class ProtocolError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// Work was given to a `Pool` after `close()` or `terminate()`.
+class PoolClosed : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace procpool

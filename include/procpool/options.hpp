@@ -1,0 +1,36 @@
+// procpool/options.hpp - the one options struct shared by every way of running.
+#pragma once
+
+#include <cstddef>
+
+namespace procpool {
+
+/// How a call's workers run.
+///
+/// `fork` (the default) runs tasks in forked worker processes. `in_process`
+/// runs the very same call, with the same serialisation round trip for every
+/// input and result, in the calling process: a debugger and sanitizers then
+/// see the task code.
+///
+///     auto squares = procpool::map(f, xs, {.start = procpool::Start::in_process});
+enum class Start { fork, in_process };
+
+/// Options for `procpool::map` and friends and for `procpool::Pool`.
+/// An aggregate: set only what you need with designated initialisers.
+///
+///     procpool::Options opts{.processes = 4, .chunksize = 64};
+struct Options {
+  /// Worker processes; 0 means `usable_cpu_count()`.
+  unsigned processes = 0;
+  /// Inputs per message sent to a worker; 0 sizes chunks automatically from
+  /// the measured task time (about 5 ms of work per chunk, smaller near the end).
+  std::size_t chunksize = 0;
+  /// Upper bound on inputs taken from the input range but not yet handed back
+  /// to the caller; 0 means automatic (a few chunks per worker). Bounds memory
+  /// for endless inputs and for ordered results that wait for a slow task.
+  std::size_t max_inflight = 0;
+  /// Where tasks run; see `Start`.
+  Start start = Start::fork;
+};
+
+}  // namespace procpool

@@ -1,0 +1,429 @@
+// procpool/pool.hpp - a persistent pool of worker processes with per-worker state.
+#pragma once
+
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <ranges>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#include "procpool/cpu_count.hpp"
+#include "procpool/detail/call.hpp"
+#include "procpool/detail/engine.hpp"
+#include "procpool/detail/runners.hpp"
+#include "procpool/errors.hpp"
+#include "procpool/options.hpp"
+#include "procpool/results.hpp"
+
+namespace procpool {
+namespace detail {
+
+/// Builds a call's runner inside a worker from its setup message. Its address
+/// travels in that message: workers are forks of this program, so it is valid there.
+using RunnerFactory = std::unique_ptr<TaskRunner> (*)(void* state, Reader& setup);
+
+/// Worker side of a Pool: the state its initializer built, and the runners of the open calls.
+class PoolLogic final : public WorkerLogic {
+ public:
+  explicit PoolLogic(const std::function<std::shared_ptr<void>()>& make_state);
+  void setup(std::uint64_t call, Reader& payload) override;
+  void run(std::uint64_t call, std::uint64_t first, std::uint64_t count, Reader& in,
+           Writer& out) override;
+  void end(std::uint64_t call) override;
+
+ private:
+  std::shared_ptr<void> state_;
+  std::exception_ptr init_error_;
+  std::map<std::uint64_t, std::unique_ptr<TaskRunner>> runners_;
+};
+
+/// Everything a Pool and the calls and futures it handed out share.
+struct PoolCore {
+  std::mutex mutex;
+  std::unique_ptr<Engine> engine;
+  const std::type_info* state_type = nullptr;  // null: the pool has no initializer
+  Options options;
+  bool closed = false;
+};
+
+template <class F>
+inline constexpr bool is_function_pointer_v =
+    std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>;
+
+/// What a Pool can run: code that needs nothing from the caller's memory.
+template <class F>
+inline constexpr bool pool_callable_v =
+    is_function_pointer_v<F> || (std::is_empty_v<F> && std::is_trivially_copyable_v<F> &&
+                                 std::is_default_constructible_v<F>);
+
+template <class F>
+constexpr void check_pool_callable() {
+  static_assert(pool_callable_v<F>,
+                "procpool::Pool runs only function pointers and capture-less lambdas: its workers "
+                "were forked before this call and cannot see what a capture refers to. Use "
+                "procpool::map (fork per call), whose function may capture anything, or build "
+                "the data once per worker with Pool(options, init) and take it as the "
+                "function's first parameter, State&.");
+}
+
+/// The first parameter's type of a function pointer or non-generic lambda.
+template <class F>
+struct first_parameter {};
+template <class R, class A0, class... A>
+struct first_parameter<R (*)(A0, A...)> {
+  using type = A0;
+};
+template <class R, class A0, class... A>
+struct first_parameter<R (*)(A0, A...) noexcept> {
+  using type = A0;
+};
+template <class C, class R, class A0, class... A>
+struct first_parameter<R (C::*)(A0, A...) const> {
+  using type = A0;
+};
+template <class C, class R, class A0, class... A>
+struct first_parameter<R (C::*)(A0, A...) const noexcept> {
+  using type = A0;
+};
+template <class F>
+  requires requires { &F::operator(); }
+struct first_parameter<F> : first_parameter<decltype(&F::operator())> {};
+template <class F>
+struct first_parameter<StarApply<F>> : first_parameter<F> {};
+
+/// How a Pool calls `F` on an `Item` with call-wide `Extra` arguments: with
+/// the worker's state first when F takes one.
+template <class F, class Item, class... Extra>
+struct pool_call_types {
+  static constexpr bool stateless = std::is_invocable_v<F&, Item&&, const Extra&...>;
+  template <class G, bool Stateless>
+  struct state_of {
+    using type = void;
+  };
+  template <class G>
+  struct state_of<G, false> {
+    using type = std::remove_cvref_t<typename first_parameter<G>::type>;
+  };
+  using State = typename state_of<F, stateless>::type;
+  static constexpr bool invocable = [] {
+    if constexpr (stateless) {
+      return true;
+    } else {
+      return std::is_invocable_v<F&, State&, Item&&, const Extra&...>;
+    }
+  }();
+  static_assert(invocable,
+                "procpool::Pool: the function must be callable as f(item, extra...) or, for a "
+                "pool with an initializer, f(State&, item, extra...) with a non-generic State&");
+  using Result = decltype([] {
+    if constexpr (stateless) {
+      return std::type_identity<std::invoke_result_t<F&, Item&&, const Extra&...>>{};
+    } else {
+      return std::type_identity<std::invoke_result_t<F&, State&, Item&&, const Extra&...>>{};
+    }
+  }())::type;
+  using Out = stored_t<std::decay_t<Result>>;
+};
+
+template <class F, class State, class Item, class Out, class... Extra>
+class PoolRunner final : public TaskRunner {
+ public:
+  PoolRunner(F f, State* state, std::tuple<Extra...> extra)
+      : f_(f), state_(state), extra_(std::move(extra)) {}
+  void run(std::uint64_t, std::uint64_t count, Reader& in, Writer& out) override {
+    for (std::uint64_t i = 0; i < count; ++i) {
+      run_task<Out>(out, [&]() -> decltype(auto) {
+        Item item = load_value<Item>(in);
+        return std::apply(
+            [&](const Extra&... extra) -> decltype(auto) {
+              if constexpr (std::is_void_v<State>) {
+                return invoke_stored(f_, std::move(item), extra...);
+              } else {
+                return invoke_stored(f_, *state_, std::move(item), extra...);
+              }
+            },
+            extra_);
+      });
+    }
+  }
+
+ private:
+  F f_;
+  State* state_;
+  std::tuple<Extra...> extra_;
+};
+
+template <class F, class State, class Item, class Out, class... Extra>
+std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
+  F f{};
+  setup.read(&f, sizeof f);  // F is trivially copyable: a function pointer or an empty lambda
+  std::tuple<Extra...> extra;
+  load(setup, extra);
+  return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(
+      f, static_cast<State*>(state), std::move(extra));
+}
+
+/// A Pool call's results as a lazy range; holds the pool core alive.
+template <class Out, class Item, bool Ordered>
+class PoolCall final : public ResultSource<std::conditional_t<Ordered, Out, Indexed<Out>>> {
+  using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+  using Items = std::vector<Item>;
+
+ public:
+  PoolCall(std::shared_ptr<PoolCore> core, Buffer setup, std::unique_ptr<Items> owned)
+      : core_(std::move(core)),
+        items_(std::move(owned)),
+        driver_(*core_->engine, core_->mutex, std::move(setup),
+                StreamFeed<Items, Item>(*items_), core_->options, Ordered,
+                StopMode::close_call) {
+    driver_.start();  // a submitted task starts running before anyone waits for it
+  }
+
+  std::optional<Value> next() override {
+    auto outcome = driver_.next();
+    if (!outcome) return std::nullopt;
+    if (outcome->error) {
+      driver_.stop();
+      std::rethrow_exception(outcome->error);
+    }
+    if constexpr (Ordered) {
+      return std::move(*outcome->value);
+    } else {
+      return Value{outcome->index, std::move(*outcome->value)};
+    }
+  }
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    return driver_.wait_until(deadline);
+  }
+
+ private:
+  std::shared_ptr<PoolCore> core_;
+  std::unique_ptr<Items> items_;
+  CallDriver<Out, StreamFeed<Items, Item>> driver_;
+};
+
+/// A Pool call over a lazy (possibly endless) input range.
+template <class Out, class View, class Item, bool Ordered>
+class PoolStreamCall final : public ResultSource<std::conditional_t<Ordered, Out, Indexed<Out>>> {
+  using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+
+ public:
+  PoolStreamCall(std::shared_ptr<PoolCore> core, Buffer setup, View view)
+      : core_(std::move(core)),
+        view_(std::move(view)),
+        driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<View, Item>(view_),
+                core_->options, Ordered, StopMode::close_call) {}
+
+  std::optional<Value> next() override {
+    auto outcome = driver_.next();
+    if (!outcome) return std::nullopt;
+    if (outcome->error) {
+      driver_.stop();
+      std::rethrow_exception(outcome->error);
+    }
+    if constexpr (Ordered) {
+      return std::move(*outcome->value);
+    } else {
+      return Value{outcome->index, std::move(*outcome->value)};
+    }
+  }
+
+ private:
+  std::shared_ptr<PoolCore> core_;
+  View view_;
+  CallDriver<Out, StreamFeed<View, Item>> driver_;
+};
+
+}  // namespace detail
+
+/// The result of `Pool::submit`: like std::future, and it drives the pool while waited on.
+///
+///     auto answer = pool.submit(&compute, 42);
+///     if (answer.wait_for(std::chrono::seconds(1)) == std::future_status::ready) use(answer.get());
+template <class R>
+class Future {
+  using Stored = detail::stored_t<R>;
+
+ public:
+  Future() = default;
+  /// The task's result; throws its error (TaskError, WorkerCrashed, PoolClosed...).
+  /// Can be called once.
+  R get() {
+    auto value = source().next();
+    source_.reset();
+    if constexpr (!std::is_void_v<R>) return std::move(*value);
+  }
+  void wait() { source().wait_until(std::chrono::steady_clock::time_point::max()); }
+  template <class Rep, class Period>
+  std::future_status wait_for(std::chrono::duration<Rep, Period> timeout) {
+    const auto deadline =
+        std::chrono::steady_clock::now() +
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout);
+    return source().wait_until(deadline) ? std::future_status::ready
+                                         : std::future_status::timeout;
+  }
+  bool valid() const noexcept { return source_ != nullptr; }
+
+ private:
+  friend class Pool;
+  using Source = detail::ResultSource<Stored>;
+  struct Waitable : Source {
+    virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
+  };
+  template <class Inner>
+  struct Adapter final : Waitable {
+    explicit Adapter(std::unique_ptr<Inner> inner) : call(std::move(inner)) {}
+    std::optional<Stored> next() override { return call->next(); }
+    bool wait_until(std::chrono::steady_clock::time_point d) override {
+      return call->wait_until(d);
+    }
+    std::unique_ptr<Inner> call;
+  };
+  explicit Future(std::unique_ptr<Waitable> source) : source_(std::move(source)) {}
+  Waitable& source() {
+    if (!source_) throw Error("procpool::Future: no result to wait for (get() was already called)");
+    return *source_;
+  }
+  std::unique_ptr<Waitable> source_;
+};
+
+/// Worker processes started once and reused by many calls.
+///
+/// Because the workers were forked at construction, the functions given later
+/// must not need the caller's memory: function pointers and capture-less
+/// lambdas. Heavy per-worker data is built once in each worker by `init`, and
+/// the function receives it as its first parameter. Extra arguments of one
+/// call are sent once per worker, not per task.
+///
+///     procpool::Pool pool({.processes = 4}, [] { return Parser(load_grammar()); });
+///     auto trees = pool.map([](Parser& p, const std::string& s) { return p.parse(s); }, lines);
+class Pool {
+ public:
+  /// Starts `options.processes` workers (default: usable CPUs) with no state.
+  explicit Pool(Options options = {});
+
+  /// Starts the workers; each runs `init()` once and keeps its result as that worker's state.
+  template <class Init>
+    requires std::invocable<Init&>
+  Pool(Options options, Init init) {
+    using State = std::decay_t<std::invoke_result_t<Init&>>;
+    static_assert(!std::is_void_v<State>, "procpool::Pool: the initializer must return the state");
+    start(options, &typeid(State), [init = std::move(init)]() mutable -> std::shared_ptr<void> {
+      return std::make_shared<State>(init());
+    });
+  }
+
+  /// Finishes the work already accepted, then ends and reaps every worker.
+  ~Pool();
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  /// Results of `f(item, extra...)` (or `f(state, item, extra...)`) in input order.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto map(F f, R&& inputs, const Extra&... extra) {
+    using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>,
+                                                 Extra...>::Out;
+    std::vector<Out> out;
+    for (Out& value : imap(f, std::forward<R>(inputs), extra...)) out.push_back(std::move(value));
+    return out;
+  }
+
+  /// Lazy, in input order; the input range is consumed as results are taken.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap(F f, R&& inputs, const Extra&... extra) {
+    return make_results<true>(f, std::forward<R>(inputs), extra...);
+  }
+
+  /// Lazy, in completion order, as `Indexed{index, value}`.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap_unordered(F f, R&& inputs, const Extra&... extra) {
+    return make_results<false>(f, std::forward<R>(inputs), extra...);
+  }
+
+  /// map over tuples unpacked into `f`.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto starmap(F f, R&& tuples, const Extra&... extra) {
+    detail::check_pool_callable<F>();
+    return map(detail::StarApply<F>{f}, std::forward<R>(tuples), extra...);
+  }
+
+  /// Runs `f(args...)` (or `f(state, args...)`) in a worker; the arguments are sent with the task.
+  template <class F, class... Args>
+  auto submit(F f, Args&&... args) {
+    detail::check_pool_callable<F>();
+    using Item = std::tuple<std::decay_t<Args>...>;
+    using Star = detail::StarApply<F>;
+    using Types = detail::pool_call_types<Star, Item>;
+    using R = std::conditional_t<std::is_same_v<typename Types::Out, detail::Empty>, void,
+                                 typename Types::Out>;
+    auto items = std::make_unique<std::vector<Item>>();
+    items->emplace_back(std::forward<Args>(args)...);
+    auto call = std::make_unique<detail::PoolCall<typename Types::Out, Item, true>>(
+        core_, make_setup<Star, Item>(Star{f}), std::move(items));
+    using Adapter = typename Future<R>::template Adapter<
+        detail::PoolCall<typename Types::Out, Item, true>>;
+    return Future<R>(std::make_unique<Adapter>(std::move(call)));
+  }
+
+  /// No more work is accepted; what was accepted still runs.
+  void close();
+  /// Waits for all accepted work, then ends and reaps the workers. Call close() first.
+  void join();
+  /// Kills every worker now; unfinished work fails with PoolClosed.
+  void terminate();
+
+  unsigned processes() const noexcept;
+  /// Process ids of the current workers (they change when a worker is replaced).
+  std::vector<pid_t> worker_pids() const;
+
+ private:
+  void start(Options options, const std::type_info* state_type,
+             std::function<std::shared_ptr<void>()> make_state);
+  void check_open() const;
+  void check_state_type(const std::type_info& wanted) const;
+
+  template <class F, class Item, class... Extra>
+  detail::Buffer make_setup(const F& f, const Extra&... extra) {
+    detail::check_pool_callable<F>();
+    using Types = detail::pool_call_types<F, Item, Extra...>;
+    using State = typename Types::State;
+    if constexpr (std::is_void_v<State>) {
+      // a stateless function runs on any pool
+    } else {
+      check_state_type(typeid(State));
+    }
+    check_open();
+    detail::RunnerFactory factory =
+        &detail::make_pool_runner<F, State, Item, typename Types::Out, Extra...>;
+    detail::Buffer setup;
+    detail::Writer out(setup);
+    out.put(reinterpret_cast<std::uintptr_t>(factory));
+    out.write(&f, sizeof f);
+    detail::save(out, std::tuple<Extra...>(extra...));
+    return setup;
+  }
+
+  template <bool Ordered, class F, class R, class... Extra>
+  auto make_results(F f, R&& inputs, const Extra&... extra) {
+    using Item = std::ranges::range_value_t<R>;
+    using Out = typename detail::pool_call_types<F, Item, Extra...>::Out;
+    using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+    using View = std::views::all_t<R>;
+    detail::Buffer setup = make_setup<F, Item>(f, extra...);
+    return Results<Value>(std::make_unique<detail::PoolStreamCall<Out, View, Item, Ordered>>(
+        core_, std::move(setup), std::views::all(std::forward<R>(inputs))));
+  }
+
+  std::shared_ptr<detail::PoolCore> core_;
+};
+
+}  // namespace procpool

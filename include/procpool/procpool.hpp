@@ -1,0 +1,13 @@
+// procpool - map a function over many inputs in parallel worker processes.
+//
+//     #include <procpool/procpool.hpp>
+//     auto squares = procpool::map([](int x) { return x * x; }, std::vector{1, 2, 3});
+#pragma once
+
+#include "procpool/cpu_count.hpp"
+#include "procpool/errors.hpp"
+#include "procpool/map.hpp"
+#include "procpool/options.hpp"
+#include "procpool/pool.hpp"
+#include "procpool/results.hpp"
+#include "procpool/serialize.hpp"

@@ -1,0 +1,68 @@
+// procpool/results.hpp - the lazy range that imap and imap_unordered return.
+#pragma once
+
+#include <cstddef>
+#include <iterator>
+#include <memory>
+#include <optional>
+
+namespace procpool {
+namespace detail {
+
+/// Produces a call's results one at a time; throws the first failure.
+template <class T>
+class ResultSource {
+ public:
+  virtual ~ResultSource() = default;
+  virtual std::optional<T> next() = 0;
+};
+
+}  // namespace detail
+
+/// A lazy, single-pass range of results. Inputs are taken from the input range
+/// only as results are consumed (a bounded number ahead), so an endless input
+/// works. Destroying it early stops the call: fork-per-call workers are
+/// killed and reaped, a Pool's workers drop the rest of the call.
+///
+///     for (const std::string& line : procpool::imap(render, records)) std::cout << line;
+template <class T>
+class Results {
+ public:
+  class iterator {
+   public:
+    using value_type = T;
+    using difference_type = std::ptrdiff_t;
+
+    iterator() = default;
+    explicit iterator(detail::ResultSource<T>* source) : source_(source) { advance(); }
+    T& operator*() const { return *current_; }
+    T* operator->() const { return &*current_; }
+    iterator& operator++() {
+      advance();
+      return *this;
+    }
+    void operator++(int) { advance(); }
+    friend bool operator==(const iterator& it, std::default_sentinel_t) {
+      return !it.current_.has_value();
+    }
+
+   private:
+    void advance() {
+      current_.reset();
+      current_ = source_->next();
+    }
+    detail::ResultSource<T>* source_ = nullptr;
+    mutable std::optional<T> current_;
+  };
+
+  explicit Results(std::unique_ptr<detail::ResultSource<T>> source) : source_(std::move(source)) {}
+
+  /// Starts (or continues) the iteration; a Results can be walked once.
+  iterator begin() { return iterator(source_.get()); }
+  std::default_sentinel_t end() const noexcept { return {}; }
+
+ private:
+  std::unique_ptr<detail::ResultSource<T>> source_;
+};
+
+}  // namespace procpool

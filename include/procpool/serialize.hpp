@@ -1,0 +1,301 @@
+// procpool/serialize.hpp - how values cross the process boundary.
+//
+// Trivially copyable values, and strings and vectors of them, travel as raw
+// bytes with a 64-bit length. Vectors, arrays, pairs, tuples and optionals of
+// other types are encoded element by element. Everything else goes through
+// cereal's binary archive: give your type a `serialize(Archive&)` member or
+// free function (or save/load), as cereal documents, and it works.
+//
+//     struct Token {
+//       std::string text;
+//       int id;
+//       template <class Archive> void serialize(Archive& ar) { ar(text, id); }
+//     };
+//     static_assert(procpool::serializable<Token>);
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <istream>
+#include <optional>
+#include <ostream>
+#include <streambuf>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <cereal/archives/binary.hpp>
+#include <cereal/types/array.hpp>
+#include <cereal/types/bitset.hpp>
+#include <cereal/types/chrono.hpp>
+#include <cereal/types/complex.hpp>
+#include <cereal/types/deque.hpp>
+#include <cereal/types/list.hpp>
+#include <cereal/types/map.hpp>
+#include <cereal/types/memory.hpp>
+#include <cereal/types/optional.hpp>
+#include <cereal/types/set.hpp>
+#include <cereal/types/string.hpp>
+#include <cereal/types/tuple.hpp>
+#include <cereal/types/unordered_map.hpp>
+#include <cereal/types/unordered_set.hpp>
+#include <cereal/types/utility.hpp>
+#include <cereal/types/variant.hpp>
+#include <cereal/types/vector.hpp>
+
+#include "procpool/detail/buffer.hpp"
+#include "procpool/errors.hpp"
+
+namespace procpool {
+namespace detail {
+
+template <class T>
+struct is_std_vector : std::false_type {};
+template <class T, class A>
+struct is_std_vector<std::vector<T, A>> : std::true_type {};
+
+template <class T>
+struct is_std_string : std::false_type {};
+template <class C, class Tr, class A>
+struct is_std_string<std::basic_string<C, Tr, A>> : std::true_type {};
+
+template <class T>
+struct is_std_array : std::false_type {};
+template <class T, std::size_t N>
+struct is_std_array<std::array<T, N>> : std::true_type {};
+
+template <class T>
+struct is_tuple_like : std::false_type {};
+template <class... Ts>
+struct is_tuple_like<std::tuple<Ts...>> : std::true_type {};
+template <class A, class B>
+struct is_tuple_like<std::pair<A, B>> : std::true_type {};
+
+template <class T>
+struct is_std_optional : std::false_type {};
+template <class T>
+struct is_std_optional<std::optional<T>> : std::true_type {};
+
+/// Raw bytes are right for trivially copyable values; a pointer is trivially
+/// copyable but pointing into another process is a bug, so pointers are refused.
+template <class T>
+inline constexpr bool is_raw_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
+                                 !std::is_member_pointer_v<T>;
+
+template <class T>
+inline constexpr bool is_cereal_v =
+    cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value &&
+    cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
+
+/// Strings and vectors of raw values travel as one block of bytes.
+template <class T>
+constexpr bool is_raw_block() {
+  if constexpr (is_std_string<T>::value || is_std_vector<T>::value) {
+    using E = typename T::value_type;
+    return is_raw_v<E> && !std::is_same_v<E, bool>;
+  } else {
+    return false;
+  }
+}
+template <class T>
+inline constexpr bool is_raw_block_v = is_raw_block<T>();
+
+template <class T>
+constexpr bool serializable_impl();
+
+template <class Tuple, std::size_t... I>
+constexpr bool all_elements_serializable(std::index_sequence<I...>) {
+  return (serializable_impl<std::remove_cv_t<std::tuple_element_t<I, Tuple>>>() && ...);
+}
+
+template <class T>
+constexpr bool serializable_impl() {
+  if constexpr (is_raw_v<T>) {
+    return true;
+  } else if constexpr (is_std_string<T>::value) {
+    return is_raw_v<typename T::value_type>;
+  } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
+                       is_std_optional<T>::value) {
+    return serializable_impl<typename T::value_type>();
+  } else if constexpr (is_tuple_like<T>::value) {
+    return all_elements_serializable<T>(std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    return is_cereal_v<T>;
+  }
+}
+
+}  // namespace detail
+
+/// True when values of T can be sent between processes.
+template <class T>
+concept serializable = detail::serializable_impl<std::remove_cv_t<T>>();
+
+namespace detail {
+
+/// Named so that the compiler's error names the offending type.
+template <class T>
+struct type_cannot_cross_processes {
+  static_assert(serializable<T>,
+                "procpool: this type cannot be sent between processes. Make it trivially "
+                "copyable, or give it a cereal `template <class Archive> void "
+                "serialize(Archive&)` member or free function (see <procpool/serialize.hpp>). "
+                "The type is the T in `type_cannot_cross_processes<T>` above.");
+  static constexpr bool value = serializable<T>;
+};
+
+/// std::streambuf over a Writer / Reader so that cereal writes straight into
+/// our message buffer and reads straight out of it, without an extra copy.
+class WriterStreambuf : public std::streambuf {
+ public:
+  explicit WriterStreambuf(Writer& out) : out_(out) {}
+
+ protected:
+  std::streamsize xsputn(const char* s, std::streamsize n) override {
+    out_.write(s, static_cast<std::size_t>(n));
+    return n;
+  }
+  int_type overflow(int_type c) override {
+    if (traits_type::eq_int_type(c, traits_type::eof())) return traits_type::not_eof(c);
+    char ch = traits_type::to_char_type(c);
+    out_.write(&ch, 1);
+    return c;
+  }
+
+ private:
+  Writer& out_;
+};
+
+class ReaderStreambuf : public std::streambuf {
+ public:
+  explicit ReaderStreambuf(Reader& in) : in_(in) {}
+
+ protected:
+  std::streamsize xsgetn(char* s, std::streamsize n) override {
+    std::size_t count = std::min(static_cast<std::size_t>(n), in_.remaining());
+    in_.read(s, count);
+    return static_cast<std::streamsize>(count);
+  }
+  int_type underflow() override { return traits_type::eof(); }
+
+ private:
+  Reader& in_;
+};
+
+template <class T>
+void save(Writer& out, const T& value);
+template <class T>
+void load(Reader& in, T& value);
+
+template <class Tuple, std::size_t... I>
+void save_elements(Writer& out, const Tuple& t, std::index_sequence<I...>) {
+  (save(out, std::get<I>(t)), ...);
+}
+template <class Tuple, std::size_t... I>
+void load_elements(Reader& in, Tuple& t, std::index_sequence<I...>) {
+  (load(in, std::get<I>(t)), ...);
+}
+
+/// Reads a 64-bit element count and refuses one that the remaining bytes
+/// cannot hold, so a corrupt length never turns into a huge allocation.
+inline std::size_t load_count(Reader& in, std::size_t min_bytes_per_element) {
+  auto count = in.get<std::uint64_t>();
+  if (min_bytes_per_element != 0 && count > in.remaining() / min_bytes_per_element) {
+    throw ProtocolError("procpool: corrupt message: a length of " + std::to_string(count) +
+                        " elements does not fit in the " + std::to_string(in.remaining()) +
+                        " bytes left");
+  }
+  return static_cast<std::size_t>(count);
+}
+
+template <class T>
+void save(Writer& out, const T& value) {
+  static_assert(type_cannot_cross_processes<T>::value);
+  if constexpr (is_raw_v<T>) {
+    out.put(value);
+  } else if constexpr (is_raw_block_v<T>) {
+    out.put(static_cast<std::uint64_t>(value.size()));
+    out.write(value.data(), value.size() * sizeof(typename T::value_type));
+  } else if constexpr (is_std_vector<T>::value) {
+    out.put(static_cast<std::uint64_t>(value.size()));
+    for (const auto& element : value) {
+      if constexpr (std::is_same_v<typename T::value_type, bool>) {
+        save(out, static_cast<bool>(element));  // vector<bool> hands out proxies
+      } else {
+        save(out, element);
+      }
+    }
+  } else if constexpr (is_std_array<T>::value) {
+    for (const auto& element : value) save(out, element);
+  } else if constexpr (is_std_optional<T>::value) {
+    out.put(static_cast<std::uint8_t>(value.has_value()));
+    if (value) save(out, *value);
+  } else if constexpr (is_tuple_like<T>::value) {
+    save_elements(out, value, std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    WriterStreambuf buf(out);
+    std::ostream stream(&buf);
+    cereal::BinaryOutputArchive archive(stream);
+    archive(value);
+  }
+}
+
+template <class T>
+void load(Reader& in, T& value) {
+  static_assert(type_cannot_cross_processes<T>::value);
+  if constexpr (is_raw_v<T>) {
+    in.read(&value, sizeof value);
+  } else if constexpr (is_raw_block_v<T>) {
+    using E = typename T::value_type;
+    std::size_t count = load_count(in, sizeof(E));
+    value.resize(count);
+    in.read(value.data(), count * sizeof(E));
+  } else if constexpr (is_std_vector<T>::value) {
+    std::size_t count = load_count(in, 1);
+    value.clear();
+    value.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      typename T::value_type element{};
+      load(in, element);
+      value.push_back(std::move(element));
+    }
+  } else if constexpr (is_std_array<T>::value) {
+    for (auto& element : value) load(in, element);
+  } else if constexpr (is_std_optional<T>::value) {
+    if (in.get<std::uint8_t>() != 0) {
+      value.emplace();
+      load(in, *value);
+    } else {
+      value.reset();
+    }
+  } else if constexpr (is_tuple_like<T>::value) {
+    load_elements(in, value, std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    ReaderStreambuf buf(in);
+    std::istream stream(&buf);
+    cereal::BinaryInputArchive archive(stream);
+    try {
+      archive(value);
+    } catch (const cereal::Exception& e) {
+      throw ProtocolError(std::string("procpool: corrupt or truncated message: ") + e.what());
+    }
+  }
+}
+
+/// Decodes a value that must be default-constructible or is built in place.
+template <class T>
+T load_value(Reader& in) {
+  if constexpr (std::is_default_constructible_v<T>) {
+    T value{};
+    load(in, value);
+    return value;
+  } else {
+    static_assert(std::is_default_constructible_v<T>,
+                  "procpool: values received from another process are built by default "
+                  "construction and then filled in; give the type a default constructor");
+  }
+}
+
+}  // namespace detail
+}  // namespace procpool

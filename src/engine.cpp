@@ -1,0 +1,555 @@
+#include "procpool/detail/engine.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <system_error>
+#include <thread>
+
+#include "procpool/errors.hpp"
+#include "worker.hpp"
+
+namespace procpool::detail {
+namespace {
+
+constexpr std::size_t receive_size = 256 * 1024;
+constexpr int socket_buffer_bytes = 1 << 20;
+constexpr double pipeline_target_nanos = 2e6;  // keep ~2 ms of work queued per worker
+constexpr std::size_t min_pipeline = 2;
+constexpr std::size_t max_pipeline = 64;
+constexpr double ewma_weight = 0.3;
+
+[[noreturn]] void throw_errno(const char* what) {
+  throw std::system_error(errno, std::generic_category(), std::string("procpool: ") + what);
+}
+
+/// The parent-side sockets of every engine in this process. A new worker closes
+/// all of them, so that it never keeps another engine's worker from seeing EOF.
+class ParentSockets {
+ public:
+  static ParentSockets& instance() {
+    static ParentSockets sockets;
+    return sockets;
+  }
+  void add(int fd) {
+    std::lock_guard lock(mutex_);
+    fds_.push_back(fd);
+  }
+  void remove(int fd) {
+    std::lock_guard lock(mutex_);
+    std::erase(fds_, fd);
+  }
+  std::vector<int> snapshot() {
+    std::lock_guard lock(mutex_);
+    return fds_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<int> fds_;
+};
+
+struct ExitStatus {
+  int signal = 0;
+  int code = 0;
+};
+
+/// Waits for a worker that has closed its socket; one that lingers is killed.
+ExitStatus reap(pid_t pid) {
+  int status = 0;
+  for (int attempt = 0; attempt < 500; ++attempt) {
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return {};
+    if (attempt == 499) {
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (WIFSIGNALED(status)) return {WTERMSIG(status), 0};
+  return {0, WIFEXITED(status) ? WEXITSTATUS(status) : 0};
+}
+
+void wait_blocking(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+}
+
+std::size_t max_payload_bytes() {
+  // No honest message is larger than physical memory; a bigger length is garbage.
+  long pages = ::sysconf(_SC_PHYS_PAGES);
+  long page = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page)
+                               : (std::size_t{1} << 40);
+}
+
+}  // namespace
+
+struct Engine::Worker {
+  std::uint64_t serial = 0;
+  pid_t pid = -1;
+  int fd = -1;
+  Buffer outbox;
+  std::size_t out_pos = 0;
+  Buffer inbox;
+  std::size_t in_pos = 0;
+  std::deque<Chunk> inflight;
+};
+
+Engine::Engine(unsigned processes, Start start, LogicFactory make_logic)
+    : processes_(std::max(1u, processes)),
+      start_(start),
+      make_logic_(std::move(make_logic)),
+      parent_pid_(::getpid()) {
+  if (start_ == Start::in_process) return;
+  try {
+    for (unsigned i = 0; i < processes_; ++i) spawn_worker();
+  } catch (...) {
+    kill_workers();
+    throw;
+  }
+}
+
+Engine::~Engine() {
+  if (outstanding() == 0) {
+    stop_gracefully();
+  } else {
+    kill_workers();
+  }
+}
+
+void Engine::spawn_worker() {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    throw_errno("cannot create a socket pair for a worker");
+  }
+  for (int fd : sv) {
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
+  }
+  std::vector<int> to_close = ParentSockets::instance().snapshot();
+  pid_t pid = ::fork();
+  if (pid < 0) {
+    int saved = errno;
+    ::close(sv[0]);
+    ::close(sv[1]);
+    errno = saved;
+    throw_errno("cannot fork a worker process");
+  }
+  if (pid == 0) {
+    ::close(sv[0]);
+    for (int fd : to_close) ::close(fd);
+    prepare_worker_process(parent_pid_);
+    try {
+      std::unique_ptr<WorkerLogic> logic = make_logic_();
+      run_worker(sv[1], *logic);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool worker %d could not start: %s\n", ::getpid(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "procpool worker %d could not start\n", ::getpid());
+    }
+    std::fflush(stderr);
+    ::_exit(70);
+  }
+  ::close(sv[1]);
+  ::fcntl(sv[0], F_SETFL, ::fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+  ParentSockets::instance().add(sv[0]);
+  auto worker = std::make_unique<Worker>();
+  worker->serial = next_worker_serial_++;
+  worker->pid = pid;
+  worker->fd = sv[0];
+  for (auto& [id, call] : calls_) {
+    if (!call.setup.empty()) send_frame(*worker, FrameKind::setup, id, 0, 0, call.setup);
+  }
+  workers_.push_back(std::move(worker));
+}
+
+std::uint64_t Engine::open_call(Buffer setup) {
+  const std::uint64_t id = next_call_++;
+  CallState& call = calls_[id];
+  call.setup = std::move(setup);
+  if (!call.setup.empty()) {
+    for (auto& w : workers_) send_frame(*w, FrameKind::setup, id, 0, 0, call.setup);
+  }
+  return id;
+}
+
+void Engine::close_call(std::uint64_t call) {
+  auto it = calls_.find(call);
+  if (it == calls_.end()) return;
+  const bool had_setup = !it->second.setup.empty();
+  calls_.erase(it);
+  std::erase_if(pending_, [call](const Chunk& c) { return c.call == call; });
+  if (!had_setup) return;
+  if (local_logic_) local_logic_->end(call);
+  for (auto& w : workers_) send_frame(*w, FrameKind::end_call, call, 0, 0, Buffer{});
+}
+
+void Engine::submit(Chunk chunk) {
+  if (broken_ || stopping_) {
+    std::exception_ptr reason =
+        broken_ ? broken_
+                : std::make_exception_ptr(
+                      PoolClosed("procpool: the pool's workers were stopped; create a new pool"));
+    finish_chunk(chunk, ChunkDone{chunk.first, chunk.count, Buffer{}, reason});
+    return;
+  }
+  pending_.push_back(std::move(chunk));
+}
+
+std::deque<ChunkDone>& Engine::completed(std::uint64_t call) { return calls_[call].completed; }
+
+double Engine::nanos_per_task(std::uint64_t call) const {
+  auto it = calls_.find(call);
+  return it == calls_.end() ? 0.0 : it->second.nanos_per_task;
+}
+
+std::size_t Engine::outstanding() const noexcept {
+  std::size_t n = pending_.size();
+  for (const auto& w : workers_) n += w->inflight.size();
+  return n;
+}
+
+std::vector<pid_t> Engine::worker_pids() const {
+  std::vector<pid_t> pids;
+  for (const auto& w : workers_) pids.push_back(w->pid);
+  return pids;
+}
+
+void Engine::send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
+                        std::uint64_t count, const Buffer& payload) {
+  FrameHeader header;
+  header.kind = kind;
+  header.call = call;
+  header.first = first;
+  header.count = count;
+  header.size = payload.size();
+  w.outbox.append(&header, sizeof header);
+  w.outbox.append(payload.data(), payload.size());
+}
+
+std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) const {
+  const double per_task = nanos_per_task(call);
+  if (per_task <= 0) return min_pipeline;
+  const double chunk_nanos = per_task * static_cast<double>(count);
+  const double depth = pipeline_target_nanos / std::max(chunk_nanos, 1.0);
+  return std::clamp(static_cast<std::size_t>(depth), min_pipeline, max_pipeline);
+}
+
+void Engine::dispatch() {
+  while (!pending_.empty()) {
+    if (!calls_.contains(pending_.front().call)) {
+      pending_.pop_front();
+      continue;
+    }
+    const std::size_t depth = pipeline_depth(pending_.front().call, pending_.front().count);
+    Worker* best = nullptr;
+    for (auto& w : workers_) {
+      if (w->inflight.size() < depth && (!best || w->inflight.size() < best->inflight.size())) {
+        best = w.get();
+      }
+    }
+    if (!best) return;
+    Chunk chunk = std::move(pending_.front());
+    pending_.pop_front();
+    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
+    best->inflight.push_back(std::move(chunk));
+  }
+}
+
+bool Engine::flush(Worker& w) {
+  while (w.out_pos < w.outbox.size()) {
+    ssize_t n = ::send(w.fd, w.outbox.data() + w.out_pos, w.outbox.size() - w.out_pos,
+                       MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      w.out_pos += static_cast<std::size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      return true;
+    } else {
+      retire(w, nullptr);  // EPIPE / ECONNRESET: the worker is gone
+      return false;
+    }
+  }
+  w.outbox.clear();
+  w.out_pos = 0;
+  return true;
+}
+
+bool Engine::receive(Worker& w) {
+  static const std::size_t max_payload = max_payload_bytes();
+  for (;;) {
+    // Parse every complete frame already here.
+    while (w.inbox.size() - w.in_pos >= sizeof(FrameHeader)) {
+      FrameHeader header;
+      std::memcpy(&header, w.inbox.data() + w.in_pos, sizeof header);
+      if (header.magic != frame_magic || header.kind != FrameKind::result ||
+          header.size > max_payload) {
+        retire(w, std::make_exception_ptr(ProtocolError(
+                      "procpool: worker " + std::to_string(w.pid) +
+                      " sent a corrupt message header (bad magic, kind or length); the worker "
+                      "was replaced. Does the task write to file descriptors it does not own?")));
+        return false;
+      }
+      const std::size_t whole = sizeof header + header.size;
+      if (w.inbox.size() - w.in_pos < whole) {
+        if (w.in_pos != 0) {
+          w.inbox.consume(w.in_pos);
+          w.in_pos = 0;
+        }
+        w.inbox.reserve(whole);
+        break;
+      }
+      const std::byte* payload = w.inbox.data() + w.in_pos + sizeof header;
+      w.in_pos += whole;
+      if (!handle_frame(w, header, payload)) return false;
+    }
+    if (w.in_pos == w.inbox.size()) {
+      w.inbox.clear();
+      w.in_pos = 0;
+    }
+    const std::size_t room = std::max(receive_size, w.inbox.capacity() - w.inbox.size());
+    std::byte* at = w.inbox.grow(room);
+    ssize_t n = ::recv(w.fd, at, room, MSG_DONTWAIT);
+    w.inbox.resize(w.inbox.size() - room + (n > 0 ? static_cast<std::size_t>(n) : 0));
+    if (n > 0) continue;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
+    retire(w, nullptr);  // EOF or reset: the worker died
+    return false;
+  }
+}
+
+bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload) {
+  if (w.inflight.empty() || w.inflight.front().call != header.call ||
+      w.inflight.front().first != header.first || w.inflight.front().count != header.count) {
+    retire(w, std::make_exception_ptr(ProtocolError(
+                  "procpool: worker " + std::to_string(w.pid) +
+                  " answered a task it was not running; the worker was replaced")));
+    return false;
+  }
+  Chunk chunk = std::move(w.inflight.front());
+  w.inflight.pop_front();
+  deaths_without_progress_ = 0;
+  if (auto it = calls_.find(chunk.call); it != calls_.end() && header.count != 0) {
+    const double per_task = static_cast<double>(header.nanos) / static_cast<double>(header.count);
+    double& avg = it->second.nanos_per_task;
+    avg = avg == 0 ? per_task : (1 - ewma_weight) * avg + ewma_weight * per_task;
+  }
+  ChunkDone done{chunk.first, chunk.count, Buffer(header.size), nullptr};
+  std::memcpy(done.payload.data(), payload, header.size);
+  finish_chunk(chunk, std::move(done));
+  return true;
+}
+
+void Engine::finish_chunk(const Chunk& chunk, ChunkDone done) {
+  auto it = calls_.find(chunk.call);
+  if (it != calls_.end()) it->second.completed.push_back(std::move(done));
+}
+
+void Engine::requeue_front(std::deque<Chunk>& chunks) {
+  while (!chunks.empty()) {
+    if (calls_.contains(chunks.back().call)) pending_.push_front(std::move(chunks.back()));
+    chunks.pop_back();
+  }
+}
+
+namespace {
+
+/// One chunk per input, so that a crash can be pinned on the input that caused it.
+std::deque<Chunk> split_into_single_tasks(const Chunk& chunk) {
+  std::deque<Chunk> singles;
+  for (std::uint64_t i = 0; i < chunk.count; ++i) {
+    Chunk one;
+    one.call = chunk.call;
+    one.first = chunk.first + i;
+    one.count = 1;
+    if (!chunk.offsets.empty()) {
+      const std::uint64_t begin = chunk.offsets[i];
+      const std::uint64_t end = i + 1 < chunk.count ? chunk.offsets[i + 1] : chunk.payload.size();
+      one.payload.append(chunk.payload.data() + begin, end - begin);
+      one.offsets.push_back(0);
+    }
+    singles.push_back(std::move(one));
+  }
+  return singles;
+}
+
+}  // namespace
+
+void Engine::retire(Worker& w, std::exception_ptr reason) {
+  if (reason) ::kill(w.pid, SIGKILL);
+  ParentSockets::instance().remove(w.fd);
+  ::close(w.fd);
+  const ExitStatus status = reap(w.pid);
+  std::deque<Chunk> requeue;
+  if (!w.inflight.empty()) {
+    Chunk& running = w.inflight.front();
+    if (!reason && running.count > 1) {
+      requeue = split_into_single_tasks(running);
+    } else {
+      std::exception_ptr failure =
+          reason ? reason
+                 : std::make_exception_ptr(WorkerCrashed(static_cast<std::size_t>(running.first),
+                                                         w.pid, status.signal, status.code));
+      finish_chunk(running, ChunkDone{running.first, running.count, Buffer{}, failure});
+    }
+    for (std::size_t i = 1; i < w.inflight.size(); ++i) {
+      requeue.push_back(std::move(w.inflight[i]));
+    }
+  } else if (!stopping_ && ++deaths_without_progress_ > 2 * processes_ + 2) {
+    broken_ = std::make_exception_ptr(Error(
+        "procpool: workers keep dying before they run any task (the last, pid " +
+        std::to_string(w.pid) + ", " +
+        (status.signal ? "was killed by signal " + std::to_string(status.signal)
+                       : "exited with status " + std::to_string(status.code)) +
+        "); check the pool's initializer"));
+  }
+  const std::uint64_t serial = w.serial;
+  std::erase_if(workers_, [serial](const auto& p) { return p->serial == serial; });
+  requeue_front(requeue);
+  if (broken_) {
+    while (!pending_.empty()) {
+      Chunk c = std::move(pending_.front());
+      pending_.pop_front();
+      finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, broken_});
+    }
+    return;
+  }
+  if (!stopping_) spawn_worker();
+}
+
+Engine::Worker* Engine::find_worker(std::uint64_t serial) {
+  for (auto& w : workers_) {
+    if (w->serial == serial) return w.get();
+  }
+  return nullptr;
+}
+
+void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
+  if (start_ == Start::in_process) {
+    run_in_process();
+    return;
+  }
+  dispatch();
+  std::vector<pollfd> fds;
+  std::vector<std::uint64_t> serials;
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    Worker* w = workers_[i].get();
+    if (w->out_pos < w->outbox.size() && !flush(*w)) {
+      i = static_cast<std::size_t>(-1);  // the worker list changed: start over
+      fds.clear();
+      serials.clear();
+      continue;
+    }
+    short events = POLLIN;
+    if (w->out_pos < w->outbox.size()) events |= POLLOUT;
+    fds.push_back(pollfd{w->fd, events, 0});
+    serials.push_back(w->serial);
+  }
+  if (fds.empty()) return;
+  lock.unlock();
+  int ready = ::poll(fds.data(), fds.size(), static_cast<int>(timeout.count()));
+  lock.lock();
+  if (ready <= 0) return;
+  for (std::size_t i = 0; i < fds.size(); ++i) {
+    if (fds[i].revents == 0) continue;
+    Worker* w = find_worker(serials[i]);
+    if (!w || w->fd != fds[i].fd) continue;
+    if ((fds[i].revents & POLLOUT) && !flush(*w)) continue;
+    if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) receive(*w);
+  }
+  dispatch();
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i]->out_pos < workers_[i]->outbox.size() && !flush(*workers_[i])) break;
+  }
+}
+
+void Engine::run_in_process() {
+  if (!local_logic_) local_logic_ = make_logic_();
+  while (!pending_.empty()) {
+    Chunk chunk = std::move(pending_.front());
+    pending_.pop_front();
+    auto it = calls_.find(chunk.call);
+    if (it == calls_.end()) continue;
+    CallState& call = it->second;
+    if (!call.setup.empty() && !call.local_setup_done) {
+      Reader setup(call.setup);
+      local_logic_->setup(chunk.call, setup);
+      call.local_setup_done = true;
+    }
+    ChunkDone done{chunk.first, chunk.count, Buffer{}, nullptr};
+    Writer out(done.payload);
+    Reader in(chunk.payload);
+    const auto start = std::chrono::steady_clock::now();
+    local_logic_->run(chunk.call, chunk.first, chunk.count, in, out);
+    const double nanos = static_cast<double>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
+                                                             start)
+            .count());
+    if (chunk.count != 0) {
+      const double per_task = nanos / static_cast<double>(chunk.count);
+      call.nanos_per_task = call.nanos_per_task == 0
+                                ? per_task
+                                : (1 - ewma_weight) * call.nanos_per_task + ewma_weight * per_task;
+    }
+    call.completed.push_back(std::move(done));
+  }
+}
+
+void Engine::stop_gracefully() {
+  stopping_ = true;
+  for (auto& w : workers_) {
+    // shutdown() reaches the worker even if another process holds a copy of our socket.
+    ::fcntl(w->fd, F_SETFL, ::fcntl(w->fd, F_GETFL) & ~O_NONBLOCK);
+    if (w->out_pos < w->outbox.size()) {
+      ::send(w->fd, w->outbox.data() + w->out_pos, w->outbox.size() - w->out_pos, MSG_NOSIGNAL);
+    }
+    ::shutdown(w->fd, SHUT_WR);
+  }
+  for (auto& w : workers_) {
+    std::byte sink[4096];
+    for (;;) {
+      ssize_t n = ::recv(w->fd, sink, sizeof sink, 0);
+      if (n == 0 || (n < 0 && errno != EINTR)) break;
+    }
+    ParentSockets::instance().remove(w->fd);
+    ::close(w->fd);
+    wait_blocking(w->pid);
+  }
+  workers_.clear();
+  pending_.clear();
+}
+
+void Engine::kill_workers(std::exception_ptr reason) {
+  stopping_ = true;
+  for (auto& w : workers_) ::kill(w->pid, SIGKILL);
+  for (auto& w : workers_) {
+    ParentSockets::instance().remove(w->fd);
+    ::close(w->fd);
+    wait_blocking(w->pid);
+    if (reason) {
+      for (Chunk& c : w->inflight) finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
+    }
+  }
+  workers_.clear();
+  if (reason) {
+    for (Chunk& c : pending_) finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
+  }
+  pending_.clear();
+}
+
+}  // namespace procpool::detail

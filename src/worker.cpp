@@ -1,0 +1,147 @@
+#include "worker.hpp"
+
+#include <stdio_ext.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+
+namespace procpool::detail {
+namespace {
+
+constexpr std::size_t read_size = 256 * 1024;
+constexpr std::size_t flush_threshold = 1024 * 1024;
+
+[[noreturn]] void exit_worker(int status) {
+  std::fflush(stdout);  // what the task printed, not what the parent had buffered
+  std::fflush(stderr);
+  ::_exit(status);
+}
+
+[[noreturn]] void die(const char* what) {
+  std::fprintf(stderr, "procpool worker %d: %s\n", static_cast<int>(::getpid()), what);
+  exit_worker(70);
+}
+
+/// The worker's end of its socket: blocking reads into a buffer that holds
+/// many messages, and replies collected and sent in few system calls.
+class Channel {
+ public:
+  explicit Channel(int fd) : fd_(fd) {}
+
+  std::size_t available() const noexcept { return in_.size() - pos_; }
+  const std::byte* head() const noexcept { return in_.data() + pos_; }
+  void skip(std::size_t n) noexcept { pos_ += n; }
+  Buffer& out() noexcept { return out_; }
+
+  /// Blocks until more bytes arrive so that at least `wanted` are available; false at EOF.
+  bool read_more(std::size_t wanted) {
+    flush();  // the parent may be waiting for these replies before it sends more
+    if (pos_ != 0) {
+      in_.consume(pos_);
+      pos_ = 0;
+    }
+    in_.reserve(std::max(wanted, in_.size() + read_size));
+    for (;;) {
+      const std::size_t room = std::max(wanted, in_.size() + read_size) - in_.size();
+      std::byte* at = in_.grow(room);
+      ssize_t n = ::recv(fd_, at, room, 0);
+      in_.resize(in_.size() - room + (n > 0 ? static_cast<std::size_t>(n) : 0));
+      if (n > 0) return true;
+      if (n == 0) return false;
+      if (errno != EINTR) return false;
+    }
+  }
+
+  void flush() {
+    std::size_t sent = 0;
+    while (sent < out_.size()) {
+      ssize_t n = ::send(fd_, out_.data() + sent, out_.size() - sent, MSG_NOSIGNAL);
+      if (n > 0) {
+        sent += static_cast<std::size_t>(n);
+      } else if (n < 0 && errno != EINTR) {
+        exit_worker(0);  // the parent is gone or closed us: nobody wants the results
+      }
+    }
+    out_.clear();
+  }
+
+ private:
+  int fd_;
+  Buffer in_;
+  std::size_t pos_ = 0;
+  Buffer out_;
+};
+
+void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& payload, Buffer& out) {
+  const std::size_t at = out.size();
+  out.grow(sizeof(FrameHeader));
+  Writer writer(out);
+  const auto start = std::chrono::steady_clock::now();
+  logic.run(header.call, header.first, header.count, payload, writer);
+  const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now() - start);
+  FrameHeader reply;
+  reply.kind = FrameKind::result;
+  reply.call = header.call;
+  reply.first = header.first;
+  reply.count = header.count;
+  reply.size = out.size() - at - sizeof(FrameHeader);
+  reply.nanos = static_cast<std::uint64_t>(nanos.count());
+  std::memcpy(out.data() + at, &reply, sizeof reply);
+}
+
+}  // namespace
+
+void prepare_worker_process(pid_t parent) {
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
+  std::signal(SIGINT, SIG_IGN);
+  __fpurge(stdout);
+  __fpurge(stderr);
+}
+
+void run_worker(int fd, WorkerLogic& logic) {
+  Channel channel(fd);
+  for (;;) {
+    if (channel.available() < sizeof(FrameHeader)) {
+      if (!channel.read_more(sizeof(FrameHeader))) exit_worker(0);
+      continue;
+    }
+    FrameHeader header;
+    std::memcpy(&header, channel.head(), sizeof header);
+    if (header.magic != frame_magic) die("corrupt message from the parent (bad magic)");
+    const std::size_t whole = sizeof header + header.size;
+    if (channel.available() < whole) {
+      if (!channel.read_more(whole)) exit_worker(0);
+      continue;
+    }
+    Reader payload(channel.head() + sizeof header, header.size);
+    try {
+      switch (header.kind) {
+        case FrameKind::task:
+          run_task_frame(logic, header, payload, channel.out());
+          break;
+        case FrameKind::setup:
+          logic.setup(header.call, payload);
+          break;
+        case FrameKind::end_call:
+          logic.end(header.call);
+          break;
+        default:
+          die("corrupt message from the parent (unknown kind)");
+      }
+    } catch (const std::exception& e) {
+      die(e.what());
+    }
+    channel.skip(whole);
+    if (channel.out().size() >= flush_threshold) channel.flush();
+  }
+}
+
+}  // namespace procpool::detail

@@ -1,0 +1,19 @@
+// The worker process side: its start-up and its message loop.
+#pragma once
+
+#include <sys/types.h>
+
+#include "procpool/detail/protocol.hpp"
+
+namespace procpool::detail {
+
+/// Run in a freshly forked worker before anything else: die with the parent,
+/// leave Ctrl-C to the parent, and drop the parent's unflushed stdio buffers
+/// so they are printed once, by the parent.
+void prepare_worker_process(pid_t parent);
+
+/// Serves messages from `fd` until the parent closes it, then exits with _exit
+/// (never exit(): the parent's atexit handlers must not run in a worker).
+[[noreturn]] void run_worker(int fd, WorkerLogic& logic);
+
+}  // namespace procpool::detail
