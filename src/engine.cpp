@@ -229,9 +229,10 @@ std::vector<pid_t> Engine::worker_pids() const {
 }
 
 void Engine::send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
-                        std::uint64_t count, const Buffer& payload) {
+                        std::uint64_t count, const Buffer& payload, std::uint16_t flags) {
   FrameHeader header;
   header.kind = kind;
+  header.flags = flags;
   header.call = call;
   header.first = first;
   header.count = count;
@@ -264,7 +265,8 @@ void Engine::dispatch() {
     if (!best) return;
     Chunk chunk = std::move(pending_.front());
     pending_.pop_front();
-    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
+    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
+               chunk.isolated ? flag_isolated : std::uint16_t{0});
     best->inflight.push_back(std::move(chunk));
   }
 }
@@ -383,6 +385,7 @@ std::deque<Chunk> split_into_single_tasks(const Chunk& chunk) {
       one.payload.append(chunk.payload.data() + begin, end - begin);
       one.offsets.push_back(0);
     }
+    one.isolated = true;
     singles.push_back(std::move(one));
   }
   return singles;
@@ -397,18 +400,23 @@ void Engine::retire(Worker& w, std::exception_ptr reason) {
   const ExitStatus status = reap(w.pid);
   std::deque<Chunk> requeue;
   if (!w.inflight.empty()) {
+    // Workers batch their replies, so a non-isolated chunk in front may have
+    // finished already: only an isolated one is known to have been running.
     Chunk& running = w.inflight.front();
-    if (!reason && running.count > 1) {
-      requeue = split_into_single_tasks(running);
-    } else {
+    if (reason || running.isolated) {
       std::exception_ptr failure =
           reason ? reason
                  : std::make_exception_ptr(WorkerCrashed(static_cast<std::size_t>(running.first),
                                                          w.pid, status.signal, status.code));
       finish_chunk(running, ChunkDone{running.first, running.count, Buffer{}, failure});
+      w.inflight.pop_front();
     }
-    for (std::size_t i = 1; i < w.inflight.size(); ++i) {
-      requeue.push_back(std::move(w.inflight[i]));
+    for (Chunk& chunk : w.inflight) {
+      if (chunk.isolated) {
+        requeue.push_back(std::move(chunk));
+      } else {
+        for (Chunk& one : split_into_single_tasks(chunk)) requeue.push_back(std::move(one));
+      }
     }
   } else if (!stopping_ && ++deaths_without_progress_ > 2 * processes_ + 2) {
     broken_ = std::make_exception_ptr(Error(

@@ -125,7 +125,9 @@ void run_worker(int fd, WorkerLogic& logic) {
     try {
       switch (header.kind) {
         case FrameKind::task:
+          if (header.flags & flag_isolated) channel.flush();  // earlier replies first
           run_task_frame(logic, header, payload, channel.out());
+          if (header.flags & flag_isolated) channel.flush();
           break;
         case FrameKind::setup:
           logic.setup(header.call, payload);

@@ -66,6 +66,11 @@ inline constexpr bool pool_callable_v =
                                  std::is_default_constructible_v<F>);
 
 template <class F>
+inline constexpr bool is_star_apply_v = false;
+template <class F>
+inline constexpr bool is_star_apply_v<StarApply<F>> = true;
+
+template <class F>
 constexpr void check_pool_callable() {
   static_assert(pool_callable_v<F>,
                 "procpool::Pool runs only function pointers and capture-less lambdas: its workers "
@@ -393,7 +398,7 @@ class Pool {
 
   template <class F, class Item, class... Extra>
   detail::Buffer make_setup(const F& f, const Extra&... extra) {
-    detail::check_pool_callable<F>();
+    static_assert(std::is_trivially_copyable_v<F> && std::is_default_constructible_v<F>);
     using Types = detail::pool_call_types<F, Item, Extra...>;
     using State = typename Types::State;
     if constexpr (std::is_void_v<State>) {
@@ -414,6 +419,7 @@ class Pool {
 
   template <bool Ordered, class F, class R, class... Extra>
   auto make_results(F f, R&& inputs, const Extra&... extra) {
+    if constexpr (!detail::is_star_apply_v<F>) detail::check_pool_callable<F>();
     using Item = std::ranges::range_value_t<R>;
     using Out = typename detail::pool_call_types<F, Item, Extra...>::Out;
     using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;

@@ -112,7 +112,9 @@ constexpr bool all_elements_serializable(std::index_sequence<I...>) {
 
 template <class T>
 constexpr bool serializable_impl() {
-  if constexpr (is_raw_v<T>) {
+  if constexpr (std::is_pointer_v<T> || std::is_member_pointer_v<T>) {
+    return false;
+  } else if constexpr (is_raw_v<T>) {
     return true;
   } else if constexpr (is_std_string<T>::value) {
     return is_raw_v<typename T::value_type>;

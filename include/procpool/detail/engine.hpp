@@ -29,6 +29,8 @@ struct Chunk {
   Buffer payload;
   /// Where each input starts in `payload`, so that a chunk can be split into single tasks.
   std::vector<std::uint64_t> offsets;
+  /// Re-run alone after a worker died with it in flight: if it dies again, it is the culprit.
+  bool isolated = false;
 };
 
 /// A chunk's outcome as the engine hands it to the call that submitted it.
@@ -94,7 +96,7 @@ class Engine {
 
   void spawn_worker();
   void send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
-                  std::uint64_t count, const Buffer& payload);
+                  std::uint64_t count, const Buffer& payload, std::uint16_t flags = 0);
   void dispatch();
   bool flush(Worker& w);
   bool receive(Worker& w);

@@ -14,17 +14,21 @@ namespace procpool::detail {
 
 inline constexpr std::uint32_t frame_magic = 0x31505050;  // "PPP1"
 
-enum class FrameKind : std::uint32_t {
+enum class FrameKind : std::uint16_t {
   task = 1,      // parent -> worker: run `count` inputs starting at `first` of call `call`
   result = 2,    // worker -> parent: their outcomes, and the time spent computing
   setup = 3,     // parent -> worker: what a call needs once per worker (function, extra arguments)
   end_call = 4,  // parent -> worker: forget a call's setup
 };
 
+/// Task flag: run alone and reply at once, so that a crash is pinned on this task.
+inline constexpr std::uint16_t flag_isolated = 1;
+
 /// Fixed-size header in front of every message; sizes are 64-bit.
 struct FrameHeader {
   std::uint32_t magic = frame_magic;
   FrameKind kind = FrameKind::task;
+  std::uint16_t flags = 0;
   std::uint64_t call = 0;
   std::uint64_t first = 0;
   std::uint64_t count = 0;

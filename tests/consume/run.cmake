@@ -1,0 +1,48 @@
+# Builds and runs tests/consume/main.cpp against procpool the way MODE says:
+# add_subdirectory, find_package after `cmake --install`, or pkg-config.
+cmake_minimum_required(VERSION 3.25)
+set(HERE ${CMAKE_CURRENT_LIST_DIR})
+
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGN}")
+  endif()
+endfunction()
+
+function(install_procpool prefix)
+  set(build ${WORK}/procpool-build)
+  run(${CMAKE_COMMAND} -S ${SOURCE} -B ${build} -DCMAKE_BUILD_TYPE=Release
+      -DPROCPOOL_BUILD_TESTS=OFF -DPROCPOOL_BUILD_EXAMPLES=OFF -DPROCPOOL_BUILD_BENCH=OFF
+      -DCMAKE_INSTALL_PREFIX=${prefix})
+  run(${CMAKE_COMMAND} --build ${build} -j 2)
+  run(${CMAKE_COMMAND} --install ${build})
+endfunction()
+
+set(prefix ${WORK}/prefix-${MODE})
+file(REMOVE_RECURSE ${WORK}/${MODE} ${prefix})
+if(MODE STREQUAL "add_subdirectory")
+  run(${CMAKE_COMMAND} -S ${HERE}/add_subdirectory -B ${WORK}/${MODE} -DPROCPOOL_SOURCE=${SOURCE})
+  run(${CMAKE_COMMAND} --build ${WORK}/${MODE} -j 2)
+  run(${WORK}/${MODE}/consumer)
+elseif(MODE STREQUAL "find_package")
+  install_procpool(${prefix})
+  run(${CMAKE_COMMAND} -S ${HERE}/find_package -B ${WORK}/${MODE} -DCMAKE_PREFIX_PATH=${prefix})
+  run(${CMAKE_COMMAND} --build ${WORK}/${MODE} -j 2)
+  run(${WORK}/${MODE}/consumer)
+elseif(MODE STREQUAL "pkg_config")
+  install_procpool(${prefix})
+  file(GLOB pc_dirs ${prefix}/lib*/pkgconfig)
+  set(ENV{PKG_CONFIG_PATH} "${pc_dirs}")
+  execute_process(COMMAND pkg-config --cflags --libs procpool OUTPUT_VARIABLE flags
+                  OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "pkg-config does not know procpool")
+  endif()
+  separate_arguments(flags UNIX_COMMAND "${flags}")
+  file(MAKE_DIRECTORY ${WORK}/${MODE})
+  run(c++ ${HERE}/main.cpp ${flags} -o ${WORK}/${MODE}/consumer)
+  run(${WORK}/${MODE}/consumer)
+else()
+  message(FATAL_ERROR "unknown MODE ${MODE}")
+endif()

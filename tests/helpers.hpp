@@ -1,0 +1,78 @@
+// Helpers the tests share: what /proc says about this process's children and files.
+#pragma once
+
+#include <dirent.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace test_helpers {
+
+struct Child {
+  pid_t pid;
+  char state;  // 'Z' for a zombie
+};
+
+/// Every process whose parent is this process, read from /proc.
+inline std::vector<Child> children() {
+  std::vector<Child> found;
+  DIR* proc = ::opendir("/proc");
+  if (!proc) return found;
+  const pid_t self = ::getpid();
+  while (dirent* entry = ::readdir(proc)) {
+    char* end = nullptr;
+    long pid = std::strtol(entry->d_name, &end, 10);
+    if (*end != '\0' || pid <= 0) continue;
+    std::ifstream stat("/proc/" + std::string(entry->d_name) + "/stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    // pid (comm) state ppid ...; comm may contain spaces, so parse after the last ')'.
+    auto close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state = '?';
+    long ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == self) found.push_back(Child{static_cast<pid_t>(pid), state});
+  }
+  ::closedir(proc);
+  return found;
+}
+
+inline int open_fd_count() {
+  int n = 0;
+  DIR* dir = ::opendir("/proc/self/fd");
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] != '.') ++n;
+  }
+  ::closedir(dir);
+  return n - 1;  // the directory stream itself
+}
+
+/// Whether a process exists (a zombie counts as gone).
+inline bool process_alive(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  auto close = line.rfind(')');
+  return close != std::string::npos && line.size() > close + 2 && line[close + 2] != 'Z';
+}
+
+/// Private (unshared) memory of this process in KiB, from smaps_rollup.
+inline long private_kib() {
+  std::ifstream in("/proc/self/smaps_rollup");
+  std::string key;
+  long value = 0, total = 0;
+  std::string unit;
+  while (in >> key >> value >> unit) {
+    if (key == "Private_Clean:" || key == "Private_Dirty:") total += value;
+  }
+  return total;
+}
+
+}  // namespace test_helpers

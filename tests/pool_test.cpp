@@ -1,0 +1,255 @@
+// The persistent Pool: worker state, extra arguments, futures, lifecycle.
+#include <gtest/gtest.h>
+#include <procpool/procpool.hpp>
+
+#include <csignal>
+#include <map>
+#include <numeric>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "helpers.hpp"
+
+namespace {
+
+int inits_in_this_process = 0;
+
+struct WorkerState {
+  pid_t built_in = ::getpid();
+  int builds_seen = ++inits_in_this_process;  // 1 if this worker ran the initializer once
+  int calls = 0;
+};
+
+TEST(Pool, BuildsStateExactlyOncePerWorkerAndKeepsItAcrossCalls) {
+  procpool::Pool pool({.processes = 2}, [] { return WorkerState{}; });
+  std::vector<int> inputs(200);
+  std::map<pid_t, int> max_calls;
+  for (int round = 0; round < 3; ++round) {
+    auto seen = pool.map(
+        [](WorkerState& s, int) {
+          ++s.calls;
+          return std::tuple<pid_t, pid_t, int, int>{::getpid(), s.built_in, s.builds_seen, s.calls};
+        },
+        inputs);
+    for (auto [pid, built_in, builds, calls] : seen) {
+      EXPECT_EQ(pid, built_in) << "state was built in another process";
+      EXPECT_EQ(builds, 1) << "initializer ran more than once in worker " << pid;
+      max_calls[pid] = std::max(max_calls[pid], calls);
+    }
+  }
+  EXPECT_EQ(inits_in_this_process, 0) << "the initializer ran in the parent";
+  EXPECT_LE(max_calls.size(), 2u);
+  int total = 0;
+  for (auto& [pid, calls] : max_calls) total += calls;
+  EXPECT_EQ(total, 600) << "state did not persist across calls";
+}
+
+int add(int x, int y) { return x + y; }
+
+TEST(Pool, FunctionPointersLambdasAndExtraArguments) {
+  procpool::Pool pool({.processes = 2});
+  std::vector<int> xs{1, 2, 3};
+  EXPECT_EQ(pool.map(add, xs, 10), (std::vector<int>{11, 12, 13}));
+  EXPECT_EQ(pool.map([](int x, const std::string& s) { return s + std::to_string(x); }, xs,
+                     std::string("n")),
+            (std::vector<std::string>{"n1", "n2", "n3"}));
+  std::vector<std::pair<int, int>> pairs{{1, 1}, {2, 2}};
+  EXPECT_EQ(pool.starmap(add, pairs), (std::vector<int>{2, 4}));
+}
+
+TEST(Pool, ExtraArgumentsAreSentOncePerWorkerNotPerTask) {
+  procpool::Pool pool({.processes = 2}, [] { return std::set<const void*>{}; });
+  // The extra argument's address in each worker tells how many copies it received.
+  std::vector<int> inputs(1000);
+  std::vector<double> big(100000, 1.0);
+  auto addresses = pool.map(
+      [](std::set<const void*>& seen, int, const std::vector<double>& extra) {
+        seen.insert(extra.data());
+        return seen.size();
+      },
+      inputs, big);
+  for (std::size_t n : addresses) EXPECT_EQ(n, 1u);
+}
+
+TEST(Pool, ImapAndImapUnorderedOverALazyRange) {
+  procpool::Pool pool({.processes = 2});
+  std::vector<int> got;
+  for (int v : pool.imap([](int x) { return x * 2; }, std::views::iota(0) | std::views::take(100))) {
+    got.push_back(v);
+  }
+  ASSERT_EQ(got.size(), 100u);
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], 2 * i);
+  std::set<std::size_t> indices;
+  for (auto [index, value] : pool.imap_unordered([](int x) { return x + 1; }, std::vector{5, 6, 7})) {
+    EXPECT_EQ(value, static_cast<int>(index) + 6);
+    indices.insert(index);
+  }
+  EXPECT_EQ(indices, (std::set<std::size_t>{0, 1, 2}));
+}
+
+TEST(Pool, EndlessImapStoppedEarlyLeavesThePoolUsable) {
+  procpool::Pool pool({.processes = 2});
+  int n = 0;
+  for (long v : pool.imap([](long x) { return x; }, std::views::iota(0L))) {
+    if (++n == 500) {
+      EXPECT_EQ(v, 499);
+      break;
+    }
+  }
+  EXPECT_EQ(pool.map([](int x) { return -x; }, std::vector{1, 2}), (std::vector{-1, -2}));
+}
+
+TEST(Future, GetWaitAndWaitFor) {
+  procpool::Pool pool({.processes = 2});
+  auto quick = pool.submit(add, 2, 3);
+  auto slow = pool.submit([](int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+  }, 300);
+  EXPECT_EQ(slow.wait_for(std::chrono::milliseconds(20)), std::future_status::timeout);
+  quick.wait();
+  EXPECT_EQ(quick.get(), 5);
+  EXPECT_EQ(slow.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(slow.get(), 300);
+  EXPECT_FALSE(slow.valid());
+  EXPECT_THROW(slow.get(), procpool::Error);
+}
+
+TEST(Future, SubmittedTasksRunWithoutAnyoneWaiting) {
+  procpool::Pool pool({.processes = 2});
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<procpool::Future<int>> futures;
+  for (int i = 0; i < 2; ++i) {
+    futures.push_back(pool.submit([](int x) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      return x;
+    }, i));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the caller is busy elsewhere
+  for (int i = 0; i < 2; ++i) EXPECT_EQ(futures[static_cast<std::size_t>(i)].get(), i);
+  // Both ran while the caller slept: far less than 300 + 2 * 200 ms in all.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(450));
+}
+
+TEST(Future, VoidTasksAndTaskErrors) {
+  procpool::Pool pool({.processes = 1});
+  auto done = pool.submit([](int) {}, 1);
+  done.get();
+  auto failing = pool.submit([](int x) -> int { throw std::invalid_argument("bad " + std::to_string(x)); }, 7);
+  try {
+    failing.get();
+    FAIL() << "no exception";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_EQ(e.type_name(), "std::invalid_argument");
+    EXPECT_EQ(e.remote_what(), "bad 7");
+  }
+}
+
+TEST(Pool, StatefulSubmit) {
+  procpool::Pool pool({.processes = 1}, [] { return std::string("state"); });
+  auto f = pool.submit([](std::string& s, int n) { return s + std::to_string(n); }, 4);
+  EXPECT_EQ(f.get(), "state4");
+}
+
+TEST(Pool, CloseJoinAndPoolClosed) {
+  procpool::Pool pool({.processes = 2});
+  auto pending = pool.submit(add, 1, 1);
+  EXPECT_THROW(pool.join(), procpool::Error) << "join before close must be refused";
+  pool.close();
+  EXPECT_THROW(pool.map(add, std::vector{1}, 1), procpool::PoolClosed);
+  pool.join();
+  EXPECT_EQ(pending.get(), 2) << "accepted work must finish before join returns";
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+TEST(Pool, TerminateKillsWorkersAndFailsUnfinishedWork) {
+  procpool::Pool pool({.processes = 2});
+  auto stuck = pool.submit([](int) {
+    std::this_thread::sleep_for(std::chrono::seconds(30));
+    return 0;
+  }, 0);
+  stuck.wait_for(std::chrono::milliseconds(50));
+  const auto start = std::chrono::steady_clock::now();
+  pool.terminate();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  EXPECT_THROW(stuck.get(), procpool::PoolClosed);
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+TEST(Pool, DestructorFinishesAcceptedWorkAndReapsWorkers) {
+  procpool::Future<int> result;
+  {
+    procpool::Pool pool({.processes = 2});
+    result = pool.submit([](int x) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      return x * 2;
+    }, 21);
+  }
+  EXPECT_TRUE(test_helpers::children().empty());
+  EXPECT_EQ(result.get(), 42);
+}
+
+TEST(Pool, WrongStateTypeIsAClearError) {
+  procpool::Pool pool({.processes = 1}, [] { return 1.5; });
+  try {
+    pool.map([](std::string& s, int) { return s.size(); }, std::vector{1});
+    FAIL() << "no exception";
+  } catch (const procpool::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("initializer builds double"), std::string::npos) << e.what();
+  }
+  procpool::Pool stateless({.processes = 1});
+  EXPECT_THROW(stateless.map([](std::string& s, int) { return s.size(); }, std::vector{1}),
+               procpool::Error);
+}
+
+TEST(Pool, InitializerThatThrowsFailsEveryTaskWithItsMessage) {
+  procpool::Pool pool({.processes = 1}, []() -> int { throw std::runtime_error("no model file"); });
+  try {
+    pool.map([](int& s, int x) { return s + x; }, std::vector{1});
+    FAIL() << "no exception";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_NE(e.remote_what().find("no model file"), std::string::npos) << e.what();
+    EXPECT_NE(e.remote_what().find("initializer"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Pool, InProcessRunsStateAndTasksInTheCaller) {
+  procpool::Pool pool({.start = procpool::Start::in_process}, [] { return ::getpid(); });
+  auto pids = pool.map([](pid_t& built, int) { return std::pair{built, ::getpid()}; }, std::vector{1, 2});
+  for (auto [built, ran] : pids) {
+    EXPECT_EQ(built, ::getpid());
+    EXPECT_EQ(ran, ::getpid());
+  }
+}
+
+TEST(Pool, SurvivesAWorkerKilledFromOutside) {
+  procpool::Pool pool({.processes = 2});
+  auto before = pool.worker_pids();
+  ::kill(before[0], SIGKILL);
+  std::vector<int> inputs(100);
+  std::iota(inputs.begin(), inputs.end(), 0);
+  EXPECT_EQ(pool.map([](int x) { return x; }, inputs), inputs);
+  EXPECT_EQ(pool.worker_pids().size(), 2u);
+}
+
+TEST(Pool, ConcurrentCallsFromSeveralThreads) {
+  procpool::Pool pool({.processes = 2});
+  std::vector<std::thread> threads;
+  std::vector<int> ok(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&pool, &ok, t] {
+      std::vector<int> in(500);
+      std::iota(in.begin(), in.end(), t * 1000);
+      auto out = pool.map([](int x) { return x + 1; }, in);
+      bool good = true;
+      for (std::size_t i = 0; i < in.size(); ++i) good = good && out[i] == in[i] + 1;
+      ok[static_cast<std::size_t>(t)] = good ? 1 : 0;
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(ok, (std::vector<int>{1, 1, 1, 1}));
+}
+
+}  // namespace

@@ -1,0 +1,125 @@
+// Serialisation: the fast raw path, cereal, 64-bit sizes, and hostile bytes.
+#include <gtest/gtest.h>
+#include <procpool/procpool.hpp>
+
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using procpool::detail::Buffer;
+using procpool::detail::Reader;
+using procpool::detail::Writer;
+
+template <class T>
+T round_trip(const T& value) {
+  Buffer buffer;
+  Writer out(buffer);
+  procpool::detail::save(out, value);
+  Reader in(buffer);
+  T back = procpool::detail::load_value<T>(in);
+  EXPECT_EQ(in.remaining(), 0u) << "bytes left over";
+  return back;
+}
+
+struct Point {
+  double x, y;
+  bool operator==(const Point&) const = default;
+};
+
+struct Named {
+  std::string name;
+  std::map<std::string, std::vector<int>> groups;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(name, groups);
+  }
+  bool operator==(const Named&) const = default;
+};
+
+struct NotSerializable {
+  std::string s;
+};
+
+static_assert(procpool::serializable<int>);
+static_assert(procpool::serializable<Point>);
+static_assert(procpool::serializable<std::vector<std::string>>);
+static_assert(procpool::serializable<Named>);
+static_assert(procpool::serializable<std::map<std::string, Named>>);
+static_assert(!procpool::serializable<NotSerializable>);
+static_assert(!procpool::serializable<int*>, "pointers mean nothing in another process");
+
+TEST(Serialize, RoundTripsTheTypesUsersSend) {
+  EXPECT_EQ(round_trip(42), 42);
+  EXPECT_EQ(round_trip(Point{1.5, -2}), (Point{1.5, -2}));
+  EXPECT_EQ(round_trip(std::string("hello\0world", 11)), std::string("hello\0world", 11));
+  EXPECT_EQ(round_trip(std::vector<double>{1, 2, 3}), (std::vector<double>{1, 2, 3}));
+  EXPECT_EQ(round_trip(std::vector<std::string>{"a", "", "ccc"}),
+            (std::vector<std::string>{"a", "", "ccc"}));
+  EXPECT_EQ(round_trip(std::vector<bool>{true, false, true}), (std::vector<bool>{true, false, true}));
+  EXPECT_EQ(round_trip(std::optional<std::string>{}), std::optional<std::string>{});
+  EXPECT_EQ(round_trip(std::optional<std::string>{"x"}), std::optional<std::string>{"x"});
+  auto t = std::tuple<int, std::string, std::pair<double, std::vector<int>>>{1, "s", {2.5, {7}}};
+  EXPECT_EQ(round_trip(t), t);
+  Named named{"n", {{"g", {1, 2}}, {"h", {}}}};
+  EXPECT_EQ(round_trip(named), named);
+  std::map<int, std::string> m{{1, "one"}, {2, "two"}};
+  EXPECT_EQ(round_trip(m), m);
+}
+
+TEST(Serialize, LengthsAre64Bit) {
+  Buffer buffer;
+  Writer out(buffer);
+  procpool::detail::save(out, std::string(3, 'x'));
+  EXPECT_EQ(buffer.size(), 8u + 3u);
+}
+
+TEST(Serialize, TruncatedMessageIsAProtocolError) {
+  Buffer buffer;
+  Writer out(buffer);
+  procpool::detail::save(out, std::vector<std::string>{"abc", "defgh"});
+  for (std::size_t cut = 0; cut < buffer.size(); ++cut) {
+    Reader in(buffer.data(), cut);
+    EXPECT_THROW(procpool::detail::load_value<std::vector<std::string>>(in), procpool::ProtocolError)
+        << "cut at " << cut;
+  }
+  Buffer cereal_buffer;
+  Writer cereal_out(cereal_buffer);
+  procpool::detail::save(cereal_out, Named{"n", {{"g", {1, 2}}}});
+  Reader short_in(cereal_buffer.data(), cereal_buffer.size() - 3);
+  EXPECT_THROW(procpool::detail::load_value<Named>(short_in), procpool::ProtocolError);
+}
+
+TEST(Serialize, BogusLengthIsRefusedWithoutAllocatingIt) {
+  Buffer buffer;
+  Writer out(buffer);
+  out.put(std::uint64_t{1} << 60);  // claims 2^60 elements
+  out.put(std::uint64_t{0});
+  Reader in(buffer);
+  try {
+    procpool::detail::load_value<std::vector<double>>(in);
+    FAIL() << "no exception";
+  } catch (const procpool::ProtocolError& e) {
+    EXPECT_NE(std::string(e.what()).find("does not fit"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Serialize, RandomBytesNeverCrashTheDecoder) {
+  std::mt19937_64 rng(12345);
+  for (int round = 0; round < 20000; ++round) {
+    Buffer buffer(rng() % 64);
+    for (std::size_t i = 0; i < buffer.size(); ++i) buffer.data()[i] = std::byte(rng() & 0xff);
+    Reader in(buffer);
+    try {
+      procpool::detail::load_value<std::vector<std::pair<std::string, std::vector<int>>>>(in);
+    } catch (const procpool::ProtocolError&) {
+      // the only acceptable failure
+    }
+  }
+}
+
+}  // namespace
