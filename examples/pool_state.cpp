@@ -13,7 +13,8 @@ struct Dictionary {
 
 Dictionary build_dictionary() {
   Dictionary d;
-  for (int i = 0; i < 100000; ++i) d.ids["w" + std::to_string(i)] = i;
+  for (int i = 0; i < 100000; ++i)
+    d.ids["w" + std::to_string(i)] = i;
   return d;
 }
 
@@ -27,7 +28,8 @@ int main() {
         return it == d.ids.end() ? missing : it->second;
       },
       words, -1);
-  for (std::size_t i = 0; i < words.size(); ++i) std::cout << words[i] << " -> " << ids[i] << '\n';
+  for (std::size_t i = 0; i < words.size(); ++i)
+    std::cout << words[i] << " -> " << ids[i] << '\n';
 
   auto future = pool.submit([](Dictionary& d) { return d.ids.size(); });
   std::cout << "dictionary size in a worker: " << future.get() << '\n';

@@ -115,7 +115,8 @@ Engine::Engine(unsigned processes, Start start, LogicFactory make_logic)
       parent_pid_(::getpid()) {
   if (start_ == Start::in_process) return;
   try {
-    for (unsigned i = 0; i < processes_; ++i) spawn_worker();
+    for (unsigned i = 0; i < processes_; ++i)
+      spawn_worker();
   } catch (...) {
     kill_workers();
     throw;
@@ -150,7 +151,8 @@ void Engine::spawn_worker() {
   }
   if (pid == 0) {
     ::close(sv[0]);
-    for (int fd : to_close) ::close(fd);
+    for (int fd : to_close)
+      ::close(fd);
     prepare_worker_process(parent_pid_);
     try {
       std::unique_ptr<WorkerLogic> logic = make_logic_();
@@ -181,7 +183,8 @@ std::uint64_t Engine::open_call(Buffer setup) {
   CallState& call = calls_[id];
   call.setup = std::move(setup);
   if (!call.setup.empty()) {
-    for (auto& w : workers_) send_frame(*w, FrameKind::setup, id, 0, 0, call.setup);
+    for (auto& w : workers_)
+      send_frame(*w, FrameKind::setup, id, 0, 0, call.setup);
   }
   return id;
 }
@@ -194,7 +197,8 @@ void Engine::close_call(std::uint64_t call) {
   std::erase_if(pending_, [call](const Chunk& c) { return c.call == call; });
   if (!had_setup) return;
   if (local_logic_) local_logic_->end(call);
-  for (auto& w : workers_) send_frame(*w, FrameKind::end_call, call, 0, 0, Buffer{});
+  for (auto& w : workers_)
+    send_frame(*w, FrameKind::end_call, call, 0, 0, Buffer{});
 }
 
 void Engine::submit(Chunk chunk) {
@@ -209,7 +213,9 @@ void Engine::submit(Chunk chunk) {
   pending_.push_back(std::move(chunk));
 }
 
-std::deque<ChunkDone>& Engine::completed(std::uint64_t call) { return calls_[call].completed; }
+std::deque<ChunkDone>& Engine::completed(std::uint64_t call) {
+  return calls_[call].completed;
+}
 
 double Engine::nanos_per_task(std::uint64_t call) const {
   auto it = calls_.find(call);
@@ -218,13 +224,15 @@ double Engine::nanos_per_task(std::uint64_t call) const {
 
 std::size_t Engine::outstanding() const noexcept {
   std::size_t n = pending_.size();
-  for (const auto& w : workers_) n += w->inflight.size();
+  for (const auto& w : workers_)
+    n += w->inflight.size();
   return n;
 }
 
 std::vector<pid_t> Engine::worker_pids() const {
   std::vector<pid_t> pids;
-  for (const auto& w : workers_) pids.push_back(w->pid);
+  for (const auto& w : workers_)
+    pids.push_back(w->pid);
   return pids;
 }
 
@@ -338,9 +346,9 @@ bool Engine::receive(Worker& w) {
 bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload) {
   if (w.inflight.empty() || w.inflight.front().call != header.call ||
       w.inflight.front().first != header.first || w.inflight.front().count != header.count) {
-    retire(w, std::make_exception_ptr(ProtocolError(
-                  "procpool: worker " + std::to_string(w.pid) +
-                  " answered a task it was not running; the worker was replaced")));
+    retire(w, std::make_exception_ptr(
+                  ProtocolError("procpool: worker " + std::to_string(w.pid) +
+                                " answered a task it was not running; the worker was replaced")));
     return false;
   }
   Chunk chunk = std::move(w.inflight.front());
@@ -415,16 +423,17 @@ void Engine::retire(Worker& w, std::exception_ptr reason) {
       if (chunk.isolated) {
         requeue.push_back(std::move(chunk));
       } else {
-        for (Chunk& one : split_into_single_tasks(chunk)) requeue.push_back(std::move(one));
+        for (Chunk& one : split_into_single_tasks(chunk))
+          requeue.push_back(std::move(one));
       }
     }
   } else if (!stopping_ && ++deaths_without_progress_ > 2 * processes_ + 2) {
-    broken_ = std::make_exception_ptr(Error(
-        "procpool: workers keep dying before they run any task (the last, pid " +
-        std::to_string(w.pid) + ", " +
-        (status.signal ? "was killed by signal " + std::to_string(status.signal)
-                       : "exited with status " + std::to_string(status.code)) +
-        "); check the pool's initializer"));
+    broken_ = std::make_exception_ptr(
+        Error("procpool: workers keep dying before they run any task (the last, pid " +
+              std::to_string(w.pid) + ", " +
+              (status.signal ? "was killed by signal " + std::to_string(status.signal)
+                             : "exited with status " + std::to_string(status.code)) +
+              "); check the pool's initializer"));
   }
   const std::uint64_t serial = w.serial;
   std::erase_if(workers_, [serial](const auto& p) { return p->serial == serial; });
@@ -504,10 +513,9 @@ void Engine::run_in_process() {
     Reader in(chunk.payload);
     const auto start = std::chrono::steady_clock::now();
     local_logic_->run(chunk.call, chunk.first, chunk.count, in, out);
-    const double nanos = static_cast<double>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
-                                                             start)
-            .count());
+    const double nanos = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                 std::chrono::steady_clock::now() - start)
+                                                 .count());
     if (chunk.count != 0) {
       const double per_task = nanos / static_cast<double>(chunk.count);
       call.nanos_per_task = call.nanos_per_task == 0
@@ -544,18 +552,21 @@ void Engine::stop_gracefully() {
 
 void Engine::kill_workers(std::exception_ptr reason) {
   stopping_ = true;
-  for (auto& w : workers_) ::kill(w->pid, SIGKILL);
+  for (auto& w : workers_)
+    ::kill(w->pid, SIGKILL);
   for (auto& w : workers_) {
     ParentSockets::instance().remove(w->fd);
     ::close(w->fd);
     wait_blocking(w->pid);
     if (reason) {
-      for (Chunk& c : w->inflight) finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
+      for (Chunk& c : w->inflight)
+        finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
     }
   }
   workers_.clear();
   if (reason) {
-    for (Chunk& c : pending_) finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
+    for (Chunk& c : pending_)
+      finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});
   }
   pending_.clear();
 }

@@ -16,15 +16,14 @@ std::string describe_death(int signal, int exit_status) {
 }  // namespace
 
 TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what)
-    : Error("procpool: task " + std::to_string(index) + " threw " + type_name + ": " +
-            remote_what),
+    : Error("procpool: task " + std::to_string(index) + " threw " + type_name + ": " + remote_what),
       index_(index),
       type_name_(std::move(type_name)),
       remote_what_(std::move(remote_what)) {}
 
 WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status)
-    : Error("procpool: worker " + std::to_string(pid) + " running task " +
-            std::to_string(index) + " " + describe_death(signal, exit_status) +
+    : Error("procpool: worker " + std::to_string(pid) + " running task " + std::to_string(index) +
+            " " + describe_death(signal, exit_status) +
             "; the other tasks are unaffected. Reproduce it with "
             "Options{.start = procpool::Start::in_process} under a debugger"),
       index_(index),

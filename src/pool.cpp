@@ -61,20 +61,24 @@ void PoolLogic::run(std::uint64_t call, std::uint64_t first, std::uint64_t count
                     Writer& out) {
   auto it = runners_.find(call);
   if (it == runners_.end()) {
-    FailingRunner(std::make_exception_ptr(ProtocolError(
-                      "procpool: a worker got a task of call " + std::to_string(call) +
-                      " without its setup")))
+    FailingRunner(
+        std::make_exception_ptr(ProtocolError("procpool: a worker got a task of call " +
+                                              std::to_string(call) + " without its setup")))
         .run(first, count, in, out);
     return;
   }
   it->second->run(first, count, in, out);
 }
 
-void PoolLogic::end(std::uint64_t call) { runners_.erase(call); }
+void PoolLogic::end(std::uint64_t call) {
+  runners_.erase(call);
+}
 
 }  // namespace detail
 
-Pool::Pool(Options options) { start(options, nullptr, {}); }
+Pool::Pool(Options options) {
+  start(options, nullptr, {});
+}
 
 void Pool::start(Options options, const std::type_info* state_type,
                  std::function<std::shared_ptr<void>()> make_state) {
@@ -109,7 +113,8 @@ void Pool::close() {
 void Pool::join() {
   std::unique_lock lock(core_->mutex);
   if (!core_->closed) {
-    throw Error("procpool::Pool::join: call close() or terminate() first, as work could still arrive");
+    throw Error(
+        "procpool::Pool::join: call close() or terminate() first, as work could still arrive");
   }
   while (core_->engine->outstanding() != 0) {
     core_->engine->pump(lock, std::chrono::milliseconds(100));
@@ -124,7 +129,9 @@ void Pool::terminate() {
       PoolClosed("procpool: the pool was terminated before this task finished")));
 }
 
-unsigned Pool::processes() const noexcept { return core_->engine->processes(); }
+unsigned Pool::processes() const noexcept {
+  return core_->engine->processes();
+}
 
 std::vector<pid_t> Pool::worker_pids() const {
   std::lock_guard lock(core_->mutex);

@@ -41,7 +41,12 @@ struct CustomFailure {};  // not derived from std::exception
 
 TEST(TaskError, NonStandardExceptionKeepsItsTypeName) {
   try {
-    procpool::map([](int x) -> int { throw CustomFailure{}; return x; }, iota(3), {.processes = 1});
+    procpool::map(
+        [](int x) -> int {
+          throw CustomFailure{};
+          return x;
+        },
+        iota(3), {.processes = 1});
     FAIL() << "no exception";
   } catch (const procpool::TaskError& e) {
     EXPECT_NE(e.type_name().find("CustomFailure"), std::string::npos) << e.type_name();
@@ -58,7 +63,8 @@ TEST(TaskError, ThrownFromImapWhenTheFailingResultIsReached) {
       iota(10), {.processes = 2, .chunksize = 1});
   std::vector<int> before;
   try {
-    for (int v : results) before.push_back(v);
+    for (int v : results)
+      before.push_back(v);
     FAIL() << "no exception";
   } catch (const procpool::TaskError& e) {
     EXPECT_EQ(e.index(), 5u);

@@ -13,12 +13,14 @@ TEST(HugePayload, ResultOver4GiBRoundTrips) {
   auto results = procpool::map(
       [size](int seed) {
         std::vector<unsigned char> big(size);
-        for (std::size_t i = 0; i < size; i += 4096) big[i] = static_cast<unsigned char>(seed + i / 4096);
+        for (std::size_t i = 0; i < size; i += 4096)
+          big[i] = static_cast<unsigned char>(seed + i / 4096);
         big[size - 1] = 0xAB;
         return big;
       },
       std::vector{7}, {.processes = 1});
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ASSERT_EQ(results.size(), 1u);
   const auto& big = results[0];
   ASSERT_EQ(big.size(), size);

@@ -17,8 +17,10 @@ namespace {
 TEST(Hygiene, NoChildProcessAfterAnyKindOfCall) {
   std::vector<int> inputs{1, 2, 3, 4, 5};
   procpool::map([](int x) { return x; }, inputs, {.processes = 2});
-  for (auto v : procpool::imap([](int x) { return x; }, inputs, {.processes = 2})) (void)v;
-  for (auto v : procpool::imap_unordered([](int x) { return x; }, inputs, {.processes = 2})) (void)v;
+  for (auto v : procpool::imap([](int x) { return x; }, inputs, {.processes = 2}))
+    (void)v;
+  for (auto v : procpool::imap_unordered([](int x) { return x; }, inputs, {.processes = 2}))
+    (void)v;
   {
     procpool::Pool pool({.processes = 2});
     pool.map([](int x) { return x; }, inputs);
@@ -30,7 +32,8 @@ TEST(Hygiene, RepeatedCallsLeakNoDescriptors) {
   std::vector<int> inputs{1, 2, 3};
   procpool::map([](int x) { return x; }, inputs, {.processes = 2});  // warm up lazy statics
   const int before = test_helpers::open_fd_count();
-  for (int i = 0; i < 100; ++i) procpool::map([](int x) { return x; }, inputs, {.processes = 2});
+  for (int i = 0; i < 100; ++i)
+    procpool::map([](int x) { return x; }, inputs, {.processes = 2});
   for (int i = 0; i < 20; ++i) {
     procpool::Pool pool({.processes = 2});
     pool.map([](int x) { return x; }, inputs);
@@ -56,7 +59,8 @@ std::string stdout_of(Body body) {
   ::close(fds[1]);
   std::string out;
   char buf[4096];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<std::size_t>(n));
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
+    out.append(buf, static_cast<std::size_t>(n));
   ::close(fds[0]);
   int status = 0;
   ::waitpid(pid, &status, 0);
@@ -66,7 +70,8 @@ std::string stdout_of(Body body) {
 
 std::size_t count(const std::string& haystack, const std::string& needle) {
   std::size_t n = 0;
-  for (auto at = haystack.find(needle); at != std::string::npos; at = haystack.find(needle, at + 1)) ++n;
+  for (auto at = haystack.find(needle); at != std::string::npos; at = haystack.find(needle, at + 1))
+    ++n;
   return n;
 }
 

@@ -32,12 +32,14 @@ TEST(Map, KeepsInputOrderOver100kTasksOfUnevenLength) {
       },
       inputs, {.processes = 2});
   ASSERT_EQ(results.size(), inputs.size());
-  for (std::size_t i = 0; i < inputs.size(); ++i) ASSERT_EQ(results[i], inputs[i] * 3 + 1) << i;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    ASSERT_EQ(results[i], inputs[i] * 3 + 1) << i;
 }
 
 TEST(Map, OrderKeptWithFixedSmallChunksAndLazyInput) {
   std::list<int> inputs;  // not random access: inputs travel to the workers
-  for (int i = 0; i < 20000; ++i) inputs.push_back(i);
+  for (int i = 0; i < 20000; ++i)
+    inputs.push_back(i);
   auto results = procpool::map(
       [](int x) {
         if (x % 7 == 0) spin_for(std::chrono::microseconds(50));
@@ -45,7 +47,8 @@ TEST(Map, OrderKeptWithFixedSmallChunksAndLazyInput) {
       },
       inputs, {.processes = 2, .chunksize = 3});
   ASSERT_EQ(results.size(), 20000u);
-  for (int i = 0; i < 20000; ++i) ASSERT_EQ(results[static_cast<std::size_t>(i)], std::to_string(i));
+  for (int i = 0; i < 20000; ++i)
+    ASSERT_EQ(results[static_cast<std::size_t>(i)], std::to_string(i));
 }
 
 TEST(Map, EmptyInputGivesEmptyResult) {
@@ -58,7 +61,8 @@ TEST(Map, CaptureByReferenceSeesCallersMemoryWithoutCopyingIt) {
   // 1 GiB, every page written so it really exists in the parent.
   const std::size_t size = std::size_t{1} << 30;
   std::vector<char> table(size);
-  for (std::size_t i = 0; i < size; i += 4096) table[i] = static_cast<char>(i / 4096 % 127);
+  for (std::size_t i = 0; i < size; i += 4096)
+    table[i] = static_cast<char>(i / 4096 % 127);
   std::vector<std::size_t> probes{0, 4096 * 1000, size - 4096};
   struct Seen {
     char value;
@@ -68,7 +72,8 @@ TEST(Map, CaptureByReferenceSeesCallersMemoryWithoutCopyingIt) {
       [&table](std::size_t at) {
         // Read the whole table, then report what this worker holds privately.
         long sum = 0;
-        for (std::size_t i = 0; i < table.size(); i += 4096) sum += table[i];
+        for (std::size_t i = 0; i < table.size(); i += 4096)
+          sum += table[i];
         return Seen{static_cast<char>(table[at] + (sum < 0 ? 1 : 0)), test_helpers::private_kib()};
       },
       probes, {.processes = 2});
@@ -87,22 +92,23 @@ TEST(Imap, EndlessGeneratorStoppedAfterNResultsIsConsumedLazily) {
                  });
   std::vector<long> got;
   {
-    auto results = procpool::imap([](long x) { return x * x; }, endless,
-                                  {.processes = 2, .max_inflight = 64});
+    auto results =
+        procpool::imap([](long x) { return x * x; }, endless, {.processes = 2, .max_inflight = 64});
     for (long sq : results) {
       got.push_back(sq);
       if (got.size() == 1000) break;
     }
   }
   ASSERT_EQ(got.size(), 1000u);
-  for (long i = 0; i < 1000; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], i * i);
+  for (long i = 0; i < 1000; ++i)
+    EXPECT_EQ(got[static_cast<std::size_t>(i)], i * i);
   EXPECT_LE(pulled, 1000u + 64u) << "imap read further ahead than max_inflight";
   EXPECT_TRUE(test_helpers::children().empty()) << "stopping imap left workers behind";
 }
 
 TEST(Imap, ResultsArriveBeforeTheInputEnds) {
-  auto results = procpool::imap([](int x) { return x + 1; }, std::views::iota(0, 1000000),
-                                {.processes = 2});
+  auto results =
+      procpool::imap([](int x) { return x + 1; }, std::views::iota(0, 1000000), {.processes = 2});
   auto it = results.begin();
   EXPECT_EQ(*it, 1);
   ++it;
@@ -127,9 +133,9 @@ TEST(ImapUnordered, YieldsEveryIndexOnceWithItsValue) {
 
 TEST(Starmap, UnpacksTuplesAndPairs) {
   std::vector<std::tuple<int, std::string, double>> args{{1, "a", 0.5}, {2, "bb", 1.5}};
-  auto out = procpool::starmap(
-      [](int n, const std::string& s, double d) { return std::to_string(n) + s + std::to_string(d); },
-      args, {.processes = 2});
+  auto out = procpool::starmap([](int n, const std::string& s,
+                                  double d) { return std::to_string(n) + s + std::to_string(d); },
+                               args, {.processes = 2});
   EXPECT_EQ(out, (std::vector<std::string>{"1a0.500000", "2bb1.500000"}));
   std::vector<std::pair<int, int>> pairs{{1, 2}, {3, 4}, {5, 6}};
   EXPECT_EQ(procpool::starmap([](int a, int b) { return a + b; }, pairs),
@@ -161,7 +167,9 @@ TEST(Map, UserTypesWithCerealSerializeRoundTrip) {
 
 TEST(InProcess, GivesTheSameResultsAsForkAndStartsNoProcess) {
   std::vector<std::string> words{"alpha", "beta", "gamma", "delta"};
-  auto length = [](const std::string& w) { return std::pair<std::string, std::size_t>{w, w.size()}; };
+  auto length = [](const std::string& w) {
+    return std::pair<std::string, std::size_t>{w, w.size()};
+  };
   auto forked = procpool::map(length, words, {.processes = 2});
   pid_t seen_pid = 0;
   auto in_process = procpool::map(

@@ -42,11 +42,14 @@ TEST(Pool, BuildsStateExactlyOncePerWorkerAndKeepsItAcrossCalls) {
   EXPECT_EQ(inits_in_this_process, 0) << "the initializer ran in the parent";
   EXPECT_LE(max_calls.size(), 2u);
   int total = 0;
-  for (auto& [pid, calls] : max_calls) total += calls;
+  for (auto& [pid, calls] : max_calls)
+    total += calls;
   EXPECT_EQ(total, 600) << "state did not persist across calls";
 }
 
-int add(int x, int y) { return x + y; }
+int add(int x, int y) {
+  return x + y;
+}
 
 TEST(Pool, FunctionPointersLambdasAndExtraArguments) {
   procpool::Pool pool({.processes = 2});
@@ -70,19 +73,23 @@ TEST(Pool, ExtraArgumentsAreSentOncePerWorkerNotPerTask) {
         return seen.size();
       },
       inputs, big);
-  for (std::size_t n : addresses) EXPECT_EQ(n, 1u);
+  for (std::size_t n : addresses)
+    EXPECT_EQ(n, 1u);
 }
 
 TEST(Pool, ImapAndImapUnorderedOverALazyRange) {
   procpool::Pool pool({.processes = 2});
   std::vector<int> got;
-  for (int v : pool.imap([](int x) { return x * 2; }, std::views::iota(0) | std::views::take(100))) {
+  for (int v :
+       pool.imap([](int x) { return x * 2; }, std::views::iota(0) | std::views::take(100))) {
     got.push_back(v);
   }
   ASSERT_EQ(got.size(), 100u);
-  for (int i = 0; i < 100; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], 2 * i);
+  for (int i = 0; i < 100; ++i)
+    EXPECT_EQ(got[static_cast<std::size_t>(i)], 2 * i);
   std::set<std::size_t> indices;
-  for (auto [index, value] : pool.imap_unordered([](int x) { return x + 1; }, std::vector{5, 6, 7})) {
+  for (auto [index, value] :
+       pool.imap_unordered([](int x) { return x + 1; }, std::vector{5, 6, 7})) {
     EXPECT_EQ(value, static_cast<int>(index) + 6);
     indices.insert(index);
   }
@@ -104,10 +111,12 @@ TEST(Pool, EndlessImapStoppedEarlyLeavesThePoolUsable) {
 TEST(Future, GetWaitAndWaitFor) {
   procpool::Pool pool({.processes = 2});
   auto quick = pool.submit(add, 2, 3);
-  auto slow = pool.submit([](int ms) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-    return ms;
-  }, 300);
+  auto slow = pool.submit(
+      [](int ms) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        return ms;
+      },
+      300);
   EXPECT_EQ(slow.wait_for(std::chrono::milliseconds(20)), std::future_status::timeout);
   quick.wait();
   EXPECT_EQ(quick.get(), 5);
@@ -122,13 +131,16 @@ TEST(Future, SubmittedTasksRunWithoutAnyoneWaiting) {
   const auto start = std::chrono::steady_clock::now();
   std::vector<procpool::Future<int>> futures;
   for (int i = 0; i < 2; ++i) {
-    futures.push_back(pool.submit([](int x) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      return x;
-    }, i));
+    futures.push_back(pool.submit(
+        [](int x) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+          return x;
+        },
+        i));
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the caller is busy elsewhere
-  for (int i = 0; i < 2; ++i) EXPECT_EQ(futures[static_cast<std::size_t>(i)].get(), i);
+  for (int i = 0; i < 2; ++i)
+    EXPECT_EQ(futures[static_cast<std::size_t>(i)].get(), i);
   // Both ran while the caller slept: far less than 300 + 2 * 200 ms in all.
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(450));
 }
@@ -137,7 +149,8 @@ TEST(Future, VoidTasksAndTaskErrors) {
   procpool::Pool pool({.processes = 1});
   auto done = pool.submit([](int) {}, 1);
   done.get();
-  auto failing = pool.submit([](int x) -> int { throw std::invalid_argument("bad " + std::to_string(x)); }, 7);
+  auto failing =
+      pool.submit([](int x) -> int { throw std::invalid_argument("bad " + std::to_string(x)); }, 7);
   try {
     failing.get();
     FAIL() << "no exception";
@@ -166,10 +179,12 @@ TEST(Pool, CloseJoinAndPoolClosed) {
 
 TEST(Pool, TerminateKillsWorkersAndFailsUnfinishedWork) {
   procpool::Pool pool({.processes = 2});
-  auto stuck = pool.submit([](int) {
-    std::this_thread::sleep_for(std::chrono::seconds(30));
-    return 0;
-  }, 0);
+  auto stuck = pool.submit(
+      [](int) {
+        std::this_thread::sleep_for(std::chrono::seconds(30));
+        return 0;
+      },
+      0);
   stuck.wait_for(std::chrono::milliseconds(50));
   const auto start = std::chrono::steady_clock::now();
   pool.terminate();
@@ -182,10 +197,12 @@ TEST(Pool, DestructorFinishesAcceptedWorkAndReapsWorkers) {
   procpool::Future<int> result;
   {
     procpool::Pool pool({.processes = 2});
-    result = pool.submit([](int x) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      return x * 2;
-    }, 21);
+    result = pool.submit(
+        [](int x) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+          return x * 2;
+        },
+        21);
   }
   EXPECT_TRUE(test_helpers::children().empty());
   EXPECT_EQ(result.get(), 42);
@@ -197,7 +214,8 @@ TEST(Pool, WrongStateTypeIsAClearError) {
     pool.map([](std::string& s, int) { return s.size(); }, std::vector{1});
     FAIL() << "no exception";
   } catch (const procpool::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("initializer builds double"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("initializer builds double"), std::string::npos)
+        << e.what();
   }
   procpool::Pool stateless({.processes = 1});
   EXPECT_THROW(stateless.map([](std::string& s, int) { return s.size(); }, std::vector{1}),
@@ -217,7 +235,11 @@ TEST(Pool, InitializerThatThrowsFailsEveryTaskWithItsMessage) {
 
 TEST(Pool, InProcessRunsStateAndTasksInTheCaller) {
   procpool::Pool pool({.start = procpool::Start::in_process}, [] { return ::getpid(); });
-  auto pids = pool.map([](pid_t& built, int) { return std::pair{built, ::getpid()}; }, std::vector{1, 2});
+  auto pids = pool.map(
+      [](pid_t& built, int) {
+        return std::pair{built, ::getpid()};
+      },
+      std::vector{1, 2});
   for (auto [built, ran] : pids) {
     EXPECT_EQ(built, ::getpid());
     EXPECT_EQ(ran, ::getpid());
@@ -244,11 +266,13 @@ TEST(Pool, ConcurrentCallsFromSeveralThreads) {
       std::iota(in.begin(), in.end(), t * 1000);
       auto out = pool.map([](int x) { return x + 1; }, in);
       bool good = true;
-      for (std::size_t i = 0; i < in.size(); ++i) good = good && out[i] == in[i] + 1;
+      for (std::size_t i = 0; i < in.size(); ++i)
+        good = good && out[i] == in[i] + 1;
       ok[static_cast<std::size_t>(t)] = good ? 1 : 0;
     });
   }
-  for (auto& th : threads) th.join();
+  for (auto& th : threads)
+    th.join();
   EXPECT_EQ(ok, (std::vector<int>{1, 1, 1, 1}));
 }
 

@@ -60,7 +60,8 @@ TEST(Serialize, RoundTripsTheTypesUsersSend) {
   EXPECT_EQ(round_trip(std::vector<double>{1, 2, 3}), (std::vector<double>{1, 2, 3}));
   EXPECT_EQ(round_trip(std::vector<std::string>{"a", "", "ccc"}),
             (std::vector<std::string>{"a", "", "ccc"}));
-  EXPECT_EQ(round_trip(std::vector<bool>{true, false, true}), (std::vector<bool>{true, false, true}));
+  EXPECT_EQ(round_trip(std::vector<bool>{true, false, true}),
+            (std::vector<bool>{true, false, true}));
   EXPECT_EQ(round_trip(std::optional<std::string>{}), std::optional<std::string>{});
   EXPECT_EQ(round_trip(std::optional<std::string>{"x"}), std::optional<std::string>{"x"});
   auto t = std::tuple<int, std::string, std::pair<double, std::vector<int>>>{1, "s", {2.5, {7}}};
@@ -84,7 +85,8 @@ TEST(Serialize, TruncatedMessageIsAProtocolError) {
   procpool::detail::save(out, std::vector<std::string>{"abc", "defgh"});
   for (std::size_t cut = 0; cut < buffer.size(); ++cut) {
     Reader in(buffer.data(), cut);
-    EXPECT_THROW(procpool::detail::load_value<std::vector<std::string>>(in), procpool::ProtocolError)
+    EXPECT_THROW(procpool::detail::load_value<std::vector<std::string>>(in),
+                 procpool::ProtocolError)
         << "cut at " << cut;
   }
   Buffer cereal_buffer;
@@ -112,7 +114,8 @@ TEST(Serialize, RandomBytesNeverCrashTheDecoder) {
   std::mt19937_64 rng(12345);
   for (int round = 0; round < 20000; ++round) {
     Buffer buffer(rng() % 64);
-    for (std::size_t i = 0; i < buffer.size(); ++i) buffer.data()[i] = std::byte(rng() & 0xff);
+    for (std::size_t i = 0; i < buffer.size(); ++i)
+      buffer.data()[i] = std::byte(rng() & 0xff);
     Reader in(buffer);
     try {
       procpool::detail::load_value<std::vector<std::pair<std::string, std::vector<int>>>>(in);

@@ -1,11 +1,11 @@
 // procpool/errors.hpp - every error procpool throws derives from procpool::Error.
 #pragma once
 
+#include <sys/types.h>
 #include <chrono>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
-#include <sys/types.h>
 
 namespace procpool {
 

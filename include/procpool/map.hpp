@@ -29,13 +29,13 @@ namespace detail {
 /// Random-access sized inputs are read by the workers from inherited memory.
 template <class View>
 inline constexpr bool read_from_memory_v =
-    std::ranges::random_access_range<View> && std::ranges::sized_range<View>;
+    std::ranges::random_access_range<View>&& std::ranges::sized_range<View>;
 
 template <class F, class View>
 struct fork_call_types {
   using Item = std::ranges::range_value_t<View>;
-  using Arg = std::conditional_t<read_from_memory_v<View>, std::ranges::range_reference_t<View>,
-                                 Item&&>;
+  using Arg =
+      std::conditional_t<read_from_memory_v<View>, std::ranges::range_reference_t<View>, Item&&>;
   static_assert(std::is_invocable_v<F&, Arg>,
                 "procpool: the function cannot be called with an element of the input range");
   using Result = std::invoke_result_t<F&, Arg>;
@@ -129,7 +129,8 @@ std::vector<T> collect(Results<T> results, const R& inputs) {
   if constexpr (std::ranges::sized_range<const R>) {
     out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
   }
-  for (T& value : results) out.push_back(std::move(value));
+  for (T& value : results)
+    out.push_back(std::move(value));
   return out;
 }
 
@@ -157,7 +158,8 @@ auto imap_unordered(F&& f, R&& inputs, const Options& options = {}) {
 /// The first failure stops the call, reaps its workers and is thrown
 /// (TaskError, WorkerCrashed, ...).
 ///
-///     std::vector<int> lengths = procpool::map([](const std::string& s) { return int(s.size()); }, words);
+///     std::vector<int> lengths = procpool::map([](const std::string& s) { return int(s.size()); },
+///     words);
 template <class F, std::ranges::input_range R>
 auto map(F&& f, R&& inputs, const Options& options = {}) {
   return detail::collect(imap(std::forward<F>(f), inputs, options), inputs);

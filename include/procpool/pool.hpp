@@ -57,13 +57,13 @@ struct PoolCore {
 
 template <class F>
 inline constexpr bool is_function_pointer_v =
-    std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>;
+    std::is_pointer_v<F>&& std::is_function_v<std::remove_pointer_t<F>>;
 
 /// What a Pool can run: code that needs nothing from the caller's memory.
 template <class F>
-inline constexpr bool pool_callable_v =
-    is_function_pointer_v<F> || (std::is_empty_v<F> && std::is_trivially_copyable_v<F> &&
-                                 std::is_default_constructible_v<F>);
+inline constexpr bool pool_callable_v = is_function_pointer_v<F> ||
+                                        (std::is_empty_v<F> && std::is_trivially_copyable_v<F> &&
+                                         std::is_default_constructible_v<F>);
 
 template <class F>
 inline constexpr bool is_star_apply_v = false;
@@ -100,7 +100,9 @@ struct first_parameter<R (C::*)(A0, A...) const noexcept> {
   using type = A0;
 };
 template <class F>
-  requires requires { &F::operator(); }
+requires requires {
+  &F::operator();
+}
 struct first_parameter<F> : first_parameter<decltype(&F::operator())> {};
 template <class F>
 struct first_parameter<StarApply<F>> : first_parameter<F> {};
@@ -173,8 +175,8 @@ std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
   setup.read(&f, sizeof f);  // F is trivially copyable: a function pointer or an empty lambda
   std::tuple<Extra...> extra;
   load(setup, extra);
-  return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(
-      f, static_cast<State*>(state), std::move(extra));
+  return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(f, static_cast<State*>(state),
+                                                                     std::move(extra));
 }
 
 /// A Pool call's results as a lazy range; holds the pool core alive.
@@ -187,9 +189,8 @@ class PoolCall final : public ResultSource<std::conditional_t<Ordered, Out, Inde
   PoolCall(std::shared_ptr<PoolCore> core, Buffer setup, std::unique_ptr<Items> owned)
       : core_(std::move(core)),
         items_(std::move(owned)),
-        driver_(*core_->engine, core_->mutex, std::move(setup),
-                StreamFeed<Items, Item>(*items_), core_->options, Ordered,
-                StopMode::close_call) {
+        driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<Items, Item>(*items_),
+                core_->options, Ordered, StopMode::close_call) {
     driver_.start();  // a submitted task starts running before anyone waits for it
   }
 
@@ -253,7 +254,8 @@ class PoolStreamCall final : public ResultSource<std::conditional_t<Ordered, Out
 /// The result of `Pool::submit`: like std::future, and it drives the pool while waited on.
 ///
 ///     auto answer = pool.submit(&compute, 42);
-///     if (answer.wait_for(std::chrono::seconds(1)) == std::future_status::ready) use(answer.get());
+///     if (answer.wait_for(std::chrono::seconds(1)) == std::future_status::ready)
+///     use(answer.get());
 template <class R>
 class Future {
   using Stored = detail::stored_t<R>;
@@ -270,11 +272,9 @@ class Future {
   void wait() { source().wait_until(std::chrono::steady_clock::time_point::max()); }
   template <class Rep, class Period>
   std::future_status wait_for(std::chrono::duration<Rep, Period> timeout) {
-    const auto deadline =
-        std::chrono::steady_clock::now() +
-        std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout);
-    return source().wait_until(deadline) ? std::future_status::ready
-                                         : std::future_status::timeout;
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout);
+    return source().wait_until(deadline) ? std::future_status::ready : std::future_status::timeout;
   }
   bool valid() const noexcept { return source_ != nullptr; }
 
@@ -318,8 +318,7 @@ class Pool {
 
   /// Starts the workers; each runs `init()` once and keeps its result as that worker's state.
   template <class Init>
-    requires std::invocable<Init&>
-  Pool(Options options, Init init) {
+  requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
     static_assert(!std::is_void_v<State>, "procpool::Pool: the initializer must return the state");
     start(options, &typeid(State), [init = std::move(init)]() mutable -> std::shared_ptr<void> {
@@ -335,10 +334,10 @@ class Pool {
   /// Results of `f(item, extra...)` (or `f(state, item, extra...)`) in input order.
   template <class F, std::ranges::input_range R, class... Extra>
   auto map(F f, R&& inputs, const Extra&... extra) {
-    using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>,
-                                                 Extra...>::Out;
+    using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
-    for (Out& value : imap(f, std::forward<R>(inputs), extra...)) out.push_back(std::move(value));
+    for (Out& value : imap(f, std::forward<R>(inputs), extra...))
+      out.push_back(std::move(value));
     return out;
   }
 
@@ -374,8 +373,8 @@ class Pool {
     items->emplace_back(std::forward<Args>(args)...);
     auto call = std::make_unique<detail::PoolCall<typename Types::Out, Item, true>>(
         core_, make_setup<Star, Item>(Star{f}), std::move(items));
-    using Adapter = typename Future<R>::template Adapter<
-        detail::PoolCall<typename Types::Out, Item, true>>;
+    using Adapter =
+        typename Future<R>::template Adapter<detail::PoolCall<typename Types::Out, Item, true>>;
     return Future<R>(std::make_unique<Adapter>(std::move(call)));
   }
 

@@ -81,13 +81,13 @@ struct is_std_optional<std::optional<T>> : std::true_type {};
 /// Raw bytes are right for trivially copyable values; a pointer is trivially
 /// copyable but pointing into another process is a bug, so pointers are refused.
 template <class T>
-inline constexpr bool is_raw_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
-                                 !std::is_member_pointer_v<T>;
+inline constexpr bool is_raw_v =
+    std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_member_pointer_v<T>;
 
 template <class T>
 inline constexpr bool is_cereal_v =
-    cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value &&
-    cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
+    cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value&&
+        cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
 
 /// Strings and vectors of raw values travel as one block of bytes.
 template <class T>
@@ -229,7 +229,8 @@ void save(Writer& out, const T& value) {
       }
     }
   } else if constexpr (is_std_array<T>::value) {
-    for (const auto& element : value) save(out, element);
+    for (const auto& element : value)
+      save(out, element);
   } else if constexpr (is_std_optional<T>::value) {
     out.put(static_cast<std::uint8_t>(value.has_value()));
     if (value) save(out, *value);
@@ -263,7 +264,8 @@ void load(Reader& in, T& value) {
       value.push_back(std::move(element));
     }
   } else if constexpr (is_std_array<T>::value) {
-    for (auto& element : value) load(in, element);
+    for (auto& element : value)
+      load(in, element);
   } else if constexpr (is_std_optional<T>::value) {
     if (in.get<std::uint8_t>() != 0) {
       value.emplace();

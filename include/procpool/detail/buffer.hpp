@@ -2,9 +2,9 @@
 // message between the parent and a worker is made of.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -83,10 +83,8 @@ class Writer {
   explicit Writer(Buffer& buffer) : buffer_(buffer) {}
   void write(const void* bytes, std::size_t n) { buffer_.append(bytes, n); }
   template <class T>
-    requires std::is_trivially_copyable_v<T>
-  void put(const T& value) {
-    write(&value, sizeof value);
-  }
+  requires std::is_trivially_copyable_v<T>
+  void put(const T& value) { write(&value, sizeof value); }
   std::size_t size() const noexcept { return buffer_.size(); }
   /// Forgets everything written after `size` (used to replace a half-written result by an error).
   void truncate(std::size_t size) { buffer_.resize(size); }
@@ -115,8 +113,7 @@ class Reader {
     if (n != 0) std::memcpy(out, take(n), n);
   }
   template <class T>
-    requires std::is_trivially_copyable_v<T>
-  T get() {
+  requires std::is_trivially_copyable_v<T> T get() {
     T value;
     read(&value, sizeof value);
     return value;

@@ -87,8 +87,8 @@ std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
       } else {
         auto type_name = load_value<std::string>(in);
         auto what = load_value<std::string>(in);
-        outcome.error =
-            std::make_exception_ptr(TaskError(outcome.index, std::move(type_name), std::move(what)));
+        outcome.error = std::make_exception_ptr(
+            TaskError(outcome.index, std::move(type_name), std::move(what)));
       }
       outcomes.push_back(std::move(outcome));
     }
@@ -228,9 +228,9 @@ class CallDriver {
     constexpr double target_nanos = 5e6;  // per chunk: overhead stays ~1% of the work
     const double per_task = engine_.nanos_per_task(call_);
     // Until a task has been timed, send single tasks: a long task must not be batched blindly.
-    std::size_t n = per_task <= 0 ? 1
-                                  : static_cast<std::size_t>(std::clamp(target_nanos / per_task,
-                                                                        1.0, 65536.0));
+    std::size_t n =
+        per_task <= 0 ? 1
+                      : static_cast<std::size_t>(std::clamp(target_nanos / per_task, 1.0, 65536.0));
     if (auto total = feed_.total()) {
       // Near the end, smaller chunks keep every worker busy until the last task.
       const std::size_t remaining = *total - sent_;
@@ -242,9 +242,10 @@ class CallDriver {
   void fill() {
     while (!feed_.done()) {
       std::size_t n = chunk_size();
-      const std::size_t limit = options_.max_inflight != 0
-                                    ? options_.max_inflight
-                                    : n * engine_.processes() * (engine_.pipeline_depth(call_, n) + 2);
+      const std::size_t limit =
+          options_.max_inflight != 0
+              ? options_.max_inflight
+              : n * engine_.processes() * (engine_.pipeline_depth(call_, n) + 2);
       if (in_flight_ >= limit) return;
       n = std::min(n, limit - in_flight_);
       Chunk chunk = feed_.next(call_, n);
@@ -264,7 +265,8 @@ class CallDriver {
       if (ordered_) {
         ready_by_index_[first] = std::move(outcomes);
       } else {
-        for (auto& o : outcomes) current_.push_back(std::move(o));
+        for (auto& o : outcomes)
+          current_.push_back(std::move(o));
       }
     }
   }

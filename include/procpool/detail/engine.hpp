@@ -3,6 +3,7 @@
 // It knows nothing about types: inputs and results are bytes here.
 #pragma once
 
+#include <sys/types.h>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -12,7 +13,6 @@
 #include <memory>
 #include <mutex>
 #include <vector>
-#include <sys/types.h>
 
 #include "procpool/detail/buffer.hpp"
 #include "procpool/detail/protocol.hpp"

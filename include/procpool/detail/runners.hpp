@@ -14,13 +14,15 @@
 namespace procpool::detail {
 
 template <class T>
-concept tuple_like = requires { std::tuple_size<std::remove_cvref_t<T>>::value; };
+concept tuple_like = requires {
+  std::tuple_size<std::remove_cvref_t<T>>::value;
+};
 
 /// `F` with its first argument (a worker state) already bound, for traits only.
 template <class F, class State>
 struct BindFirst {
   template <class... Args>
-    requires std::is_invocable_v<F&, State&, Args...>
+  requires std::is_invocable_v<F&, State&, Args...>
   void operator()(Args&&...);
 };
 
@@ -32,7 +34,8 @@ struct apply_invocable<F, Tuple, std::index_sequence<I...>, Args...>
     : std::is_invocable<F, decltype(std::get<I>(std::declval<Tuple>()))..., Args...> {};
 template <class F, class Tuple, class... After>
 inline constexpr bool tuple_invocable_v =
-    apply_invocable<F, Tuple, std::make_index_sequence<std::tuple_size_v<std::remove_cvref_t<Tuple>>>,
+    apply_invocable<F, Tuple,
+                    std::make_index_sequence<std::tuple_size_v<std::remove_cvref_t<Tuple>>>,
                     After...>::value;
 
 /// Calls `f` with a tuple's elements (after the worker state, if any), for starmap and submit.
@@ -41,14 +44,15 @@ struct StarApply {
   [[no_unique_address]] F f;
 
   template <class Tuple, class... Extra>
-    requires tuple_like<Tuple> && tuple_invocable_v<F&, Tuple, const Extra&...>
+  requires tuple_like<Tuple> && tuple_invocable_v<F&, Tuple, const Extra&...>
   decltype(auto) operator()(Tuple&& args, const Extra&... extra) {
-    return std::apply(f, std::tuple_cat(std::forward<Tuple>(args), std::forward_as_tuple(extra...)));
+    return std::apply(f,
+                      std::tuple_cat(std::forward<Tuple>(args), std::forward_as_tuple(extra...)));
   }
 
   template <class State, class Tuple, class... Extra>
-    requires tuple_like<Tuple> && tuple_invocable_v<BindFirst<F, State>, Tuple, const Extra&...>
-  decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
+  requires tuple_like<Tuple> && tuple_invocable_v < BindFirst<F, State>, Tuple,
+  const Extra&... > decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
     return std::apply(f, std::tuple_cat(std::forward_as_tuple(state), std::forward<Tuple>(args),
                                         std::forward_as_tuple(extra...)));
   }
