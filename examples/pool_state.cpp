@@ -13,8 +13,11 @@ struct Dictionary {
 
 Dictionary build_dictionary() {
   Dictionary d;
-  for (int i = 0; i < 100000; ++i)
-    d.ids["w" + std::to_string(i)] = i;
+  for (int i = 0; i < 100000; ++i) {
+    std::string word = std::to_string(i);
+    word.insert(word.begin(), 'w');
+    d.ids[word] = i;
+  }
   return d;
 }
 
