@@ -6,11 +6,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <sys/mman.h>
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <system_error>
 #include <thread>
 
@@ -87,6 +90,78 @@ void wait_blocking(pid_t pid) {
   }
 }
 
+/// Forks and runs `in_child` in the child; returns the pid, or -errno.
+pid_t fork_here(const std::function<void()>& in_child) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    in_child();
+    ::_exit(70);
+  }
+  return pid < 0 ? -errno : pid;
+}
+
+/// A thread that lives as long as the process and does nothing but fork:
+/// PR_SET_PDEATHSIG fires when the forking *thread* ends, so workers of a
+/// long-lived pool must not be forked by a thread that may end first.
+class ForkerThread {
+ public:
+  static ForkerThread& instance() {
+    static auto* forker = new ForkerThread();  // never destroyed: it must outlive every pool
+    return *forker;
+  }
+  pid_t fork(const std::function<void()>& in_child) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return job_ == nullptr; });
+    job_ = &in_child;
+    done_ = false;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return done_; });
+    job_ = nullptr;
+    cv_.notify_all();
+    return result_;
+  }
+
+ private:
+  ForkerThread() {
+    std::thread([this] { serve(); }).detach();
+  }
+  void serve() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      cv_.wait(lock, [&] { return job_ != nullptr && !done_; });
+      result_ = fork_here(*job_);
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const std::function<void()>* job_ = nullptr;
+  bool done_ = false;
+  pid_t result_ = -1;
+};
+
+pid_t fork_on_helper_thread(const std::function<void()>& in_child) {
+  return ForkerThread::instance().fork(in_child);
+}
+
+/// Tasks `from` .. `to - 1` (relative to the chunk's first) as a chunk of their own.
+Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
+  Chunk part;
+  part.call = chunk.call;
+  part.first = chunk.first + from;
+  part.count = to - from;
+  part.attempts = chunk.attempts;
+  if (!chunk.offsets.empty()) {
+    const std::uint64_t begin = chunk.offsets[from];
+    const std::uint64_t end = to < chunk.count ? chunk.offsets[to] : chunk.payload.size();
+    part.payload.append(chunk.payload.data() + begin, end - begin);
+    for (std::uint64_t i = from; i < to; ++i)
+      part.offsets.push_back(chunk.offsets[i] - begin);
+  }
+  return part;
+}
+
 std::size_t max_payload_bytes() {
   // No honest message is larger than physical memory; a bigger length is garbage.
   long pages = ::sysconf(_SC_PHYS_PAGES);
@@ -106,16 +181,16 @@ struct Engine::Worker {
   Buffer inbox;
   std::size_t in_pos = 0;
   std::deque<Chunk> inflight;
+  WorkerSlot* slot = nullptr;  // shared with the worker: the task it is running
+  std::uint64_t tasks_sent = 0;
 };
 
-Engine::Engine(unsigned processes, Start start, LogicFactory make_logic)
-    : processes_(std::max(1u, processes)),
-      start_(start),
-      make_logic_(std::move(make_logic)),
-      parent_pid_(::getpid()) {
-  if (start_ == Start::in_process) return;
+Engine::Engine(EngineConfig config, LogicFactory make_logic)
+    : config_(config), make_logic_(std::move(make_logic)), parent_pid_(::getpid()) {
+  config_.processes = std::max(1u, config_.processes);
+  if (config_.start == Start::in_process) return;
   try {
-    for (unsigned i = 0; i < processes_; ++i)
+    for (unsigned i = 0; i < config_.processes; ++i)
       spawn_worker();
   } catch (...) {
     kill_workers();
@@ -140,20 +215,21 @@ void Engine::spawn_worker() {
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
   }
-  std::vector<int> to_close = ParentSockets::instance().snapshot();
-  pid_t pid = ::fork();
-  if (pid < 0) {
-    int saved = errno;
+  void* page = ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (page == MAP_FAILED) {
     ::close(sv[0]);
     ::close(sv[1]);
-    errno = saved;
-    throw_errno("cannot fork a worker process");
+    throw_errno("cannot map a worker's shared status page");
   }
-  if (pid == 0) {
+  auto* slot = new (page) WorkerSlot();
+  std::vector<int> to_close = ParentSockets::instance().snapshot();
+  auto in_child = [&] {
     ::close(sv[0]);
     for (int fd : to_close)
       ::close(fd);
     prepare_worker_process(parent_pid_);
+    current_worker_slot = slot;
     try {
       std::unique_ptr<WorkerLogic> logic = make_logic_();
       run_worker(sv[1], *logic);
@@ -164,14 +240,24 @@ void Engine::spawn_worker() {
     }
     std::fflush(stderr);
     ::_exit(70);
-  }
+  };
+  const pid_t pid =
+      config_.fork_from_helper_thread ? fork_on_helper_thread(in_child) : fork_here(in_child);
   ::close(sv[1]);
+  if (pid < 0) {
+    const int saved = -pid;
+    ::close(sv[0]);
+    ::munmap(page, sizeof(WorkerSlot));
+    errno = saved;
+    throw_errno("cannot fork a worker process");
+  }
   ::fcntl(sv[0], F_SETFL, ::fcntl(sv[0], F_GETFL) | O_NONBLOCK);
   ParentSockets::instance().add(sv[0]);
   auto worker = std::make_unique<Worker>();
   worker->serial = next_worker_serial_++;
   worker->pid = pid;
   worker->fd = sv[0];
+  worker->slot = slot;
   for (auto& [id, call] : calls_) {
     if (!call.setup.empty()) send_frame(*worker, FrameKind::setup, id, 0, 0, call.setup);
   }
@@ -258,6 +344,7 @@ std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) cons
 }
 
 void Engine::dispatch() {
+  const std::size_t quota = config_.max_tasks_per_child;
   while (!pending_.empty()) {
     if (!calls_.contains(pending_.front().call)) {
       pending_.pop_front();
@@ -266,6 +353,7 @@ void Engine::dispatch() {
     const std::size_t depth = pipeline_depth(pending_.front().call, pending_.front().count);
     Worker* best = nullptr;
     for (auto& w : workers_) {
+      if (quota != 0 && w->tasks_sent >= quota) continue;  // to be recycled once idle
       if (w->inflight.size() < depth && (!best || w->inflight.size() < best->inflight.size())) {
         best = w.get();
       }
@@ -273,8 +361,14 @@ void Engine::dispatch() {
     if (!best) return;
     Chunk chunk = std::move(pending_.front());
     pending_.pop_front();
-    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
-               chunk.isolated ? flag_isolated : std::uint16_t{0});
+    if (quota != 0 && best->tasks_sent + chunk.count > quota) {
+      // Send only what the worker may still run; the rest goes to its successor.
+      const std::uint64_t fits = quota - best->tasks_sent;
+      pending_.push_front(slice(chunk, fits, chunk.count));
+      chunk = slice(chunk, 0, fits);
+    }
+    best->tasks_sent += chunk.count;
+    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
     best->inflight.push_back(std::move(chunk));
   }
 }
@@ -290,7 +384,7 @@ bool Engine::flush(Worker& w) {
     } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       return true;
     } else {
-      retire(w, nullptr);  // EPIPE / ECONNRESET: the worker is gone
+      retire(w, Death::died);  // EPIPE / ECONNRESET: the worker is gone
       return false;
     }
   }
@@ -308,10 +402,11 @@ bool Engine::receive(Worker& w) {
       std::memcpy(&header, w.inbox.data() + w.in_pos, sizeof header);
       if (header.magic != frame_magic || header.kind != FrameKind::result ||
           header.size > max_payload) {
-        retire(w, std::make_exception_ptr(ProtocolError(
-                      "procpool: worker " + std::to_string(w.pid) +
-                      " sent a corrupt message header (bad magic, kind or length); the worker "
-                      "was replaced. Does the task write to file descriptors it does not own?")));
+        retire(w, Death::corrupt,
+               std::make_exception_ptr(ProtocolError(
+                   "procpool: worker " + std::to_string(w.pid) +
+                   " sent a corrupt message (bad magic, kind or length); the worker was "
+                   "replaced. Does the task write to file descriptors it does not own?")));
         return false;
       }
       const std::size_t whole = sizeof header + header.size;
@@ -338,7 +433,15 @@ bool Engine::receive(Worker& w) {
     if (n > 0) continue;
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
-    retire(w, nullptr);  // EOF or reset: the worker died
+    if (w.inbox.size() > w.in_pos && w.slot->running.load(std::memory_order_acquire) == 0) {
+      // It died between tasks in the middle of a reply: the reply is what is wrong.
+      retire(w, Death::corrupt,
+             std::make_exception_ptr(ProtocolError(
+                 "procpool: worker " + std::to_string(w.pid) +
+                 " ended in the middle of a message (truncated reply); the worker was replaced")));
+      return false;
+    }
+    retire(w, Death::died);  // EOF or reset: the worker died
     return false;
   }
 }
@@ -346,9 +449,10 @@ bool Engine::receive(Worker& w) {
 bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload) {
   if (w.inflight.empty() || w.inflight.front().call != header.call ||
       w.inflight.front().first != header.first || w.inflight.front().count != header.count) {
-    retire(w, std::make_exception_ptr(
-                  ProtocolError("procpool: worker " + std::to_string(w.pid) +
-                                " answered a task it was not running; the worker was replaced")));
+    retire(w, Death::corrupt,
+           std::make_exception_ptr(
+               ProtocolError("procpool: worker " + std::to_string(w.pid) +
+                             " answered a task it was not running; the worker was replaced")));
     return false;
   }
   Chunk chunk = std::move(w.inflight.front());
@@ -362,7 +466,31 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   ChunkDone done{chunk.first, chunk.count, Buffer(header.size), nullptr};
   std::memcpy(done.payload.data(), payload, header.size);
   finish_chunk(chunk, std::move(done));
+  if (config_.max_tasks_per_child != 0 && w.tasks_sent >= config_.max_tasks_per_child &&
+      w.inflight.empty() && w.in_pos == w.inbox.size()) {
+    recycle(w);
+    return false;
+  }
   return true;
+}
+
+void Engine::recycle(Worker& w) {
+  // Idle and past its quota: ask it to exit (EOF), wait for it, start a successor.
+  ::shutdown(w.fd, SHUT_WR);
+  ::fcntl(w.fd, F_SETFL, ::fcntl(w.fd, F_GETFL) & ~O_NONBLOCK);
+  std::byte sink[256];
+  for (;;) {
+    ssize_t n = ::recv(w.fd, sink, sizeof sink, 0);
+    if (n == 0 || (n < 0 && errno != EINTR)) break;
+  }
+  ParentSockets::instance().remove(w.fd);
+  ::close(w.fd);
+  wait_blocking(w.pid);
+  ::munmap(w.slot, sizeof(WorkerSlot));
+  ++events_.recycles;
+  const std::uint64_t serial = w.serial;
+  std::erase_if(workers_, [serial](const auto& p) { return p->serial == serial; });
+  if (!stopping_) spawn_worker();
 }
 
 void Engine::finish_chunk(const Chunk& chunk, ChunkDone done) {
@@ -377,59 +505,74 @@ void Engine::requeue_front(std::deque<Chunk>& chunks) {
   }
 }
 
-namespace {
-
-/// One chunk per input, so that a crash can be pinned on the input that caused it.
-std::deque<Chunk> split_into_single_tasks(const Chunk& chunk) {
-  std::deque<Chunk> singles;
-  for (std::uint64_t i = 0; i < chunk.count; ++i) {
-    Chunk one;
-    one.call = chunk.call;
-    one.first = chunk.first + i;
-    one.count = 1;
-    if (!chunk.offsets.empty()) {
-      const std::uint64_t begin = chunk.offsets[i];
-      const std::uint64_t end = i + 1 < chunk.count ? chunk.offsets[i + 1] : chunk.payload.size();
-      one.payload.append(chunk.payload.data() + begin, end - begin);
-      one.offsets.push_back(0);
-    }
-    one.isolated = true;
-    singles.push_back(std::move(one));
+void Engine::charge(Chunk task, std::exception_ptr failure, bool retryable,
+                    std::deque<Chunk>& requeue) {
+  ++task.attempts;
+  if (retryable && task.attempts <= config_.retries) {
+    ++events_.retried_tasks;
+    requeue.push_back(std::move(task));
+    return;
   }
-  return singles;
+  finish_chunk(task, ChunkDone{task.first, task.count, Buffer{}, std::move(failure)});
 }
 
-}  // namespace
-
-void Engine::retire(Worker& w, std::exception_ptr reason) {
-  if (reason) ::kill(w.pid, SIGKILL);
+void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
+  if (death != Death::died) ::kill(w.pid, SIGKILL);
   ParentSockets::instance().remove(w.fd);
   ::close(w.fd);
   const ExitStatus status = reap(w.pid);
+  // The worker is gone, so its slot no longer changes: it names the task it was running.
+  const bool was_running = w.slot->running.load(std::memory_order_acquire) != 0;
+  const std::uint64_t culprit_call = w.slot->call.load(std::memory_order_relaxed);
+  const std::uint64_t culprit = w.slot->index.load(std::memory_order_relaxed);
+  ::munmap(w.slot, sizeof(WorkerSlot));
+  switch (death) {
+    case Death::died:
+      ++events_.crashes;
+      break;
+    case Death::timed_out:
+      ++events_.timeouts;
+      break;
+    case Death::corrupt:
+      ++events_.protocol_errors;
+      break;
+  }
+
   std::deque<Chunk> requeue;
-  if (!w.inflight.empty()) {
-    // Workers batch their replies, so a non-isolated chunk in front may have
-    // finished already: only an isolated one is known to have been running.
-    Chunk& running = w.inflight.front();
-    if (reason || running.isolated) {
-      std::exception_ptr failure =
-          reason ? reason
-                 : std::make_exception_ptr(WorkerCrashed(static_cast<std::size_t>(running.first),
-                                                         w.pid, status.signal, status.code));
-      finish_chunk(running, ChunkDone{running.first, running.count, Buffer{}, failure});
-      w.inflight.pop_front();
+  bool charged = false;
+  for (Chunk& chunk : w.inflight) {
+    const bool holds_culprit = was_running && chunk.call == culprit_call &&
+                               culprit >= chunk.first && culprit < chunk.first + chunk.count;
+    if (!holds_culprit) {
+      requeue.push_back(std::move(chunk));  // not started, or finished but its reply was lost
+      continue;
     }
-    for (Chunk& chunk : w.inflight) {
-      if (chunk.isolated) {
-        requeue.push_back(std::move(chunk));
-      } else {
-        for (Chunk& one : split_into_single_tasks(chunk))
-          requeue.push_back(std::move(one));
-      }
+    const std::uint64_t at = culprit - chunk.first;
+    if (at > 0) requeue.push_back(slice(chunk, 0, at));
+    std::exception_ptr failure;
+    const auto index = static_cast<std::size_t>(culprit);
+    if (death == Death::corrupt) {
+      failure = corrupt;
+    } else if (death == Death::timed_out) {
+      failure = std::make_exception_ptr(TaskTimeout(index, config_.task_timeout));
+    } else {
+      failure = std::make_exception_ptr(WorkerCrashed(index, w.pid, status.signal, status.code));
     }
-  } else if (!stopping_ && ++deaths_without_progress_ > 2 * processes_ + 2) {
+    // A corrupt reply is not retried: the same task would write the same garbage.
+    charge(slice(chunk, at, at + 1), failure, death != Death::corrupt, requeue);
+    if (at + 1 < chunk.count) requeue.push_back(slice(chunk, at + 1, chunk.count));
+    charged = true;
+  }
+  if (!charged && death == Death::corrupt && !w.inflight.empty()) {
+    // Garbage between tasks: the oldest unanswered chunk gets the error.
+    Chunk& front = requeue.front();
+    finish_chunk(front, ChunkDone{front.first, front.count, Buffer{}, corrupt});
+    requeue.pop_front();
+    charged = true;
+  }
+  if (!charged && !stopping_ && ++deaths_without_progress_ > 2 * config_.processes + 2) {
     broken_ = std::make_exception_ptr(
-        Error("procpool: workers keep dying before they run any task (the last, pid " +
+        Error("procpool: workers keep dying before they finish any task (the last, pid " +
               std::to_string(w.pid) + ", " +
               (status.signal ? "was killed by signal " + std::to_string(status.signal)
                              : "exited with status " + std::to_string(status.code)) +
@@ -449,6 +592,45 @@ void Engine::retire(Worker& w, std::exception_ptr reason) {
   if (!stopping_) spawn_worker();
 }
 
+void Engine::enforce_timeouts() {
+  if (config_.task_timeout.count() <= 0) return;
+  const std::int64_t limit =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(config_.task_timeout).count();
+  bool killed = true;
+  while (killed) {  // retire() changes the worker list
+    killed = false;
+    const std::int64_t now = steady_now_ns();
+    for (auto& w : workers_) {
+      if (w->slot->running.load(std::memory_order_acquire) != 0 &&
+          now - w->slot->started_ns.load(std::memory_order_relaxed) > limit) {
+        retire(*w, Death::timed_out);
+        killed = true;
+        break;
+      }
+    }
+  }
+}
+
+std::chrono::milliseconds Engine::time_to_next_deadline() const {
+  constexpr std::chrono::milliseconds none{24 * 3600 * 1000};
+  if (config_.task_timeout.count() <= 0) return none;
+  const std::int64_t limit =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(config_.task_timeout).count();
+  const std::int64_t now = steady_now_ns();
+  std::int64_t nearest = std::numeric_limits<std::int64_t>::max();
+  bool any = false;
+  for (const auto& w : workers_) {
+    if (w->slot->running.load(std::memory_order_acquire) == 0) continue;
+    any = true;
+    nearest = std::min(nearest, w->slot->started_ns.load(std::memory_order_relaxed) + limit - now);
+  }
+  if (!any) {
+    // A task may start any moment; look again well within the limit.
+    return std::min(none, std::max(std::chrono::milliseconds(1), config_.task_timeout / 4));
+  }
+  return std::chrono::milliseconds(std::max<std::int64_t>(0, nearest / 1000000 + 1));
+}
+
 Engine::Worker* Engine::find_worker(std::uint64_t serial) {
   for (auto& w : workers_) {
     if (w->serial == serial) return w.get();
@@ -457,10 +639,11 @@ Engine::Worker* Engine::find_worker(std::uint64_t serial) {
 }
 
 void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
-  if (start_ == Start::in_process) {
+  if (config_.start == Start::in_process) {
     run_in_process();
     return;
   }
+  enforce_timeouts();
   dispatch();
   std::vector<pollfd> fds;
   std::vector<std::uint64_t> serials;
@@ -478,9 +661,11 @@ void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds 
     serials.push_back(w->serial);
   }
   if (fds.empty()) return;
+  const auto wait = std::min(timeout, time_to_next_deadline());
   lock.unlock();
-  int ready = ::poll(fds.data(), fds.size(), static_cast<int>(timeout.count()));
+  int ready = ::poll(fds.data(), fds.size(), static_cast<int>(wait.count()));
   lock.lock();
+  enforce_timeouts();
   if (ready <= 0) return;
   for (std::size_t i = 0; i < fds.size(); ++i) {
     if (fds[i].revents == 0) continue;
@@ -545,6 +730,7 @@ void Engine::stop_gracefully() {
     ParentSockets::instance().remove(w->fd);
     ::close(w->fd);
     wait_blocking(w->pid);
+    ::munmap(w->slot, sizeof(WorkerSlot));
   }
   workers_.clear();
   pending_.clear();
@@ -558,6 +744,7 @@ void Engine::kill_workers(std::exception_ptr reason) {
     ParentSockets::instance().remove(w->fd);
     ::close(w->fd);
     wait_blocking(w->pid);
+    ::munmap(w->slot, sizeof(WorkerSlot));
     if (reason) {
       for (Chunk& c : w->inflight)
         finish_chunk(c, ChunkDone{c.first, c.count, Buffer{}, reason});

@@ -10,9 +10,9 @@ namespace {
 class FailingRunner final : public TaskRunner {
  public:
   explicit FailingRunner(std::exception_ptr error) : error_(std::move(error)) {}
-  void run(std::uint64_t, std::uint64_t count, Reader&, Writer& out) override {
+  void run(std::uint64_t first, std::uint64_t count, Reader&, Writer& out) override {
     for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Empty>(out, [&] { std::rethrow_exception(error_); });
+      run_task<Empty>(out, first + i, [&] { std::rethrow_exception(error_); });
     }
   }
 
@@ -87,7 +87,7 @@ void Pool::start(Options options, const std::type_info* state_type,
   core_->state_type = state_type;
   const unsigned processes = options.processes != 0 ? options.processes : usable_cpu_count();
   core_->engine = std::make_unique<detail::Engine>(
-      processes, options.start, [make_state = std::move(make_state)] {
+      detail::engine_config(options, processes, true), [make_state = std::move(make_state)] {
         return std::make_unique<detail::PoolLogic>(make_state);
       });
 }

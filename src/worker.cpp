@@ -82,6 +82,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   const std::size_t at = out.size();
   out.grow(sizeof(FrameHeader));
   Writer writer(out);
+  if (current_worker_slot) current_worker_slot->call.store(header.call, std::memory_order_relaxed);
   const auto start = std::chrono::steady_clock::now();
   logic.run(header.call, header.first, header.count, payload, writer);
   const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -97,6 +98,8 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
 }
 
 }  // namespace
+
+WorkerSlot* current_worker_slot = nullptr;
 
 void prepare_worker_process(pid_t parent) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -125,9 +128,7 @@ void run_worker(int fd, WorkerLogic& logic) {
     try {
       switch (header.kind) {
         case FrameKind::task:
-          if (header.flags & flag_isolated) channel.flush();  // earlier replies first
           run_task_frame(logic, header, payload, channel.out());
-          if (header.flags & flag_isolated) channel.flush();
           break;
         case FrameKind::setup:
           logic.setup(header.call, payload);

@@ -71,7 +71,7 @@ class ForkCall final
       : f_(std::move(f)),
         view_(std::move(view)),
         runner_(make_runner()),
-        engine_(process_count(options, input_count()), options.start,
+        engine_(engine_config(options, process_count(options, input_count()), false),
                 [this] { return std::make_unique<SingleCallLogic>(runner_); }),
         driver_(engine_, mutex_, Buffer{}, Feed(view_), options, Ordered, StopMode::kill_workers) {}
 

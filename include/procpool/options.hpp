@@ -1,6 +1,7 @@
 // procpool/options.hpp - the one options struct shared by every way of running.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 
 namespace procpool {
@@ -31,6 +32,15 @@ struct Options {
   std::size_t max_inflight = 0;
   /// Where tasks run; see `Start`.
   Start start = Start::fork;
+  /// How many times a task whose worker died (crash, signal, exit, timeout)
+  /// is run again on a fresh worker before it fails. Tasks that throw are not retried.
+  unsigned retries = 0;
+  /// Longest a single task may run; its worker is then killed and the task
+  /// fails with TaskTimeout (or is retried). Zero: no limit.
+  std::chrono::milliseconds task_timeout{0};
+  /// Replace a worker after it has run this many tasks (for code that leaks);
+  /// zero: never.
+  std::size_t max_tasks_per_child = 0;
 };
 
 }  // namespace procpool

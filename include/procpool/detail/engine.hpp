@@ -29,8 +29,8 @@ struct Chunk {
   Buffer payload;
   /// Where each input starts in `payload`, so that a chunk can be split into single tasks.
   std::vector<std::uint64_t> offsets;
-  /// Re-run alone after a worker died with it in flight: if it dies again, it is the culprit.
-  bool isolated = false;
+  /// Times a task of this chunk was charged with its worker's death or a timeout.
+  unsigned attempts = 0;
 };
 
 /// A chunk's outcome as the engine hands it to the call that submitted it.
@@ -43,14 +43,45 @@ struct ChunkDone {
   std::exception_ptr failure;
 };
 
+/// How the engine treats failing workers; filled from Options.
+struct EngineConfig {
+  unsigned processes = 1;
+  Start start = Start::fork;
+  unsigned retries = 0;
+  std::chrono::milliseconds task_timeout{0};
+  std::size_t max_tasks_per_child = 0;
+  /// Fork from a helper thread that lives as long as the process, so that a
+  /// worker's PR_SET_PDEATHSIG never fires because the thread that forked it ended.
+  bool fork_from_helper_thread = false;
+};
+
+inline EngineConfig engine_config(const Options& options, unsigned processes,
+                                  bool fork_from_helper_thread) {
+  return EngineConfig{processes,
+                      options.start,
+                      options.retries,
+                      options.task_timeout,
+                      options.max_tasks_per_child,
+                      fork_from_helper_thread};
+}
+
+/// What happened to the workers so far.
+struct EngineEvents {
+  std::uint64_t crashes = 0;
+  std::uint64_t timeouts = 0;
+  std::uint64_t recycles = 0;
+  std::uint64_t protocol_errors = 0;
+  std::uint64_t retried_tasks = 0;
+};
+
 class Engine {
  public:
   /// Builds what a worker does with its messages; called in each worker right
   /// after the fork (or once in the caller for Start::in_process).
   using LogicFactory = std::function<std::unique_ptr<WorkerLogic>()>;
 
-  /// Starts `processes` workers now (none for Start::in_process).
-  Engine(unsigned processes, Start start, LogicFactory make_logic);
+  /// Starts `config.processes` workers now (none for Start::in_process).
+  Engine(EngineConfig config, LogicFactory make_logic);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -82,7 +113,8 @@ class Engine {
   /// submissions fail with PoolClosed.
   void kill_workers(std::exception_ptr reason = nullptr);
 
-  unsigned processes() const noexcept { return processes_; }
+  unsigned processes() const noexcept { return config_.processes; }
+  const EngineEvents& events() const noexcept { return events_; }
   std::vector<pid_t> worker_pids() const;
 
  private:
@@ -94,22 +126,27 @@ class Engine {
     bool local_setup_done = false;  // Start::in_process
   };
 
+  enum class Death { died, timed_out, corrupt };
   void spawn_worker();
+  void recycle(Worker& w);
+  void enforce_timeouts();
+  std::chrono::milliseconds time_to_next_deadline() const;
   void send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
                   std::uint64_t count, const Buffer& payload, std::uint16_t flags = 0);
   void dispatch();
   bool flush(Worker& w);
   bool receive(Worker& w);
   bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload);
-  void retire(Worker& w, std::exception_ptr reason);
+  void retire(Worker& w, Death death, std::exception_ptr corrupt = nullptr);
+  void charge(Chunk task, std::exception_ptr failure, bool retryable, std::deque<Chunk>& requeue);
   void requeue_front(std::deque<Chunk>& chunks);
   void finish_chunk(const Chunk& chunk, ChunkDone done);
   void run_in_process();
   Worker* find_worker(std::uint64_t serial);
 
-  unsigned processes_;
-  Start start_;
+  EngineConfig config_;
   LogicFactory make_logic_;
+  EngineEvents events_;
   std::unique_ptr<WorkerLogic> local_logic_;  // Start::in_process
   std::vector<std::unique_ptr<Worker>> workers_;
   std::deque<Chunk> pending_;

@@ -2,6 +2,8 @@
 // worker side is built from.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <string>
@@ -20,9 +22,6 @@ enum class FrameKind : std::uint16_t {
   setup = 3,     // parent -> worker: what a call needs once per worker (function, extra arguments)
   end_call = 4,  // parent -> worker: forget a call's setup
 };
-
-/// Task flag: run alone and reply at once, so that a crash is pinned on this task.
-inline constexpr std::uint16_t flag_isolated = 1;
 
 /// Fixed-size header in front of every message; sizes are 64-bit.
 struct FrameHeader {
@@ -43,9 +42,48 @@ enum class OutcomeTag : std::uint8_t { value = 0, error = 1 };
 /// Writes the exception being handled as an error outcome (type name and what()).
 void write_current_exception(Writer& out);
 
-/// Runs one task and writes its outcome: the value, or the exception it threw.
+/// A page shared between a worker and the parent, where the worker notes the
+/// task it is running. The parent reads it to charge a crash or a timeout to
+/// that exact task, without the worker having to send anything per task.
+struct WorkerSlot {
+  std::atomic<std::uint64_t> call{0};
+  std::atomic<std::uint64_t> index{0};
+  std::atomic<std::int64_t> started_ns{0};  // steady_clock, the same clock in every process
+  std::atomic<std::uint32_t> running{0};
+};
+
+/// This worker's slot; null in the parent (and under Start::in_process).
+extern WorkerSlot* current_worker_slot;
+
+inline std::int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+/// Marks task `index` as running in this worker's slot for the scope.
+class RunningTask {
+ public:
+  explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot) {
+    if (!slot_) return;
+    slot_->index.store(index, std::memory_order_relaxed);
+    slot_->started_ns.store(steady_now_ns(), std::memory_order_relaxed);
+    slot_->running.store(1, std::memory_order_release);
+  }
+  ~RunningTask() {
+    if (slot_) slot_->running.store(0, std::memory_order_release);
+  }
+  RunningTask(const RunningTask&) = delete;
+  RunningTask& operator=(const RunningTask&) = delete;
+
+ private:
+  WorkerSlot* slot_;
+};
+
+/// Runs task `index` and writes its outcome: the value, or the exception it threw.
 template <class Out, class Fn>
-void run_task(Writer& out, Fn&& fn) {
+void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
+  RunningTask running(index);
   const std::size_t mark = out.size();
   out.put(OutcomeTag::value);
   try {

@@ -68,7 +68,7 @@ class IndexRunner final : public TaskRunner {
     auto begin = std::ranges::begin(view_);
     using Diff = std::ranges::range_difference_t<View>;
     for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Out>(out, [&]() -> decltype(auto) {
+      run_task<Out>(out, first + i, [&]() -> decltype(auto) {
         return invoke_stored(f_, begin[static_cast<Diff>(first + i)]);
       });
     }
@@ -84,9 +84,9 @@ template <class F, class Item, class Out>
 class StreamRunner final : public TaskRunner {
  public:
   explicit StreamRunner(F& f) : f_(f) {}
-  void run(std::uint64_t, std::uint64_t count, Reader& in, Writer& out) override {
+  void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
     for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Out>(out, [&]() -> decltype(auto) {
+      run_task<Out>(out, first + i, [&]() -> decltype(auto) {
         Item item = load_value<Item>(in);
         return invoke_stored(f_, std::move(item));
       });
