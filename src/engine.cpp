@@ -505,10 +505,9 @@ void Engine::requeue_front(std::deque<Chunk>& chunks) {
   }
 }
 
-void Engine::charge(Chunk task, std::exception_ptr failure, bool retryable,
-                    std::deque<Chunk>& requeue) {
+void Engine::charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue) {
   ++task.attempts;
-  if (retryable && task.attempts <= config_.retries) {
+  if (task.attempts <= config_.retries) {
     ++events_.retried_tasks;
     requeue.push_back(std::move(task));
     return;
@@ -540,7 +539,19 @@ void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
 
   std::deque<Chunk> requeue;
   bool charged = false;
+  if (death == Death::corrupt) {
+    // The garbage stood where the oldest unanswered chunk's reply belonged.
+    for (Chunk& chunk : w.inflight) {
+      if (!charged) {
+        finish_chunk(chunk, ChunkDone{chunk.first, chunk.count, Buffer{}, corrupt});
+        charged = true;
+      } else {
+        requeue.push_back(std::move(chunk));
+      }
+    }
+  }
   for (Chunk& chunk : w.inflight) {
+    if (death == Death::corrupt) break;  // handled above
     const bool holds_culprit = was_running && chunk.call == culprit_call &&
                                culprit >= chunk.first && culprit < chunk.first + chunk.count;
     if (!holds_culprit) {
@@ -549,25 +560,13 @@ void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
     }
     const std::uint64_t at = culprit - chunk.first;
     if (at > 0) requeue.push_back(slice(chunk, 0, at));
-    std::exception_ptr failure;
     const auto index = static_cast<std::size_t>(culprit);
-    if (death == Death::corrupt) {
-      failure = corrupt;
-    } else if (death == Death::timed_out) {
-      failure = std::make_exception_ptr(TaskTimeout(index, config_.task_timeout));
-    } else {
-      failure = std::make_exception_ptr(WorkerCrashed(index, w.pid, status.signal, status.code));
-    }
-    // A corrupt reply is not retried: the same task would write the same garbage.
-    charge(slice(chunk, at, at + 1), failure, death != Death::corrupt, requeue);
+    std::exception_ptr failure =
+        death == Death::timed_out
+            ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
+            : std::make_exception_ptr(WorkerCrashed(index, w.pid, status.signal, status.code));
+    charge(slice(chunk, at, at + 1), failure, requeue);
     if (at + 1 < chunk.count) requeue.push_back(slice(chunk, at + 1, chunk.count));
-    charged = true;
-  }
-  if (!charged && death == Death::corrupt && !w.inflight.empty()) {
-    // Garbage between tasks: the oldest unanswered chunk gets the error.
-    Chunk& front = requeue.front();
-    finish_chunk(front, ChunkDone{front.first, front.count, Buffer{}, corrupt});
-    requeue.pop_front();
     charged = true;
   }
   if (!charged && !stopping_ && ++deaths_without_progress_ > 2 * config_.processes + 2) {

@@ -70,6 +70,13 @@ class ProtocolError : public Error {
   using Error::Error;
 };
 
+/// Ctrl-C (SIGINT) arrived during a call and the program handles SIGINT
+/// itself: the call's workers were stopped and reaped (a Pool's workers too).
+class Interrupted : public Error {
+ public:
+  using Error::Error;
+};
+
 /// Work was given to a `Pool` after `close()` or `terminate()`.
 class PoolClosed : public Error {
  public:

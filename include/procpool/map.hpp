@@ -53,13 +53,11 @@ inline unsigned process_count(const Options& options, std::optional<std::size_t>
 }
 
 /// One fork-per-call run: owns the function, the input view, the workers.
-template <class F, class View, bool Ordered>
-class ForkCall final
-    : public ResultSource<std::conditional_t<Ordered, typename fork_call_types<F, View>::Out,
-                                             Indexed<typename fork_call_types<F, View>::Out>>> {
+template <class F, class View, Delivery D>
+class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_types<F, View>::Out>> {
   using Types = fork_call_types<F, View>;
   using Out = typename Types::Out;
-  using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+  using Value = delivered_t<D, Out>;
   static constexpr bool from_memory = read_from_memory_v<View>;
   using Runner = std::conditional_t<from_memory, IndexRunner<F, View, Out>,
                                     StreamRunner<F, typename Types::Item, Out>>;
@@ -73,21 +71,10 @@ class ForkCall final
         runner_(make_runner()),
         engine_(engine_config(options, process_count(options, input_count()), false),
                 [this] { return std::make_unique<SingleCallLogic>(runner_); }),
-        driver_(engine_, mutex_, Buffer{}, Feed(view_), options, Ordered, StopMode::kill_workers) {}
+        driver_(engine_, mutex_, Buffer{}, Feed(view_), options, D != Delivery::unordered,
+                StopMode::kill_workers) {}
 
-  std::optional<Value> next() override {
-    auto outcome = driver_.next();
-    if (!outcome) return std::nullopt;
-    if (outcome->error) {
-      driver_.stop();  // kills and reaps the workers before the caller sees the error
-      std::rethrow_exception(outcome->error);
-    }
-    if constexpr (Ordered) {
-      return std::move(*outcome->value);
-    } else {
-      return Value{outcome->index, std::move(*outcome->value)};
-    }
-  }
+  std::optional<Value> next() override { return deliver<D, Out>(driver_); }
 
  private:
   Runner make_runner() {
@@ -113,12 +100,11 @@ class ForkCall final
   CallDriver<Out, Feed> driver_;
 };
 
-template <bool Ordered, class F, class R>
+template <Delivery D, class F, class R>
 auto make_fork_results(F&& f, R&& inputs, const Options& options) {
   using View = std::views::all_t<R>;
-  using Call = ForkCall<std::decay_t<F>, View, Ordered>;
-  using Value = std::conditional_t<Ordered, typename fork_call_types<std::decay_t<F>, View>::Out,
-                                   Indexed<typename fork_call_types<std::decay_t<F>, View>::Out>>;
+  using Call = ForkCall<std::decay_t<F>, View, D>;
+  using Value = delivered_t<D, typename fork_call_types<std::decay_t<F>, View>::Out>;
   return Results<Value>(std::make_unique<Call>(std::forward<F>(f),
                                                std::views::all(std::forward<R>(inputs)), options));
 }
@@ -143,7 +129,8 @@ std::vector<T> collect(Results<T> results, const R& inputs) {
 ///       if (sq > 1000) break;  // the workers are stopped and reaped here
 template <class F, std::ranges::input_range R>
 auto imap(F&& f, R&& inputs, const Options& options = {}) {
-  return detail::make_fork_results<true>(std::forward<F>(f), std::forward<R>(inputs), options);
+  return detail::make_fork_results<detail::Delivery::ordered>(std::forward<F>(f),
+                                                              std::forward<R>(inputs), options);
 }
 
 /// Like imap, but yields `Indexed{index, value}` as soon as each result is done.
@@ -151,7 +138,8 @@ auto imap(F&& f, R&& inputs, const Options& options = {}) {
 ///     for (auto [index, value] : procpool::imap_unordered(f, inputs)) out[index] = value;
 template <class F, std::ranges::input_range R>
 auto imap_unordered(F&& f, R&& inputs, const Options& options = {}) {
-  return detail::make_fork_results<false>(std::forward<F>(f), std::forward<R>(inputs), options);
+  return detail::make_fork_results<detail::Delivery::unordered>(std::forward<F>(f),
+                                                                std::forward<R>(inputs), options);
 }
 
 /// Applies `f` to every input in worker processes; results in input order.
@@ -163,6 +151,23 @@ auto imap_unordered(F&& f, R&& inputs, const Options& options = {}) {
 template <class F, std::ranges::input_range R>
 auto map(F&& f, R&& inputs, const Options& options = {}) {
   return detail::collect(imap(std::forward<F>(f), inputs, options), inputs);
+}
+
+/// Like imap, but never throws for a failed input: yields every input's
+/// Outcome (value or error) in input order, and the call goes on after failures.
+template <class F, std::ranges::input_range R>
+auto imap_outcomes(F&& f, R&& inputs, const Options& options = {}) {
+  return detail::make_fork_results<detail::Delivery::outcomes>(std::forward<F>(f),
+                                                               std::forward<R>(inputs), options);
+}
+
+/// Every input's Outcome, in input order: one bad input loses nothing else.
+///
+///     auto outcomes = procpool::map_outcomes(parse, lines, {.retries = 2});
+///     for (auto& o : outcomes) if (!o.ok()) std::cerr << o.what() << '\n';
+template <class F, std::ranges::input_range R>
+auto map_outcomes(F&& f, R&& inputs, const Options& options = {}) {
+  return detail::collect(imap_outcomes(std::forward<F>(f), inputs, options), inputs);
 }
 
 /// map for functions of several arguments: each input is a tuple (or pair) unpacked into `f`.

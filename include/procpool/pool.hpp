@@ -180,9 +180,9 @@ std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
 }
 
 /// A Pool call's results as a lazy range; holds the pool core alive.
-template <class Out, class Item, bool Ordered>
-class PoolCall final : public ResultSource<std::conditional_t<Ordered, Out, Indexed<Out>>> {
-  using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+template <class Out, class Item, Delivery D>
+class PoolCall final : public ResultSource<delivered_t<D, Out>> {
+  using Value = delivered_t<D, Out>;
   using Items = std::vector<Item>;
 
  public:
@@ -190,23 +190,11 @@ class PoolCall final : public ResultSource<std::conditional_t<Ordered, Out, Inde
       : core_(std::move(core)),
         items_(std::move(owned)),
         driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<Items, Item>(*items_),
-                core_->options, Ordered, StopMode::close_call) {
+                core_->options, D != Delivery::unordered, StopMode::close_call) {
     driver_.start();  // a submitted task starts running before anyone waits for it
   }
 
-  std::optional<Value> next() override {
-    auto outcome = driver_.next();
-    if (!outcome) return std::nullopt;
-    if (outcome->error) {
-      driver_.stop();
-      std::rethrow_exception(outcome->error);
-    }
-    if constexpr (Ordered) {
-      return std::move(*outcome->value);
-    } else {
-      return Value{outcome->index, std::move(*outcome->value)};
-    }
-  }
+  std::optional<Value> next() override { return deliver<D, Out>(driver_); }
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
     return driver_.wait_until(deadline);
   }
@@ -218,30 +206,18 @@ class PoolCall final : public ResultSource<std::conditional_t<Ordered, Out, Inde
 };
 
 /// A Pool call over a lazy (possibly endless) input range.
-template <class Out, class View, class Item, bool Ordered>
-class PoolStreamCall final : public ResultSource<std::conditional_t<Ordered, Out, Indexed<Out>>> {
-  using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+template <class Out, class View, class Item, Delivery D>
+class PoolStreamCall final : public ResultSource<delivered_t<D, Out>> {
+  using Value = delivered_t<D, Out>;
 
  public:
   PoolStreamCall(std::shared_ptr<PoolCore> core, Buffer setup, View view)
       : core_(std::move(core)),
         view_(std::move(view)),
         driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<View, Item>(view_),
-                core_->options, Ordered, StopMode::close_call) {}
+                core_->options, D != Delivery::unordered, StopMode::close_call) {}
 
-  std::optional<Value> next() override {
-    auto outcome = driver_.next();
-    if (!outcome) return std::nullopt;
-    if (outcome->error) {
-      driver_.stop();
-      std::rethrow_exception(outcome->error);
-    }
-    if constexpr (Ordered) {
-      return std::move(*outcome->value);
-    } else {
-      return Value{outcome->index, std::move(*outcome->value)};
-    }
-  }
+  std::optional<Value> next() override { return deliver<D, Out>(driver_); }
 
  private:
   std::shared_ptr<PoolCore> core_;
@@ -344,13 +320,30 @@ class Pool {
   /// Lazy, in input order; the input range is consumed as results are taken.
   template <class F, std::ranges::input_range R, class... Extra>
   auto imap(F f, R&& inputs, const Extra&... extra) {
-    return make_results<true>(f, std::forward<R>(inputs), extra...);
+    return make_results<detail::Delivery::ordered>(f, std::forward<R>(inputs), extra...);
   }
 
   /// Lazy, in completion order, as `Indexed{index, value}`.
   template <class F, std::ranges::input_range R, class... Extra>
   auto imap_unordered(F f, R&& inputs, const Extra&... extra) {
-    return make_results<false>(f, std::forward<R>(inputs), extra...);
+    return make_results<detail::Delivery::unordered>(f, std::forward<R>(inputs), extra...);
+  }
+
+  /// Every input's Outcome in input order; failures do not stop the call.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto map_outcomes(F f, R&& inputs, const Extra&... extra) {
+    using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
+    std::vector<Outcome<Out>> out;
+    for (auto& outcome : imap_outcomes(f, std::forward<R>(inputs), extra...)) {
+      out.push_back(std::move(outcome));
+    }
+    return out;
+  }
+
+  /// Lazy map_outcomes.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap_outcomes(F f, R&& inputs, const Extra&... extra) {
+    return make_results<detail::Delivery::outcomes>(f, std::forward<R>(inputs), extra...);
   }
 
   /// map over tuples unpacked into `f`.
@@ -371,10 +364,11 @@ class Pool {
                                  typename Types::Out>;
     auto items = std::make_unique<std::vector<Item>>();
     items->emplace_back(std::forward<Args>(args)...);
-    auto call = std::make_unique<detail::PoolCall<typename Types::Out, Item, true>>(
-        core_, make_setup<Star, Item>(Star{f}), std::move(items));
-    using Adapter =
-        typename Future<R>::template Adapter<detail::PoolCall<typename Types::Out, Item, true>>;
+    auto call =
+        std::make_unique<detail::PoolCall<typename Types::Out, Item, detail::Delivery::ordered>>(
+            core_, make_setup<Star, Item>(Star{f}), std::move(items));
+    using Adapter = typename Future<R>::template Adapter<
+        detail::PoolCall<typename Types::Out, Item, detail::Delivery::ordered>>;
     return Future<R>(std::make_unique<Adapter>(std::move(call)));
   }
 
@@ -416,15 +410,15 @@ class Pool {
     return setup;
   }
 
-  template <bool Ordered, class F, class R, class... Extra>
+  template <detail::Delivery D, class F, class R, class... Extra>
   auto make_results(F f, R&& inputs, const Extra&... extra) {
     if constexpr (!detail::is_star_apply_v<F>) detail::check_pool_callable<F>();
     using Item = std::ranges::range_value_t<R>;
     using Out = typename detail::pool_call_types<F, Item, Extra...>::Out;
-    using Value = std::conditional_t<Ordered, Out, Indexed<Out>>;
+    using Value = detail::delivered_t<D, Out>;
     using View = std::views::all_t<R>;
     detail::Buffer setup = make_setup<F, Item>(f, extra...);
-    return Results<Value>(std::make_unique<detail::PoolStreamCall<Out, View, Item, Ordered>>(
+    return Results<Value>(std::make_unique<detail::PoolStreamCall<Out, View, Item, D>>(
         core_, std::move(setup), std::views::all(std::forward<R>(inputs))));
   }
 

@@ -2,12 +2,49 @@
 #pragma once
 
 #include <cstddef>
+#include <exception>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <string>
 
 namespace procpool {
+
+/// One input's outcome from `map_outcomes` / `imap_outcomes`: its value, or
+/// the error that stopped it (TaskError, WorkerCrashed, TaskTimeout, ...).
+/// One bad input among a million costs that input only.
+///
+///     for (auto& o : procpool::map_outcomes(parse, lines))
+///       if (!o.ok()) log(o.index, o.what());
+template <class T>
+struct Outcome {
+  std::size_t index = 0;
+  std::optional<T> value;    // set when the task succeeded
+  std::exception_ptr error;  // set when it failed
+
+  bool ok() const noexcept { return !error; }
+  /// The value; rethrows the task's error if it failed.
+  T& get() {
+    if (error) std::rethrow_exception(error);
+    return *value;
+  }
+  /// The error's message, or "" for a success.
+  std::string what() const {
+    if (!error) return {};
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      return e.what();
+    } catch (...) {
+      return "unknown error";
+    }
+  }
+};
+
 namespace detail {
+
+/// How a call hands results to the caller.
+enum class Delivery { ordered, unordered, outcomes };
 
 /// Produces a call's results one at a time; throws the first failure.
 template <class T>

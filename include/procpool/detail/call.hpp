@@ -18,8 +18,10 @@
 #include <utility>
 
 #include "procpool/detail/engine.hpp"
+#include "procpool/detail/interrupt.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/options.hpp"
+#include "procpool/results.hpp"
 #include "procpool/serialize.hpp"
 
 namespace procpool {
@@ -41,13 +43,10 @@ struct Empty {};
 template <class R>
 using stored_t = std::conditional_t<std::is_void_v<R>, Empty, R>;
 
-/// One task's outcome on the caller's side: its value or its error.
-template <class Out>
-struct Outcome {
-  std::size_t index = 0;
-  std::optional<Out> value;
-  std::exception_ptr error;
-};
+template <Delivery D, class Out>
+using delivered_t =
+    std::conditional_t<D == Delivery::ordered, Out,
+                       std::conditional_t<D == Delivery::unordered, Indexed<Out>, Outcome<Out>>>;
 
 /// Calls `f(args...)`, returning Empty for a void function.
 template <class F, class... Args>
@@ -151,6 +150,27 @@ class StreamFeed {
   std::uint64_t next_ = 0;
 };
 
+/// Takes the next outcome from `driver` in the shape `D` asks for. Except for
+/// outcomes, the first failure stops the call and is thrown.
+template <Delivery D, class Out, class Driver>
+std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
+  auto outcome = driver.next();
+  if (!outcome) return std::nullopt;
+  if constexpr (D == Delivery::outcomes) {
+    return std::move(*outcome);
+  } else {
+    if (outcome->error) {
+      driver.stop();  // fork per call: kills and reaps the workers before the caller sees it
+      std::rethrow_exception(outcome->error);
+    }
+    if constexpr (D == Delivery::ordered) {
+      return std::move(*outcome->value);
+    } else {
+      return Indexed<Out>{outcome->index, std::move(*outcome->value)};
+    }
+  }
+}
+
 /// What to do with the workers when a call stops early (an error, or the
 /// caller dropped a lazy range): kill them (fork per call) or leave them to
 /// serve other calls (a Pool).
@@ -221,6 +241,14 @@ class CallDriver {
     fill();
     engine_.pump(lock, timeout);
     collect();
+    if (interrupt_.interrupted()) {
+      // The program handles Ctrl-C: stop every worker now, then let it know.
+      engine_.kill_workers(std::make_exception_ptr(
+          PoolClosed("procpool: the pool's workers were stopped by Ctrl-C (SIGINT)")));
+      engine_.close_call(call_);
+      stopped_ = true;
+      throw Interrupted("procpool: interrupted by Ctrl-C (SIGINT); the workers were stopped");
+    }
   }
 
   std::size_t chunk_size() {
@@ -294,6 +322,7 @@ class CallDriver {
 
   Engine& engine_;
   std::mutex& mutex_;
+  InterruptWatch interrupt_;
   std::uint64_t call_ = 0;
   Feed feed_;
   Options options_;

@@ -138,7 +138,7 @@ class Engine {
   bool receive(Worker& w);
   bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload);
   void retire(Worker& w, Death death, std::exception_ptr corrupt = nullptr);
-  void charge(Chunk task, std::exception_ptr failure, bool retryable, std::deque<Chunk>& requeue);
+  void charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue);
   void requeue_front(std::deque<Chunk>& chunks);
   void finish_chunk(const Chunk& chunk, ChunkDone done);
   void run_in_process();

@@ -1,0 +1,26 @@
+// Noticing Ctrl-C while a call runs, without taking SIGINT away from the program.
+#pragma once
+
+#include <cstdint>
+
+namespace procpool::detail {
+
+/// While one exists, SIGINT goes through a handler that counts it and then
+/// does what the program had set up: the default action (the program ends, as
+/// Ctrl-C would: the workers die with it), the program's own handler (and the
+/// running call then throws Interrupted), or nothing if it was ignored.
+class InterruptWatch {
+ public:
+  InterruptWatch();
+  ~InterruptWatch();
+  InterruptWatch(const InterruptWatch&) = delete;
+  InterruptWatch& operator=(const InterruptWatch&) = delete;
+
+  /// Whether a SIGINT arrived since this watch began.
+  bool interrupted() const noexcept;
+
+ private:
+  std::uint64_t start_count_;
+};
+
+}  // namespace procpool::detail

@@ -1,0 +1,60 @@
+#include "procpool/detail/interrupt.hpp"
+
+#include <atomic>
+#include <csignal>
+#include <mutex>
+
+namespace procpool::detail {
+namespace {
+
+std::atomic<std::uint64_t> sigint_count{0};
+struct sigaction previous_action;  // what the program had, restored when the last watch ends
+std::mutex install_mutex;
+int watches = 0;
+
+void on_sigint(int signal, siginfo_t* info, void* context) {
+  const struct sigaction& previous = previous_action;
+  if (previous.sa_flags & SA_SIGINFO) {
+    sigint_count.fetch_add(1);
+    if (previous.sa_sigaction) previous.sa_sigaction(signal, info, context);
+  } else if (previous.sa_handler == SIG_IGN) {
+    // The program ignores Ctrl-C; so do we.
+  } else if (previous.sa_handler == SIG_DFL) {
+    // End as Ctrl-C would: SIGINT is blocked inside this handler, so the
+    // re-raised signal is delivered, with the default action, when it returns.
+    ::sigaction(SIGINT, &previous, nullptr);
+    ::raise(SIGINT);
+  } else {
+    sigint_count.fetch_add(1);
+    previous.sa_handler(signal);
+  }
+}
+
+}  // namespace
+
+InterruptWatch::InterruptWatch() : start_count_(sigint_count.load()) {
+  std::lock_guard lock(install_mutex);
+  if (watches++ != 0) return;
+  struct sigaction ours {};
+  ours.sa_sigaction = &on_sigint;
+  ours.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&ours.sa_mask);
+  ::sigaction(SIGINT, &ours, &previous_action);
+}
+
+InterruptWatch::~InterruptWatch() {
+  std::lock_guard lock(install_mutex);
+  if (--watches != 0) return;
+  struct sigaction current {};
+  ::sigaction(SIGINT, nullptr, &current);
+  // Put the program's handler back, unless it installed another one meanwhile.
+  if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == &on_sigint) {
+    ::sigaction(SIGINT, &previous_action, nullptr);
+  }
+}
+
+bool InterruptWatch::interrupted() const noexcept {
+  return sigint_count.load() != start_count_;
+}
+
+}  // namespace procpool::detail
