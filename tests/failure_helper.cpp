@@ -1,0 +1,67 @@
+// A program the failure tests run as a separate process, to hit it with
+// Ctrl-C or kill it outright. Prints "ready" once its workers are busy.
+//
+//   failure_helper sigint-default   long map; SIGINT ends the program
+//   failure_helper sigint-handled   long map; the program handles SIGINT; exits 3 on Interrupted
+//   failure_helper pool-busy        a Pool built by a thread that has ended, running long tasks
+#include <procpool/procpool.hpp>
+
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace {
+
+volatile std::sig_atomic_t got_sigint = 0;
+
+int slow_task(int x) {
+  if (x < 2) {
+    std::printf("ready\n");
+    std::fflush(stdout);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  return x;
+}
+
+int long_map() {
+  std::vector<int> inputs(1000);
+  for (int i = 0; i < 1000; ++i)
+    inputs[static_cast<std::size_t>(i)] = i;
+  procpool::map(slow_task, inputs, {.processes = 2, .chunksize = 1});
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) return 2;
+  const char* mode = argv[1];
+  if (std::strcmp(mode, "sigint-default") == 0) return long_map();
+  if (std::strcmp(mode, "sigint-handled") == 0) {
+    std::signal(SIGINT, [](int) { got_sigint = 1; });
+    try {
+      long_map();
+    } catch (const procpool::Interrupted& e) {
+      std::printf("interrupted: %s\n", e.what());
+      return got_sigint ? 3 : 4;
+    }
+    return 0;
+  }
+  if (std::strcmp(mode, "pool-busy") == 0) {
+    std::unique_ptr<procpool::Pool> pool;
+    std::thread([&pool] {
+      pool = std::make_unique<procpool::Pool>(procpool::Options{.processes = 2});
+    }).join();  // the thread that built the pool has ended: its workers must live on
+    std::vector<int> inputs(1000);
+    for (int i = 0; i < 1000; ++i)
+      inputs[static_cast<std::size_t>(i)] = i;
+    pool->map(slow_task, inputs);
+    return 0;
+  }
+  return 2;
+}

@@ -1,0 +1,431 @@
+// Workers that fail: crashes, hangs, leaks, garbage, Ctrl-C and a dying parent.
+#include <gtest/gtest.h>
+#include <procpool/procpool.hpp>
+
+#include <dirent.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <map>
+#include <numeric>
+#include <random>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "helpers.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+std::vector<int> iota(int n) {
+  std::vector<int> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
+
+/// Memory that the parent and every worker share: to count attempts across processes.
+template <class T>
+class Shared {
+ public:
+  explicit Shared(std::size_t n = 1) : n_(n) {
+    void* p =
+        ::mmap(nullptr, sizeof(T) * n, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    data_ = static_cast<T*>(p);
+    for (std::size_t i = 0; i < n; ++i)
+      new (&data_[i]) T();
+  }
+  ~Shared() { ::munmap(data_, sizeof(T) * n_); }
+  T& operator[](std::size_t i) const { return data_[i]; }
+
+ private:
+  std::size_t n_;
+  T* data_;
+};
+
+TEST(Timeout, HangingTaskIsStoppedWithinTheLimitPlus100ms) {
+  Shared<std::atomic<std::int64_t>> hang_started;
+  const auto limit = milliseconds(300);
+  try {
+    procpool::map(
+        [&](int x) {
+          if (x == 3) {
+            hang_started[0] = Clock::now().time_since_epoch().count();
+            std::this_thread::sleep_for(std::chrono::seconds(30));
+          }
+          return x;
+        },
+        iota(8), {.processes = 2, .chunksize = 1, .task_timeout = limit});
+    FAIL() << "no exception";
+  } catch (const procpool::TaskTimeout& e) {
+    const auto caught = Clock::now().time_since_epoch().count();
+    const auto waited = std::chrono::nanoseconds(caught - hang_started[0].load());
+    EXPECT_EQ(e.index(), 3u);
+    EXPECT_EQ(e.limit(), limit);
+    EXPECT_LT(waited, limit + milliseconds(100))
+        << "stopped after " << std::chrono::duration<double>(waited).count();
+    EXPECT_GE(waited, limit);
+  }
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+TEST(Timeout, OnlyTheHangingInputFailsEvenInsideABigChunk) {
+  auto outcomes = procpool::map_outcomes(
+      [](int x) {
+        if (x == 123) std::this_thread::sleep_for(std::chrono::seconds(30));
+        return x * 2;
+      },
+      iota(400), {.processes = 2, .chunksize = 50, .task_timeout = milliseconds(200)});
+  ASSERT_EQ(outcomes.size(), 400u);
+  for (std::size_t i = 0; i < outcomes.size(); ++i) {
+    EXPECT_EQ(outcomes[i].index, i);
+    if (i == 123) {
+      EXPECT_FALSE(outcomes[i].ok());
+      EXPECT_THROW(std::rethrow_exception(outcomes[i].error), procpool::TaskTimeout);
+    } else {
+      ASSERT_TRUE(outcomes[i].ok()) << i << ": " << outcomes[i].what();
+      EXPECT_EQ(outcomes[i].get(), static_cast<int>(i) * 2);
+    }
+  }
+}
+
+TEST(Retries, ATaskThatCrashedIsRunAgainOnAFreshWorker) {
+  Shared<std::atomic<int>> attempts(10);
+  auto results = procpool::map(
+      [&](int x) {
+        if (attempts[static_cast<std::size_t>(x)]++ == 0 && x % 3 == 0) ::raise(SIGKILL);
+        return ::getpid();
+      },
+      iota(10), {.processes = 2, .retries = 1});
+  // Crashing tasks ran again. Others may also have run twice: a finished task
+  // whose reply was still in the dead worker's buffer is re-run, uncharged.
+  for (int x = 0; x < 10; ++x) {
+    EXPECT_GE(attempts[static_cast<std::size_t>(x)].load(), x % 3 == 0 ? 2 : 1) << x;
+  }
+  ASSERT_EQ(results.size(), 10u);
+  for (pid_t p : results)
+    EXPECT_NE(p, ::getpid());
+}
+
+TEST(Retries, ExhaustedRetriesFailWithWorkerCrashed) {
+  Shared<std::atomic<int>> attempts;
+  try {
+    procpool::map(
+        [&](int x) {
+          if (x == 4) {
+            ++attempts[0];
+            ::raise(SIGSEGV);
+          }
+          return x;
+        },
+        iota(6), {.processes = 2, .retries = 2});
+    FAIL() << "no exception";
+  } catch (const procpool::WorkerCrashed& e) {
+    EXPECT_EQ(e.index(), 4u);
+    EXPECT_EQ(attempts[0].load(), 3) << "one run and two retries";
+  }
+}
+
+TEST(Retries, ATimedOutTaskIsRetried) {
+  Shared<std::atomic<int>> attempts;
+  auto out = procpool::map(
+      [&](int x) {
+        if (x == 1 && attempts[0]++ == 0) std::this_thread::sleep_for(std::chrono::seconds(30));
+        return x;
+      },
+      iota(3), {.processes = 2, .retries = 1, .task_timeout = milliseconds(200)});
+  EXPECT_EQ(out, iota(3));
+  EXPECT_EQ(attempts[0].load(), 2);
+}
+
+TEST(Recycling, WorkersAreReplacedAfterMaxTasksWithNothingLost) {
+  // chunksize 7 does not divide 10: the boundary falls inside chunks.
+  auto pids = procpool::map([](int) { return ::getpid(); }, iota(200),
+                            {.processes = 2, .chunksize = 7, .max_tasks_per_child = 10});
+  ASSERT_EQ(pids.size(), 200u);
+  std::map<pid_t, int> per_worker;
+  for (pid_t p : pids)
+    ++per_worker[p];
+  for (auto [pid, n] : per_worker)
+    EXPECT_LE(n, 10) << "worker " << pid << " ran " << n;
+  EXPECT_GE(per_worker.size(), 20u);
+}
+
+TEST(Recycling, PoolWorkersAreRecycledToo) {
+  procpool::Pool pool({.processes = 2, .max_tasks_per_child = 5});
+  auto pids = pool.map([](int) { return ::getpid(); }, iota(50));
+  std::map<pid_t, int> per_worker;
+  for (pid_t p : pids)
+    ++per_worker[p];
+  for (auto [pid, n] : per_worker)
+    EXPECT_LE(n, 5);
+  EXPECT_EQ(pool.map([](int x) { return x; }, iota(20)), iota(20));
+}
+
+TEST(Outcomes, OneBadInputLosesNothingElse) {
+  auto outcomes = procpool::map_outcomes(
+      [](int x) {
+        if (x == 10 || x == 500) throw std::domain_error("bad " + std::to_string(x));
+        if (x == 700) ::raise(SIGKILL);
+        return x + 1;
+      },
+      iota(1000), {.processes = 2});
+  ASSERT_EQ(outcomes.size(), 1000u);
+  for (int x = 0; x < 1000; ++x) {
+    auto& o = outcomes[static_cast<std::size_t>(x)];
+    if (x == 10 || x == 500) {
+      EXPECT_EQ(o.what(), "procpool: task " + std::to_string(x) + " threw std::domain_error: bad " +
+                              std::to_string(x));
+    } else if (x == 700) {
+      EXPECT_THROW(o.get(), procpool::WorkerCrashed);
+    } else {
+      ASSERT_TRUE(o.ok()) << x << ": " << o.what();
+      EXPECT_EQ(*o.value, x + 1);
+    }
+  }
+}
+
+TEST(Outcomes, PoolMapOutcomes) {
+  procpool::Pool pool({.processes = 2});
+  auto outcomes = pool.map_outcomes(
+      [](int x) {
+        if (x == 2) throw std::runtime_error("two");
+        return x;
+      },
+      iota(5));
+  EXPECT_TRUE(outcomes[1].ok());
+  EXPECT_FALSE(outcomes[2].ok());
+  EXPECT_EQ(outcomes[4].get(), 4);
+}
+
+TEST(FaultInjection, OnePercentOfTasksKillTheirWorkerAndEveryResultIsStillRight) {
+  const int n = 100000;
+  const auto start = Clock::now();
+  auto results = procpool::map(
+      [](int x) {
+        thread_local std::mt19937 rng(std::random_device{}());
+        if (std::uniform_int_distribution<int>(0, 99)(rng) == 0) ::raise(SIGKILL);
+        return x * 7;
+      },
+      iota(n), {.processes = 2, .chunksize = 1, .retries = 3});
+  ASSERT_EQ(results.size(), static_cast<std::size_t>(n));
+  for (int x = 0; x < n; ++x)
+    ASSERT_EQ(results[static_cast<std::size_t>(x)], x * 7) << x;
+  std::printf("100k tasks with 1%% crashes: %.2f s\n",
+              std::chrono::duration<double>(Clock::now() - start).count());
+}
+
+TEST(FaultInjection, WorkersKilledFromOutsideDuringImap) {
+  std::atomic<bool> done{false};
+  std::atomic<int> kills{0};
+  std::thread killer([&] {
+    std::mt19937 rng(7);
+    while (!done) {
+      std::this_thread::sleep_for(milliseconds(15));
+      auto kids = test_helpers::children();
+      if (kids.empty()) continue;
+      ::kill(kids[rng() % kids.size()].pid, SIGKILL);
+      ++kills;
+    }
+  });
+  std::vector<long> got;
+  for (long v : procpool::imap(
+           [](long x) {
+             std::this_thread::sleep_for(std::chrono::microseconds(200));
+             return x * x;
+           },
+           std::views::iota(0L, 3000L), {.processes = 2, .retries = 100})) {
+    got.push_back(v);
+  }
+  done = true;
+  killer.join();
+  ASSERT_EQ(got.size(), 3000u);
+  for (long x = 0; x < 3000; ++x)
+    ASSERT_EQ(got[static_cast<std::size_t>(x)], x * x);
+  EXPECT_GT(kills.load(), 5);
+}
+
+/// The socket this worker talks to its parent over.
+int own_socket() {
+  DIR* dir = ::opendir("/proc/self/fd");
+  int found = -1;
+  while (dirent* e = ::readdir(dir)) {
+    int fd = std::atoi(e->d_name);
+    struct stat st {};
+    if (e->d_name[0] != '.' && ::fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode)) found = fd;
+  }
+  ::closedir(dir);
+  return found;
+}
+
+TEST(CorruptReply, GarbageFromAWorkerIsAProtocolErrorAndThePoolGoesOn) {
+  procpool::Pool pool({.processes = 1, .max_inflight = 1});
+  try {
+    pool.map(
+        [](int x) {
+          if (x == 2) {
+            const char garbage[] = "this is not a procpool frame at all........";
+            (void)!::send(own_socket(), garbage, sizeof garbage, MSG_NOSIGNAL);
+          }
+          return x;
+        },
+        iota(5));
+    FAIL() << "no exception";
+  } catch (const procpool::ProtocolError& e) {
+    EXPECT_NE(std::string(e.what()).find("corrupt"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pool.map([](int x) { return x; }, iota(5)), iota(5));
+}
+
+TEST(CorruptReply, AnAbsurdLengthIsRefusedNotAllocated) {
+  try {
+    procpool::map(
+        [](int x) {
+          procpool::detail::FrameHeader bogus;
+          bogus.kind = procpool::detail::FrameKind::result;
+          bogus.size = std::uint64_t{1} << 50;  // a petabyte
+          (void)!::send(own_socket(), &bogus, sizeof bogus, MSG_NOSIGNAL);
+          std::this_thread::sleep_for(milliseconds(100));
+          return x;
+        },
+        iota(1), {.processes = 1});
+    FAIL() << "no exception";
+  } catch (const procpool::ProtocolError&) {
+  }
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+TEST(CorruptReply, AFrameForATaskNotRunningIsRefused) {
+  procpool::Pool pool({.processes = 1, .max_inflight = 1});
+  auto outcomes = pool.map_outcomes(
+      [](int x) {
+        if (x == 1) {
+          procpool::detail::FrameHeader wrong;
+          wrong.kind = procpool::detail::FrameKind::result;
+          wrong.call = 999;
+          wrong.count = 1;
+          wrong.size = 0;
+          (void)!::send(own_socket(), &wrong, sizeof wrong, MSG_NOSIGNAL);
+        }
+        return x;
+      },
+      iota(4));
+  EXPECT_TRUE(outcomes[0].ok());
+  EXPECT_THROW(outcomes[1].get(), procpool::ProtocolError);
+  EXPECT_EQ(outcomes[3].get(), 3);
+}
+
+struct Helper {
+  pid_t pid;
+  int out;  // the helper's stdout
+};
+
+Helper start_helper(const char* mode) {
+  int fds[2];
+  EXPECT_EQ(::pipe(fds), 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);  // its own process group, as a shell job would have
+    ::dup2(fds[1], STDOUT_FILENO);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    ::execl(FAILURE_HELPER, FAILURE_HELPER, mode, nullptr);
+    ::_exit(127);
+  }
+  ::close(fds[1]);
+  return Helper{pid, fds[0]};
+}
+
+/// Waits until the helper printed "ready" (its workers run tasks), returns its workers.
+std::vector<pid_t> wait_ready(const Helper& h) {
+  std::string seen;
+  char c;
+  while (seen.find("ready") == std::string::npos && ::read(h.out, &c, 1) == 1)
+    seen += c;
+  std::vector<pid_t> workers;
+  std::ifstream children("/proc/" + std::to_string(h.pid) + "/task/" + std::to_string(h.pid) +
+                         "/children");
+  for (pid_t p; children >> p;)
+    workers.push_back(p);
+  // Workers forked by another thread of the helper are listed under that thread.
+  DIR* tasks = ::opendir(("/proc/" + std::to_string(h.pid) + "/task").c_str());
+  while (dirent* e = ::readdir(tasks)) {
+    if (e->d_name[0] == '.' || std::to_string(h.pid) == e->d_name) continue;
+    std::ifstream more("/proc/" + std::to_string(h.pid) + "/task/" + e->d_name + "/children");
+    for (pid_t p; more >> p;)
+      workers.push_back(p);
+  }
+  ::closedir(tasks);
+  return workers;
+}
+
+/// Milliseconds until every pid is gone (or 5000 if they are not).
+long ms_until_gone(const std::vector<pid_t>& pids, Clock::time_point since) {
+  while (Clock::now() - since < std::chrono::seconds(5)) {
+    bool any = false;
+    for (pid_t p : pids)
+      any = any || test_helpers::process_alive(p);
+    if (!any) break;
+    std::this_thread::sleep_for(milliseconds(2));
+  }
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - since).count();
+}
+
+TEST(CtrlC, DefaultActionEndsTheProgramAndItsWorkersPromptly) {
+  Helper h = start_helper("sigint-default");
+  auto workers = wait_ready(h);
+  ASSERT_EQ(workers.size(), 2u);
+  const auto sent = Clock::now();
+  ::kill(-h.pid, SIGINT);  // the whole process group, as a terminal's Ctrl-C does
+  int status = 0;
+  ::waitpid(h.pid, &status, 0);
+  const long exited_ms = std::chrono::duration_cast<milliseconds>(Clock::now() - sent).count();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGINT);
+  EXPECT_LT(exited_ms, 1000);
+  const long gone_ms = ms_until_gone(workers, sent);
+  EXPECT_LT(gone_ms, 1000);
+  std::printf("Ctrl-C (default action): program ended after %ld ms, workers gone after %ld ms\n",
+              exited_ms, gone_ms);
+  ::close(h.out);
+}
+
+TEST(CtrlC, ProgramThatHandlesSigintGetsInterruptedAndNoWorkerIsLeft) {
+  Helper h = start_helper("sigint-handled");
+  auto workers = wait_ready(h);
+  ASSERT_EQ(workers.size(), 2u);
+  const auto sent = Clock::now();
+  ::kill(-h.pid, SIGINT);
+  int status = 0;
+  ::waitpid(h.pid, &status, 0);
+  const long exited_ms = std::chrono::duration_cast<milliseconds>(Clock::now() - sent).count();
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 3) << "the call did not throw Interrupted";
+  EXPECT_LT(exited_ms, 1000);
+  for (pid_t p : workers)
+    EXPECT_FALSE(test_helpers::process_alive(p)) << p;
+  std::printf("Ctrl-C (handled): Interrupted thrown and program done after %ld ms\n", exited_ms);
+  ::close(h.out);
+}
+
+TEST(ParentDeath, WorkersExitWithinASecondOfTheParentsSigkill) {
+  Helper h = start_helper("pool-busy");
+  auto workers = wait_ready(h);
+  ASSERT_EQ(workers.size(), 2u) << "the pool's workers died with the thread that created it";
+  const auto sent = Clock::now();
+  ::kill(h.pid, SIGKILL);
+  ::waitpid(h.pid, nullptr, 0);
+  const long gone_ms = ms_until_gone(workers, sent);
+  EXPECT_LT(gone_ms, 1000);
+  std::printf("parent SIGKILLed: workers gone after %ld ms\n", gone_ms);
+  ::close(h.out);
+}
+
+}  // namespace
