@@ -400,8 +400,7 @@ bool Engine::receive(Worker& w) {
     while (w.inbox.size() - w.in_pos >= sizeof(FrameHeader)) {
       FrameHeader header;
       std::memcpy(&header, w.inbox.data() + w.in_pos, sizeof header);
-      if (header.magic != frame_magic || header.kind != FrameKind::result ||
-          header.size > max_payload) {
+      if (!valid_reply_header(header, max_payload)) {
         retire(w, Death::corrupt,
                std::make_exception_ptr(ProtocolError(
                    "procpool: worker " + std::to_string(w.pid) +

@@ -110,6 +110,16 @@ TEST(Serialize, BogusLengthIsRefusedWithoutAllocatingIt) {
   }
 }
 
+TEST(Serialize, BogusLengthInsideACerealTypeIsRefusedToo) {
+  // Found by tests/fuzz/decode_fuzz: cereal's own archive would allocate this length.
+  Buffer buffer;
+  Writer out(buffer);
+  out.put(std::uint64_t{0x4500000001});  // Named::name claims ~300 GB
+  out.put(std::uint64_t{0});
+  Reader in(buffer);
+  EXPECT_THROW(procpool::detail::load_value<Named>(in), procpool::ProtocolError);
+}
+
 TEST(Serialize, RandomBytesNeverCrashTheDecoder) {
   std::mt19937_64 rng(12345);
   for (int round = 0; round < 20000; ++round) {

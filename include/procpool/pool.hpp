@@ -107,19 +107,28 @@ struct first_parameter<F> : first_parameter<decltype(&F::operator())> {};
 template <class F>
 struct first_parameter<StarApply<F>> : first_parameter<F> {};
 
+/// The state type a function takes first, or void when it takes none.
+template <class F, bool Stateless>
+struct state_of {
+  using type = void;
+};
+template <class F>
+struct state_of<F, false> {
+  using type = std::remove_cvref_t<typename first_parameter<F>::type>;
+};
+
+/// What `f(state?, item, extra...)` returns.
+template <bool Stateless, class F, class State, class Item, class... Extra>
+struct pool_result : std::invoke_result<F&, Item&&, const Extra&...> {};
+template <class F, class State, class Item, class... Extra>
+struct pool_result<false, F, State, Item, Extra...>
+    : std::invoke_result<F&, State&, Item&&, const Extra&...> {};
+
 /// How a Pool calls `F` on an `Item` with call-wide `Extra` arguments: with
 /// the worker's state first when F takes one.
 template <class F, class Item, class... Extra>
 struct pool_call_types {
   static constexpr bool stateless = std::is_invocable_v<F&, Item&&, const Extra&...>;
-  template <class G, bool Stateless>
-  struct state_of {
-    using type = void;
-  };
-  template <class G>
-  struct state_of<G, false> {
-    using type = std::remove_cvref_t<typename first_parameter<G>::type>;
-  };
   using State = typename state_of<F, stateless>::type;
   static constexpr bool invocable = [] {
     if constexpr (stateless) {
@@ -131,13 +140,7 @@ struct pool_call_types {
   static_assert(invocable,
                 "procpool::Pool: the function must be callable as f(item, extra...) or, for a "
                 "pool with an initializer, f(State&, item, extra...) with a non-generic State&");
-  using Result = decltype([] {
-    if constexpr (stateless) {
-      return std::type_identity<std::invoke_result_t<F&, Item&&, const Extra&...>>{};
-    } else {
-      return std::type_identity<std::invoke_result_t<F&, State&, Item&&, const Extra&...>>{};
-    }
-  }())::type;
+  using Result = typename pool_result<stateless, F, State, Item, Extra...>::type;
   using Out = stored_t<std::decay_t<Result>>;
 };
 

@@ -48,6 +48,57 @@
 #include "procpool/detail/buffer.hpp"
 #include "procpool/errors.hpp"
 
+namespace procpool::detail {
+
+/// cereal's binary format, read straight from a Reader, with one difference:
+/// a container or string length larger than the bytes left is refused with
+/// ProtocolError instead of being allocated (cereal's own archive trusts it).
+class CheckedInputArchive
+    : public cereal::InputArchive<CheckedInputArchive, cereal::AllowEmptyClassElision> {
+ public:
+  explicit CheckedInputArchive(Reader& in)
+      : cereal::InputArchive<CheckedInputArchive, cereal::AllowEmptyClassElision>(this), in_(in) {}
+  void loadBinary(void* data, std::size_t size) { in_.read(data, size); }
+  void check_length(std::uint64_t length) const {
+    if (length > in_.remaining()) {
+      throw ProtocolError("procpool: corrupt message: a length of " + std::to_string(length) +
+                          " does not fit in the " + std::to_string(in_.remaining()) +
+                          " bytes left");
+    }
+  }
+
+ private:
+  Reader& in_;
+};
+
+template <class T>
+requires std::is_arithmetic_v<T>
+void CEREAL_LOAD_FUNCTION_NAME(CheckedInputArchive& ar, T& t) {
+  ar.loadBinary(std::addressof(t), sizeof(t));
+}
+template <class T>
+void CEREAL_SERIALIZE_FUNCTION_NAME(CheckedInputArchive& ar, cereal::NameValuePair<T>& t) {
+  ar(t.value);
+}
+template <class T>
+void CEREAL_SERIALIZE_FUNCTION_NAME(CheckedInputArchive& ar, cereal::SizeTag<T>& t) {
+  ar(t.size);
+  ar.check_length(static_cast<std::uint64_t>(t.size));
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(CheckedInputArchive& ar, cereal::BinaryData<T>& t) {
+  ar.loadBinary(t.data, static_cast<std::size_t>(t.size));
+}
+
+}  // namespace procpool::detail
+
+namespace cereal::traits::detail {
+template <>
+struct get_output_from_input<procpool::detail::CheckedInputArchive> {
+  using type = cereal::BinaryOutputArchive;
+};
+}  // namespace cereal::traits::detail
+
 namespace procpool {
 namespace detail {
 
@@ -87,7 +138,7 @@ inline constexpr bool is_raw_v =
 template <class T>
 inline constexpr bool is_cereal_v =
     cereal::traits::is_output_serializable<T, cereal::BinaryOutputArchive>::value&&
-        cereal::traits::is_input_serializable<T, cereal::BinaryInputArchive>::value;
+        cereal::traits::is_input_serializable<T, CheckedInputArchive>::value;
 
 /// Strings and vectors of raw values travel as one block of bytes.
 template <class T>
@@ -167,22 +218,6 @@ class WriterStreambuf : public std::streambuf {
 
  private:
   Writer& out_;
-};
-
-class ReaderStreambuf : public std::streambuf {
- public:
-  explicit ReaderStreambuf(Reader& in) : in_(in) {}
-
- protected:
-  std::streamsize xsgetn(char* s, std::streamsize n) override {
-    std::size_t count = std::min(static_cast<std::size_t>(n), in_.remaining());
-    in_.read(s, count);
-    return static_cast<std::streamsize>(count);
-  }
-  int_type underflow() override { return traits_type::eof(); }
-
- private:
-  Reader& in_;
 };
 
 template <class T>
@@ -276,9 +311,7 @@ void load(Reader& in, T& value) {
   } else if constexpr (is_tuple_like<T>::value) {
     load_elements(in, value, std::make_index_sequence<std::tuple_size_v<T>>{});
   } else {
-    ReaderStreambuf buf(in);
-    std::istream stream(&buf);
-    cereal::BinaryInputArchive archive(stream);
+    CheckedInputArchive archive(in);
     try {
       archive(value);
     } catch (const cereal::Exception& e) {

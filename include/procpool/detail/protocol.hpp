@@ -36,6 +36,13 @@ struct FrameHeader {
 };
 static_assert(sizeof(FrameHeader) == 48);
 
+/// Whether a worker's reply header can be trusted enough to read its payload:
+/// a length beyond `max_payload` (physical memory) is garbage, never an allocation.
+inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payload) {
+  return header.magic == frame_magic && header.kind == FrameKind::result &&
+         header.size <= max_payload;
+}
+
 /// Each task's outcome inside a result payload starts with one of these tags.
 enum class OutcomeTag : std::uint8_t { value = 0, error = 1 };
 
