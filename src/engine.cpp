@@ -418,8 +418,11 @@ bool Engine::receive(Worker& w) {
         break;
       }
       const std::byte* payload = w.inbox.data() + w.in_pos + sizeof header;
+      // A big reply usually fills the inbox alone: hand the buffer over instead of copying it.
+      const bool take_inbox = w.in_pos == 0 && whole == w.inbox.size() && whole > receive_size;
       w.in_pos += whole;
-      if (!handle_frame(w, header, payload)) return false;
+      if (!handle_frame(w, header, payload, take_inbox)) return false;
+      if (take_inbox) w.in_pos = 0;
     }
     if (w.in_pos == w.inbox.size()) {
       w.inbox.clear();
@@ -445,7 +448,8 @@ bool Engine::receive(Worker& w) {
   }
 }
 
-bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload) {
+bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload,
+                          bool take_inbox) {
   if (w.inflight.empty() || w.inflight.front().call != header.call ||
       w.inflight.front().first != header.first || w.inflight.front().count != header.count) {
     retire(w, Death::corrupt,
@@ -462,8 +466,13 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
     double& avg = it->second.nanos_per_task;
     avg = avg == 0 ? per_task : (1 - ewma_weight) * avg + ewma_weight * per_task;
   }
-  ChunkDone done{chunk.first, chunk.count, Buffer(header.size), nullptr};
-  std::memcpy(done.payload.data(), payload, header.size);
+  ChunkDone done{chunk.first, chunk.count, Buffer{}, nullptr};
+  if (take_inbox) {
+    done.payload = std::move(w.inbox);
+    done.offset = sizeof header;
+  } else {
+    done.payload.append(payload, header.size);
+  }
   finish_chunk(chunk, std::move(done));
   if (config_.max_tasks_per_child != 0 && w.tasks_sent >= config_.max_tasks_per_child &&
       w.inflight.empty() && w.in_pos == w.inbox.size()) {

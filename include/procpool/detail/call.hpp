@@ -72,7 +72,7 @@ std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
     fail_rest(done.failure);
     return outcomes;
   }
-  Reader in(done.payload);
+  Reader in(done.payload.data() + done.offset, done.payload.size() - done.offset);
   try {
     for (; i < done.count; ++i) {
       Outcome<Out> outcome;

@@ -37,10 +37,11 @@ struct Chunk {
 struct ChunkDone {
   std::uint64_t first = 0;
   std::uint64_t count = 0;
-  /// The encoded outcome of each task (see OutcomeTag) when `failure` is empty.
+  /// The encoded outcome of each task (see OutcomeTag), from `offset` on, when `failure` is empty.
   Buffer payload;
   /// Set when the chunk produced no outcomes: its worker died or replied garbage.
   std::exception_ptr failure;
+  std::size_t offset = 0;
 };
 
 /// How the engine treats failing workers; filled from Options.
@@ -136,7 +137,8 @@ class Engine {
   void dispatch();
   bool flush(Worker& w);
   bool receive(Worker& w);
-  bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload);
+  bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload,
+                    bool take_inbox);
   void retire(Worker& w, Death death, std::exception_ptr corrupt = nullptr);
   void charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue);
   void requeue_front(std::deque<Chunk>& chunks);
