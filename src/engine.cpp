@@ -228,7 +228,7 @@ void Engine::spawn_worker() {
     ::close(sv[0]);
     for (int fd : to_close)
       ::close(fd);
-    prepare_worker_process(parent_pid_);
+    prepare_worker_process(parent_pid_, config_.inner_threads);
     current_worker_slot = slot;
     try {
       std::unique_ptr<WorkerLogic> logic = make_logic_();

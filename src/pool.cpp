@@ -85,9 +85,9 @@ void Pool::start(Options options, const std::type_info* state_type,
   core_ = std::make_shared<detail::PoolCore>();
   core_->options = options;
   core_->state_type = state_type;
-  const unsigned processes = options.processes != 0 ? options.processes : usable_cpu_count();
   core_->engine = std::make_unique<detail::Engine>(
-      detail::engine_config(options, processes, true), [make_state = std::move(make_state)] {
+      detail::engine_config(options, detail::plan_processes(options, std::nullopt), true),
+      [make_state = std::move(make_state)] {
         return std::make_unique<detail::PoolLogic>(make_state);
       });
 }

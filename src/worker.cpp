@@ -10,6 +10,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <string>
 
 namespace procpool::detail {
 namespace {
@@ -101,12 +102,18 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
 
 WorkerSlot* current_worker_slot = nullptr;
 
-void prepare_worker_process(pid_t parent) {
+void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
   std::signal(SIGINT, SIG_IGN);
   __fpurge(stdout);
   __fpurge(stderr);
+  if (inner_threads == 0) return;
+  const std::string value = std::to_string(inner_threads);
+  for (const char* name : {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                           "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"}) {
+    ::setenv(name, value.c_str(), 0);  // 0: what the caller set stays
+  }
 }
 
 void run_worker(int fd, WorkerLogic& logic) {

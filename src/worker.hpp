@@ -9,8 +9,9 @@ namespace procpool::detail {
 
 /// Run in a freshly forked worker before anything else: die with the parent,
 /// leave Ctrl-C to the parent, and drop the parent's unflushed stdio buffers
-/// so they are printed once, by the parent.
-void prepare_worker_process(pid_t parent);
+/// so they are printed once, by the parent. A non-zero `inner_threads` goes
+/// into the usual thread-count variables the caller has not set.
+void prepare_worker_process(pid_t parent, unsigned inner_threads);
 
 /// Serves messages from `fd` until the parent closes it, then exits with _exit
 /// (never exit(): the parent's atexit handlers must not run in a worker).

@@ -46,12 +46,6 @@ struct fork_call_types {
   static_assert(type_cannot_cross_processes<Out>::value);
 };
 
-inline unsigned process_count(const Options& options, std::optional<std::size_t> inputs) {
-  unsigned n = options.processes != 0 ? options.processes : usable_cpu_count();
-  if (inputs && *inputs < n) n = static_cast<unsigned>(std::max<std::size_t>(1, *inputs));
-  return n;
-}
-
 /// One fork-per-call run: owns the function, the input view, the workers.
 template <class F, class View, Delivery D>
 class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_types<F, View>::Out>> {
@@ -69,7 +63,7 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
       : f_(std::move(f)),
         view_(std::move(view)),
         runner_(make_runner()),
-        engine_(engine_config(options, process_count(options, input_count()), false),
+        engine_(engine_config(options, plan_processes(options, input_count()), false),
                 [this] { return std::make_unique<SingleCallLogic>(runner_); }),
         driver_(engine_, mutex_, Buffer{}, Feed(view_), options, D != Delivery::unordered,
                 StopMode::kill_workers) {}

@@ -41,6 +41,15 @@ struct Options {
   /// Replace a worker after it has run this many tasks (for code that leaks);
   /// zero: never.
   std::size_t max_tasks_per_child = 0;
+  /// Print one warning per process (to stderr) when `processes` exceeds the
+  /// usable CPUs, naming what limits them.
+  bool warn_oversubscription = true;
+  /// Start workers with OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS,
+  /// BLIS_NUM_THREADS, VECLIB_MAXIMUM_THREADS and NUMEXPR_NUM_THREADS set to
+  /// max(1, usable CPUs / processes), except those the caller already set, so
+  /// inner thread pools do not oversubscribe the machine. A runtime already
+  /// initialised in the parent before the fork keeps its own setting.
+  bool limit_inner_threads = true;
 };
 
 }  // namespace procpool

@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "procpool/detail/buffer.hpp"
@@ -54,16 +55,29 @@ struct EngineConfig {
   /// Fork from a helper thread that lives as long as the process, so that a
   /// worker's PR_SET_PDEATHSIG never fires because the thread that forked it ended.
   bool fork_from_helper_thread = false;
+  /// Value for the inner thread-count variables in workers; 0 leaves them alone.
+  unsigned inner_threads = 0;
 };
 
-inline EngineConfig engine_config(const Options& options, unsigned processes,
+/// How many workers to start and what inner thread count to give them.
+struct ProcessPlan {
+  unsigned processes = 1;
+  unsigned inner_threads = 0;
+};
+
+/// Resolves Options::processes against the usable CPUs (no more workers than
+/// `inputs`, when known), warning once per process about oversubscription.
+ProcessPlan plan_processes(const Options& options, std::optional<std::size_t> inputs);
+
+inline EngineConfig engine_config(const Options& options, const ProcessPlan& plan,
                                   bool fork_from_helper_thread) {
-  return EngineConfig{processes,
+  return EngineConfig{plan.processes,
                       options.start,
                       options.retries,
                       options.task_timeout,
                       options.max_tasks_per_child,
-                      fork_from_helper_thread};
+                      fork_from_helper_thread,
+                      plan.inner_threads};
 }
 
 /// What happened to the workers so far.
