@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
     }
   }
   const std::size_t vocab_size = 500'000;
-  std::printf("usable CPUs: %u\n", procpool::usable_cpu_count());
+  std::printf("%s\n", procpool::cpu_report().to_string().c_str());
   auto start = std::chrono::steady_clock::now();
   const Vocabulary vocab = build_vocabulary(vocab_size);
   const std::vector<std::string> corpus = build_corpus(words, vocab_size);
