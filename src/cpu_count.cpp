@@ -324,7 +324,7 @@ CpuReport cpu_report(const CpuInputs& in) {
     report.detail = "PROCPOOL_CPUS=" + std::to_string(report.usable);
     return report;
   }
-  // On a tie the most specific explanation wins: Slurm, then the cgroup, then affinity.
+  // On a tie the most telling explanation wins: Slurm, the quota, affinity, the cpuset.
   std::optional<Limit> best;
   std::string by;
   auto consider = [&](const std::optional<Limit>& limit, const char* name) {
@@ -335,10 +335,8 @@ CpuReport cpu_report(const CpuInputs& in) {
   };
   consider(slurm, "Slurm");
   consider(cgroup.quota, "cgroup quota");
-  consider(cgroup.cpuset, "cgroup cpuset");
-  if (report.affinity) {
-    consider(Limit{*report.affinity, "sched_getaffinity"}, "affinity");
-  }
+  if (report.affinity) consider(Limit{*report.affinity, "sched_getaffinity"}, "affinity");
+  consider(cgroup.cpuset, "cgroup cpuset");  // usually mirrored by affinity already
   if (!best) {
     best = Limit{report.online, "online CPUs"};
     by = "online";
