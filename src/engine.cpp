@@ -183,15 +183,20 @@ struct Engine::Worker {
   std::deque<Chunk> inflight;
   WorkerSlot* slot = nullptr;  // shared with the worker: the task it is running
   std::uint64_t tasks_sent = 0;
+  unsigned position = 0;  // which of the `processes` places this worker holds
 };
 
 Engine::Engine(EngineConfig config, LogicFactory make_logic)
     : config_(config), make_logic_(std::move(make_logic)), parent_pid_(::getpid()) {
   config_.processes = std::max(1u, config_.processes);
-  if (config_.start == Start::in_process) return;
+  records_.resize(config_.start == Start::in_process ? 1 : config_.processes);
+  if (config_.start == Start::in_process) {
+    records_[0].pid = parent_pid_;
+    return;
+  }
   try {
     for (unsigned i = 0; i < config_.processes; ++i)
-      spawn_worker();
+      spawn_worker(i);
   } catch (...) {
     kill_workers();
     throw;
@@ -206,7 +211,7 @@ Engine::~Engine() {
   }
 }
 
-void Engine::spawn_worker() {
+void Engine::spawn_worker(unsigned position) {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     throw_errno("cannot create a socket pair for a worker");
@@ -258,6 +263,8 @@ void Engine::spawn_worker() {
   worker->pid = pid;
   worker->fd = sv[0];
   worker->slot = slot;
+  worker->position = position;
+  records_[position].pid = pid;
   for (auto& [id, call] : calls_) {
     if (!call.setup.empty()) send_frame(*worker, FrameKind::setup, id, 0, 0, call.setup);
   }
@@ -461,6 +468,9 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   Chunk chunk = std::move(w.inflight.front());
   w.inflight.pop_front();
   deaths_without_progress_ = 0;
+  records_[w.position].tasks += header.count;
+  records_[w.position].compute_ns += header.nanos;
+  if (header.count != 0) note_slow_task(header.call, header.slowest_index, header.slowest_nanos);
   if (auto it = calls_.find(chunk.call); it != calls_.end() && header.count != 0) {
     const double per_task = static_cast<double>(header.nanos) / static_cast<double>(header.count);
     double& avg = it->second.nanos_per_task;
@@ -494,11 +504,14 @@ void Engine::recycle(Worker& w) {
   ParentSockets::instance().remove(w.fd);
   ::close(w.fd);
   wait_blocking(w.pid);
+  fold_slot(w);
   ::munmap(w.slot, sizeof(WorkerSlot));
   ++events_.recycles;
+  ++records_[w.position].recycles;
+  const unsigned position = w.position;
   const std::uint64_t serial = w.serial;
   std::erase_if(workers_, [serial](const auto& p) { return p->serial == serial; });
-  if (!stopping_) spawn_worker();
+  if (!stopping_) spawn_worker(position);
 }
 
 void Engine::finish_chunk(const Chunk& chunk, ChunkDone done) {
@@ -532,13 +545,17 @@ void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
   const bool was_running = w.slot->running.load(std::memory_order_acquire) != 0;
   const std::uint64_t culprit_call = w.slot->call.load(std::memory_order_relaxed);
   const std::uint64_t culprit = w.slot->index.load(std::memory_order_relaxed);
+  fold_slot(w);
   ::munmap(w.slot, sizeof(WorkerSlot));
+  const unsigned position = w.position;
   switch (death) {
     case Death::died:
       ++events_.crashes;
+      ++records_[position].crashes;
       break;
     case Death::timed_out:
       ++events_.timeouts;
+      ++records_[position].timeouts;
       break;
     case Death::corrupt:
       ++events_.protocol_errors;
@@ -596,7 +613,39 @@ void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
     }
     return;
   }
-  if (!stopping_) spawn_worker();
+  if (!stopping_) spawn_worker(position);
+}
+
+void Engine::fold_slot(const Worker& w) {
+  // The process is gone: keep what it counted. Tasks and compute come from its replies.
+  WorkerRecord& r = records_[w.position];
+  r.serialize_ns += w.slot->serialize_ns.load(std::memory_order_relaxed);
+  r.wait_ns += w.slot->wait_ns.load(std::memory_order_relaxed);
+  r.bytes_in += w.slot->bytes_in.load(std::memory_order_relaxed);
+  r.bytes_out += w.slot->bytes_out.load(std::memory_order_relaxed);
+  r.peak_rss_kb = std::max(r.peak_rss_kb, w.slot->peak_rss_kb.load(std::memory_order_relaxed));
+}
+
+std::vector<WorkerRecord> Engine::worker_records() const {
+  std::vector<WorkerRecord> records = records_;
+  for (const auto& w : workers_) {
+    WorkerRecord& r = records[w->position];
+    r.serialize_ns += w->slot->serialize_ns.load(std::memory_order_relaxed);
+    r.wait_ns += w->slot->wait_ns.load(std::memory_order_relaxed);
+    r.bytes_in += w->slot->bytes_in.load(std::memory_order_relaxed);
+    r.bytes_out += w->slot->bytes_out.load(std::memory_order_relaxed);
+    r.peak_rss_kb = std::max(r.peak_rss_kb, w->slot->peak_rss_kb.load(std::memory_order_relaxed));
+  }
+  return records;
+}
+
+void Engine::note_slow_task(std::uint64_t call, std::uint64_t index, std::uint64_t nanos) {
+  constexpr std::size_t keep = 5;
+  if (slowest_.size() == keep && nanos <= slowest_.back().nanos) return;
+  slowest_.push_back(SlowTask{call, index, nanos});
+  std::sort(slowest_.begin(), slowest_.end(),
+            [](const SlowTask& a, const SlowTask& b) { return a.nanos > b.nanos; });
+  if (slowest_.size() > keep) slowest_.pop_back();
 }
 
 void Engine::enforce_timeouts() {
@@ -708,6 +757,8 @@ void Engine::run_in_process() {
     const double nanos = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                                  std::chrono::steady_clock::now() - start)
                                                  .count());
+    records_[0].tasks += chunk.count;
+    records_[0].compute_ns += static_cast<std::uint64_t>(nanos);
     if (chunk.count != 0) {
       const double per_task = nanos / static_cast<double>(chunk.count);
       call.nanos_per_task = call.nanos_per_task == 0
@@ -737,6 +788,7 @@ void Engine::stop_gracefully() {
     ParentSockets::instance().remove(w->fd);
     ::close(w->fd);
     wait_blocking(w->pid);
+    fold_slot(*w);
     ::munmap(w->slot, sizeof(WorkerSlot));
   }
   workers_.clear();
@@ -751,6 +803,7 @@ void Engine::kill_workers(std::exception_ptr reason) {
     ParentSockets::instance().remove(w->fd);
     ::close(w->fd);
     wait_blocking(w->pid);
+    fold_slot(*w);
     ::munmap(w->slot, sizeof(WorkerSlot));
     if (reason) {
       for (Chunk& c : w->inflight)

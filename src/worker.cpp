@@ -2,6 +2,7 @@
 
 #include <stdio_ext.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -51,7 +52,13 @@ class Channel {
     for (;;) {
       const std::size_t room = std::max(wanted, in_.size() + read_size) - in_.size();
       std::byte* at = in_.grow(room);
+      const std::int64_t waiting_since = steady_now_ns();
       ssize_t n = ::recv(fd_, at, room, 0);
+      if (current_worker_slot) {
+        WorkerSlot::add(current_worker_slot->wait_ns,
+                        static_cast<std::uint64_t>(steady_now_ns() - waiting_since));
+        if (n > 0) WorkerSlot::add(current_worker_slot->bytes_in, static_cast<std::uint64_t>(n));
+      }
       in_.resize(in_.size() - room + (n > 0 ? static_cast<std::size_t>(n) : 0));
       if (n > 0) return true;
       if (n == 0) return false;
@@ -60,6 +67,13 @@ class Channel {
   }
 
   void flush() {
+    if (current_worker_slot && !out_.empty()) {
+      WorkerSlot::add(current_worker_slot->bytes_out, out_.size());
+      rusage usage{};
+      ::getrusage(RUSAGE_SELF, &usage);
+      current_worker_slot->peak_rss_kb.store(static_cast<std::uint64_t>(usage.ru_maxrss),
+                                             std::memory_order_relaxed);
+    }
     std::size_t sent = 0;
     while (sent < out_.size()) {
       ssize_t n = ::send(fd_, out_.data() + sent, out_.size() - sent, MSG_NOSIGNAL);
@@ -83,7 +97,10 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   const std::size_t at = out.size();
   out.grow(sizeof(FrameHeader));
   Writer writer(out);
-  if (current_worker_slot) current_worker_slot->call.store(header.call, std::memory_order_relaxed);
+  if (current_worker_slot) {
+    current_worker_slot->call.store(header.call, std::memory_order_relaxed);
+    current_worker_slot->chunk_slowest_ns.store(0, std::memory_order_relaxed);
+  }
   const auto start = std::chrono::steady_clock::now();
   logic.run(header.call, header.first, header.count, payload, writer);
   const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -95,6 +112,10 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   reply.count = header.count;
   reply.size = out.size() - at - sizeof(FrameHeader);
   reply.nanos = static_cast<std::uint64_t>(nanos.count());
+  if (current_worker_slot) {
+    reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
+    reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
+  }
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
 

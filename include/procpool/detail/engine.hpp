@@ -89,6 +89,27 @@ struct EngineEvents {
   std::uint64_t retried_tasks = 0;
 };
 
+/// What one worker position did, summed over the processes that held it.
+struct WorkerRecord {
+  pid_t pid = 0;  // the current (or last) process
+  std::uint64_t tasks = 0;
+  std::uint64_t compute_ns = 0;
+  std::uint64_t serialize_ns = 0;
+  std::uint64_t wait_ns = 0;
+  std::uint64_t bytes_in = 0;   // to the worker
+  std::uint64_t bytes_out = 0;  // from the worker
+  std::uint64_t peak_rss_kb = 0;
+  unsigned crashes = 0;
+  unsigned timeouts = 0;
+  unsigned recycles = 0;
+};
+
+struct SlowTask {
+  std::uint64_t call = 0;
+  std::uint64_t index = 0;
+  std::uint64_t nanos = 0;
+};
+
 class Engine {
  public:
   /// Builds what a worker does with its messages; called in each worker right
@@ -129,6 +150,17 @@ class Engine {
   void kill_workers(std::exception_ptr reason = nullptr);
 
   unsigned processes() const noexcept { return config_.processes; }
+  /// One record per worker position, live counters included.
+  std::vector<WorkerRecord> worker_records() const;
+  /// The slowest tasks seen, slowest first.
+  const std::vector<SlowTask>& slowest_tasks() const noexcept { return slowest_; }
+  /// Time the callers spent producing and serialising inputs, and decoding results.
+  void add_parent_time(std::uint64_t input_ns, std::uint64_t decode_ns) {
+    parent_input_ns_ += input_ns;
+    parent_decode_ns_ += decode_ns;
+  }
+  std::uint64_t parent_input_ns() const noexcept { return parent_input_ns_; }
+  std::uint64_t parent_decode_ns() const noexcept { return parent_decode_ns_; }
   const EngineEvents& events() const noexcept { return events_; }
   std::vector<pid_t> worker_pids() const;
 
@@ -142,7 +174,9 @@ class Engine {
   };
 
   enum class Death { died, timed_out, corrupt };
-  void spawn_worker();
+  void spawn_worker(unsigned position);
+  void fold_slot(const Worker& w);
+  void note_slow_task(std::uint64_t call, std::uint64_t index, std::uint64_t nanos);
   void recycle(Worker& w);
   void enforce_timeouts();
   std::chrono::milliseconds time_to_next_deadline() const;
@@ -163,6 +197,10 @@ class Engine {
   EngineConfig config_;
   LogicFactory make_logic_;
   EngineEvents events_;
+  std::vector<WorkerRecord> records_;
+  std::vector<SlowTask> slowest_;
+  std::uint64_t parent_input_ns_ = 0;
+  std::uint64_t parent_decode_ns_ = 0;
   std::unique_ptr<WorkerLogic> local_logic_;  // Start::in_process
   std::vector<std::unique_ptr<Worker>> workers_;
   std::deque<Chunk> pending_;

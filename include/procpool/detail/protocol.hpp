@@ -31,10 +31,12 @@ struct FrameHeader {
   std::uint64_t call = 0;
   std::uint64_t first = 0;
   std::uint64_t count = 0;
-  std::uint64_t size = 0;   // payload bytes that follow the header
-  std::uint64_t nanos = 0;  // result only: time the worker spent computing
+  std::uint64_t size = 0;           // payload bytes that follow the header
+  std::uint64_t nanos = 0;          // result only: time the worker spent computing
+  std::uint64_t slowest_index = 0;  // result only: the chunk's slowest task
+  std::uint64_t slowest_nanos = 0;  // and how long it took
 };
-static_assert(sizeof(FrameHeader) == 48);
+static_assert(sizeof(FrameHeader) == 64);
 
 /// Whether a worker's reply header can be trusted enough to read its payload:
 /// a length beyond `max_payload` (physical memory) is garbage, never an allocation.
@@ -57,6 +59,23 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> index{0};
   std::atomic<std::int64_t> started_ns{0};  // steady_clock, the same clock in every process
   std::atomic<std::uint32_t> running{0};
+
+  // Cumulative, written by the worker alone, read by the parent for insights.
+  std::atomic<std::uint64_t> tasks{0};
+  std::atomic<std::uint64_t> compute_ns{0};    // inside the task's function
+  std::atomic<std::uint64_t> serialize_ns{0};  // writing results
+  std::atomic<std::uint64_t> wait_ns{0};       // blocked, waiting for work
+  std::atomic<std::uint64_t> bytes_in{0};
+  std::atomic<std::uint64_t> bytes_out{0};
+  std::atomic<std::uint64_t> peak_rss_kb{0};
+  // The slowest task of the chunk being run.
+  std::atomic<std::uint64_t> chunk_slowest_index{0};
+  std::atomic<std::uint64_t> chunk_slowest_ns{0};
+
+  /// Adds to a counter that only this process writes (no read-modify-write needed).
+  static void add(std::atomic<std::uint64_t>& counter, std::uint64_t amount) {
+    counter.store(counter.load(std::memory_order_relaxed) + amount, std::memory_order_relaxed);
+  }
 };
 
 /// This worker's slot; null in the parent (and under Start::in_process).
@@ -71,20 +90,39 @@ inline std::int64_t steady_now_ns() {
 /// Marks task `index` as running in this worker's slot for the scope.
 class RunningTask {
  public:
-  explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot) {
+  explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot), index_(index) {
     if (!slot_) return;
+    started_ = steady_now_ns();
     slot_->index.store(index, std::memory_order_relaxed);
-    slot_->started_ns.store(steady_now_ns(), std::memory_order_relaxed);
+    slot_->started_ns.store(started_, std::memory_order_relaxed);
     slot_->running.store(1, std::memory_order_release);
   }
+  /// The task's function returned; what follows is serialisation.
+  void computed() {
+    if (slot_) computed_ = steady_now_ns();
+  }
   ~RunningTask() {
-    if (slot_) slot_->running.store(0, std::memory_order_release);
+    if (!slot_) return;
+    const std::int64_t end = steady_now_ns();
+    if (computed_ == 0) computed_ = end;
+    const auto compute = static_cast<std::uint64_t>(computed_ - started_);
+    WorkerSlot::add(slot_->tasks, 1);
+    WorkerSlot::add(slot_->compute_ns, compute);
+    WorkerSlot::add(slot_->serialize_ns, static_cast<std::uint64_t>(end - computed_));
+    if (compute >= slot_->chunk_slowest_ns.load(std::memory_order_relaxed)) {
+      slot_->chunk_slowest_ns.store(compute, std::memory_order_relaxed);
+      slot_->chunk_slowest_index.store(index_, std::memory_order_relaxed);
+    }
+    slot_->running.store(0, std::memory_order_release);
   }
   RunningTask(const RunningTask&) = delete;
   RunningTask& operator=(const RunningTask&) = delete;
 
  private:
   WorkerSlot* slot_;
+  std::uint64_t index_;
+  std::int64_t started_ = 0;
+  std::int64_t computed_ = 0;
 };
 
 /// Runs task `index` and writes its outcome: the value, or the exception it threw.
@@ -96,8 +134,11 @@ void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
   try {
     if constexpr (std::is_empty_v<Out>) {
       std::forward<Fn>(fn)();  // nothing to send for a void task
+      running.computed();
     } else {
-      save(out, static_cast<const Out&>(std::forward<Fn>(fn)()));
+      decltype(auto) value = std::forward<Fn>(fn)();
+      running.computed();
+      save(out, static_cast<const Out&>(value));
     }
   } catch (...) {
     out.truncate(mark);
