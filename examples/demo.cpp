@@ -116,8 +116,10 @@ int main(int argc, char** argv) {
 
   // The workers read `corpus` and `vocab` from the memory they inherit: only ids travel back.
   start = std::chrono::steady_clock::now();
-  auto parallel = procpool::map([&vocab](const std::string& doc) { return tokenize(doc, vocab); },
-                                corpus, {.processes = processes});
+  procpool::Insights insights;
+  auto parallel = procpool::map(
+      [&vocab](const std::string& doc) { return tokenize(doc, vocab); }, corpus,
+      {.processes = processes, .progress = procpool::Progress::automatic, .insights = &insights});
   const double parallel_s = seconds_since(start);
 
   std::size_t unknown = 0;
@@ -131,5 +133,6 @@ int main(int argc, char** argv) {
               processes != 0 ? processes : procpool::usable_cpu_count());
   std::printf("speedup:  %.2fx\n", serial_s / parallel_s);
   std::printf("results identical: %s (%zu unknown words)\n", same ? "yes" : "NO", unknown);
+  std::printf("\n%s", insights.to_string().c_str());
   return same ? 0 : 1;
 }

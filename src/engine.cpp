@@ -17,7 +17,9 @@
 #include <system_error>
 #include <thread>
 
+#include "procpool/cpu_count.hpp"
 #include "procpool/errors.hpp"
+#include "procpool/insights.hpp"
 #include "worker.hpp"
 
 namespace procpool::detail {
@@ -637,6 +639,51 @@ std::vector<WorkerRecord> Engine::worker_records() const {
     r.peak_rss_kb = std::max(r.peak_rss_kb, w->slot->peak_rss_kb.load(std::memory_order_relaxed));
   }
   return records;
+}
+
+Insights Engine::insights(double wall_seconds) const {
+  Insights in;
+  in.wall_seconds = wall_seconds;
+  in.processes = config_.processes;
+  try {
+    const CpuReport report = procpool::cpu_report();
+    in.usable_cpus = report.usable;
+    in.cpu_reason = report.to_string();
+  } catch (const Error&) {
+    in.usable_cpus = 0;  // a malformed PROCPOOL_CPUS was reported when the call started
+  }
+  in.parent_input_seconds = static_cast<double>(parent_input_ns_) * 1e-9;
+  in.parent_decode_seconds = static_cast<double>(parent_decode_ns_) * 1e-9;
+  double compute = 0;
+  const auto records = worker_records();
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const WorkerRecord& r = records[i];
+    WorkerInsights w;
+    w.position = static_cast<unsigned>(i);
+    w.pid = r.pid;
+    w.tasks = r.tasks;
+    w.compute_seconds = static_cast<double>(r.compute_ns) * 1e-9;
+    w.waiting_seconds = static_cast<double>(r.wait_ns) * 1e-9;
+    w.serialize_seconds = static_cast<double>(r.serialize_ns) * 1e-9;
+    w.bytes_received = r.bytes_in;
+    w.bytes_sent = r.bytes_out;
+    w.peak_rss_kb = r.peak_rss_kb;
+    w.crashes = r.crashes;
+    w.timeouts = r.timeouts;
+    w.recycles = r.recycles;
+    in.tasks += r.tasks;
+    compute += w.compute_seconds;
+    in.workers.push_back(w);
+  }
+  if (wall_seconds > 0) {
+    in.efficiency = compute / (wall_seconds * static_cast<double>(config_.processes));
+  }
+  for (const SlowTask& t : slowest_) {
+    in.slowest_tasks.push_back(
+        {static_cast<std::size_t>(t.index), static_cast<double>(t.nanos) * 1e-9});
+  }
+  in.diagnosis = detail::diagnose(in);
+  return in;
 }
 
 void Engine::note_slow_task(std::uint64_t call, std::uint64_t index, std::uint64_t nanos) {

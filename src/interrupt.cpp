@@ -4,10 +4,13 @@
 #include <csignal>
 #include <mutex>
 
+#include <unistd.h>
+
 namespace procpool::detail {
 namespace {
 
 std::atomic<std::uint64_t> sigint_count{0};
+std::atomic<int> open_terminal_lines{0};
 struct sigaction previous_action;  // what the program had, restored when the last watch ends
 std::mutex install_mutex;
 int watches = 0;
@@ -22,6 +25,7 @@ void on_sigint(int signal, siginfo_t* info, void* context) {
   } else if (previous.sa_handler == SIG_DFL) {
     // End as Ctrl-C would: SIGINT is blocked inside this handler, so the
     // re-raised signal is delivered, with the default action, when it returns.
+    if (open_terminal_lines.load() > 0) (void)!::write(STDERR_FILENO, "\n", 1);
     ::sigaction(SIGINT, &previous, nullptr);
     ::raise(SIGINT);
   } else {
@@ -51,6 +55,10 @@ InterruptWatch::~InterruptWatch() {
   if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == &on_sigint) {
     ::sigaction(SIGINT, &previous_action, nullptr);
   }
+}
+
+void set_terminal_line_open(bool open) noexcept {
+  open_terminal_lines += open ? 1 : -1;
 }
 
 bool InterruptWatch::interrupted() const noexcept {

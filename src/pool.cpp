@@ -129,6 +129,12 @@ void Pool::terminate() {
       PoolClosed("procpool: the pool was terminated before this task finished")));
 }
 
+Insights Pool::insights() const {
+  std::lock_guard lock(core_->mutex);
+  return core_->engine->insights(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - core_->started).count());
+}
+
 unsigned Pool::processes() const noexcept {
   return core_->engine->processes();
 }

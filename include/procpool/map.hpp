@@ -66,7 +66,15 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
         engine_(engine_config(options, plan_processes(options, input_count()), false),
                 [this] { return std::make_unique<SingleCallLogic>(runner_); }),
         driver_(engine_, mutex_, Buffer{}, Feed(view_), options, D != Delivery::unordered,
-                StopMode::kill_workers) {}
+                StopMode::kill_workers),
+        insights_(options.insights) {}
+
+  ~ForkCall() override {
+    if (!insights_) return;
+    std::lock_guard lock(mutex_);
+    *insights_ = engine_.insights(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count());
+  }
 
   std::optional<Value> next() override { return deliver<D, Out>(driver_); }
 
@@ -86,12 +94,14 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
     }
   }
 
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   F f_;
   View view_;
   Runner runner_;
   std::mutex mutex_;
   Engine engine_;  // forks the workers: everything above is in their memory
   CallDriver<Out, Feed> driver_;
+  Insights* insights_;
 };
 
 template <Delivery D, class F, class R>

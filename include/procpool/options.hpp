@@ -4,6 +4,9 @@
 #include <chrono>
 #include <cstddef>
 
+#include "procpool/insights.hpp"
+#include "procpool/progress.hpp"
+
 namespace procpool {
 
 /// How a call's workers run.
@@ -50,6 +53,10 @@ struct Options {
   /// inner thread pools do not oversubscribe the machine. A runtime already
   /// initialised in the parent before the fork keeps its own setting.
   bool limit_inner_threads = true;
+  /// Progress display for this call: Progress::off (default), on, automatic, or a callback.
+  Progress progress = Progress::off;
+  /// When set, a fork-per-call function fills it as the call ends (a Pool: Pool::insights()).
+  Insights* insights = nullptr;
 };
 
 }  // namespace procpool

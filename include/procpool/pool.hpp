@@ -53,6 +53,7 @@ struct PoolCore {
   const std::type_info* state_type = nullptr;  // null: the pool has no initializer
   Options options;
   bool closed = false;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 };
 
 template <class F>
@@ -383,6 +384,8 @@ class Pool {
   void terminate();
 
   unsigned processes() const noexcept;
+  /// What the workers did since the pool started, with a diagnosis.
+  Insights insights() const;
   /// Process ids of the current workers (they change when a worker is replaced).
   std::vector<pid_t> worker_pids() const;
 

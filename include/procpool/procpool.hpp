@@ -6,8 +6,10 @@
 
 #include "procpool/cpu_count.hpp"
 #include "procpool/errors.hpp"
+#include "procpool/insights.hpp"
 #include "procpool/map.hpp"
 #include "procpool/options.hpp"
 #include "procpool/pool.hpp"
+#include "procpool/progress.hpp"
 #include "procpool/results.hpp"
 #include "procpool/serialize.hpp"

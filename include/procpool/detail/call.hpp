@@ -21,6 +21,7 @@
 #include "procpool/detail/interrupt.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/options.hpp"
+#include "procpool/progress.hpp"
 #include "procpool/results.hpp"
 #include "procpool/serialize.hpp"
 
@@ -160,7 +161,8 @@ std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
     return std::move(*outcome);
   } else {
     if (outcome->error) {
-      driver.stop();  // fork per call: kills and reaps the workers before the caller sees it
+      driver.stop(
+          "failed");  // fork per call: kills and reaps the workers before the caller sees it
       std::rethrow_exception(outcome->error);
     }
     if constexpr (D == Delivery::ordered) {
@@ -187,7 +189,8 @@ class CallDriver {
         feed_(std::move(feed)),
         options_(options),
         ordered_(ordered),
-        stop_mode_(stop_mode) {
+        stop_mode_(stop_mode),
+        progress_(options.progress, feed_.total()) {
     std::lock_guard lock(mutex_);
     call_ = engine_.open_call(std::move(setup));
   }
@@ -200,7 +203,10 @@ class CallDriver {
     std::unique_lock lock(mutex_);
     for (;;) {
       if (auto outcome = take_ready()) return outcome;
-      if (finished()) return std::nullopt;
+      if (finished()) {
+        progress_.finish("done");
+        return std::nullopt;
+      }
       step(lock, std::chrono::milliseconds(100));
     }
   }
@@ -224,10 +230,11 @@ class CallDriver {
     }
   }
 
-  /// Stops the call early; safe to call more than once.
-  void stop() {
+  /// Stops the call early (`how` ends the progress line); safe to call more than once.
+  void stop(const char* how = "stopped") {
     if (stopped_) return;
     stopped_ = true;
+    progress_.finish(how);
     std::lock_guard lock(mutex_);
     const bool all_done = feed_.done() && in_flight_ == 0;
     if (stop_mode_ == StopMode::kill_workers && !all_done) engine_.kill_workers();
@@ -247,6 +254,7 @@ class CallDriver {
           PoolClosed("procpool: the pool's workers were stopped by Ctrl-C (SIGINT)")));
       engine_.close_call(call_);
       stopped_ = true;
+      progress_.finish("interrupted");
       throw Interrupted("procpool: interrupted by Ctrl-C (SIGINT); the workers were stopped");
     }
   }
@@ -276,7 +284,9 @@ class CallDriver {
               : n * engine_.processes() * (engine_.pipeline_depth(call_, n) + 2);
       if (in_flight_ >= limit) return;
       n = std::min(n, limit - in_flight_);
+      const std::int64_t started = steady_now_ns();
       Chunk chunk = feed_.next(call_, n);
+      engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count == 0) return;
       in_flight_ += static_cast<std::size_t>(chunk.count);
       sent_ += static_cast<std::size_t>(chunk.count);
@@ -287,7 +297,10 @@ class CallDriver {
   void collect() {
     auto& done = engine_.completed(call_);
     while (!done.empty()) {
+      const std::int64_t started = steady_now_ns();
       std::deque<Outcome<Out>> outcomes = decode_chunk<Out>(done.front());
+      engine_.add_parent_time(0, static_cast<std::uint64_t>(steady_now_ns() - started));
+      progress_.advance(outcomes.size());
       const std::uint64_t first = done.front().first;
       done.pop_front();
       if (ordered_) {
@@ -334,6 +347,7 @@ class CallDriver {
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, std::deque<Outcome<Out>>> ready_by_index_;
   std::deque<Outcome<Out>> current_;
+  ProgressReporter progress_;
 };
 
 }  // namespace detail

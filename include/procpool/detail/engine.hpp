@@ -150,6 +150,8 @@ class Engine {
   void kill_workers(std::exception_ptr reason = nullptr);
 
   unsigned processes() const noexcept { return config_.processes; }
+  /// Everything above as Insights, with the diagnosis, for a run of `wall_seconds`.
+  Insights insights(double wall_seconds) const;
   /// One record per worker position, live counters included.
   std::vector<WorkerRecord> worker_records() const;
   /// The slowest tasks seen, slowest first.

@@ -23,4 +23,8 @@ class InterruptWatch {
   std::uint64_t start_count_;
 };
 
+/// Whether a progress bar holds the terminal's line: then a Ctrl-C that ends
+/// the program first ends the line, so the shell prompt starts on its own.
+void set_terminal_line_open(bool open) noexcept;
+
 }  // namespace procpool::detail
