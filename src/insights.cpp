@@ -71,7 +71,8 @@ std::string diagnose(const Insights& in) {
            "inputs cheaper to produce, or pass a random-access range that workers read from "
            "inherited memory";
   }
-  if (serialisation > compute || static_cast<double>(moved) / tasks > 1e6) {
+  const bool serialisation_costly = serialisation > compute && serialisation > 0.25 * busy_wall;
+  if (serialisation_costly || static_cast<double>(moved) / tasks > 1e6) {
     return "serialisation and transport dominate: " + bytes(static_cast<double>(moved) / tasks) +
            " moved per task, " + format("%.2f s", serialisation) + " serialising vs " +
            format("%.2f s", compute) +
