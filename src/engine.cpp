@@ -30,7 +30,6 @@ constexpr int socket_buffer_bytes = 1 << 20;
 constexpr double pipeline_target_nanos = 2e6;  // keep ~2 ms of work queued per worker
 constexpr std::size_t min_pipeline = 2;
 constexpr std::size_t max_pipeline = 64;
-constexpr double ewma_weight = 0.3;
 
 [[noreturn]] void throw_errno(const char* what) {
   throw std::system_error(errno, std::generic_category(), std::string("procpool: ") + what);
@@ -237,6 +236,7 @@ void Engine::spawn_worker(unsigned position) {
       ::close(fd);
     prepare_worker_process(parent_pid_, config_.inner_threads);
     current_worker_slot = slot;
+    worker_has_task_timeout = config_.task_timeout.count() > 0;
     try {
       std::unique_ptr<WorkerLogic> logic = make_logic_();
       run_worker(sv[1], *logic);
@@ -473,10 +473,8 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   records_[w.position].tasks += header.count;
   records_[w.position].compute_ns += header.nanos;
   if (header.count != 0) note_slow_task(header.call, header.slowest_index, header.slowest_nanos);
-  if (auto it = calls_.find(chunk.call); it != calls_.end() && header.count != 0) {
-    const double per_task = static_cast<double>(header.nanos) / static_cast<double>(header.count);
-    double& avg = it->second.nanos_per_task;
-    avg = avg == 0 ? per_task : (1 - ewma_weight) * avg + ewma_weight * per_task;
+  if (auto it = calls_.find(chunk.call); it != calls_.end()) {
+    it->second.time_tasks(header.count, static_cast<double>(header.nanos));
   }
   ChunkDone done{chunk.first, chunk.count, Buffer{}, nullptr};
   if (take_inbox) {
@@ -662,7 +660,9 @@ Insights Engine::insights(double wall_seconds) const {
     w.position = static_cast<unsigned>(i);
     w.pid = r.pid;
     w.tasks = r.tasks;
-    w.compute_seconds = static_cast<double>(r.compute_ns) * 1e-9;
+    // Replies time whole chunks, serialisation included; take that part out.
+    w.compute_seconds =
+        static_cast<double>(r.compute_ns - std::min(r.compute_ns, r.serialize_ns)) * 1e-9;
     w.waiting_seconds = static_cast<double>(r.wait_ns) * 1e-9;
     w.serialize_seconds = static_cast<double>(r.serialize_ns) * 1e-9;
     w.bytes_received = r.bytes_in;
@@ -806,12 +806,7 @@ void Engine::run_in_process() {
                                                  .count());
     records_[0].tasks += chunk.count;
     records_[0].compute_ns += static_cast<std::uint64_t>(nanos);
-    if (chunk.count != 0) {
-      const double per_task = nanos / static_cast<double>(chunk.count);
-      call.nanos_per_task = call.nanos_per_task == 0
-                                ? per_task
-                                : (1 - ewma_weight) * call.nanos_per_task + ewma_weight * per_task;
-    }
+    call.time_tasks(chunk.count, nanos);
     call.completed.push_back(std::move(done));
   }
 }

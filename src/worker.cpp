@@ -93,6 +93,9 @@ class Channel {
   Buffer out_;
 };
 
+/// Average task time of the previous chunk: decides whether each task is timed.
+double last_chunk_nanos_per_task = 1e9;
+
 void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& payload, Buffer& out) {
   const std::size_t at = out.size();
   out.grow(sizeof(FrameHeader));
@@ -102,6 +105,9 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     current_worker_slot->chunk_slowest_ns.store(0, std::memory_order_relaxed);
   }
   const auto start = std::chrono::steady_clock::now();
+  current_task_start_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count();
+  time_each_task = worker_has_task_timeout || last_chunk_nanos_per_task >= 2000;
   logic.run(header.call, header.first, header.count, payload, writer);
   const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
       std::chrono::steady_clock::now() - start);
@@ -112,6 +118,10 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   reply.count = header.count;
   reply.size = out.size() - at - sizeof(FrameHeader);
   reply.nanos = static_cast<std::uint64_t>(nanos.count());
+  if (header.count != 0) {
+    last_chunk_nanos_per_task =
+        static_cast<double>(reply.nanos) / static_cast<double>(header.count);
+  }
   if (current_worker_slot) {
     reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
     reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
@@ -122,6 +132,9 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
 }  // namespace
 
 WorkerSlot* current_worker_slot = nullptr;
+std::int64_t current_task_start_ns = 0;
+bool time_each_task = true;
+bool worker_has_task_timeout = false;
 
 void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);

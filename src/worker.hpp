@@ -13,6 +13,9 @@ namespace procpool::detail {
 /// into the usual thread-count variables the caller has not set.
 void prepare_worker_process(pid_t parent, unsigned inner_threads);
 
+/// Set in a worker whose pool has a task timeout: every task's start is then recorded.
+extern bool worker_has_task_timeout;
+
 /// Serves messages from `fd` until the parent closes it, then exits with _exit
 /// (never exit(): the parent's atexit handlers must not run in a worker).
 [[noreturn]] void run_worker(int fd, WorkerLogic& logic);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -172,6 +173,17 @@ class Engine {
     Buffer setup;
     std::deque<ChunkDone> completed;
     double nanos_per_task = 0;
+    double timed_nanos = 0;
+    double timed_tasks = 0;
+    /// The estimate is the average over all tasks timed so far, but never below
+    /// the latest chunk's: a slow first task (cold caches, page faults) is
+    /// forgotten as soon as more tasks are timed, and a slowdown shows at once.
+    void time_tasks(std::uint64_t count, double nanos) {
+      if (count == 0) return;
+      timed_nanos += nanos;
+      timed_tasks += static_cast<double>(count);
+      nanos_per_task = std::max(timed_nanos / timed_tasks, nanos / static_cast<double>(count));
+    }
     bool local_setup_done = false;  // Start::in_process
   };
 

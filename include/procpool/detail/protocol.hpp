@@ -62,8 +62,7 @@ struct WorkerSlot {
 
   // Cumulative, written by the worker alone, read by the parent for insights.
   std::atomic<std::uint64_t> tasks{0};
-  std::atomic<std::uint64_t> compute_ns{0};    // inside the task's function
-  std::atomic<std::uint64_t> serialize_ns{0};  // writing results
+  std::atomic<std::uint64_t> serialize_ns{0};  // writing results (sampled, see RunningTask)
   std::atomic<std::uint64_t> wait_ns{0};       // blocked, waiting for work
   std::atomic<std::uint64_t> bytes_in{0};
   std::atomic<std::uint64_t> bytes_out{0};
@@ -87,31 +86,47 @@ inline std::int64_t steady_now_ns() {
       .count();
 }
 
-/// Marks task `index` as running in this worker's slot for the scope.
+/// When the current task of this worker started: the end of the one before
+/// (or the chunk's start), so each task costs one clock read, not two.
+extern std::int64_t current_task_start_ns;
+
+/// Whether each task of the current chunk is timed. Off for tasks of a few
+/// microseconds (a clock read would cost more than the task) unless a task
+/// timeout needs every start time; the chunk as a whole is always timed.
+extern bool time_each_task;
+
+/// Marks task `index` as running in this worker's slot for the scope, and
+/// times it for insights (serialisation is timed on every 16th task only:
+/// two more clock reads per task would cost more than a tiny task's work).
 class RunningTask {
  public:
+  static constexpr std::uint64_t serialize_sample = 16;
+
   explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot), index_(index) {
     if (!slot_) return;
-    started_ = steady_now_ns();
     slot_->index.store(index, std::memory_order_relaxed);
-    slot_->started_ns.store(started_, std::memory_order_relaxed);
+    slot_->started_ns.store(current_task_start_ns, std::memory_order_relaxed);
     slot_->running.store(1, std::memory_order_release);
   }
   /// The task's function returned; what follows is serialisation.
   void computed() {
-    if (slot_) computed_ = steady_now_ns();
+    if (slot_ && index_ % serialize_sample == 0) computed_ = steady_now_ns();
   }
   ~RunningTask() {
     if (!slot_) return;
-    const std::int64_t end = steady_now_ns();
-    if (computed_ == 0) computed_ = end;
-    const auto compute = static_cast<std::uint64_t>(computed_ - started_);
     WorkerSlot::add(slot_->tasks, 1);
-    WorkerSlot::add(slot_->compute_ns, compute);
-    WorkerSlot::add(slot_->serialize_ns, static_cast<std::uint64_t>(end - computed_));
-    if (compute >= slot_->chunk_slowest_ns.load(std::memory_order_relaxed)) {
-      slot_->chunk_slowest_ns.store(compute, std::memory_order_relaxed);
-      slot_->chunk_slowest_index.store(index_, std::memory_order_relaxed);
+    const std::int64_t end = computed_ != 0 || time_each_task ? steady_now_ns() : 0;
+    if (computed_ != 0) {
+      WorkerSlot::add(slot_->serialize_ns,
+                      static_cast<std::uint64_t>(end - computed_) * serialize_sample);
+    }
+    if (time_each_task) {
+      const auto took = static_cast<std::uint64_t>(end - current_task_start_ns);
+      current_task_start_ns = end;  // the next task starts now
+      if (took >= slot_->chunk_slowest_ns.load(std::memory_order_relaxed)) {
+        slot_->chunk_slowest_ns.store(took, std::memory_order_relaxed);
+        slot_->chunk_slowest_index.store(index_, std::memory_order_relaxed);
+      }
     }
     slot_->running.store(0, std::memory_order_release);
   }
@@ -121,7 +136,6 @@ class RunningTask {
  private:
   WorkerSlot* slot_;
   std::uint64_t index_;
-  std::int64_t started_ = 0;
   std::int64_t computed_ = 0;
 };
 

@@ -1,0 +1,346 @@
+// procpool's benchmarks, one workload per subcommand; each prints one JSON line.
+//
+//   procpool_bench tiny_cs1 [--n 200000] [--reps 5]        tasks/s, chunksize 1, warm pool
+//   procpool_bench tiny_lifecycle [--n 200000] [--reps 5]  Pool start + map (auto chunks) + stop
+//   procpool_bench payload_out [--tasks 64] [--mib 16]     16 MiB results, GB/s vs the copy floor
+//   procpool_bench payload_in [--tasks 64] [--mib 16]      16 MiB inputs from a lazy range
+//   procpool_bench startup [--reps 20]                     Pool start + one task + stop, ms
+//   procpool_bench cpu [--tasks 64] [--task-ms 50]         efficiency vs serial and std::thread
+//   procpool_bench shared [--vocab 5000000] [--keys 100000]  shared table: wall and extra memory
+//   procpool_bench imap_flat [--n 100000000]               RSS while imap consumes a lazy range
+//   procpool_bench progress [--n 1000000] [--reps 5]       cost of the progress bar
+#include <procpool/procpool.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <list>
+#include <random>
+#include <ranges>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "bench_util.hpp"
+
+namespace {
+
+using bench::Args;
+using bench::Json;
+
+long inc(long x) {
+  return x + 1;
+}
+
+std::vector<long> iota_long(long n) {
+  std::vector<long> v(static_cast<std::size_t>(n));
+  for (long i = 0; i < n; ++i)
+    v[static_cast<std::size_t>(i)] = i;
+  return v;
+}
+
+int tiny_cs1(const Args& a) {
+  const long n = a.get("--n", 200000);
+  const auto inputs = iota_long(n);
+  procpool::Pool pool({.processes = 2, .chunksize = 1});
+  pool.map(inc, iota_long(1000));  // warm
+  auto runs = bench::repeat(static_cast<int>(a.get("--reps", 5)), [&] { pool.map(inc, inputs); });
+  for (double& r : runs)
+    r = static_cast<double>(n) / r;
+  Json("tiny_cs1")
+      .num("tasks", static_cast<double>(n))
+      .stats("tasks_per_s", bench::stats(runs))
+      .print();
+  return 0;
+}
+
+int tiny_lifecycle(const Args& a) {
+  const long n = a.get("--n", 200000);
+  const auto inputs = iota_long(n);
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  auto pool_runs = bench::repeat(reps, [&] {
+    procpool::Pool pool({.processes = 2});
+    pool.map(inc, inputs);
+  });
+  auto fork_runs = bench::repeat(reps, [&] { procpool::map(inc, inputs, {.processes = 2}); });
+  Json("tiny_lifecycle")
+      .num("tasks", static_cast<double>(n))
+      .stats("pool_s", bench::stats(pool_runs))
+      .stats("fork_per_call_s", bench::stats(fork_runs))
+      .print();
+  return 0;
+}
+
+/// The floor for moving `tasks` payloads of `bytes`: the parent copying them into fresh vectors.
+std::vector<double> copy_floor(const std::vector<char>& source, long tasks, int reps) {
+  return bench::repeat(reps, [&] {
+    std::vector<std::vector<char>> out;
+    for (long i = 0; i < tasks; ++i)
+      out.emplace_back(source.begin(), source.end());
+  });
+}
+
+std::vector<double> to_gbps(std::vector<double> runs, double bytes) {
+  for (double& r : runs)
+    r = bytes / r / 1e9;
+  return runs;
+}
+
+int payload_out(const Args& a) {
+  const long tasks = a.get("--tasks", 64);
+  const std::size_t size = static_cast<std::size_t>(a.get("--mib", 16)) << 20;
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  const std::vector<char> source(size, 'x');
+  const double bytes = static_cast<double>(size) * static_cast<double>(tasks);
+  std::vector<long> ids(static_cast<std::size_t>(tasks));
+  auto floor = to_gbps(copy_floor(source, tasks, reps), bytes);
+  // Each worker returns the buffer it inherited: the cost measured is the transport.
+  auto runs = to_gbps(
+      bench::repeat(reps,
+                    [&] {
+                      procpool::map([&source](long) -> const std::vector<char>& { return source; },
+                                    ids, {.processes = 2});
+                    }),
+      bytes);
+  const auto s = bench::stats(runs), f = bench::stats(floor);
+  Json("payload_out")
+      .num("mib", static_cast<double>(size >> 20))
+      .num("tasks", static_cast<double>(tasks))
+      .stats("gbps", s)
+      .stats("floor_gbps", f)
+      .num("fraction_of_floor", s.median / f.median)
+      .print();
+  return 0;
+}
+
+int payload_in(const Args& a) {
+  const long tasks = a.get("--tasks", 64);
+  const std::size_t size = static_cast<std::size_t>(a.get("--mib", 16)) << 20;
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  const std::vector<char> source(size, 'y');
+  const double bytes = static_cast<double>(size) * static_cast<double>(tasks);
+  std::list<std::vector<char>> inputs;  // not random access: every input must travel
+  for (long i = 0; i < tasks; ++i)
+    inputs.push_back(source);
+  auto floor = to_gbps(copy_floor(source, tasks, reps), bytes);
+  auto runs =
+      to_gbps(bench::repeat(reps,
+                            [&] {
+                              procpool::map([](const std::vector<char>& v) { return v.size(); },
+                                            inputs, {.processes = 2});
+                            }),
+              bytes);
+  const auto s = bench::stats(runs), f = bench::stats(floor);
+  Json("payload_in")
+      .num("mib", static_cast<double>(size >> 20))
+      .num("tasks", static_cast<double>(tasks))
+      .stats("gbps", s)
+      .stats("floor_gbps", f)
+      .num("fraction_of_floor", s.median / f.median)
+      .print();
+  return 0;
+}
+
+int startup(const Args& a) {
+  const int reps = static_cast<int>(a.get("--reps", 20));
+  auto pool_runs = bench::repeat(reps, [] {
+    procpool::Pool pool({.processes = 2});
+    pool.submit([](int x) { return x; }, 1).get();
+  });
+  auto fork_runs = bench::repeat(
+      reps, [] { procpool::map([](int x) { return x; }, std::vector<int>{1}, {.processes = 2}); });
+  for (double& r : pool_runs)
+    r *= 1e3;
+  for (double& r : fork_runs)
+    r *= 1e3;
+  Json("startup")
+      .stats("pool_ms", bench::stats(pool_runs))
+      .stats("map_one_ms", bench::stats(fork_runs))
+      .print();
+  return 0;
+}
+
+volatile std::uint64_t sink;
+
+std::uint64_t busy(std::uint64_t iterations) {
+  std::uint64_t s = 0;
+  for (std::uint64_t i = 0; i < iterations; ++i)
+    s += i * i % 7;
+  return s;
+}
+
+int cpu(const Args& a) {
+  const long tasks = a.get("--tasks", 64);
+  const double task_s = static_cast<double>(a.get("--task-ms", 50)) / 1e3;
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  // Calibrate: iterations for one task of task_s.
+  std::uint64_t iters = 1'000'000;
+  while (bench::seconds([&] { sink = busy(iters); }) < 0.02)
+    iters *= 2;
+  iters = static_cast<std::uint64_t>(static_cast<double>(iters) * task_s /
+                                     bench::seconds([&] { sink = busy(iters); }));
+  std::vector<long> ids(static_cast<std::size_t>(tasks));
+  std::vector<double> serial, pool, threads;
+  for (int r = 0; r < reps; ++r) {  // alternate the three so drift hits all alike
+    serial.push_back(bench::seconds([&] {
+      for (long i = 0; i < tasks; ++i)
+        sink = busy(iters);
+    }));
+    pool.push_back(bench::seconds(
+        [&] { procpool::map([iters](long) { return busy(iters); }, ids, {.processes = 2}); }));
+    threads.push_back(bench::seconds([&] {
+      std::atomic<long> next{0};
+      std::vector<std::thread> team;
+      for (int t = 0; t < 2; ++t) {
+        team.emplace_back([&] {
+          while (next.fetch_add(1) < tasks)
+            sink = busy(iters);
+        });
+      }
+      for (auto& t : team)
+        t.join();
+    }));
+  }
+  const auto s = bench::stats(serial), p = bench::stats(pool), t = bench::stats(threads);
+  Json("cpu")
+      .num("tasks", static_cast<double>(tasks))
+      .num("task_ms", task_s * 1e3)
+      .stats("serial_s", s)
+      .stats("procpool_s", p)
+      .stats("threads_s", t)
+      .num("efficiency", s.median / (2 * p.median))
+      .num("threads_efficiency", s.median / (2 * t.median))
+      .num("procpool_over_threads", p.median / t.median)
+      .print();
+  return 0;
+}
+
+int shared(const Args& a) {
+  const long vocab_size = a.get("--vocab", 5000000);
+  const long keys_n = a.get("--keys", 100000);
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  const long rss_before = bench::status_kb("VmRSS");
+  std::unordered_map<std::string, int> vocab;
+  vocab.reserve(static_cast<std::size_t>(vocab_size));
+  char name[32];
+  for (long i = 0; i < vocab_size; ++i) {
+    std::snprintf(name, sizeof name, "tok%08ld", i);
+    vocab.emplace(name, static_cast<int>(i));
+  }
+  const long table_kb = bench::status_kb("VmRSS") - rss_before;
+  std::mt19937_64 rng(1);
+  std::vector<std::string> keys;
+  for (long i = 0; i < keys_n; ++i) {
+    std::snprintf(name, sizeof name, "tok%08ld",
+                  static_cast<long>(rng() % static_cast<unsigned long>(vocab_size)));
+    keys.emplace_back(name);
+  }
+  auto runs = bench::repeat(reps, [&] {
+    procpool::map([&vocab](const std::string& k) { return vocab.at(k); }, keys, {.processes = 2});
+  });
+  // Memory: each worker reports its private memory now and then; the largest per worker counts.
+  struct Seen {
+    pid_t pid;
+    long private_kb;
+  };
+  auto seen = procpool::map(
+      [&vocab](const std::string& k) {
+        volatile int id = vocab.at(k);
+        (void)id;
+        static long calls = 0;
+        long priv = 0;
+        if (++calls % 5000 == 0) {
+          priv = bench::rollup_kb("Private_Clean") + bench::rollup_kb("Private_Dirty");
+        }
+        return Seen{::getpid(), priv};
+      },
+      keys, {.processes = 2});
+  std::map<pid_t, long> per_worker;
+  for (const auto& s : seen)
+    per_worker[s.pid] = std::max(per_worker[s.pid], s.private_kb);
+  long extra_kb = 0;
+  for (auto& [pid, kb] : per_worker)
+    extra_kb += kb;
+  Json("shared")
+      .num("vocab", static_cast<double>(vocab_size))
+      .num("keys", static_cast<double>(keys_n))
+      .stats("wall_s", bench::stats(runs))
+      .num("table_mb", static_cast<double>(table_kb) / 1024)
+      .num("workers_extra_mb", static_cast<double>(extra_kb) / 1024)
+      .num("extra_fraction", static_cast<double>(extra_kb) / static_cast<double>(table_kb))
+      .print();
+  return 0;
+}
+
+int imap_flat(const Args& a) {
+  const long n = a.get("--n", 100000000);
+  long rss_at_1m = 0, rss_max = 0;
+  long i = 0, sum = 0;
+  const double wall = bench::seconds([&] {
+    for (long v : procpool::imap(inc, std::views::iota(0L, n), {.processes = 2})) {
+      sum += v;
+      if (++i % 1000000 == 0) {
+        const long rss = bench::status_kb("VmRSS");
+        if (i == 1000000) rss_at_1m = rss;
+        rss_max = std::max(rss_max, rss);
+      }
+    }
+  });
+  Json("imap_flat")
+      .num("items", static_cast<double>(n))
+      .num("wall_s", wall)
+      .num("items_per_s", static_cast<double>(n) / wall)
+      .num("rss_at_1e6_kb", static_cast<double>(rss_at_1m))
+      .num("rss_max_kb", static_cast<double>(rss_max))
+      .num("growth_percent", rss_at_1m ? 100.0 * static_cast<double>(rss_max - rss_at_1m) /
+                                             static_cast<double>(rss_at_1m)
+                                       : 0)
+      .num("checksum", static_cast<double>(sum % 1000003))
+      .print();
+  return 0;
+}
+
+int progress(const Args& a) {
+  const long n = a.get("--n", 1000000);
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  const auto inputs = iota_long(n);
+  std::vector<double> off, on;
+  for (int r = 0; r < reps; ++r) {  // alternate, so drift affects both alike
+    off.push_back(bench::seconds([&] { procpool::map(inc, inputs, {.processes = 2}); }));
+    on.push_back(bench::seconds(
+        [&] { procpool::map(inc, inputs, {.processes = 2, .progress = procpool::Progress::on}); }));
+  }
+  const auto f = bench::stats(off), o = bench::stats(on);
+  Json("progress")
+      .num("tasks", static_cast<double>(n))
+      .str("stderr", ::isatty(2) ? "terminal" : "not a terminal")
+      .stats("off_s", f)
+      .stats("on_s", o)
+      .num("ratio_on_over_off", o.median / f.median)
+      .print();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr,
+                 "usage: procpool_bench WORKLOAD [--name value...]; see the source header\n");
+    return 2;
+  }
+  const std::string w = argv[1];
+  const Args args(argc, argv, 2);
+  if (w == "tiny_cs1") return tiny_cs1(args);
+  if (w == "tiny_lifecycle") return tiny_lifecycle(args);
+  if (w == "payload_out") return payload_out(args);
+  if (w == "payload_in") return payload_in(args);
+  if (w == "startup") return startup(args);
+  if (w == "cpu") return cpu(args);
+  if (w == "shared") return shared(args);
+  if (w == "imap_flat") return imap_flat(args);
+  if (w == "progress") return progress(args);
+  std::fprintf(stderr, "procpool_bench: unknown workload '%s'\n", w.c_str());
+  return 2;
+}
