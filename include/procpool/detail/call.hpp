@@ -160,7 +160,11 @@ class StreamFeed {
     chunk.call = call;
     chunk.first = next_;
     Writer out(chunk.payload);
-    for (; chunk.count < max_items && it_ != end_; ++it_, ++chunk.count) {
+    // A byte budget as well as a count: in-flight memory stays small and flat
+    // however many inputs an endless range yields (large inputs go one per chunk).
+    constexpr std::size_t chunk_bytes = 256 * 1024;
+    for (; chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes;
+         ++it_, ++chunk.count) {
       chunk.offsets.push_back(out.size());
       save(out, static_cast<const Item&>(*it_));
     }
@@ -292,7 +296,7 @@ class CallDriver {
     // Until a task has been timed, send single tasks: a long task must not be batched blindly.
     std::size_t n =
         per_task <= 0 ? 1
-                      : static_cast<std::size_t>(std::clamp(target_nanos / per_task, 1.0, 65536.0));
+                      : static_cast<std::size_t>(std::clamp(target_nanos / per_task, 1.0, 16384.0));
     if (auto total = feed_.total()) {
       // Near the end, smaller chunks keep every worker busy until the last task.
       const std::size_t remaining = *total - sent_;
@@ -304,16 +308,20 @@ class CallDriver {
   void fill() {
     while (!feed_.done()) {
       std::size_t n = chunk_size();
+      // Automatic bound: a few chunks per worker, sized as the feed really cut
+      // them (a byte budget may make them smaller than asked).
+      const std::size_t typical = last_chunk_items_ != 0 ? std::min(n, last_chunk_items_) : n;
       const std::size_t limit =
           options_.max_inflight != 0
               ? options_.max_inflight
-              : n * engine_.processes() * (engine_.pipeline_depth(call_, n) + 2);
+              : typical * engine_.processes() * (engine_.pipeline_depth(call_, typical) + 2);
       if (in_flight_ >= limit) return;
       n = std::min(n, limit - in_flight_);
       const std::int64_t started = steady_now_ns();
       Chunk chunk = feed_.next(call_, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count == 0) return;
+      last_chunk_items_ = static_cast<std::size_t>(chunk.count);
       in_flight_ += static_cast<std::size_t>(chunk.count);
       sent_ += static_cast<std::size_t>(chunk.count);
       engine_.submit(std::move(chunk));
@@ -382,6 +390,7 @@ class CallDriver {
   bool stopped_ = false;
   std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
+  std::size_t last_chunk_items_ = 0;
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index
   std::deque<ChunkDecoder<Out>> current_;

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""procpool vs Python's multiprocessing, side by side, in one run.
+
+For each workload it runs procpool's benchmark, then the matching Python
+baseline (../shared/baselines), alternating, and prints one table: procpool
+median (min-max), Python median (min-max), the ratio, the target and whether
+it is met, plus physical limits measured in the same run. Results also go to
+a JSON file.
+
+    python3 bench/compare.py                 # full sizes (~10 min)
+    python3 bench/compare.py --quick         # small sizes: a smoke run (~1 min)
+    python3 bench/compare.py --only tiny_cs1,startup
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run_json(cmd, timeout=1800):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fmt(m, lo, hi, digits=3):
+    f = lambda x: f"{x:.{digits}g}"
+    return f"{f(m)} ({f(lo)}-{f(hi)})"
+
+
+LIFECYCLE_PY = r"""
+import json, sys, time, multiprocessing as mp
+def inc(x): return x + 1
+n, reps = int(sys.argv[1]), int(sys.argv[2])
+data = list(range(n))
+runs = []
+for _ in range(reps):
+    t = time.perf_counter()
+    p = mp.get_context("fork").Pool(2)
+    p.map(inc, data)
+    p.close(); p.join()
+    runs.append(time.perf_counter() - t)
+runs.sort()
+print(json.dumps({"median": runs[len(runs)//2], "min": runs[0], "max": runs[-1]}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", default=os.path.join(ROOT, "build/release/bench/procpool_bench"))
+    ap.add_argument("--baselines", default=os.path.join(ROOT, "../shared/baselines"))
+    ap.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--only", default="", help="comma-separated workloads")
+    ap.add_argument("--json", default=os.path.join(ROOT, "build/bench-results.json"))
+    a = ap.parse_args()
+    q = a.quick
+    reps = "2" if q else "5"
+    only = set(filter(None, a.only.split(",")))
+    have_python = os.path.isdir(a.baselines) and os.path.exists(a.python)
+    if not have_python:
+        print(f"note: no Python baselines at {a.baselines} (or no {a.python}); procpool side only\n")
+    B = a.bench
+    py = lambda script, *args: run_json([a.python, os.path.join(a.baselines, script), *args])
+    rows, raw = [], {}
+
+    def want(name):
+        return not only or name in only
+
+    # Physical limits, measured in this run.
+    limits = None
+    if have_python:
+        exe = os.path.join(tempfile.gettempdir(), "procpool-physlimits")
+        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(a.baselines, "physlimits.c")], check=True)
+        limits = run_json([exe] + (["2000", "2", "100", "2", "1000", "10"] if q else ["50000", "5", "500", "10", "20000", "50"]))
+        raw["physlimits"] = limits
+
+    def limit(key):
+        return limits[key]["median"] if limits and key in limits else float("nan")
+
+    n = "20000" if q else "200000"
+    if want("tiny_cs1"):
+        c = run_json([B, "tiny_cs1", "--n", n, "--reps", reps])
+        p = py("bench_overhead.py", "--n", n, "--n-slow", "200", "--reps", reps)["results"]["pool_map_cs1"]["tasks_per_s"] if have_python else None
+        raw["tiny_cs1"] = {"procpool": c, "python": p}
+        rows.append((f"{int(n) // 1000}k tiny tasks, chunksize 1 (tasks/s)",
+                     (c["tasks_per_s_median"], c["tasks_per_s_min"], c["tasks_per_s_max"]), p,
+                     (c["tasks_per_s_median"] / p["median"]) if p else None, ">= 10x Python", lambda r: r >= 10))
+    if want("tiny_lifecycle"):
+        c = run_json([B, "tiny_lifecycle", "--n", n, "--reps", reps])
+        p = run_json([a.python, "-c", LIFECYCLE_PY, n, reps]) if have_python else None
+        raw["tiny_lifecycle"] = {"procpool": c, "python": p}
+        rows.append((f"{int(n) // 1000}k tiny tasks, auto chunks, Pool start+map+stop (s)",
+                     (c["pool_s_median"], c["pool_s_min"], c["pool_s_max"]), p,
+                     (p["median"] / c["pool_s_median"]) if p else None, ">= 10x Python", lambda r: r >= 10))
+        rows.append(("  same, fork per call: procpool::map (s)",
+                     (c["fork_per_call_s_median"], c["fork_per_call_s_min"], c["fork_per_call_s_max"]), p,
+                     (p["median"] / c["fork_per_call_s_median"]) if p else None, "(reference)", None))
+    mib = "4" if q else "16"
+    tasks = "8" if q else "64"
+    payload_py = None
+    if have_python and (want("payload_out") or want("payload_in")):
+        payload_py = py("bench_payload.py", "--sizes-mib", mib, "--tasks", tasks, "--reps", reps)["results"][f"{mib}MiB"]
+    for name, what, py_variant in (("payload_out", f"{tasks} results of {mib} MiB (GB/s)", "pool_map_cs1_echo"),
+                                   ("payload_in", f"{tasks} inputs of {mib} MiB, lazy range (GB/s)", "pool_map_cs1_len")):
+        if not want(name):
+            continue
+        c = run_json([B, name, "--tasks", tasks, "--mib", mib, "--reps", reps])
+        p = payload_py[py_variant]["GBps"] if payload_py else None
+        raw[name] = {"procpool": c, "python": p}
+        frac = c["fraction_of_floor"]
+        ratio = (c["gbps_median"] / p["median"]) if p else None
+        need_python = name == "payload_out"
+        rows.append((what, (c["gbps_median"], c["gbps_min"], c["gbps_max"]), p, ratio,
+                     f">= 70% of floor {c['floor_gbps_median']:.2f} GB/s" + (" and >= 2x Python" if need_python else ""),
+                     (lambda r, f=frac, np=need_python: f >= 0.7 and (not np or r >= 2)),
+                     f"{100 * frac:.0f}% of floor"))
+    if want("startup"):
+        c = run_json([B, "startup", "--reps", "10" if q else "20"])
+        p = None
+        if have_python:
+            s = py("bench_startup.py", "--reps", reps, "--methods", "fork")["results"]["pool_fork"]["warm"]["total"]
+            p = {k: v * 1e3 for k, v in s.items()}
+        raw["startup"] = {"procpool": c, "python": p}
+        rows.append(("Pool start + one task + stop (ms)", (c["pool_ms_median"], c["pool_ms_min"], c["pool_ms_max"]), p,
+                     (p["median"] / c["pool_ms_median"]) if p else None, "<= 1 ms and >= 10x Python",
+                     (lambda r, m=c["pool_ms_median"]: m <= 1 and r >= 10)))
+    if want("cpu"):
+        c = run_json([B, "cpu", "--tasks", "16" if q else "64", "--task-ms", "10" if q else "50", "--reps", reps])
+        p = None
+        if have_python:
+            pr = py("bench_cpu.py", "--tasks", "16" if q else "64", "--task-ms", "10" if q else "50", "--reps", reps)["results"]["pool_map_cs1"]
+            p = {"median": pr["efficiency"], "min": pr["efficiency"], "max": pr["efficiency"]}
+        raw["cpu"] = {"procpool": c, "python": p}
+        rows.append((f"{16 if q else 64} x {10 if q else 50} ms CPU tasks: parallel efficiency", (c["efficiency"], c["efficiency"], c["efficiency"]), p,
+                     c["procpool_over_threads"], ">= 0.98, within 2% of std::thread",
+                     (lambda r, e=c["efficiency"]: e >= 0.98 and r <= 1.02),
+                     f"std::thread eff {c['threads_efficiency']:.3f}; time vs threads x{c['procpool_over_threads']:.3f}"))
+    if want("shared"):
+        vocab, keys = ("200000", "10000") if q else ("5000000", "100000")
+        c = run_json([B, "shared", "--vocab", vocab, "--keys", keys, "--reps", reps])
+        p = py("bench_shared.py", "--vocab", vocab, "--keys", keys, "--reps", reps, "--slow-reps", "1",
+               "--variants", "b_initargs_fork")["results"]["b_initargs_fork"]["total_s"] if have_python else None
+        raw["shared"] = {"procpool": c, "python": p}
+        rows.append((f"{vocab}-entry table shared, {keys} lookups (s)",
+                     (c["wall_s_median"], c["wall_s_min"], c["wall_s_max"]), p,
+                     (p["median"] / c["wall_s_median"]) if p else None,
+                     "extra memory <= 5% of table, >= 5x Python",
+                     (lambda r, x=c["extra_fraction"]: x <= 0.05 and r >= 5),
+                     f"workers' extra memory {100 * c['extra_fraction']:.2f}% of {c['table_mb']:.0f} MB"))
+    if want("imap_flat"):
+        items = "3000000" if q else "100000000"
+        c = run_json([B, "imap_flat", "--n", items], timeout=3600)
+        raw["imap_flat"] = {"procpool": c}
+        g = c["growth_percent"]
+        rows.append((f"imap over {int(items):.0e} lazy items: RSS growth from 1e6 (%)", (g, g, g), None, None,
+                     "<= 1%", (lambda r, g=g: g <= 1), f"RSS {c['rss_at_1e6_kb'] / 1024:.1f} -> {c['rss_max_kb'] / 1024:.1f} MB, {c['items_per_s'] / 1e6:.1f} M items/s"))
+    if want("progress"):
+        c = run_json([B, "progress", "--n", "100000" if q else "1000000", "--reps", reps])
+        raw["progress"] = {"procpool": c}
+        r = c["ratio_on_over_off"]
+        rows.append((f"progress bar on {c['tasks']:.0e} tiny tasks: time on/off", (r, r, r), None, None,
+                     "no measurable cost (<= 1.05)", (lambda r, x=r: x <= 1.05), f"stderr: {c['stderr']}"))
+
+    # The table.
+    print(f"physical limits (this run): pipe round trip {limit('pipe_pingpong_rtt_us_unpinned'):.1f} us, "
+          f"memcpy {limit('memcpy_64MiB_GBps'):.1f} GB/s, fork+wait {limit('fork_waitpid_us_small_heap'):.0f} us, "
+          f"first touch {limit('first_touch_us_per_4KiB_page'):.2f} us/page")
+    print()
+    print("| workload | procpool median (min-max) | Python median (min-max) | ratio | target | met | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    met_all = True
+    for row in rows:
+        what, c, p, ratio, target, check = row[:6]
+        note = row[6] if len(row) > 6 else ""
+        ps = fmt(p["median"], p["min"], p["max"]) if p else "-"
+        rs = f"{ratio:.2f}x" if ratio is not None else "-"
+        ok = "-" if check is None else ("yes" if check(ratio if ratio is not None else 0) else "NO")
+        if ok == "NO":
+            met_all = False
+        print(f"| {what} | {fmt(*c)} | {ps} | {rs} | {target} | {ok} | {note} |")
+    os.makedirs(os.path.dirname(a.json), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": q, "results": raw}, f, indent=1)
+    print(f"\nraw results: {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
