@@ -59,6 +59,7 @@ TEST(Insights, FewerUsableCpusThanProcesses) {
   procpool::map([](int x) { return x; }, iota(100),
                 {.processes = 2, .warn_oversubscription = false, .insights = &in});
   ::unsetenv("PROCPOOL_CPUS");
+  std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "fewer usable CPUs (1) than processes (2)")) << in.diagnosis;
   EXPECT_TRUE(contains(in.diagnosis, "PROCPOOL_CPUS")) << in.diagnosis;
 }
@@ -67,6 +68,7 @@ TEST(Insights, TasksTooSmallForThePerMessageOverhead) {
   procpool::Insights in;
   procpool::map([](int x) { return x + 1; }, iota(20000),
                 {.processes = 2, .chunksize = 1, .insights = &in});
+  std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "tasks are too small")) << in.to_string();
   EXPECT_TRUE(contains(in.diagnosis, "chunksize")) << in.diagnosis;
 }
@@ -75,6 +77,7 @@ TEST(Insights, SerialisationAndTransportDominate) {
   procpool::Insights in;
   procpool::map([](int x) { return std::vector<char>(4 << 20, static_cast<char>(x)); }, iota(24),
                 {.processes = 2, .insights = &in});
+  std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "serialisation and transport dominate")) << in.to_string();
 }
 
@@ -90,6 +93,7 @@ TEST(Insights, WorkersWaitingForASlowInputProducer) {
         return x;
       },
       slow_input, {.processes = 2, .insights = &in});
+  std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "waited")) << in.to_string();
   EXPECT_TRUE(contains(in.diagnosis, "input range")) << in.diagnosis;
 }
@@ -102,6 +106,7 @@ TEST(Insights, LoadImbalanceNamesTheSlowestTask) {
         return x;
       },
       iota(40), {.processes = 2, .chunksize = 1, .insights = &in});
+  std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "load imbalance")) << in.to_string();
   EXPECT_TRUE(contains(in.diagnosis, "slowest task #30")) << in.diagnosis;
 }
