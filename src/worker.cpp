@@ -126,12 +126,25 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
     reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
   }
+  ReplyArena* arena = current_reply_arena;
+  if (arena && reply.size >= ReplyArena::threshold && reply.size <= ReplyArena::capacity) {
+    for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
+      if (arena->busy[region].load(std::memory_order_acquire) != 0) continue;
+      // The parent is done with this region's last reply: this one goes there.
+      arena->busy[region].store(1, std::memory_order_relaxed);
+      std::memcpy(arena->data(region), out.data() + at + sizeof(FrameHeader), reply.size);
+      reply.flags = static_cast<std::uint16_t>(flag_in_arena | (region ? flag_second_region : 0));
+      out.resize(at + sizeof(FrameHeader));
+      break;
+    }
+  }
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
 
 }  // namespace
 
 WorkerSlot* current_worker_slot = nullptr;
+ReplyArena* current_reply_arena = nullptr;
 std::int64_t current_task_start_ns = 0;
 bool time_each_task = true;
 bool worker_has_task_timeout = false;

@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <list>
 #include <numeric>
+#include <random>
 #include <ranges>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "helpers.hpp"
@@ -209,6 +212,56 @@ TEST(Map, RunsInSeveralWorkerProcesses) {
   std::set<pid_t> distinct(pids.begin(), pids.end());
   EXPECT_EQ(distinct.size(), 2u);
   EXPECT_EQ(distinct.count(::getpid()), 0u);
+}
+
+}  // namespace
+
+namespace {
+
+std::vector<unsigned char> pattern(int seed, std::size_t size) {
+  std::vector<unsigned char> v(size);
+  for (std::size_t i = 0; i < size; ++i)
+    v[i] = static_cast<unsigned char>(seed * 31 + i * 7);
+  return v;
+}
+
+TEST(LargeResults, TravelThroughTheArenaOrTheSocketIntact) {
+  // 1 MiB replies go through each worker's shared arena when it is free, and
+  // through the socket when the parent still holds the previous one.
+  std::vector<int> seeds(40);
+  std::iota(seeds.begin(), seeds.end(), 0);
+  procpool::Insights insights;
+  auto out = procpool::map([](int s) { return pattern(s, 1 << 20); }, seeds,
+                           {.processes = 2, .insights = &insights});
+  for (int s = 0; s < 40; ++s)
+    ASSERT_EQ(out[static_cast<std::size_t>(s)], pattern(s, 1 << 20)) << s;
+  std::uint64_t on_socket = 0;
+  for (const auto& w : insights.workers)
+    on_socket += w.bytes_sent;
+  EXPECT_LT(on_socket, 20u << 20) << "most of the 40 MiB should bypass the socket";
+}
+
+TEST(LargeResults, ASlowConsumerHoldingResultsDoesNotCorruptLaterOnes) {
+  std::vector<std::vector<unsigned char>> kept;
+  for (auto& v : procpool::imap([](int s) { return pattern(s, 300 << 10); },
+                                std::views::iota(0, 30), {.processes = 2})) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    kept.push_back(std::move(v));
+  }
+  for (int s = 0; s < 30; ++s)
+    ASSERT_EQ(kept[static_cast<std::size_t>(s)], pattern(s, 300 << 10)) << s;
+}
+
+TEST(LargeResults, WorkersDyingAroundArenaRepliesLoseNothing) {
+  auto out = procpool::map(
+      [](int s) {
+        thread_local std::mt19937 rng(std::random_device{}());
+        if (std::uniform_int_distribution<int>(0, 19)(rng) == 0) ::raise(SIGKILL);
+        return pattern(s, 512 << 10);
+      },
+      std::views::iota(0, 60), {.processes = 2, .retries = 10});
+  for (int s = 0; s < 60; ++s)
+    ASSERT_EQ(out[static_cast<std::size_t>(s)], pattern(s, 512 << 10)) << s;
 }
 
 }  // namespace

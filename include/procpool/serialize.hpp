@@ -287,8 +287,14 @@ void load(Reader& in, T& value) {
   } else if constexpr (is_raw_block_v<T>) {
     using E = typename T::value_type;
     std::size_t count = load_count(in, sizeof(E));
-    value.resize(count);
-    in.read(value.data(), count * sizeof(E));
+    if constexpr (alignof(E) == 1) {
+      // One pass over fresh memory (resize would zero it first, then copy).
+      const auto* from = reinterpret_cast<const E*>(in.take(count));
+      value.assign(from, from + count);
+    } else {
+      value.resize(count);
+      in.read(value.data(), count * sizeof(E));
+    }
   } else if constexpr (is_std_vector<T>::value) {
     std::size_t count = load_count(in, 1);
     value.clear();

@@ -66,12 +66,14 @@ template <class Out>
 class ChunkDecoder {
  public:
   explicit ChunkDecoder(ChunkDone done)
-      : done_(std::move(done)),
-        in_(done_.payload.data() + done_.offset, done_.payload.size() - done_.offset),
-        broken_(done_.failure) {}
+      : done_(std::move(done)), in_(done_.bytes(), done_.size()), broken_(done_.failure) {}
 
   bool empty() const noexcept { return taken_ == done_.count; }
   std::uint64_t count() const noexcept { return done_.count; }
+  /// Hands a worker's reply arena back as soon as everything has been decoded.
+  void release_if_done() {
+    if (empty()) done_.lease.reset();
+  }
   /// Input index of the next outcome.
   std::uint64_t take_index() const noexcept { return done_.first + taken_; }
 
@@ -113,8 +115,8 @@ class ChunkDecoder {
 /// Every outcome of a chunk at once (tests and the fuzzer).
 template <class Out>
 std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
-  ChunkDone copy{done.first, done.count, Buffer{}, done.failure, 0};
-  copy.payload.append(done.payload.data() + done.offset, done.payload.size() - done.offset);
+  ChunkDone copy = ChunkDone::failed(done.first, done.count, done.failure);
+  copy.payload.append(done.bytes(), done.size());
   ChunkDecoder<Out> decoder(std::move(copy));
   std::deque<Outcome<Out>> outcomes;
   while (!decoder.empty())
@@ -373,7 +375,7 @@ class CallDriver {
     std::optional<Outcome<Out>> outcome(decoder.take());
     if (sample)
       engine_.add_parent_time(0, 16 * static_cast<std::uint64_t>(steady_now_ns() - started));
-    if (decoder.empty()) current_.pop_front();
+    if (decoder.empty()) current_.pop_front();  // releases its arena lease
     ++next_index_;
     --in_flight_;
     return outcome;

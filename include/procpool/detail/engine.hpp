@@ -44,6 +44,23 @@ struct ChunkDone {
   /// Set when the chunk produced no outcomes: its worker died or replied garbage.
   std::exception_ptr failure;
   std::size_t offset = 0;
+  /// When the outcomes are in a worker's reply arena instead of `payload`:
+  /// where, and what keeps the arena mapped (and hands it back when released).
+  const std::byte* external = nullptr;
+  std::size_t external_size = 0;
+  std::shared_ptr<void> lease;
+
+  /// A chunk that produced no outcomes, for `failure`.
+  static ChunkDone failed(std::uint64_t first, std::uint64_t count, std::exception_ptr failure) {
+    ChunkDone done;
+    done.first = first;
+    done.count = count;
+    done.failure = std::move(failure);
+    return done;
+  }
+
+  const std::byte* bytes() const noexcept { return external ? external : payload.data() + offset; }
+  std::size_t size() const noexcept { return external ? external_size : payload.size() - offset; }
 };
 
 /// How the engine treats failing workers; filled from Options.

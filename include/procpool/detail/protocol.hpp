@@ -23,6 +23,32 @@ enum class FrameKind : std::uint16_t {
   end_call = 4,  // parent -> worker: forget a call's setup
 };
 
+/// Result flags: the payload is in the worker's reply arena, not on the
+/// socket, and in which of its two regions.
+inline constexpr std::uint16_t flag_in_arena = 1;
+inline constexpr std::uint16_t flag_second_region = 2;
+
+/// Shared memory, mapped before the fork and reused for the worker's life,
+/// through which large replies travel: the worker copies a reply into warm
+/// pages, the parent decodes straight from them, and no socket copies happen.
+/// Two regions, so the worker can fill one while the parent still decodes the other.
+struct ReplyArena {
+  static constexpr std::size_t header_bytes = 64;
+  static constexpr std::size_t capacity = std::size_t{32} << 20;  // per region
+  static constexpr std::size_t regions = 2;
+  static constexpr std::size_t mapped_bytes = header_bytes + regions * capacity;
+  static constexpr std::size_t threshold = std::size_t{256}
+                                           << 10;  // smaller replies use the socket
+  std::atomic<std::uint32_t> busy[regions] =
+      {};  // set by the worker, cleared by the parent once decoded
+  std::byte* data(std::size_t region) noexcept {
+    return reinterpret_cast<std::byte*>(this) + header_bytes + region * capacity;
+  }
+};
+
+/// This worker's reply arena; null in the parent and under Start::in_process.
+extern ReplyArena* current_reply_arena;
+
 /// Fixed-size header in front of every message; sizes are 64-bit.
 struct FrameHeader {
   std::uint32_t magic = frame_magic;
@@ -41,8 +67,15 @@ static_assert(sizeof(FrameHeader) == 64);
 /// Whether a worker's reply header can be trusted enough to read its payload:
 /// a length beyond `max_payload` (physical memory) is garbage, never an allocation.
 inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payload) {
+  const bool in_arena = (header.flags & flag_in_arena) != 0;
   return header.magic == frame_magic && header.kind == FrameKind::result &&
-         header.size <= max_payload;
+         header.size <= (in_arena ? ReplyArena::capacity : max_payload) &&
+         (header.flags & ~(flag_in_arena | flag_second_region)) == 0;
+}
+
+/// Bytes of a frame on the socket: its payload travels there unless it is in the arena.
+inline std::uint64_t frame_bytes_on_socket(const FrameHeader& header) {
+  return sizeof(FrameHeader) + ((header.flags & flag_in_arena) ? 0 : header.size);
 }
 
 /// Each task's outcome inside a result payload starts with one of these tags.
