@@ -163,6 +163,15 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   return part;
 }
 
+/// A worker's arena: shared with it, unmapped when the last user lets go.
+std::shared_ptr<ReplyArena> map_arena() {
+  void* pages = ::mmap(nullptr, ReplyArena::mapped_bytes, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (pages == MAP_FAILED) return nullptr;
+  return std::shared_ptr<ReplyArena>(new (pages) ReplyArena(),
+                                     [](ReplyArena* a) { ::munmap(a, ReplyArena::mapped_bytes); });
+}
+
 std::size_t max_payload_bytes() {
   // No honest message is larger than physical memory; a bigger length is garbage.
   long pages = ::sysconf(_SC_PHYS_PAGES);
@@ -182,8 +191,9 @@ struct Engine::Worker {
   Buffer inbox;
   std::size_t in_pos = 0;
   std::deque<Chunk> inflight;
-  WorkerSlot* slot = nullptr;         // shared with the worker: the task it is running
-  std::shared_ptr<ReplyArena> arena;  // shared with the worker: its large replies
+  WorkerSlot* slot = nullptr;               // shared with the worker: the task it is running
+  std::shared_ptr<ReplyArena> arena;        // shared with the worker: its large replies
+  std::shared_ptr<ReplyArena> input_arena;  // and large input chunks, the other way
   std::uint64_t tasks_sent = 0;
   unsigned position = 0;  // which of the `processes` places this worker holds
 };
@@ -230,17 +240,14 @@ void Engine::spawn_worker(unsigned position) {
     throw_errno("cannot map a worker's shared status page");
   }
   auto* slot = new (page) WorkerSlot();
-  void* arena_pages = ::mmap(nullptr, ReplyArena::mapped_bytes, PROT_READ | PROT_WRITE,
-                             MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (arena_pages == MAP_FAILED) {
+  std::shared_ptr<ReplyArena> arena = map_arena();
+  std::shared_ptr<ReplyArena> input_arena = map_arena();
+  if (!arena || !input_arena) {
     ::munmap(page, sizeof(WorkerSlot));
     ::close(sv[0]);
     ::close(sv[1]);
-    throw_errno("cannot map a worker's reply arena");
+    throw_errno("cannot map a worker's arenas");
   }
-  // Outlives the worker while a decoder still reads a reply from it.
-  std::shared_ptr<ReplyArena> arena(new (arena_pages) ReplyArena(),
-                                    [](ReplyArena* a) { ::munmap(a, ReplyArena::mapped_bytes); });
   std::vector<int> to_close = ParentSockets::instance().snapshot();
   auto in_child = [&] {
     ::close(sv[0]);
@@ -249,6 +256,7 @@ void Engine::spawn_worker(unsigned position) {
     prepare_worker_process(parent_pid_, config_.inner_threads);
     current_worker_slot = slot;
     current_reply_arena = arena.get();
+    current_input_arena = input_arena.get();
     worker_has_task_timeout = config_.task_timeout.count() > 0;
     try {
       std::unique_ptr<WorkerLogic> logic = make_logic_();
@@ -279,6 +287,7 @@ void Engine::spawn_worker(unsigned position) {
   worker->fd = sv[0];
   worker->slot = slot;
   worker->arena = std::move(arena);
+  worker->input_arena = std::move(input_arena);
   worker->position = position;
   records_[position].pid = pid;
   for (auto& [id, call] : calls_) {
@@ -366,6 +375,26 @@ std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) cons
   return std::clamp(static_cast<std::size_t>(depth), min_pipeline, max_pipeline);
 }
 
+bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
+  const std::size_t size = chunk.payload.size();
+  if (size < ReplyArena::threshold || size > ReplyArena::capacity || !w.input_arena) return false;
+  for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
+    if (w.input_arena->busy[region].load(std::memory_order_acquire) != 0) continue;
+    w.input_arena->busy[region].store(1, std::memory_order_relaxed);
+    std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
+    FrameHeader header;
+    header.kind = FrameKind::task;
+    header.flags = static_cast<std::uint16_t>(flag_in_arena | (region ? flag_second_region : 0));
+    header.call = chunk.call;
+    header.first = chunk.first;
+    header.count = chunk.count;
+    header.size = size;
+    w.outbox.append(&header, sizeof header);
+    return true;
+  }
+  return false;
+}
+
 void Engine::dispatch() {
   const std::size_t quota = config_.max_tasks_per_child;
   while (!pending_.empty()) {
@@ -391,7 +420,9 @@ void Engine::dispatch() {
       chunk = slice(chunk, 0, fits);
     }
     best->tasks_sent += chunk.count;
-    send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
+    if (!send_through_arena(*best, chunk)) {
+      send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
+    }
     best->inflight.push_back(std::move(chunk));
   }
 }

@@ -145,6 +145,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
 
 WorkerSlot* current_worker_slot = nullptr;
 ReplyArena* current_reply_arena = nullptr;
+ReplyArena* current_input_arena = nullptr;
 std::int64_t current_task_start_ns = 0;
 bool time_each_task = true;
 bool worker_has_task_timeout = false;
@@ -173,16 +174,24 @@ void run_worker(int fd, WorkerLogic& logic) {
     FrameHeader header;
     std::memcpy(&header, channel.head(), sizeof header);
     if (header.magic != frame_magic) die("corrupt message from the parent (bad magic)");
-    const std::size_t whole = sizeof header + header.size;
+    const bool in_arena = (header.flags & flag_in_arena) != 0;
+    if (in_arena && (!current_input_arena || header.size > ReplyArena::capacity)) {
+      die("corrupt message from the parent (bad input arena reference)");
+    }
+    const std::size_t whole = frame_bytes_on_socket(header);
     if (channel.available() < whole) {
       if (!channel.read_more(whole)) exit_worker(0);
       continue;
     }
-    Reader payload(channel.head() + sizeof header, header.size);
+    const std::size_t region = (header.flags & flag_second_region) ? 1 : 0;
+    Reader payload(in_arena ? current_input_arena->data(region) : channel.head() + sizeof header,
+                   header.size);
     try {
       switch (header.kind) {
         case FrameKind::task:
           run_task_frame(logic, header, payload, channel.out());
+          // The inputs are decoded: the parent may fill this region again.
+          if (in_arena) current_input_arena->busy[region].store(0, std::memory_order_release);
           break;
         case FrameKind::setup:
           logic.setup(header.call, payload);

@@ -265,3 +265,35 @@ TEST(LargeResults, WorkersDyingAroundArenaRepliesLoseNothing) {
 }
 
 }  // namespace
+
+namespace {
+
+std::uint64_t checksum(const std::vector<unsigned char>& v) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : v)
+    h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+TEST(LargeInputs, TravelThroughTheInputArenaIntactEvenWhenWorkersDie) {
+  std::list<std::vector<unsigned char>> inputs;  // not random access: the inputs must travel
+  for (int s = 0; s < 40; ++s)
+    inputs.push_back(pattern(s, 1 << 20));
+  procpool::Insights insights;
+  auto sums = procpool::map(
+      [](const std::vector<unsigned char>& v) {
+        thread_local std::mt19937 rng(std::random_device{}());
+        if (std::uniform_int_distribution<int>(0, 9)(rng) == 0) ::raise(SIGKILL);
+        return checksum(v);
+      },
+      inputs, {.processes = 2, .retries = 20, .insights = &insights});
+  int s = 0;
+  for (const auto& v : inputs)
+    ASSERT_EQ(sums[static_cast<std::size_t>(s++)], checksum(v)) << s;
+  std::uint64_t on_socket = 0;
+  for (const auto& w : insights.workers)
+    on_socket += w.bytes_received;
+  EXPECT_LT(on_socket, 20u << 20) << "most of the 40 MiB should bypass the socket";
+}
+
+}  // namespace

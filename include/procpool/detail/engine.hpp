@@ -214,6 +214,8 @@ class Engine {
   void send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
                   std::uint64_t count, const Buffer& payload, std::uint16_t flags = 0);
   void dispatch();
+  /// Copies a large chunk's inputs into a free region of the worker's input arena.
+  bool send_through_arena(Worker& w, const Chunk& chunk);
   bool flush(Worker& w);
   bool receive(Worker& w);
   bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload,

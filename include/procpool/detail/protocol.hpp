@@ -48,6 +48,8 @@ struct ReplyArena {
 
 /// This worker's reply arena; null in the parent and under Start::in_process.
 extern ReplyArena* current_reply_arena;
+/// The same in the other direction: large input chunks from the parent.
+extern ReplyArena* current_input_arena;
 
 /// Fixed-size header in front of every message; sizes are 64-bit.
 struct FrameHeader {
