@@ -12,6 +12,8 @@
 #include <map>
 #include <string>
 
+#include "helpers.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -263,31 +265,8 @@ TEST(InnerThreads, WorkersGetUsableOverProcessesUnlessTheCallerSetIt) {
   EXPECT_EQ(std::getenv("OPENBLAS_NUM_THREADS"), nullptr) << "the parent's environment changed";
 }
 
-/// stderr of a child process that runs `body`.
-template <class Body>
-std::string stderr_of(Body body) {
-  int fds[2];
-  EXPECT_EQ(::pipe(fds), 0);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(fds[1], STDERR_FILENO);
-    ::close(fds[0]);
-    ::close(fds[1]);
-    body();
-    ::_exit(0);
-  }
-  ::close(fds[1]);
-  std::string err;
-  char buf[1024];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
-    err.append(buf, static_cast<std::size_t>(n));
-  ::close(fds[0]);
-  ::waitpid(pid, nullptr, 0);
-  return err;
-}
-
 TEST(Oversubscription, WarnsOncePerProcessNamingTheReason) {
-  std::string err = stderr_of([] {
+  std::string err = test_helpers::output_of(STDERR_FILENO, [] {
     ::setenv("PROCPOOL_CPUS", "2", 1);
     for (int i = 0; i < 3; ++i)
       procpool::map([](int x) { return x; }, std::vector<int>(16), {.processes = 8});
@@ -297,7 +276,7 @@ TEST(Oversubscription, WarnsOncePerProcessNamingTheReason) {
             std::string::npos)
       << err;
   EXPECT_EQ(err.find("warning", err.find("warning") + 1), std::string::npos) << "warned twice";
-  std::string quiet = stderr_of([] {
+  std::string quiet = test_helpers::output_of(STDERR_FILENO, [] {
     ::setenv("PROCPOOL_CPUS", "2", 1);
     procpool::map([](int x) { return x; }, std::vector<int>(16),
                   {.processes = 8, .warn_oversubscription = false});

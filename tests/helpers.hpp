@@ -2,7 +2,11 @@
 #pragma once
 
 #include <dirent.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
 
 #include <chrono>
 #include <fstream>
@@ -73,6 +77,35 @@ inline long private_kib() {
     if (key == "Private_Clean:" || key == "Private_Dirty:") total += value;
   }
   return total;
+}
+
+/// Runs `body` in a child process with `fd` (stdout or stderr) going to a
+/// pipe, and returns what it wrote. `exit_normally` ends the child with
+/// exit(0), so atexit handlers and stdio flushing run there once.
+template <class Body>
+std::string output_of(int fd, Body body, bool exit_normally = false) {
+  int fds[2];
+  if (::pipe(fds) != 0) return "(pipe failed)";
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(fds[1], fd);
+    ::close(fds[0]);
+    ::close(fds[1]);
+    body();
+    if (exit_normally) std::exit(0);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
+    out.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return out;
 }
 
 }  // namespace test_helpers

@@ -42,32 +42,6 @@ TEST(Hygiene, RepeatedCallsLeakNoDescriptors) {
   EXPECT_TRUE(test_helpers::children().empty());
 }
 
-/// Runs `body` in a child process with stdout going to a pipe; returns what it printed.
-template <class Body>
-std::string stdout_of(Body body) {
-  int fds[2];
-  EXPECT_EQ(::pipe(fds), 0);
-  std::fflush(stdout);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(fds[1], STDOUT_FILENO);
-    ::close(fds[0]);
-    ::close(fds[1]);
-    body();
-    std::exit(0);  // a normal exit: atexit handlers and stdio flushing run here, once
-  }
-  ::close(fds[1]);
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
-    out.append(buf, static_cast<std::size_t>(n));
-  ::close(fds[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-  return out;
-}
-
 std::size_t count(const std::string& haystack, const std::string& needle) {
   std::size_t n = 0;
   for (auto at = haystack.find(needle); at != std::string::npos; at = haystack.find(needle, at + 1))
@@ -76,34 +50,43 @@ std::size_t count(const std::string& haystack, const std::string& needle) {
 }
 
 TEST(Hygiene, BufferedOutputBeforeACallIsPrintedOnce) {
-  std::string out = stdout_of([] {
-    std::printf("buffered-marker ");  // stdout is a pipe: fully buffered, not yet written
-    procpool::map([](int x) { return x; }, std::vector{1, 2, 3, 4}, {.processes = 2});
-    procpool::Pool pool({.processes = 2});
-    pool.map([](int x) { return x; }, std::vector{1, 2});
-  });
+  std::string out = test_helpers::output_of(
+      STDOUT_FILENO,
+      [] {
+        std::printf("buffered-marker ");  // stdout is a pipe: fully buffered, not yet written
+        procpool::map([](int x) { return x; }, std::vector{1, 2, 3, 4}, {.processes = 2});
+        procpool::Pool pool({.processes = 2});
+        pool.map([](int x) { return x; }, std::vector{1, 2});
+      },
+      true);
   EXPECT_EQ(count(out, "buffered-marker"), 1u) << out;
 }
 
 TEST(Hygiene, WorkersNeverRunTheParentsAtexitHandlers) {
-  std::string out = stdout_of([] {
-    std::atexit([] { std::printf("atexit-marker\n"); });
-    procpool::map([](int x) { return x; }, std::vector{1, 2, 3, 4}, {.processes = 2});
-    procpool::Pool pool({.processes = 2});
-    pool.map([](int x) { return x; }, std::vector{1, 2});
-  });
+  std::string out = test_helpers::output_of(
+      STDOUT_FILENO,
+      [] {
+        std::atexit([] { std::printf("atexit-marker\n"); });
+        procpool::map([](int x) { return x; }, std::vector{1, 2, 3, 4}, {.processes = 2});
+        procpool::Pool pool({.processes = 2});
+        pool.map([](int x) { return x; }, std::vector{1, 2});
+      },
+      true);
   EXPECT_EQ(count(out, "atexit-marker"), 1u) << out;
 }
 
 TEST(Hygiene, WhatATaskPrintsIsNotLost) {
-  std::string out = stdout_of([] {
-    procpool::map(
-        [](int x) {
-          std::printf("task-output-%d\n", x);
-          return x;
-        },
-        std::vector{1, 2}, {.processes = 2});
-  });
+  std::string out = test_helpers::output_of(
+      STDOUT_FILENO,
+      [] {
+        procpool::map(
+            [](int x) {
+              std::printf("task-output-%d\n", x);
+              return x;
+            },
+            std::vector{1, 2}, {.processes = 2});
+      },
+      true);
   EXPECT_EQ(count(out, "task-output-1"), 1u) << out;
   EXPECT_EQ(count(out, "task-output-2"), 1u) << out;
 }

@@ -11,30 +11,9 @@
 #include <thread>
 #include <vector>
 
-namespace {
+#include "helpers.hpp"
 
-/// stderr of a child process running `body` (stderr is a pipe: not a terminal).
-template <class Body>
-std::string stderr_of(Body body) {
-  int fds[2];
-  EXPECT_EQ(::pipe(fds), 0);
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(fds[1], STDERR_FILENO);
-    ::close(fds[0]);
-    ::close(fds[1]);
-    body();
-    ::_exit(0);
-  }
-  ::close(fds[1]);
-  std::string err;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
-    err.append(buf, static_cast<std::size_t>(n));
-  ::close(fds[0]);
-  ::waitpid(pid, nullptr, 0);
-  return err;
-}
+namespace {
 
 int sleepy(int x) {
   std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -42,7 +21,7 @@ int sleepy(int x) {
 }
 
 TEST(Progress, LogFormHasPlainLinesPerTenPercentAndAFinalLine) {
-  std::string log = stderr_of([] {
+  std::string log = test_helpers::output_of(STDERR_FILENO, [] {
     procpool::map(sleepy, std::vector<int>(200),
                   {.processes = 2, .chunksize = 1, .progress = procpool::Progress::on});
   });
@@ -63,7 +42,7 @@ TEST(Progress, LogFormHasPlainLinesPerTenPercentAndAFinalLine) {
 }
 
 TEST(Progress, AutomaticIsSilentWhenStderrIsNotATerminal) {
-  std::string log = stderr_of([] {
+  std::string log = test_helpers::output_of(STDERR_FILENO, [] {
     procpool::map(sleepy, std::vector<int>(20), {.progress = procpool::Progress::automatic});
   });
   EXPECT_EQ(log, "");
@@ -102,7 +81,7 @@ TEST(Progress, UnknownTotalForAnEndlessInput) {
 }
 
 TEST(Progress, PoolCallsShowProgressToo) {
-  std::string log = stderr_of([] {
+  std::string log = test_helpers::output_of(STDERR_FILENO, [] {
     procpool::Pool pool({.processes = 2, .progress = procpool::Progress::on});
     pool.map(sleepy, std::vector<int>(40));
   });
@@ -110,7 +89,7 @@ TEST(Progress, PoolCallsShowProgressToo) {
 }
 
 TEST(Progress, AFailedCallEndsItsLine) {
-  std::string log = stderr_of([] {
+  std::string log = test_helpers::output_of(STDERR_FILENO, [] {
     try {
       procpool::map([](int x) -> int { throw std::runtime_error(std::to_string(x)); },
                     std::vector<int>(10), {.processes = 1, .progress = procpool::Progress::on});
