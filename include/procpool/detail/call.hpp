@@ -277,6 +277,7 @@ class CallDriver {
   bool finished() const { return feed_.done() && in_flight_ == 0; }
 
   void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
+    engine_.add_parent_time(0, std::exchange(decode_ns_, 0));
     fill();
     engine_.pump(lock, timeout);
     collect();
@@ -374,8 +375,9 @@ class CallDriver {
     const std::int64_t started = sample ? steady_now_ns() : 0;
     std::optional<Outcome<Out>> outcome(decoder.take());
     if (sample)
-      engine_.add_parent_time(0, 16 * static_cast<std::uint64_t>(steady_now_ns() - started));
-    if (decoder.empty()) current_.pop_front();  // releases its arena lease
+      decode_ns_ += 16 * static_cast<std::uint64_t>(steady_now_ns() -
+                                                    started);  // no lock held: step() hands it over
+    if (decoder.empty()) current_.pop_front();                 // releases its arena lease
     ++next_index_;
     --in_flight_;
     return outcome;
@@ -393,6 +395,7 @@ class CallDriver {
   std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
   std::size_t last_chunk_items_ = 0;
+  std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index
   std::deque<ChunkDecoder<Out>> current_;
