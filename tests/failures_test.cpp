@@ -73,6 +73,9 @@ TEST(Timeout, HangingTaskIsStoppedWithinTheLimitPlus100ms) {
     EXPECT_LT(waited, limit + milliseconds(100))
         << "stopped after " << std::chrono::duration<double>(waited).count();
     EXPECT_GE(waited, limit);
+    std::printf("task with a %lld ms limit stopped %.1f ms after it started\n",
+                static_cast<long long>(limit.count()),
+                std::chrono::duration<double, std::milli>(waited).count());
   }
   EXPECT_TRUE(test_helpers::children().empty());
 }
