@@ -87,24 +87,19 @@ std::vector<double> to_gbps(std::vector<double> runs, double bytes) {
   return runs;
 }
 
-int payload_out(const Args& a) {
+/// Moves `tasks` payloads of `--mib` MiB with `move(source)` and prints GB/s
+/// next to the copy floor measured in the same run.
+template <class Move>
+int payload(const char* workload, const Args& a, char fill, Move move) {
   const long tasks = a.get("--tasks", 64);
   const std::size_t size = static_cast<std::size_t>(a.get("--mib", 16)) << 20;
   const int reps = static_cast<int>(a.get("--reps", 5));
-  const std::vector<char> source(size, 'x');
+  const std::vector<char> source(size, fill);
   const double bytes = static_cast<double>(size) * static_cast<double>(tasks);
-  std::vector<long> ids(static_cast<std::size_t>(tasks));
   auto floor = to_gbps(copy_floor(source, tasks, reps), bytes);
-  // Each worker returns the buffer it inherited: the cost measured is the transport.
-  auto runs = to_gbps(
-      bench::repeat(reps,
-                    [&] {
-                      procpool::map([&source](long) -> const std::vector<char>& { return source; },
-                                    ids, {.processes = 2});
-                    }),
-      bytes);
+  auto runs = to_gbps(move(source, tasks, reps), bytes);
   const auto s = bench::stats(runs), f = bench::stats(floor);
-  Json("payload_out")
+  Json(workload)
       .num("mib", static_cast<double>(size >> 20))
       .num("tasks", static_cast<double>(tasks))
       .stats("gbps", s)
@@ -114,32 +109,24 @@ int payload_out(const Args& a) {
   return 0;
 }
 
+int payload_out(const Args& a) {
+  return payload("payload_out", a, 'x', [](const std::vector<char>& source, long tasks, int reps) {
+    std::vector<long> ids(static_cast<std::size_t>(tasks));
+    // Each worker returns the buffer it inherited: the cost measured is the transport.
+    return bench::repeat(reps, [&] {
+      procpool::map([&source](long) -> const std::vector<char>& { return source; }, ids,
+                    {.processes = 2});
+    });
+  });
+}
+
 int payload_in(const Args& a) {
-  const long tasks = a.get("--tasks", 64);
-  const std::size_t size = static_cast<std::size_t>(a.get("--mib", 16)) << 20;
-  const int reps = static_cast<int>(a.get("--reps", 5));
-  const std::vector<char> source(size, 'y');
-  const double bytes = static_cast<double>(size) * static_cast<double>(tasks);
-  std::list<std::vector<char>> inputs;  // not random access: every input must travel
-  for (long i = 0; i < tasks; ++i)
-    inputs.push_back(source);
-  auto floor = to_gbps(copy_floor(source, tasks, reps), bytes);
-  auto runs =
-      to_gbps(bench::repeat(reps,
-                            [&] {
-                              procpool::map([](const std::vector<char>& v) { return v.size(); },
-                                            inputs, {.processes = 2});
-                            }),
-              bytes);
-  const auto s = bench::stats(runs), f = bench::stats(floor);
-  Json("payload_in")
-      .num("mib", static_cast<double>(size >> 20))
-      .num("tasks", static_cast<double>(tasks))
-      .stats("gbps", s)
-      .stats("floor_gbps", f)
-      .num("fraction_of_floor", s.median / f.median)
-      .print();
-  return 0;
+  return payload("payload_in", a, 'y', [](const std::vector<char>& source, long tasks, int reps) {
+    std::list<std::vector<char>> inputs(static_cast<std::size_t>(tasks), source);  // must travel
+    return bench::repeat(reps, [&] {
+      procpool::map([](const std::vector<char>& v) { return v.size(); }, inputs, {.processes = 2});
+    });
+  });
 }
 
 int startup(const Args& a) {
