@@ -570,7 +570,6 @@ void Engine::recycle(Worker& w) {
   wait_blocking(w.pid);
   fold_slot(w);
   ::munmap(w.slot, sizeof(WorkerSlot));
-  ++events_.recycles;
   ++records_[w.position].recycles;
   const unsigned position = w.position;
   const std::uint64_t serial = w.serial;
@@ -593,7 +592,6 @@ void Engine::requeue_front(std::deque<Chunk>& chunks) {
 void Engine::charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue) {
   ++task.attempts;
   if (task.attempts <= config_.retries) {
-    ++events_.retried_tasks;
     requeue.push_back(std::move(task));
     return;
   }
@@ -614,15 +612,12 @@ void Engine::retire(Worker& w, Death death, std::exception_ptr corrupt) {
   const unsigned position = w.position;
   switch (death) {
     case Death::died:
-      ++events_.crashes;
       ++records_[position].crashes;
       break;
     case Death::timed_out:
-      ++events_.timeouts;
       ++records_[position].timeouts;
       break;
     case Death::corrupt:
-      ++events_.protocol_errors;
       break;
   }
 

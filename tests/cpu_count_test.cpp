@@ -216,22 +216,10 @@ TEST(CpuReality, RealCgroupV1Quota) {
   }
   std::ofstream(group / "cpu.cfs_period_us") << "100000";
   std::ofstream(group / "cpu.cfs_quota_us") << "50000";
-  int fds[2];
-  ASSERT_EQ(::pipe(fds), 0);
-  pid_t child = ::fork();
-  if (child == 0) {
-    std::ofstream(group / "cgroup.procs") << ::getpid() << std::flush;
-    ::dup2(fds[1], STDOUT_FILENO);
+  const std::string out = test_helpers::output_of(STDOUT_FILENO, [&group] {
+    std::ofstream(group / "cgroup.procs") << ::getpid() << std::flush;  // join the group
     ::execl(PROCPOOL_CPUS_TOOL, PROCPOOL_CPUS_TOOL, nullptr);
-    ::_exit(127);
-  }
-  ::close(fds[1]);
-  std::string out;
-  char buf[512];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
-    out.append(buf, static_cast<std::size_t>(n));
-  ::close(fds[0]);
-  ::waitpid(child, nullptr, 0);
+  });
   fs::remove(group, ec);
   std::printf("cgroup v1 quota 50000/100000: %s", out.c_str());
   EXPECT_EQ(out.rfind("usable CPUs: 1 (decided by cgroup quota", 0), 0u) << out;

@@ -98,15 +98,6 @@ inline EngineConfig engine_config(const Options& options, const ProcessPlan& pla
                       plan.inner_threads};
 }
 
-/// What happened to the workers so far.
-struct EngineEvents {
-  std::uint64_t crashes = 0;
-  std::uint64_t timeouts = 0;
-  std::uint64_t recycles = 0;
-  std::uint64_t protocol_errors = 0;
-  std::uint64_t retried_tasks = 0;
-};
-
 /// What one worker position did, summed over the processes that held it.
 struct WorkerRecord {
   pid_t pid = 0;  // the current (or last) process
@@ -181,7 +172,6 @@ class Engine {
   }
   std::uint64_t parent_input_ns() const noexcept { return parent_input_ns_; }
   std::uint64_t parent_decode_ns() const noexcept { return parent_decode_ns_; }
-  const EngineEvents& events() const noexcept { return events_; }
   std::vector<pid_t> worker_pids() const;
 
  private:
@@ -229,7 +219,6 @@ class Engine {
 
   EngineConfig config_;
   LogicFactory make_logic_;
-  EngineEvents events_;
   std::vector<WorkerRecord> records_;
   std::vector<SlowTask> slowest_;
   std::uint64_t parent_input_ns_ = 0;
