@@ -1,30 +1,120 @@
 #include "procpool/detail/buffer.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
+#include <mutex>
 #include <new>
+#include <vector>
 
 namespace procpool::detail {
 namespace {
 
-constexpr std::size_t mmap_threshold = std::size_t{2} << 20;
+constexpr std::size_t page_bytes = std::size_t{4} << 10;
+constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
+#if defined(__SANITIZE_ADDRESS__)
+constexpr std::size_t cache_limit_bytes = 0;  // ASan must see every use after free
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr std::size_t cache_limit_bytes = 0;  // ASan must see every use after free
+#else
+constexpr std::size_t cache_limit_bytes = std::size_t{64} << 20;
+#endif
+#else
+constexpr std::size_t cache_limit_bytes = std::size_t{64} << 20;
+#endif
+constexpr std::size_t cache_limit_blocks = 64;
 
-}  // namespace
+std::size_t round_up(std::size_t n, std::size_t unit) {
+  return (n + unit - 1) / unit * unit;
+}
 
-std::byte* allocate_bytes(std::size_t n) {
-  if (n < mmap_threshold) return new std::byte[n];
-  void* p = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+/// Blocks are not inherited by forked workers (MADV_DONTFORK): a worker never
+/// touches the parent's buffers, and without it every fork would turn the
+/// parent's warm buffers copy-on-write, so that its next write to each page
+/// faults and copies it. It also leaves less for fork to copy.
+std::byte* map_block(std::size_t capacity) {
+  void* p = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
-  ::madvise(p, n, MADV_HUGEPAGE);  // a hint: harmless where THP is off
+  ::madvise(p, capacity, MADV_DONTFORK);
+  if (capacity >= huge_page_bytes) ::madvise(p, capacity, MADV_HUGEPAGE);  // harmless if THP is off
   return static_cast<std::byte*>(p);
 }
 
-void free_bytes(std::byte* p, std::size_t n) noexcept {
-  if (p == nullptr) return;
-  if (n < mmap_threshold) {
-    delete[] p;
+void unmap_block(Block block) noexcept {
+  ::munmap(block.data, block.capacity);
+}
+
+/// Freed blocks kept warm for reuse, most recently freed last.
+class BlockCache {
+ public:
+  static BlockCache& instance() {
+    static auto* cache = new BlockCache();  // never destroyed: buffers may outlive statics
+    return *cache;
+  }
+
+  /// A cached block of at least `n` bytes (and not wastefully more), if any.
+  Block take(std::size_t n) {
+    std::lock_guard lock(mutex_);
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+      if (it->capacity >= n && it->capacity <= 2 * n) {
+        const Block block = *it;
+        blocks_.erase(std::next(it).base());
+        cached_bytes_ -= block.capacity;
+        return block;
+      }
+    }
+    return {};
+  }
+
+  /// Keeps `block` if there is room; otherwise hands it back to the system.
+  void give(Block block) noexcept {
+    {
+      std::lock_guard lock(mutex_);
+      if (cached_bytes_ + block.capacity <= cache_limit_bytes &&
+          blocks_.size() < cache_limit_blocks) {
+        blocks_.push_back(block);  // reserved: never allocates
+        cached_bytes_ += block.capacity;
+        return;
+      }
+    }
+    unmap_block(block);
+  }
+
+ private:
+  BlockCache() {
+    blocks_.reserve(cache_limit_blocks);
+    // A fork while another thread holds the lock would leave it locked forever in the child.
+    ::pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().forget_after_fork(); });
+  }
+  /// In a new child: the cached blocks were not inherited (MADV_DONTFORK).
+  void forget_after_fork() {
+    blocks_.clear();
+    cached_bytes_ = 0;
+    mutex_.unlock();
+  }
+  std::mutex mutex_;
+  std::vector<Block> blocks_;
+  std::size_t cached_bytes_ = 0;
+};
+
+}  // namespace
+
+Block allocate_block(std::size_t at_least) {
+  if (at_least < page_bytes) return {new std::byte[at_least], at_least};
+  const std::size_t capacity =
+      round_up(at_least, at_least < huge_page_bytes ? page_bytes : huge_page_bytes);
+  if (Block cached = BlockCache::instance().take(capacity); cached.data) return cached;
+  return {map_block(capacity), capacity};
+}
+
+void free_block(Block block) noexcept {
+  if (block.data == nullptr) return;
+  if (block.capacity < page_bytes) {
+    delete[] block.data;
   } else {
-    ::munmap(p, n);
+    BlockCache::instance().give(block);
   }
 }
 

@@ -153,7 +153,10 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.first = chunk.first + from;
   part.count = to - from;
   part.attempts = chunk.attempts;
-  if (!chunk.offsets.empty()) {
+  part.stride = chunk.stride;
+  if (chunk.stride != 0) {
+    part.payload.append(chunk.payload.data() + from * chunk.stride, (to - from) * chunk.stride);
+  } else if (!chunk.offsets.empty()) {
     const std::uint64_t begin = chunk.offsets[from];
     const std::uint64_t end = to < chunk.count ? chunk.offsets[to] : chunk.payload.size();
     part.payload.append(chunk.payload.data() + begin, end - begin);

@@ -37,6 +37,34 @@ TEST(TaskError, CarriesIndexTypeAndMessageAndLeavesNoWorkerBehind) {
   EXPECT_TRUE(test_helpers::children().empty()) << "workers survived the failed call";
 }
 
+TEST(TaskError, AFailureInsideALargeChunkStopsMapAtThatInput) {
+  // map takes successes in bulk; the bulk must stop exactly at the failure,
+  // for a Pool (results decoded from replies) as for fork per call.
+  const auto fails_at = [](long x) {
+    if (x == 54321) throw std::out_of_range("too far");
+    return x * 2;
+  };
+  std::vector<long> inputs(100000);
+  std::iota(inputs.begin(), inputs.end(), 0L);
+  try {
+    procpool::map(fails_at, inputs, {.processes = 2});
+    FAIL() << "no exception";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_EQ(e.index(), 54321u);
+  }
+  procpool::Pool pool({.processes = 2});
+  try {
+    pool.map(fails_at, inputs);
+    FAIL() << "no exception";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_EQ(e.index(), 54321u);
+  }
+  const auto after = pool.map([](long x) { return x + 1; }, inputs);
+  ASSERT_EQ(after.size(), inputs.size());
+  EXPECT_EQ(after.front(), 1);
+  EXPECT_EQ(after.back(), 100000);
+}
+
 struct CustomFailure {};  // not derived from std::exception
 
 TEST(TaskError, NonStandardExceptionKeepsItsTypeName) {

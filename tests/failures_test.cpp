@@ -16,6 +16,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -171,6 +172,37 @@ TEST(Recycling, PoolWorkersAreRecycledToo) {
   for (auto [pid, n] : per_worker)
     EXPECT_LE(n, 5);
   EXPECT_EQ(pool.map([](int x) { return x; }, iota(20)), iota(20));
+}
+
+TEST(Recycling, PoolChunksSplitAtTheQuotaKeepEveryInputIntact) {
+  // Fixed-size inputs travel without per-input offsets, strings with them:
+  // both must be cut at the quota boundary without losing or shifting one.
+  procpool::Pool pool({.processes = 2, .chunksize = 7, .max_tasks_per_child = 10});
+  const auto tripled = pool.map([](long x) { return 3 * x; }, std::vector<long>(200, 5));
+  EXPECT_EQ(tripled, std::vector<long>(200, 15));
+  const auto numbers = pool.map([](int x) { return x; }, iota(300));
+  EXPECT_EQ(numbers, iota(300));
+  std::vector<std::string> words;
+  for (int i = 0; i < 100; ++i)
+    words.push_back(std::string(static_cast<std::size_t>(i % 13), 'a') + std::to_string(i));
+  EXPECT_EQ(pool.map([](const std::string& w) { return w; }, words), words);
+}
+
+std::atomic<int>* pool_attempts = nullptr;  // shared memory, mapped before the pool forks
+
+TEST(Retries, PoolInputsOfACrashedChunkAreRunAgainIntact) {
+  Shared<std::atomic<int>> attempts(400);
+  pool_attempts = &attempts[0];
+  procpool::Pool pool({.processes = 2, .chunksize = 16, .retries = 1});
+  auto doubled = pool.map(
+      [](int x) {
+        if (x % 37 == 5 && pool_attempts[x]++ == 0) ::raise(SIGKILL);
+        return 2 * x;
+      },
+      iota(400));
+  ASSERT_EQ(doubled.size(), 400u);
+  for (int x = 0; x < 400; ++x)
+    EXPECT_EQ(doubled[static_cast<std::size_t>(x)], 2 * x) << x;
 }
 
 TEST(Outcomes, OneBadInputLosesNothingElse) {

@@ -2,6 +2,12 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <random>
@@ -133,6 +139,35 @@ TEST(Serialize, RandomBytesNeverCrashTheDecoder) {
       // the only acceptable failure
     }
   }
+}
+
+TEST(BufferBlocks, AFreedBlockIsHandedOutAgainWarm) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "the cache is off under ASan, so that it sees every use after free";
+#endif
+  const auto first = procpool::detail::allocate_block(1 << 20);
+  std::memset(first.data, 1, first.capacity);
+  procpool::detail::free_block(first);
+  const auto second = procpool::detail::allocate_block(1 << 20);
+  EXPECT_EQ(second.data, first.data);
+  EXPECT_GE(second.capacity, std::size_t{1} << 20);
+  procpool::detail::free_block(second);
+}
+
+TEST(BufferBlocks, ForkedChildrenDoNotInheritThem) {
+  // Otherwise every fork would make the parent's next write to each page a copy.
+  Buffer buffer(64 << 10);
+  std::memset(buffer.data(), 7, buffer.size());
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    unsigned char resident = 0;
+    const bool unmapped = ::mincore(buffer.data(), 4096, &resident) == -1 && errno == ENOMEM;
+    ::_exit(unmapped ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child could see the buffer";
+  EXPECT_EQ(buffer.data()[100], std::byte{7});
 }
 
 }  // namespace

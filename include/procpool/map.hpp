@@ -77,6 +77,7 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
   }
 
   std::optional<Value> next() override { return deliver<D, Out>(driver_); }
+  void drain_into(std::vector<Value>& out) override { drain<D, Out>(driver_, out); }
 
  private:
   Runner make_runner() {
@@ -119,8 +120,7 @@ std::vector<T> collect(Results<T> results, const R& inputs) {
   if constexpr (std::ranges::sized_range<const R>) {
     out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
   }
-  for (T& value : results)
-    out.push_back(std::move(value));
+  ResultsAccess<T>::drain_into(results, out);
   return out;
 }
 

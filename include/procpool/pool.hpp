@@ -222,6 +222,7 @@ class PoolStreamCall final : public ResultSource<delivered_t<D, Out>> {
                 core_->options, D != Delivery::unordered, StopMode::close_call) {}
 
   std::optional<Value> next() override { return deliver<D, Out>(driver_); }
+  void drain_into(std::vector<Value>& out) override { drain<D, Out>(driver_, out); }
 
  private:
   std::shared_ptr<PoolCore> core_;
@@ -316,8 +317,10 @@ class Pool {
   auto map(F f, R&& inputs, const Extra&... extra) {
     using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
-    for (Out& value : imap(f, std::forward<R>(inputs), extra...))
-      out.push_back(std::move(value));
+    if constexpr (std::ranges::sized_range<R>)
+      out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
+    auto results = imap(f, std::forward<R>(inputs), extra...);
+    detail::ResultsAccess<Out>::drain_into(results, out);
     return out;
   }
 
@@ -338,9 +341,10 @@ class Pool {
   auto map_outcomes(F f, R&& inputs, const Extra&... extra) {
     using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Outcome<Out>> out;
-    for (auto& outcome : imap_outcomes(f, std::forward<R>(inputs), extra...)) {
-      out.push_back(std::move(outcome));
-    }
+    if constexpr (std::ranges::sized_range<R>)
+      out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
+    auto results = imap_outcomes(f, std::forward<R>(inputs), extra...);
+    detail::ResultsAccess<Outcome<Out>>::drain_into(results, out);
     return out;
   }
 

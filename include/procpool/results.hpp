@@ -7,6 +7,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace procpool {
 
@@ -52,7 +54,15 @@ class ResultSource {
  public:
   virtual ~ResultSource() = default;
   virtual std::optional<T> next() = 0;
+  /// Appends every remaining result to `out` (map's way in: sources may do it in bulk).
+  virtual void drain_into(std::vector<T>& out) {
+    while (auto value = next())
+      out.push_back(std::move(*value));
+  }
 };
+
+template <class T>
+class ResultsAccess;
 
 }  // namespace detail
 
@@ -99,7 +109,20 @@ class Results {
   std::default_sentinel_t end() const noexcept { return {}; }
 
  private:
+  friend class detail::ResultsAccess<T>;
   std::unique_ptr<detail::ResultSource<T>> source_;
 };
 
+namespace detail {
+
+/// map's access to a Results it has not started iterating.
+template <class T>
+class ResultsAccess {
+ public:
+  static void drain_into(Results<T>& results, std::vector<T>& out) {
+    results.source_->drain_into(out);
+  }
+};
+
+}  // namespace detail
 }  // namespace procpool

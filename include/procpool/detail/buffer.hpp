@@ -14,11 +14,21 @@
 
 namespace procpool::detail {
 
-/// Memory for large buffers comes straight from mmap with transparent huge
-/// pages requested: a first touch costs ~2 us per 4 KiB page on many VMs, so
-/// a 1 GiB result would otherwise spend half a second in page faults alone.
-std::byte* allocate_bytes(std::size_t n);
-void free_bytes(std::byte* p, std::size_t n) noexcept;
+/// A block of memory for a Buffer.
+struct Block {
+  std::byte* data = nullptr;
+  std::size_t capacity = 0;
+};
+
+/// Blocks of 4 KiB and more are recycled through a process-wide cache (up to
+/// 64 MiB): a first touch of a fresh page costs ~2 us per 4 KiB on many VMs,
+/// which for small tasks costs more than the work, so a buffer freed by one
+/// chunk or call is handed warm to the next. Large blocks come straight from
+/// mmap with transparent huge pages requested, so that a 1 GiB result does
+/// not spend half a second in page faults. Blocks of 4 KiB and more are not
+/// inherited by forked children (see map_block). `at_least` may be rounded up.
+Block allocate_block(std::size_t at_least);
+void free_block(Block block) noexcept;
 
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
 /// results of hundreds of MiB must not be zero-filled before they are written.
@@ -34,7 +44,7 @@ class Buffer {
   }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { free_bytes(data_, capacity_); }
+  ~Buffer() { free_block({data_, capacity_}); }
 
   std::byte* data() noexcept { return data_; }
   const std::byte* data() const noexcept { return data_; }
@@ -45,11 +55,11 @@ class Buffer {
 
   void reserve(std::size_t capacity) {
     if (capacity <= capacity_) return;
-    std::byte* grown = allocate_bytes(capacity);
-    if (size_ != 0) std::memcpy(grown, data_, size_);
-    free_bytes(data_, capacity_);
-    data_ = grown;
-    capacity_ = capacity;
+    const Block grown = allocate_block(capacity);
+    if (size_ != 0) std::memcpy(grown.data, data_, size_);
+    free_block({data_, capacity_});
+    data_ = grown.data;
+    capacity_ = grown.capacity;
   }
   void resize(std::size_t size) {
     if (size > capacity_) reserve(std::max(size, capacity_ + capacity_ / 2));

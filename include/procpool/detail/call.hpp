@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "procpool/detail/engine.hpp"
 #include "procpool/detail/interrupt.hpp"
@@ -76,6 +78,43 @@ class ChunkDecoder {
   }
   /// Input index of the next outcome.
   std::uint64_t take_index() const noexcept { return done_.first + taken_; }
+
+  /// Appends the successful values from here on to `out`, stopping before the
+  /// first failure (left for take()); returns how many were taken.
+  std::size_t take_values(std::vector<Out>& out) {
+    if (broken_) return 0;
+    const std::uint64_t before = taken_;
+    if constexpr (is_raw_v<Out>) {
+      // Fixed-size values: a tight loop over the reply, no per-value Outcome.
+      constexpr std::size_t step = sizeof(OutcomeTag) + sizeof(Out);
+      const std::byte* at = in_.position();
+      const std::size_t fit = std::min<std::uint64_t>(done_.count - taken_, in_.remaining() / step);
+      std::size_t n = 0;
+      for (; n < fit && static_cast<OutcomeTag>(at[n * step]) == OutcomeTag::value; ++n) {
+        Out value;
+        std::memcpy(&value, at + n * step + sizeof(OutcomeTag), sizeof(Out));
+        out.push_back(value);
+      }
+      in_.take(n * step);
+      taken_ += n;
+    } else {
+      while (taken_ < done_.count) {
+        const Reader before_value = in_;
+        try {
+          if (in_.get<OutcomeTag>() != OutcomeTag::value) {
+            in_ = before_value;
+            break;
+          }
+          out.push_back(load_value<Out>(in_));
+          ++taken_;
+        } catch (const ProtocolError&) {
+          in_ = before_value;  // take() reports it
+          break;
+        }
+      }
+    }
+    return static_cast<std::size_t>(taken_ - before);
+  }
 
   Outcome<Out> take() {
     Outcome<Out> outcome;
@@ -161,22 +200,48 @@ class StreamFeed {
     Chunk chunk;
     chunk.call = call;
     chunk.first = next_;
-    Writer out(chunk.payload);
-    // A byte budget as well as a count: in-flight memory stays small and flat
-    // however many inputs an endless range yields (large inputs go one per chunk).
-    constexpr std::size_t chunk_bytes = 256 * 1024;
-    for (; chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes;
-         ++it_, ++chunk.count) {
-      chunk.offsets.push_back(out.size());
-      save(out, static_cast<const Item&>(*it_));
+    if constexpr (is_raw_v<Item>) {
+      take_raw(chunk, std::min(max_items, std::max<std::size_t>(1, chunk_bytes / sizeof(Item))));
+    } else {
+      Writer out(chunk.payload);
+      for (; chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes;
+           ++it_, ++chunk.count) {
+        chunk.offsets.push_back(out.size());
+        save(out, static_cast<const Item&>(*it_));
+      }
     }
     next_ += chunk.count;
     return chunk;
   }
 
  private:
-  std::ranges::iterator_t<View> it_;
-  std::ranges::sentinel_t<View> end_;
+  using Iterator = std::ranges::iterator_t<View>;
+  using Sentinel = std::ranges::sentinel_t<View>;
+  // A byte budget as well as a count: in-flight memory stays small and flat
+  // however many inputs an endless range yields (large inputs go one per chunk).
+  static constexpr std::size_t chunk_bytes = 256 * 1024;
+
+  /// Fixed-size inputs: no per-input offsets, and one copy for a contiguous range.
+  void take_raw(Chunk& chunk, std::size_t max_items) {
+    chunk.stride = sizeof(Item);
+    if constexpr (std::contiguous_iterator<Iterator> &&
+                  std::sized_sentinel_for<Sentinel, Iterator> &&
+                  std::same_as<std::iter_value_t<Iterator>, Item>) {
+      const auto n = std::min(max_items, static_cast<std::size_t>(end_ - it_));
+      chunk.payload.append(std::to_address(it_), n * sizeof(Item));
+      it_ += static_cast<std::iter_difference_t<Iterator>>(n);
+      chunk.count = n;
+    } else {
+      chunk.payload.reserve(max_items * sizeof(Item));
+      for (; chunk.count < max_items && it_ != end_; ++it_, ++chunk.count) {
+        const Item& item = *it_;
+        chunk.payload.append(&item, sizeof(Item));
+      }
+    }
+  }
+
+  Iterator it_;
+  Sentinel end_;
   std::optional<std::size_t> total_;
   std::uint64_t next_ = 0;
 };
@@ -200,6 +265,19 @@ std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
     } else {
       return Indexed<Out>{outcome->index, std::move(*outcome->value)};
     }
+  }
+}
+
+/// Appends every remaining result to `out`. Ordered successes go in bulk;
+/// results are taken one at a time only around waits and failures (which
+/// throw as deliver does).
+template <Delivery D, class Out, class Driver>
+void drain(Driver& driver, std::vector<delivered_t<D, Out>>& out) {
+  for (;;) {
+    if constexpr (D == Delivery::ordered) driver.take_values(out);
+    auto value = deliver<D, Out>(driver);
+    if (!value) return;
+    out.push_back(std::move(*value));
   }
 }
 
@@ -240,6 +318,20 @@ class CallDriver {
         return std::nullopt;
       }
       step(lock, std::chrono::milliseconds(100));
+    }
+  }
+
+  /// Appends the successes already decoded (no waiting) to `out`, in order.
+  void take_values(std::vector<Out>& out) {
+    while (!current_.empty()) {
+      ChunkDecoder<Out>& decoder = current_.front();
+      const std::int64_t started = steady_now_ns();
+      const std::size_t n = decoder.take_values(out);
+      decode_ns_ += static_cast<std::uint64_t>(steady_now_ns() - started);
+      next_index_ += n;
+      in_flight_ -= n;
+      if (!decoder.empty()) return;  // a failure: next() hands it over
+      current_.pop_front();          // releases its arena lease
     }
   }
 

@@ -31,6 +31,8 @@ struct Chunk {
   Buffer payload;
   /// Where each input starts in `payload`, so that a chunk can be split into single tasks.
   std::vector<std::uint64_t> offsets;
+  /// When non-zero, every input is this many bytes and `offsets` stays empty.
+  std::uint64_t stride = 0;
   /// Times a task of this chunk was charged with its worker's death or a timeout.
   unsigned attempts = 0;
 };

@@ -131,11 +131,11 @@ extern std::int64_t current_task_start_ns;
 extern bool time_each_task;
 
 /// Marks task `index` as running in this worker's slot for the scope, and
-/// times it for insights (serialisation is timed on every 16th task only:
+/// times it for insights (serialisation is timed on every 64th task only:
 /// two more clock reads per task would cost more than a tiny task's work).
 class RunningTask {
  public:
-  static constexpr std::uint64_t serialize_sample = 16;
+  static constexpr std::uint64_t serialize_sample = 64;
 
   explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot), index_(index) {
     if (!slot_) return;
