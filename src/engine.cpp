@@ -541,9 +541,8 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
               reinterpret_cast<std::uintptr_t>(done.external) + header.size - begin,
               MADV_POPULATE_READ);
 #endif
-    done.lease = std::shared_ptr<void>(arena.get(), [arena, region](void*) {
-      arena->busy[region].store(0, std::memory_order_release);
-    });
+    done.lease =
+        std::shared_ptr<void>(arena.get(), [arena, region](void*) { arena->release(region); });
   } else if (take_inbox) {
     done.payload = std::move(w.inbox);
     done.offset = sizeof header;

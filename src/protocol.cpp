@@ -1,12 +1,49 @@
 #include "procpool/detail/protocol.hpp"
 
 #include <cxxabi.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
 #include <typeinfo>
 
 namespace procpool::detail {
+
+int ReplyArena::claim() noexcept {
+  for (std::size_t region = 0; region < regions; ++region) {
+    std::uint32_t free = 0;
+    if (busy[region].compare_exchange_strong(free, 1, std::memory_order_acquire)) {
+      return static_cast<int>(region);
+    }
+  }
+  return -1;
+}
+
+int ReplyArena::claim_waiting(std::chrono::milliseconds patience) noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  for (;;) {
+    const std::uint32_t seen = released.load(std::memory_order_acquire);
+    if (int region = claim(); region >= 0) return region;
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= left.zero()) return -1;
+    const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec wait{static_cast<time_t>(nanos / 1'000'000'000),
+                  static_cast<long>(nanos % 1'000'000'000)};
+    // Shared between processes: not FUTEX_PRIVATE. Returns at once if a region was freed since
+    // `seen`.
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&released), FUTEX_WAIT, seen, &wait,
+              nullptr, 0);
+  }
+}
+
+void ReplyArena::release(std::size_t region) noexcept {
+  busy[region].store(0, std::memory_order_release);
+  released.fetch_add(1, std::memory_order_release);
+  ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&released), FUTEX_WAKE, 1, nullptr, nullptr,
+            0);
+}
 
 std::string demangle(const char* mangled) {
   int status = 0;

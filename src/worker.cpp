@@ -66,6 +66,13 @@ class Channel {
     }
   }
 
+  /// Sends the first `n` bytes of out() now (whole replies queued before the
+  /// one being built), leaving them in place so that nothing moves.
+  void send_front(std::size_t n) {
+    send_range(sent_, n);
+    sent_ = n;
+  }
+
   void flush() {
     if (current_worker_slot && !out_.empty()) {
       WorkerSlot::add(current_worker_slot->bytes_out, out_.size());
@@ -74,29 +81,40 @@ class Channel {
       current_worker_slot->peak_rss_kb.store(static_cast<std::uint64_t>(usage.ru_maxrss),
                                              std::memory_order_relaxed);
     }
-    std::size_t sent = 0;
-    while (sent < out_.size()) {
-      ssize_t n = ::send(fd_, out_.data() + sent, out_.size() - sent, MSG_NOSIGNAL);
+    send_range(sent_, out_.size());
+    out_.clear();
+    sent_ = 0;
+  }
+
+ private:
+  void send_range(std::size_t from, std::size_t to) {
+    while (from < to) {
+      ssize_t n = ::send(fd_, out_.data() + from, to - from, MSG_NOSIGNAL);
       if (n > 0) {
-        sent += static_cast<std::size_t>(n);
+        from += static_cast<std::size_t>(n);
       } else if (n < 0 && errno != EINTR) {
         exit_worker(0);  // the parent is gone or closed us: nobody wants the results
       }
     }
-    out_.clear();
   }
 
- private:
   int fd_;
   Buffer in_;
   std::size_t pos_ = 0;
   Buffer out_;
+  std::size_t sent_ = 0;  // bytes at the front of out_ already sent
 };
+
+/// How long a worker waits for its parent to free a reply region before
+/// sending a large reply through the socket instead.
+constexpr std::chrono::milliseconds arena_patience{50};
 
 /// Average task time of the previous chunk: decides whether each task is timed.
 double last_chunk_nanos_per_task = 1e9;
 
-void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& payload, Buffer& out) {
+void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& payload,
+                    Channel& channel) {
+  Buffer& out = channel.out();
   const std::size_t at = out.size();
   out.grow(sizeof(FrameHeader));
   Writer writer(out);
@@ -128,14 +146,16 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   }
   ReplyArena* arena = current_reply_arena;
   if (arena && reply.size >= ReplyArena::threshold && reply.size <= ReplyArena::capacity) {
-    for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
-      if (arena->busy[region].load(std::memory_order_acquire) != 0) continue;
-      // The parent is done with this region's last reply: this one goes there.
-      arena->busy[region].store(1, std::memory_order_relaxed);
-      std::memcpy(arena->data(region), out.data() + at + sizeof(FrameHeader), reply.size);
+    // Replies already queued go first: the parent frees regions as it decodes them.
+    channel.send_front(at);
+    // Bounded: the parent may be stuck on another call's consumer, and a reply
+    // through the socket is slower but never waits for anyone.
+    const int region = arena->claim_waiting(arena_patience);
+    if (region >= 0) {
+      std::memcpy(arena->data(static_cast<std::size_t>(region)),
+                  out.data() + at + sizeof(FrameHeader), reply.size);
       reply.flags = static_cast<std::uint16_t>(flag_in_arena | (region ? flag_second_region : 0));
       out.resize(at + sizeof(FrameHeader));
-      break;
     }
   }
   std::memcpy(out.data() + at, &reply, sizeof reply);
@@ -189,7 +209,7 @@ void run_worker(int fd, WorkerLogic& logic) {
     try {
       switch (header.kind) {
         case FrameKind::task:
-          run_task_frame(logic, header, payload, channel.out());
+          run_task_frame(logic, header, payload, channel);
           // The inputs are decoded: the parent may fill this region again.
           if (in_arena) current_input_arena->busy[region].store(0, std::memory_order_release);
           break;

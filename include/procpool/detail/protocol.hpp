@@ -40,11 +40,22 @@ struct ReplyArena {
   static constexpr std::size_t threshold = std::size_t{256}
                                            << 10;  // smaller replies use the socket
   std::atomic<std::uint32_t> busy[regions] =
-      {};  // set by the worker, cleared by the parent once decoded
+      {};                                  // set by the writer, cleared by the reader once decoded
+  std::atomic<std::uint32_t> released{0};  // bumped (and woken) each time a region is freed
+
   std::byte* data(std::size_t region) noexcept {
     return reinterpret_cast<std::byte*>(this) + header_bytes + region * capacity;
   }
+  /// Claims a free region for the writer; -1 if both are busy.
+  int claim() noexcept;
+  /// Like claim(), but when both are busy waits up to `patience` for the
+  /// reader to free one: a writer that is ahead of its reader waits instead
+  /// of sending through the socket, which costs the reader two more copies.
+  int claim_waiting(std::chrono::milliseconds patience) noexcept;
+  /// The reader is done with `region`: frees it and wakes a waiting writer.
+  void release(std::size_t region) noexcept;
 };
+static_assert(sizeof(ReplyArena) <= ReplyArena::header_bytes);
 
 /// This worker's reply arena; null in the parent and under Start::in_process.
 extern ReplyArena* current_reply_arena;
