@@ -1,5 +1,6 @@
 #include "procpool/cpu_count.hpp"
 
+#include <fcntl.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -8,7 +9,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <set>
 #include <sstream>
 #include <vector>
 
@@ -26,13 +27,26 @@ struct Limit {
   std::string detail;
 };
 
+/// The whole of a small file; plain system calls, because a Pool reads
+/// several of these every time it starts.
 std::optional<std::string> read_file(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) return std::nullopt;
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return std::nullopt;  // e.g. a directory where a file should be
-  return text.str();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  std::string text;
+  char chunk[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, chunk, sizeof chunk);
+    if (n > 0) {
+      text.append(chunk, static_cast<std::size_t>(n));
+    } else if (n == 0) {
+      break;
+    } else if (errno != EINTR) {
+      ::close(fd);
+      return std::nullopt;  // e.g. a directory where a file should be
+    }
+  }
+  ::close(fd);
+  return text;
 }
 
 std::string trim(std::string s) {
@@ -76,7 +90,7 @@ struct Mount {
   std::vector<std::string> options;
 };
 
-std::vector<Mount> cgroup_mounts(const fs::path& root) {
+std::vector<Mount> read_cgroup_mounts(const fs::path& root) {
   std::vector<Mount> mounts;
   std::istringstream text(read_file(root / "proc/self/mountinfo").value_or(""));
   for (std::string line; std::getline(text, line);) {
@@ -93,6 +107,16 @@ std::vector<Mount> cgroup_mounts(const fs::path& root) {
     }
   }
   return mounts;
+}
+
+/// Where the cgroup file systems are mounted. The real system's table is
+/// read once per process: mounting them again under a running program does
+/// not happen in practice, and reading it was half the cost of a Pool start.
+/// The limits themselves are read afresh every time.
+std::vector<Mount> cgroup_mounts(const fs::path& root) {
+  if (root != "/") return read_cgroup_mounts(root);  // test fixtures
+  static const std::vector<Mount> system_mounts = read_cgroup_mounts(root);
+  return system_mounts;
 }
 
 struct CgroupMembership {
@@ -180,6 +204,7 @@ struct CgroupLimits {
 
 CgroupLimits cgroup_limits(const fs::path& root) {
   CgroupLimits limits;
+  std::set<fs::path> quota_dirs_read;  // v1 mounts may show one hierarchy twice (cpu, cpu,cpuacct)
   const auto mounts = cgroup_mounts(root);
   for (const auto& member : memberships(root)) {
     for (const auto& mount : mounts) {
@@ -193,6 +218,7 @@ CgroupLimits cgroup_limits(const fs::path& root) {
       if (v2 || v1_cpu) {
         // A parent's quota binds its children too: take the strictest on the way up.
         for (const auto& level : up_to_mount(root, mount, dir)) {
+          if (!quota_dirs_read.insert(level).second) continue;
           keep_min(limits.quota, v2 ? v2_quota(level) : v1_quota(level));
         }
       }

@@ -72,8 +72,9 @@ struct EngineConfig {
   unsigned retries = 0;
   std::chrono::milliseconds task_timeout{0};
   std::size_t max_tasks_per_child = 0;
-  /// Fork from a helper thread that lives as long as the process, so that a
-  /// worker's PR_SET_PDEATHSIG never fires because the thread that forked it ended.
+  /// Fork from a helper thread that lives as long as the process (or from the
+  /// main thread), so that a worker's PR_SET_PDEATHSIG never fires because the
+  /// thread that forked it ended.
   bool fork_from_helper_thread = false;
   /// Value for the inner thread-count variables in workers; 0 leaves them alone.
   unsigned inner_threads = 0;
