@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#include <bit>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -103,8 +104,10 @@ class BlockCache {
 
 Block allocate_block(std::size_t at_least) {
   if (at_least < page_bytes) return {new std::byte[at_least], at_least};
+  // Powers of two below 2 MiB: few distinct sizes, so that a freed block fits
+  // the next request and the cache does not collect blocks nobody reuses.
   const std::size_t capacity =
-      round_up(at_least, at_least < huge_page_bytes ? page_bytes : huge_page_bytes);
+      at_least < huge_page_bytes ? std::bit_ceil(at_least) : round_up(at_least, huge_page_bytes);
   if (Block cached = BlockCache::instance().take(capacity); cached.data) return cached;
   return {map_block(capacity), capacity};
 }

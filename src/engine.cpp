@@ -27,7 +27,7 @@ namespace {
 
 constexpr std::size_t receive_size = 256 * 1024;
 constexpr int socket_buffer_bytes = 1 << 20;
-constexpr double pipeline_target_nanos = 2e6;  // keep ~2 ms of work queued per worker
+constexpr double pipeline_target_nanos = 5e5;  // keep ~0.5 ms of work queued per worker
 constexpr std::size_t min_pipeline = 2;
 constexpr std::size_t max_pipeline = 64;
 
