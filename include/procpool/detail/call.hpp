@@ -406,13 +406,14 @@ class CallDriver {
       // Automatic bound: a few chunks per worker, sized as the feed really cut
       // them (a byte budget may make them smaller than asked).
       const std::size_t typical = last_chunk_items_ != 0 ? std::min(n, last_chunk_items_) : n;
-      // The deepest pipeline needed so far: following the estimate down and up
-      // again would let a long imap's memory creep up with every new peak.
-      deepest_pipeline_ = std::max(deepest_pipeline_, engine_.pipeline_depth(call_, typical));
-      const std::size_t limit = options_.max_inflight != 0
-                                    ? options_.max_inflight
-                                    : typical * engine_.processes() * (deepest_pipeline_ + 2);
-      if (in_flight_ >= limit) return;
+      const std::size_t limit =
+          options_.max_inflight != 0
+              ? options_.max_inflight
+              : typical * engine_.processes() * (engine_.pipeline_depth(call_, typical) + 2);
+      // Wait for room for a whole chunk: cutting a short one to fill the gap
+      // would shrink `typical`, then the bound, and chunk sizes would wander
+      // (and with them the sizes of the buffers a long imap keeps warm).
+      if (in_flight_ >= limit || (in_flight_ != 0 && limit - in_flight_ < typical)) return;
       n = std::min(n, limit - in_flight_);
       const std::int64_t started = steady_now_ns();
       Chunk chunk = feed_.next(call_, n);
@@ -489,7 +490,6 @@ class CallDriver {
   std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
   std::size_t last_chunk_items_ = 0;
-  std::size_t deepest_pipeline_ = 0;
   std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index
