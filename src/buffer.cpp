@@ -121,4 +121,17 @@ void free_block(Block block) noexcept {
   }
 }
 
+void prefault_for_writing(void* p, std::size_t n) noexcept {
+#ifdef MADV_POPULATE_WRITE
+  constexpr std::size_t worth_it = std::size_t{64} << 10;  // below this, faults are cheap enough
+  if (n < worth_it) return;
+  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + page_bytes - 1) & ~(page_bytes - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(page_bytes - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 }  // namespace procpool::detail

@@ -154,6 +154,17 @@ TEST(BufferBlocks, AFreedBlockIsHandedOutAgainWarm) {
   procpool::detail::free_block(second);
 }
 
+TEST(BufferBlocks, PrefaultingForWritingKeepsWhatIsAlreadyThere) {
+  // Result vectors are prefaulted after reserve(); memory already holding data
+  // (a reused heap block) must come through unchanged.
+  std::vector<char> data(1 << 20);
+  for (std::size_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<char>(i * 13 + 1);
+  procpool::detail::prefault_for_writing(data.data() + 5, data.size() - 5);
+  for (std::size_t i = 0; i < data.size(); ++i)
+    ASSERT_EQ(data[i], static_cast<char>(i * 13 + 1)) << i;
+}
+
 TEST(BufferBlocks, ForkedChildrenDoNotInheritThem) {
   // Otherwise every fork would make the parent's next write to each page a copy.
   Buffer buffer(64 << 10);

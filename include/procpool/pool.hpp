@@ -317,8 +317,10 @@ class Pool {
   auto map(F f, R&& inputs, const Extra&... extra) {
     using Out = typename detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
-    if constexpr (std::ranges::sized_range<R>)
+    if constexpr (std::ranges::sized_range<R>) {
       out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
+      detail::prefault_for_writing(out.data(), out.capacity() * sizeof(Out));
+    }
     auto results = imap(f, std::forward<R>(inputs), extra...);
     detail::ResultsAccess<Out>::drain_into(results, out);
     return out;

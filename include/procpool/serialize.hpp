@@ -287,6 +287,9 @@ void load(Reader& in, T& value) {
   } else if constexpr (is_raw_block_v<T>) {
     using E = typename T::value_type;
     std::size_t count = load_count(in, sizeof(E));
+    value.clear();
+    value.reserve(count);
+    prefault_for_writing(value.data(), count * sizeof(E));
     if constexpr (alignof(E) == 1) {
       // One pass over fresh memory (resize would zero it first, then copy).
       const auto* from = reinterpret_cast<const E*>(in.take(count));

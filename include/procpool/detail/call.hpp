@@ -311,6 +311,12 @@ class CallDriver {
     // Decoded outcomes belong to this driver alone: no need to lock the engine.
     if (!current_.empty()) return pop_current();
     std::unique_lock lock(mutex_);
+    // Between chunks, when the workers have at most one chunk each left: send
+    // what the bound allows now, so that they do not sit idle while the caller
+    // works through results already here. (With more queued, waiting for the
+    // next round saves a system call per chunk.)
+    const bool running_dry = engine_.outstanding() <= engine_.processes();
+    if (running_dry && fill()) engine_.pump(lock, std::chrono::milliseconds(0));
     for (;;) {
       if (auto outcome = take_ready()) return outcome;
       if (finished()) {
@@ -393,14 +399,21 @@ class CallDriver {
         per_task <= 0 ? 1
                       : static_cast<std::size_t>(std::clamp(target_nanos / per_task, 1.0, 16384.0));
     if (auto total = feed_.total()) {
-      // Near the end, smaller chunks keep every worker busy until the last task.
+      // Near the end, smaller chunks keep every worker busy until the last
+      // task; but not below ~0.1 ms of work, which balances nothing and costs
+      // a round trip per chunk.
       const std::size_t remaining = *total - sent_;
-      n = std::min(n, std::max<std::size_t>(1, remaining / (2 * engine_.processes())));
+      const std::size_t smallest =
+          per_task <= 0 ? 1 : static_cast<std::size_t>(std::clamp(1e5 / per_task, 1.0, 16384.0));
+      n = std::min(n, std::max(smallest, remaining / (2 * engine_.processes())));
     }
     return n;
   }
 
-  void fill() {
+  /// Takes inputs from the feed and submits them as far as the bound allows;
+  /// true if anything was submitted.
+  bool fill() {
+    bool submitted = false;
     while (!feed_.done()) {
       std::size_t n = chunk_size();
       // Automatic bound: a few chunks per worker, sized as the feed really cut
@@ -413,17 +426,21 @@ class CallDriver {
       // Wait for room for a whole chunk: cutting a short one to fill the gap
       // would shrink `typical`, then the bound, and chunk sizes would wander
       // (and with them the sizes of the buffers a long imap keeps warm).
-      if (in_flight_ >= limit || (in_flight_ != 0 && limit - in_flight_ < typical)) return;
+      if (in_flight_ >= limit || (in_flight_ != 0 && limit - in_flight_ < typical)) {
+        return submitted;
+      }
       n = std::min(n, limit - in_flight_);
       const std::int64_t started = steady_now_ns();
       Chunk chunk = feed_.next(call_, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
-      if (chunk.count == 0) return;
+      if (chunk.count == 0) return submitted;
       last_chunk_items_ = static_cast<std::size_t>(chunk.count);
       in_flight_ += static_cast<std::size_t>(chunk.count);
       sent_ += static_cast<std::size_t>(chunk.count);
       engine_.submit(std::move(chunk));
+      submitted = true;
     }
+    return submitted;
   }
 
   void collect() {
