@@ -37,8 +37,7 @@ struct ReplyArena {
   static constexpr std::size_t capacity = std::size_t{32} << 20;  // per region
   static constexpr std::size_t regions = 2;
   static constexpr std::size_t mapped_bytes = header_bytes + regions * capacity;
-  static constexpr std::size_t threshold = std::size_t{256}
-                                           << 10;  // smaller replies use the socket
+  static constexpr std::size_t threshold = std::size_t{64} << 10;  // smaller ones use the socket
   std::atomic<std::uint32_t> busy[regions] =
       {};                                  // set by the writer, cleared by the reader once decoded
   std::atomic<std::uint32_t> released{0};  // bumped (and woken) each time a region is freed
