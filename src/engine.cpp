@@ -25,7 +25,7 @@
 namespace procpool::detail {
 namespace {
 
-constexpr std::size_t receive_size = 256 * 1024;
+constexpr std::size_t receive_size = 64 * 1024;  // large replies come through the arena
 constexpr int socket_buffer_bytes = 1 << 20;
 constexpr double pipeline_target_nanos = 5e5;  // keep ~0.5 ms of work queued per worker
 constexpr std::size_t min_pipeline = 2;
@@ -388,7 +388,7 @@ std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) cons
 
 bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
   const std::size_t size = chunk.payload.size();
-  if (size < ReplyArena::threshold || size > ReplyArena::capacity || !w.input_arena) return false;
+  if (!ReplyArena::fits(size) || !w.input_arena) return false;
   for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
     if (w.input_arena->busy[region].load(std::memory_order_acquire) != 0) continue;
     w.input_arena->busy[region].store(1, std::memory_order_relaxed);
@@ -414,9 +414,14 @@ void Engine::dispatch() {
       continue;
     }
     const std::size_t depth = pipeline_depth(pending_.front().call, pending_.front().count);
+    const bool via_arena = ReplyArena::fits(pending_.front().payload.size());
     Worker* best = nullptr;
     for (auto& w : workers_) {
       if (quota != 0 && w->tasks_sent >= quota) continue;  // to be recycled once idle
+      // Large inputs wait for a free region of the worker's input arena (it
+      // frees one before it replies) rather than taking two more copies
+      // through the socket and growing the outbox.
+      if (via_arena && w->input_arena && !w->input_arena->has_free_region()) continue;
       if (w->inflight.size() < depth && (!best || w->inflight.size() < best->inflight.size())) {
         best = w.get();
       }

@@ -145,7 +145,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
   }
   ReplyArena* arena = current_reply_arena;
-  if (arena && reply.size >= ReplyArena::threshold && reply.size <= ReplyArena::capacity) {
+  if (arena && ReplyArena::fits(reply.size)) {
     // Replies already queued go first: the parent frees regions as it decodes them.
     channel.send_front(at);
     // Bounded: the parent may be stuck on another call's consumer, and a reply

@@ -45,6 +45,16 @@ struct ReplyArena {
   std::byte* data(std::size_t region) noexcept {
     return reinterpret_cast<std::byte*>(this) + header_bytes + region * capacity;
   }
+  /// Whether `bytes` go through an arena rather than the socket.
+  static constexpr bool fits(std::size_t bytes) noexcept {
+    return bytes >= threshold && bytes <= capacity;
+  }
+  bool has_free_region() const noexcept {
+    for (const auto& flag : busy) {
+      if (flag.load(std::memory_order_acquire) == 0) return true;
+    }
+    return false;
+  }
   /// Claims a free region for the writer; -1 if both are busy.
   int claim() noexcept;
   /// Like claim(), but when both are busy waits up to `patience` for the
