@@ -268,6 +268,27 @@ TEST(LargeResults, ACallNobodyConsumesDoesNotStallAnotherCallOnThePool) {
     ASSERT_EQ(*++it, pattern(s, 1 << 20)) << s;
 }
 
+TEST(LargeResults, RecycledArenasAreNeverSharedWithAWorkersOwnCalls) {
+  // Arenas of finished workers are kept for the next ones. A worker inherits
+  // the parent's cache and must not use it: a call made inside a task (its
+  // own engine) would write into arenas the parent hands to its new workers.
+  const auto check = [](int s) {
+    auto inner = procpool::map([](int t) { return pattern(t, 256 << 10); },
+                               std::views::iota(s * 10, s * 10 + 6), {.processes = 2});
+    for (int t = 0; t < 6; ++t) {
+      if (inner[static_cast<std::size_t>(t)] != pattern(s * 10 + t, 256 << 10)) return false;
+    }
+    return true;
+  };
+  // Leaves eight arenas in the cache, so that four are there when the workers below are forked.
+  procpool::map([](int t) { return pattern(t, 256 << 10); }, std::views::iota(0, 8),
+                {.processes = 4, .warn_oversubscription = false});
+  const auto ok =
+      procpool::map(check, std::views::iota(0, 12), {.processes = 2, .max_tasks_per_child = 1});
+  for (std::size_t i = 0; i < ok.size(); ++i)
+    EXPECT_TRUE(ok[i]) << "inner call " << i << " got corrupt results";
+}
+
 TEST(LargeResults, WorkersDyingAroundArenaRepliesLoseNothing) {
   auto out = procpool::map(
       [](int s) {
