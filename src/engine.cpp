@@ -601,6 +601,7 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   ChunkDone done;
   done.first = chunk.first;
   done.count = chunk.count;
+  done.dense = (header.flags & flag_dense) != 0;
   if (header.flags & flag_in_arena) {
     // Decoded straight from the arena; handing the lease back frees it for the next reply.
     std::shared_ptr<ReplyArena> arena = w.arena;
@@ -937,7 +938,9 @@ void Engine::run_in_process() {
     Writer out(done.payload);
     Reader in(chunk.payload);
     const auto start = std::chrono::steady_clock::now();
+    chunk_reply_dense = false;
     local_logic_->run(chunk.call, chunk.first, chunk.count, in, out);
+    done.dense = chunk_reply_dense;
     const double nanos = static_cast<double>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                                  std::chrono::steady_clock::now() - start)
                                                  .count());

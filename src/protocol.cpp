@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <typeinfo>
 
@@ -50,6 +51,18 @@ std::string demangle(const char* mangled) {
   std::unique_ptr<char, decltype(&std::free)> name(
       abi::__cxa_demangle(mangled, nullptr, nullptr, &status), &std::free);
   return status == 0 && name ? std::string(name.get()) : std::string(mangled);
+}
+
+thread_local bool chunk_reply_dense = false;
+
+void retag_dense_values(Buffer& buffer, std::size_t start, std::uint64_t n, std::size_t size) {
+  buffer.grow(static_cast<std::size_t>(n));
+  std::byte* base = buffer.data() + start;
+  // Back to front: each value moves right by its index, never over one not yet moved.
+  for (std::uint64_t k = n; k-- > 0;) {
+    std::memmove(base + k * (size + 1) + 1, base + k * size, size);
+    base[k * (size + 1)] = static_cast<std::byte>(OutcomeTag::value);
+  }
 }
 
 void write_current_exception(Writer& out) {

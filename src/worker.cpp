@@ -126,6 +126,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   current_task_start_ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count();
   time_each_task = worker_has_task_timeout || last_chunk_nanos_per_task >= 2000;
+  chunk_reply_dense = false;
   logic.run(header.call, header.first, header.count, payload, writer);
   const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
       std::chrono::steady_clock::now() - start);
@@ -136,6 +137,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   reply.count = header.count;
   reply.size = out.size() - at - sizeof(FrameHeader);
   reply.nanos = static_cast<std::uint64_t>(nanos.count());
+  if (chunk_reply_dense) reply.flags = flag_dense;
   if (header.count != 0) {
     last_chunk_nanos_per_task =
         static_cast<double>(reply.nanos) / static_cast<double>(header.count);
@@ -154,7 +156,8 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     if (region >= 0) {
       std::memcpy(arena->data(static_cast<std::size_t>(region)),
                   out.data() + at + sizeof(FrameHeader), reply.size);
-      reply.flags = static_cast<std::uint16_t>(flag_in_arena | (region ? flag_second_region : 0));
+      reply.flags = static_cast<std::uint16_t>(reply.flags | flag_in_arena |
+                                               (region ? flag_second_region : 0));
       out.resize(at + sizeof(FrameHeader));
     }
   }

@@ -228,6 +228,35 @@ TEST(Outcomes, OneBadInputLosesNothingElse) {
   }
 }
 
+TEST(Outcomes, FailuresAtTheEdgesOfAChunkLoseNothingElse) {
+  // A chunk of fixed-size results travels without a tag per result until a
+  // task fails; then it is retagged in place and goes on tagged.
+  const auto f = [](long x) {
+    if (x % 100 == 0 || x % 100 == 1 || x % 100 == 57 || x % 100 == 99) {
+      throw std::runtime_error(std::to_string(x));
+    }
+    return x * 3;
+  };
+  std::vector<long> inputs(1000);
+  std::iota(inputs.begin(), inputs.end(), 0L);
+  procpool::Pool pool({.processes = 2, .chunksize = 100});
+  for (const auto& outcomes :
+       {procpool::map_outcomes(f, inputs, {.processes = 2, .chunksize = 100}),
+        pool.map_outcomes(f, inputs)}) {
+    ASSERT_EQ(outcomes.size(), inputs.size());
+    for (long x = 0; x < 1000; ++x) {
+      const auto& o = outcomes[static_cast<std::size_t>(x)];
+      if (x % 100 == 0 || x % 100 == 1 || x % 100 == 57 || x % 100 == 99) {
+        EXPECT_FALSE(o.ok()) << x;
+        EXPECT_NE(o.what().find(std::to_string(x)), std::string::npos) << o.what();
+      } else {
+        ASSERT_TRUE(o.ok()) << x << ": " << o.what();
+        EXPECT_EQ(*o.value, x * 3);
+      }
+    }
+  }
+}
+
 TEST(Outcomes, PoolMapOutcomes) {
   procpool::Pool pool({.processes = 2});
   auto outcomes = pool.map_outcomes(

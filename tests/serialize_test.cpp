@@ -141,6 +141,37 @@ TEST(Serialize, RandomBytesNeverCrashTheDecoder) {
   }
 }
 
+TEST(DenseReplies, RetaggingInPlaceKeepsEveryValue) {
+  Buffer buffer;
+  Writer out(buffer);
+  out.put(std::uint32_t{0xabcdef});  // something before the values stays put
+  for (std::int64_t v : {11, -22, 33})
+    out.put(v);
+  procpool::detail::retag_dense_values(buffer, 4, 3, sizeof(std::int64_t));
+  procpool::detail::ChunkDone done;
+  done.count = 3;
+  done.payload.append(buffer.data() + 4, buffer.size() - 4);
+  const auto outcomes = procpool::detail::decode_chunk<std::int64_t>(done);
+  ASSERT_EQ(outcomes.size(), 3u);
+  EXPECT_EQ(*outcomes[0].value, 11);
+  EXPECT_EQ(*outcomes[1].value, -22);
+  EXPECT_EQ(*outcomes[2].value, 33);
+}
+
+TEST(DenseReplies, ADenseReplyOfTheWrongSizeIsAProtocolError) {
+  procpool::detail::ChunkDone done;
+  done.count = 4;
+  done.dense = true;
+  for (std::int64_t v : {1, 2, 3})  // one value short
+    done.payload.append(&v, sizeof v);
+  const auto outcomes = procpool::detail::decode_chunk<std::int64_t>(done);
+  ASSERT_EQ(outcomes.size(), 4u);
+  for (const auto& o : outcomes)
+    EXPECT_THROW(std::rethrow_exception(o.error), procpool::ProtocolError);
+  const auto strings = procpool::detail::decode_chunk<std::string>(done);  // never dense
+  EXPECT_THROW(std::rethrow_exception(strings[0].error), procpool::ProtocolError);
+}
+
 TEST(BufferBlocks, AFreedBlockIsHandedOutAgainWarm) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "the cache is off under ASan, so that it sees every use after free";

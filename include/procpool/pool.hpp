@@ -151,8 +151,8 @@ class PoolRunner final : public TaskRunner {
   PoolRunner(F f, State* state, std::tuple<Extra...> extra)
       : f_(f), state_(state), extra_(std::move(extra)) {}
   void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
-    for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Out>(out, first + i, [&]() -> decltype(auto) {
+    run_chunk<Out>(out, first, count, [&](std::uint64_t) {
+      return [&]() -> decltype(auto) {
         Item item = load_value<Item>(in);
         return std::apply(
             [&](const Extra&... extra) -> decltype(auto) {
@@ -163,8 +163,8 @@ class PoolRunner final : public TaskRunner {
               }
             },
             extra_);
-      });
-    }
+      };
+    });
   }
 
  private:

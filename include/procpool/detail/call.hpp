@@ -68,7 +68,9 @@ template <class Out>
 class ChunkDecoder {
  public:
   explicit ChunkDecoder(ChunkDone done)
-      : done_(std::move(done)), in_(done_.bytes(), done_.size()), broken_(done_.failure) {}
+      : done_(std::move(done)), in_(done_.bytes(), done_.size()), broken_(done_.failure) {
+    if (done_.dense && !broken_) check_dense();
+  }
 
   bool empty() const noexcept { return taken_ == done_.count; }
   std::uint64_t count() const noexcept { return done_.count; }
@@ -84,6 +86,17 @@ class ChunkDecoder {
   std::size_t take_values(std::vector<Out>& out) {
     if (broken_) return 0;
     const std::uint64_t before = taken_;
+    if constexpr (dense_capable) {
+      if (done_.dense) {
+        // All successes, back to back: one copy for the whole chunk.
+        const auto n = static_cast<std::size_t>(done_.count - taken_);
+        const std::size_t at = out.size();
+        out.resize(at + n);
+        in_.read(out.data() + at, n * sizeof(Out));
+        taken_ += n;
+        return n;
+      }
+    }
     if constexpr (is_raw_v<Out>) {
       // Fixed-size values: a tight loop over the reply, no per-value Outcome.
       constexpr std::size_t step = sizeof(OutcomeTag) + sizeof(Out);
@@ -124,6 +137,12 @@ class ChunkDecoder {
       return outcome;
     }
     try {
+      if constexpr (dense_capable) {
+        if (done_.dense) {
+          outcome.value.emplace(in_.get<Out>());
+          return outcome;
+        }
+      }
       if (in_.get<OutcomeTag>() == OutcomeTag::value) {
         if constexpr (std::is_empty_v<Out>) {
           outcome.value.emplace();
@@ -145,6 +164,19 @@ class ChunkDecoder {
   }
 
  private:
+  static constexpr bool dense_capable = dense_result_v<Out>;
+
+  /// A dense reply must hold exactly `count` values of a fixed-size type.
+  void check_dense() {
+    bool fits = false;
+    if constexpr (dense_capable) fits = done_.size() == done_.count * sizeof(Out);
+    if (!fits) {
+      broken_ = std::make_exception_ptr(ProtocolError(
+          "procpool: corrupt message: a dense reply of " + std::to_string(done_.size()) +
+          " bytes for " + std::to_string(done_.count) + " results of this type"));
+    }
+  }
+
   ChunkDone done_;
   Reader in_;
   std::exception_ptr broken_;
@@ -156,6 +188,7 @@ template <class Out>
 std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
   ChunkDone copy = ChunkDone::failed(done.first, done.count, done.failure);
   copy.payload.append(done.bytes(), done.size());
+  copy.dense = done.dense;
   ChunkDecoder<Out> decoder(std::move(copy));
   std::deque<Outcome<Out>> outcomes;
   while (!decoder.empty())

@@ -46,6 +46,8 @@ struct ChunkDone {
   /// Set when the chunk produced no outcomes: its worker died or replied garbage.
   std::exception_ptr failure;
   std::size_t offset = 0;
+  /// The outcomes are `count` fixed-size values without tags (see flag_dense).
+  bool dense = false;
   /// When the outcomes are in a worker's reply arena instead of `payload`:
   /// where, and what keeps the arena mapped (and hands it back when released).
   const std::byte* external = nullptr;

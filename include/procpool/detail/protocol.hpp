@@ -27,6 +27,9 @@ enum class FrameKind : std::uint16_t {
 /// socket, and in which of its two regions.
 inline constexpr std::uint16_t flag_in_arena = 1;
 inline constexpr std::uint16_t flag_second_region = 2;
+/// A result whose payload is `count` fixed-size values, all successes, with
+/// no outcome tags: the caller copies them out in one go.
+inline constexpr std::uint16_t flag_dense = 4;
 
 /// Shared memory, mapped before the fork and reused for the worker's life,
 /// through which large replies travel: the worker copies a reply into warm
@@ -92,7 +95,7 @@ inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payl
   const bool in_arena = (header.flags & flag_in_arena) != 0;
   return header.magic == frame_magic && header.kind == FrameKind::result &&
          header.size <= (in_arena ? ReplyArena::capacity : max_payload) &&
-         (header.flags & ~(flag_in_arena | flag_second_region)) == 0;
+         (header.flags & ~(flag_in_arena | flag_second_region | flag_dense)) == 0;
 }
 
 /// Bytes of a frame on the socket: its payload travels there unless it is in the arena.
@@ -212,6 +215,50 @@ void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
   } catch (...) {
     out.truncate(mark);
     write_current_exception(out);
+  }
+}
+
+/// Set by run_chunk when the chunk it ran is encoded dense (see flag_dense).
+extern thread_local bool chunk_reply_dense;
+
+/// Results that travel dense when a whole chunk succeeds.
+template <class Out>
+inline constexpr bool dense_result_v =
+    is_raw_v<Out> && !std::is_empty_v<Out> && !std::is_same_v<Out, bool>;
+
+/// Turns `n` dense values of `size` bytes at `start` into tagged outcomes, in place.
+void retag_dense_values(Buffer& buffer, std::size_t start, std::uint64_t n, std::size_t size);
+
+/// Runs tasks `first` .. `first + count - 1`; `task(i)` is the callable of
+/// the i-th. Fixed-size results are written dense, without a tag each, until
+/// a task throws: then what was written is retagged and the rest goes tagged.
+template <class Out, class TaskFor>
+void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& task) {
+  chunk_reply_dense = false;
+  if constexpr (dense_result_v<Out>) {
+    const std::size_t start = out.size();
+    std::uint64_t i = 0;
+    for (; i < count; ++i) {
+      RunningTask running(first + i);
+      try {
+        decltype(auto) value = task(i)();
+        running.computed();
+        out.put(static_cast<const Out&>(value));
+      } catch (...) {
+        retag_dense_values(out.buffer(), start, i, sizeof(Out));
+        write_current_exception(out);
+        break;
+      }
+    }
+    if (i == count) {
+      chunk_reply_dense = true;
+      return;
+    }
+    for (++i; i < count; ++i)
+      run_task<Out>(out, first + i, task(i));
+  } else {
+    for (std::uint64_t i = 0; i < count; ++i)
+      run_task<Out>(out, first + i, task(i));
   }
 }
 

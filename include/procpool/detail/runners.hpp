@@ -67,11 +67,11 @@ class IndexRunner final : public TaskRunner {
   void run(std::uint64_t first, std::uint64_t count, Reader&, Writer& out) override {
     auto begin = std::ranges::begin(view_);
     using Diff = std::ranges::range_difference_t<View>;
-    for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Out>(out, first + i, [&]() -> decltype(auto) {
+    run_chunk<Out>(out, first, count, [&](std::uint64_t i) {
+      return [&, i]() -> decltype(auto) {
         return invoke_stored(f_, begin[static_cast<Diff>(first + i)]);
-      });
-    }
+      };
+    });
   }
 
  private:
@@ -85,12 +85,12 @@ class StreamRunner final : public TaskRunner {
  public:
   explicit StreamRunner(F& f) : f_(f) {}
   void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
-    for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Out>(out, first + i, [&]() -> decltype(auto) {
+    run_chunk<Out>(out, first, count, [&](std::uint64_t) {
+      return [&]() -> decltype(auto) {
         Item item = load_value<Item>(in);
         return invoke_stored(f_, std::move(item));
-      });
-    }
+      };
+    });
   }
 
  private:
