@@ -265,6 +265,7 @@ struct Engine::Worker {
   WorkerSlot* slot = nullptr;               // shared with the worker: the task it is running
   std::shared_ptr<ReplyArena> arena;        // shared with the worker: its large replies
   std::shared_ptr<ReplyArena> input_arena;  // and large input chunks, the other way
+  std::size_t arena_mapped[ReplyArena::regions] = {};  // bytes of each region mapped here
   std::uint64_t tasks_sent = 0;
   unsigned position = 0;  // which of the `processes` places this worker holds
 };
@@ -610,11 +611,15 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
     done.external_size = header.size;
 #ifdef MADV_POPULATE_READ
     // Map the reply's pages in one call instead of one fault per 4 KiB (a hint; Linux >= 5.14).
-    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
-    const auto begin = reinterpret_cast<std::uintptr_t>(done.external) & ~(page - 1);
-    ::madvise(reinterpret_cast<void*>(begin),
-              reinterpret_cast<std::uintptr_t>(done.external) + header.size - begin,
-              MADV_POPULATE_READ);
+    // Once mapped they stay mapped here, so only a reply larger than any before needs it.
+    if (header.size > w.arena_mapped[region]) {
+      const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+      const auto begin = reinterpret_cast<std::uintptr_t>(done.external) & ~(page - 1);
+      ::madvise(reinterpret_cast<void*>(begin),
+                reinterpret_cast<std::uintptr_t>(done.external) + header.size - begin,
+                MADV_POPULATE_READ);
+      w.arena_mapped[region] = header.size;
+    }
 #endif
     done.lease =
         std::shared_ptr<void>(arena.get(), [arena, region](void*) { arena->release(region); });

@@ -112,12 +112,41 @@ constexpr std::chrono::milliseconds arena_patience{50};
 /// Average task time of the previous chunk: decides whether each task is timed.
 double last_chunk_nanos_per_task = 1e9;
 
+/// Whether the previous reply went (or would have gone) through the arena:
+/// then the next one is written straight into a free region, saving a copy.
+bool last_reply_was_large = false;
+
+/// Puts a reply already written to `out` (after its header slot at `at`)
+/// into a free arena region, waiting a little for one; false if none freed up.
+bool move_into_arena(Channel& channel, std::size_t at, FrameHeader& reply) {
+  ReplyArena* arena = current_reply_arena;
+  if (!arena || !ReplyArena::fits(reply.size)) return false;
+  // Replies already queued go first: the parent frees regions as it decodes them.
+  channel.send_front(at);
+  // Bounded: the parent may be stuck on another call's consumer, and a reply
+  // through the socket is slower but never waits for anyone.
+  const int region = arena->claim_waiting(arena_patience);
+  if (region < 0) return false;
+  Buffer& out = channel.out();
+  std::memcpy(arena->data(static_cast<std::size_t>(region)), out.data() + at + sizeof(FrameHeader),
+              reply.size);
+  out.resize(at + sizeof(FrameHeader));
+  reply.flags =
+      static_cast<std::uint16_t>(reply.flags | flag_in_arena | (region ? flag_second_region : 0));
+  return true;
+}
+
 void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& payload,
                     Channel& channel) {
   Buffer& out = channel.out();
   const std::size_t at = out.size();
   out.grow(sizeof(FrameHeader));
-  Writer writer(out);
+  ReplyArena* arena = current_reply_arena;
+  const int region = arena && last_reply_was_large ? arena->claim() : -1;
+  Buffer direct = region >= 0 ? Buffer::over(arena->data(static_cast<std::size_t>(region)),
+                                             ReplyArena::capacity)
+                              : Buffer{};
+  Writer writer(region >= 0 ? direct : out);
   if (current_worker_slot) {
     current_worker_slot->call.store(header.call, std::memory_order_relaxed);
     current_worker_slot->chunk_slowest_ns.store(0, std::memory_order_relaxed);
@@ -135,7 +164,6 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   reply.call = header.call;
   reply.first = header.first;
   reply.count = header.count;
-  reply.size = out.size() - at - sizeof(FrameHeader);
   reply.nanos = static_cast<std::uint64_t>(nanos.count());
   if (chunk_reply_dense) reply.flags = flag_dense;
   if (header.count != 0) {
@@ -146,21 +174,19 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
     reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
   }
-  ReplyArena* arena = current_reply_arena;
-  if (arena && ReplyArena::fits(reply.size)) {
-    // Replies already queued go first: the parent frees regions as it decodes them.
-    channel.send_front(at);
-    // Bounded: the parent may be stuck on another call's consumer, and a reply
-    // through the socket is slower but never waits for anyone.
-    const int region = arena->claim_waiting(arena_patience);
-    if (region >= 0) {
-      std::memcpy(arena->data(static_cast<std::size_t>(region)),
-                  out.data() + at + sizeof(FrameHeader), reply.size);
-      reply.flags = static_cast<std::uint16_t>(reply.flags | flag_in_arena |
-                                               (region ? flag_second_region : 0));
-      out.resize(at + sizeof(FrameHeader));
+  if (region >= 0 && direct.borrowed()) {
+    reply.size = direct.size();  // already in the region, whatever its size
+    reply.flags =
+        static_cast<std::uint16_t>(reply.flags | flag_in_arena | (region ? flag_second_region : 0));
+  } else {
+    if (region >= 0) {  // it outgrew the region: send it the ordinary way
+      arena->release(static_cast<std::size_t>(region));
+      out.append(direct.data(), direct.size());
     }
+    reply.size = out.size() - at - sizeof(FrameHeader);
+    move_into_arena(channel, at, reply);
   }
+  last_reply_was_large = ReplyArena::fits(reply.size);
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
 

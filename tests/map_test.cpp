@@ -289,6 +289,19 @@ TEST(LargeResults, RecycledArenasAreNeverSharedWithAWorkersOwnCalls) {
     EXPECT_TRUE(ok[i]) << "inner call " << i << " got corrupt results";
 }
 
+TEST(LargeResults, SizesThatChangeFromReplyToReplyArriveIntact) {
+  // After a large reply a worker writes the next one straight into a shared
+  // region; one that outgrows the region (32 MiB) moves out and takes the
+  // socket, a small one stays in the region.
+  const std::vector<std::size_t> sizes{1 << 20, 40 << 20, 3 << 20, 100, 2 << 20, 0, 1 << 20};
+  auto out = procpool::map(
+      [&sizes](int s) { return pattern(s, sizes[static_cast<std::size_t>(s)]); },
+      std::views::iota(0, static_cast<int>(sizes.size())), {.processes = 1, .chunksize = 1});
+  ASSERT_EQ(out.size(), sizes.size());
+  for (std::size_t s = 0; s < sizes.size(); ++s)
+    ASSERT_EQ(out[s], pattern(static_cast<int>(s), sizes[s])) << s;
+}
+
 TEST(LargeResults, WorkersDyingAroundArenaRepliesLoseNothing) {
   auto out = procpool::map(
       [](int s) {

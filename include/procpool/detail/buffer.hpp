@@ -50,7 +50,21 @@ class Buffer {
   }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() { free_block({data_, capacity_}); }
+  ~Buffer() {
+    if (owned_) free_block({data_, capacity_});
+  }
+
+  /// A buffer that writes into `capacity` bytes it does not own (a shared
+  /// reply region) until it must grow past them: then it moves to memory of
+  /// its own, and borrowed() turns false.
+  static Buffer over(std::byte* data, std::size_t capacity) noexcept {
+    Buffer b;
+    b.data_ = data;
+    b.capacity_ = capacity;
+    b.owned_ = false;
+    return b;
+  }
+  bool borrowed() const noexcept { return !owned_; }
 
   std::byte* data() noexcept { return data_; }
   const std::byte* data() const noexcept { return data_; }
@@ -63,9 +77,10 @@ class Buffer {
     if (capacity <= capacity_) return;
     const Block grown = allocate_block(capacity);
     if (size_ != 0) std::memcpy(grown.data, data_, size_);
-    free_block({data_, capacity_});
+    if (owned_) free_block({data_, capacity_});
     data_ = grown.data;
     capacity_ = grown.capacity;
+    owned_ = true;
   }
   void resize(std::size_t size) {
     if (size > capacity_) reserve(std::max(size, capacity_ + capacity_ / 2));
@@ -93,12 +108,14 @@ class Buffer {
     std::swap(data_, other.data_);
     std::swap(size_, other.size_);
     std::swap(capacity_, other.capacity_);
+    std::swap(owned_, other.owned_);
   }
 
  private:
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
   std::size_t capacity_ = 0;
+  bool owned_ = true;
 };
 
 /// Appends values to a Buffer.
