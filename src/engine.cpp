@@ -162,6 +162,7 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.count = to - from;
   part.attempts = chunk.attempts;
   part.stride = chunk.stride;
+  part.tail = chunk.tail;
   if (chunk.stride != 0) {
     part.payload.append(chunk.payload.data() + from * chunk.stride, (to - from) * chunk.stride);
   } else if (!chunk.offsets.empty()) {
@@ -475,7 +476,8 @@ void Engine::dispatch() {
       pending_.pop_front();
       continue;
     }
-    const std::size_t depth = pipeline_depth(pending_.front().call, pending_.front().count);
+    const std::size_t depth =
+        pending_.front().tail ? 1 : pipeline_depth(pending_.front().call, pending_.front().count);
     const bool via_arena = ReplyArena::fits(pending_.front().payload.size());
     Worker* best = nullptr;
     for (auto& w : workers_) {

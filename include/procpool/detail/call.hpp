@@ -438,7 +438,9 @@ class CallDriver {
       const std::size_t remaining = *total - sent_;
       const std::size_t smallest =
           per_task <= 0 ? 1 : static_cast<std::size_t>(std::clamp(1e5 / per_task, 1.0, 16384.0));
-      n = std::min(n, std::max(smallest, remaining / (2 * engine_.processes())));
+      const std::size_t share = remaining / (2 * engine_.processes());
+      in_tail_ = share < n;
+      n = std::min(n, std::max(smallest, share));
     }
     return n;
   }
@@ -467,6 +469,7 @@ class CallDriver {
       Chunk chunk = feed_.next(call_, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count == 0) return submitted;
+      chunk.tail = in_tail_;
       last_chunk_items_ = static_cast<std::size_t>(chunk.count);
       in_flight_ += static_cast<std::size_t>(chunk.count);
       sent_ += static_cast<std::size_t>(chunk.count);
@@ -540,6 +543,7 @@ class CallDriver {
   std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
   std::size_t last_chunk_items_ = 0;
+  bool in_tail_ = false;         // the last chunks, cut smaller to finish together
   std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index

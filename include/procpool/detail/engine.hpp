@@ -35,6 +35,9 @@ struct Chunk {
   std::uint64_t stride = 0;
   /// Times a task of this chunk was charged with its worker's death or a timeout.
   unsigned attempts = 0;
+  /// One of a call's last chunks: it goes only to a worker with nothing
+  /// queued, so that no worker sits idle while another still has two to do.
+  bool tail = false;
 };
 
 /// A chunk's outcome as the engine hands it to the call that submitted it.
