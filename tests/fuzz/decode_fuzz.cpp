@@ -28,6 +28,7 @@ void decode(const procpool::detail::FrameHeader& header, const std::byte* payloa
   done.first = header.first;
   done.count = header.count % 4096;  // the parent only decodes counts it asked for
   done.payload.append(payload, header.size);
+  done.dense = (header.flags & procpool::detail::flag_dense) != 0;  // bare values, no tags
   auto outcomes = procpool::detail::decode_chunk<Out>(done);
   if (outcomes.size() != done.count) __builtin_trap();  // every task gets an outcome
 }
@@ -44,7 +45,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (!procpool::detail::valid_reply_header(header, max_payload)) return 0;
     at += sizeof header;
     if (size - at < header.size) return 0;  // truncated: the parent waits for more
-    switch (header.nanos % 3) {
+    switch (header.nanos % 4) {
+      case 3:
+        decode<std::int64_t>(header, bytes + at);  // fixed-size: tagged or dense
+        break;
       case 0:
         decode<std::vector<std::string>>(header, bytes + at);
         break;
