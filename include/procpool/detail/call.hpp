@@ -80,8 +80,6 @@ class ChunkDecoder {
   }
   /// Input index of the next outcome.
   std::uint64_t take_index() const noexcept { return done_.first + taken_; }
-  /// One past the input index of this chunk's last outcome.
-  std::uint64_t end_index() const noexcept { return done_.first + done_.count; }
 
   /// Appends the successful values from here on to `out`, stopping before the
   /// first failure (left for take()); returns how many were taken.
@@ -484,11 +482,6 @@ class CallDriver {
   void collect() {
     auto& done = engine_.completed(call_);
     while (!done.empty()) {
-      if (ordered_ && done.front().first != next_in_order()) {
-        // It must wait for earlier chunks: holding its worker's reply region
-        // meanwhile would stall that worker (it has two), so copy it out.
-        done.front().take_out_of_arena();
-      }
       ChunkDecoder<Out> decoder(std::move(done.front()));
       done.pop_front();
       progress_.advance(static_cast<std::size_t>(decoder.count()));
@@ -504,11 +497,6 @@ class CallDriver {
 
   static std::uint64_t next_first_of(const ChunkDecoder<Out>& decoder) {
     return decoder.take_index();
-  }
-
-  /// The first input index that no decoder taken into current_ covers yet.
-  std::uint64_t next_in_order() const {
-    return current_.empty() ? next_index_ : current_.back().end_index();
   }
 
   bool has_ready() const {

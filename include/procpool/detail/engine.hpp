@@ -67,17 +67,6 @@ struct ChunkDone {
   }
 
   const std::byte* bytes() const noexcept { return external ? external : payload.data() + offset; }
-  /// Copies outcomes held in a worker's reply arena into `payload` and hands
-  /// the arena region back, so that the worker can reuse it at once.
-  void take_out_of_arena() {
-    if (!external) return;
-    payload.clear();
-    payload.append(external, external_size);
-    offset = 0;
-    external = nullptr;
-    external_size = 0;
-    lease.reset();
-  }
   std::size_t size() const noexcept { return external ? external_size : payload.size() - offset; }
 };
 
