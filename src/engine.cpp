@@ -200,7 +200,7 @@ class ArenaCache {
       ::madvise(arena->data(region) + kept_per_region, ReplyArena::capacity - kept_per_region,
                 MADV_REMOVE);
     }
-    new (arena) ReplyArena();  // both regions free again
+    new (arena) ReplyArena();  // every region free again
     {
       std::lock_guard lock(mutex_);
       if (arenas_.size() < max_arenas) {
@@ -458,7 +458,7 @@ bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
     std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
     FrameHeader header;
     header.kind = FrameKind::task;
-    header.flags = static_cast<std::uint16_t>(flag_in_arena | (region ? flag_second_region : 0));
+    header.flags = arena_flags(region);
     header.call = chunk.call;
     header.first = chunk.first;
     header.count = chunk.count;
@@ -608,7 +608,7 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   if (header.flags & flag_in_arena) {
     // Decoded straight from the arena; handing the lease back frees it for the next reply.
     std::shared_ptr<ReplyArena> arena = w.arena;
-    const std::size_t region = (header.flags & flag_second_region) ? 1 : 0;
+    const std::size_t region = arena_region(header.flags);
     done.external = arena->data(region);
     done.external_size = header.size;
 #ifdef MADV_POPULATE_READ

@@ -132,7 +132,7 @@ bool move_into_arena(Channel& channel, std::size_t at, FrameHeader& reply) {
               reply.size);
   out.resize(at + sizeof(FrameHeader));
   reply.flags =
-      static_cast<std::uint16_t>(reply.flags | flag_in_arena | (region ? flag_second_region : 0));
+      static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));
   return true;
 }
 
@@ -177,7 +177,7 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   if (region >= 0 && direct.borrowed()) {
     reply.size = direct.size();  // already in the region, whatever its size
     reply.flags =
-        static_cast<std::uint16_t>(reply.flags | flag_in_arena | (region ? flag_second_region : 0));
+        static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));
   } else {
     if (region >= 0) {  // it outgrew the region: send it the ordinary way
       arena->release(static_cast<std::size_t>(region));
@@ -232,7 +232,7 @@ void run_worker(int fd, WorkerLogic& logic) {
       if (!channel.read_more(whole)) exit_worker(0);
       continue;
     }
-    const std::size_t region = (header.flags & flag_second_region) ? 1 : 0;
+    const std::size_t region = arena_region(header.flags);
     Reader payload(in_arena ? current_input_arena->data(region) : channel.head() + sizeof header,
                    header.size);
     try {

@@ -256,7 +256,7 @@ TEST(LargeResults, ACallNobodyConsumesDoesNotStallAnotherCallOnThePool) {
   // The first call's replies keep every arena region taken while nobody reads
   // them; a worker waits a little for a free region, then uses the socket.
   procpool::Pool pool({.processes = 2});
-  auto held = pool.imap([](int s) { return pattern(s, 1 << 20); }, std::views::iota(0, 8));
+  auto held = pool.imap([](int s) { return pattern(s, 1 << 20); }, std::views::iota(0, 16));
   auto it = held.begin();
   ASSERT_EQ(*it, pattern(0, 1 << 20));
   const auto started = std::chrono::steady_clock::now();
@@ -264,7 +264,7 @@ TEST(LargeResults, ACallNobodyConsumesDoesNotStallAnotherCallOnThePool) {
   EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(5));
   for (int s = 0; s < 8; ++s)
     ASSERT_EQ(other[static_cast<std::size_t>(s)], pattern(s + 100, 1 << 20)) << s;
-  for (int s = 1; s < 8; ++s)
+  for (int s = 1; s < 16; ++s)
     ASSERT_EQ(*++it, pattern(s, 1 << 20)) << s;
 }
 

@@ -24,12 +24,21 @@ enum class FrameKind : std::uint16_t {
 };
 
 /// Result flags: the payload is in the worker's reply arena, not on the
-/// socket, and in which of its two regions.
+/// socket, and in which of its regions (two bits).
 inline constexpr std::uint16_t flag_in_arena = 1;
-inline constexpr std::uint16_t flag_second_region = 2;
+inline constexpr std::uint16_t flag_region_shift = 1;
+inline constexpr std::uint16_t flag_region_mask = 3 << flag_region_shift;
 /// A result whose payload is `count` fixed-size values, all successes, with
 /// no outcome tags: the caller copies them out in one go.
-inline constexpr std::uint16_t flag_dense = 4;
+inline constexpr std::uint16_t flag_dense = 8;
+
+/// Flags for a payload in arena region `region`.
+inline std::uint16_t arena_flags(std::size_t region) {
+  return static_cast<std::uint16_t>(flag_in_arena | (region << flag_region_shift));
+}
+inline std::size_t arena_region(std::uint16_t flags) {
+  return static_cast<std::size_t>((flags & flag_region_mask) >> flag_region_shift);
+}
 
 /// Shared memory, mapped before the fork and reused for the worker's life,
 /// through which large replies travel: the worker copies a reply into warm
@@ -38,7 +47,9 @@ inline constexpr std::uint16_t flag_dense = 4;
 struct ReplyArena {
   static constexpr std::size_t header_bytes = 64;
   static constexpr std::size_t capacity = std::size_t{32} << 20;  // per region
-  static constexpr std::size_t regions = 2;
+  /// Four: a worker can be two replies ahead of a parent that takes results
+  /// in input order and is waiting for another worker, and still have one.
+  static constexpr std::size_t regions = 4;
   static constexpr std::size_t mapped_bytes = header_bytes + regions * capacity;
   static constexpr std::size_t threshold = std::size_t{64} << 10;  // smaller ones use the socket
   std::atomic<std::uint32_t> busy[regions] =
@@ -58,9 +69,9 @@ struct ReplyArena {
     }
     return false;
   }
-  /// Claims a free region for the writer; -1 if both are busy.
+  /// Claims a free region for the writer; -1 if all are busy.
   int claim() noexcept;
-  /// Like claim(), but when both are busy waits up to `patience` for the
+  /// Like claim(), but when all are busy waits up to `patience` for the
   /// reader to free one: a writer that is ahead of its reader waits instead
   /// of sending through the socket, which costs the reader two more copies.
   int claim_waiting(std::chrono::milliseconds patience) noexcept;
@@ -95,7 +106,7 @@ inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payl
   const bool in_arena = (header.flags & flag_in_arena) != 0;
   return header.magic == frame_magic && header.kind == FrameKind::result &&
          header.size <= (in_arena ? ReplyArena::capacity : max_payload) &&
-         (header.flags & ~(flag_in_arena | flag_second_region | flag_dense)) == 0;
+         (header.flags & ~(flag_in_arena | flag_region_mask | flag_dense)) == 0;
 }
 
 /// Bytes of a frame on the socket: its payload travels there unless it is in the arena.
