@@ -61,6 +61,9 @@ def main():
     a = ap.parse_args()
     q = a.quick
     reps = "2" if q else "5"
+    # Workloads of a few milliseconds: more runs each, so that the median is
+    # not at the mercy of a VM's scheduling noise (both sides get the same).
+    short_reps = "2" if q else "15"
     only = set(filter(None, a.only.split(",")))
     have_python = os.path.isdir(a.baselines) and os.path.exists(a.python)
     if not have_python:
@@ -92,8 +95,8 @@ def main():
                      (c["tasks_per_s_median"], c["tasks_per_s_min"], c["tasks_per_s_max"]), p,
                      (c["tasks_per_s_median"] / p["median"]) if p else None, ">= 10x Python", lambda r: r >= 10))
     if want("tiny_lifecycle"):
-        c = run_json([B, "tiny_lifecycle", "--n", n, "--reps", reps])
-        p = run_json([a.python, "-c", LIFECYCLE_PY, n, reps]) if have_python else None
+        c = run_json([B, "tiny_lifecycle", "--n", n, "--reps", short_reps])
+        p = run_json([a.python, "-c", LIFECYCLE_PY, n, short_reps]) if have_python else None
         raw["tiny_lifecycle"] = {"procpool": c, "python": p}
         rows.append((f"{int(n) // 1000}k tiny tasks, auto chunks, Pool start+map+stop (s)",
                      (c["pool_s_median"], c["pool_s_min"], c["pool_s_max"]), p,
@@ -161,7 +164,7 @@ def main():
         rows.append((f"imap over {int(items):.0e} lazy items: RSS growth from 1e6 (%)", (g, g, g), None, None,
                      "<= 1%", (lambda r, g=g: g <= 1), f"RSS {c['rss_at_1e6_kb'] / 1024:.1f} -> {c['rss_max_kb'] / 1024:.1f} MB, {c['items_per_s'] / 1e6:.1f} M items/s"))
     if want("progress"):
-        c = run_json([B, "progress", "--n", "100000" if q else "1000000", "--reps", reps])
+        c = run_json([B, "progress", "--n", "100000" if q else "1000000", "--reps", short_reps])
         raw["progress"] = {"procpool": c}
         r = c["ratio_on_over_off"]
         rows.append((f"progress bar on {c['tasks']:.0e} tiny tasks: time on/off", (r, r, r), None, None,

@@ -197,6 +197,7 @@ class ArenaCache {
   void give(ReplyArena* arena) noexcept {
     // Keep the first MiB of each region warm; give the rest of a large reply's pages back.
     for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
+      if (arena->written[region].load(std::memory_order_relaxed) <= kept_per_region) continue;
       ::madvise(arena->data(region) + kept_per_region, ReplyArena::capacity - kept_per_region,
                 MADV_REMOVE);
     }
@@ -353,7 +354,7 @@ void Engine::spawn_worker(unsigned position) {
     errno = saved;
     throw_errno("cannot fork a worker process");
   }
-  ::fcntl(sv[0], F_SETFL, ::fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+  ::fcntl(sv[0], F_SETFL, O_NONBLOCK);  // no other status flag is ever set on these sockets
   ParentSockets::instance().add(sv[0]);
   auto worker = std::make_unique<Worker>();
   worker->serial = next_worker_serial_++;
@@ -456,6 +457,7 @@ bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
     if (w.input_arena->busy[region].load(std::memory_order_acquire) != 0) continue;
     w.input_arena->busy[region].store(1, std::memory_order_relaxed);
     std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
+    w.input_arena->note_written(region, size);
     FrameHeader header;
     header.kind = FrameKind::task;
     header.flags = arena_flags(region);
@@ -643,7 +645,7 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
 void Engine::recycle(Worker& w) {
   // Idle and past its quota: ask it to exit (EOF), wait for it, start a successor.
   ::shutdown(w.fd, SHUT_WR);
-  ::fcntl(w.fd, F_SETFL, ::fcntl(w.fd, F_GETFL) & ~O_NONBLOCK);
+  ::fcntl(w.fd, F_SETFL, 0);  // blocking
   std::byte sink[256];
   for (;;) {
     ssize_t n = ::recv(w.fd, sink, sizeof sink, 0);
@@ -962,7 +964,7 @@ void Engine::stop_gracefully() {
   stopping_ = true;
   for (auto& w : workers_) {
     // shutdown() reaches the worker even if another process holds a copy of our socket.
-    ::fcntl(w->fd, F_SETFL, ::fcntl(w->fd, F_GETFL) & ~O_NONBLOCK);
+    ::fcntl(w->fd, F_SETFL, 0);  // blocking
     if (w->out_pos < w->outbox.size()) {
       ::send(w->fd, w->outbox.data() + w->out_pos, w->outbox.size() - w->out_pos, MSG_NOSIGNAL);
     }

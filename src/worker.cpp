@@ -130,6 +130,7 @@ bool move_into_arena(Channel& channel, std::size_t at, FrameHeader& reply) {
   Buffer& out = channel.out();
   std::memcpy(arena->data(static_cast<std::size_t>(region)), out.data() + at + sizeof(FrameHeader),
               reply.size);
+  arena->note_written(static_cast<std::size_t>(region), reply.size);
   out.resize(at + sizeof(FrameHeader));
   reply.flags =
       static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));
@@ -173,6 +174,10 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   if (current_worker_slot) {
     reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
     reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
+  }
+  if (region >= 0) {  // written up to its end if the reply outgrew it
+    arena->note_written(static_cast<std::size_t>(region),
+                        direct.borrowed() ? direct.size() : ReplyArena::capacity);
   }
   if (region >= 0 && direct.borrowed()) {
     reply.size = direct.size();  // already in the region, whatever its size

@@ -2,6 +2,7 @@
 // worker side is built from.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -55,6 +56,15 @@ struct ReplyArena {
   std::atomic<std::uint32_t> busy[regions] =
       {};                                  // set by the writer, cleared by the reader once decoded
   std::atomic<std::uint32_t> released{0};  // bumped (and woken) each time a region is freed
+  std::atomic<std::uint32_t> written[regions] = {};  // the most bytes ever written to each
+
+  /// Records that `bytes` were written to `region` (by its one writer).
+  void note_written(std::size_t region, std::size_t bytes) noexcept {
+    const auto n = static_cast<std::uint32_t>(std::min(bytes, capacity));
+    if (n > written[region].load(std::memory_order_relaxed)) {
+      written[region].store(n, std::memory_order_relaxed);
+    }
+  }
 
   std::byte* data(std::size_t region) noexcept {
     return reinterpret_cast<std::byte*>(this) + header_bytes + region * capacity;
