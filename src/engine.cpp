@@ -429,16 +429,21 @@ std::vector<pid_t> Engine::worker_pids() const {
   return pids;
 }
 
-void Engine::send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
-                        std::uint64_t count, const Buffer& payload, std::uint16_t flags) {
+void Engine::append_header(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
+                           std::uint64_t count, std::uint64_t size, std::uint16_t flags) {
   FrameHeader header;
   header.kind = kind;
   header.flags = flags;
   header.call = call;
   header.first = first;
   header.count = count;
-  header.size = payload.size();
+  header.size = size;
   w.outbox.append(&header, sizeof header);
+}
+
+void Engine::send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
+                        std::uint64_t count, const Buffer& payload, std::uint16_t flags) {
+  append_header(w, kind, call, first, count, payload.size(), flags);
   w.outbox.append(payload.data(), payload.size());
 }
 
@@ -453,22 +458,14 @@ std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) cons
 bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
   const std::size_t size = chunk.payload.size();
   if (!ReplyArena::fits(size) || !w.input_arena) return false;
-  for (std::size_t region = 0; region < ReplyArena::regions; ++region) {
-    if (w.input_arena->busy[region].load(std::memory_order_acquire) != 0) continue;
-    w.input_arena->busy[region].store(1, std::memory_order_relaxed);
-    std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
-    w.input_arena->note_written(region, size);
-    FrameHeader header;
-    header.kind = FrameKind::task;
-    header.flags = arena_flags(region);
-    header.call = chunk.call;
-    header.first = chunk.first;
-    header.count = chunk.count;
-    header.size = size;
-    w.outbox.append(&header, sizeof header);
-    return true;
-  }
-  return false;
+  const int claimed = w.input_arena->claim();
+  if (claimed < 0) return false;
+  const auto region = static_cast<std::size_t>(claimed);
+  std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
+  w.input_arena->note_written(region, size);
+  append_header(w, FrameKind::task, chunk.call, chunk.first, chunk.count, size,
+                arena_flags(region));
+  return true;
 }
 
 void Engine::dispatch() {

@@ -74,10 +74,6 @@ class ChunkDecoder {
 
   bool empty() const noexcept { return taken_ == done_.count; }
   std::uint64_t count() const noexcept { return done_.count; }
-  /// Hands a worker's reply arena back as soon as everything has been decoded.
-  void release_if_done() {
-    if (empty()) done_.lease.reset();
-  }
   /// Input index of the next outcome.
   std::uint64_t take_index() const noexcept { return done_.first + taken_; }
 
@@ -487,16 +483,12 @@ class CallDriver {
       progress_.advance(static_cast<std::size_t>(decoder.count()));
       if (decoder.empty()) continue;
       if (ordered_) {
-        const std::uint64_t first = next_first_of(decoder);
+        const std::uint64_t first = decoder.take_index();
         ready_by_index_.emplace(first, std::move(decoder));
       } else {
         current_.push_back(std::move(decoder));
       }
     }
-  }
-
-  static std::uint64_t next_first_of(const ChunkDecoder<Out>& decoder) {
-    return decoder.take_index();
   }
 
   bool has_ready() const {

@@ -209,6 +209,9 @@ class Engine {
   void recycle(Worker& w);
   void enforce_timeouts();
   std::chrono::milliseconds time_to_next_deadline() const;
+  /// A frame header whose `size` bytes of payload travel elsewhere (or follow).
+  void append_header(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
+                     std::uint64_t count, std::uint64_t size, std::uint16_t flags);
   void send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
                   std::uint64_t count, const Buffer& payload, std::uint16_t flags = 0);
   void dispatch();
