@@ -156,6 +156,13 @@ def main():
                      "extra memory <= 5% of table, >= 5x Python",
                      (lambda r, x=c["extra_fraction"]: x <= 0.05 and r >= 5),
                      f"workers' extra memory {100 * c['extra_fraction']:.2f}% of {c['table_mb']:.0f} MB"))
+        rows.append(("  same table after procpool::share_with_huge_pages() (s)",
+                     (c["huge_wall_s_median"], c["huge_wall_s_min"], c["huge_wall_s_max"]), p,
+                     (p["median"] / c["huge_wall_s_median"]) if p else None,
+                     "extra memory <= 5% of table, >= 5x Python",
+                     (lambda r, x=c["huge_extra_fraction"]: x <= 0.05 and r >= 5),
+                     f"workers' extra memory {100 * c['huge_extra_fraction']:.2f}%; moving "
+                     f"{c['huge_pages_mb']:.0f} MB once took {c['huge_pages_move_s']:.2f} s"))
     if want("imap_flat"):
         items = "3000000" if q else "100000000"
         c = run_json([B, "imap_flat", "--n", items], timeout=3600)

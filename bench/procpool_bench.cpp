@@ -6,7 +6,8 @@
 //   procpool_bench payload_in [--tasks 64] [--mib 16]      16 MiB inputs from a lazy range
 //   procpool_bench startup [--reps 20]                     Pool start + one task + stop, ms
 //   procpool_bench cpu [--tasks 64] [--task-ms 50]         efficiency vs serial and std::thread
-//   procpool_bench shared [--vocab 5000000] [--keys 100000]  shared table: wall and extra memory
+//   procpool_bench shared [--vocab 5000000] [--keys 100000]  shared table: wall and extra memory,
+//                                                          as built and on huge pages
 //   procpool_bench imap_flat [--n 100000000]               RSS while imap consumes a lazy range
 //   procpool_bench progress [--n 1000000] [--reps 5]       cost of the progress bar
 #include <procpool/procpool.hpp>
@@ -203,6 +204,44 @@ int cpu(const Args& a) {
   return 0;
 }
 
+// Wall time of `reps` calls (start, map, join) and the workers' extra memory:
+// each worker reports its private memory now and then; its largest counts.
+struct SharedRun {
+  std::vector<double> runs;
+  long extra_kb = 0;
+};
+
+SharedRun run_shared(const std::unordered_map<std::string, int>& vocab,
+                     const std::vector<std::string>& keys, int reps) {
+  SharedRun out;
+  out.runs = bench::repeat(reps, [&] {
+    procpool::map([&vocab](const std::string& k) { return vocab.at(k); }, keys, {.processes = 2});
+  });
+  struct Seen {
+    pid_t pid;
+    long private_kb;
+  };
+  auto seen = procpool::map(
+      [&vocab](const std::string& k) {
+        volatile int id = vocab.at(k);
+        (void)id;
+        static long calls = 0;
+        long priv = 0;
+        if (++calls % 5000 == 0) {
+          priv = bench::rollup_kb("Private_Clean") + bench::rollup_kb("Private_Dirty");
+        }
+        return Seen{::getpid(), priv};
+      },
+      keys, {.processes = 2});
+  std::map<pid_t, long> per_worker;
+  for (const auto& s : seen)
+    per_worker[s.pid] = std::max(per_worker[s.pid], s.private_kb);
+  for (auto& [pid, kb] : per_worker)
+    out.extra_kb += kb;
+  return out;
+}
+
+// The table on the heap as built, then again after share_with_huge_pages().
 int shared(const Args& a) {
   const long vocab_size = a.get("--vocab", 5000000);
   const long keys_n = a.get("--keys", 100000);
@@ -223,39 +262,24 @@ int shared(const Args& a) {
                   static_cast<long>(rng() % static_cast<unsigned long>(vocab_size)));
     keys.emplace_back(name);
   }
-  auto runs = bench::repeat(reps, [&] {
-    procpool::map([&vocab](const std::string& k) { return vocab.at(k); }, keys, {.processes = 2});
-  });
-  // Memory: each worker reports its private memory now and then; the largest per worker counts.
-  struct Seen {
-    pid_t pid;
-    long private_kb;
+  const SharedRun plain = run_shared(vocab, keys, reps);
+  const procpool::HugePageReport moved = procpool::share_with_huge_pages();
+  const SharedRun huge = run_shared(vocab, keys, reps);
+  const auto fraction = [&](long kb) {
+    return static_cast<double>(kb) / static_cast<double>(table_kb);
   };
-  auto seen = procpool::map(
-      [&vocab](const std::string& k) {
-        volatile int id = vocab.at(k);
-        (void)id;
-        static long calls = 0;
-        long priv = 0;
-        if (++calls % 5000 == 0) {
-          priv = bench::rollup_kb("Private_Clean") + bench::rollup_kb("Private_Dirty");
-        }
-        return Seen{::getpid(), priv};
-      },
-      keys, {.processes = 2});
-  std::map<pid_t, long> per_worker;
-  for (const auto& s : seen)
-    per_worker[s.pid] = std::max(per_worker[s.pid], s.private_kb);
-  long extra_kb = 0;
-  for (auto& [pid, kb] : per_worker)
-    extra_kb += kb;
   Json("shared")
       .num("vocab", static_cast<double>(vocab_size))
       .num("keys", static_cast<double>(keys_n))
-      .stats("wall_s", bench::stats(runs))
+      .stats("wall_s", bench::stats(plain.runs))
       .num("table_mb", static_cast<double>(table_kb) / 1024)
-      .num("workers_extra_mb", static_cast<double>(extra_kb) / 1024)
-      .num("extra_fraction", static_cast<double>(extra_kb) / static_cast<double>(table_kb))
+      .num("workers_extra_mb", static_cast<double>(plain.extra_kb) / 1024)
+      .num("extra_fraction", fraction(plain.extra_kb))
+      .num("huge_pages_move_s", moved.seconds)
+      .num("huge_pages_mb", static_cast<double>(moved.huge_bytes) / (1 << 20))
+      .num("huge_pages_error", moved.error)
+      .stats("huge_wall_s", bench::stats(huge.runs))
+      .num("huge_extra_fraction", fraction(huge.extra_kb))
       .print();
   return 0;
 }

@@ -6,6 +6,7 @@
 
 #include "procpool/cpu_count.hpp"
 #include "procpool/errors.hpp"
+#include "procpool/huge_pages.hpp"
 #include "procpool/insights.hpp"
 #include "procpool/map.hpp"
 #include "procpool/options.hpp"
