@@ -1,5 +1,6 @@
 #include "worker.hpp"
 
+#include <malloc.h>
 #include <stdio_ext.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -210,6 +211,7 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   std::signal(SIGINT, SIG_IGN);
   __fpurge(stdout);
   __fpurge(stderr);
+  ::malloc_trim(0);
   if (inner_threads == 0) return;
   const std::string value = std::to_string(inner_threads);
   for (const char* name : {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",

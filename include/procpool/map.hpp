@@ -119,9 +119,6 @@ std::vector<T> collect(Results<T> results, const R& inputs) {
   std::vector<T> out;
   if constexpr (std::ranges::sized_range<const R>) {
     out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
-    if constexpr (!std::is_same_v<T, bool>) {  // vector<bool> packs bits and has no data()
-      prefault_for_writing(out.data(), out.capacity() * sizeof(T));
-    }
   }
   ResultsAccess<T>::drain_into(results, out);
   return out;

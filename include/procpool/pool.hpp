@@ -319,9 +319,6 @@ class Pool {
     std::vector<Out> out;
     if constexpr (std::ranges::sized_range<R>) {
       out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
-      if constexpr (!std::is_same_v<Out, bool>) {  // vector<bool> has no data()
-        detail::prefault_for_writing(out.data(), out.capacity() * sizeof(Out));
-      }
     }
     auto results = imap(f, std::forward<R>(inputs), extra...);
     detail::ResultsAccess<Out>::drain_into(results, out);

@@ -297,16 +297,31 @@ std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
   }
 }
 
+/// Maps the pages of `out`'s reserved, unused capacity in one system call
+/// rather than one fault each. Called once the first result has arrived: by
+/// then the workers have dropped the parent's free heap pages they inherited
+/// (malloc_trim in prepare_worker_process), so the parent's writes no longer
+/// copy them.
+template <class T>
+void prefault_reserved(std::vector<T>& out) {
+  if constexpr (!std::is_same_v<T, bool>) {  // vector<bool> packs bits and has no data()
+    prefault_for_writing(out.data() + out.size(), (out.capacity() - out.size()) * sizeof(T));
+  }
+}
+
 /// Appends every remaining result to `out`. Ordered successes go in bulk;
 /// results are taken one at a time only around waits and failures (which
 /// throw as deliver does).
 template <Delivery D, class Out, class Driver>
 void drain(Driver& driver, std::vector<delivered_t<D, Out>>& out) {
+  bool prefaulted = false;
   for (;;) {
     if constexpr (D == Delivery::ordered) driver.take_values(out);
     auto value = deliver<D, Out>(driver);
     if (!value) return;
     out.push_back(std::move(*value));
+    if (!prefaulted) prefault_reserved(out);
+    prefaulted = true;
   }
 }
 
