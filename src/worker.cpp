@@ -211,6 +211,9 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   std::signal(SIGINT, SIG_IGN);
   __fpurge(stdout);
   __fpurge(stderr);
+  // Give back the free pages of the heap inherited from the parent: while this
+  // process maps them, the parent's next write to each (malloc reuses them for
+  // its next result vector) copies it.
   ::malloc_trim(0);
   if (inner_threads == 0) return;
   const std::string value = std::to_string(inner_threads);
