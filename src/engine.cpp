@@ -26,6 +26,20 @@
 namespace procpool::detail {
 namespace {
 
+/// The caller's resident anonymous memory (RssAnon in /proc/self/status):
+/// what fork copies page-table entries for.
+std::uint64_t caller_anonymous_kb() {
+  std::FILE* status = std::fopen("/proc/self/status", "re");
+  if (!status) return 0;
+  char line[256];
+  unsigned long long kb = 0;
+  while (std::fgets(line, sizeof line, status)) {
+    if (std::sscanf(line, "RssAnon: %llu kB", &kb) == 1) break;
+  }
+  std::fclose(status);
+  return kb;
+}
+
 constexpr std::size_t receive_size = 64 * 1024;  // large replies come through the arena
 constexpr int socket_buffer_bytes = 1 << 20;
 constexpr double pipeline_target_nanos = 5e5;  // keep ~0.5 ms of work queued per worker
@@ -298,6 +312,12 @@ Engine::~Engine() {
 }
 
 void Engine::spawn_worker(unsigned position) {
+  const std::int64_t started = steady_now_ns();
+  start_worker_process(position);
+  starting_ns_ += static_cast<std::uint64_t>(steady_now_ns() - started);
+}
+
+void Engine::start_worker_process(unsigned position) {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     throw_errno("cannot create a socket pair for a worker");
@@ -794,6 +814,8 @@ Insights Engine::insights(double wall_seconds) const {
   }
   in.parent_input_seconds = static_cast<double>(parent_input_ns_) * 1e-9;
   in.parent_decode_seconds = static_cast<double>(parent_decode_ns_) * 1e-9;
+  in.starting_seconds = static_cast<double>(starting_ns_) * 1e-9;
+  in.caller_anonymous_kb = caller_anonymous_kb();
   double compute = 0;
   const auto records = worker_records();
   for (std::size_t i = 0; i < records.size(); ++i) {

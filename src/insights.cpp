@@ -62,6 +62,17 @@ std::string diagnose(const Insights& in) {
   if (in.efficiency >= 0.8) {
     return "no bottleneck found: parallel efficiency " + format("%.0f%%", in.efficiency * 100);
   }
+  // Forks of a big process are slow: one page-table entry per 4 KiB page.
+  const bool big_caller = in.caller_anonymous_kb >= 64 * 1024;
+  if (big_caller && in.starting_seconds >= 1e-3 && in.starting_seconds > 0.1 * in.wall_seconds) {
+    return "starting the workers took " + format("%.1f ms", in.starting_seconds * 1e3) +
+           " of the " + format("%.1f ms", in.wall_seconds * 1e3) +
+           " run: fork copies the page tables of this process's " +
+           bytes(static_cast<double>(in.caller_anonymous_kb) * 1024) +
+           " of memory, and each worker pays again on its first touch of each page; call "
+           "procpool::share_with_huge_pages() once after building big shared data, and use "
+           "one Pool for many calls";
+  }
   const double serialisation = worker_ser + in.parent_input_seconds + in.parent_decode_seconds;
   if (in.parent_input_seconds > 0.5 * in.wall_seconds && waiting > 0.5 * busy_wall) {
     return "workers waited " + format("%.0f%%", 100 * waiting / busy_wall) +
@@ -131,8 +142,10 @@ std::string Insights::to_string() const {
                   w.crashes + w.timeouts + w.recycles);
     out += line;
   }
-  std::snprintf(line, sizeof line, "caller: %.3f s producing inputs, %.3f s decoding results\n",
-                parent_input_seconds, parent_decode_seconds);
+  std::snprintf(line, sizeof line,
+                "caller: %.3f s starting workers, %.3f s producing inputs, %.3f s decoding "
+                "results\n",
+                starting_seconds, parent_input_seconds, parent_decode_seconds);
   out += line;
   if (!slowest_tasks.empty()) {
     out += "slowest tasks:";

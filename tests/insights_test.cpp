@@ -2,8 +2,11 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <sys/mman.h>
+
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <ranges>
 #include <thread>
@@ -109,6 +112,24 @@ TEST(Insights, LoadImbalanceNamesTheSlowestTask) {
   std::printf("diagnosis: %s\n", in.diagnosis.c_str());
   EXPECT_TRUE(contains(in.diagnosis, "load imbalance")) << in.to_string();
   EXPECT_TRUE(contains(in.diagnosis, "slowest task #30")) << in.diagnosis;
+}
+
+TEST(Insights, SlowStartOfABigProcessPointsToHugePages) {
+  // 256 MiB in use on 4 KiB pages: each fork copies ~65k page-table entries.
+  constexpr std::size_t size = std::size_t{256} << 20;
+  void* big = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(big, MAP_FAILED);
+  ::madvise(big, size, MADV_NOHUGEPAGE);
+  std::memset(big, 1, size);
+  procpool::Insights in;
+  procpool::map([](int x) { return x; }, iota(100), {.processes = 2, .insights = &in});
+  ::munmap(big, size);
+  std::printf("%s", in.to_string().c_str());
+  EXPECT_GE(in.caller_anonymous_kb, 256u * 1024);
+  EXPECT_GT(in.starting_seconds, 0.0);
+  EXPECT_LT(in.starting_seconds, in.wall_seconds);
+  EXPECT_TRUE(contains(in.diagnosis, "starting the workers took")) << in.to_string();
+  EXPECT_TRUE(contains(in.diagnosis, "share_with_huge_pages")) << in.diagnosis;
 }
 
 TEST(Insights, PoolAccumulatesAcrossCallsAndCountsRestarts) {

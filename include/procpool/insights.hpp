@@ -42,9 +42,11 @@ struct Insights {
   unsigned usable_cpus = 0;
   std::string cpu_reason;  // cpu_report().to_string()
   std::uint64_t tasks = 0;
-  double parent_input_seconds = 0;   // producing and serialising inputs in the caller
-  double parent_decode_seconds = 0;  // decoding results in the caller
-  double efficiency = 0;             // total compute / (wall * processes)
+  double parent_input_seconds = 0;        // producing and serialising inputs in the caller
+  double parent_decode_seconds = 0;       // decoding results in the caller
+  double starting_seconds = 0;            // forking the worker processes, in the caller
+  std::uint64_t caller_anonymous_kb = 0;  // the caller's resident anonymous memory
+  double efficiency = 0;                  // total compute / (wall * processes)
   std::vector<WorkerInsights> workers;
   std::vector<SlowTaskInsight> slowest_tasks;  // slowest first
   std::string diagnosis;

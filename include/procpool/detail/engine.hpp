@@ -203,7 +203,9 @@ class Engine {
   };
 
   enum class Death { died, timed_out, corrupt };
+  /// Starts the worker at `position`, timing it for insights.
   void spawn_worker(unsigned position);
+  void start_worker_process(unsigned position);
   void fold_slot(const Worker& w);
   void note_slow_task(std::uint64_t call, std::uint64_t index, std::uint64_t nanos);
   void recycle(Worker& w);
@@ -234,6 +236,7 @@ class Engine {
   std::vector<SlowTask> slowest_;
   std::uint64_t parent_input_ns_ = 0;
   std::uint64_t parent_decode_ns_ = 0;
+  std::uint64_t starting_ns_ = 0;             // the caller's time in spawn_worker (forks, restarts)
   std::unique_ptr<WorkerLogic> local_logic_;  // Start::in_process
   std::vector<std::unique_ptr<Worker>> workers_;
   std::deque<Chunk> pending_;
