@@ -86,6 +86,12 @@ class Buffer {
     if (size > capacity_) reserve(std::max(size, capacity_ + capacity_ / 2));
     size_ = size;
   }
+  /// Makes room for `n` more bytes and maps their pages now, in one system
+  /// call, rather than taking a fault per page as they are written.
+  void prepare_for(std::size_t n) {
+    if (size_ + n > capacity_) reserve(size_ + n);
+    prefault_for_writing(data_ + size_, n);
+  }
   /// Appends `n` uninitialised bytes and returns where they start.
   std::byte* grow(std::size_t n) {
     std::size_t old = size_;
@@ -123,6 +129,8 @@ class Writer {
  public:
   explicit Writer(Buffer& buffer) : buffer_(buffer) {}
   void write(const void* bytes, std::size_t n) { buffer_.append(bytes, n); }
+  /// See Buffer::prepare_for.
+  void prepare_for(std::size_t n) { buffer_.prepare_for(n); }
   template <class T>
   requires std::is_trivially_copyable_v<T>
   void put(const T& value) { write(&value, sizeof value); }

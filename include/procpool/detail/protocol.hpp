@@ -257,6 +257,11 @@ template <class Out, class TaskFor>
 void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& task) {
   chunk_reply_dense = false;
   if constexpr (dense_result_v<Out>) {
+    // The reply's size is known: map its pages in one go (a chunk too big
+    // for a reply region grows as it goes, as before).
+    if (count <= ReplyArena::capacity / sizeof(Out)) {
+      out.prepare_for(static_cast<std::size_t>(count) * sizeof(Out));
+    }
     const std::size_t start = out.size();
     std::uint64_t i = 0;
     for (; i < count; ++i) {
