@@ -126,13 +126,17 @@ bool last_reply_was_large = false;
 /// range about to be written in one call is cheaper.
 std::size_t reply_region_mapped[ReplyArena::regions] = {};
 
-/// Size of the previous reply: the guess for one written straight into a region.
-std::size_t last_reply_size = 0;
+/// Reply bytes per task of the previous chunk: the guess for the size of a
+/// reply written straight into a region (exact for fixed-size results).
+double last_reply_bytes_per_task = 0;
 
 void map_reply_region(ReplyArena& arena, std::size_t region, std::size_t bytes) {
   bytes = std::min(bytes, ReplyArena::capacity);
   std::size_t& mapped = reply_region_mapped[region];
   if (bytes <= mapped) return;
+  // Counted as written: the parent's arena cache then knows these pages exist
+  // and gives them back when the region is cached, even if this worker dies.
+  arena.note_written(region, bytes);
   prefault_for_writing(arena.data(region) + mapped, bytes - mapped);
   mapped = bytes;
 }
@@ -169,7 +173,11 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
   Buffer direct = region >= 0 ? Buffer::over(arena->data(static_cast<std::size_t>(region)),
                                              ReplyArena::capacity)
                               : Buffer{};
-  if (region >= 0) map_reply_region(*arena, static_cast<std::size_t>(region), last_reply_size);
+  if (region >= 0) {
+    const double expected = last_reply_bytes_per_task * static_cast<double>(header.count);
+    map_reply_region(*arena, static_cast<std::size_t>(region),
+                     static_cast<std::size_t>(std::min(expected, double{ReplyArena::capacity})));
+  }
   Writer writer(region >= 0 ? direct : out);
   if (current_worker_slot) {
     current_worker_slot->call.store(header.call, std::memory_order_relaxed);
@@ -215,7 +223,9 @@ void run_task_frame(WorkerLogic& logic, const FrameHeader& header, Reader& paylo
     move_into_arena(channel, at, reply);
   }
   last_reply_was_large = ReplyArena::fits(reply.size);
-  last_reply_size = reply.size;
+  if (header.count != 0) {
+    last_reply_bytes_per_task = static_cast<double>(reply.size) / static_cast<double>(header.count);
+  }
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
 
@@ -249,7 +259,7 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
 void run_worker(int fd, WorkerLogic& logic) {
   // What a worker that forked this one had mapped is not mapped here.
   std::fill(std::begin(reply_region_mapped), std::end(reply_region_mapped), std::size_t{0});
-  last_reply_size = 0;
+  last_reply_bytes_per_task = 0;
   Channel channel(fd);
   for (;;) {
     if (channel.available() < sizeof(FrameHeader)) {

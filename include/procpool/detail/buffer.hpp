@@ -87,10 +87,11 @@ class Buffer {
     size_ = size;
   }
   /// Makes room for `n` more bytes and maps their pages now, in one system
-  /// call, rather than taking a fault per page as they are written.
+  /// call, rather than taking a fault per page as they are written. Borrowed
+  /// memory is left to its owner, who knows what is mapped.
   void prepare_for(std::size_t n) {
     if (size_ + n > capacity_) reserve(size_ + n);
-    prefault_for_writing(data_ + size_, n);
+    if (owned_) prefault_for_writing(data_ + size_, n);
   }
   /// Appends `n` uninitialised bytes and returns where they start.
   std::byte* grow(std::size_t n) {

@@ -46,7 +46,9 @@ inline std::size_t arena_region(std::uint16_t flags) {
 /// pages, the parent decodes straight from them, and no socket copies happen.
 /// Two regions, so the worker can fill one while the parent still decodes the other.
 struct ReplyArena {
-  static constexpr std::size_t header_bytes = 64;
+  // A whole page, so that every region starts on a page: madvise() on a
+  // region (MADV_REMOVE, MADV_POPULATE_*) needs page-aligned addresses.
+  static constexpr std::size_t header_bytes = 4096;
   static constexpr std::size_t capacity = std::size_t{32} << 20;  // per region
   /// Four: a worker can be two replies ahead of a parent that takes results
   /// in input order and is waiting for another worker, and still have one.
