@@ -289,7 +289,7 @@ void load(Reader& in, T& value) {
     std::size_t count = load_count(in, sizeof(E));
     value.clear();
     value.reserve(count);
-    prefault_for_writing(value.data(), count * sizeof(E));
+    prefault_heap_for_writing(value.data(), count * sizeof(E));
     if constexpr (alignof(E) == 1) {
       // One pass over fresh memory (resize would zero it first, then copy).
       const auto* from = reinterpret_cast<const E*>(in.take(count));

@@ -36,6 +36,13 @@ void free_block(Block block) noexcept;
 /// Only whole pages inside [p, p + n) are touched; a hint, errors are ignored.
 void prefault_for_writing(void* p, std::size_t n) noexcept;
 
+/// The same for memory from the caller's heap that is about to be overwritten
+/// whole (a result vector's reserved capacity): if a forked worker still maps
+/// any of its pages, the parent's writes would copy each one first, so such
+/// pages are first replaced by fresh ones (MADV_DONTNEED). Whether a page is
+/// shared comes from /proc/self/pagemap, so unshared memory keeps its pages.
+void prefault_heap_for_writing(void* p, std::size_t n) noexcept;
+
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
 /// results of hundreds of MiB must not be zero-filled before they are written.
 class Buffer {

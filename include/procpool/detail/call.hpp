@@ -298,14 +298,16 @@ std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
 }
 
 /// Maps the pages of `out`'s reserved, unused capacity in one system call
-/// rather than one fault each. Called once the first result has arrived: by
-/// then the workers have dropped the parent's free heap pages they inherited
-/// (malloc_trim in prepare_worker_process), so the parent's writes no longer
-/// copy them.
+/// rather than one fault each. A result vector often reuses heap memory that
+/// was free when the workers were forked; a worker hands such pages back
+/// (give_back_inherited_free_heap), after which the parent reuses them as
+/// they are, so this waits for the first result. Pages a worker still
+/// shares are replaced by fresh ones rather than copied (see
+/// prefault_heap_for_writing).
 template <class T>
 void prefault_reserved(std::vector<T>& out) {
   if constexpr (!std::is_same_v<T, bool>) {  // vector<bool> packs bits and has no data()
-    prefault_for_writing(out.data() + out.size(), (out.capacity() - out.size()) * sizeof(T));
+    prefault_heap_for_writing(out.data() + out.size(), (out.capacity() - out.size()) * sizeof(T));
   }
 }
 
