@@ -2,7 +2,9 @@
 """procpool vs Python's multiprocessing, side by side, in one run.
 
 For each workload it runs procpool's benchmark, then the matching Python
-baseline (../shared/baselines), alternating, and prints one table: procpool
+baseline (../shared/baselines), alternating (three rounds of each for the
+fast workloads, whose medians are then the median of the rounds'
+medians), and prints one table: procpool
 median (min-max), Python median (min-max), the ratio, the target and whether
 it is met, plus physical limits measured in the same run. Results also go to
 a JSON file.
@@ -14,6 +16,7 @@ a JSON file.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,32 @@ ROOT = os.path.dirname(HERE)
 def run_json(cmd, timeout=1800):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def alternate(rounds, ours, theirs):
+    """Runs ours() then theirs() (when given) `rounds` times, so that a slow
+    stretch of the machine hits both sides alike; returns both lists."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(ours())
+        if theirs:
+            b.append(theirs())
+    return a, b
+
+
+def merged(results, *keys):
+    """One result from several rounds: for each key, the median of the rounds'
+    medians, the smallest min and the largest max. With no keys, the results
+    are {median, min, max} themselves."""
+    if not results:
+        return None
+    out = {}
+    for key in keys or ("",):
+        name = (lambda part: f"{key}_{part}") if key else (lambda part: part)
+        out[name("median")] = statistics.median(r[name("median")] for r in results)
+        out[name("min")] = min(r[name("min")] for r in results)
+        out[name("max")] = max(r[name("max")] for r in results)
+    return out
 
 
 def fmt(m, lo, hi, digits=3):
@@ -64,6 +93,9 @@ def main():
     # Workloads of a few milliseconds: more runs each, so that the median is
     # not at the mercy of a VM's scheduling noise (both sides get the same).
     short_reps = "2" if q else "15"
+    # The fast workloads alternate with Python three times over; each side's
+    # median is the median of its three rounds' medians.
+    rounds = 1 if q else 3
     only = set(filter(None, a.only.split(",")))
     have_python = os.path.isdir(a.baselines) and os.path.exists(a.python)
     if not have_python:
@@ -88,16 +120,18 @@ def main():
 
     n = "20000" if q else "200000"
     if want("tiny_cs1"):
-        c = run_json([B, "tiny_cs1", "--n", n, "--reps", reps])
-        p = py("bench_overhead.py", "--n", n, "--n-slow", "200", "--reps", reps)["results"]["pool_map_cs1"]["tasks_per_s"] if have_python else None
-        raw["tiny_cs1"] = {"procpool": c, "python": p}
+        cs, ps = alternate(rounds, lambda: run_json([B, "tiny_cs1", "--n", n, "--reps", reps]),
+                           (lambda: py("bench_overhead.py", "--n", n, "--n-slow", "200", "--reps", reps)["results"]["pool_map_cs1"]["tasks_per_s"]) if have_python else None)
+        c, p = merged(cs, "tasks_per_s"), merged(ps)
+        raw["tiny_cs1"] = {"procpool": cs, "python": ps}
         rows.append((f"{int(n) // 1000}k tiny tasks, chunksize 1 (tasks/s)",
                      (c["tasks_per_s_median"], c["tasks_per_s_min"], c["tasks_per_s_max"]), p,
                      (c["tasks_per_s_median"] / p["median"]) if p else None, ">= 10x Python", lambda r: r >= 10))
     if want("tiny_lifecycle"):
-        c = run_json([B, "tiny_lifecycle", "--n", n, "--reps", short_reps])
-        p = run_json([a.python, "-c", LIFECYCLE_PY, n, short_reps]) if have_python else None
-        raw["tiny_lifecycle"] = {"procpool": c, "python": p}
+        cs, ps = alternate(rounds, lambda: run_json([B, "tiny_lifecycle", "--n", n, "--reps", short_reps]),
+                           (lambda: run_json([a.python, "-c", LIFECYCLE_PY, n, short_reps])) if have_python else None)
+        c, p = merged(cs, "pool_s", "fork_per_call_s"), merged(ps)
+        raw["tiny_lifecycle"] = {"procpool": cs, "python": ps}
         rows.append((f"{int(n) // 1000}k tiny tasks, auto chunks, Pool start+map+stop (s)",
                      (c["pool_s_median"], c["pool_s_min"], c["pool_s_max"]), p,
                      (p["median"] / c["pool_s_median"]) if p else None, ">= 10x Python", lambda r: r >= 10))
@@ -124,12 +158,13 @@ def main():
                      (lambda r, f=frac, np=need_python: f >= 0.7 and (not np or r >= 2)),
                      f"{100 * frac:.0f}% of floor"))
     if want("startup"):
-        c = run_json([B, "startup", "--reps", "10" if q else "20"])
-        p = None
-        if have_python:
+        def python_startup():
             s = py("bench_startup.py", "--reps", reps, "--methods", "fork")["results"]["pool_fork"]["warm"]["total"]
-            p = {k: v * 1e3 for k, v in s.items()}
-        raw["startup"] = {"procpool": c, "python": p}
+            return {k: v * 1e3 for k, v in s.items()}
+        cs, ps = alternate(rounds, lambda: run_json([B, "startup", "--reps", "10" if q else "20"]),
+                           python_startup if have_python else None)
+        c, p = merged(cs, "pool_ms", "map_one_ms"), merged(ps)
+        raw["startup"] = {"procpool": cs, "python": ps}
         rows.append(("Pool start + one task + stop (ms)", (c["pool_ms_median"], c["pool_ms_min"], c["pool_ms_max"]), p,
                      (p["median"] / c["pool_ms_median"]) if p else None, "<= 1 ms and >= 10x Python",
                      (lambda r, m=c["pool_ms_median"]: m <= 1 and r >= 10)))
