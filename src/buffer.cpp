@@ -127,6 +127,31 @@ void free_block(Block block) noexcept {
 
 namespace {
 
+/// The whole pages inside a range.
+struct PageRange {
+  std::uintptr_t begin = 0, end = 0;
+  bool empty() const noexcept { return end <= begin; }
+  std::size_t size() const noexcept { return end - begin; }
+};
+
+/// The whole pages inside [p, p + n); none below 64 KiB, where faults are
+/// cheap enough.
+PageRange pages_worth_prefaulting(void* p, std::size_t n) noexcept {
+  constexpr std::size_t worth_it = std::size_t{64} << 10;
+  if (n < worth_it) return {};
+  const auto at = reinterpret_cast<std::uintptr_t>(p);
+  return {(at + page_bytes - 1) & ~(page_bytes - 1), (at + n) & ~(page_bytes - 1)};
+}
+
+void populate_for_writing(PageRange pages) noexcept {
+#ifdef MADV_POPULATE_WRITE
+  if (!pages.empty())
+    ::madvise(reinterpret_cast<void*>(pages.begin), pages.size(), MADV_POPULATE_WRITE);
+#else
+  (void)pages;
+#endif
+}
+
 /// Whether a page of [begin, end) is mapped by another process too: present
 /// but not exclusively mapped, in /proc/self/pagemap (bits 63 and 56).
 bool shares_a_page(std::uintptr_t begin, std::uintptr_t end) noexcept {
@@ -154,27 +179,16 @@ bool shares_a_page(std::uintptr_t begin, std::uintptr_t end) noexcept {
 }  // namespace
 
 void prefault_heap_for_writing(void* p, std::size_t n) noexcept {
-  constexpr std::size_t worth_it = std::size_t{64} << 10;
-  if (n < worth_it) return;
-  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + page_bytes - 1) & ~(page_bytes - 1);
-  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(page_bytes - 1);
-  if (end <= begin) return;
-  if (shares_a_page(begin, end))
-    ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  prefault_for_writing(reinterpret_cast<void*>(begin), end - begin);
+  const PageRange pages = pages_worth_prefaulting(p, n);
+  if (pages.empty()) return;
+  if (shares_a_page(pages.begin, pages.end)) {
+    ::madvise(reinterpret_cast<void*>(pages.begin), pages.size(), MADV_DONTNEED);
+  }
+  populate_for_writing(pages);
 }
 
 void prefault_for_writing(void* p, std::size_t n) noexcept {
-#ifdef MADV_POPULATE_WRITE
-  constexpr std::size_t worth_it = std::size_t{64} << 10;  // below this, faults are cheap enough
-  if (n < worth_it) return;
-  const auto begin = (reinterpret_cast<std::uintptr_t>(p) + page_bytes - 1) & ~(page_bytes - 1);
-  const auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(page_bytes - 1);
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
-#else
-  (void)p;
-  (void)n;
-#endif
+  populate_for_writing(pages_worth_prefaulting(p, n));
 }
 
 }  // namespace procpool::detail

@@ -156,7 +156,6 @@ bool move_into_arena(Channel& channel, std::size_t at, FrameHeader& reply) {
   map_reply_region(*arena, static_cast<std::size_t>(region), reply.size);
   std::memcpy(arena->data(static_cast<std::size_t>(region)), out.data() + at + sizeof(FrameHeader),
               reply.size);
-  arena->note_written(static_cast<std::size_t>(region), reply.size);
   out.resize(at + sizeof(FrameHeader));
   reply.flags =
       static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));

@@ -44,7 +44,7 @@ inline std::size_t arena_region(std::uint16_t flags) {
 /// Shared memory, mapped before the fork and reused for the worker's life,
 /// through which large replies travel: the worker copies a reply into warm
 /// pages, the parent decodes straight from them, and no socket copies happen.
-/// Two regions, so the worker can fill one while the parent still decodes the other.
+/// Several regions, so the worker can fill one while the parent still decodes others.
 struct ReplyArena {
   // A whole page, so that every region starts on a page: madvise() on a
   // region (MADV_REMOVE, MADV_POPULATE_*) needs page-aligned addresses.
