@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -309,6 +310,7 @@ Engine::~Engine() {
   } else {
     kill_workers();
   }
+  if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
 void Engine::spawn_worker(unsigned position) {
@@ -386,30 +388,35 @@ void Engine::start_worker_process(unsigned position) {
   worker->position = position;
   records_[position].pid = pid;
   for (auto& [id, call] : calls_) {
-    if (!call.setup.empty()) send_frame(*worker, FrameKind::setup, id, 0, 0, call.setup);
+    if (call.scope == SetupScope::every_worker && !call.setup.empty()) {
+      send_frame(*worker, FrameKind::setup, id, 0, 0, call.setup);
+    }
   }
   workers_.push_back(std::move(worker));
 }
 
-std::uint64_t Engine::open_call(Buffer setup) {
+std::uint64_t Engine::open_call(Buffer setup, SetupScope scope) {
   const std::uint64_t id = next_call_++;
   CallState& call = calls_[id];
   call.setup = std::move(setup);
-  if (!call.setup.empty()) {
+  call.scope = scope;
+  if (scope == SetupScope::every_worker && !call.setup.empty()) {
     for (auto& w : workers_)
       send_frame(*w, FrameKind::setup, id, 0, 0, call.setup);
   }
   return id;
 }
 
-void Engine::close_call(std::uint64_t call) {
+void Engine::close_call(std::uint64_t call, bool may_have_queued) {
   auto it = calls_.find(call);
   if (it == calls_.end()) return;
   const bool had_setup = !it->second.setup.empty();
+  const bool workers_keep_setup = had_setup && it->second.scope == SetupScope::every_worker;
   calls_.erase(it);
-  std::erase_if(pending_, [call](const Chunk& c) { return c.call == call; });
+  if (may_have_queued) std::erase_if(pending_, [call](const Chunk& c) { return c.call == call; });
   if (!had_setup) return;
   if (local_logic_) local_logic_->end(call);
+  if (!workers_keep_setup) return;  // each worker forgot it after its chunk
   for (auto& w : workers_)
     send_frame(*w, FrameKind::end_call, call, 0, 0, Buffer{});
 }
@@ -432,7 +439,14 @@ std::deque<ChunkDone>& Engine::completed(std::uint64_t call) {
 
 double Engine::nanos_per_task(std::uint64_t call) const {
   auto it = calls_.find(call);
-  return it == calls_.end() ? 0.0 : it->second.nanos_per_task;
+  if (it == calls_.end()) return 0.0;
+  // A submitted task is a call of its own, never timed before it runs: the
+  // submits before it are the best guess, so that a stream of tiny submits
+  // keeps each worker's pipeline full instead of two tasks deep.
+  if (it->second.nanos_per_task <= 0 && it->second.scope == SetupScope::each_chunk) {
+    return submitted_nanos_per_task_;
+  }
+  return it->second.nanos_per_task;
 }
 
 std::size_t Engine::outstanding() const noexcept {
@@ -475,7 +489,7 @@ std::size_t Engine::pipeline_depth(std::uint64_t call, std::uint64_t count) cons
   return std::clamp(static_cast<std::size_t>(depth), min_pipeline, max_pipeline);
 }
 
-bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
+bool Engine::send_through_arena(Worker& w, const Chunk& chunk, std::uint16_t flags) {
   const std::size_t size = chunk.payload.size();
   if (!ReplyArena::fits(size) || !w.input_arena) return false;
   const int claimed = w.input_arena->claim();
@@ -484,8 +498,20 @@ bool Engine::send_through_arena(Worker& w, const Chunk& chunk) {
   std::memcpy(w.input_arena->data(region), chunk.payload.data(), size);
   w.input_arena->note_written(region, size);
   append_header(w, FrameKind::task, chunk.call, chunk.first, chunk.count, size,
-                arena_flags(region));
+                static_cast<std::uint16_t>(flags | arena_flags(region)));
   return true;
+}
+
+bool Engine::goes_to_idle_worker(const Chunk& chunk) const {
+  const CallState& call = calls_.at(chunk.call);
+  if (call.scope != SetupScope::each_chunk) return chunk.tail;
+  // Each submitted task is a call's only chunk, so every one would count as
+  // a tail. Queue tasks known to be short behind others, or a stream of them
+  // ping-pongs one task at a time; long or unknown ones wait for an idle
+  // worker, so that none waits behind a long task while a worker is free.
+  constexpr double short_chunk_nanos = 1e6;
+  const double per_task = nanos_per_task(chunk.call);
+  return per_task <= 0 || per_task * static_cast<double>(chunk.count) >= short_chunk_nanos;
 }
 
 void Engine::dispatch() {
@@ -495,8 +521,9 @@ void Engine::dispatch() {
       pending_.pop_front();
       continue;
     }
-    const std::size_t depth =
-        pending_.front().tail ? 1 : pipeline_depth(pending_.front().call, pending_.front().count);
+    const std::size_t depth = goes_to_idle_worker(pending_.front())
+                                  ? 1
+                                  : pipeline_depth(pending_.front().call, pending_.front().count);
     const bool via_arena = ReplyArena::fits(pending_.front().payload.size());
     Worker* best = nullptr;
     for (auto& w : workers_) {
@@ -519,8 +546,15 @@ void Engine::dispatch() {
       chunk = slice(chunk, 0, fits);
     }
     best->tasks_sent += chunk.count;
-    if (!send_through_arena(*best, chunk)) {
-      send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload);
+    const CallState& call = calls_.at(chunk.call);
+    std::uint16_t flags = 0;
+    if (call.scope == SetupScope::each_chunk && !call.setup.empty()) {
+      send_frame(*best, FrameKind::setup, chunk.call, 0, 0, call.setup);
+      flags = flag_end_call_after;
+    }
+    if (!send_through_arena(*best, chunk, flags)) {
+      send_frame(*best, FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
+                 flags);
     }
     best->inflight.push_back(std::move(chunk));
   }
@@ -619,6 +653,14 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
   if (header.count != 0) note_slow_task(header.call, header.slowest_index, header.slowest_nanos);
   if (auto it = calls_.find(chunk.call); it != calls_.end()) {
     it->second.time_tasks(header.count, static_cast<double>(header.nanos));
+    if (it->second.scope == SetupScope::each_chunk && header.count != 0) {
+      // Recent submits weigh most: a slow one shows at once, then fades.
+      const double per_task = static_cast<double>(header.nanos) / static_cast<double>(header.count);
+      submitted_nanos_per_task_ = submitted_nanos_per_task_ <= 0
+                                      ? per_task
+                                      : std::max(per_task, 0.9 * submitted_nanos_per_task_ +
+                                                               0.1 * per_task);
+    }
   }
   ChunkDone done;
   done.first = chunk.first;
@@ -905,7 +947,50 @@ Engine::Worker* Engine::find_worker(std::uint64_t serial) {
   return nullptr;
 }
 
-void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
+void Engine::enable_wake() {
+  if (wake_fd_ < 0) wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
+}
+
+void Engine::wake() noexcept {
+  if (wake_fd_ < 0) return;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof one);
+}
+
+bool Engine::worker_running_dry() const noexcept {
+  return std::any_of(workers_.begin(), workers_.end(),
+                     [](const auto& w) { return w->inflight.size() < min_pipeline; });
+}
+
+bool Engine::caller_driving(std::chrono::milliseconds recently) const {
+  return callers_pumping_ != 0 ||
+         steady_now_ns() - caller_pumped_ns_ <
+             std::chrono::duration_cast<std::chrono::nanoseconds>(recently).count();
+}
+
+void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
+                  Driver driver) {
+  struct Round {  // counted until the round ends, even by an exception
+    Engine& engine;
+    bool caller;
+    Round(Engine& e, bool by_caller) : engine(e), caller(by_caller) {
+      ++engine.rounds_in_progress_;
+      if (caller) ++engine.callers_pumping_;
+    }
+    ~Round() {
+      --engine.rounds_in_progress_;
+      if (!caller) return;
+      --engine.callers_pumping_;
+      engine.caller_pumped_ns_ = steady_now_ns();
+    }
+    Round(const Round&) = delete;
+    Round& operator=(const Round&) = delete;
+  } round(*this, driver == Driver::caller);
+  pump_round(lock, timeout);
+}
+
+void Engine::pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
   if (config_.start == Start::in_process) {
     run_in_process();
     return;
@@ -928,10 +1013,18 @@ void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds 
     serials.push_back(w->serial);
   }
   if (fds.empty()) return;
+  if (wake_fd_ >= 0) fds.push_back(pollfd{wake_fd_, POLLIN, 0});
   const auto wait = std::min(timeout, time_to_next_deadline());
   lock.unlock();
   int ready = ::poll(fds.data(), fds.size(), static_cast<int>(wait.count()));
   lock.lock();
+  if (wake_fd_ >= 0) {
+    if (fds.back().revents != 0) {
+      std::uint64_t count = 0;
+      [[maybe_unused]] const ssize_t n = ::read(wake_fd_, &count, sizeof count);
+    }
+    fds.pop_back();
+  }
   enforce_timeouts();
   if (ready <= 0) return;
   for (std::size_t i = 0; i < fds.size(); ++i) {

@@ -155,6 +155,11 @@ std::string Insights::to_string() const {
     }
     out += "\n";
   }
+  if (unobserved_errors != 0) {
+    out += "dropped futures whose tasks failed: " + std::to_string(unobserved_errors);
+    if (!unobserved_error_messages.empty()) out += " (first: " + unobserved_error_messages[0] + ")";
+    out += "\n";
+  }
   out += "diagnosis: " + diagnosis + "\n";
   return out;
 }

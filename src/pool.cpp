@@ -2,6 +2,10 @@
 
 #include <unistd.h>
 
+#include <cstdio>
+#include <string_view>
+#include <utility>
+
 namespace procpool {
 namespace detail {
 namespace {
@@ -74,6 +78,149 @@ void PoolLogic::end(std::uint64_t call) {
   runners_.erase(call);
 }
 
+void PoolCore::start_service() {
+  engine->enable_wake();
+  service_running = true;
+  service = std::thread([this] { serve(); });
+}
+
+void PoolCore::stop_service() {
+  {
+    std::lock_guard lock(mutex);
+    if (!service_running) return;
+    service_stop = true;
+  }
+  wake_service.notify_all();
+  engine->wake();  // it may be waiting for the workers
+  service.join();
+  std::unique_lock lock(mutex);
+  service_running = false;
+  finish_detached(lock);
+  // Unfinished ones can no longer finish: the pool is going away.
+  std::vector<std::unique_ptr<DetachedTask>> dropped = std::move(detached);
+  lock.unlock();
+}
+
+void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {
+  try {
+    std::unique_lock lock(mutex);
+    if (service_running) {
+      detached.push_back(std::move(task));
+      lock.unlock();
+      wake_service.notify_one();
+      return;
+    }
+    // The pool has stopped: the task ran before join() returned, or failed.
+    const bool finished = task->finished_locked();
+    lock.unlock();
+    if (finished) {
+      if (std::exception_ptr error = task->take_error()) report(error);
+    }
+  } catch (...) {
+    // Nothing to report to: the task's outcome is lost, as a destructor cannot throw.
+  }
+}
+
+void PoolCore::kick() {
+  std::unique_lock lock(mutex);
+  if (engine->pumping()) {
+    // Whoever is waiting for the workers sends it once a reply arrives: wake
+    // them now only if a worker is running out of work.
+    if (engine->worker_running_dry()) engine->wake();
+    return;
+  }
+  if (service_kicked) return;  // a round is already due
+  service_kicked = true;
+  lock.unlock();
+  wake_service.notify_one();
+}
+
+void PoolCore::serve() {
+  // A caller that waits drives the engine itself, without the hand-over a
+  // thread would cost; this thread steps in once no caller has for a while.
+  constexpr std::chrono::milliseconds caller_grace{20};
+  constexpr std::chrono::milliseconds round{50};
+  std::unique_lock lock(mutex);
+  while (!service_stop) {
+    try {
+      if (!detached.empty()) finish_detached(lock);
+      if (service_stop) break;
+      const bool work = engine->outstanding() != 0;
+      if (std::exchange(service_kicked, false)) {
+        engine->pump(lock, std::chrono::milliseconds(0), Engine::Driver::service);
+      } else if (!work) {
+        wake_service.wait_for(lock, std::chrono::milliseconds(200));
+      } else if (engine->caller_driving(caller_grace)) {
+        wake_service.wait_for(lock, caller_grace / 4);
+      } else {
+        engine->pump(lock, round, Engine::Driver::service);
+      }
+    } catch (const std::exception& e) {
+      // Say it once per failure and go on; the calls see their own errors.
+      std::fprintf(stderr, "procpool: the pool's service thread: %s\n", e.what());
+      wake_service.wait_for(lock, round);
+    }
+  }
+}
+
+void PoolCore::finish_detached(std::unique_lock<std::mutex>& lock) {
+  std::vector<std::unique_ptr<DetachedTask>> finished;
+  std::erase_if(detached, [&](std::unique_ptr<DetachedTask>& task) {
+    if (!task->finished_locked()) return false;
+    finished.push_back(std::move(task));
+    return true;
+  });
+  if (finished.empty()) return;
+  lock.unlock();
+  for (auto& task : finished) {
+    if (std::exception_ptr error = task->take_error()) report(error);
+    task.reset();  // closes the call, which takes the lock
+  }
+  lock.lock();
+}
+
+void PoolCore::report(std::exception_ptr error) {
+  constexpr std::size_t kept_messages = 10;
+  std::string message;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    message = e.what();
+  } catch (...) {
+    message = "an exception not derived from std::exception";
+  }
+  std::function<void(std::exception_ptr)> handler;
+  std::uint64_t count = 0;
+  {
+    std::lock_guard lock(mutex);
+    handler = error_handler;
+    count = ++unobserved_errors;
+    if (unobserved_messages.size() < kept_messages) unobserved_messages.push_back(message);
+  }
+  if (handler) {
+    try {
+      handler(error);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool: the pool's error handler threw: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "procpool: the pool's error handler threw\n");
+    }
+    return;
+  }
+  if (count <= kept_messages) {
+    const std::string_view prefix = "procpool: ";
+    const std::string_view said =
+        message.starts_with(prefix) ? std::string_view(message).substr(prefix.size()) : message;
+    std::fprintf(stderr, "procpool: a task whose Future was dropped failed: %.*s\n",
+                 static_cast<int>(said.size()), said.data());
+  }
+  if (count == kept_messages) {
+    std::fprintf(stderr,
+                 "procpool: more errors of dropped futures are only counted "
+                 "(Pool::insights(); Pool::set_error_handler() sees them all)\n");
+  }
+}
+
 }  // namespace detail
 
 Pool::Pool(Options options) {
@@ -90,19 +237,31 @@ void Pool::start(Options options, const std::type_info* state_type,
       [make_state = std::move(make_state)] {
         return std::make_unique<detail::PoolLogic>(make_state);
       });
+  core_->start_service();
 }
 
 Pool::~Pool() {
   try {
-    std::unique_lock lock(core_->mutex);
-    core_->closed = true;
-    while (core_->engine->outstanding() != 0) {
-      core_->engine->pump(lock, std::chrono::milliseconds(100));
+    {
+      std::unique_lock lock(core_->mutex);
+      core_->closed = true;
+      while (core_->engine->outstanding() != 0) {
+        core_->engine->pump(lock, std::chrono::milliseconds(100));
+      }
     }
+    core_->stop_service();
+    std::lock_guard lock(core_->mutex);
     core_->engine->stop_gracefully();
   } catch (...) {
+    core_->stop_service();
+    std::lock_guard lock(core_->mutex);
     core_->engine->kill_workers();
   }
+}
+
+void Pool::set_error_handler(std::function<void(std::exception_ptr)> handler) {
+  std::lock_guard lock(core_->mutex);
+  core_->error_handler = std::move(handler);
 }
 
 void Pool::close() {
@@ -111,14 +270,18 @@ void Pool::close() {
 }
 
 void Pool::join() {
-  std::unique_lock lock(core_->mutex);
-  if (!core_->closed) {
-    throw Error(
-        "procpool::Pool::join: call close() or terminate() first, as work could still arrive");
+  {
+    std::unique_lock lock(core_->mutex);
+    if (!core_->closed) {
+      throw Error(
+          "procpool::Pool::join: call close() or terminate() first, as work could still arrive");
+    }
+    while (core_->engine->outstanding() != 0) {
+      core_->engine->pump(lock, std::chrono::milliseconds(100));
+    }
   }
-  while (core_->engine->outstanding() != 0) {
-    core_->engine->pump(lock, std::chrono::milliseconds(100));
-  }
+  core_->stop_service();
+  std::lock_guard lock(core_->mutex);
   core_->engine->stop_gracefully();
 }
 
@@ -131,8 +294,11 @@ void Pool::terminate() {
 
 Insights Pool::insights() const {
   std::lock_guard lock(core_->mutex);
-  return core_->engine->insights(
+  Insights in = core_->engine->insights(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - core_->started).count());
+  in.unobserved_errors = core_->unobserved_errors;
+  in.unobserved_error_messages = core_->unobserved_messages;
+  return in;
 }
 
 unsigned Pool::processes() const noexcept {

@@ -302,6 +302,7 @@ void run_worker(int fd, WorkerLogic& logic) {
           run_task_frame(logic, header, payload, channel);
           // The inputs are decoded: the parent may fill this region again.
           if (in_arena) current_input_arena->busy[region].store(0, std::memory_order_release);
+          if (header.flags & flag_end_call_after) logic.end(header.call);
           break;
         case FrameKind::setup:
           logic.setup(header.call, payload);

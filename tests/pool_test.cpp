@@ -2,7 +2,13 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <algorithm>
+#include <condition_variable>
 #include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <mutex>
 #include <map>
 #include <numeric>
 #include <set>
@@ -254,6 +260,146 @@ TEST(Pool, SurvivesAWorkerKilledFromOutside) {
   std::iota(inputs.begin(), inputs.end(), 0);
   EXPECT_EQ(pool.map([](int x) { return x; }, inputs), inputs);
   EXPECT_EQ(pool.worker_pids().size(), 2u);
+}
+
+// Tasks that leave a trace outside the pool: one byte appended to a file per
+// task, so a test can see what ran without calling into the pool (which
+// would drive it).
+char trace_path[64] = "";
+
+void trace(char mark) {
+  FILE* file = std::fopen(trace_path, "ae");
+  if (!file) return;
+  std::fputc(mark, file);
+  std::fclose(file);
+}
+
+class TraceFile {
+ public:
+  TraceFile() {
+    std::snprintf(trace_path, sizeof trace_path, "/tmp/procpool-trace-XXXXXX");
+    const int fd = ::mkstemp(trace_path);
+    if (fd >= 0) ::close(fd);
+  }
+  ~TraceFile() { std::remove(trace_path); }
+  std::size_t marks() const {
+    std::ifstream in(trace_path, std::ios::binary);
+    return static_cast<std::size_t>(std::distance(std::istreambuf_iterator<char>(in), {}));
+  }
+  /// Waits (without touching any pool) until `n` marks are there, at most `limit`.
+  bool wait_for_marks(std::size_t n, std::chrono::seconds limit) const {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (marks() < n) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
+  }
+};
+
+int traced_sleep(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  trace('t');
+  return ms;
+}
+
+TEST(Future, ManySubmittedTasksAllRunWhileTheCallerDoesOtherWork) {
+  // The reproduction: far more tasks than the workers' pipelines
+  // hold, and a caller that does not look at the pool for a while.
+  TraceFile traces;
+  procpool::Pool pool({.processes = 2});
+  std::vector<procpool::Future<int>> futures;
+  for (int i = 0; i < 100; ++i)
+    futures.push_back(pool.submit(&traced_sleep, 5));
+  ASSERT_TRUE(traces.wait_for_marks(100, std::chrono::seconds(30)))
+      << "only " << traces.marks() << " of 100 submitted tasks ran while nobody waited";
+  for (auto& f : futures) {
+    ASSERT_EQ(f.wait_for(std::chrono::seconds(0)), std::future_status::ready);
+    EXPECT_EQ(f.get(), 5);
+  }
+}
+
+TEST(Future, DroppedFuturesTasksStillRun) {
+  TraceFile traces;
+  procpool::Pool pool({.processes = 1});
+  auto busy = pool.submit(&traced_sleep, 100);  // the one worker is busy first
+  for (int i = 0; i < 5; ++i)
+    pool.submit(&traced_sleep, 1);  // fire and forget
+  ASSERT_TRUE(traces.wait_for_marks(6, std::chrono::seconds(30)))
+      << "only " << traces.marks() << " of 6 tasks ran, dropped futures' tasks were lost";
+  EXPECT_EQ(busy.get(), 100);
+}
+
+TEST(Future, DroppedFuturesTasksFinishBeforeThePoolIsDestroyed) {
+  TraceFile traces;
+  {
+    procpool::Pool pool({.processes = 2});
+    for (int i = 0; i < 20; ++i)
+      pool.submit(&traced_sleep, 2);
+  }
+  EXPECT_EQ(traces.marks(), 20u);
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+int fail_with(int x) {
+  throw std::runtime_error("dropped task " + std::to_string(x) + " failed");
+}
+
+TEST(Future, DroppedFuturesErrorsGoToTheHandlerAndInsights) {
+  procpool::Pool pool({.processes = 2});
+  std::mutex mutex;
+  std::condition_variable seen_all;
+  std::vector<std::string> seen;
+  pool.set_error_handler([&](std::exception_ptr error) {
+    std::lock_guard lock(mutex);
+    try {
+      std::rethrow_exception(error);
+    } catch (const procpool::TaskError& e) {
+      seen.push_back(e.remote_what());
+    }
+    seen_all.notify_all();
+  });
+  for (int i = 0; i < 3; ++i)
+    pool.submit(&fail_with, i);
+  {
+    std::unique_lock lock(mutex);
+    ASSERT_TRUE(seen_all.wait_for(lock, std::chrono::seconds(30), [&] { return seen.size() == 3; }))
+        << seen.size() << " of 3 errors reached the handler";
+  }
+  std::sort(seen.begin(), seen.end());
+  EXPECT_EQ(seen, (std::vector<std::string>{"dropped task 0 failed", "dropped task 1 failed",
+                                            "dropped task 2 failed"}));
+  const procpool::Insights in = pool.insights();
+  EXPECT_EQ(in.unobserved_errors, 3u);
+  ASSERT_EQ(in.unobserved_error_messages.size(), 3u);
+  EXPECT_NE(in.to_string().find("dropped futures whose tasks failed: 3"), std::string::npos)
+      << in.to_string();
+}
+
+TEST(Future, DroppedFuturesErrorIsOneLineOnStderrWithoutAHandler) {
+  testing::internal::CaptureStderr();
+  {
+    procpool::Pool pool({.processes = 1});
+    pool.submit(&fail_with, 7);
+  }  // the pool finishes accepted work, the dropped task's error included
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("procpool: a task whose Future was dropped failed: task 0 threw "
+                     "std::runtime_error: dropped task 7 failed"),
+            std::string::npos)
+      << err;
+}
+
+TEST(Future, OneSubmittedTaskReachesOneWorkerOnly) {
+  // A submit costs a message to the worker that runs it, not a setup and an
+  // end frame to every worker.
+  procpool::Pool pool({.processes = 4});
+  EXPECT_EQ(pool.submit(add, 2, 1).get(), 3);
+  // Room for stray frames to arrive (there must be none).
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::size_t reached = 0;
+  for (const auto& w : pool.insights().workers)
+    reached += w.bytes_received != 0 ? 1 : 0;
+  EXPECT_EQ(reached, 1u) << "a submit reached " << reached << " of 4 workers";
 }
 
 TEST(Pool, ConcurrentCallsFromSeveralThreads) {

@@ -49,6 +49,10 @@ struct Insights {
   double efficiency = 0;                  // total compute / (wall * processes)
   std::vector<WorkerInsights> workers;
   std::vector<SlowTaskInsight> slowest_tasks;  // slowest first
+  /// A Pool's tasks that failed after their Future was dropped (fire and
+  /// forget), and the first few of their messages.
+  std::uint64_t unobserved_errors = 0;
+  std::vector<std::string> unobserved_error_messages;
   std::string diagnosis;
 
   /// A readable table and the diagnosis.

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <concepts>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <future>
@@ -10,6 +11,7 @@
 #include <mutex>
 #include <ranges>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <typeinfo>
@@ -46,6 +48,18 @@ class PoolLogic final : public WorkerLogic {
   std::map<std::uint64_t, std::unique_ptr<TaskRunner>> runners_;
 };
 
+/// A submitted task whose Future was dropped before its result was taken:
+/// the pool's service thread sees it to the end and reports its error,
+/// since nobody else will.
+class DetachedTask {
+ public:
+  virtual ~DetachedTask() = default;
+  /// With the pool's lock held: whether the task has an outcome.
+  [[nodiscard]] virtual bool finished_locked() = 0;
+  /// Without the lock, once finished: the task's error, or null.
+  [[nodiscard]] virtual std::exception_ptr take_error() = 0;
+};
+
 /// Everything a Pool and the calls and futures it handed out share.
 struct PoolCore {
   std::mutex mutex;
@@ -54,6 +68,34 @@ struct PoolCore {
   Options options;
   bool closed = false;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+
+  /// The service thread: moves submitted work along while no caller waits on
+  /// the pool, and finishes the tasks of dropped futures.
+  std::thread service;
+  std::condition_variable wake_service;
+  bool service_running = false;
+  bool service_stop = false;
+  bool service_kicked = false;
+  std::vector<std::unique_ptr<DetachedTask>> detached;
+  std::function<void(std::exception_ptr)> error_handler;  // empty: one line on stderr
+  std::uint64_t unobserved_errors = 0;
+  std::vector<std::string> unobserved_messages;  // the first few
+
+  void start_service();
+  /// Stops the service thread (the caller must not hold the lock) and
+  /// reports what the dropped futures' finished tasks left.
+  void stop_service();
+  /// Takes over a dropped future's task.
+  void adopt(std::unique_ptr<DetachedTask> task) noexcept;
+  /// Asks the service thread to send what was queued now. Many submits in a
+  /// row then leave in few messages rather than a system call each.
+  void kick();
+
+ private:
+  void serve();
+  /// Hands finished detached tasks' errors on; unlocks while doing so.
+  void finish_detached(std::unique_lock<std::mutex>& lock);
+  void report(std::exception_ptr error);
 };
 
 template <class F>
@@ -183,10 +225,9 @@ std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
                                                                      std::move(extra));
 }
 
-/// A Pool call's results as a lazy range; holds the pool core alive.
-template <class Out, class Item, Delivery D>
-class PoolCall final : public ResultSource<delivered_t<D, Out>> {
-  using Value = delivered_t<D, Out>;
+/// A submitted task: its result as a one-element source; holds the pool core alive.
+template <class Out, class Item>
+class PoolCall final : public ResultSource<Out>, public DetachedTask {
   using Items = std::vector<Item>;
 
  public:
@@ -194,13 +235,21 @@ class PoolCall final : public ResultSource<delivered_t<D, Out>> {
       : core_(std::move(core)),
         items_(std::move(owned)),
         driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<Items, Item>(*items_),
-                core_->options, D != Delivery::unordered, StopMode::close_call) {
-    driver_.start();  // a submitted task starts running before anyone waits for it
+                core_->options, true, StopMode::close_call, Engine::SetupScope::each_chunk) {
+    driver_.start();
+    core_->kick();  // the service thread sends it: it runs before anyone waits for it
   }
 
-  std::optional<Value> next() override { return deliver<D, Out>(driver_); }
+  std::optional<Out> next() override { return deliver<Delivery::ordered, Out>(driver_); }
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
     return driver_.wait_until(deadline);
+  }
+  const std::shared_ptr<PoolCore>& core() const noexcept { return core_; }
+
+  bool finished_locked() override { return driver_.ready_locked(); }
+  std::exception_ptr take_error() override {
+    auto outcome = driver_.next();
+    return outcome ? outcome->error : nullptr;
   }
 
  private:
@@ -232,7 +281,9 @@ class PoolStreamCall final : public ResultSource<delivered_t<D, Out>> {
 
 }  // namespace detail
 
-/// The result of `Pool::submit`: like std::future, and it drives the pool while waited on.
+/// The result of `Pool::submit`: like std::future. The task runs whether or
+/// not anyone waits; dropping the Future without get() leaves the task
+/// running, and its error, if any, goes to the pool's error handler.
 ///
 ///     auto answer = pool.submit(&compute, 42);
 ///     if (answer.wait_for(std::chrono::seconds(1)) == std::future_status::ready)
@@ -243,11 +294,21 @@ class Future {
 
  public:
   Future() = default;
+  Future(Future&&) noexcept = default;
+  Future& operator=(Future&& other) noexcept {
+    if (this != &other) {
+      hand_over();
+      source_ = std::move(other.source_);
+    }
+    return *this;
+  }
+  ~Future() { hand_over(); }
   /// The task's result; throws its error (TaskError, WorkerCrashed, PoolClosed...).
   /// Can be called once.
   R get() {
-    auto value = source().next();
-    source_.reset();
+    source();  // throws if there is nothing to get
+    const std::unique_ptr<Waitable> taken = std::move(source_);
+    auto value = taken->next();
     if constexpr (!std::is_void_v<R>) return std::move(*value);
   }
   void wait() { source().wait_until(std::chrono::steady_clock::time_point::max()); }
@@ -264,6 +325,8 @@ class Future {
   using Source = detail::ResultSource<Stored>;
   struct Waitable : Source {
     virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
+    /// Gives the task to its pool, to be finished without this Future.
+    virtual void detach() noexcept = 0;
   };
   template <class Inner>
   struct Adapter final : Waitable {
@@ -272,8 +335,18 @@ class Future {
     bool wait_until(std::chrono::steady_clock::time_point d) override {
       return call->wait_until(d);
     }
+    void detach() noexcept override {
+      std::shared_ptr<detail::PoolCore> core = call->core();
+      core->adopt(std::move(call));
+    }
     std::unique_ptr<Inner> call;
   };
+  /// A Future dropped before get(): its task still runs (fire and forget).
+  void hand_over() noexcept {
+    if (!source_) return;
+    source_->detach();
+    source_.reset();
+  }
   explicit Future(std::unique_ptr<Waitable> source) : source_(std::move(source)) {}
   Waitable& source() {
     if (!source_) throw Error("procpool::Future: no result to wait for (get() was already called)");
@@ -373,13 +446,19 @@ class Pool {
                                  typename Types::Out>;
     auto items = std::make_unique<std::vector<Item>>();
     items->emplace_back(std::forward<Args>(args)...);
-    auto call =
-        std::make_unique<detail::PoolCall<typename Types::Out, Item, detail::Delivery::ordered>>(
-            core_, make_setup<Star, Item>(Star{f}), std::move(items));
-    using Adapter = typename Future<R>::template Adapter<
-        detail::PoolCall<typename Types::Out, Item, detail::Delivery::ordered>>;
+    using Call = detail::PoolCall<typename Types::Out, Item>;
+    auto call = std::make_unique<Call>(core_, make_setup<Star, Item>(Star{f}), std::move(items));
+    using Adapter = typename Future<R>::template Adapter<Call>;
     return Future<R>(std::make_unique<Adapter>(std::move(call)));
   }
+
+  /// Where the errors of tasks whose Future was dropped go; called on the
+  /// pool's service thread. Without a handler, each is one line on stderr
+  /// (the first ten); insights() counts them either way.
+  ///
+  ///     pool.set_error_handler([](std::exception_ptr e) { log_error(e); });
+  ///     pool.submit(&log_event, event);  // fire and forget
+  void set_error_handler(std::function<void(std::exception_ptr)> handler);
 
   /// No more work is accepted; what was accepted still runs.
   void close();

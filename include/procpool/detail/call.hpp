@@ -337,7 +337,8 @@ template <class Out, class Feed>
 class CallDriver {
  public:
   CallDriver(Engine& engine, std::mutex& mutex, Buffer setup, Feed feed, const Options& options,
-             bool ordered, StopMode stop_mode)
+             bool ordered, StopMode stop_mode,
+             Engine::SetupScope setup_scope = Engine::SetupScope::every_worker)
       : engine_(engine),
         mutex_(mutex),
         feed_(std::move(feed)),
@@ -346,7 +347,7 @@ class CallDriver {
         stop_mode_(stop_mode),
         progress_(options.progress, feed_.total()) {
     std::lock_guard lock(mutex_);
-    call_ = engine_.open_call(std::move(setup));
+    call_ = engine_.open_call(std::move(setup), setup_scope);
   }
   ~CallDriver() { stop(); }
   CallDriver(const CallDriver&) = delete;
@@ -387,10 +388,10 @@ class CallDriver {
     }
   }
 
-  /// Sends the first inputs to the workers without waiting for anything.
+  /// Queues the first inputs for the workers; whoever drives the engine next sends them.
   void start() {
-    std::unique_lock lock(mutex_);
-    step(lock, std::chrono::milliseconds(0));
+    std::lock_guard lock(mutex_);
+    fill();
   }
 
   /// Drives the call until an outcome is ready or the deadline passes.
@@ -406,6 +407,12 @@ class CallDriver {
     }
   }
 
+  /// With the engine's lock held: whether next() would return without waiting.
+  [[nodiscard]] bool ready_locked() {
+    collect();
+    return has_ready() || finished();
+  }
+
   /// Stops the call early (`how` ends the progress line); safe to call more than once.
   void stop(const char* how = "stopped") {
     if (stopped_) return;
@@ -414,7 +421,7 @@ class CallDriver {
     std::lock_guard lock(mutex_);
     const bool all_done = feed_.done() && in_flight_ == 0;
     if (stop_mode_ == StopMode::kill_workers && !all_done) engine_.kill_workers();
-    engine_.close_call(call_);
+    engine_.close_call(call_, !all_done);
   }
 
  private:

@@ -139,16 +139,44 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  /// Registers a call. A non-empty `setup` is sent once to every worker
-  /// (including replacements) before that call's first task.
-  std::uint64_t open_call(Buffer setup = {});
+  /// How a call's setup reaches the workers.
+  enum class SetupScope {
+    /// Once to every worker (replacements included) before the call's first
+    /// task, and an end frame to each when the call closes: for calls of many chunks.
+    every_worker,
+    /// With each chunk, to the one worker that runs it, which forgets it
+    /// after the chunk: O(1) messages for a call of one task (Pool::submit).
+    each_chunk,
+  };
+
+  /// Registers a call; `setup` (if not empty) reaches the workers as `scope` says.
+  std::uint64_t open_call(Buffer setup = {}, SetupScope scope = SetupScope::every_worker);
   /// Drops the call's queued chunks, discards its later results and lets workers forget it.
-  void close_call(std::uint64_t call);
+  /// `may_have_queued` false (every outcome was delivered) skips looking for
+  /// queued chunks, which costs a pass over the queue.
+  void close_call(std::uint64_t call, bool may_have_queued = true);
   void submit(Chunk chunk);
+  /// Who drives a round: a caller waiting for its results, or a Pool's
+  /// service thread, which steps aside while callers drive.
+  enum class Driver { caller, service };
+
   /// One round: hands queued chunks to workers, moves bytes, collects results.
   /// Waits at most `timeout` for something to happen. The lock (which guards
   /// this engine) is released while waiting so other threads can submit.
-  void pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout);
+  void pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
+            Driver driver = Driver::caller);
+  /// Whether a caller is driving the engine now or did so within `recently`:
+  /// then a service thread has nothing to add but a second poll of the same sockets.
+  [[nodiscard]] bool caller_driving(std::chrono::milliseconds recently) const;
+  /// Whether a round is in progress in any thread (it waits with the lock released).
+  [[nodiscard]] bool pumping() const noexcept { return rounds_in_progress_ != 0; }
+  /// Whether a worker has less than two chunks to do: work queued now should
+  /// reach it without waiting for the next reply.
+  [[nodiscard]] bool worker_running_dry() const noexcept;
+  /// Lets wake() end a round's wait early (for a thread that must stop promptly).
+  void enable_wake();
+  /// Ends the wait of a round in progress, if enable_wake() was called; any thread.
+  void wake() noexcept;
   /// Finished chunks of a call, oldest first.
   std::deque<ChunkDone>& completed(std::uint64_t call);
   /// Average compute time per task of a call in nanoseconds; 0 until measured.
@@ -186,6 +214,7 @@ class Engine {
   struct Worker;
   struct CallState {
     Buffer setup;
+    SetupScope scope = SetupScope::every_worker;
     std::deque<ChunkDone> completed;
     double nanos_per_task = 0;
     double timed_nanos = 0;
@@ -217,8 +246,11 @@ class Engine {
   void send_frame(Worker& w, FrameKind kind, std::uint64_t call, std::uint64_t first,
                   std::uint64_t count, const Buffer& payload, std::uint16_t flags = 0);
   void dispatch();
+  /// Whether a chunk may go only to a worker with nothing queued.
+  bool goes_to_idle_worker(const Chunk& chunk) const;
   /// Copies a large chunk's inputs into a free region of the worker's input arena.
-  bool send_through_arena(Worker& w, const Chunk& chunk);
+  bool send_through_arena(Worker& w, const Chunk& chunk, std::uint16_t flags);
+  void pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout);
   bool flush(Worker& w);
   bool receive(Worker& w);
   bool handle_frame(Worker& w, const FrameHeader& header, const std::byte* payload,
@@ -242,6 +274,11 @@ class Engine {
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
+  int wake_fd_ = -1;                      // eventfd, see enable_wake()
+  double submitted_nanos_per_task_ = 0;  // recent tasks of one-task calls (Pool::submit)
+  unsigned callers_pumping_ = 0;
+  unsigned rounds_in_progress_ = 0;
+  std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
   unsigned deaths_without_progress_ = 0;
   bool stopping_ = false;

@@ -32,6 +32,9 @@ inline constexpr std::uint16_t flag_region_mask = 3 << flag_region_shift;
 /// A result whose payload is `count` fixed-size values, all successes, with
 /// no outcome tags: the caller copies them out in one go.
 inline constexpr std::uint16_t flag_dense = 8;
+/// Task flag: the call's setup came just before this task, for this task
+/// only; the worker forgets the call once it has run it.
+inline constexpr std::uint16_t flag_end_call_after = 16;
 
 /// Flags for a payload in arena region `region`.
 inline std::uint16_t arena_flags(std::size_t region) {
