@@ -656,10 +656,10 @@ bool Engine::handle_frame(Worker& w, const FrameHeader& header, const std::byte*
     if (it->second.scope == SetupScope::each_chunk && header.count != 0) {
       // Recent submits weigh most: a slow one shows at once, then fades.
       const double per_task = static_cast<double>(header.nanos) / static_cast<double>(header.count);
-      submitted_nanos_per_task_ = submitted_nanos_per_task_ <= 0
-                                      ? per_task
-                                      : std::max(per_task, 0.9 * submitted_nanos_per_task_ +
-                                                               0.1 * per_task);
+      submitted_nanos_per_task_ =
+          submitted_nanos_per_task_ <= 0
+              ? per_task
+              : std::max(per_task, 0.9 * submitted_nanos_per_task_ + 0.1 * per_task);
     }
   }
   ChunkDone done;

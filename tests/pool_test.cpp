@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
-#include <mutex>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <set>
 #include <string>

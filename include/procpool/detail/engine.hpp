@@ -274,7 +274,7 @@ class Engine {
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
-  int wake_fd_ = -1;                      // eventfd, see enable_wake()
+  int wake_fd_ = -1;                     // eventfd, see enable_wake()
   double submitted_nanos_per_task_ = 0;  // recent tasks of one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
