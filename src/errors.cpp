@@ -26,11 +26,13 @@ std::string describe_task_error(std::size_t index, const std::string& type_name,
              "; the task did not run. Check that the input type's load() reads what its save() "
              "writes";
     case TaskError::Stage::serialize_result:
-      return "procpool: task " + n + " returned, but serialising its result in the worker failed: " +
-             error + ". Check the result type's save()";
+      return "procpool: task " + n +
+             " returned, but serialising its result in the worker failed: " + error +
+             ". Check the result type's save()";
     case TaskError::Stage::deserialize_result:
-      return "procpool: task " + n + " returned, but decoding its result in the caller failed: " +
-             error + ". Check that the result type's load() reads what its save() writes";
+      return "procpool: task " + n +
+             " returned, but decoding its result in the caller failed: " + error +
+             ". Check that the result type's load() reads what its save() writes";
     case TaskError::Stage::task:
       break;
   }
@@ -42,8 +44,7 @@ std::string describe_task_error(std::size_t index, const std::string& type_name,
 TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what)
     : TaskError(index, std::move(type_name), std::move(remote_what), Stage::task) {}
 
-TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what,
-                     Stage stage)
+TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what, Stage stage)
     : Error(describe_task_error(index, type_name, remote_what, stage)),
       index_(index),
       type_name_(std::move(type_name)),

@@ -197,13 +197,14 @@ TEST(ResultSerialisation, FailuresCostThatResultAloneForkPerCall) {
 
 TEST(ResultSerialisation, FailuresCostThatResultAloneInAPool) {
   procpool::Pool pool({.processes = 2, .chunksize = 4});
-  expect_results_1_and_2_failed(pool.map_outcomes(make_res, std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
+  expect_results_1_and_2_failed(
+      pool.map_outcomes(make_res, std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7}));
 }
 
 TEST(ResultSerialisation, FailuresCostThatResultAloneInProcess) {
-  expect_results_1_and_2_failed(
-      procpool::map_outcomes(make_res, std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7},
-                             {.processes = 2, .chunksize = 4, .start = procpool::Start::in_process}));
+  expect_results_1_and_2_failed(procpool::map_outcomes(
+      make_res, std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7},
+      {.processes = 2, .chunksize = 4, .start = procpool::Start::in_process}));
 }
 
 TEST(ResultSerialisation, MapSaysWhichStageFailed) {
@@ -348,23 +349,25 @@ TEST(ThrowingInputRange, ImapYieldsEveryResultBeforeTheFailureThenThrowsForkPerC
                              "the input range failed at 3"),
             (std::vector<int>{0, 1, 4}));
   // Larger chunks: every input read before the failure still gets its result.
-  EXPECT_EQ(take_until_throw(procpool::imap(square, throwing_range(20, 7),
-                                            {.processes = 2, .chunksize = 2}),
-                             "the input range failed at 7"),
+  EXPECT_EQ(take_until_throw(
+                procpool::imap(square, throwing_range(20, 7), {.processes = 2, .chunksize = 2}),
+                "the input range failed at 7"),
             (std::vector<int>{0, 1, 4, 9, 16, 25, 36}));
   EXPECT_TRUE(test_helpers::children().empty());
 }
 
 TEST(ThrowingInputRange, ImapYieldsEveryResultBeforeTheFailureThenThrowsInAPool) {
   procpool::Pool pool({.processes = 2, .chunksize = 1});
-  EXPECT_EQ(take_until_throw(pool.imap(square, throwing_range(10, 3)), "the input range failed at 3"),
-            (std::vector<int>{0, 1, 4}));
+  EXPECT_EQ(
+      take_until_throw(pool.imap(square, throwing_range(10, 3)), "the input range failed at 3"),
+      (std::vector<int>{0, 1, 4}));
   EXPECT_EQ(take_until_throw(pool.imap(square_text, throwing_strings(10, 3)),
                              "the input range failed at 3"),
             (std::vector<int>{0, 1, 4}));
   procpool::Pool pairs({.processes = 2, .chunksize = 3});
-  EXPECT_EQ(take_until_throw(pairs.imap(square, throwing_range(20, 7)), "the input range failed at 7"),
-            (std::vector<int>{0, 1, 4, 9, 16, 25, 36}));
+  EXPECT_EQ(
+      take_until_throw(pairs.imap(square, throwing_range(20, 7)), "the input range failed at 7"),
+      (std::vector<int>{0, 1, 4, 9, 16, 25, 36}));
 }
 
 TEST(ThrowingInputRange, ImapUnorderedYieldsEveryResultBeforeTheFailure) {
@@ -372,9 +375,9 @@ TEST(ThrowingInputRange, ImapUnorderedYieldsEveryResultBeforeTheFailure) {
     std::sort(v.begin(), v.end());
     return v;
   };
-  EXPECT_EQ(sorted(take_until_throw(
-                procpool::imap_unordered(square, throwing_range(10, 3), {.processes = 2, .chunksize = 1}),
-                "the input range failed at 3")),
+  EXPECT_EQ(sorted(take_until_throw(procpool::imap_unordered(square, throwing_range(10, 3),
+                                                             {.processes = 2, .chunksize = 1}),
+                                    "the input range failed at 3")),
             (std::vector<int>{0, 1, 4}));
   procpool::Pool pool({.processes = 2, .chunksize = 1});
   EXPECT_EQ(sorted(take_until_throw(pool.imap_unordered(square, throwing_range(10, 3)),
@@ -468,7 +471,8 @@ TEST(InputSerialisation, ImapYieldsTheResultsBeforeThenThrowsForkPerCall) {
 
 TEST(InputSerialisation, ImapYieldsTheResultsBeforeThenThrowsInAPool) {
   procpool::Pool pool({.processes = 2, .chunksize = 1});
-  EXPECT_EQ(take_until_task_error(pool.imap(unwrap, unsendables(8))), (std::vector<int>{0, 10, 20}));
+  EXPECT_EQ(take_until_task_error(pool.imap(unwrap, unsendables(8))),
+            (std::vector<int>{0, 10, 20}));
   procpool::Pool fours({.processes = 2, .chunksize = 4});
   expect_only_input_3_unsent(fours.map_outcomes(unwrap, unsendables(8)));
   // Nothing can be sent: an error, not a hang.

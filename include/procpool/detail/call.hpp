@@ -287,7 +287,9 @@ class StreamFeed {
   }
 
   /// The input whose save() threw in the last next(), if any: it gets that error as its outcome.
-  std::optional<FailedInput> take_failed_input() noexcept { return std::exchange(failed_input_, {}); }
+  std::optional<FailedInput> take_failed_input() noexcept {
+    return std::exchange(failed_input_, {});
+  }
   /// What the input range threw, once it has.
   std::exception_ptr failure() const noexcept { return failure_; }
 
@@ -312,11 +314,11 @@ class StreamFeed {
       } catch (...) {
         if (out.size() != at) out.truncate(at);
         auto [type_name, what] = current_exception_type_and_what();
-        failed_input_ = FailedInput{
-            next_ + chunk.count,
-            std::make_exception_ptr(TaskError(static_cast<std::size_t>(next_ + chunk.count),
-                                              std::move(type_name), std::move(what),
-                                              TaskError::Stage::serialize_input))};
+        failed_input_ =
+            FailedInput{next_ + chunk.count,
+                        std::make_exception_ptr(TaskError(
+                            static_cast<std::size_t>(next_ + chunk.count), std::move(type_name),
+                            std::move(what), TaskError::Stage::serialize_input))};
       }
       if (!failed_input_) {
         chunk.offsets.push_back(at);
