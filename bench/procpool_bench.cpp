@@ -2,6 +2,7 @@
 //
 //   procpool_bench tiny_cs1 [--n 200000] [--reps 5]        tasks/s, chunksize 1, warm pool
 //   procpool_bench tiny_lifecycle [--n 200000] [--reps 5]  Pool start + map (auto chunks) + stop
+//   procpool_bench tiny_cereal [--n 200000] [--reps 5]     tasks/s, a cereal type in and out
 //   procpool_bench payload_out [--tasks 64] [--mib 16]     16 MiB results, GB/s vs the copy floor
 //   procpool_bench payload_in [--tasks 64] [--mib 16]      16 MiB inputs from a lazy range
 //   procpool_bench startup [--reps 20]                     Pool start + one task + stop, ms
@@ -50,6 +51,37 @@ int tiny_cs1(const Args& a) {
   for (double& r : runs)
     r = static_cast<double>(n) / r;
   Json("tiny_cs1")
+      .num("tasks", static_cast<double>(n))
+      .stats("tasks_per_s", bench::stats(runs))
+      .print();
+  return 0;
+}
+
+/// A user type that goes through cereal: its inputs and results are framed.
+struct Record {
+  std::string name;
+  long id = 0;
+  template <class Archive>
+  void serialize(Archive& ar) {
+    ar(name, id);
+  }
+};
+
+Record bump(const Record& r) {
+  return Record{r.name, r.id + 1};
+}
+
+int tiny_cereal(const Args& a) {
+  const long n = a.get("--n", 200000);
+  std::vector<Record> inputs;
+  for (long i = 0; i < n; ++i)
+    inputs.push_back(Record{"record", i});
+  procpool::Pool pool({.processes = 2});
+  pool.map(bump, std::vector<Record>(1000, Record{"warm", 0}));
+  auto runs = bench::repeat(static_cast<int>(a.get("--reps", 5)), [&] { pool.map(bump, inputs); });
+  for (double& r : runs)
+    r = static_cast<double>(n) / r;
+  Json("tiny_cereal")
       .num("tasks", static_cast<double>(n))
       .stats("tasks_per_s", bench::stats(runs))
       .print();
@@ -366,6 +398,7 @@ int main(int argc, char** argv) {
   const Args args(argc, argv, 2);
   if (w == "tiny_cs1") return tiny_cs1(args);
   if (w == "tiny_lifecycle") return tiny_lifecycle(args);
+  if (w == "tiny_cereal") return tiny_cereal(args);
   if (w == "payload_out") return payload_out(args);
   if (w == "payload_in") return payload_in(args);
   if (w == "startup") return startup(args);

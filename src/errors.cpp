@@ -13,13 +13,43 @@ std::string describe_death(int signal, int exit_status) {
   return "exited with status " + std::to_string(exit_status);
 }
 
+std::string describe_task_error(std::size_t index, const std::string& type_name,
+                                const std::string& what, TaskError::Stage stage) {
+  const std::string n = std::to_string(index);
+  const std::string error = type_name + ": " + what;
+  switch (stage) {
+    case TaskError::Stage::serialize_input:
+      return "procpool: serialising input " + n + " in the caller failed: " + error +
+             "; the task did not run. Check the input type's save()";
+    case TaskError::Stage::deserialize_input:
+      return "procpool: decoding input " + n + " in the worker failed: " + error +
+             "; the task did not run. Check that the input type's load() reads what its save() "
+             "writes";
+    case TaskError::Stage::serialize_result:
+      return "procpool: task " + n +
+             " returned, but serialising its result in the worker failed: " + error +
+             ". Check the result type's save()";
+    case TaskError::Stage::deserialize_result:
+      return "procpool: task " + n +
+             " returned, but decoding its result in the caller failed: " + error +
+             ". Check that the result type's load() reads what its save() writes";
+    case TaskError::Stage::task:
+      break;
+  }
+  return "procpool: task " + n + " threw " + error;
+}
+
 }  // namespace
 
 TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what)
-    : Error("procpool: task " + std::to_string(index) + " threw " + type_name + ": " + remote_what),
+    : TaskError(index, std::move(type_name), std::move(remote_what), Stage::task) {}
+
+TaskError::TaskError(std::size_t index, std::string type_name, std::string remote_what, Stage stage)
+    : Error(describe_task_error(index, type_name, remote_what, stage)),
       index_(index),
       type_name_(std::move(type_name)),
-      remote_what_(std::move(remote_what)) {}
+      remote_what_(std::move(remote_what)),
+      stage_(stage) {}
 
 WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status)
     : Error("procpool: worker " + std::to_string(pid) + " running task " + std::to_string(index) +

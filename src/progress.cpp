@@ -157,7 +157,14 @@ void ProgressReporter::draw(bool final, const char* how) {
       draw_log(info, final ? how : nullptr);
       break;
     case Kind::callback:
-      callback_(info);
+      try {
+        callback_(info);
+      } catch (...) {
+        // Never call it again, not even for the final line when the call
+        // stops: the exception goes to the caller (see CallDriver).
+        kind_ = Kind::none;
+        throw;
+      }
       break;
     case Kind::none:
       break;

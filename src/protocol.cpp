@@ -65,7 +65,7 @@ void retag_dense_values(Buffer& buffer, std::size_t start, std::uint64_t n, std:
   }
 }
 
-void write_current_exception(Writer& out) {
+std::pair<std::string, std::string> current_exception_type_and_what() {
   std::string type_name = "unknown exception";
   std::string what = "(an exception not derived from std::exception)";
   try {
@@ -78,9 +78,26 @@ void write_current_exception(Writer& out) {
       type_name = demangle(type->name());
     }
   }
-  out.put(OutcomeTag::error);
-  save(out, type_name);
-  save(out, what);
+  return {std::move(type_name), std::move(what)};
+}
+
+void write_current_exception(Writer& out, OutcomeTag tag) {
+  std::pair<std::string, std::string> described;
+  try {
+    throw;
+  } catch (const InputDecodeFailed& failed) {
+    tag = OutcomeTag::input_error;
+    try {
+      std::rethrow_exception(failed.cause);
+    } catch (...) {
+      described = current_exception_type_and_what();
+    }
+  } catch (...) {
+    described = current_exception_type_and_what();
+  }
+  out.put(tag);
+  save(out, described.first);
+  save(out, described.second);
 }
 
 }  // namespace procpool::detail

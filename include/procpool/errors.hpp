@@ -19,10 +19,25 @@ class Error : public std::runtime_error {
 
 /// A task threw an exception in its worker. Carries the exception's dynamic
 /// type name and `what()` as seen in the worker, and the task's input index.
+///
+/// Also one input's failure on its way to the task or its result's on the way
+/// back (see `stage()`): a user type's save() or load() that throws costs
+/// that input alone, never its neighbours.
 class TaskError : public Error {
  public:
+  /// Where the exception was thrown.
+  enum class Stage {
+    task,                ///< the task itself threw
+    serialize_input,     ///< in the caller, the input's save(); the task did not run
+    deserialize_input,   ///< in the worker, the input's load(); the task did not run
+    serialize_result,    ///< in the worker, the result's save(); the task had returned
+    deserialize_result,  ///< in the caller, the result's load(); the task had returned
+  };
+
   TaskError(std::size_t index, std::string type_name, std::string remote_what);
+  TaskError(std::size_t index, std::string type_name, std::string remote_what, Stage stage);
   std::size_t index() const noexcept { return index_; }
+  Stage stage() const noexcept { return stage_; }
   /// Demangled dynamic type of the thrown exception, e.g. "std::invalid_argument".
   const std::string& type_name() const noexcept { return type_name_; }
   /// The `what()` of the exception in the worker.
@@ -32,6 +47,7 @@ class TaskError : public Error {
   std::size_t index_;
   std::string type_name_;
   std::string remote_what_;
+  Stage stage_ = Stage::task;
 };
 
 /// The worker running a task died: killed by a signal (segfault, abort, the

@@ -187,6 +187,40 @@ concept serializable = detail::serializable_impl<std::remove_cv_t<T>>();
 
 namespace detail {
 
+template <class T>
+constexpr bool runs_user_code_impl();
+
+template <class Tuple, std::size_t... I>
+constexpr bool any_element_runs_user_code(std::index_sequence<I...>) {
+  return (runs_user_code_impl<std::remove_cv_t<std::tuple_element_t<I, Tuple>>>() || ...);
+}
+
+template <class T>
+constexpr bool runs_user_code_impl() {
+  if constexpr (is_raw_v<T> || is_raw_block_v<T>) {
+    return false;
+  } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
+                       is_std_optional<T>::value) {
+    return runs_user_code_impl<typename T::value_type>();
+  } else if constexpr (is_tuple_like<T>::value) {
+    return any_element_runs_user_code<T>(std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    return true;  // cereal, and with it the type's own save()/load()
+  }
+}
+
+/// Whether encoding or decoding a T runs the user's code (a cereal
+/// serialize/save/load). Such a value travels framed with its byte length: its
+/// load() may throw, or read more or less than its save() wrote, and the
+/// frame keeps that to this one value. Everything else is decoded by procpool
+/// alone, reads exactly what was written, and can fail only on a corrupt message.
+template <class T>
+inline constexpr bool runs_user_code_v = runs_user_code_impl<std::remove_cv_t<T>>();
+
+}  // namespace detail
+
+namespace detail {
+
 /// Named so that the compiler's error names the offending type.
 template <class T>
 struct type_cannot_cross_processes {

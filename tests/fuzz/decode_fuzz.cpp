@@ -1,5 +1,7 @@
 // libFuzzer harness: arbitrary bytes as a worker's reply stream. The parent
-// must only ever answer with ProtocolError: no crash, no hang, no huge allocation.
+// must only ever answer with procpool errors: ProtocolError for a corrupt
+// reply, a TaskError for one garbled framed value (Record travels framed,
+// the other types do not): no crash, no hang, no huge allocation.
 #include <procpool/procpool.hpp>
 
 #include <cstddef>
@@ -31,6 +33,16 @@ void decode(const procpool::detail::FrameHeader& header, const std::byte* payloa
   done.dense = (header.flags & procpool::detail::flag_dense) != 0;  // bare values, no tags
   auto outcomes = procpool::detail::decode_chunk<Out>(done);
   if (outcomes.size() != done.count) __builtin_trap();  // every task gets an outcome
+  for (const auto& outcome : outcomes) {
+    if (!outcome.error) continue;
+    try {
+      std::rethrow_exception(outcome.error);
+    } catch (const procpool::Error&) {
+      // what the caller is promised
+    } catch (...) {
+      __builtin_trap();
+    }
+  }
 }
 
 }  // namespace

@@ -114,10 +114,10 @@ class ChunkDecoder {
             in_ = before_value;
             break;
           }
-          out.push_back(load_value<Out>(in_));
+          out.push_back(load_framed<Out>(in_));
           ++taken_;
-        } catch (const ProtocolError&) {
-          in_ = before_value;  // take() reports it
+        } catch (...) {
+          in_ = before_value;  // take() reports it: a corrupt reply, or a load() that threw
           break;
         }
       }
@@ -139,17 +139,31 @@ class ChunkDecoder {
           return outcome;
         }
       }
-      if (in_.get<OutcomeTag>() == OutcomeTag::value) {
+      const auto tag = in_.get<OutcomeTag>();
+      if (tag == OutcomeTag::value) {
         if constexpr (std::is_empty_v<Out>) {
           outcome.value.emplace();
+        } else if constexpr (runs_user_code_v<Out>) {
+          // The frame is taken first: whatever the type's load() does, the
+          // next outcome is read from where it starts.
+          Reader own = take_frame(in_);
+          try {
+            outcome.value.emplace(load_value<Out>(own));
+          } catch (...) {
+            auto [type_name, what] = current_exception_type_and_what();
+            outcome.error = std::make_exception_ptr(
+                TaskError(outcome.index, std::move(type_name), std::move(what),
+                          TaskError::Stage::deserialize_result));
+          }
         } else {
           outcome.value.emplace(load_value<Out>(in_));
         }
       } else {
+        const TaskError::Stage stage = error_stage(tag);
         auto type_name = load_value<std::string>(in_);
         auto what = load_value<std::string>(in_);
         outcome.error = std::make_exception_ptr(
-            TaskError(outcome.index, std::move(type_name), std::move(what)));
+            TaskError(outcome.index, std::move(type_name), std::move(what), stage));
       }
     } catch (const ProtocolError&) {
       broken_ = std::current_exception();  // the rest of this reply cannot be trusted
@@ -161,6 +175,21 @@ class ChunkDecoder {
 
  private:
   static constexpr bool dense_capable = dense_result_v<Out>;
+
+  static TaskError::Stage error_stage(OutcomeTag tag) {
+    switch (tag) {
+      case OutcomeTag::error:
+        return TaskError::Stage::task;
+      case OutcomeTag::input_error:
+        return TaskError::Stage::deserialize_input;
+      case OutcomeTag::result_error:
+        return TaskError::Stage::serialize_result;
+      case OutcomeTag::value:
+        break;
+    }
+    throw ProtocolError("procpool: corrupt message: unknown outcome tag " +
+                        std::to_string(static_cast<unsigned>(tag)));
+  }
 
   /// A dense reply must hold exactly `count` values of a fixed-size type.
   void check_dense() {
@@ -192,6 +221,12 @@ std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
   return outcomes;
 }
 
+/// An input that failed in the caller, before it could be sent: its index and error.
+struct FailedInput {
+  std::uint64_t index = 0;
+  std::exception_ptr error;
+};
+
 /// Inputs that the workers read from memory they inherited at the fork:
 /// a chunk is just a range of indices, nothing is copied.
 template <class View>
@@ -208,6 +243,9 @@ class IndexFeed {
     next_ += static_cast<std::size_t>(chunk.count);
     return chunk;
   }
+  /// Nothing is read or serialised in the caller, so nothing fails here (see StreamFeed).
+  std::optional<FailedInput> take_failed_input() noexcept { return std::nullopt; }
+  std::exception_ptr failure() const noexcept { return nullptr; }
 
  private:
   std::size_t size_;
@@ -223,25 +261,37 @@ class StreamFeed {
       total_ = static_cast<std::size_t>(std::ranges::size(view));
     }
   }
-  bool done() const { return it_ == end_; }
+  /// Done at the end of the range, or once the range threw.
+  bool done() const { return failure_ || it_ == end_; }
   std::optional<std::size_t> total() const noexcept { return total_; }
+
+  /// The next inputs, up to the first that fails. The range throwing ends the
+  /// feed (failure() has it, the inputs read before it still go out); an
+  /// input's save() throwing ends the chunk before it (take_failed_input()
+  /// has it, the feed goes on after it).
   Chunk next(std::uint64_t call, std::size_t max_items) {
     Chunk chunk;
     chunk.call = call;
     chunk.first = next_;
-    if constexpr (is_raw_v<Item>) {
-      take_raw(chunk, std::min(max_items, std::max<std::size_t>(1, chunk_bytes / sizeof(Item))));
-    } else {
-      Writer out(chunk.payload);
-      for (; chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes;
-           ++it_, ++chunk.count) {
-        chunk.offsets.push_back(out.size());
-        save(out, static_cast<const Item&>(*it_));
+    try {
+      if constexpr (is_raw_v<Item>) {
+        take_raw(chunk, std::min(max_items, std::max<std::size_t>(1, chunk_bytes / sizeof(Item))));
+      } else {
+        take_serialised(chunk, max_items);
       }
+    } catch (...) {
+      failure_ = std::current_exception();
     }
-    next_ += chunk.count;
+    next_ += chunk.count + (failed_input_ ? 1 : 0);
     return chunk;
   }
+
+  /// The input whose save() threw in the last next(), if any: it gets that error as its outcome.
+  std::optional<FailedInput> take_failed_input() noexcept {
+    return std::exchange(failed_input_, {});
+  }
+  /// What the input range threw, once it has.
+  std::exception_ptr failure() const noexcept { return failure_; }
 
  private:
   using Iterator = std::ranges::iterator_t<View>;
@@ -249,6 +299,35 @@ class StreamFeed {
   // A byte budget as well as a count: in-flight memory stays small and flat
   // however many inputs an endless range yields (large inputs go one per chunk).
   static constexpr std::size_t chunk_bytes = 256 * 1024;
+
+  /// Each input framed if its load() is the user's (save_framed), and its offset noted,
+  /// so a chunk can be split and each input is decoded from its own bytes.
+  /// Counts are bumped only once an input is complete, so if the range throws,
+  /// `chunk` holds exactly the inputs read before.
+  void take_serialised(Chunk& chunk, std::size_t max_items) {
+    Writer out(chunk.payload);
+    while (chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes) {
+      const std::size_t at = out.size();
+      decltype(auto) item = *it_;  // the range's own failure: not caught here
+      try {
+        save_framed(out, static_cast<const Item&>(item));
+      } catch (...) {
+        if (out.size() != at) out.truncate(at);
+        auto [type_name, what] = current_exception_type_and_what();
+        failed_input_ =
+            FailedInput{next_ + chunk.count,
+                        std::make_exception_ptr(TaskError(
+                            static_cast<std::size_t>(next_ + chunk.count), std::move(type_name),
+                            std::move(what), TaskError::Stage::serialize_input))};
+      }
+      if (!failed_input_) {
+        chunk.offsets.push_back(at);
+        ++chunk.count;
+      }
+      ++it_;
+      if (failed_input_) return;  // its outcome goes between this chunk and the next
+    }
+  }
 
   /// Fixed-size inputs: no per-input offsets, and one copy for a contiguous range.
   void take_raw(Chunk& chunk, std::size_t max_items) {
@@ -262,9 +341,13 @@ class StreamFeed {
       chunk.count = n;
     } else {
       chunk.payload.reserve(max_items * sizeof(Item));
-      for (; chunk.count < max_items && it_ != end_; ++it_, ++chunk.count) {
-        const Item& item = *it_;
-        chunk.payload.append(&item, sizeof(Item));
+      while (chunk.count < max_items && it_ != end_) {
+        {
+          const Item& item = *it_;
+          chunk.payload.append(&item, sizeof(Item));
+        }
+        ++chunk.count;  // before ++it_, which may throw: this input is complete
+        ++it_;
       }
     }
   }
@@ -273,6 +356,8 @@ class StreamFeed {
   Sentinel end_;
   std::optional<std::size_t> total_;
   std::uint64_t next_ = 0;
+  std::exception_ptr failure_;
+  std::optional<FailedInput> failed_input_;
 };
 
 /// Takes the next outcome from `driver` in the shape `D` asks for. Except for
@@ -354,24 +439,13 @@ class CallDriver {
   CallDriver& operator=(const CallDriver&) = delete;
 
   /// The next outcome, in input order if ordered; nullopt once every input is done.
+  /// Throws what the input range threw once the outcomes of the inputs it
+  /// yielded before are handed over, and what a progress callback threw; the
+  /// call is stopped (its workers, for fork per call) before either reaches the caller.
   std::optional<Outcome<Out>> next() {
     // Decoded outcomes belong to this driver alone: no need to lock the engine.
     if (!current_.empty()) return pop_current();
-    std::unique_lock lock(mutex_);
-    // Between chunks, when the workers have at most one chunk each left: send
-    // what the bound allows now, so that they do not sit idle while the caller
-    // works through results already here. (With more queued, waiting for the
-    // next round saves a system call per chunk.)
-    const bool running_dry = engine_.outstanding() <= engine_.processes();
-    if (running_dry && fill()) engine_.pump(lock, std::chrono::milliseconds(0));
-    for (;;) {
-      if (auto outcome = take_ready()) return outcome;
-      if (finished()) {
-        progress_.finish("done");
-        return std::nullopt;
-      }
-      step(lock, std::chrono::milliseconds(100));
-    }
+    return stopping_on_error([&] { return next_locked(); });
   }
 
   /// Appends the successes already decoded (no waiting) to `out`, in order.
@@ -390,12 +464,76 @@ class CallDriver {
 
   /// Queues the first inputs for the workers; whoever drives the engine next sends them.
   void start() {
-    std::lock_guard lock(mutex_);
-    fill();
+    stopping_on_error([&] {
+      std::lock_guard lock(mutex_);
+      fill();
+    });
   }
 
   /// Drives the call until an outcome is ready or the deadline passes.
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    return stopping_on_error([&] { return wait_until_locked(deadline); });
+  }
+
+  /// With the engine's lock held: whether next() would return without waiting.
+  [[nodiscard]] bool ready_locked() {
+    collect();
+    return has_ready() || finished();
+  }
+
+  /// Stops the call early (`how` ends the progress line); safe to call more
+  /// than once. The workers are stopped first; a progress callback that
+  /// throws on this last call is not heard (this runs from destructors too).
+  void stop(const char* how = "stopped") {
+    if (stopped_) return;
+    stopped_ = true;
+    {
+      std::lock_guard lock(mutex_);
+      const bool all_done = feed_.done() && in_flight_ == 0;
+      if (stop_mode_ == StopMode::kill_workers && !all_done) engine_.kill_workers();
+      engine_.close_call(call_, !all_done);
+    }
+    try {
+      progress_.finish(how);
+    } catch (...) {  // NOLINT(bugprone-empty-catch): see above
+    }
+  }
+
+ private:
+  /// Runs `body`; if it throws, stops the call before the exception goes on,
+  /// so that no worker outlives it and no later cleanup calls back into the
+  /// code that threw (a progress callback, the input range).
+  template <class Body>
+  decltype(auto) stopping_on_error(Body&& body) {
+    try {
+      return std::forward<Body>(body)();
+    } catch (...) {
+      stop("failed");
+      throw;
+    }
+  }
+
+  std::optional<Outcome<Out>> next_locked() {
+    std::unique_lock lock(mutex_);
+    // Between chunks, when the workers have at most one chunk each left: send
+    // what the bound allows now, so that they do not sit idle while the caller
+    // works through results already here. (With more queued, waiting for the
+    // next round saves a system call per chunk.)
+    const bool running_dry = engine_.outstanding() <= engine_.processes();
+    if (running_dry && fill()) engine_.pump(lock, std::chrono::milliseconds(0));
+    for (;;) {
+      if (auto outcome = take_ready()) return outcome;
+      if (finished()) {
+        // The range threw: everything it yielded before has been handed over.
+        if (auto failure = feed_.failure()) std::rethrow_exception(failure);
+        progress_.finish("done");
+        return std::nullopt;
+      }
+      step(lock, std::chrono::milliseconds(100));
+    }
+  }
+
+  bool wait_until_locked(std::chrono::steady_clock::time_point deadline) {
     std::unique_lock lock(mutex_);
     for (;;) {
       collect();
@@ -407,24 +545,6 @@ class CallDriver {
     }
   }
 
-  /// With the engine's lock held: whether next() would return without waiting.
-  [[nodiscard]] bool ready_locked() {
-    collect();
-    return has_ready() || finished();
-  }
-
-  /// Stops the call early (`how` ends the progress line); safe to call more than once.
-  void stop(const char* how = "stopped") {
-    if (stopped_) return;
-    stopped_ = true;
-    progress_.finish(how);
-    std::lock_guard lock(mutex_);
-    const bool all_done = feed_.done() && in_flight_ == 0;
-    if (stop_mode_ == StopMode::kill_workers && !all_done) engine_.kill_workers();
-    engine_.close_call(call_, !all_done);
-  }
-
- private:
   bool finished() const { return feed_.done() && in_flight_ == 0; }
 
   void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
@@ -488,29 +608,43 @@ class CallDriver {
       const std::int64_t started = steady_now_ns();
       Chunk chunk = feed_.next(call_, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
-      if (chunk.count == 0) return submitted;
-      chunk.tail = in_tail_;
-      last_chunk_items_ = static_cast<std::size_t>(chunk.count);
-      in_flight_ += static_cast<std::size_t>(chunk.count);
-      sent_ += static_cast<std::size_t>(chunk.count);
-      engine_.submit(std::move(chunk));
-      submitted = true;
+      if (chunk.count != 0) {
+        chunk.tail = in_tail_;
+        last_chunk_items_ = static_cast<std::size_t>(chunk.count);
+        in_flight_ += static_cast<std::size_t>(chunk.count);
+        sent_ += static_cast<std::size_t>(chunk.count);
+        engine_.submit(std::move(chunk));
+        submitted = true;
+      }
+      if (auto failed = feed_.take_failed_input()) {
+        // An input that could not be serialised never reaches a worker: its
+        // outcome is its error, in its place among the others.
+        ++in_flight_;
+        ++sent_;
+        failed_inputs_.push_back(ChunkDone::failed(failed->index, 1, std::move(failed->error)));
+      } else if (chunk.count == 0) {
+        return submitted;
+      }
     }
     return submitted;
   }
 
   void collect() {
-    auto& done = engine_.completed(call_);
-    while (!done.empty()) {
-      ChunkDecoder<Out> decoder(std::move(done.front()));
-      done.pop_front();
-      progress_.advance(static_cast<std::size_t>(decoder.count()));
-      if (decoder.empty()) continue;
-      if (ordered_) {
-        const std::uint64_t first = decoder.take_index();
-        ready_by_index_.emplace(first, std::move(decoder));
-      } else {
-        current_.push_back(std::move(decoder));
+    for (auto* done : {&failed_inputs_, &engine_.completed(call_)}) {
+      while (!done->empty()) {
+        ChunkDecoder<Out> decoder(std::move(done->front()));
+        done->pop_front();
+        const auto count = static_cast<std::size_t>(decoder.count());
+        if (!decoder.empty()) {
+          if (ordered_) {
+            const std::uint64_t first = decoder.take_index();
+            ready_by_index_.emplace(first, std::move(decoder));
+          } else {
+            current_.push_back(std::move(decoder));
+          }
+        }
+        // Last: a progress callback that throws leaves this chunk's outcomes in place.
+        progress_.advance(count);
       }
     }
   }
@@ -564,6 +698,7 @@ class CallDriver {
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index
   std::deque<ChunkDecoder<Out>> current_;
+  std::deque<ChunkDone> failed_inputs_;  // inputs that failed in the caller, not yet collected
   ProgressReporter progress_;
 };
 

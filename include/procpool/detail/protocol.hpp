@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <utility>
@@ -130,10 +131,73 @@ inline std::uint64_t frame_bytes_on_socket(const FrameHeader& header) {
 }
 
 /// Each task's outcome inside a result payload starts with one of these tags.
-enum class OutcomeTag : std::uint8_t { value = 0, error = 1 };
+/// The error tags say at which stage the exception was thrown (each is
+/// followed by its type name and what()), so the caller can say what failed.
+enum class OutcomeTag : std::uint8_t {
+  value = 0,
+  error = 1,         // the task threw
+  input_error = 2,   // decoding its input in the worker threw; the task did not run
+  result_error = 3,  // the task returned; serialising its result threw
+};
 
-/// Writes the exception being handled as an error outcome (type name and what()).
-void write_current_exception(Writer& out);
+/// The demangled type name and what() of the exception being handled.
+std::pair<std::string, std::string> current_exception_type_and_what();
+
+/// Writes the exception being handled as an error outcome tagged `tag`
+/// (InputDecodeFailed is unwrapped and tagged input_error).
+void write_current_exception(Writer& out, OutcomeTag tag = OutcomeTag::error);
+
+/// Thrown in a worker when an input cannot be decoded, so the outcome says
+/// so instead of blaming the task; `cause` is what the decoder threw.
+struct InputDecodeFailed {
+  std::exception_ptr cause;
+};
+
+/// Writes `value`, with its byte length in front when decoding it runs user
+/// code (see runs_user_code_v): a reader then decodes it from exactly its own
+/// bytes and skips to the next value whatever the decoder did.
+template <class T>
+void save_framed(Writer& out, const T& value) {
+  if constexpr (runs_user_code_v<T>) {
+    const std::size_t at = out.size();
+    out.put(std::uint64_t{0});
+    save(out, value);
+    const auto bytes = static_cast<std::uint64_t>(out.size() - at - sizeof(std::uint64_t));
+    std::memcpy(out.buffer().data() + at, &bytes, sizeof bytes);
+  } else {
+    save(out, value);
+  }
+}
+
+/// The next framed value's bytes as a reader of their own; `in` moves past
+/// them before anything is decoded. ProtocolError if the length is corrupt.
+inline Reader take_frame(Reader& in) {
+  const std::size_t bytes = load_count(in, 1);
+  return Reader(in.take(bytes), bytes);
+}
+
+/// Decodes a value written by save_framed<T>. For a framed T, `in` is past
+/// the value even when this throws.
+template <class T>
+T load_framed(Reader& in) {
+  if constexpr (runs_user_code_v<T>) {
+    Reader own = take_frame(in);
+    return load_value<T>(own);
+  } else {
+    return load_value<T>(in);
+  }
+}
+
+/// A worker decodes one input; whatever goes wrong is that input's failure
+/// (InputDecodeFailed), and the next input is still read from its own bytes.
+template <class Item>
+Item load_input(Reader& in) {
+  try {
+    return load_framed<Item>(in);
+  } catch (...) {
+    throw InputDecodeFailed{std::current_exception()};
+  }
+}
 
 /// A page shared between a worker and the parent, where the worker notes the
 /// task it is running. The parent reads it to charge a crash or a timeout to
@@ -229,6 +293,7 @@ void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
   RunningTask running(index);
   const std::size_t mark = out.size();
   out.put(OutcomeTag::value);
+  bool returned = false;  // past this point an exception is the result's serialisation failing
   try {
     if constexpr (std::is_empty_v<Out>) {
       std::forward<Fn>(fn)();  // nothing to send for a void task
@@ -236,11 +301,12 @@ void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
     } else {
       decltype(auto) value = std::forward<Fn>(fn)();
       running.computed();
-      save(out, static_cast<const Out&>(value));
+      returned = true;
+      save_framed(out, static_cast<const Out&>(value));
     }
   } catch (...) {
     out.truncate(mark);
-    write_current_exception(out);
+    write_current_exception(out, returned ? OutcomeTag::result_error : OutcomeTag::error);
   }
 }
 
@@ -271,13 +337,16 @@ void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& 
     std::uint64_t i = 0;
     for (; i < count; ++i) {
       RunningTask running(first + i);
+      bool returned = false;
       try {
         decltype(auto) value = task(i)();
         running.computed();
+        returned = true;
         out.put(static_cast<const Out&>(value));
       } catch (...) {
+        out.truncate(start + static_cast<std::size_t>(i) * sizeof(Out));
         retag_dense_values(out.buffer(), start, i, sizeof(Out));
-        write_current_exception(out);
+        write_current_exception(out, returned ? OutcomeTag::result_error : OutcomeTag::error);
         break;
       }
     }

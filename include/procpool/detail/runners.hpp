@@ -87,7 +87,7 @@ class StreamRunner final : public TaskRunner {
   void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
     run_chunk<Out>(out, first, count, [&](std::uint64_t) {
       return [&]() -> decltype(auto) {
-        Item item = load_value<Item>(in);
+        Item item = load_input<Item>(in);
         return invoke_stored(f_, std::move(item));
       };
     });
