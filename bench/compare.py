@@ -12,6 +12,7 @@ a JSON file.
     python3 bench/compare.py                 # full sizes (~10 min)
     python3 bench/compare.py --quick         # small sizes: a smoke run (~1 min)
     python3 bench/compare.py --only tiny_cs1,startup
+    python3 bench/compare.py --only submit,startup_spawn
 """
 import argparse
 import json
@@ -31,12 +32,22 @@ def run_json(cmd, timeout=1800):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def known_workload(bench, workload):
+    """False when procpool_bench reports `workload` unknown (not built yet)."""
+    probe = subprocess.run([bench, workload, "--reps", "1"], capture_output=True, text=True, timeout=600)
+    if probe.returncode != 0 and "unknown workload" in probe.stderr:
+        return False
+    probe.check_returncode()
+    return True
+
+
 def alternate(rounds, ours, theirs):
-    """Runs ours() then theirs() (when given) `rounds` times, so that a slow
-    stretch of the machine hits both sides alike; returns both lists."""
+    """Runs ours() then theirs() (each when given) `rounds` times, so that a
+    slow stretch of the machine hits both sides alike; returns both lists."""
     a, b = [], []
     for _ in range(rounds):
-        a.append(ours())
+        if ours:
+            a.append(ours())
         if theirs:
             b.append(theirs())
     return a, b
@@ -138,6 +149,23 @@ def main():
         rows.append(("  same, fork per call: procpool::map (s)",
                      (c["fork_per_call_s_median"], c["fork_per_call_s_min"], c["fork_per_call_s_max"]), p,
                      (p["median"] / c["fork_per_call_s_median"]) if p else None, "(reference)", None))
+    if want("submit"):
+        # n submit() calls, then get() on all, against Pool.apply_async and
+        # ProcessPoolExecutor.submit (py_submit.py), the faster of them; 3 reps
+        # a round: Python alone takes ~30 s a round for 10^5 tasks.
+        sn, sreps = ("5000", "2") if q else ("100000", "3")
+        cs, ps = alternate(rounds, lambda: run_json([B, "submit", "--n", sn, "--reps", sreps, "--processes", "2"]),
+                           (lambda: run_json([a.python, os.path.join(HERE, "py_submit.py"), "--n", sn, "--reps", sreps])["results"])
+                           if have_python else None)
+        c = merged(cs, "tasks_per_s")
+        raw["submit"] = {"procpool": cs, "python": ps}
+        py_variants = {label: merged([r[key]["tasks_per_s"] for r in ps])
+                       for key, label in (("pool_apply_async", "Pool.apply_async"), ("ppe_submit", "ProcessPoolExecutor.submit"))} if ps else {}
+        p = max(py_variants.values(), key=lambda v: v["median"], default=None)
+        rows.append((f"{int(sn) // 1000}k submit() kept as futures, then get() on all (tasks/s)",
+                     (c["tasks_per_s_median"], c["tasks_per_s_min"], c["tasks_per_s_max"]), p,
+                     (c["tasks_per_s_median"] / p["median"]) if p else None, ">= 10x the faster Python", lambda r: r >= 10,
+                     "; ".join(f"{k} {v['median']:.3g}/s" for k, v in py_variants.items())))
     mib = "4" if q else "16"
     tasks = "8" if q else "64"
     payload_py = None
@@ -168,6 +196,25 @@ def main():
         rows.append(("Pool start + one task + stop (ms)", (c["pool_ms_median"], c["pool_ms_min"], c["pool_ms_max"]), p,
                      (p["median"] / c["pool_ms_median"]) if p else None, "<= 1 ms and >= 10x Python",
                      (lambda r, m=c["pool_ms_median"]: m <= 1 and r >= 10)))
+    if want("startup_spawn"):
+        # procpool::Start::spawn (procpool_bench startup_spawn prints pool_ms like
+        # startup) against Python's spawn and forkserver Pools, the faster of them.
+        def python_spawn():
+            res = py("bench_startup.py", "--reps", reps, "--methods", "spawn,forkserver")["results"]
+            return {m: {k: v * 1e3 for k, v in res[f"pool_{m}"]["warm"]["total"].items()} for m in ("spawn", "forkserver")}
+        built = known_workload(B, "startup_spawn")
+        cs, ps = alternate(rounds, (lambda: run_json([B, "startup_spawn", "--reps", "10" if q else "20"])) if built else None,
+                           python_spawn if have_python else None)
+        raw["startup_spawn"] = {"procpool": cs if built else "not built", "python": ps}
+        py_methods = {m: merged([r[m] for r in ps]) for m in ("spawn", "forkserver")} if ps else {}
+        p = min(py_methods.values(), key=lambda v: v["median"], default=None)
+        c = merged(cs, "pool_ms") if built else None
+        note = "; ".join(f"Python {m} {v['median']:.3g} ms" for m, v in py_methods.items())
+        rows.append(("Pool start (spawn) + one task + stop (ms)",
+                     (c["pool_ms_median"], c["pool_ms_min"], c["pool_ms_max"]) if c else None, p,
+                     (p["median"] / c["pool_ms_median"]) if p and c else None,
+                     ">= 10x the faster of Python spawn/forkserver", (lambda r: r >= 10) if c else None,
+                     note if c else "not built: procpool_bench has no startup_spawn workload yet" + (f"; {note}" if note else "")))
     if want("cpu"):
         c = run_json([B, "cpu", "--tasks", "16" if q else "64", "--task-ms", "10" if q else "50", "--reps", reps])
         p = None
@@ -228,7 +275,9 @@ def main():
         note = row[6] if len(row) > 6 else ""
         ps = fmt(p["median"], p["min"], p["max"]) if p else "-"
         rs = f"{ratio:.2f}x" if ratio is not None else "-"
-        if check is None:
+        if c is None:
+            ok = "n/a"  # procpool side not built
+        elif check is None:
             ok = "-"
         elif p is None and ratio is None and "Python" in target:
             ok = "n/a"  # no Python baseline in this run
@@ -236,7 +285,7 @@ def main():
             ok = "yes" if check(ratio if ratio is not None else 0) else "NO"
         if ok == "NO":
             met_all = False
-        print(f"| {what} | {fmt(*c)} | {ps} | {rs} | {target} | {ok} | {note} |")
+        print(f"| {what} | {fmt(*c) if c else '-'} | {ps} | {rs} | {target} | {ok} | {note} |")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": q, "results": raw}, f, indent=1)

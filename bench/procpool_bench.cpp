@@ -11,6 +11,8 @@
 //                                                          as built and on huge pages
 //   procpool_bench imap_flat [--n 100000000]               RSS while imap consumes a lazy range
 //   procpool_bench progress [--n 10000000] [--reps 5]      cost of the progress bar
+//   procpool_bench submit [--n 100000] [--reps 5] [--processes 2]  tasks/s of n submit() calls
+//                                                          kept as futures, then get() on all
 #include <procpool/procpool.hpp>
 
 #include <atomic>
@@ -386,6 +388,36 @@ int progress(const Args& a) {
   return 0;
 }
 
+// n pool.submit() calls kept as futures, then get() on each; Pool start is not timed.
+int submit(const Args& a) {
+  const long n = a.get("--n", 100000);
+  const int reps = static_cast<int>(a.get("--reps", 5));
+  procpool::Pool pool({.processes = static_cast<unsigned>(a.get("--processes", 2))});
+  pool.submit(&inc, 0L).get();  // warm
+  std::vector<procpool::Future<long>> futures;
+  futures.reserve(static_cast<std::size_t>(n));
+  long wrong = 0;
+  auto runs = bench::repeat(reps, [&] {
+    futures.clear();
+    for (long i = 0; i < n; ++i)
+      futures.push_back(pool.submit(&inc, i));
+    for (long i = 0; i < n; ++i)
+      wrong += futures[static_cast<std::size_t>(i)].get() != i + 1;
+  });
+  if (wrong) {
+    std::fprintf(stderr, "procpool_bench submit: %ld wrong results\n", wrong);
+    return 1;
+  }
+  for (double& r : runs)
+    r = static_cast<double>(n) / r;
+  Json("submit")
+      .num("tasks", static_cast<double>(n))
+      .num("processes", static_cast<double>(pool.processes()))
+      .stats("tasks_per_s", bench::stats(runs))
+      .print();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -406,6 +438,7 @@ int main(int argc, char** argv) {
   if (w == "shared") return shared(args);
   if (w == "imap_flat") return imap_flat(args);
   if (w == "progress") return progress(args);
+  if (w == "submit") return submit(args);
   std::fprintf(stderr, "procpool_bench: unknown workload '%s'\n", w.c_str());
   return 2;
 }
