@@ -349,10 +349,10 @@ void Engine::start_worker_process(unsigned position) {
   if (config_.start == Start::spawn) {
     SpawnedWorker born;
     try {
-      born = spawn_worker_process(sv[0], sv[1], SpawnRequest{parent_pid_, config_.inner_threads,
-                                                             config_.task_timeout.count() > 0,
-                                                             config_.spawn_logic.get(),
-                                                             config_.fork_from_helper_thread});
+      born = spawn_worker_process(
+          sv[0], sv[1],
+          SpawnRequest{parent_pid_, config_.inner_threads, config_.task_timeout.count() > 0,
+                       config_.spawn_logic.get(), config_.fork_from_helper_thread});
     } catch (...) {
       ::close(sv[0]);
       throw;

@@ -144,10 +144,9 @@ void Pool::start(Options options, const std::type_info* state_type,
     config.spawn_logic = std::make_shared<const detail::Buffer>(
         detail::spawn_logic_setup(state_type != nullptr ? spawn_init : detail::SpawnInit{}));
   }
-  core_->engine = std::make_unique<detail::Engine>(
-      config, [make_state = std::move(make_state)] {
-        return std::make_unique<detail::PoolLogic>(make_state);
-      });
+  core_->engine = std::make_unique<detail::Engine>(config, [make_state = std::move(make_state)] {
+    return std::make_unique<detail::PoolLogic>(make_state);
+  });
 }
 
 Pool::~Pool() {
