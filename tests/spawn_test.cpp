@@ -167,6 +167,27 @@ TEST(Spawn, MapImapStarmapSubmitWithPointersAndLambdas) {
   EXPECT_NE(pid.get(), ::getpid());
 }
 
+TEST(Spawn, LargeInputsAndResultsTravelThroughTheSocket) {
+  // Spawned workers have no shared reply or input arenas: megabytes go by socket.
+  procpool::Pool pool({.processes = 2, .start = Start::spawn});
+  std::vector<std::vector<char>> inputs;
+  for (char c : {'a', 'b', 'c', 'd'})
+    inputs.emplace_back(std::size_t{3} << 20, c);
+  auto out = pool.map(
+      [](const std::vector<char>& v) {
+        std::vector<char> doubled(v);
+        doubled.insert(doubled.end(), v.begin(), v.end());
+        return doubled;
+      },
+      inputs);
+  ASSERT_EQ(out.size(), inputs.size());
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    ASSERT_EQ(out[i].size(), 2 * inputs[i].size());
+    EXPECT_EQ(out[i].front(), inputs[i].front());
+    EXPECT_EQ(out[i].back(), inputs[i].back());
+  }
+}
+
 // ---- failures
 
 int crash_on_three(int x) {
