@@ -6,6 +6,7 @@
 //   procpool_bench payload_out [--tasks 64] [--mib 16]     16 MiB results, GB/s vs the copy floor
 //   procpool_bench payload_in [--tasks 64] [--mib 16]      16 MiB inputs from a lazy range
 //   procpool_bench startup [--reps 20]                     Pool start + one task + stop, ms
+//   procpool_bench startup_spawn [--reps 20]               the same with Start::spawn workers
 //   procpool_bench cpu [--tasks 64] [--task-ms 50]         efficiency vs serial and std::thread
 //   procpool_bench shared [--vocab 5000000] [--keys 100000]  shared table: wall and extra memory,
 //                                                          as built and on huge pages
@@ -182,6 +183,22 @@ int startup(const Args& a) {
       .stats("pool_ms", bench::stats(pool_runs))
       .stats("map_one_ms", bench::stats(fork_runs))
       .print();
+  return 0;
+}
+
+/// As `startup`, with workers that are fresh runs of this executable
+/// (Start::spawn): to compare with Python's spawn and forkserver Pools.
+int startup_spawn(const Args& a) {
+  const int reps = static_cast<int>(a.get("--reps", 20));
+  const auto one_pool = [] {
+    procpool::Pool pool({.processes = 2, .start = procpool::Start::spawn});
+    pool.submit([](int x) { return x; }, 1).get();
+  };
+  one_pool();  // not timed, as in `startup`
+  auto runs = bench::repeat(reps, one_pool);
+  for (double& r : runs)
+    r *= 1e3;
+  Json("startup_spawn").stats("pool_ms", bench::stats(runs)).print();
   return 0;
 }
 
@@ -434,6 +451,7 @@ int main(int argc, char** argv) {
   if (w == "payload_out") return payload_out(args);
   if (w == "payload_in") return payload_in(args);
   if (w == "startup") return startup(args);
+  if (w == "startup_spawn") return startup_spawn(args);
   if (w == "cpu") return cpu(args);
   if (w == "shared") return shared(args);
   if (w == "imap_flat") return imap_flat(args);

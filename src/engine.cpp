@@ -22,6 +22,7 @@
 #include "procpool/cpu_count.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
+#include "spawn.hpp"
 #include "worker.hpp"
 
 namespace procpool::detail {
@@ -117,9 +118,9 @@ pid_t fork_here(const std::function<void()>& in_child) {
   return pid < 0 ? -errno : pid;
 }
 
-/// A thread that lives as long as the process and does nothing but fork:
-/// PR_SET_PDEATHSIG fires when the forking *thread* ends, so workers of a
-/// long-lived pool must not be forked by a thread that may end first.
+/// A thread that lives as long as the process and does nothing but fork (or
+/// spawn): PR_SET_PDEATHSIG fires when the forking *thread* ends, so workers
+/// of a long-lived pool must not be forked by a thread that may end first.
 class ForkerThread {
  public:
   static ForkerThread& instance() {
@@ -127,9 +128,13 @@ class ForkerThread {
     return *forker;
   }
   pid_t fork(const std::function<void()>& in_child) {
+    return run([&] { return fork_here(in_child); });
+  }
+  /// Runs `start` (which creates a child process) on this thread.
+  pid_t run(const std::function<pid_t()>& start) {
     std::unique_lock lock(mutex_);
     cv_.wait(lock, [&] { return job_ == nullptr; });
-    job_ = &in_child;
+    job_ = &start;
     done_ = false;
     cv_.notify_all();
     cv_.wait(lock, [&] { return done_; });
@@ -146,14 +151,14 @@ class ForkerThread {
     std::unique_lock lock(mutex_);
     for (;;) {
       cv_.wait(lock, [&] { return job_ != nullptr && !done_; });
-      result_ = fork_here(*job_);
+      result_ = (*job_)();
       done_ = true;
       cv_.notify_all();
     }
   }
   std::mutex mutex_;
   std::condition_variable cv_;
-  const std::function<void()>* job_ = nullptr;
+  const std::function<pid_t()>* job_ = nullptr;
   bool done_ = false;
   pid_t result_ = -1;
 };
@@ -168,6 +173,14 @@ pid_t fork_on_helper_thread(const std::function<void()>& in_child) {
 bool on_main_thread() {
   return ::gettid() == ::getpid();
 }
+
+}  // namespace
+
+pid_t start_child_process(bool from_helper_thread, const std::function<pid_t()>& start) {
+  return from_helper_thread && !on_main_thread() ? ForkerThread::instance().run(start) : start();
+}
+
+namespace {
 
 /// Tasks `from` .. `to - 1` (relative to the chunk's first) as a chunk of their own.
 Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
@@ -295,6 +308,13 @@ Engine::Engine(EngineConfig config, LogicFactory make_logic)
     records_[0].pid = parent_pid_;
     return;
   }
+  if (config_.start == Start::spawn && !config_.spawn_logic) {
+    throw Error(
+        "procpool: Start::spawn works only with procpool::Pool. procpool::map, imap, "
+        "imap_unordered and starmap always fork: their function may capture the caller's "
+        "memory, which a freshly started process does not have. Use procpool::Pool with "
+        "Start::spawn and a function pointer or capture-less lambda, or Start::fork here.");
+  }
   try {
     for (unsigned i = 0; i < config_.processes; ++i)
       spawn_worker(i);
@@ -327,6 +347,21 @@ void Engine::start_worker_process(unsigned position) {
   for (int fd : sv) {
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
+  }
+  if (config_.start == Start::spawn) {
+    SpawnedWorker born;
+    try {
+      born = spawn_worker_process(
+          sv[0], sv[1],
+          SpawnRequest{parent_pid_, config_.inner_threads, config_.task_timeout.count() > 0,
+                       config_.spawn_logic.get(), config_.fork_from_helper_thread});
+    } catch (...) {
+      ::close(sv[0]);
+      throw;
+    }
+    // No reply arenas yet: everything travels through the socket.
+    adopt_worker(position, born.pid, sv[0], born.slot, nullptr, nullptr);
+    return;
   }
   void* page = ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE,
                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -376,12 +411,18 @@ void Engine::start_worker_process(unsigned position) {
     errno = saved;
     throw_errno("cannot fork a worker process");
   }
-  ::fcntl(sv[0], F_SETFL, O_NONBLOCK);  // no other status flag is ever set on these sockets
-  ParentSockets::instance().add(sv[0]);
+  adopt_worker(position, pid, sv[0], slot, std::move(arena), std::move(input_arena));
+}
+
+void Engine::adopt_worker(unsigned position, pid_t pid, int fd, WorkerSlot* slot,
+                          std::shared_ptr<ReplyArena> arena,
+                          std::shared_ptr<ReplyArena> input_arena) {
+  ::fcntl(fd, F_SETFL, O_NONBLOCK);  // no other status flag is ever set on these sockets
+  ParentSockets::instance().add(fd);
   auto worker = std::make_unique<Worker>();
   worker->serial = next_worker_serial_++;
   worker->pid = pid;
-  worker->fd = sv[0];
+  worker->fd = fd;
   worker->slot = slot;
   worker->arena = std::move(arena);
   worker->input_arena = std::move(input_arena);
@@ -587,7 +628,9 @@ bool Engine::receive(Worker& w) {
     while (w.inbox.size() - w.in_pos >= sizeof(FrameHeader)) {
       FrameHeader header;
       std::memcpy(&header, w.inbox.data() + w.in_pos, sizeof header);
-      if (!valid_reply_header(header, max_payload)) {
+      // A worker without a reply arena (spawned) cannot have replied through one.
+      if (!valid_reply_header(header, max_payload) ||
+          ((header.flags & flag_in_arena) != 0 && !w.arena)) {
         retire(w, Death::corrupt,
                std::make_exception_ptr(ProtocolError(
                    "procpool: worker " + std::to_string(w.pid) +

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <string_view>
 #include <utility>
+#include "spawn.hpp"
 
 namespace procpool {
 namespace detail {
@@ -53,8 +54,8 @@ void PoolLogic::setup(std::uint64_t call, Reader& payload) {
     runners_[call] = std::make_unique<FailingRunner>(init_error_);
     return;
   }
-  auto factory = reinterpret_cast<RunnerFactory>(payload.get<std::uintptr_t>());
   try {
+    const RunnerFactory factory = function_at<RunnerFactoryFn>(load_code_ref(payload));
     runners_[call] = factory(state_.get(), payload);
   } catch (...) {
     runners_[call] = std::make_unique<FailingRunner>(std::current_exception());
@@ -221,6 +222,50 @@ void PoolCore::report(std::exception_ptr error) {
   }
 }
 
+namespace {
+
+/// What a spawned Pool worker needs to build its PoolLogic: whether the pool
+/// has an initializer and, if so, the identities of its state factory and of
+/// the initializer function itself (absent for a capture-less lambda).
+Buffer spawn_logic_setup(const SpawnInit& init) {
+  Buffer setup;
+  Writer out(setup);
+  out.put(static_cast<std::uint8_t>(init.factory ? 1 : 0));
+  if (init.factory) {
+    save_code_ref(out, code_ref_of(init.factory));
+    out.put(static_cast<std::uint8_t>(init.function ? 1 : 0));
+    if (init.function) save_code_ref(out, code_ref(init.function));
+  }
+  return setup;
+}
+
+/// The worker side of spawn_logic_setup.
+std::unique_ptr<WorkerLogic> spawned_pool_logic(Reader& setup) {
+  std::function<std::shared_ptr<void>()> make_state;
+  if (setup.get<std::uint8_t>() != 0) {
+    CodeRef factory = load_code_ref(setup);
+    std::optional<CodeRef> function;
+    if (setup.get<std::uint8_t>() != 0) function = load_code_ref(setup);
+    // Resolved when the state is built, so that a failure becomes the
+    // initializer's error that every task reports, not a crashing worker.
+    make_state = [factory = std::move(factory), function = std::move(function)] {
+      const void* init = function ? code_address(*function) : nullptr;
+      return function_at<StateFactoryFn>(factory)(init);
+    };
+  }
+  return std::make_unique<PoolLogic>(make_state);
+}
+
+/// A process that procpool spawned as a Pool worker (Start::spawn) becomes one
+/// here, before main() and before the program's other static constructors
+/// (priority 101 is the earliest a program may use), and never returns. This
+/// file holds Pool's constructors, so it is linked into every program that
+/// makes a Pool.
+__attribute__((constructor(101))) void enter_spawned_pool_worker() {
+  serve_if_spawned_worker(&spawned_pool_logic);
+}
+
+}  // namespace
 }  // namespace detail
 
 Pool::Pool(Options options) {
@@ -228,15 +273,26 @@ Pool::Pool(Options options) {
 }
 
 void Pool::start(Options options, const std::type_info* state_type,
-                 std::function<std::shared_ptr<void>()> make_state) {
+                 std::function<std::shared_ptr<void>()> make_state, detail::SpawnInit spawn_init) {
   core_ = std::make_shared<detail::PoolCore>();
   core_->options = options;
   core_->state_type = state_type;
-  core_->engine = std::make_unique<detail::Engine>(
-      detail::engine_config(options, detail::plan_processes(options, std::nullopt), true),
-      [make_state = std::move(make_state)] {
-        return std::make_unique<detail::PoolLogic>(make_state);
-      });
+  detail::EngineConfig config =
+      detail::engine_config(options, detail::plan_processes(options, std::nullopt), true);
+  if (options.start == Start::spawn) {
+    if (state_type != nullptr && !spawn_init.spawnable) {
+      throw Error(
+          "procpool::Pool: with Start::spawn the initializer must be a function pointer or a "
+          "capture-less lambda. A spawned worker is a fresh run of the program and cannot see "
+          "what a capture refers to; build the state inside the initializer (e.g. read the "
+          "file there), or use Start::fork, whose workers inherit the caller's memory.");
+    }
+    config.spawn_logic = std::make_shared<const detail::Buffer>(
+        detail::spawn_logic_setup(state_type != nullptr ? spawn_init : detail::SpawnInit{}));
+  }
+  core_->engine = std::make_unique<detail::Engine>(config, [make_state = std::move(make_state)] {
+    return std::make_unique<detail::PoolLogic>(make_state);
+  });
   core_->start_service();
 }
 

@@ -256,6 +256,10 @@ void give_back_inherited_free_heap() {
 
 }  // namespace
 
+const char* const inner_thread_variables[6] = {"OMP_NUM_THREADS",        "OPENBLAS_NUM_THREADS",
+                                               "MKL_NUM_THREADS",        "BLIS_NUM_THREADS",
+                                               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"};
+
 void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
@@ -265,8 +269,7 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   give_back_inherited_free_heap();
   if (inner_threads == 0) return;
   const std::string value = std::to_string(inner_threads);
-  for (const char* name : {"OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                           "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"}) {
+  for (const char* name : inner_thread_variables) {
     ::setenv(name, value.c_str(), 0);  // 0: what the caller set stays
   }
 }

@@ -13,6 +13,9 @@ namespace procpool::detail {
 /// into the usual thread-count variables the caller has not set.
 void prepare_worker_process(pid_t parent, unsigned inner_threads);
 
+/// The thread-count variables of the usual inner thread pools (OpenMP, BLAS...).
+extern const char* const inner_thread_variables[6];
+
 /// Set in a worker whose pool has a task timeout: every task's start is then recorded.
 extern bool worker_has_task_timeout;
 

@@ -16,8 +16,21 @@ namespace procpool {
 /// input and result, in the calling process: a debugger and sanitizers then
 /// see the task code.
 ///
+/// `spawn` (procpool::Pool only) starts each worker as a fresh run of the same
+/// executable, which becomes a worker before `main` runs. Use it in a program
+/// whose other threads may hold locks (a logger's mutex, an OpenMP or BLAS
+/// runtime) while workers start: a forked worker inherits such a lock in the
+/// locked state and can hang on it forever. A spawned worker inherits no
+/// locks, threads or memory: the pool's initializer (a function pointer or a
+/// capture-less lambda) builds its state, and the program's own static
+/// constructors do not run in it, so task code must not rely on globals that
+/// need dynamic initialisation. Starting costs an exec (a few milliseconds).
+/// The fork-per-call functions (`procpool::map`...) reject it: their function
+/// may capture the caller's memory.
+///
 ///     auto squares = procpool::map(f, xs, {.start = procpool::Start::in_process});
-enum class Start { fork, in_process };
+///     procpool::Pool pool({.processes = 4, .start = procpool::Start::spawn}, &load_model);
+enum class Start { fork, in_process, spawn };
 
 /// Options for `procpool::map` and friends and for `procpool::Pool`.
 /// An aggregate: set only what you need with designated initialisers.

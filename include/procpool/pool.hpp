@@ -20,6 +20,7 @@
 
 #include "procpool/cpu_count.hpp"
 #include "procpool/detail/call.hpp"
+#include "procpool/detail/code_identity.hpp"
 #include "procpool/detail/engine.hpp"
 #include "procpool/detail/runners.hpp"
 #include "procpool/errors.hpp"
@@ -29,9 +30,22 @@
 namespace procpool {
 namespace detail {
 
-/// Builds a call's runner inside a worker from its setup message. Its address
-/// travels in that message: workers are forks of this program, so it is valid there.
-using RunnerFactory = std::unique_ptr<TaskRunner> (*)(void* state, Reader& setup);
+/// Builds a call's runner inside a worker from its setup message. It travels
+/// in that message by identity (CodeRef), valid in forked and spawned workers alike.
+using RunnerFactoryFn = std::unique_ptr<TaskRunner>(void* state, Reader& setup);
+using RunnerFactory = RunnerFactoryFn*;
+
+/// Builds a worker's state from the initializer `function` (null for a capture-less lambda).
+using StateFactoryFn = std::shared_ptr<void>(const void* function);
+
+/// How a Start::spawn worker can run the pool's initializer: by the identity
+/// of a factory, and of the initializer itself when it is a function pointer.
+/// `spawnable` is false for an initializer that captures (it cannot cross an exec).
+struct SpawnInit {
+  StateFactoryFn* factory = nullptr;
+  const void* function = nullptr;
+  bool spawnable = false;
+};
 
 /// Worker side of a Pool: the state its initializer built, and the runners of the open calls.
 class PoolLogic final : public WorkerLogic {
@@ -108,6 +122,43 @@ inline constexpr bool pool_callable_v = is_function_pointer_v<F> ||
                                         (std::is_empty_v<F> && std::is_trivially_copyable_v<F> &&
                                          std::is_default_constructible_v<F>);
 
+template <class Init, class State>
+std::shared_ptr<void> make_state_of(const void* function) {
+  if constexpr (is_function_pointer_v<Init>) {
+    auto init = reinterpret_cast<Init>(const_cast<void*>(function));
+    return std::make_shared<State>(init());
+  } else {
+    Init init{};  // capture-less: its type says everything
+    return std::make_shared<State>(init());
+  }
+}
+
+template <class Init, class State>
+SpawnInit spawn_init_of([[maybe_unused]] const Init& init) {
+  if constexpr (is_function_pointer_v<Init>) {
+    return {&make_state_of<Init, State>, reinterpret_cast<const void*>(init), true};
+  } else if constexpr (pool_callable_v<Init>) {
+    return {&make_state_of<Init, State>, nullptr, true};
+  } else {
+    return {};
+  }
+}
+
+/// How a Pool's function crosses to its workers: a function pointer as the
+/// identity of the code it points to; an empty callable as nothing at all
+/// (its type, which the runner factory's identity carries, says everything).
+template <class F>
+struct code_carrier {
+  static void save(Writer&, const F&) {}
+  static F load(Reader&) { return F{}; }
+};
+template <class F>
+requires is_function_pointer_v<F>
+struct code_carrier<F> {
+  static void save(Writer& out, F f) { save_code_ref(out, code_ref_of(f)); }
+  static F load(Reader& in) { return function_at<std::remove_pointer_t<F>>(load_code_ref(in)); }
+};
+
 template <class F>
 inline constexpr bool is_star_apply_v = false;
 template <class F>
@@ -149,6 +200,12 @@ requires requires {
 struct first_parameter<F> : first_parameter<decltype(&F::operator())> {};
 template <class F>
 struct first_parameter<StarApply<F>> : first_parameter<F> {};
+
+template <class G>
+struct code_carrier<StarApply<G>> {
+  static void save(Writer& out, const StarApply<G>& f) { code_carrier<G>::save(out, f.f); }
+  static StarApply<G> load(Reader& in) { return StarApply<G>{code_carrier<G>::load(in)}; }
+};
 
 /// The state type a function takes first, or void when it takes none.
 template <class F, bool Stateless>
@@ -217,8 +274,7 @@ class PoolRunner final : public TaskRunner {
 
 template <class F, class State, class Item, class Out, class... Extra>
 std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
-  F f{};
-  setup.read(&f, sizeof f);  // F is trivially copyable: a function pointer or an empty lambda
+  F f = code_carrier<F>::load(setup);
   std::tuple<Extra...> extra;
   load(setup, extra);
   return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(f, static_cast<State*>(state),
@@ -375,9 +431,13 @@ class Pool {
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
     static_assert(!std::is_void_v<State>, "procpool::Pool: the initializer must return the state");
-    start(options, &typeid(State), [init = std::move(init)]() mutable -> std::shared_ptr<void> {
-      return std::make_shared<State>(init());
-    });
+    const detail::SpawnInit spawn_init = detail::spawn_init_of<Init, State>(init);
+    start(
+        options, &typeid(State),
+        [init = std::move(init)]() mutable -> std::shared_ptr<void> {
+          return std::make_shared<State>(init());
+        },
+        spawn_init);
   }
 
   /// Finishes the work already accepted, then ends and reaps every worker.
@@ -475,7 +535,7 @@ class Pool {
 
  private:
   void start(Options options, const std::type_info* state_type,
-             std::function<std::shared_ptr<void>()> make_state);
+             std::function<std::shared_ptr<void>()> make_state, detail::SpawnInit spawn_init = {});
   void check_open() const;
   void check_state_type(const std::type_info& wanted) const;
 
@@ -490,12 +550,14 @@ class Pool {
       check_state_type(typeid(State));
     }
     check_open();
-    detail::RunnerFactory factory =
-        &detail::make_pool_runner<F, State, Item, typename Types::Out, Extra...>;
+    // Code crosses by identity (module + offset), never by raw address: a
+    // spawned worker runs the same binary at another load address.
+    static const detail::CodeRef factory = detail::code_ref_of(
+        &detail::make_pool_runner<F, State, Item, typename Types::Out, Extra...>);
     detail::Buffer setup;
     detail::Writer out(setup);
-    out.put(reinterpret_cast<std::uintptr_t>(factory));
-    out.write(&f, sizeof f);
+    detail::save_code_ref(out, factory);
+    detail::code_carrier<F>::save(out, f);
     detail::save(out, std::tuple<Extra...>(extra...));
     return setup;
   }

@@ -83,6 +83,9 @@ struct EngineConfig {
   bool fork_from_helper_thread = false;
   /// Value for the inner thread-count variables in workers; 0 leaves them alone.
   unsigned inner_threads = 0;
+  /// Start::spawn: what a spawned worker builds its logic from (the make_logic
+  /// given to the Engine cannot cross an exec). Null: this engine cannot spawn.
+  std::shared_ptr<const Buffer> spawn_logic;
 };
 
 /// How many workers to start and what inner thread count to give them.
@@ -103,7 +106,8 @@ inline EngineConfig engine_config(const Options& options, const ProcessPlan& pla
                       options.task_timeout,
                       options.max_tasks_per_child,
                       fork_from_helper_thread,
-                      plan.inner_threads};
+                      plan.inner_threads,
+                      nullptr};
 }
 
 /// What one worker position did, summed over the processes that held it.
@@ -130,7 +134,8 @@ struct SlowTask {
 class Engine {
  public:
   /// Builds what a worker does with its messages; called in each worker right
-  /// after the fork (or once in the caller for Start::in_process).
+  /// after the fork (or once in the caller for Start::in_process; never for
+  /// Start::spawn, whose workers build it from EngineConfig::spawn_logic).
   using LogicFactory = std::function<std::unique_ptr<WorkerLogic>()>;
 
   /// Starts `config.processes` workers now (none for Start::in_process).
@@ -235,6 +240,9 @@ class Engine {
   /// Starts the worker at `position`, timing it for insights.
   void spawn_worker(unsigned position);
   void start_worker_process(unsigned position);
+  /// Takes a newly started worker into the engine and sends it the open calls' setups.
+  void adopt_worker(unsigned position, pid_t pid, int fd, WorkerSlot* slot,
+                    std::shared_ptr<ReplyArena> arena, std::shared_ptr<ReplyArena> input_arena);
   void fold_slot(const Worker& w);
   void note_slow_task(std::uint64_t call, std::uint64_t index, std::uint64_t nanos);
   void recycle(Worker& w);
