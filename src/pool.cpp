@@ -257,11 +257,17 @@ std::unique_ptr<WorkerLogic> spawned_pool_logic(Reader& setup) {
 }
 
 /// A process that procpool spawned as a Pool worker (Start::spawn) becomes one
-/// here, before main() and before the program's other static constructors
-/// (priority 101 is the earliest a program may use), and never returns. This
-/// file holds Pool's constructors, so it is linked into every program that
-/// makes a Pool.
-__attribute__((constructor(101))) void enter_spawned_pool_worker() {
+/// here, before main(), and never returns. This file holds Pool's
+/// constructors, so it is linked into every program that makes a Pool.
+///
+/// Default priority on purpose: an executable's static initialisers run in
+/// link order, and a static libprocpool comes after the program's own
+/// objects, so those have run by now and task code may use the program's
+/// globals (a `const std::string` table, a registry), as Python's spawn
+/// re-imports the main module. (Linked as a shared library, procpool's
+/// initialisers run before the executable's, and the program's globals with
+/// dynamic initialisation are not initialised in a worker.)
+__attribute__((constructor)) void enter_spawned_pool_worker() {
   serve_if_spawned_worker(&spawned_pool_logic);
 }
 

@@ -307,23 +307,41 @@ TEST(Spawn, WorkersAreChildrenRunningThisExecutable) {
   EXPECT_EQ(in.tasks, 50u);
 }
 
-// A static constructor of this program: it runs in the parent (before
-// main), and must not run in a spawned worker, which becomes a worker first.
+// A static constructor of this program: it runs once in the parent, and once
+// in each spawned worker (procpool is linked statically, after this object),
+// so that task code may use the program's globals.
 int static_constructors_run = 0;
 struct CountsItsConstruction {
   CountsItsConstruction() { ++static_constructors_run; }
 };
 CountsItsConstruction counted;
+const std::string program_global = "initialised by a static constructor";
 
-TEST(Spawn, WorkersRunNeitherMainNorTheProgramsStaticConstructors) {
+// main() never runs in a worker: gtest_main's main would run every test there.
+bool main_ran = false;
+struct MainRanListener : testing::EmptyTestEventListener {
+  void OnTestProgramStart(const testing::UnitTest&) override { main_ran = true; }
+};
+struct RegistersListener {
+  RegistersListener() {
+    // Called once main() has started the test program; never in a worker.
+    testing::UnitTest::GetInstance()->listeners().Append(new MainRanListener);
+  }
+} registers_listener;
+
+TEST(Spawn, WorkersRunTheProgramsStaticConstructorsButNotMain) {
   ASSERT_EQ(static_constructors_run, 1);
+  ASSERT_TRUE(main_ran);
   procpool::Pool pool({.processes = 1, .start = Start::spawn});
   auto seen = pool.submit([] {
-    return std::tuple<int, bool, pid_t>{
-        static_constructors_run, std::getenv("PROCPOOL_SPAWNED_WORKER") != nullptr, ::getppid()};
+    return std::tuple<int, std::string, bool, bool, pid_t>{
+        static_constructors_run, program_global, main_ran,
+        std::getenv("PROCPOOL_SPAWNED_WORKER") != nullptr, ::getppid()};
   });
-  auto [constructors, marker_left, parent] = seen.get();
-  EXPECT_EQ(constructors, 0) << "the worker ran the program's static constructors";
+  auto [constructors, global, ran_main, marker_left, parent] = seen.get();
+  EXPECT_EQ(constructors, 1) << "the worker did not run the program's static constructors";
+  EXPECT_EQ(global, "initialised by a static constructor");
+  EXPECT_FALSE(ran_main) << "the worker ran main()";
   EXPECT_FALSE(marker_left) << "the worker left its marker variable for its own children";
   EXPECT_EQ(parent, ::getpid());
 }

@@ -22,9 +22,9 @@ namespace procpool {
 /// runtime) while workers start: a forked worker inherits such a lock in the
 /// locked state and can hang on it forever. A spawned worker inherits no
 /// locks, threads or memory: the pool's initializer (a function pointer or a
-/// capture-less lambda) builds its state, and the program's own static
-/// constructors do not run in it, so task code must not rely on globals that
-/// need dynamic initialisation. Starting costs an exec (a few milliseconds).
+/// capture-less lambda) builds its state. It runs the program's static
+/// initialisers (procpool linked statically, the default) but never `main`.
+/// Starting costs an exec and the program's start-up (a few milliseconds).
 /// The fork-per-call functions (`procpool::map`...) reject it: their function
 /// may capture the caller's memory.
 ///
