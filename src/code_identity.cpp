@@ -3,10 +3,15 @@
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
+#include <pthread.h>
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
 #include <mutex>
 
 #include "procpool/errors.hpp"
@@ -121,10 +126,56 @@ std::string compute_executable_identity() {
          std::to_string(st.st_mtim.tv_nsec);
 }
 
+/// Identities already looked up, both ways. A walk over the loaded modules
+/// costs about a microsecond, as much as a whole submitted task, and the same
+/// few functions are named again and again. Modules are never unloaded while
+/// procpool may call into them, so an entry never goes stale; the bound only
+/// keeps a program that names endless distinct functions from growing it.
+class IdentityCache {
+ public:
+  static IdentityCache& instance() {
+    static auto* cache = new IdentityCache();  // never destroyed: used until exit
+    return *cache;
+  }
+  std::optional<CodeRef> ref(std::uintptr_t address) {
+    std::lock_guard lock(mutex_);
+    auto it = refs_.find(address);
+    if (it == refs_.end()) return std::nullopt;
+    return it->second;
+  }
+  std::optional<std::uintptr_t> address(const CodeRef& ref) {
+    std::lock_guard lock(mutex_);
+    auto it = addresses_.find({ref.module, ref.offset});
+    if (it == addresses_.end()) return std::nullopt;
+    return it->second;
+  }
+  void remember(std::uintptr_t address, const CodeRef& ref) {
+    std::lock_guard lock(mutex_);
+    if (refs_.size() >= limit) refs_.clear();
+    if (addresses_.size() >= limit) addresses_.clear();
+    refs_.emplace(address, ref);
+    addresses_.emplace(std::pair{ref.module, ref.offset}, address);
+  }
+
+ private:
+  static constexpr std::size_t limit = 1024;
+
+  IdentityCache() {
+    // A forked worker looks functions up: it must not inherit the lock held.
+    ::pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+  }
+
+  std::mutex mutex_;
+  std::map<std::uintptr_t, CodeRef> refs_;
+  std::map<std::pair<std::string, std::uint64_t>, std::uintptr_t> addresses_;
+};
+
 }  // namespace
 
 CodeRef code_ref(const void* address) {
   const auto at = reinterpret_cast<std::uintptr_t>(address);
+  if (auto known = IdentityCache::instance().ref(at)) return *known;
   const ModuleQuery module = query_modules(at, nullptr);
   if (!module.found) {
     char text[32];
@@ -133,10 +184,15 @@ CodeRef code_ref(const void* address) {
                 " lies in no loaded module's code, so it cannot be named to another process. "
                 "Pass a function defined in the program or a shared library it loads.");
   }
-  return CodeRef{module.name, at - module.base};
+  CodeRef ref{module.name, at - module.base};
+  IdentityCache::instance().remember(at, ref);
+  return ref;
 }
 
 const void* code_address(const CodeRef& ref) {
+  if (auto known = IdentityCache::instance().address(ref)) {
+    return reinterpret_cast<const void*>(*known);
+  }
   ModuleQuery module = query_modules(0, &ref.module);
   if (!module.found && !ref.module.empty()) {
     // Loaded by the parent with dlopen after start (a plugin): load it here too.
@@ -159,6 +215,7 @@ const void* code_address(const CodeRef& ref) {
                 (ref.module.empty() ? std::string("the executable") : ref.module) +
                 " is not code here; the two processes run different binaries");
   }
+  IdentityCache::instance().remember(address, ref);
   return reinterpret_cast<const void*>(address);
 }
 

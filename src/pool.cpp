@@ -124,6 +124,10 @@ void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {
 
 void PoolCore::kick() {
   std::unique_lock lock(mutex);
+  // Others were queued before this one: whoever was asked to send them (or
+  // is sending as replies come) sends this one too. Only the first of a
+  // burst of submits wakes anyone.
+  if (engine->queued() > 1) return;
   if (engine->pumping()) {
     // Whoever is waiting for the workers sends it once a reply arrives: wake
     // them now only if a worker is running out of work.

@@ -173,6 +173,8 @@ class Engine {
   /// Whether a caller is driving the engine now or did so within `recently`:
   /// then a service thread has nothing to add but a second poll of the same sockets.
   [[nodiscard]] bool caller_driving(std::chrono::milliseconds recently) const;
+  /// Chunks submitted and not yet handed to a worker.
+  [[nodiscard]] std::size_t queued() const noexcept { return pending_.size(); }
   /// Whether a round is in progress in any thread (it waits with the lock released).
   [[nodiscard]] bool pumping() const noexcept { return rounds_in_progress_ != 0; }
   /// Whether a worker has less than two chunks to do: work queued now should
