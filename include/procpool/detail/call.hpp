@@ -428,7 +428,6 @@ class CallDriver {
       : engine_(engine),
         mutex_(mutex),
         feed_(std::move(feed)),
-        options_(options),
         policy_(engine.processes(), options.chunksize, options.max_inflight),
         ordered_(ordered),
         stop_mode_(stop_mode),
@@ -671,7 +670,6 @@ class CallDriver {
   InterruptWatch interrupt_;
   std::uint64_t call_ = 0;
   Feed feed_;
-  Options options_;
   SchedulePolicy policy_;
   bool ordered_;
   StopMode stop_mode_;
