@@ -213,13 +213,14 @@ void serve_if_spawned_worker(SpawnedLogicFactory make_logic) {
     std::string identity(static_cast<std::size_t>(in.get<std::uint64_t>()), '\0');
     in.read(identity.data(), identity.size());
     check_executable_identity(identity);
-    worker_has_task_timeout = in.get<std::uint8_t>() != 0;
+    WorkerContext context;
+    context.slot = static_cast<WorkerSlot*>(page);
+    context.task_timeout = in.get<std::uint8_t>() != 0;
     Buffer setup(static_cast<std::size_t>(in.get<std::uint64_t>()));
     in.read(setup.data(), setup.size());
-    current_worker_slot = static_cast<WorkerSlot*>(page);
     Reader setup_reader(setup);
     std::unique_ptr<WorkerLogic> logic = make_logic(setup_reader);
-    run_worker(worker_socket_fd, *logic);
+    run_worker(worker_socket_fd, *logic, context);
   } catch (const std::exception& e) {
     worker_fails(e.what());
   }

@@ -22,6 +22,7 @@
 #include "procpool/detail/engine.hpp"
 #include "procpool/detail/interrupt.hpp"
 #include "procpool/detail/protocol.hpp"
+#include "procpool/detail/schedule.hpp"
 #include "procpool/options.hpp"
 #include "procpool/progress.hpp"
 #include "procpool/results.hpp"
@@ -427,7 +428,7 @@ class CallDriver {
       : engine_(engine),
         mutex_(mutex),
         feed_(std::move(feed)),
-        options_(options),
+        policy_(engine.processes(), options.chunksize, options.max_inflight),
         ordered_(ordered),
         stop_mode_(stop_mode),
         progress_(options.progress, feed_.total()) {
@@ -563,26 +564,11 @@ class CallDriver {
     }
   }
 
-  std::size_t chunk_size() {
-    if (options_.chunksize != 0) return options_.chunksize;
-    constexpr double target_nanos = 5e6;  // per chunk: overhead stays ~1% of the work
-    const double per_task = engine_.nanos_per_task(call_);
-    // Until a task has been timed, send single tasks: a long task must not be batched blindly.
-    std::size_t n =
-        per_task <= 0 ? 1
-                      : static_cast<std::size_t>(std::clamp(target_nanos / per_task, 1.0, 16384.0));
-    if (auto total = feed_.total()) {
-      // Near the end, smaller chunks keep every worker busy until the last
-      // task; but not below ~0.1 ms of work, which balances nothing and costs
-      // a round trip per chunk.
-      const std::size_t remaining = *total - sent_;
-      const std::size_t smallest =
-          per_task <= 0 ? 1 : static_cast<std::size_t>(std::clamp(1e5 / per_task, 1.0, 16384.0));
-      const std::size_t share = remaining / (2 * engine_.processes());
-      in_tail_ = share < n;
-      n = std::min(n, std::max(smallest, share));
-    }
-    return n;
+  /// The next chunk's size, from the schedule: how long tasks take, how many are left.
+  ChunkPlan next_chunk_plan() const {
+    std::optional<std::size_t> remaining;
+    if (auto total = feed_.total()) remaining = *total - sent_;
+    return policy_.next_chunk(engine_.nanos_per_task(call_), remaining);
   }
 
   /// Takes inputs from the feed and submits them as far as the bound allows;
@@ -590,14 +576,12 @@ class CallDriver {
   bool fill() {
     bool submitted = false;
     while (!feed_.done()) {
-      std::size_t n = chunk_size();
-      // Automatic bound: a few chunks per worker, sized as the feed really cut
-      // them (a byte budget may make them smaller than asked).
+      const ChunkPlan plan = next_chunk_plan();
+      std::size_t n = plan.tasks;
+      // The bound counts chunks as the feed really cut them (a byte budget
+      // may make them smaller than asked).
       const std::size_t typical = last_chunk_items_ != 0 ? std::min(n, last_chunk_items_) : n;
-      const std::size_t limit =
-          options_.max_inflight != 0
-              ? options_.max_inflight
-              : typical * engine_.processes() * (engine_.pipeline_depth(call_, typical) + 2);
+      const std::size_t limit = policy_.inflight_limit(engine_.nanos_per_task(call_), typical);
       // Wait for room for a whole chunk: cutting a short one to fill the gap
       // would shrink `typical`, then the bound, and chunk sizes would wander
       // (and with them the sizes of the buffers a long imap keeps warm).
@@ -609,7 +593,7 @@ class CallDriver {
       Chunk chunk = feed_.next(call_, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count != 0) {
-        chunk.tail = in_tail_;
+        chunk.tail = plan.tail;
         last_chunk_items_ = static_cast<std::size_t>(chunk.count);
         in_flight_ += static_cast<std::size_t>(chunk.count);
         sent_ += static_cast<std::size_t>(chunk.count);
@@ -686,14 +670,13 @@ class CallDriver {
   InterruptWatch interrupt_;
   std::uint64_t call_ = 0;
   Feed feed_;
-  Options options_;
+  SchedulePolicy policy_;
   bool ordered_;
   StopMode stop_mode_;
   bool stopped_ = false;
   std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
   std::size_t last_chunk_items_ = 0;
-  bool in_tail_ = false;         // the last chunks, cut smaller to finish together
   std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "procpool/detail/buffer.hpp"
+#include "procpool/detail/telemetry.hpp"
 #include "procpool/serialize.hpp"
 
 namespace procpool::detail {
@@ -95,11 +96,6 @@ struct ReplyArena {
   void release(std::size_t region) noexcept;
 };
 static_assert(sizeof(ReplyArena) <= ReplyArena::header_bytes);
-
-/// This worker's reply arena; null in the parent and under Start::in_process.
-extern ReplyArena* current_reply_arena;
-/// The same in the other direction: large input chunks from the parent.
-extern ReplyArena* current_input_arena;
 
 /// Fixed-size header in front of every message; sizes are 64-bit.
 struct FrameHeader {
@@ -218,6 +214,12 @@ struct WorkerSlot {
   // The slowest task of the chunk being run.
   std::atomic<std::uint64_t> chunk_slowest_index{0};
   std::atomic<std::uint64_t> chunk_slowest_ns{0};
+
+  WorkerCounters counters() const noexcept {
+    return {serialize_ns.load(std::memory_order_relaxed), wait_ns.load(std::memory_order_relaxed),
+            bytes_in.load(std::memory_order_relaxed), bytes_out.load(std::memory_order_relaxed),
+            peak_rss_kb.load(std::memory_order_relaxed)};
+  }
 
   /// Adds to a counter that only this process writes (no read-modify-write needed).
   static void add(std::atomic<std::uint64_t>& counter, std::uint64_t amount) {

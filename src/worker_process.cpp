@@ -1,0 +1,428 @@
+#include "worker_process.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "arena_cache.hpp"
+#include "channel.hpp"
+#include "procpool/errors.hpp"
+#include "spawn.hpp"
+#include "worker.hpp"
+
+namespace procpool::detail {
+namespace {
+
+constexpr int socket_buffer_bytes = 1 << 20;
+
+[[noreturn]] void throw_errno(const char* what, int error = errno) {
+  throw std::system_error(error, std::generic_category(), std::string("procpool: ") + what);
+}
+
+/// The parent-side sockets of every engine in this process. A new worker closes
+/// all of them, so that it never keeps another engine's worker from seeing EOF.
+class ParentSockets {
+ public:
+  static ParentSockets& instance() {
+    static ParentSockets sockets;
+    return sockets;
+  }
+  void add(int fd) {
+    std::lock_guard lock(mutex_);
+    fds_.push_back(fd);
+  }
+  void remove(int fd) {
+    std::lock_guard lock(mutex_);
+    std::erase(fds_, fd);
+  }
+  std::vector<int> snapshot() {
+    std::lock_guard lock(mutex_);
+    return fds_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<int> fds_;
+};
+
+/// Waits for a worker that has closed its socket (or was killed); one that
+/// lingers is killed.
+WorkerExit reap(pid_t pid) {
+  int status = 0;
+  for (int attempt = 0; attempt < 500; ++attempt) {
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return {};
+    if (attempt == 499) {
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  WorkerExit exit;
+  if (WIFSIGNALED(status)) {
+    exit.signal = WTERMSIG(status);
+  } else if (WIFEXITED(status)) {
+    exit.code = WEXITSTATUS(status);
+  }
+  return exit;
+}
+
+/// Waits as long as it takes: for a worker that finishes what it was sent.
+WorkerExit wait_blocking(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  WorkerExit exit;
+  if (WIFSIGNALED(status)) exit.signal = WTERMSIG(status);
+  if (WIFEXITED(status)) exit.code = WEXITSTATUS(status);
+  return exit;
+}
+
+/// A thread that lives as long as the process and does nothing but fork (or
+/// spawn): PR_SET_PDEATHSIG fires when the forking *thread* ends, so workers
+/// of a long-lived pool must not be forked by a thread that may end first.
+class ForkerThread {
+ public:
+  static ForkerThread& instance() {
+    static auto* forker = new ForkerThread();  // never destroyed: it must outlive every pool
+    return *forker;
+  }
+  /// Runs `start` (which creates a child process) on this thread.
+  pid_t run(const std::function<pid_t()>& start) {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return job_ == nullptr; });
+    job_ = &start;
+    done_ = false;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return done_; });
+    job_ = nullptr;
+    cv_.notify_all();
+    return result_;
+  }
+
+ private:
+  ForkerThread() {
+    std::thread([this] { serve(); }).detach();
+  }
+  void serve() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      cv_.wait(lock, [&] { return job_ != nullptr && !done_; });
+      result_ = (*job_)();
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const std::function<pid_t()>* job_ = nullptr;
+  bool done_ = false;
+  pid_t result_ = -1;
+};
+
+/// The main thread ends only with the process (unless it calls pthread_exit),
+/// so it may fork long-lived workers itself: the hand-off to the helper thread
+/// costs two thread wake-ups, ~0.1 ms per fork on this kind of VM.
+bool on_main_thread() {
+  return ::gettid() == ::getpid();
+}
+
+/// A descriptor closed when it goes out of scope, unless released.
+class OwnedFd {
+ public:
+  explicit OwnedFd(int fd) noexcept : fd_(fd) {}
+  OwnedFd(OwnedFd&& other) noexcept : fd_(other.release()) {}
+  ~OwnedFd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  OwnedFd(const OwnedFd&) = delete;
+  OwnedFd& operator=(const OwnedFd&) = delete;
+  int get() const noexcept { return fd_; }
+  int release() noexcept { return std::exchange(fd_, -1); }
+
+ private:
+  int fd_;
+};
+
+/// The status page a local worker shares with the parent (see WorkerSlot).
+WorkerSlot* map_slot() {
+  void* page = ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (page == MAP_FAILED) throw_errno("cannot map a worker's shared status page");
+  return new (page) WorkerSlot();
+}
+
+void unmap_slot(WorkerSlot* slot) noexcept {
+  ::munmap(slot, sizeof(WorkerSlot));
+}
+
+/// One local worker process and everything the parent holds for it.
+class WorkerProcess final : public WorkerLink {
+ public:
+  WorkerProcess(pid_t pid, int fd, WorkerSlot* slot, std::shared_ptr<ReplyArena> arena,
+                std::shared_ptr<ReplyArena> input_arena)
+      : pid_(pid),
+        channel_(fd),
+        slot_(slot),
+        arena_(std::move(arena)),
+        input_arena_(std::move(input_arena)) {
+    ::fcntl(fd, F_SETFL, O_NONBLOCK);  // no other status flag is ever set on these sockets
+    ParentSockets::instance().add(fd);
+  }
+  ~WorkerProcess() override {
+    if (ended_) return;
+    begin_end(Ending::killed);
+    [[maybe_unused]] const WorkerExit exit = finish_end();
+  }
+  WorkerProcess(const WorkerProcess&) = delete;
+  WorkerProcess& operator=(const WorkerProcess&) = delete;
+
+  pid_t pid() const noexcept override { return pid_; }
+
+  void send_setup(std::uint64_t call, const Buffer& setup) override {
+    channel_.queue_frame(FrameKind::setup, call, 0, 0, setup);
+  }
+  void send_end_call(std::uint64_t call) override {
+    channel_.queue_frame(FrameKind::end_call, call, 0, 0, Buffer{});
+  }
+  void send_chunk(const Chunk& chunk, const Buffer* own_setup) override {
+    std::uint16_t flags = 0;
+    if (own_setup) {
+      send_setup(chunk.call, *own_setup);
+      flags = flag_end_call_after;
+    }
+    if (!send_through_arena(chunk, flags)) {
+      channel_.queue_frame(FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
+                           flags);
+    }
+  }
+  bool ready_for(const Chunk& chunk) const noexcept override {
+    // Large inputs wait for a free region of the worker's input arena (it
+    // frees one before it replies) rather than taking two more copies
+    // through the socket and growing the outbox.
+    return !ReplyArena::fits(chunk.payload.size()) || !input_arena_ ||
+           input_arena_->has_free_region();
+  }
+
+  int wait_fd() const noexcept override { return channel_.fd(); }
+  bool wants_write() const noexcept override { return channel_.has_unsent(); }
+  LinkState flush() override { return channel_.flush() ? LinkState{} : LinkState{LinkState::lost, nullptr}; }
+  LinkState receive(ReplySink& sink) override;
+  bool mid_message() const noexcept override { return channel_.mid_message(); }
+
+  std::optional<RunningTaskRef> running_task() const noexcept override {
+    if (slot_->running.load(std::memory_order_acquire) == 0) return std::nullopt;
+    return RunningTaskRef{slot_->call.load(std::memory_order_relaxed),
+                          slot_->index.load(std::memory_order_relaxed),
+                          slot_->started_ns.load(std::memory_order_relaxed)};
+  }
+  WorkerCounters counters() const noexcept override { return slot_->counters(); }
+
+  void begin_end(Ending how) noexcept override {
+    how_ = how;
+    if (how == Ending::killed) ::kill(pid_, SIGKILL);
+    if (how == Ending::finished) channel_.send_rest_and_end();
+  }
+
+  WorkerExit finish_end() noexcept override {
+    ended_ = true;
+    if (how_ == Ending::finished) channel_.drain();
+    ParentSockets::instance().remove(channel_.fd());
+    ::close(channel_.fd());
+    WorkerExit exit = how_ == Ending::lost ? reap(pid_) : wait_blocking(pid_);
+    // The process is gone, so its slot no longer changes: it names the task
+    // it was running, and its counters are final.
+    exit.running = running_task();
+    exit.counted = counters();
+    unmap_slot(slot_);
+    return exit;
+  }
+
+ private:
+  /// Copies a large chunk's inputs into a free region of the worker's input arena.
+  bool send_through_arena(const Chunk& chunk, std::uint16_t flags) {
+    const std::size_t size = chunk.payload.size();
+    if (!ReplyArena::fits(size) || !input_arena_) return false;
+    const int claimed = input_arena_->claim();
+    if (claimed < 0) return false;
+    const auto region = static_cast<std::size_t>(claimed);
+    std::memcpy(input_arena_->data(region), chunk.payload.data(), size);
+    input_arena_->note_written(region, size);
+    channel_.queue_header(FrameKind::task, chunk.call, chunk.first, chunk.count, size,
+                          static_cast<std::uint16_t>(flags | arena_flags(region)));
+    return true;
+  }
+
+  /// The outcomes of a reply, wherever they travelled.
+  ChunkDone outcomes(const FrameHeader& header, const std::byte* payload, bool whole_inbox) {
+    ChunkDone done;
+    done.first = header.first;
+    done.count = header.count;
+    done.dense = (header.flags & flag_dense) != 0;
+    if (header.flags & flag_in_arena) {
+      lease_from_arena(header, done);
+    } else if (whole_inbox) {
+      done.payload = channel_.take_inbox();
+      done.offset = sizeof header;
+    } else {
+      done.payload.append(payload, header.size);
+    }
+    return done;
+  }
+
+  /// Decoded straight from the arena; handing the lease back frees the region for the next reply.
+  void lease_from_arena(const FrameHeader& header, ChunkDone& done) {
+    std::shared_ptr<ReplyArena> arena = arena_;
+    const std::size_t region = arena_region(header.flags);
+    done.external = arena->data(region);
+    done.external_size = header.size;
+#ifdef MADV_POPULATE_READ
+    // Map the reply's pages in one call instead of one fault per 4 KiB (a hint; Linux >= 5.14).
+    // Once mapped they stay mapped here, so only a reply larger than any before needs it.
+    if (header.size > arena_mapped_[region]) {
+      const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+      const auto begin = reinterpret_cast<std::uintptr_t>(done.external) & ~(page - 1);
+      ::madvise(reinterpret_cast<void*>(begin),
+                reinterpret_cast<std::uintptr_t>(done.external) + header.size - begin,
+                MADV_POPULATE_READ);
+      arena_mapped_[region] = header.size;
+    }
+#endif
+    done.lease =
+        std::shared_ptr<void>(arena.get(), [arena, region](void*) { arena->release(region); });
+  }
+
+  LinkState corrupt(const std::string& what) const {
+    return LinkState{LinkState::corrupt, std::make_exception_ptr(ProtocolError(
+                                             "procpool: worker " + std::to_string(pid_) + what))};
+  }
+
+  pid_t pid_;
+  ParentChannel channel_;
+  WorkerSlot* slot_;                         // shared with the worker: the task it is running
+  std::shared_ptr<ReplyArena> arena_;        // shared with the worker: its large replies
+  std::shared_ptr<ReplyArena> input_arena_;  // and large input chunks, the other way
+  std::size_t arena_mapped_[ReplyArena::regions] = {};  // bytes of each region mapped here
+  Ending how_ = Ending::killed;
+  bool ended_ = false;
+};
+
+LinkState WorkerProcess::receive(ReplySink& sink) {
+  const ParentChannel::Received received = channel_.receive(
+      arena_ != nullptr,  // a worker without a reply arena (spawned) cannot reply through one
+      [&](const FrameHeader& header, const std::byte* payload, bool whole_inbox) {
+        return sink.take(Reply{header.call, header.nanos, header.slowest_index,
+                               header.slowest_nanos, outcomes(header, payload, whole_inbox)});
+      });
+  switch (received) {
+    case ParentChannel::Received::drained:
+    case ParentChannel::Received::stopped:
+      return {};
+    case ParentChannel::Received::bad_header:
+      return corrupt(
+          " sent a corrupt message (bad magic, kind or length); the worker was replaced. Does "
+          "the task write to file descriptors it does not own?");
+    case ParentChannel::Received::closed:
+      break;
+  }
+  if (channel_.mid_message() && slot_->running.load(std::memory_order_acquire) == 0) {
+    // It died between tasks in the middle of a reply: the reply is what is wrong.
+    return corrupt(
+        " ended in the middle of a message (truncated reply); the worker was replaced");
+  }
+  return LinkState{LinkState::lost, nullptr};  // EOF or reset: the worker died
+}
+
+/// A socket pair for a new worker: [0] the parent's end, [1] the worker's.
+std::pair<OwnedFd, OwnedFd> worker_sockets() {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    throw_errno("cannot create a socket pair for a worker");
+  }
+  for (int fd : sv) {
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
+  }
+  return {OwnedFd(sv[0]), OwnedFd(sv[1])};
+}
+
+std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
+  auto [parent_end, child_end] = worker_sockets();
+  // No arenas: everything travels through the socket.
+  const SpawnedWorker born = spawn_worker_process(
+      parent_end.get(), child_end.release(),
+      SpawnRequest{birth.parent, birth.inner_threads, birth.task_timeout, birth.spawn_logic,
+                   birth.from_helper_thread});
+  return std::make_unique<WorkerProcess>(born.pid, parent_end.release(), born.slot, nullptr,
+                                         nullptr);
+}
+
+std::unique_ptr<WorkerLink> fork_worker(const WorkerBirth& birth) {
+  auto [parent_end, child_end] = worker_sockets();
+  WorkerSlot* slot = map_slot();
+  std::shared_ptr<ReplyArena> arena = map_arena();
+  std::shared_ptr<ReplyArena> input_arena = map_arena();
+  if (!arena || !input_arena) {
+    const int error = errno;
+    unmap_slot(slot);
+    throw_errno("cannot map a worker's arenas", error);
+  }
+  const std::vector<int> to_close = ParentSockets::instance().snapshot();
+  const WorkerContext context{slot, arena.get(), input_arena.get(), birth.task_timeout};
+  auto in_child = [&] {
+    ::close(parent_end.get());
+    for (int fd : to_close)
+      ::close(fd);
+    prepare_worker_process(birth.parent, birth.inner_threads);
+    try {
+      std::unique_ptr<WorkerLogic> logic = (*birth.make_logic)();
+      run_worker(child_end.get(), *logic, context);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool worker %d could not start: %s\n", ::getpid(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "procpool worker %d could not start\n", ::getpid());
+    }
+    std::fflush(stderr);
+    ::_exit(70);
+  };
+  const pid_t pid = start_child_process(birth.from_helper_thread, [&]() -> pid_t {
+    const pid_t child = ::fork();
+    if (child == 0) in_child();
+    return child < 0 ? -errno : child;
+  });
+  ::close(child_end.release());
+  if (pid < 0) {
+    unmap_slot(slot);
+    throw_errno("cannot fork a worker process", -pid);
+  }
+  return std::make_unique<WorkerProcess>(pid, parent_end.release(), slot, std::move(arena),
+                                         std::move(input_arena));
+}
+
+}  // namespace
+
+pid_t start_child_process(bool from_helper_thread, const std::function<pid_t()>& start) {
+  return from_helper_thread && !on_main_thread() ? ForkerThread::instance().run(start) : start();
+}
+
+std::unique_ptr<WorkerLink> start_worker_process(const WorkerBirth& birth) {
+  return birth.start == Start::spawn ? spawn_worker(birth) : fork_worker(birth);
+}
+
+}  // namespace procpool::detail

@@ -1,0 +1,39 @@
+// Local worker processes: where they are born (fork or spawn) and where they
+// are reaped. A WorkerProcess is the WorkerLink (worker_link.hpp) of one
+// local process: it owns the process, its socket and its shared pages, and
+// tears them down in one place, finish_end().
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+
+#include "procpool/detail/buffer.hpp"
+#include "procpool/detail/protocol.hpp"
+#include "procpool/detail/worker_link.hpp"
+#include "procpool/options.hpp"
+
+namespace procpool::detail {
+
+/// What a new local worker is started with.
+struct WorkerBirth {
+  Start start = Start::fork;  // fork or spawn
+  pid_t parent = 0;
+  unsigned inner_threads = 0;  // for the inner thread-count variables; 0 leaves them
+  bool task_timeout = false;   // every task's start is then recorded
+  /// Fork (or spawn) from a helper thread that lives as long as the process
+  /// (or from the main thread), so that a worker's PR_SET_PDEATHSIG never
+  /// fires because the thread that started it ended.
+  bool from_helper_thread = false;
+  /// Start::fork: builds what the worker does with its messages, in the child.
+  const std::function<std::unique_ptr<WorkerLogic>()>* make_logic = nullptr;
+  /// Start::spawn: what a spawned worker builds its logic from.
+  const Buffer* spawn_logic = nullptr;
+};
+
+/// Starts a local worker process; throws std::system_error if it cannot.
+[[nodiscard]] std::unique_ptr<WorkerLink> start_worker_process(const WorkerBirth& birth);
+
+}  // namespace procpool::detail
