@@ -98,6 +98,7 @@ class Engine::Impl final : private ReplySink {
                std::chrono::duration_cast<std::chrono::nanoseconds>(recently).count();
   }
   bool pumping() const noexcept { return rounds_in_progress_ != 0; }
+  std::size_t queued() const noexcept { return pending_.size(); }
   bool worker_running_dry() const noexcept {
     return std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) {
       return w.inflight.size() < SchedulePolicy::min_pipeline;
@@ -705,6 +706,10 @@ void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds 
 bool Engine::caller_driving(std::chrono::milliseconds recently) const {
   return impl_->caller_driving(recently);
 }
+std::size_t Engine::queued() const noexcept {
+  return impl_->queued();
+}
+
 bool Engine::pumping() const noexcept {
   return impl_->pumping();
 }

@@ -121,7 +121,7 @@ class Engine {
   /// then a service thread has nothing to add but a second poll of the same sockets.
   [[nodiscard]] bool caller_driving(std::chrono::milliseconds recently) const;
   /// Chunks submitted and not yet handed to a worker.
-  [[nodiscard]] std::size_t queued() const noexcept { return pending_.size(); }
+  [[nodiscard]] std::size_t queued() const noexcept;
   /// Whether a round is in progress in any thread (it waits with the lock released).
   [[nodiscard]] bool pumping() const noexcept;
   /// Whether a worker has less than two chunks to do: work queued now should
