@@ -27,6 +27,7 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.first = chunk.first + from;
   part.count = to - from;
   part.attempts = chunk.attempts;
+  part.orphaned = chunk.orphaned;
   part.stride = chunk.stride;
   part.tail = chunk.tail;
   if (chunk.stride != 0) {
@@ -158,6 +159,10 @@ class Engine::Impl final : private ReplySink {
   /// Removes `serial` from the workers and, unless stopping, starts its successor.
   void replace(std::uint64_t serial, unsigned position);
   void charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue);
+  /// Sends again, in halves, a chunk whose worker died while it was not running.
+  void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
+  /// Gives up on the pool when new workers keep dying before they are ready.
+  void note_start_up_death(pid_t pid, const WorkerExit& exit);
   void requeue_front(std::deque<Chunk>& chunks);
   void fail_pending(const std::exception_ptr& reason);
   void finish_chunk(const Chunk& chunk, ChunkDone done);
@@ -180,7 +185,8 @@ class Engine::Impl final : private ReplySink {
   unsigned rounds_in_progress_ = 0;
   std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
-  unsigned deaths_without_progress_ = 0;
+  unsigned start_up_deaths_ = 0;  // in a row, see note_start_up_death
+  static constexpr unsigned orphan_allowance = 3;
   bool stopping_ = false;
   std::exception_ptr broken_;  // set when workers keep dying before doing any work
   Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
@@ -348,7 +354,6 @@ bool Engine::Impl::take(Reply reply) {
   }
   Chunk chunk = std::move(w.inflight.front());
   w.inflight.pop_front();
-  deaths_without_progress_ = 0;
   telemetry_.chunk_done(w.position, done.count, reply.nanos, reply.slowest_index,
                         reply.slowest_nanos);
   if (auto it = calls_.find(chunk.call); it != calls_.end()) {
@@ -431,11 +436,25 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
                          exit.counted);
   std::deque<Chunk> requeue;
   bool charged = false;
+  // The chunk the dead worker was working on, though no task of it was
+  // running (it died between two, or with the reply on its way), goes again
+  // in halves: under a storm of kills, smaller pieces get their replies home
+  // between them. The chunks queued behind it had no chance to run: they go
+  // again as they are.
+  bool front = true;
+  const auto send_again = [&](Chunk chunk) {
+    const bool worked_on = std::exchange(front, false);
+    if (worked_on && exit.ready && loss != Loss::corrupt && !exit.running) {
+      orphan(std::move(chunk), pid, exit, requeue);
+    } else {
+      requeue.push_back(std::move(chunk));
+    }
+  };
   for (Chunk& chunk : w.inflight) {
     if (loss == Loss::corrupt) {
       // The garbage stood where the oldest unanswered chunk's reply belonged.
       if (charged) {
-        requeue.push_back(std::move(chunk));
+        send_again(std::move(chunk));
         continue;
       }
       finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count, corrupt));
@@ -446,27 +465,28 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
                                exit.running->index >= chunk.first &&
                                exit.running->index < chunk.first + chunk.count;
     if (!holds_culprit) {
-      requeue.push_back(std::move(chunk));  // not started, or finished but its reply was lost
+      send_again(std::move(chunk));  // not started, or finished but its reply was lost
       continue;
     }
+    front = false;
     const std::uint64_t culprit = exit.running->index;
     const std::uint64_t at = culprit - chunk.first;
+    // Only the culprit is charged; its neighbours start their own count.
+    const unsigned culprit_attempts = chunk.attempts;
+    chunk.attempts = 0;
     if (at > 0) requeue.push_back(slice(chunk, 0, at));
     const auto index = static_cast<std::size_t>(culprit);
     std::exception_ptr failure =
         loss == Loss::timed_out
             ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
             : std::make_exception_ptr(WorkerCrashed(index, pid, exit.signal, exit.code));
-    charge(slice(chunk, at, at + 1), failure, requeue);
+    Chunk task = slice(chunk, at, at + 1);
+    task.attempts = culprit_attempts;
+    charge(std::move(task), failure, requeue);
     if (at + 1 < chunk.count) requeue.push_back(slice(chunk, at + 1, chunk.count));
     charged = true;
   }
-  if (!charged && !stopping_ && ++deaths_without_progress_ > 2 * config_.processes + 2) {
-    broken_ = std::make_exception_ptr(
-        Error("procpool: workers keep dying before they finish any task (the last, pid " +
-              std::to_string(pid) + ", " + describe_exit(exit) +
-              "); check the pool's initializer"));
-  }
+  note_start_up_death(pid, exit);
   const unsigned position = w.position;
   std::erase_if(workers_, [serial](const Worker& x) { return x.serial == serial; });
   requeue_front(requeue);
@@ -475,6 +495,48 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     return;
   }
   if (!stopping_) start_worker(position);
+}
+
+void Engine::Impl::orphan(Chunk chunk, pid_t pid, const WorkerExit& exit,
+                          std::deque<Chunk>& requeue) {
+  if (chunk.count > 1) {
+    const std::uint64_t half = chunk.count / 2;
+    requeue.push_back(slice(chunk, 0, half));
+    requeue.push_back(slice(chunk, half, chunk.count));
+    return;
+  }
+  // One task whose worker keeps dying while it waits or while its result is
+  // on the way, never while it runs: after as many chances as a task that
+  // crashes its worker gets (and a few more), it fails rather than loop.
+  if (++chunk.orphaned <= config_.retries + orphan_allowance) {
+    requeue.push_back(std::move(chunk));
+    return;
+  }
+  const auto index = static_cast<std::size_t>(chunk.first);
+  finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count,
+                                        std::make_exception_ptr(WorkerCrashed(
+                                            index, pid, exit.signal, exit.code,
+                                            "its worker died " + std::to_string(chunk.orphaned) +
+                                                " times while it was queued or its result on "
+                                                "the way, never while it ran"))));
+}
+
+void Engine::Impl::note_start_up_death(pid_t pid, const WorkerExit& exit) {
+  if (exit.ready || stopping_) {
+    start_up_deaths_ = 0;
+    return;
+  }
+  // A worker that dies before it can run anything (its initializer crashes,
+  // or exits) costs no task, but a pool whose every new worker dies can never
+  // make progress. Deaths of ready workers between tasks are not counted:
+  // under a storm of kills from outside the work still goes on.
+  if (++start_up_deaths_ <= 2 * config_.processes + 2) return;
+  broken_ = std::make_exception_ptr(
+      Error("procpool: " + std::to_string(start_up_deaths_) +
+            " new workers in a row died while starting, before they could run a task (the "
+            "last, pid " +
+            std::to_string(pid) + ", " + describe_exit(exit) +
+            "); check the pool's initializer, or what kills processes as they start"));
 }
 
 void Engine::Impl::recycle(std::uint64_t serial) {

@@ -61,6 +61,17 @@ WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_
       signal_(signal),
       exit_status_(exit_status) {}
 
+WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status,
+                             const std::string& circumstances)
+    : Error("procpool: task " + std::to_string(index) + " failed: " + circumstances +
+            " (the last, worker " + std::to_string(pid) + ", " +
+            describe_death(signal, exit_status) +
+            "); something kills the workers from outside, or they die sending results"),
+      index_(index),
+      pid_(pid),
+      signal_(signal),
+      exit_status_(exit_status) {}
+
 TaskTimeout::TaskTimeout(std::size_t index, std::chrono::milliseconds limit)
     : Error("procpool: task " + std::to_string(index) + " ran longer than its limit of " +
             std::to_string(limit.count()) + " ms and its worker was stopped"),

@@ -267,6 +267,7 @@ void exit_worker(int status) {
 
 void run_worker(int fd, WorkerLogic& logic, const WorkerContext& context) {
   current_worker_slot = context.slot;
+  if (context.slot) context.slot->ready.store(1, std::memory_order_release);
   WorkerLoop(fd, logic, context).run();
 }
 

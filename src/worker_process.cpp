@@ -249,6 +249,7 @@ class WorkerProcess final : public WorkerLink {
     // The process is gone, so its slot no longer changes: it names the task
     // it was running, and its counters are final.
     exit.running = running_task();
+    exit.ready = slot_->ready.load(std::memory_order_acquire) != 0;
     exit.counted = counters();
     unmap_slot(slot_);
     return exit;

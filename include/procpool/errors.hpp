@@ -56,6 +56,10 @@ class WorkerCrashed : public Error {
  public:
   /// `signal` is the terminating signal or 0; `exit_status` is valid when `signal` is 0.
   WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status);
+  /// The same, when the task was not running as its worker died: `circumstances`
+  /// says what was observed (e.g. how many times its worker died around it).
+  WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status,
+                const std::string& circumstances);
   std::size_t index() const noexcept { return index_; }
   pid_t pid() const noexcept { return pid_; }
   int signal() const noexcept { return signal_; }

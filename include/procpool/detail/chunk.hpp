@@ -26,6 +26,10 @@ struct Chunk {
   std::uint64_t stride = 0;
   /// Times a task of this chunk was charged with its worker's death or a timeout.
   unsigned attempts = 0;
+  /// Times a worker died with this chunk sent but not running (a kill between
+  /// tasks, or while the reply was on its way): such a chunk is cut in halves
+  /// and sent again, and one task lost this way too often fails.
+  unsigned orphaned = 0;
   /// One of a call's last chunks (SchedulePolicy::next_chunk said so): it
   /// goes only to a worker with nothing queued.
   bool tail = false;

@@ -203,6 +203,8 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> index{0};
   std::atomic<std::int64_t> started_ns{0};  // steady_clock, the same clock in every process
   std::atomic<std::uint32_t> running{0};
+  /// Set by the worker once started (initializer included), before its first task.
+  std::atomic<std::uint32_t> ready{0};
 
   // Cumulative, written by the worker alone, read by the parent for insights.
   std::atomic<std::uint64_t> tasks{0};

@@ -76,6 +76,9 @@ struct RunningTaskRef {
 struct WorkerExit {
   int signal = 0;
   int code = 0;
+  /// Whether it had finished starting (its initializer included) and was
+  /// serving tasks; a worker that dies before is no sign of a bad task.
+  bool ready = true;
   std::optional<RunningTaskRef> running;
   /// Its counters, final.
   WorkerCounters counted;
