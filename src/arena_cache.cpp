@@ -2,7 +2,11 @@
 
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <cstdio>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -79,6 +83,67 @@ std::shared_ptr<ReplyArena> map_arena() {
     arena = new (pages) ReplyArena();
   }
   return std::shared_ptr<ReplyArena>(arena, [](ReplyArena* a) { ArenaCache::instance().give(a); });
+}
+
+namespace {
+
+std::atomic<std::uint64_t> without_arenas{0};
+
+/// The soft RLIMIT_AS in bytes, or 0 when there is none.
+std::uint64_t address_space_limit() {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_AS, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return 0;
+  return static_cast<std::uint64_t>(limit.rlim_cur);
+}
+
+/// This process's mapped address space (VmSize), which RLIMIT_AS caps.
+std::uint64_t address_space_in_use() {
+  std::FILE* statm = std::fopen("/proc/self/statm", "re");
+  if (!statm) return 0;
+  unsigned long long pages = 0;
+  const int got = std::fscanf(statm, "%llu", &pages);
+  std::fclose(statm);
+  return got == 1 ? pages * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
+
+/// Whether one more worker's arenas leave at least half the limit to the
+/// program: workers are forks of it and need the same room for their work.
+bool arenas_fit_address_space() {
+  const std::uint64_t limit = address_space_limit();
+  if (limit == 0) return true;
+  return address_space_in_use() + 2 * ReplyArena::mapped_bytes <= limit / 2;
+}
+
+}  // namespace
+
+WorkerArenas map_worker_arenas() {
+  WorkerArenas arenas;
+  if (arenas_fit_address_space()) {
+    arenas.replies = map_arena();
+    arenas.inputs = map_arena();
+  }
+  if (!arenas.replies || !arenas.inputs) {
+    arenas = {};
+    without_arenas.fetch_add(1, std::memory_order_relaxed);
+  }
+  return arenas;
+}
+
+std::uint64_t workers_without_arenas() noexcept {
+  return without_arenas.load(std::memory_order_relaxed);
+}
+
+std::string address_space_limit_note() {
+  const std::uint64_t limit = address_space_limit();
+  constexpr std::uint64_t mib = std::uint64_t{1} << 20;
+  const std::string why =
+      limit == 0 ? std::string("mapping them failed")
+                 : "the address-space limit (ulimit -v, RLIMIT_AS) is " +
+                       std::to_string(limit / mib) + " MiB with " +
+                       std::to_string(address_space_in_use() / mib) + " MiB in use";
+  return "workers run without shared memory for large messages (" +
+         std::to_string(2 * ReplyArena::mapped_bytes / mib) + " MiB of address space each): " +
+         why + "; inputs and results of 64 KiB or more go through the socket, slower but whole";
 }
 
 }  // namespace procpool::detail

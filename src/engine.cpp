@@ -2,10 +2,12 @@
 
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <limits>
 #include <map>
 #include <string>
@@ -17,6 +19,7 @@
 #include "procpool/detail/worker_link.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
+#include "arena_cache.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -48,6 +51,34 @@ namespace {
   throw std::system_error(errno, std::generic_category(), std::string("procpool: ") + what);
 }
 
+bool is_resource_limit(const std::error_code& code) {
+  const int e = code.value();
+  return code.category() == std::generic_category() &&
+         (e == EMFILE || e == ENFILE || e == EAGAIN || e == ENOMEM);
+}
+
+/// Names the limit behind a failure to start a worker, with its value.
+std::string describe_resource_limit(const std::error_code& code) {
+  const auto soft_limit = [](int resource) {
+    rlimit limit{};
+    if (::getrlimit(resource, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) {
+      return std::string("unlimited");
+    }
+    return std::to_string(limit.rlim_cur);
+  };
+  switch (code.value()) {
+    case EMFILE:
+      return "the limit on open files (ulimit -n, RLIMIT_NOFILE) is " + soft_limit(RLIMIT_NOFILE);
+    case ENFILE:
+      return "the system's table of open files is full";
+    case EAGAIN:
+      return "the limit on processes (ulimit -u, RLIMIT_NPROC) is " + soft_limit(RLIMIT_NPROC);
+    default:
+      return "the memory or address space ran out (ulimit -v, RLIMIT_AS: " +
+             soft_limit(RLIMIT_AS) + ")";
+  }
+}
+
 std::string describe_exit(const WorkerExit& exit) {
   return exit.signal ? "was killed by signal " + std::to_string(exit.signal)
                      : "exited with status " + std::to_string(exit.code);
@@ -69,12 +100,15 @@ class Engine::Impl final : private ReplySink {
       return;
     }
     if (!start_link_) start_link_ = local_worker_factory();
+    const std::uint64_t without_arenas = workers_without_arenas();
     try {
-      for (unsigned i = 0; i < config_.processes; ++i)
-        start_worker(i);
+      start_workers();
     } catch (...) {
       kill_workers(nullptr);
       throw;
+    }
+    if (config_.start == Start::fork && workers_without_arenas() != without_arenas) {
+      telemetry_.add_note(address_space_limit_note());
     }
   }
 
@@ -163,6 +197,8 @@ class Engine::Impl final : private ReplySink {
   void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
   /// Gives up on the pool when new workers keep dying before they are ready.
   void note_start_up_death(pid_t pid, const WorkerExit& exit);
+  /// Starts `processes` workers, or as many as the machine's limits allow.
+  void start_workers();
   void requeue_front(std::deque<Chunk>& chunks);
   void fail_pending(const std::exception_ptr& reason);
   void finish_chunk(const Chunk& chunk, ChunkDone done);
@@ -213,6 +249,32 @@ Engine::LinkFactory Engine::Impl::local_worker_factory() {
     birth.spawn_logic = config_.spawn_logic.get();
     return start_worker_process(birth);
   };
+}
+
+void Engine::Impl::start_workers() {
+  for (unsigned i = 0; i < config_.processes; ++i) {
+    try {
+      start_worker(i);
+    } catch (const std::system_error& e) {
+      // A limit on descriptors or processes (ulimit -n, -u) lets only some
+      // start: run with those rather than not at all, and say which limit.
+      if (!is_resource_limit(e.code())) throw;
+      if (i == 0) {
+        throw std::system_error(e.code(), "procpool: no worker could start: " +
+                                              describe_resource_limit(e.code()) + " (" +
+                                              e.what() + "); raise the limit");
+      }
+      const std::string note = "started " + std::to_string(i) + " of " +
+                               std::to_string(config_.processes) +
+                               " workers: " + describe_resource_limit(e.code()) + " (" +
+                               e.what() + ")";
+      std::fprintf(stderr, "procpool: warning: %s\n", note.c_str());
+      telemetry_.add_note(note);
+      telemetry_.keep_positions(i);
+      config_.processes = i;
+      return;
+    }
+  }
 }
 
 void Engine::Impl::start_worker(unsigned position) {

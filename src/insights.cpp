@@ -155,6 +155,8 @@ std::string Insights::to_string() const {
     }
     out += "\n";
   }
+  for (const std::string& note : notes)
+    out += "note: " + note + "\n";
   if (unobserved_errors != 0) {
     out += "dropped futures whose tasks failed: " + std::to_string(unobserved_errors);
     if (!unobserved_error_messages.empty()) out += " (first: " + unobserved_error_messages[0] + ")";

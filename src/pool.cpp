@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <string_view>
+#include <system_error>
 #include <utility>
 #include "spawn.hpp"
 
@@ -81,8 +82,17 @@ void PoolLogic::end(std::uint64_t call) {
 
 void PoolCore::start_service() {
   engine->enable_wake();
-  service_running = true;
-  service = std::thread([this] { serve(); });
+  try {
+    service = std::thread([this] { serve(); });
+    service_running = true;
+  } catch (const std::system_error& e) {
+    // A thread counts against ulimit -u like a process: the workers may
+    // have taken the last slots. The pool still works, driven by its callers.
+    std::fprintf(stderr,
+                 "procpool: warning: cannot start the pool's service thread (%s): submitted "
+                 "tasks run only while a caller waits for a result\n",
+                 e.what());
+  }
 }
 
 void PoolCore::stop_service() {

@@ -82,6 +82,7 @@ Insights Telemetry::insights(double wall_seconds, unsigned processes,
   Insights in;
   in.wall_seconds = wall_seconds;
   in.processes = processes;
+  in.notes = notes_;
   try {
     const CpuReport report = procpool::cpu_report();
     in.usable_cpus = report.usable;

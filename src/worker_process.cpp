@@ -377,13 +377,9 @@ std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
 std::unique_ptr<WorkerLink> fork_worker(const WorkerBirth& birth) {
   auto [parent_end, child_end] = worker_sockets();
   WorkerSlot* slot = map_slot();
-  std::shared_ptr<ReplyArena> arena = map_arena();
-  std::shared_ptr<ReplyArena> input_arena = map_arena();
-  if (!arena || !input_arena) {
-    const int error = errno;
-    unmap_slot(slot);
-    throw_errno("cannot map a worker's arenas", error);
-  }
+  WorkerArenas arenas = map_worker_arenas();  // none under a tight ulimit -v: the socket serves
+  std::shared_ptr<ReplyArena> arena = std::move(arenas.replies);
+  std::shared_ptr<ReplyArena> input_arena = std::move(arenas.inputs);
   const std::vector<int> to_close = ParentSockets::instance().snapshot();
   const WorkerContext context{slot, arena.get(), input_arena.get(), birth.task_timeout};
   auto in_child = [&] {

@@ -6,10 +6,12 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <thread>
+#include <unistd.h>
 #include <vector>
 
 #include "helpers.hpp"
@@ -121,6 +123,88 @@ TEST(StartUp, WorkersThatDieWhileStartingEndTheCallWithAClearError) {
     EXPECT_NE(what.find("check the pool's initializer"), std::string::npos) << what;
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+struct ShellRun {
+  int status = -1;
+  std::string output;  // stdout and stderr
+};
+
+/// Runs a shell command line, collecting its output and exit status.
+ShellRun run_shell(const std::string& command) {
+  ShellRun run;
+  FILE* pipe = ::popen(("( " + command + " ) 2>&1").c_str(), "r");
+  if (!pipe) return run;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof buffer, pipe))
+    run.output += buffer;
+  const int status = ::pclose(pipe);
+  run.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+constexpr bool under_sanitizer =
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
+TEST(Limits, EightWorkersRunUnderAnAddressSpaceLimitOfAGigabyte) {
+  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes reserve terabytes of address space";
+  // Each worker's arenas would take 256 MiB of address space: 8 used to fail
+  // under 4 GB with "cannot map a worker's arenas".
+  const ShellRun run = run_shell(std::string("ulimit -v 1000000 && ") + LIMITS_HELPER);
+  EXPECT_EQ(run.status, 0) << run.output;
+  EXPECT_NE(run.output.find("wrong 0"), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("note: workers run without shared memory for large messages"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("(ulimit -v, RLIMIT_AS) is 976 MiB"), std::string::npos)
+      << run.output;
+}
+
+TEST(Limits, TooFewDescriptorsRunTheWorkersThatCouldStart) {
+  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  const ShellRun run = run_shell(std::string("ulimit -n 12 && ") + LIMITS_HELPER);
+  EXPECT_EQ(run.status, 0) << run.output;
+  EXPECT_NE(run.output.find("wrong 0"), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("procpool: warning: started "), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("of 8 workers: the limit on open files (ulimit -n, RLIMIT_NOFILE) is "
+                            "12"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("note: started "), std::string::npos) << "not in the insights\n"
+                                                                  << run.output;
+}
+
+TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
+  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  const ShellRun run = run_shell(std::string("ulimit -n 4 && ") + LIMITS_HELPER);
+  EXPECT_EQ(run.status, 2) << run.output;
+  EXPECT_NE(run.output.find("procpool: no worker could start: the limit on open files (ulimit "
+                            "-n, RLIMIT_NOFILE) is 4"),
+            std::string::npos)
+      << run.output;
+}
+
+TEST(Limits, TooFewProcessesRunTheWorkersThatCouldStart) {
+  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  // RLIMIT_NPROC does not bind root: run as nobody, allowed a few processes
+  // more than nobody has now (the shell and the helper among them).
+  if (::geteuid() != 0 || ::access("/usr/bin/setpriv", X_OK) != 0) {
+    GTEST_SKIP() << "needs root and setpriv to run the helper as nobody";
+  }
+  if (::access(LIMITS_HELPER, R_OK | X_OK) != 0) GTEST_SKIP() << "helper not executable";
+  const ShellRun run = run_shell(
+      std::string("setpriv --reuid=nobody --regid=nogroup --clear-groups bash -c "
+                  "'n=$(ps -u nobody --no-headers | wc -l); ulimit -u $((n + 4)) && exec ") +
+      LIMITS_HELPER + "'");
+  EXPECT_EQ(run.status, 0) << run.output;
+  EXPECT_NE(run.output.find("wrong 0"), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("of 8 workers: the limit on processes (ulimit -u, RLIMIT_NPROC)"),
+            std::string::npos)
+      << run.output;
 }
 
 }  // namespace

@@ -53,6 +53,9 @@ struct Insights {
   /// forget), and the first few of their messages.
   std::uint64_t unobserved_errors = 0;
   std::vector<std::string> unobserved_error_messages;
+  /// Limits of the machine that changed how the run works (fewer workers
+  /// than asked, no shared memory for large messages), one sentence each.
+  std::vector<std::string> notes;
   std::string diagnosis;
 
   /// A readable table and the diagnosis.

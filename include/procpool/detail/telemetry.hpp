@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <string>
 #include <vector>
 
 #include "procpool/insights.hpp"
@@ -51,6 +52,11 @@ class Telemetry {
   explicit Telemetry(std::size_t positions) : records_(positions) {}
 
   void worker_started(unsigned position, pid_t pid) { records_[position].pid = pid; }
+  /// Fewer positions than planned (workers that could not start).
+  void keep_positions(std::size_t positions) { records_.resize(positions); }
+  /// Something the user should know about how this run works (a limit that
+  /// changed the plan), shown with the insights.
+  void add_note(std::string note) { notes_.push_back(std::move(note)); }
   void chunk_done(unsigned position, std::uint64_t tasks, std::uint64_t compute_ns,
                   std::uint64_t slowest_index, std::uint64_t slowest_ns);
   /// A process left `position`; its counters are kept.
@@ -74,6 +80,7 @@ class Telemetry {
   static constexpr std::size_t slow_tasks_kept = 5;
 
   std::vector<WorkerRecord> records_;
+  std::vector<std::string> notes_;
   std::vector<SlowTask> slowest_;  // slowest first
   std::uint64_t parent_input_ns_ = 0;
   std::uint64_t parent_decode_ns_ = 0;
