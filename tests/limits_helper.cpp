@@ -1,9 +1,21 @@
 // Runs a Pool of 8 workers over 2000 inputs (every 100th result 200 KB) and
 // prints how many results were wrong and the insights; hostile_test runs it
 // under tight ulimits. Exit status: 0 all right, 1 wrong results, 2 an error.
+//
+//     limits_helper [--open-files-beyond N | --open-files N]
+//
+// These set RLIMIT_NOFILE once the program has loaded: so that N more
+// descriptors can be opened, or to N. A test runner's inherited
+// descriptors make a fixed ulimit -n in a shell meaningless (and can keep
+// the program from even loading its libraries).
+#include <dirent.h>
+#include <sys/resource.h>
+
 #include <procpool/procpool.hpp>
 
 #include <cstdio>
+#include <cstdlib>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -13,9 +25,36 @@ std::string expected(int x) {
   return x % 100 == 0 ? std::string(200000, 'z') : std::to_string(x);
 }
 
+/// The limit under which exactly `free` more descriptors can be opened:
+/// new descriptors take the lowest numbers not in use, below the limit.
+int limit_leaving(int free) {
+  std::set<int> open;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (!dir) return free + 3;
+  const int own = ::dirfd(dir);
+  while (dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    const int fd = std::atoi(entry->d_name);
+    if (fd != own) open.insert(fd);
+  }
+  ::closedir(dir);
+  int limit = 0;
+  for (int left = free; left > 0; ++limit)
+    left -= open.contains(limit) ? 0 : 1;
+  return limit;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const std::string option = argc == 3 ? argv[1] : "";
+  if (option == "--open-files-beyond" || option == "--open-files") {
+    const int n = std::atoi(argv[2]);
+    const auto limit = static_cast<rlim_t>(option == "--open-files" ? n : limit_leaving(n));
+    const rlimit open_files{limit, limit};
+    if (::setrlimit(RLIMIT_NOFILE, &open_files) != 0) return 3;
+    std::printf("open files limit %lu\n", static_cast<unsigned long>(limit));
+  }
   try {
     procpool::Pool pool({.processes = 8, .warn_oversubscription = false});
     std::vector<int> in(2000);
