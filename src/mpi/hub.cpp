@@ -279,7 +279,7 @@ CallState::~CallState() {
   std::lock_guard lock(hub_.mutex);
   hub_.calls.erase(id_);
   if (progress_) progress_->finish(exhausted_ && chunks_out_ == 0 ? "done" : "stopped");
-  if (hub_.stopped) return;
+  if (hub_.stopped || submitted_) return;  // a submitted call ends on the node by itself
   for (std::size_t n = 0; n < opened_.size(); ++n) {
     if (!opened_[n]) continue;
     Buffer m = new_message(Msg::close_call);
@@ -445,6 +445,7 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
         Writer o(open);
         o.put(pool_->id);
         o.put(id_);
+        o.put(static_cast<std::uint8_t>(submitted_));
         o.write(setup_.data(), setup_.size());
         pool_->stats[best].bytes_sent += open.size();
         hub_.send(best, std::move(open));

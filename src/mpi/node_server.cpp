@@ -67,6 +67,7 @@ void NodeServer::handle(Buffer message) {
       const auto pool = in.get<std::uint64_t>();
       const auto call = in.get<std::uint64_t>();
       auto entry = std::make_shared<CallEntry>();
+      entry->one_shot = in.get<std::uint8_t>() != 0;
       auto p = pools_.find(pool);
       if (p == pools_.end()) {
         entry->error = std::make_exception_ptr(
@@ -98,7 +99,11 @@ void NodeServer::handle(Buffer message) {
       job.count = in.get<std::uint64_t>();
       job.items_at = static_cast<std::size_t>(in.position() - message.data());
       auto c = calls_.find(job.call_id);
-      if (c != calls_.end()) job.call = c->second;
+      if (c != calls_.end()) {
+        job.call = c->second;
+        // A submitted task: its call has this one chunk, and the root sends no close.
+        if (job.call->one_shot) calls_.erase(c);
+      }
       job.message = std::move(message);
       std::lock_guard lock(mutex_);
       jobs_.push_back(std::move(job));

@@ -46,6 +46,7 @@ class NodeServer {
     /// The root dropped the call (its Results ended early): chunks still
     /// queued are answered at once instead of run.
     std::atomic<bool> closed{false};
+    bool one_shot = false;  // a submitted task's call: ends with its only chunk
   };
   struct Job {
     std::shared_ptr<CallEntry> call;

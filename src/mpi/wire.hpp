@@ -26,7 +26,7 @@ enum class Msg : std::uint8_t {
   create_pool = 1,  // u64 pool, options, code ref factory, u8 has init, [code ref init]
   destroy_pool,     // u64 pool: finish its work and end its workers
   terminate_pool,   // u64 pool: kill its workers now
-  open_call,        // u64 pool, u64 call, setup bytes (rest)
+  open_call,        // u64 pool, u64 call, u8 one shot, setup bytes (rest)
   chunk,            // u64 call, u64 chunk, u64 count, framed inputs (rest)
   close_call,       // u64 call
   insights,         // u64 pool, u64 request
