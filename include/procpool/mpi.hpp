@@ -189,7 +189,8 @@ unsigned pool_processes(const PoolState& pool);
 Insights pool_insights(PoolState& pool);
 
 template <class Out, class View, class Item, procpool::detail::Delivery D>
-class StreamCall final : public procpool::detail::ResultSource<procpool::detail::delivered_t<D, Out>> {
+class StreamCall final
+    : public procpool::detail::ResultSource<procpool::detail::delivered_t<D, Out>> {
   using Value = procpool::detail::delivered_t<D, Out>;
 
  public:
@@ -249,7 +250,8 @@ class Future {
   Future() = default;
   /// The task's result; throws its error (TaskError, WorkerCrashed...). Once.
   R get() {
-    if (!source_) throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
+    if (!source_)
+      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
     const std::unique_ptr<procpool::detail::ResultSource<Stored>> taken = std::move(source_);
     auto value = taken->next();
     if constexpr (!std::is_void_v<R>) return std::move(*value);
@@ -279,7 +281,8 @@ class Future {
   };
   explicit Future(std::unique_ptr<Waitable> source) : source_(std::move(source)) {}
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
-    if (!source_) throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
+    if (!source_)
+      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
     return source_->wait_until(deadline);
   }
   std::unique_ptr<Waitable> source_;
@@ -306,7 +309,8 @@ class Pool {
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
-    static_assert(!std::is_void_v<State>, "procpool::mpi::Pool: the initializer must return the state");
+    static_assert(!std::is_void_v<State>,
+                  "procpool::mpi::Pool: the initializer must return the state");
     static_assert(procpool::detail::pool_callable_v<Init>,
                   "procpool::mpi::Pool: the initializer must be a function pointer or a "
                   "capture-less lambda: it runs on every node (other machines), which cannot see "
@@ -328,8 +332,8 @@ class Pool {
 
   template <class F, std::ranges::input_range R, class... Extra>
   auto map(F f, R&& inputs, const Extra&... extra) {
-    using Out = typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>,
-                                                           Extra...>::Out;
+    using Out =
+        typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
     for (auto& value : imap(f, std::forward<R>(inputs), extra...))
       out.push_back(std::move(value));
@@ -350,8 +354,8 @@ class Pool {
 
   template <class F, std::ranges::input_range R, class... Extra>
   auto map_outcomes(F f, R&& inputs, const Extra&... extra) {
-    using Out = typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>,
-                                                           Extra...>::Out;
+    using Out =
+        typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Outcome<Out>> out;
     for (auto& o : imap_outcomes(f, std::forward<R>(inputs), extra...))
       out.push_back(std::move(o));
@@ -360,8 +364,7 @@ class Pool {
 
   template <class F, std::ranges::input_range R, class... Extra>
   auto imap_outcomes(F f, R&& inputs, const Extra&... extra) {
-    return make_results<procpool::detail::Delivery::outcomes>(f, std::forward<R>(inputs),
-                                                              extra...);
+    return make_results<procpool::detail::Delivery::outcomes>(f, std::forward<R>(inputs), extra...);
   }
 
   template <class F, std::ranges::input_range R, class... Extra>

@@ -164,7 +164,8 @@ std::exception_ptr load_error(Reader& in, std::size_t index, int rank, const std
       return std::make_exception_ptr(OnNode<Error>(rank, host, get_string(in)));
     case ErrorKind::other:
       return std::make_exception_ptr(OnNode<Error>(
-          rank, host, "procpool::mpi: task " + std::to_string(index) + " failed: " + get_string(in)));
+          rank, host,
+          "procpool::mpi: task " + std::to_string(index) + " failed: " + get_string(in)));
   }
   throw ProtocolError("procpool::mpi: corrupt error record from rank " + std::to_string(rank));
 }
@@ -176,7 +177,8 @@ std::exception_ptr current_serialize_input_error(std::size_t index) {
     return std::make_exception_ptr(TaskError(index, procpool::detail::demangle(typeid(e).name()),
                                              e.what(), TaskError::Stage::serialize_input));
   } catch (...) {
-    return std::make_exception_ptr(TaskError(index, "unknown", "an exception not derived from std::exception",
+    return std::make_exception_ptr(TaskError(index, "unknown",
+                                             "an exception not derived from std::exception",
                                              TaskError::Stage::serialize_input));
   }
 }

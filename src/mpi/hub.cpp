@@ -66,8 +66,8 @@ std::shared_ptr<Hub> Hub::current() {
   std::lock_guard lock(hub_mutex);
   if (!installed_hub) {
     // No Session (or one without mpirun): a one-node pool, the root alone.
-    installed_hub =
-        std::make_shared<Hub>(false, std::vector<NodeSlot>{{0, this_host(), usable_cpu_count(), 0}});
+    installed_hub = std::make_shared<Hub>(
+        false, std::vector<NodeSlot>{{0, this_host(), usable_cpu_count(), 0}});
   }
   return installed_hub;
 }
@@ -245,9 +245,8 @@ void Hub::route(std::size_t node, Buffer message) {
 
 // ---- CallState --------------------------------------------------------------
 
-CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup,
-                     std::unique_ptr<InputFeed> feed, CallHandle::Order order,
-                     std::optional<std::size_t> total, bool submitted)
+CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
+                     CallHandle::Order order, std::optional<std::size_t> total, bool submitted)
     : pool_(std::move(pool)),
       hub_(*pool_->hub),
       setup_(std::move(setup)),
@@ -263,7 +262,8 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup,
   opened_.assign(hub_.nodes.size(), false);
   hub_.calls[id_] = this;
   if (pool_->options.progress.mode() != Progress::Mode::off) {
-    progress_ = std::make_unique<procpool::detail::ProgressReporter>(pool_->options.progress, total);
+    progress_ =
+        std::make_unique<procpool::detail::ProgressReporter>(pool_->options.progress, total);
   }
   if (submitted_) {
     try {
@@ -342,9 +342,9 @@ std::exception_ptr CallState::decode_error(const RawOutcome& raw) {
   try {
     throw;
   } catch (const std::exception& e) {
-    return std::make_exception_ptr(OnNode<TaskError>(
-        raw.rank, host, raw.index, procpool::detail::demangle(typeid(e).name()), e.what(),
-        TaskError::Stage::deserialize_result));
+    return std::make_exception_ptr(
+        OnNode<TaskError>(raw.rank, host, raw.index, procpool::detail::demangle(typeid(e).name()),
+                          e.what(), TaskError::Stage::deserialize_result));
   } catch (...) {
     return std::make_exception_ptr(OnNode<TaskError>(raw.rank, host, raw.index, "unknown",
                                                      "an exception not derived from std::exception",
@@ -589,7 +589,8 @@ void close_pool(PoolState& pool) noexcept {
 
 void check_open(const PoolState& pool) {
   std::lock_guard lock(pool.hub->mutex);
-  if (pool.closed) throw PoolClosed("procpool::mpi::Pool: the pool was closed; no more work is accepted");
+  if (pool.closed)
+    throw PoolClosed("procpool::mpi::Pool: the pool was closed; no more work is accepted");
 }
 
 void check_state_type(const PoolState& pool, const std::type_info& wanted) {
@@ -613,7 +614,8 @@ void pool_close(PoolState& pool) {
 void pool_join(PoolState& pool) {
   std::unique_lock lock(pool.hub->mutex);
   if (!pool.closed) {
-    throw Error("procpool::mpi::Pool::join: call close() or terminate() first, as work could still arrive");
+    throw Error(
+        "procpool::mpi::Pool::join: call close() or terminate() first, as work could still arrive");
   }
   wait_idle(pool, lock);
   end_pool_locked(pool, Msg::destroy_pool);
@@ -731,7 +733,8 @@ std::string Insights::to_string() const {
                 nodes, processes, static_cast<unsigned long long>(tasks), wall_seconds, efficiency,
                 transit_seconds, root_encode_seconds);
   s += line;
-  s += "  node (host:rank)             workers  chunks    tasks  on node s  round trip s   MB sent  MB recv\n";
+  s += "  node (host:rank)             workers  chunks    tasks  on node s  round trip s   MB sent "
+       " MB recv\n";
   for (const NodeInsights& n : per_node) {
     const std::string name = n.host + ":" + std::to_string(n.rank);
     std::snprintf(line, sizeof line, "  %-28s %7u %7llu %8llu %10.3f %13.3f %9.2f %8.2f\n",

@@ -167,8 +167,8 @@ void NodeServer::run(Job& job) {
     error = std::make_exception_ptr(
         Error("procpool::mpi: a chunk arrived for a call this node does not know"));
   } else if (job.call->closed) {
-    error = std::make_exception_ptr(
-        PoolClosed("procpool::mpi: the call ended before this chunk ran"));
+    error =
+        std::make_exception_ptr(PoolClosed("procpool::mpi: the call ended before this chunk ran"));
   } else if (job.call->error) {
     error = job.call->error;
   } else if (job.call->pool->error) {

@@ -99,7 +99,9 @@ std::string this_host() {
         // MPI cannot wake a thread: poll fast just after activity, then
         // slowly, so an idle rank costs its node's workers nothing.
         ++idle;
-        const auto wait = std::chrono::microseconds(idle < 64 || sending ? 10 : idle < 512 ? 100 : 1000);
+        const auto wait = std::chrono::microseconds(idle < 64 || sending ? 10
+                                                    : idle < 512         ? 100
+                                                                         : 1000);
         std::unique_lock lock(mutex);
         ready.wait_for(lock, wait, [&] { return !outbox.empty(); });
       }
@@ -125,8 +127,8 @@ std::optional<std::string> identity_mismatch(int rank, const std::string& host,
                                              const std::string& roots) {
   if (mine == roots) return std::nullopt;
   return "procpool::mpi: rank " + std::to_string(rank) + " on " + host +
-         " runs a different executable than the root (rank 0 on " + root_host + "): its identity is " +
-         mine + ", the root's " + roots +
+         " runs a different executable than the root (rank 0 on " + root_host +
+         "): its identity is " + mine + ", the root's " + roots +
          ". Functions cross ranks by their offset in the executable, so every rank must run the "
          "very same build: copy the binary to every node (or use a shared file system) and "
          "relaunch. Ending the job.";
@@ -166,7 +168,8 @@ Session::Session(int& argc, char**& argv) {
   // Hosts and usable CPUs to the root.
   char mine[detail::host_length] = {};
   std::snprintf(mine, sizeof mine, "%s", host.c_str());
-  std::vector<char> hosts(rank == 0 ? static_cast<std::size_t>(detail::session_size) * detail::host_length : 1);
+  std::vector<char> hosts(
+      rank == 0 ? static_cast<std::size_t>(detail::session_size) * detail::host_length : 1);
   MPI_Gather(mine, detail::host_length, MPI_CHAR, hosts.data(), detail::host_length, MPI_CHAR, 0,
              MPI_COMM_WORLD);
   unsigned cpus = usable_cpu_count();

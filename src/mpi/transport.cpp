@@ -51,8 +51,8 @@ void Transport::send(int rank, Buffer message) {
   for (std::size_t at = 0; at < total; at += max_piece_) {
     const std::size_t n = std::min<std::size_t>(max_piece_, total - at);
     MPI_Request request;
-    check(MPI_Isend(p.message.data() + at, as_count(n), MPI_BYTE, rank, message_tag,
-                    MPI_COMM_WORLD, &request),
+    check(MPI_Isend(p.message.data() + at, as_count(n), MPI_BYTE, rank, message_tag, MPI_COMM_WORLD,
+                    &request),
           "MPI_Isend");
     p.requests.push_back(request);
   }
@@ -72,9 +72,9 @@ bool Transport::progress() {
 std::optional<std::pair<int, Buffer>> Transport::receive(int rank) {
   int arrived = 0;
   MPI_Status status;
-  check(MPI_Iprobe(rank < 0 ? MPI_ANY_SOURCE : rank, message_tag, MPI_COMM_WORLD, &arrived,
-                   &status),
-        "MPI_Iprobe");
+  check(
+      MPI_Iprobe(rank < 0 ? MPI_ANY_SOURCE : rank, message_tag, MPI_COMM_WORLD, &arrived, &status),
+      "MPI_Iprobe");
   if (!arrived) return std::nullopt;
   const int from = status.MPI_SOURCE;
   int count = 0;

@@ -38,8 +38,8 @@ int hangs_on_77(int x) {
 /// process tree), succeeds when retried.
 int crashes_once(int x) {
   if (x % 100 == 3) {
-    const std::string marker = "/tmp/procpool-mpi-retry-" + std::to_string(::getppid()) + "-" +
-                               std::to_string(x);
+    const std::string marker =
+        "/tmp/procpool-mpi-retry-" + std::to_string(::getppid()) + "-" + std::to_string(x);
     if (std::ifstream(marker).good()) return x;
     std::ofstream(marker) << "ran";
     ::raise(SIGKILL);

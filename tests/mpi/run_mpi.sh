@@ -26,7 +26,7 @@ shift
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
-start=$(date +%s.%N)
+start=$(date +%s%N)
 if [ "$ranks" = 0 ]; then
   timeout -k 5 "$within" "$prog" "$@" >"$out" 2>&1 &
 else
@@ -40,13 +40,14 @@ if [ -n "$interrupt" ]; then
 fi
 wait "$job"
 rc=$?
-elapsed=$(echo "$(date +%s.%N) - $start" | bc)
+elapsed_ms=$((($(date +%s%N) - start) / 1000000))
+elapsed=$((elapsed_ms / 1000)).$(printf %03d $((elapsed_ms % 1000)))
 tail -n 60 "$out"
 echo "run_mpi: exit status $rc after ${elapsed}s"
 fail=0
 # timeout says 124 (or 137 after -k); mpirun itself says 137 when a rank was
 # SIGKILLed, so only the time tells a hang.
-if [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ "$(echo "$elapsed >= $within" | bc)" = 1 ]; }; then
+if [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ "$elapsed_ms" -ge $((within * 1000)) ]; }; then
   echo "run_mpi: FAIL: the job did not end within ${within}s (a hang)" >&2
   fail=1
 elif [ -n "$expect_fail" ]; then

@@ -101,9 +101,9 @@ class TypedNodeCall final : public NodeCall {
         inputs.push_back(procpool::detail::load_value<Item>(one));
         position.push_back(i);
       } catch (const std::exception& e) {
-        decode_errors[i] = std::make_exception_ptr(
-            TaskError(i, procpool::detail::demangle(typeid(e).name()), e.what(),
-                      TaskError::Stage::deserialize_input));
+        decode_errors[i] =
+            std::make_exception_ptr(TaskError(i, procpool::detail::demangle(typeid(e).name()),
+                                              e.what(), TaskError::Stage::deserialize_input));
       }
     }
     auto outcomes = std::apply(
@@ -124,9 +124,9 @@ class TypedNodeCall final : public NodeCall {
           continue;
         } catch (const std::exception& e) {
           out.truncate(at);
-          o.error = std::make_exception_ptr(
-              TaskError(i, procpool::detail::demangle(typeid(e).name()), e.what(),
-                        TaskError::Stage::serialize_result));
+          o.error =
+              std::make_exception_ptr(TaskError(i, procpool::detail::demangle(typeid(e).name()),
+                                                e.what(), TaskError::Stage::serialize_result));
         }
       }
       out.put(std::uint8_t{0});
