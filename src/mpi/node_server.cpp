@@ -1,5 +1,6 @@
 #include "node_server.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -11,6 +12,8 @@ namespace {
 
 /// Chunks that may run at once on one node; more wait in the queue.
 constexpr std::size_t max_executors = 256;
+/// Inputs of one batch of chunks at most (see executor()).
+constexpr std::uint64_t max_batch_inputs = 65536;
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
@@ -134,6 +137,7 @@ void NodeServer::handle(Buffer message) {
 
 void NodeServer::executor() {
   std::unique_lock lock(mutex_);
+  std::vector<Job> batch;
   for (;;) {
     if (jobs_.empty()) {
       if (stop_) return;
@@ -142,25 +146,58 @@ void NodeServer::executor() {
       --idle_;
       continue;
     }
-    Job job = std::move(jobs_.front());
+    batch.push_back(std::move(jobs_.front()));
     jobs_.pop_front();
+    // Chunks of the same call waiting behind it run with it, as one call on
+    // the node's Pool: small chunks (chunksize 1) then cost one call per
+    // batch instead of one each.
+    std::size_t inputs = batch.front().count;
+    for (auto it = jobs_.begin(); it != jobs_.end() && inputs < max_batch_inputs;) {
+      if (it->call_id == batch.front().call_id) {
+        inputs += it->count;
+        batch.push_back(std::move(*it));
+        it = jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
     lock.unlock();
-    run(job);
-    job = Job{};  // the call and its pool may end here, outside the lock
+    run(batch);
+    batch.clear();  // the call and its pool may end here, outside the lock
     lock.lock();
   }
 }
 
-void NodeServer::run(Job& job) {
-  Buffer out = new_message(Msg::chunk_done);
-  Writer w(out);
-  w.put(job.call_id);
-  w.put(job.chunk);
-  const std::size_t times_at = w.size();
-  w.put(0.0);
-  w.put(0.0);
-  w.put(job.count);
-  const std::size_t records_at = w.size();
+void NodeServer::run(std::vector<Job>& jobs) {
+  struct Reply {
+    Buffer out;
+    std::size_t times_at = 0;
+    std::size_t records_at = 0;
+  };
+  std::vector<Reply> replies(jobs.size());
+  std::vector<Writer> writers;
+  writers.reserve(jobs.size());
+  std::vector<NodeChunk> chunks;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    Reply& r = replies[j];
+    r.out = new_message(Msg::chunk_done);
+    Writer& w = writers.emplace_back(r.out);
+    w.put(jobs[j].call_id);
+    w.put(jobs[j].chunk);
+    r.times_at = w.size();
+    w.put(0.0);
+    w.put(0.0);
+    w.put(jobs[j].count);
+    r.records_at = w.size();
+    chunks.push_back(NodeChunk{jobs[j].count,
+                               Reader(jobs[j].message.data() + jobs[j].items_at,
+                                      jobs[j].message.size() - jobs[j].items_at),
+                               &w});
+  }
+  std::uint64_t batch_inputs = 0;
+  for (const Job& j : jobs)
+    batch_inputs += j.count;
+  const Job& job = jobs.front();  // every job of a batch is of the same call
   const auto started = std::chrono::steady_clock::now();
   std::exception_ptr error;
   if (!job.call) {
@@ -175,27 +212,32 @@ void NodeServer::run(Job& job) {
     error = job.call->pool->error;
   } else {
     try {
-      Reader items(job.message.data() + job.items_at, job.message.size() - job.items_at);
-      job.call->runner->run(*job.call->pool->pool, job.count, items, w);
+      job.call->runner->run(*job.call->pool->pool, chunks);
     } catch (...) {
       error = std::current_exception();
-      w.truncate(records_at);
-    }
-  }
-  if (error) {
-    // The whole chunk failed (the node's pool or the call's code could not be
-    // set up): every input reports why.
-    for (std::uint64_t i = 0; i < job.count; ++i) {
-      w.put(std::uint8_t{0});
-      save_error(w, error);
     }
   }
   const double run_seconds = seconds_since(started);
-  job.message = Buffer{};
-  const double node_seconds = seconds_since(job.arrived);
-  std::memcpy(out.data() + times_at, &node_seconds, sizeof node_seconds);
-  std::memcpy(out.data() + times_at + sizeof(double), &run_seconds, sizeof run_seconds);
-  reply_(std::move(out));
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    Reply& r = replies[j];
+    if (error) {
+      // The whole chunk failed (the node's pool or the call's code could not
+      // be set up): every input reports why.
+      writers[j].truncate(r.records_at);
+      for (std::uint64_t i = 0; i < jobs[j].count; ++i) {
+        writers[j].put(std::uint8_t{0});
+        save_error(writers[j], error);
+      }
+    }
+    const double node_seconds = seconds_since(jobs[j].arrived);
+    // A batch's time, shared out by inputs: the root estimates task time from it.
+    const double share = run_seconds * static_cast<double>(jobs[j].count) /
+                         static_cast<double>(std::max<std::uint64_t>(1, batch_inputs));
+    std::memcpy(r.out.data() + r.times_at, &node_seconds, sizeof node_seconds);
+    std::memcpy(r.out.data() + r.times_at + sizeof(double), &share, sizeof share);
+    jobs[j].message = Buffer{};
+    reply_(std::move(r.out));
+  }
 }
 
 }  // namespace procpool::mpi::detail

@@ -57,7 +57,7 @@ class NodeServer {
     std::size_t items_at = 0;
     std::chrono::steady_clock::time_point arrived;
   };
-  void run(Job& job);
+  void run(std::vector<Job>& jobs);
   void executor();
 
   std::function<void(Buffer)> reply_;

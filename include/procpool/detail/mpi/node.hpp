@@ -58,14 +58,22 @@ inline std::unique_ptr<procpool::Pool> make_plain_node_pool(const Options& optio
 /// any other exception) for the root to rebuild (see CallState).
 void save_error(Writer& out, const std::exception_ptr& error);
 
+/// One node chunk's inputs and where its outcome records go.
+struct NodeChunk {
+  std::uint64_t count = 0;
+  Reader items;
+  Writer* out = nullptr;
+};
+
 /// One call's code on a node: decoded once per node, run for every node chunk.
 class NodeCall {
  public:
   virtual ~NodeCall() = default;
-  /// Decodes `count` framed inputs from `items`, runs them on `pool` and
-  /// writes one outcome record per input, in input order:
-  ///   u8 1, u64 length, value bytes  |  u8 0, error record.
-  virtual void run(procpool::Pool& pool, std::uint64_t count, Reader& items, Writer& out) = 0;
+  /// Decodes each chunk's `count` framed inputs, runs them all on `pool` in
+  /// one call (several chunks of one call that wait together cost one Pool
+  /// call, not one each) and writes one outcome record per input, in input
+  /// order, to its chunk's `out`:  u8 1, u64 length, value  |  u8 0, error record.
+  virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
 };
 using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
 
@@ -87,50 +95,54 @@ class TypedNodeCall final : public NodeCall {
     procpool::detail::load(setup, extra_);
   }
 
-  void run(procpool::Pool& pool, std::uint64_t count, Reader& items, Writer& out) override {
+  void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) override {
     // Inputs whose load() throws fail alone, with Stage::deserialize_input.
     std::vector<Item> inputs;
-    std::vector<std::size_t> position;  // inputs[i] is the chunk's position[i]-th input
-    std::vector<std::exception_ptr> decode_errors(static_cast<std::size_t>(count));
-    inputs.reserve(static_cast<std::size_t>(count));
-    position.reserve(static_cast<std::size_t>(count));
-    for (std::size_t i = 0; i < count; ++i) {
-      const auto length = items.get<std::uint64_t>();
-      Reader one(items.take(static_cast<std::size_t>(length)), static_cast<std::size_t>(length));
-      try {
-        inputs.push_back(procpool::detail::load_value<Item>(one));
-        position.push_back(i);
-      } catch (const std::exception& e) {
-        decode_errors[i] =
-            std::make_exception_ptr(TaskError(i, procpool::detail::demangle(typeid(e).name()),
-                                              e.what(), TaskError::Stage::deserialize_input));
+    std::vector<std::exception_ptr> decode_errors;
+    for (NodeChunk& chunk : chunks) {
+      for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        const auto length = chunk.items.get<std::uint64_t>();
+        Reader one(chunk.items.take(static_cast<std::size_t>(length)),
+                   static_cast<std::size_t>(length));
+        try {
+          inputs.push_back(procpool::detail::load_value<Item>(one));
+          decode_errors.emplace_back();
+        } catch (const std::exception& e) {
+          decode_errors.push_back(std::make_exception_ptr(
+              TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
+                        e.what(), TaskError::Stage::deserialize_input)));
+        }
       }
     }
     auto outcomes = std::apply(
         [&](const Extra&... extra) { return pool.map_outcomes(f_, inputs, extra...); }, extra_);
     std::size_t next = 0;
-    for (std::size_t i = 0; i < count; ++i) {
-      if (decode_errors[i]) {
-        out.put(std::uint8_t{0});
-        save_error(out, decode_errors[i]);
-        continue;
-      }
-      Outcome<Out>& o = outcomes[next++];
-      if (o.ok()) {
-        const std::size_t at = out.size();
-        try {
-          out.put(std::uint8_t{1});
-          put_framed(out, *o.value);
+    std::size_t position = 0;
+    for (NodeChunk& chunk : chunks) {
+      Writer& out = *chunk.out;
+      for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        if (std::exception_ptr& e = decode_errors[position++]) {
+          out.put(std::uint8_t{0});
+          save_error(out, e);
           continue;
-        } catch (const std::exception& e) {
-          out.truncate(at);
-          o.error =
-              std::make_exception_ptr(TaskError(i, procpool::detail::demangle(typeid(e).name()),
-                                                e.what(), TaskError::Stage::serialize_result));
         }
+        Outcome<Out>& o = outcomes[next++];
+        if (o.ok()) {
+          const std::size_t at = out.size();
+          try {
+            out.put(std::uint8_t{1});
+            put_framed(out, *o.value);
+            continue;
+          } catch (const std::exception& e) {
+            out.truncate(at);
+            o.error = std::make_exception_ptr(
+                TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
+                          e.what(), TaskError::Stage::serialize_result));
+          }
+        }
+        out.put(std::uint8_t{0});
+        save_error(out, o.error);
       }
-      out.put(std::uint8_t{0});
-      save_error(out, o.error);
     }
   }
 
