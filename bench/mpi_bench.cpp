@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
   std::size_t tiny = 20000, cpu = 64, nbig = 64;
   double task_ms = 50;
   int mib = 16;
+  unsigned processes = 0;  // workers per rank; 0: its usable CPUs
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -50,6 +51,7 @@ int main(int argc, char** argv) {
     if (k == "--task-ms") task_ms = std::strtod(v, nullptr);
     if (k == "--mib") mib = std::atoi(v);
     if (k == "--big") nbig = std::strtoull(v, nullptr, 10);
+    if (k == "--processes") processes = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
@@ -60,17 +62,17 @@ int main(int argc, char** argv) {
   auto t = Clock::now();
   unsigned workers = 0;
   {
-    procpool::mpi::Pool pool;
+    procpool::mpi::Pool pool({.processes = processes});
     workers = pool.processes();
     pool.map(&inc, xs);
   }
   const double auto_s = since(t);
 
-  procpool::mpi::Pool pool;
+  procpool::mpi::Pool pool({.processes = processes});
   pool.map(&inc, std::vector<int>(200, 1));  // warm up
   double cs1_s = 0;
   {
-    procpool::mpi::Pool cs1({.chunksize = 1});
+    procpool::mpi::Pool cs1({.processes = processes, .chunksize = 1});
     cs1.map(&inc, std::vector<int>(200, 1));
     t = Clock::now();
     cs1.map(&inc, xs);

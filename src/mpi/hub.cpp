@@ -3,7 +3,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <string_view>
 
@@ -29,6 +31,9 @@ constexpr double node_chunk_seconds = 0.05;
 /// Inputs per node chunk at most: bounds the root's memory and the work an
 /// early-stopped imap leaves behind, whatever the task time.
 constexpr double max_node_chunk = 65536;
+
+/// Tasks at least this long are dealt to free workers only (see room_locked).
+constexpr double long_task_seconds = 0.01;
 
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
@@ -195,6 +200,7 @@ void Hub::route(std::size_t node, Buffer message) {
       ChunkRecord record = std::move(it->second);
       chunks.erase(it);
       --nodes[record.node].inflight_chunks;
+      nodes[record.node].inflight_items -= record.count;
       PoolState& pool = *record.pool;
       --pool.inflight_chunks;
       NodeStats& s = pool.stats[record.node];
@@ -355,9 +361,41 @@ std::exception_ptr CallState::decode_error(const RawOutcome& raw) {
 std::size_t CallState::capacity_locked(std::size_t node) const {
   // Enough chunks that the node never waits for the next one to arrive: with
   // an explicit chunksize (small chunks) one per worker and more; with
-  // automatic ~50 ms node chunks, one running, one queued, one travelling.
+  // automatic ~50 ms node chunks, one running, one queued, one travelling;
+  // but one only until the first reply has measured the task time (a node
+  // runs the chunks that wait together as one batch, whose reply comes last).
   if (pool_->options.chunksize != 0) return 2 * std::size_t{pool_->processes[node]} + 1;
-  return 3;
+  return task_seconds_ == 0 ? 1 : 3;
+}
+
+bool CallState::long_tasks_locked() const {
+  return pool_->options.chunksize == 0 && task_seconds_ >= long_task_seconds;
+}
+
+std::size_t CallState::room_locked(std::size_t n) const {
+  const NodeSlot& node = hub_.nodes[n];
+  const std::size_t workers = pool_->processes[n];
+  if (long_tasks_locked()) {
+    // Near the end, long tasks go to free workers only: the last ones then
+    // run wherever a worker frees up first, instead of queueing behind a busy
+    // node while another idles.
+    // Until the end is near, one more task per worker waits on the node, to
+    // hide that round trip.
+    std::size_t limit = workers;
+    const std::size_t untaken = total_ ? *total_ - std::min(*total_, taken_) : SIZE_MAX;
+    if (untaken > 2 * std::size_t{pool_->total_processes()}) limit = 2 * workers;
+    return node.inflight_items >= limit ? 0 : limit - node.inflight_items;
+  }
+  if (node.inflight_chunks >= capacity_locked(n)) return 0;
+  return chunk_size_locked(n);
+}
+
+double CallState::load_locked(std::size_t n) const {
+  const NodeSlot& node = hub_.nodes[n];
+  if (long_tasks_locked()) {
+    return static_cast<double>(node.inflight_items) / pool_->processes[n];
+  }
+  return static_cast<double>(node.inflight_chunks) / static_cast<double>(capacity_locked(n));
 }
 
 std::size_t CallState::chunk_size_locked(std::size_t node) const {
@@ -389,21 +427,24 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
     if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
     if (hub_.stopped) return;
-    // The least loaded node with room, by chunks per capacity.
+    // The least loaded node with room.
     std::size_t best = hub_.nodes.size();
-    double best_load = 1.0;
+    std::size_t size = 0;
+    double best_load = 0;
     for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
-      const double load = static_cast<double>(hub_.nodes[n].inflight_chunks) /
-                          static_cast<double>(capacity_locked(n));
-      if (load < best_load) {
+      const std::size_t room = room_locked(n);
+      if (room == 0) continue;
+      const double load = load_locked(n);
+      if (best == hub_.nodes.size() || load < best_load) {
         best = n;
         best_load = load;
+        size = std::min(room, chunk_size_locked(n));
       }
     }
     if (best == hub_.nodes.size()) return;
-    const std::size_t size = chunk_size_locked(best);
     const std::uint64_t chunk = ++hub_.next_id;
     ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
+    hub_.nodes[best].inflight_items += size;
     const std::size_t first = taken_;
     std::size_t count = 0;
     std::exception_ptr failed;
@@ -430,11 +471,13 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     } catch (...) {
       lock.lock();
       --hub_.nodes[best].inflight_chunks;
+      hub_.nodes[best].inflight_items -= size;
       throw;
     }
     lock.lock();
     pool_->encode_seconds += seconds(Clock::now() - started);
     exhausted_ = end;
+    hub_.nodes[best].inflight_items -= size - count;
     if (count == 0) {
       --hub_.nodes[best].inflight_chunks;
     } else {

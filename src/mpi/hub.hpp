@@ -24,6 +24,7 @@ struct NodeSlot {
   std::string host;
   unsigned usable_cpus = 1;
   std::size_t inflight_chunks = 0;  // over every pool and call
+  std::size_t inflight_items = 0;
 };
 
 /// A chunk the root sent and has no reply for yet.
@@ -131,6 +132,10 @@ class CallState {
   void top_up(std::unique_lock<std::mutex>& lock);
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
+  bool long_tasks_locked() const;
+  /// How many inputs node `node` may get now (0: it is full), and its load.
+  std::size_t room_locked(std::size_t node) const;
+  double load_locked(std::size_t node) const;
   std::size_t inflight_bound_locked() const;
 
   std::shared_ptr<PoolState> pool_;

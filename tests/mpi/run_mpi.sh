@@ -66,9 +66,10 @@ if [ -n "$expect" ] && ! grep -Eq -- "$expect" "$out"; then
   echo "run_mpi: FAIL: the output does not say /$expect/" >&2
   fail=1
 fi
-# Nothing of the job may outlive it (ranks, their forked workers); this
-# script's own command line names the program too.
-left() { pgrep -f -- "$prog" | grep -vx "$$"; }
+# Nothing of the job may outlive it (ranks, their forked workers: their
+# command lines start with the program; this script's, and its subshells',
+# name it later).
+left() { pgrep -f -- "^$prog( |\$)"; }
 for _ in $(seq 50); do
   left >/dev/null || break
   sleep 0.1
