@@ -96,12 +96,16 @@ std::string this_host() {
           idle = 0;
           continue;
         }
+        if (sending) {
+          // A large message moves (over TCP, say) only while MPI is called:
+          // keep calling it, without sleeping, until it has left.
+          std::this_thread::yield();
+          continue;
+        }
         // MPI cannot wake a thread: poll fast just after activity, then
         // slowly, so an idle rank costs its node's workers nothing.
         ++idle;
-        const auto wait = std::chrono::microseconds(idle < 64 || sending ? 10
-                                                    : idle < 512         ? 100
-                                                                         : 1000);
+        const auto wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 1000);
         std::unique_lock lock(mutex);
         ready.wait_for(lock, wait, [&] { return !outbox.empty(); });
       }
