@@ -13,6 +13,7 @@ a JSON file.
     python3 bench/compare.py --quick         # small sizes: a smoke run (~1 min)
     python3 bench/compare.py --only tiny_cs1,startup
     python3 bench/compare.py --only submit,startup_spawn
+    python3 bench/compare.py --only mpi      # procpool::mpi vs mpi4py.futures, mpirun -n 3
 """
 import argparse
 import json
@@ -88,6 +89,62 @@ for _ in range(reps):
 runs.sort()
 print(json.dumps({"median": runs[len(runs)//2], "min": runs[0], "max": runs[-1]}))
 """
+
+
+def spread(values):
+    """{median, min, max} of single values from several rounds."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def mpi_section(a, q, rounds, rows, raw, have_python):
+    """procpool::mpi against mpi4py.futures.MPIPoolExecutor on the same ranks
+    (mpirun -n 3 on this host, --mca btl tcp,self: the network path, not
+    shared memory) and the same work, alternating; and a plain MPI ping-pong
+    of the same message size as the floor for big results."""
+    bench_dir = os.path.dirname(a.bench)
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    mpirun = ["mpirun", "-n", "3", "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self"]
+    tiny, cpu, mib, big = ("2000", "16", "4", "8") if q else ("20000", "64", "16", "64")
+    args = ["--tiny", tiny, "--cpu", cpu, "--task-ms", "50", "--mib", mib, "--big", big]
+
+    def run(cmd):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    have_mpi4py = have_python and subprocess.run([a.python, "-c", "import mpi4py.futures"],
+                                                 capture_output=True).returncode == 0
+    if have_python and not have_mpi4py:
+        print("note: no mpi4py (apt-get install python3-mpi4py); procpool::mpi side only\n")
+    ours, theirs = alternate(rounds, lambda: run(mpirun + [os.path.join(bench_dir, "mpi_bench")] + args),
+                             (lambda: run(mpirun + [a.python, "-m", "mpi4py.futures",
+                                                    os.path.join(a.baselines, "bench_mpi4py.py")] + args))
+                             if have_mpi4py else None)
+    ping = [run(["mpirun", "-n", "2", "--oversubscribe", "--mca", "btl", "tcp,self",
+                 os.path.join(bench_dir, "mpi_pingpong"), mib, "5" if q else "20"])["pingpong_gbps"]
+            for _ in range(rounds)]
+    raw["mpi"] = {"procpool": ours, "mpi4py": theirs, "pingpong_gbps": ping}
+
+    def side(results, key):
+        return spread([r[key] for r in results]) if results else None
+
+    workers = ours[0]["workers"]
+    for key, their_key, what in (("tiny_cs1_tasks_per_s", "tiny_cs1_tasks_per_s",
+                                  f"MPI: {int(tiny) // 1000}k tiny tasks, chunksize 1 (tasks/s)"),
+                                 ("tiny_auto_end_to_end_tasks_per_s", "tiny_chunked_tasks_per_s",
+                                  f"MPI: {int(tiny) // 1000}k tiny tasks, automatic chunks, end to end (tasks/s)")):
+        c, p = side(ours, key), side(theirs, their_key)
+        rows.append((what, (c["median"], c["min"], c["max"]), p, (c["median"] / p["median"]) if p else None,
+                     ">= 10x mpi4py.futures", lambda r: r >= 10,
+                     f"{workers} workers on 3 ranks vs {theirs[0]['workers']} mpi4py workers" if theirs else ""))
+    c, p = side(ours, "cpu_efficiency"), side(theirs, "cpu_efficiency")
+    rows.append((f"MPI: {cpu} x 50 ms CPU tasks, parallel efficiency", (c["median"], c["min"], c["max"]), p,
+                 (c["median"] / p["median"]) if p else None, ">= 0.95",
+                 (lambda r, x=c["median"]: x >= 0.95), f"ideal = tasks x 50 ms / {workers} workers"))
+    c, p = side(ours, "big_results_gbps"), side(theirs, "big_results_gbps")
+    floor = statistics.median(ping)
+    rows.append((f"MPI: {big} results of {mib} MiB over tcp (GB/s)", (c["median"], c["min"], c["max"]), p,
+                 (c["median"] / p["median"]) if p else None, f">= 70% of MPI ping-pong {floor:.2f} GB/s",
+                 (lambda r, x=c["median"], f=floor: x >= 0.7 * f), f"{100 * c['median'] / floor:.0f}% of ping-pong"))
 
 
 def main():
@@ -261,6 +318,9 @@ def main():
         rows.append((f"progress bar on {c['tasks']:.0e} tiny tasks: time on/off", (r, r, r), None, None,
                      "no measurable cost (<= 1.05)", (lambda r, x=r: x <= 1.05),
                      f"median of paired on/off ratios; ratio of medians {c['ratio_of_medians']:.3f}; stderr: {c['stderr']}"))
+
+    if want("mpi") and os.path.exists(os.path.join(os.path.dirname(B), "mpi_bench")):
+        mpi_section(a, q, rounds, rows, raw, have_python)
 
     # The table.
     print(f"physical limits (this run): pipe round trip {limit('pipe_pingpong_rtt_us_unpinned'):.1f} us, "

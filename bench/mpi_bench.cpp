@@ -1,0 +1,98 @@
+// procpool::mpi's side of bench/compare.py's MPI section, the same work as
+// ../shared/baselines/bench_mpi4py.py (mpi4py.futures): run under mpirun,
+// prints one JSON line on the root.
+//   mpirun -n 3 --oversubscribe --bind-to none mpi_bench [--tiny N] [--cpu N]
+//          [--task-ms MS] [--mib M --big N]
+#include <procpool/mpi.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+int inc(int x) {
+  return x + 1;
+}
+
+long spin(double ms) {
+  const auto end = Clock::now() + std::chrono::duration<double, std::milli>(ms);
+  long n = 0;
+  while (Clock::now() < end)
+    ++n;
+  return n;
+}
+
+std::vector<char> big(int mib) {
+  return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'x');
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::size_t tiny = 20000, cpu = 64, nbig = 64;
+  double task_ms = 50;
+  int mib = 16;
+  unsigned processes = 0;  // workers per rank; 0: its usable CPUs
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i];
+    const char* v = argv[i + 1];
+    if (k == "--tiny") tiny = std::strtoull(v, nullptr, 10);
+    if (k == "--cpu") cpu = std::strtoull(v, nullptr, 10);
+    if (k == "--task-ms") task_ms = std::strtod(v, nullptr);
+    if (k == "--mib") mib = std::atoi(v);
+    if (k == "--big") nbig = std::strtoull(v, nullptr, 10);
+    if (k == "--processes") processes = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+  }
+  procpool::mpi::Session session(argc, argv);
+  std::vector<int> xs(tiny);
+  for (std::size_t i = 0; i < tiny; ++i)
+    xs[i] = static_cast<int>(i);
+
+  // Tiny tasks, end to end with automatic chunking: pool start + map + stop.
+  auto t = Clock::now();
+  unsigned workers = 0;
+  {
+    procpool::mpi::Pool pool({.processes = processes});
+    workers = pool.processes();
+    pool.map(&inc, xs);
+  }
+  const double auto_s = since(t);
+
+  procpool::mpi::Pool pool({.processes = processes});
+  pool.map(&inc, std::vector<int>(200, 1));  // warm up
+  double cs1_s = 0;
+  {
+    procpool::mpi::Pool cs1({.processes = processes, .chunksize = 1});
+    cs1.map(&inc, std::vector<int>(200, 1));
+    t = Clock::now();
+    cs1.map(&inc, xs);
+    cs1_s = since(t);
+  }
+  t = Clock::now();
+  pool.map(&spin, std::vector<double>(cpu, task_ms));
+  const double cpu_s = since(t);
+  t = Clock::now();
+  pool.map(&big, std::vector<int>(nbig, mib));
+  const double big_s = since(t);
+
+  std::printf(
+      "{\"impl\": \"procpool::mpi\", \"ranks\": %d, \"workers\": %u, \"tiny_cs1_tasks_per_s\": "
+      "%.1f, "
+      "\"tiny_auto_end_to_end_tasks_per_s\": %.1f, \"cpu_efficiency\": %.4f, "
+      "\"big_results_gbps\": %.4f}\n",
+      session.size(), workers, static_cast<double>(tiny) / cs1_s,
+      static_cast<double>(tiny) / auto_s,
+      static_cast<double>(cpu) * task_ms / 1000.0 / (cpu_s * workers),
+      static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / big_s / 1e9);
+  return 0;
+}

@@ -1,0 +1,206 @@
+// The pieces of the MPI backend that must be templates: what a node runs for
+// one call, and how the root encodes inputs and decodes outcomes. Everything
+// else (messages, nodes, scheduling) lives in src/mpi/ and never sees a type.
+//
+// A node (a remote rank, or the root's own LocalNode) receives two kinds of
+// code by identity (CodeRef: module + offset, valid in every rank because
+// every rank runs the very same executable, checked by Session at start):
+//   * a NodePoolFactory, instantiated for the pool's initializer, that builds
+//     the node's procpool::Pool exactly as Pool(options, init) would;
+//   * a NodeCallFactory, instantiated for (F, Item, Extra...), that decodes a
+//     call's function and extra arguments once, then runs each node chunk on
+//     the node's Pool with map_outcomes and encodes every outcome.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "procpool/detail/buffer.hpp"
+#include "procpool/detail/code_identity.hpp"
+#include "procpool/options.hpp"
+#include "procpool/pool.hpp"
+#include "procpool/serialize.hpp"
+
+namespace procpool::mpi::detail {
+
+using procpool::detail::Buffer;
+using procpool::detail::CodeRef;
+using procpool::detail::Reader;
+using procpool::detail::Writer;
+
+/// Builds a node's procpool::Pool; `init` is the initializer function
+/// pointer's address in this process, or null (capture-less lambda, or none).
+using NodePoolFactoryFn = std::unique_ptr<procpool::Pool>(const Options& options, const void* init);
+
+template <class Init>
+std::unique_ptr<procpool::Pool> make_node_pool(const Options& options, const void* init) {
+  if constexpr (procpool::detail::is_function_pointer_v<Init>) {
+    return std::make_unique<procpool::Pool>(options,
+                                            reinterpret_cast<Init>(const_cast<void*>(init)));
+  } else {
+    return std::make_unique<procpool::Pool>(options, Init{});
+  }
+}
+
+inline std::unique_ptr<procpool::Pool> make_plain_node_pool(const Options& options, const void*) {
+  return std::make_unique<procpool::Pool>(options);
+}
+
+/// Writes the error record of `error` (TaskError, WorkerCrashed, TaskTimeout,
+/// any other exception) for the root to rebuild (see CallState).
+void save_error(Writer& out, const std::exception_ptr& error);
+
+/// One node chunk's inputs and where its outcome records go.
+struct NodeChunk {
+  std::uint64_t count = 0;
+  Reader items;
+  Writer* out = nullptr;
+};
+
+/// One call's code on a node: decoded once per node, run for every node chunk.
+class NodeCall {
+ public:
+  virtual ~NodeCall() = default;
+  /// Decodes each chunk's `count` framed inputs, runs them all on `pool` in
+  /// one call (several chunks of one call that wait together cost one Pool
+  /// call, not one each) and writes one outcome record per input, in input
+  /// order, to its chunk's `out`:  u8 1, u64 length, value  |  u8 0, error record.
+  virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
+};
+using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
+
+/// Writes `value` framed by its length, so the root can slice a reply without
+/// knowing the type, and one value whose load() misbehaves cannot spoil the next.
+template <class T>
+void put_framed(Writer& out, const T& value) {
+  const std::size_t at = out.size();
+  out.put(std::uint64_t{0});
+  procpool::detail::save(out, value);
+  const std::uint64_t length = out.size() - at - sizeof(std::uint64_t);
+  std::memcpy(out.buffer().data() + at, &length, sizeof length);
+}
+
+template <class F, class Item, class Out, class... Extra>
+class TypedNodeCall final : public NodeCall {
+ public:
+  explicit TypedNodeCall(Reader& setup) : f_(procpool::detail::code_carrier<F>::load(setup)) {
+    procpool::detail::load(setup, extra_);
+  }
+
+  void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) override {
+    // Inputs whose load() throws fail alone, with Stage::deserialize_input.
+    std::vector<Item> inputs;
+    std::vector<std::exception_ptr> decode_errors;
+    for (NodeChunk& chunk : chunks) {
+      for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        const auto length = chunk.items.get<std::uint64_t>();
+        Reader one(chunk.items.take(static_cast<std::size_t>(length)),
+                   static_cast<std::size_t>(length));
+        try {
+          inputs.push_back(procpool::detail::load_value<Item>(one));
+          decode_errors.emplace_back();
+        } catch (const std::exception& e) {
+          decode_errors.push_back(std::make_exception_ptr(
+              TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
+                        e.what(), TaskError::Stage::deserialize_input)));
+        }
+      }
+    }
+    auto outcomes = std::apply(
+        [&](const Extra&... extra) { return pool.map_outcomes(f_, inputs, extra...); }, extra_);
+    std::size_t next = 0;
+    std::size_t position = 0;
+    for (NodeChunk& chunk : chunks) {
+      Writer& out = *chunk.out;
+      for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        if (std::exception_ptr& e = decode_errors[position++]) {
+          out.put(std::uint8_t{0});
+          save_error(out, e);
+          continue;
+        }
+        Outcome<Out>& o = outcomes[next++];
+        if (o.ok()) {
+          const std::size_t at = out.size();
+          try {
+            out.put(std::uint8_t{1});
+            put_framed(out, *o.value);
+            continue;
+          } catch (const std::exception& e) {
+            out.truncate(at);
+            o.error = std::make_exception_ptr(
+                TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
+                          e.what(), TaskError::Stage::serialize_result));
+          }
+        }
+        out.put(std::uint8_t{0});
+        save_error(out, o.error);
+      }
+    }
+  }
+
+ private:
+  F f_;
+  std::tuple<Extra...> extra_;
+};
+
+template <class F, class Item, class Out, class... Extra>
+std::unique_ptr<NodeCall> make_node_call(Reader& setup) {
+  return std::make_unique<TypedNodeCall<F, Item, Out, Extra...>>(setup);
+}
+
+/// The root's side of a call's inputs: hands them to the scheduler one at a
+/// time, serialised and framed, as it asks for them (so an endless range is
+/// read only as far as the results are consumed).
+class InputFeed {
+ public:
+  enum class Fed { item, failed, end };
+  virtual ~InputFeed() = default;
+  /// Appends the next input to `out` (framed) and returns `item`; `failed`
+  /// when its save() threw (then `error` says why and nothing was written);
+  /// `end` when the range is exhausted.
+  virtual Fed next(Writer& out, std::exception_ptr& error) = 0;
+};
+
+/// The TaskError for an input whose save() is throwing now (in a catch block).
+std::exception_ptr current_serialize_input_error(std::size_t index);
+
+template <class View, class Item>
+class RangeFeed final : public InputFeed {
+ public:
+  explicit RangeFeed(View& view) : view_(view) {}
+  Fed next(Writer& out, std::exception_ptr& error) override {
+    if (!started_) {
+      it_.emplace(std::ranges::begin(view_));
+      started_ = true;
+    } else {
+      ++*it_;
+    }
+    if (*it_ == std::ranges::end(view_)) return Fed::end;
+    const std::size_t at = out.size();
+    try {
+      put_framed(out, static_cast<const Item&>(**it_));
+      ++index_;
+      return Fed::item;
+    } catch (...) {
+      out.truncate(at);
+      error = current_serialize_input_error(index_++);
+      return Fed::failed;
+    }
+  }
+
+ private:
+  View& view_;
+  std::optional<std::ranges::iterator_t<View>> it_;
+  bool started_ = false;
+  std::size_t index_ = 0;
+};
+
+}  // namespace procpool::mpi::detail

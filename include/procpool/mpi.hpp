@@ -1,0 +1,454 @@
+// procpool/mpi.hpp - the same Pool over every node of an Open MPI job.
+//
+//     int main(int argc, char** argv) {
+//       Vocabulary vocab = load_vocabulary("vocab.tsv");  // every rank: one copy per node
+//       procpool::mpi::Session mpi(argc, argv);           // returns only on the root (rank 0)
+//       procpool::mpi::Pool pool({}, init);               // every usable CPU of every node
+//       auto ids = pool.map(&lookup, words);              // same calls, Options, errors as Pool
+//       std::cerr << pool.insights().to_string();         // a row per node and per worker
+//     }
+//
+// Launch with `mpirun -n NODES ./app` (one rank per node: `--map-by ppr:1:node`)
+// or `srun --mpi=pmix ./app`. Each rank runs a procpool::Pool of its own
+// (Options::processes workers, 0: that rank's usable_cpu_count()), built with
+// the pool's initializer, so tasks still run in forked workers: a task that
+// crashes or hangs costs one task, never the MPI job. The root's own node
+// runs workers too; a one-rank job, or the program run without mpirun, is a
+// one-node pool that behaves like procpool::Pool.
+//
+// Target procpool::mpi (CMake option PROCPOOL_MPI). MPI's own headers are not
+// needed by code that includes this one.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <future>
+#include <memory>
+#include <optional>
+#include <ranges>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#include "procpool/detail/mpi/node.hpp"
+#include "procpool/errors.hpp"
+#include "procpool/insights.hpp"
+#include "procpool/options.hpp"
+#include "procpool/pool.hpp"
+#include "procpool/results.hpp"
+
+namespace procpool::mpi {
+
+/// Initialises MPI for this program; at most one per process.
+///
+/// On the root (rank 0) the constructor returns. On every other rank it
+/// serves the root's pools until the root's Session ends, then finalises MPI
+/// and exits the process with status 0 (running its atexit handlers: a rank
+/// is a normal run of the program): code after it runs on the root only.
+///
+/// At start every rank checks that it runs the very same executable as the
+/// root (its build id): functions cross ranks by their offset in it. A rank
+/// that runs another build prints which rank and host, and the job aborts.
+class Session {
+ public:
+  Session(int& argc, char**& argv);
+  /// Tells every rank to finish, then finalises MPI. Destroy every mpi::Pool first.
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  int rank() const noexcept;
+  /// Ranks in the job (1 without mpirun); each is one node of the pool.
+  int size() const noexcept;
+};
+
+/// Where on the cluster an error of an mpi::Pool task happened. Every error
+/// such a task reports (TaskError, WorkerCrashed, TaskTimeout, Error) also
+/// derives from this, and its what() ends with " (on node HOST, rank N)".
+///
+///     catch (const procpool::TaskError& e) {
+///       if (auto* on = dynamic_cast<const procpool::mpi::ErrorLocation*>(&e)) log(on->host());
+///     }
+class ErrorLocation {
+ public:
+  ErrorLocation(int rank, std::string host) : rank_(rank), host_(std::move(host)) {}
+  virtual ~ErrorLocation() = default;
+  int rank() const noexcept { return rank_; }
+  const std::string& host() const noexcept { return host_; }
+
+ private:
+  int rank_;
+  std::string host_;
+};
+
+/// A procpool error `E` with the node it happened on.
+template <class E>
+class OnNode final : public E, public ErrorLocation {
+ public:
+  template <class... A>
+  OnNode(int rank, const std::string& host, A&&... args)
+      : E(std::forward<A>(args)...),
+        ErrorLocation(rank, host),
+        message_(std::string(E::what()) + " (on node " + host + ", rank " + std::to_string(rank) +
+                 ")") {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
+/// One node (rank) of an mpi::Pool.
+struct NodeInsights {
+  int rank = 0;
+  std::string host;
+  unsigned processes = 0;
+  std::uint64_t chunks = 0;  // node chunks it ran
+  std::uint64_t tasks = 0;
+  double node_seconds = 0;        // chunks' time on the node, from arrival to reply sent
+  double round_trip_seconds = 0;  // chunks' time from the root's send to its receipt of the reply
+  std::uint64_t bytes_sent = 0;   // inputs and calls sent to the node
+  std::uint64_t bytes_received = 0;  // results received from it
+  /// The node's own procpool::Pool, over its life: a row per worker.
+  procpool::Insights pool;
+};
+
+/// What an mpi::Pool did over its life, per node, with a diagnosis.
+struct Insights {
+  double wall_seconds = 0;
+  unsigned nodes = 0;
+  unsigned processes = 0;  // workers on all nodes
+  std::uint64_t tasks = 0;
+  double efficiency = 0;  // total compute / (wall * processes)
+  /// Sum over chunks of (round trip - time on the node): time in MPI messages
+  /// and in the root's queues, the network's share.
+  double transit_seconds = 0;
+  double root_encode_seconds = 0;  // taking and serialising inputs on the root
+  std::vector<NodeInsights> per_node;
+  std::uint64_t unobserved_errors = 0;  // failed tasks of dropped Futures
+  std::string diagnosis;
+
+  std::string to_string() const;
+};
+
+namespace detail {
+
+class PoolState;
+class CallState;
+
+/// One input's outcome as it came back: its value's bytes (kept alive by
+/// `keep`), or its error already rebuilt with the global index and the node.
+struct RawOutcome {
+  std::size_t index = 0;
+  const std::byte* data = nullptr;
+  std::size_t size = 0;
+  std::exception_ptr error;
+  int rank = 0;
+  std::shared_ptr<const void> keep;
+};
+
+/// A call on the root: schedules its inputs over the nodes, collects outcomes.
+class CallHandle {
+ public:
+  enum class Order { input, completion };
+  CallHandle(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
+             Order order, std::optional<std::size_t> total, bool submitted);
+  ~CallHandle();
+  CallHandle(const CallHandle&) = delete;
+  CallHandle& operator=(const CallHandle&) = delete;
+  /// The next outcome (input or completion order); empty at the end.
+  std::optional<RawOutcome> next();
+  /// Whether an outcome is ready by `deadline` (sends work meanwhile).
+  bool wait_until(std::chrono::steady_clock::time_point deadline);
+  /// The error for a value whose load() threw (called in the catch block).
+  std::exception_ptr decode_error(const RawOutcome& raw);
+
+ private:
+  std::shared_ptr<CallState> state_;
+};
+
+/// The message a rank prints when it runs another build than the root (its
+/// executable_identity() differs), or nothing when they match.
+std::optional<std::string> identity_mismatch(int rank, const std::string& host,
+                                             const std::string& mine, const std::string& root_host,
+                                             const std::string& roots);
+
+std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* factory,
+                                     const void* init, const std::type_info* state_type);
+void close_pool(PoolState& pool) noexcept;
+void check_open(const PoolState& pool);
+void check_state_type(const PoolState& pool, const std::type_info& wanted);
+void pool_close(PoolState& pool);
+void pool_join(PoolState& pool);
+void pool_terminate(PoolState& pool);
+unsigned pool_processes(const PoolState& pool);
+Insights pool_insights(PoolState& pool);
+
+template <class Out, class View, class Item, procpool::detail::Delivery D>
+class StreamCall final
+    : public procpool::detail::ResultSource<procpool::detail::delivered_t<D, Out>> {
+  using Value = procpool::detail::delivered_t<D, Out>;
+
+ public:
+  StreamCall(std::shared_ptr<PoolState> pool, Buffer setup, View view,
+             std::optional<std::size_t> total, bool submitted = false)
+      : view_(std::move(view)),
+        call_(std::move(pool), std::move(setup), std::make_unique<RangeFeed<View, Item>>(view_),
+              D == procpool::detail::Delivery::unordered ? CallHandle::Order::completion
+                                                         : CallHandle::Order::input,
+              total, submitted) {}
+
+  std::optional<Value> next() override {
+    std::optional<RawOutcome> raw = call_.next();
+    if (!raw) return std::nullopt;
+    std::optional<Out> value;
+    std::exception_ptr error = raw->error;
+    if (!error) {
+      try {
+        Reader in(raw->data, raw->size);
+        value.emplace(procpool::detail::load_value<Out>(in));
+      } catch (...) {
+        error = call_.decode_error(*raw);
+      }
+    }
+    raw->keep.reset();
+    if constexpr (D == procpool::detail::Delivery::outcomes) {
+      return Outcome<Out>{raw->index, std::move(value), error};
+    } else {
+      if (error) std::rethrow_exception(error);
+      if constexpr (D == procpool::detail::Delivery::unordered) {
+        return Indexed<Out>{raw->index, std::move(*value)};
+      } else {
+        return std::move(*value);
+      }
+    }
+  }
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    return call_.wait_until(deadline);
+  }
+
+ private:
+  View view_;
+  CallHandle call_;
+};
+
+}  // namespace detail
+
+/// The result of mpi::Pool::submit: like std::future. The task is sent to a
+/// node at once and runs whether or not anyone waits; a Future dropped before
+/// get() leaves its task running, and its error is printed on stderr and
+/// counted in insights().
+template <class R>
+class Future {
+  using Stored = procpool::detail::stored_t<R>;
+
+ public:
+  Future() = default;
+  /// The task's result; throws its error (TaskError, WorkerCrashed...). Once.
+  R get() {
+    if (!source_)
+      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
+    const std::unique_ptr<procpool::detail::ResultSource<Stored>> taken = std::move(source_);
+    auto value = taken->next();
+    if constexpr (!std::is_void_v<R>) return std::move(*value);
+  }
+  void wait() { wait_until(std::chrono::steady_clock::time_point::max()); }
+  template <class Rep, class Period>
+  std::future_status wait_for(std::chrono::duration<Rep, Period> timeout) {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout);
+    return wait_until(deadline) ? std::future_status::ready : std::future_status::timeout;
+  }
+  bool valid() const noexcept { return source_ != nullptr; }
+
+ private:
+  friend class Pool;
+  struct Waitable : procpool::detail::ResultSource<Stored> {
+    virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
+  };
+  template <class Inner>
+  struct Adapter final : Waitable {
+    explicit Adapter(std::unique_ptr<Inner> inner) : call(std::move(inner)) {}
+    std::optional<Stored> next() override { return call->next(); }
+    bool wait_until(std::chrono::steady_clock::time_point d) override {
+      return call->wait_until(d);
+    }
+    std::unique_ptr<Inner> call;
+  };
+  explicit Future(std::unique_ptr<Waitable> source) : source_(std::move(source)) {}
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    if (!source_)
+      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
+    return source_->wait_until(deadline);
+  }
+  std::unique_ptr<Waitable> source_;
+};
+
+/// procpool::Pool over every rank of the MPI job (see the top of this file).
+/// The same calls, Options and errors as procpool::Pool, with these meanings:
+///  - Options::processes: workers per node (0: each node's usable CPUs);
+///  - Options::chunksize: inputs per node chunk (and per message inside the
+///    node); 0 sizes node chunks from the measured task time, about 50 ms
+///    of work for the whole node per chunk, a few chunks in flight per node;
+///  - retries, task_timeout, max_tasks_per_child: applied by each node's own
+///    Pool (a retry runs on a fresh worker of the same node);
+///  - progress: on the root, over every node;
+///  - imap_unordered's and every error's index is the global input index,
+///    and every error also names its node (see ErrorLocation).
+/// Functions are function pointers or capture-less lambdas, as for Pool; the
+/// initializer too: both cross to the other ranks by identity.
+class Pool {
+ public:
+  explicit Pool(Options options = {})
+      : state_(detail::open_pool(options, &detail::make_plain_node_pool, nullptr, nullptr)) {}
+
+  template <class Init>
+  requires std::invocable<Init&> Pool(Options options, Init init) {
+    using State = std::decay_t<std::invoke_result_t<Init&>>;
+    static_assert(!std::is_void_v<State>,
+                  "procpool::mpi::Pool: the initializer must return the state");
+    static_assert(procpool::detail::pool_callable_v<Init>,
+                  "procpool::mpi::Pool: the initializer must be a function pointer or a "
+                  "capture-less lambda: it runs on every node (other machines), which cannot see "
+                  "what a capture refers to. Read or build the data inside the initializer, or "
+                  "build it before the Session (every rank runs main up to it).");
+    const void* function = nullptr;
+    if constexpr (procpool::detail::is_function_pointer_v<Init>) {
+      function = reinterpret_cast<const void*>(init);
+    }
+    state_ = detail::open_pool(options, &detail::make_node_pool<Init>, function, &typeid(State));
+  }
+
+  /// Waits for the work already sent (dropped Futures' too), then ends every node's pool.
+  ~Pool() {
+    if (state_) detail::close_pool(*state_);
+  }
+  Pool(const Pool&) = delete;
+  Pool& operator=(const Pool&) = delete;
+
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto map(F f, R&& inputs, const Extra&... extra) {
+    using Out =
+        typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
+    std::vector<Out> out;
+    for (auto& value : imap(f, std::forward<R>(inputs), extra...))
+      out.push_back(std::move(value));
+    return out;
+  }
+
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap(F f, R&& inputs, const Extra&... extra) {
+    return make_results<procpool::detail::Delivery::ordered>(f, std::forward<R>(inputs), extra...);
+  }
+
+  /// In completion order, as Indexed{global input index, value}.
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap_unordered(F f, R&& inputs, const Extra&... extra) {
+    return make_results<procpool::detail::Delivery::unordered>(f, std::forward<R>(inputs),
+                                                               extra...);
+  }
+
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto map_outcomes(F f, R&& inputs, const Extra&... extra) {
+    using Out =
+        typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
+    std::vector<Outcome<Out>> out;
+    for (auto& o : imap_outcomes(f, std::forward<R>(inputs), extra...))
+      out.push_back(std::move(o));
+    return out;
+  }
+
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto imap_outcomes(F f, R&& inputs, const Extra&... extra) {
+    return make_results<procpool::detail::Delivery::outcomes>(f, std::forward<R>(inputs), extra...);
+  }
+
+  template <class F, std::ranges::input_range R, class... Extra>
+  auto starmap(F f, R&& tuples, const Extra&... extra) {
+    check_callable<F>();
+    return map(procpool::detail::StarApply<F>{f}, std::forward<R>(tuples), extra...);
+  }
+
+  /// Runs `f(args...)` (or `f(state, args...)`) on some node's worker.
+  template <class F, class... Args>
+  auto submit(F f, Args&&... args) {
+    check_callable<F>();
+    using Item = std::tuple<std::decay_t<Args>...>;
+    using Star = procpool::detail::StarApply<F>;
+    using Types = procpool::detail::pool_call_types<Star, Item>;
+    using Out = typename Types::Out;
+    using R = std::conditional_t<std::is_same_v<Out, procpool::detail::Empty>, void, Out>;
+    using Items = std::vector<Item>;
+    using Call = detail::StreamCall<Out, Items, Item, procpool::detail::Delivery::ordered>;
+    Items items;
+    items.emplace_back(std::forward<Args>(args)...);
+    detail::Buffer setup = make_setup<Star, Item>(Star{f});
+    auto call = std::make_unique<Call>(state_, std::move(setup), std::move(items), 1, true);
+    using Adapter = typename Future<R>::template Adapter<Call>;
+    return Future<R>(std::make_unique<Adapter>(std::move(call)));
+  }
+
+  /// No more work is accepted; what was accepted still runs.
+  void close() { detail::pool_close(*state_); }
+  /// Waits for all accepted work, then ends every node's pool. Call close() first.
+  void join() { detail::pool_join(*state_); }
+  /// Ends every node's pool now; its workers are killed.
+  void terminate() { detail::pool_terminate(*state_); }
+  /// Workers on all nodes.
+  unsigned processes() const { return detail::pool_processes(*state_); }
+  /// A row per node (each with its pool's rows per worker), and a diagnosis.
+  Insights insights() const { return detail::pool_insights(*state_); }
+
+ private:
+  template <class F>
+  static constexpr void check_callable() {
+    static_assert(procpool::detail::pool_callable_v<F>,
+                  "procpool::mpi::Pool runs only function pointers and capture-less lambdas: "
+                  "they run on other machines (MPI ranks) and in workers forked before this "
+                  "call, which cannot see what a capture refers to. Build the data once per "
+                  "node with Pool(options, init) and take it as the function's first "
+                  "parameter, State&, or pass it as an extra argument of the call.");
+  }
+
+  template <class F, class Item, class... Extra>
+  detail::Buffer make_setup(const F& f, const Extra&... extra) {
+    using Types = procpool::detail::pool_call_types<F, Item, Extra...>;
+    using State = typename Types::State;
+    if constexpr (!std::is_void_v<State>) detail::check_state_type(*state_, typeid(State));
+    detail::check_open(*state_);
+    // Code crosses by identity (module + offset), never by raw address:
+    // every rank runs the same binary at its own load address.
+    static const detail::CodeRef factory = procpool::detail::code_ref_of(
+        &detail::make_node_call<F, Item, typename Types::Out, Extra...>);
+    detail::Buffer setup;
+    detail::Writer out(setup);
+    procpool::detail::save_code_ref(out, factory);
+    procpool::detail::code_carrier<F>::save(out, f);
+    procpool::detail::save(out, std::tuple<Extra...>(extra...));
+    return setup;
+  }
+
+  template <procpool::detail::Delivery D, class F, class R, class... Extra>
+  auto make_results(F f, R&& inputs, const Extra&... extra) {
+    if constexpr (!procpool::detail::is_star_apply_v<F>) check_callable<F>();
+    using Item = std::ranges::range_value_t<R>;
+    using Out = typename procpool::detail::pool_call_types<F, Item, Extra...>::Out;
+    using Value = procpool::detail::delivered_t<D, Out>;
+    using View = std::views::all_t<R>;
+    std::optional<std::size_t> total;
+    if constexpr (std::ranges::sized_range<R>) {
+      total = static_cast<std::size_t>(std::ranges::size(inputs));
+    }
+    detail::Buffer setup = make_setup<F, Item>(f, extra...);
+    return Results<Value>(std::make_unique<detail::StreamCall<Out, View, Item, D>>(
+        state_, std::move(setup), std::views::all(std::forward<R>(inputs)), total));
+  }
+
+  std::shared_ptr<detail::PoolState> state_;
+};
+
+}  // namespace procpool::mpi

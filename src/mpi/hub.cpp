@@ -1,0 +1,812 @@
+#include "hub.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string_view>
+
+#include "codec.hpp"
+#include "procpool/cpu_count.hpp"
+#include "procpool/detail/code_identity.hpp"
+#include "procpool/detail/protocol.hpp"
+
+namespace procpool::mpi::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+/// Work aimed at per node chunk, for the whole node: long enough that a
+/// chunk's round trip is a small share of it, short enough that the nodes
+/// finish together and the progress bar moves.
+constexpr double node_chunk_seconds = 0.05;
+
+/// Inputs per node chunk at most: bounds the root's memory and the work an
+/// early-stopped imap leaves behind, whatever the task time.
+constexpr double max_node_chunk = 65536;
+
+/// Tasks at least this long are dealt to free workers only (see room_locked).
+constexpr double long_task_seconds = 0.01;
+
+std::mutex hub_mutex;
+std::shared_ptr<Hub> installed_hub;
+
+std::string this_host() {
+  char name[256] = {};
+  ::gethostname(name, sizeof name - 1);
+  return name;
+}
+
+/// Set while this thread runs the LocalNode's handle() with the hub's lock held.
+thread_local bool in_local_handle = false;
+
+}  // namespace
+
+// ---- Hub --------------------------------------------------------------------
+
+Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
+  local_ = std::make_unique<NodeServer>([this](Buffer m) { local_reply(std::move(m)); });
+  if (use_mpi && nodes.size() > 1) {
+    transport_ = std::make_unique<Transport>();
+    pump_ = std::thread([this] { pump(); });
+  }
+}
+
+Hub::~Hub() {
+  try {
+    shutdown();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "procpool::mpi: ending the pools failed: %s\n", e.what());
+  }
+}
+
+std::shared_ptr<Hub> Hub::current() {
+  std::lock_guard lock(hub_mutex);
+  if (!installed_hub) {
+    // No Session (or one without mpirun): a one-node pool, the root alone.
+    installed_hub = std::make_shared<Hub>(
+        false, std::vector<NodeSlot>{{0, this_host(), usable_cpu_count(), 0}});
+  }
+  return installed_hub;
+}
+
+void Hub::install(std::shared_ptr<Hub> hub) {
+  std::lock_guard lock(hub_mutex);
+  installed_hub = std::move(hub);
+}
+
+void Hub::shutdown() {
+  std::unique_lock lock(mutex);
+  if (stopped) return;
+  stopped = true;
+  if (transport_) {
+    for (std::size_t n = 1; n < nodes.size(); ++n)
+      transport_->send(nodes[n].rank, new_message(Msg::shutdown));
+    pump_wake_.notify_one();
+    // Each rank finishes its chunks, ends its pools and answers bye.
+    changed.wait(lock, [&] { return byes_ + 1 >= nodes.size(); });
+    pump_stop_ = true;
+    pump_wake_.notify_one();
+    lock.unlock();
+    pump_.join();
+    lock.lock();
+    while (!transport_->progress()) {
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+      lock.lock();
+    }
+  }
+  lock.unlock();
+  local_.reset();  // its replies route under the lock: it must not be held here
+}
+
+void Hub::send(std::size_t node, Buffer message) {
+  if (node == 0) {
+    in_local_handle = true;
+    try {
+      local_->handle(std::move(message));
+    } catch (...) {
+      in_local_handle = false;
+      throw;
+    }
+    in_local_handle = false;
+    std::vector<Buffer> pending = std::move(local_pending_);
+    local_pending_.clear();
+    for (Buffer& m : pending)
+      route(0, std::move(m));
+    if (!pending.empty()) changed.notify_all();
+    return;
+  }
+  transport_->send(nodes[node].rank, std::move(message));
+  pump_wake_.notify_one();
+}
+
+void Hub::local_reply(Buffer message) {
+  if (in_local_handle) {  // this thread holds the lock, inside send()
+    local_pending_.push_back(std::move(message));
+    return;
+  }
+  {
+    std::lock_guard lock(mutex);
+    route(0, std::move(message));
+  }
+  changed.notify_all();
+}
+
+bool Hub::remote_work_locked() const {
+  for (std::size_t n = 1; n < nodes.size(); ++n) {
+    if (nodes[n].inflight_chunks != 0) return true;
+  }
+  return insight_requests != 0 || stopped;
+}
+
+void Hub::pump() {
+  std::unique_lock lock(mutex);
+  unsigned idle = 0;
+  while (!pump_stop_) {
+    bool active = false;
+    try {
+      transport_->progress();
+      while (auto m = transport_->receive(-1)) {
+        route(static_cast<std::size_t>(m->first), std::move(m->second));
+        active = true;
+      }
+    } catch (const std::exception& e) {
+      // A corrupt message: nothing sensible can go on; say where and end the job.
+      std::fprintf(stderr, "procpool::mpi: the root (rank 0 on %s) cannot go on: %s\n",
+                   nodes[0].host.c_str(), e.what());
+      std::fflush(stderr);
+      std::abort();
+    }
+    if (active) {
+      idle = 0;
+      changed.notify_all();
+      continue;
+    }
+    // Poll fast while replies are due, slowly otherwise: MPI has no way to
+    // wake a thread, and the root's node runs workers on the same cores.
+    std::chrono::microseconds wait{20000};
+    if (remote_work_locked()) {
+      ++idle;
+      wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 500);
+    }
+    pump_wake_.wait_for(lock, wait);
+  }
+}
+
+void Hub::route(std::size_t node, Buffer message) {
+  const std::size_t bytes = message.size();
+  Msg type{};
+  Reader in = message_body(message, type);
+  switch (type) {
+    case Msg::chunk_done: {
+      const auto call = in.get<std::uint64_t>();
+      const auto chunk = in.get<std::uint64_t>();
+      const auto node_seconds = in.get<double>();
+      const auto run_seconds = in.get<double>();
+      const auto count = in.get<std::uint64_t>();
+      auto it = chunks.find(chunk);
+      if (it == chunks.end() || it->second.count != count || it->second.call != call) {
+        throw ProtocolError("procpool::mpi: a reply from rank " + std::to_string(node) +
+                            " for a chunk the root did not send");
+      }
+      ChunkRecord record = std::move(it->second);
+      chunks.erase(it);
+      --nodes[record.node].inflight_chunks;
+      nodes[record.node].inflight_items -= record.count;
+      PoolState& pool = *record.pool;
+      --pool.inflight_chunks;
+      NodeStats& s = pool.stats[record.node];
+      ++s.chunks;
+      s.tasks += record.count;
+      s.node_seconds += node_seconds;
+      s.round_trip_seconds += seconds(Clock::now() - record.sent);
+      s.bytes_received += bytes;
+      auto c = calls.find(call);
+      if (c != calls.end()) {
+        auto shared = std::make_shared<const Buffer>(std::move(message));
+        c->second->receive(record, run_seconds, in, shared);
+      } else if (record.report_if_orphaned) {
+        // A dropped Future's task: nobody will see its error unless it is said.
+        for (std::uint64_t i = 0; i < count; ++i) {
+          if (in.get<std::uint8_t>() != 0) {
+            in.take(static_cast<std::size_t>(in.get<std::uint64_t>()));
+            continue;
+          }
+          std::exception_ptr e =
+              load_error(in, record.first + i, nodes[node].rank, nodes[node].host);
+          ++pool.unobserved_errors;
+          try {
+            std::rethrow_exception(e);
+          } catch (const std::exception& err) {
+            std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n",
+                         err.what());
+          }
+        }
+      }
+      return;
+    }
+    case Msg::insights_reply: {
+      const auto request = in.get<std::uint64_t>();
+      insight_replies[request][node] = load_insights(in);
+      --insight_requests;
+      return;
+    }
+    case Msg::bye:
+      ++byes_;
+      return;
+    default:
+      throw ProtocolError("procpool::mpi: the root got a message of unknown type " +
+                          std::to_string(static_cast<int>(type)) + " from rank " +
+                          std::to_string(node));
+  }
+}
+
+// ---- CallState --------------------------------------------------------------
+
+CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
+                     CallHandle::Order order, std::optional<std::size_t> total, bool submitted)
+    : pool_(std::move(pool)),
+      hub_(*pool_->hub),
+      setup_(std::move(setup)),
+      feed_(std::move(feed)),
+      order_(order),
+      total_(total),
+      submitted_(submitted) {
+  std::unique_lock lock(hub_.mutex);
+  if (hub_.stopped) {
+    throw Error("procpool::mpi::Pool: the Session has ended; create pools while it lives");
+  }
+  id_ = ++hub_.next_id;
+  opened_.assign(hub_.nodes.size(), false);
+  hub_.calls[id_] = this;
+  if (pool_->options.progress.mode() != Progress::Mode::off) {
+    progress_ =
+        std::make_unique<procpool::detail::ProgressReporter>(pool_->options.progress, total);
+  }
+  if (submitted_) {
+    try {
+      top_up(lock);  // a submitted task runs whether or not anyone waits for it
+    } catch (...) {
+      hub_.calls.erase(id_);
+      throw;
+    }
+  }
+}
+
+CallState::~CallState() {
+  std::lock_guard lock(hub_.mutex);
+  hub_.calls.erase(id_);
+  if (progress_) progress_->finish(exhausted_ && chunks_out_ == 0 ? "done" : "stopped");
+  if (hub_.stopped || submitted_) return;  // a submitted call ends on the node by itself
+  for (std::size_t n = 0; n < opened_.size(); ++n) {
+    if (!opened_[n]) continue;
+    Buffer m = new_message(Msg::close_call);
+    Writer(m).put(id_);
+    try {
+      hub_.send(n, std::move(m));
+    } catch (...) {
+      // The node keeps the call's code until it ends; harmless.
+    }
+  }
+}
+
+bool CallState::front_ready_locked() const {
+  if (ready_.empty()) return false;
+  return order_ == CallHandle::Order::completion || ready_.begin()->first == next_index_;
+}
+
+std::optional<RawOutcome> CallState::pop_locked() {
+  if (!front_ready_locked()) return std::nullopt;
+  auto node = ready_.extract(ready_.begin());
+  ++delivered_;
+  if (order_ == CallHandle::Order::input) ++next_index_;
+  return std::move(node.mapped());
+}
+
+std::optional<RawOutcome> CallState::next() {
+  std::unique_lock lock(hub_.mutex);
+  for (;;) {
+    top_up(lock);
+    if (auto r = pop_locked()) return r;
+    if (exhausted_ && chunks_out_ == 0 && ready_.empty()) {
+      if (progress_) {
+        progress_->finish("done");
+        progress_.reset();
+      }
+      return std::nullopt;
+    }
+    if (hub_.stopped) throw Error("procpool::mpi::Pool: the Session ended during a call");
+    hub_.changed.wait_for(lock, std::chrono::milliseconds(100));
+  }
+}
+
+bool CallState::wait_until(Clock::time_point deadline) {
+  std::unique_lock lock(hub_.mutex);
+  for (;;) {
+    top_up(lock);
+    if (front_ready_locked() || (exhausted_ && chunks_out_ == 0)) return true;
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    hub_.changed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(100)));
+  }
+}
+
+std::exception_ptr CallState::decode_error(const RawOutcome& raw) {
+  std::string host;
+  {
+    std::lock_guard lock(hub_.mutex);
+    host = hub_.nodes[static_cast<std::size_t>(raw.rank)].host;
+  }
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return std::make_exception_ptr(
+        OnNode<TaskError>(raw.rank, host, raw.index, procpool::detail::demangle(typeid(e).name()),
+                          e.what(), TaskError::Stage::deserialize_result));
+  } catch (...) {
+    return std::make_exception_ptr(OnNode<TaskError>(raw.rank, host, raw.index, "unknown",
+                                                     "an exception not derived from std::exception",
+                                                     TaskError::Stage::deserialize_result));
+  }
+}
+
+std::size_t CallState::capacity_locked(std::size_t node) const {
+  // Enough chunks that the node never waits for the next one to arrive: with
+  // an explicit chunksize (small chunks) one per worker and more; with
+  // automatic ~50 ms node chunks, one running, one queued, one travelling;
+  // but one only until the first reply has measured the task time (a node
+  // runs the chunks that wait together as one batch, whose reply comes last).
+  if (pool_->options.chunksize != 0) return 2 * std::size_t{pool_->processes[node]} + 1;
+  return task_seconds_ == 0 ? 1 : 3;
+}
+
+bool CallState::long_tasks_locked() const {
+  return pool_->options.chunksize == 0 && task_seconds_ >= long_task_seconds;
+}
+
+std::size_t CallState::room_locked(std::size_t n) const {
+  const NodeSlot& node = hub_.nodes[n];
+  const std::size_t workers = pool_->processes[n];
+  if (long_tasks_locked()) {
+    // Near the end, long tasks go to free workers only: the last ones then
+    // run wherever a worker frees up first, instead of queueing behind a busy
+    // node while another idles.
+    // Until the end is near, one more task per worker waits on the node, to
+    // hide that round trip.
+    std::size_t limit = workers;
+    const std::size_t untaken = total_ ? *total_ - std::min(*total_, taken_) : SIZE_MAX;
+    if (untaken > 2 * std::size_t{pool_->total_processes()}) limit = 2 * workers;
+    return node.inflight_items >= limit ? 0 : limit - node.inflight_items;
+  }
+  if (node.inflight_chunks >= capacity_locked(n)) return 0;
+  return chunk_size_locked(n);
+}
+
+double CallState::load_locked(std::size_t n) const {
+  const NodeSlot& node = hub_.nodes[n];
+  if (long_tasks_locked()) {
+    return static_cast<double>(node.inflight_items) / pool_->processes[n];
+  }
+  return static_cast<double>(node.inflight_chunks) / static_cast<double>(capacity_locked(n));
+}
+
+std::size_t CallState::chunk_size_locked(std::size_t node) const {
+  if (pool_->options.chunksize != 0) return pool_->options.chunksize;
+  const double workers = pool_->processes[node];
+  std::size_t size = static_cast<std::size_t>(workers);  // first: one task per worker, to measure
+  if (task_seconds_ > 0) {
+    size = static_cast<std::size_t>(
+        std::clamp(node_chunk_seconds * workers / task_seconds_, 1.0, max_node_chunk));
+  }
+  if (total_) {
+    // Near the end, smaller chunks: every node finishes at about the same time.
+    const double left = static_cast<double>(*total_ - std::min(*total_, taken_));
+    const double share = left * workers / (2.0 * pool_->total_processes());
+    size = std::min(size, static_cast<std::size_t>(std::max(1.0, std::ceil(share))));
+  }
+  return std::max<std::size_t>(size, 1);
+}
+
+std::size_t CallState::inflight_bound_locked() const {
+  if (pool_->options.max_inflight != 0) return pool_->options.max_inflight;
+  std::size_t bound = 0;
+  for (std::size_t n = 0; n < hub_.nodes.size(); ++n)
+    bound += capacity_locked(n) * chunk_size_locked(n);
+  return std::max<std::size_t>(1024, 2 * bound);
+}
+
+void CallState::top_up(std::unique_lock<std::mutex>& lock) {
+  while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
+    if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
+    if (hub_.stopped) return;
+    // The least loaded node with room.
+    std::size_t best = hub_.nodes.size();
+    std::size_t size = 0;
+    double best_load = 0;
+    for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
+      const std::size_t room = room_locked(n);
+      if (room == 0) continue;
+      const double load = load_locked(n);
+      if (best == hub_.nodes.size() || load < best_load) {
+        best = n;
+        best_load = load;
+        size = std::min(room, chunk_size_locked(n));
+      }
+    }
+    if (best == hub_.nodes.size()) return;
+    const std::uint64_t chunk = ++hub_.next_id;
+    ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
+    hub_.nodes[best].inflight_items += size;
+    const std::size_t first = taken_;
+    std::size_t count = 0;
+    std::exception_ptr failed;
+    bool end = false;
+    Buffer message = new_message(Msg::chunk);
+    Writer w(message);
+    w.put(id_);
+    w.put(chunk);
+    const std::size_t count_at = w.size();
+    w.put(std::uint64_t{0});
+    const auto started = Clock::now();
+    lock.unlock();
+    try {
+      // The range is read without the lock: its code is the caller's.
+      while (count < size) {
+        const InputFeed::Fed fed = feed_->next(w, failed);
+        if (fed == InputFeed::Fed::end) {
+          end = true;
+          break;
+        }
+        if (fed == InputFeed::Fed::failed) break;
+        ++count;
+      }
+    } catch (...) {
+      lock.lock();
+      --hub_.nodes[best].inflight_chunks;
+      hub_.nodes[best].inflight_items -= size;
+      throw;
+    }
+    lock.lock();
+    pool_->encode_seconds += seconds(Clock::now() - started);
+    exhausted_ = end;
+    hub_.nodes[best].inflight_items -= size - count;
+    if (count == 0) {
+      --hub_.nodes[best].inflight_chunks;
+    } else {
+      const std::uint64_t n = count;
+      std::memcpy(message.data() + count_at, &n, sizeof n);
+      if (!opened_[best]) {
+        Buffer open = new_message(Msg::open_call);
+        Writer o(open);
+        o.put(pool_->id);
+        o.put(id_);
+        o.put(static_cast<std::uint8_t>(submitted_));
+        o.write(setup_.data(), setup_.size());
+        pool_->stats[best].bytes_sent += open.size();
+        hub_.send(best, std::move(open));
+        opened_[best] = true;
+      }
+      ChunkRecord& r = hub_.chunks[chunk];
+      r.call = id_;
+      r.pool = pool_;
+      r.first = first;
+      r.count = count;
+      r.node = best;
+      r.sent = Clock::now();
+      r.report_if_orphaned = submitted_;
+      ++pool_->inflight_chunks;
+      pool_->stats[best].bytes_sent += message.size();
+      taken_ += count;
+      ++chunks_out_;
+      hub_.send(best, std::move(message));
+    }
+    if (failed) {
+      ready_[taken_] = RawOutcome{taken_, nullptr, 0, failed, 0, nullptr};
+      ++taken_;
+    }
+  }
+}
+
+void CallState::receive(const ChunkRecord& chunk, double run_seconds, Reader& records,
+                        const std::shared_ptr<const Buffer>& message) {
+  const NodeSlot& node = hub_.nodes[chunk.node];
+  for (std::size_t i = 0; i < chunk.count; ++i) {
+    const std::size_t index = chunk.first + i;
+    RawOutcome o;
+    o.index = index;
+    o.rank = node.rank;
+    if (records.get<std::uint8_t>() != 0) {
+      o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
+      o.data = records.take(o.size);
+      o.keep = message;
+    } else {
+      o.error = load_error(records, index, node.rank, node.host);
+    }
+    ready_[index] = std::move(o);
+  }
+  --chunks_out_;
+  // One task's time on one worker, as if the chunk had had the node alone
+  // (other chunks running beside it make this an overestimate: smaller chunks, safe).
+  const double workers = pool_->processes[chunk.node];
+  const double measured = run_seconds * std::min(workers, static_cast<double>(chunk.count)) /
+                          static_cast<double>(chunk.count);
+  task_seconds_ = task_seconds_ == 0 ? measured : 0.5 * task_seconds_ + 0.5 * measured;
+  if (progress_) progress_->advance(chunk.count);
+}
+
+// ---- CallHandle -------------------------------------------------------------
+
+CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
+                       std::unique_ptr<InputFeed> feed, Order order,
+                       std::optional<std::size_t> total, bool submitted)
+    : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
+                                         total, submitted)) {}
+CallHandle::~CallHandle() = default;
+std::optional<RawOutcome> CallHandle::next() {
+  return state_->next();
+}
+bool CallHandle::wait_until(std::chrono::steady_clock::time_point deadline) {
+  return state_->wait_until(deadline);
+}
+std::exception_ptr CallHandle::decode_error(const RawOutcome& raw) {
+  return state_->decode_error(raw);
+}
+
+// ---- pools ------------------------------------------------------------------
+
+std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* factory,
+                                     const void* init, const std::type_info* state_type) {
+  if (options.start == Start::in_process) {
+    throw Error(
+        "procpool::mpi::Pool: Start::in_process is for procpool::Pool; debug the task with it "
+        "on one machine");
+  }
+  auto pool = std::make_shared<PoolState>();
+  pool->hub = Hub::current();
+  pool->options = options;
+  pool->state_type = state_type;
+  Hub& hub = *pool->hub;
+  std::unique_lock lock(hub.mutex);
+  if (hub.stopped) throw Error("procpool::mpi::Pool: the Session has ended");
+  pool->id = ++hub.next_id;
+  pool->stats.resize(hub.nodes.size());
+  Buffer message = new_message(Msg::create_pool);
+  Writer w(message);
+  w.put(pool->id);
+  Options sent = options;
+  sent.progress = Progress::off;  // the root draws progress over every node
+  sent.insights = nullptr;
+  save_options(w, sent);
+  procpool::detail::save_code_ref(w, procpool::detail::code_ref_of(factory));
+  w.put(static_cast<std::uint8_t>(init != nullptr));
+  if (init != nullptr) procpool::detail::save_code_ref(w, procpool::detail::code_ref(init));
+  for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+    pool->processes.push_back(options.processes != 0 ? options.processes
+                                                     : std::max(1u, hub.nodes[n].usable_cpus));
+    Buffer copy(message.size());
+    std::memcpy(copy.data(), message.data(), message.size());
+    pool->stats[n].bytes_sent += copy.size();
+    hub.send(n, std::move(copy));
+  }
+  return pool;
+}
+
+namespace {
+
+void wait_idle(PoolState& pool, std::unique_lock<std::mutex>& lock) {
+  pool.hub->changed.wait(lock, [&] { return pool.inflight_chunks == 0 || pool.hub->stopped; });
+}
+
+void end_pool_locked(PoolState& pool, Msg how) {
+  if (pool.ended) return;
+  pool.ended = true;
+  pool.closed = true;
+  if (pool.hub->stopped) return;
+  for (std::size_t n = 0; n < pool.hub->nodes.size(); ++n) {
+    Buffer m = new_message(how);
+    Writer(m).put(pool.id);
+    pool.hub->send(n, std::move(m));
+  }
+}
+
+}  // namespace
+
+void close_pool(PoolState& pool) noexcept {
+  try {
+    std::unique_lock lock(pool.hub->mutex);
+    pool.closed = true;
+    wait_idle(pool, lock);
+    end_pool_locked(pool, Msg::destroy_pool);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "procpool::mpi::Pool: ending the pool failed: %s\n", e.what());
+  }
+}
+
+void check_open(const PoolState& pool) {
+  std::lock_guard lock(pool.hub->mutex);
+  if (pool.closed)
+    throw PoolClosed("procpool::mpi::Pool: the pool was closed; no more work is accepted");
+}
+
+void check_state_type(const PoolState& pool, const std::type_info& wanted) {
+  if (pool.state_type == nullptr) {
+    throw Error("procpool::mpi::Pool: the function takes a worker state (" +
+                procpool::detail::demangle(wanted.name()) +
+                "&) but this pool has no initializer; create it with Pool(options, init)");
+  }
+  if (*pool.state_type != wanted) {
+    throw Error("procpool::mpi::Pool: the function takes a worker state of type " +
+                procpool::detail::demangle(wanted.name()) + " but the pool's initializer builds " +
+                procpool::detail::demangle(pool.state_type->name()));
+  }
+}
+
+void pool_close(PoolState& pool) {
+  std::lock_guard lock(pool.hub->mutex);
+  pool.closed = true;
+}
+
+void pool_join(PoolState& pool) {
+  std::unique_lock lock(pool.hub->mutex);
+  if (!pool.closed) {
+    throw Error(
+        "procpool::mpi::Pool::join: call close() or terminate() first, as work could still arrive");
+  }
+  wait_idle(pool, lock);
+  end_pool_locked(pool, Msg::destroy_pool);
+}
+
+void pool_terminate(PoolState& pool) {
+  std::lock_guard lock(pool.hub->mutex);
+  end_pool_locked(pool, Msg::terminate_pool);
+}
+
+unsigned pool_processes(const PoolState& pool) {
+  return pool.total_processes();
+}
+
+Insights pool_insights(PoolState& pool) {
+  Hub& hub = *pool.hub;
+  std::unique_lock lock(hub.mutex);
+  Insights out;
+  out.wall_seconds = seconds(Clock::now() - pool.started);
+  out.nodes = static_cast<unsigned>(hub.nodes.size());
+  out.processes = pool.total_processes();
+  out.root_encode_seconds = pool.encode_seconds;
+  out.unobserved_errors = pool.unobserved_errors;
+  std::map<std::size_t, procpool::Insights> replies;
+  if (!pool.ended && !hub.stopped) {
+    const std::uint64_t request = ++hub.next_id;
+    hub.insight_requests += hub.nodes.size();
+    for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+      Buffer m = new_message(Msg::insights);
+      Writer w(m);
+      w.put(pool.id);
+      w.put(request);
+      hub.send(n, std::move(m));
+    }
+    hub.changed.wait(lock, [&] {
+      return hub.insight_replies[request].size() == hub.nodes.size() || hub.stopped;
+    });
+    replies = std::move(hub.insight_replies[request]);
+    hub.insight_replies.erase(request);
+  }
+  double compute = 0;
+  for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+    NodeInsights node;
+    node.rank = hub.nodes[n].rank;
+    node.host = hub.nodes[n].host;
+    node.processes = pool.processes[n];
+    const NodeStats& s = pool.stats[n];
+    node.chunks = s.chunks;
+    node.tasks = s.tasks;
+    node.node_seconds = s.node_seconds;
+    node.round_trip_seconds = s.round_trip_seconds;
+    node.bytes_sent = s.bytes_sent;
+    node.bytes_received = s.bytes_received;
+    if (auto it = replies.find(n); it != replies.end()) node.pool = std::move(it->second);
+    for (const WorkerInsights& w : node.pool.workers)
+      compute += w.compute_seconds;
+    out.tasks += s.tasks;
+    out.transit_seconds += std::max(0.0, s.round_trip_seconds - s.node_seconds);
+    out.per_node.push_back(std::move(node));
+  }
+  if (out.wall_seconds > 0 && out.processes > 0) {
+    out.efficiency = compute / (out.wall_seconds * out.processes);
+  }
+  // The diagnosis: the cluster's share first, then the busiest node's own.
+  std::string idle;
+  for (const NodeInsights& n : out.per_node) {
+    if (n.tasks == 0 && out.tasks >= 2 * out.per_node.size()) {
+      idle += (idle.empty() ? "" : ", ") + n.host + ":" + std::to_string(n.rank);
+    }
+  }
+  double round_trip = 0;
+  double on_node = 0;
+  for (const NodeInsights& n : out.per_node) {
+    round_trip += n.round_trip_seconds;
+    on_node += n.node_seconds;
+  }
+  if (!idle.empty()) {
+    out.diagnosis = "node(s) " + idle +
+                    " got no work: too few inputs or chunks too large for this many nodes "
+                    "(lower Options::chunksize)";
+  } else if (round_trip > 0 && out.transit_seconds > 0.5 * round_trip && out.tasks > 0) {
+    out.diagnosis = "network-bound: chunks spent " +
+                    std::to_string(static_cast<int>(100 * out.transit_seconds / round_trip)) +
+                    "% of their round trip in transit or queued on the root; send more work per "
+                    "chunk (Options::chunksize, or fewer bytes per input and result)";
+  } else if (out.wall_seconds > 0 && out.root_encode_seconds > 0.5 * out.wall_seconds) {
+    out.diagnosis =
+        "root-bound: taking and serialising the inputs on the root took most of the time; "
+        "make inputs smaller or let the task produce its own input from an index";
+  } else {
+    std::size_t busiest = 0;
+    for (std::size_t n = 1; n < out.per_node.size(); ++n) {
+      if (out.per_node[n].node_seconds > out.per_node[busiest].node_seconds) busiest = n;
+    }
+    out.diagnosis = out.per_node.empty() || out.per_node[busiest].pool.diagnosis.empty()
+                        ? "no work yet"
+                        : "per node (busiest, " + out.per_node[busiest].host + ":" +
+                              std::to_string(out.per_node[busiest].rank) +
+                              "): " + out.per_node[busiest].pool.diagnosis;
+  }
+  (void)on_node;
+  return out;
+}
+
+}  // namespace procpool::mpi::detail
+
+namespace procpool::mpi {
+
+std::string Insights::to_string() const {
+  std::string s;
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "procpool::mpi: %u node(s), %u workers, %llu tasks in %.3f s, efficiency %.2f, "
+                "transit %.3f s, root encoding %.3f s\n",
+                nodes, processes, static_cast<unsigned long long>(tasks), wall_seconds, efficiency,
+                transit_seconds, root_encode_seconds);
+  s += line;
+  s += "  node (host:rank)             workers  chunks    tasks  on node s  round trip s   MB sent "
+       " MB recv\n";
+  for (const NodeInsights& n : per_node) {
+    const std::string name = n.host + ":" + std::to_string(n.rank);
+    std::snprintf(line, sizeof line, "  %-28s %7u %7llu %8llu %10.3f %13.3f %9.2f %8.2f\n",
+                  name.c_str(), n.processes, static_cast<unsigned long long>(n.chunks),
+                  static_cast<unsigned long long>(n.tasks), n.node_seconds, n.round_trip_seconds,
+                  static_cast<double>(n.bytes_sent) / 1e6,
+                  static_cast<double>(n.bytes_received) / 1e6);
+    s += line;
+  }
+  for (const NodeInsights& n : per_node) {
+    s += "  -- node " + n.host + ":" + std::to_string(n.rank) + " --\n";
+    std::string table = n.pool.to_string();
+    // Indent the node pool's own table under its node.
+    std::size_t at = 0;
+    while (at < table.size()) {
+      const std::size_t end = table.find('\n', at);
+      s += "    " + table.substr(at, end == std::string::npos ? std::string::npos : end - at + 1);
+      if (end == std::string::npos) {
+        s += "\n";
+        break;
+      }
+      at = end + 1;
+    }
+  }
+  if (unobserved_errors != 0) {
+    s += "  " + std::to_string(unobserved_errors) + " task(s) of dropped futures failed\n";
+  }
+  s += "  diagnosis: " + diagnosis + "\n";
+  return s;
+}
+
+}  // namespace procpool::mpi

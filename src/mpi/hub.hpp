@@ -1,0 +1,160 @@
+// The root's side of the MPI backend: the nodes (the root's own LocalNode and
+// one RemoteNode per other rank) and the calls that schedule work over them.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "node_server.hpp"
+#include "procpool/mpi.hpp"
+#include "wire.hpp"
+
+namespace procpool::mpi::detail {
+
+/// One node of the job as the root sees it (index = MPI rank).
+struct NodeSlot {
+  int rank = 0;
+  std::string host;
+  unsigned usable_cpus = 1;
+  std::size_t inflight_chunks = 0;  // over every pool and call
+  std::size_t inflight_items = 0;
+};
+
+/// A chunk the root sent and has no reply for yet.
+struct ChunkRecord {
+  std::uint64_t call = 0;
+  std::shared_ptr<PoolState> pool;
+  std::size_t first = 0;
+  std::size_t count = 0;
+  std::size_t node = 0;
+  std::chrono::steady_clock::time_point sent;
+  bool report_if_orphaned = false;  // a dropped Future's task: its error is still reported
+};
+
+/// Everything the root's pools share; one per process. Every field is
+/// guarded by `mutex`, and every MPI call on the root is made with it held
+/// (so MPI_THREAD_SERIALIZED suffices).
+class Hub {
+ public:
+  /// `nodes[0]` is the root itself. With `use_mpi`, the other nodes are the
+  /// other ranks and a thread polls MPI for their replies.
+  Hub(bool use_mpi, std::vector<NodeSlot> nodes);
+  ~Hub();
+  /// The Session's hub, or (without a Session) a one-node hub made on first use.
+  static std::shared_ptr<Hub> current();
+  static void install(std::shared_ptr<Hub> hub);
+  /// Tells every rank to finish and waits for them to say so; ends the LocalNode.
+  void shutdown();
+
+  /// Sends `message` to node `node` (with `mutex` held).
+  void send(std::size_t node, Buffer message);
+
+  std::mutex mutex;
+  std::condition_variable changed;  // a reply arrived
+  std::vector<NodeSlot> nodes;
+  std::uint64_t next_id = 0;
+  std::map<std::uint64_t, CallState*> calls;
+  std::map<std::uint64_t, ChunkRecord> chunks;
+  std::map<std::uint64_t, std::map<std::size_t, procpool::Insights>> insight_replies;
+  std::size_t insight_requests = 0;  // outstanding
+  bool stopped = false;
+
+ private:
+  void pump();
+  void local_reply(Buffer message);
+  void route(std::size_t node, Buffer message);
+  bool remote_work_locked() const;
+
+  std::unique_ptr<Transport> transport_;
+  std::unique_ptr<NodeServer> local_;
+  std::vector<Buffer> local_pending_;  // replies the LocalNode gave while `send` held the lock
+  std::thread pump_;
+  std::condition_variable pump_wake_;
+  bool pump_stop_ = false;
+  std::size_t byes_ = 0;
+};
+
+/// Per node, what one pool did there.
+struct NodeStats {
+  std::uint64_t chunks = 0;
+  std::uint64_t tasks = 0;
+  double node_seconds = 0;
+  double round_trip_seconds = 0;
+  std::uint64_t bytes_sent = 0;
+  std::uint64_t bytes_received = 0;
+};
+
+class PoolState {
+ public:
+  std::shared_ptr<Hub> hub;
+  std::uint64_t id = 0;
+  Options options;
+  const std::type_info* state_type = nullptr;
+  bool closed = false;
+  bool ended = false;
+  std::vector<unsigned> processes;  // per node
+  std::vector<NodeStats> stats;     // per node
+  std::size_t inflight_chunks = 0;
+  double encode_seconds = 0;
+  std::uint64_t unobserved_errors = 0;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+
+  unsigned total_processes() const {
+    unsigned n = 0;
+    for (unsigned p : processes)
+      n += p;
+    return n;
+  }
+};
+
+class CallState {
+ public:
+  CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
+            CallHandle::Order order, std::optional<std::size_t> total, bool submitted);
+  ~CallState();
+  std::optional<RawOutcome> next();
+  bool wait_until(std::chrono::steady_clock::time_point deadline);
+  std::exception_ptr decode_error(const RawOutcome& raw);
+  /// A chunk's reply (with the hub's lock held).
+  void receive(const ChunkRecord& chunk, double run_seconds, Reader& records,
+               const std::shared_ptr<const Buffer>& message);
+
+ private:
+  bool front_ready_locked() const;
+  std::optional<RawOutcome> pop_locked();
+  void top_up(std::unique_lock<std::mutex>& lock);
+  std::size_t chunk_size_locked(std::size_t node) const;
+  std::size_t capacity_locked(std::size_t node) const;
+  bool long_tasks_locked() const;
+  /// How many inputs node `node` may get now (0: it is full), and its load.
+  std::size_t room_locked(std::size_t node) const;
+  double load_locked(std::size_t node) const;
+  std::size_t inflight_bound_locked() const;
+
+  std::shared_ptr<PoolState> pool_;
+  Hub& hub_;
+  std::uint64_t id_;
+  Buffer setup_;
+  std::unique_ptr<InputFeed> feed_;
+  CallHandle::Order order_;
+  std::optional<std::size_t> total_;
+  bool submitted_;
+  std::vector<bool> opened_;  // per node: the call's code was sent
+  std::size_t taken_ = 0;     // inputs taken from the range
+  std::size_t delivered_ = 0;
+  std::size_t next_index_ = 0;  // input order: the next index to deliver
+  std::size_t chunks_out_ = 0;
+  bool exhausted_ = false;
+  double task_seconds_ = 0;  // estimated time of one task on one worker (0: unknown)
+  std::map<std::size_t, RawOutcome> ready_;
+  std::unique_ptr<procpool::detail::ProgressReporter> progress_;
+};
+
+}  // namespace procpool::mpi::detail

@@ -1,0 +1,243 @@
+#include "node_server.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <exception>
+#include <string>
+
+#include "procpool/detail/code_identity.hpp"
+
+namespace procpool::mpi::detail {
+namespace {
+
+/// Chunks that may run at once on one node; more wait in the queue.
+constexpr std::size_t max_executors = 256;
+/// Inputs of one batch of chunks at most (see executor()).
+constexpr std::uint64_t max_batch_inputs = 65536;
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+NodeServer::NodeServer(std::function<void(Buffer)> reply) : reply_(std::move(reply)) {}
+
+NodeServer::~NodeServer() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (std::thread& t : threads_)
+    t.join();
+  calls_.clear();
+  pools_.clear();  // each Pool finishes its accepted work and reaps its workers
+}
+
+void NodeServer::handle(Buffer message) {
+  Msg type{};
+  Reader in = message_body(message, type);
+  switch (type) {
+    case Msg::create_pool: {
+      const auto id = in.get<std::uint64_t>();
+      const Options options = load_options(in);
+      auto entry = std::make_shared<PoolEntry>();
+      try {
+        const CodeRef factory = procpool::detail::load_code_ref(in);
+        const void* init = nullptr;
+        if (in.get<std::uint8_t>() != 0) {
+          init = procpool::detail::code_address(procpool::detail::load_code_ref(in));
+        }
+        entry->pool = procpool::detail::function_at<NodePoolFactoryFn>(factory)(options, init);
+      } catch (...) {
+        entry->error = std::current_exception();
+      }
+      pools_[id] = std::move(entry);
+      return;
+    }
+    case Msg::destroy_pool:
+    case Msg::terminate_pool: {
+      const auto id = in.get<std::uint64_t>();
+      auto it = pools_.find(id);
+      if (it == pools_.end()) return;
+      if (type == Msg::terminate_pool && it->second->pool) it->second->pool->terminate();
+      // The last chunk that uses it ends it (its destructor waits for its work).
+      pools_.erase(it);
+      return;
+    }
+    case Msg::open_call: {
+      const auto pool = in.get<std::uint64_t>();
+      const auto call = in.get<std::uint64_t>();
+      auto entry = std::make_shared<CallEntry>();
+      entry->one_shot = in.get<std::uint8_t>() != 0;
+      auto p = pools_.find(pool);
+      if (p == pools_.end()) {
+        entry->error = std::make_exception_ptr(
+            Error("procpool::mpi: a call arrived for a pool this node does not have"));
+      } else {
+        entry->pool = p->second;
+        try {
+          const CodeRef factory = procpool::detail::load_code_ref(in);
+          entry->runner = procpool::detail::function_at<NodeCallFactoryFn>(factory)(in);
+        } catch (...) {
+          entry->error = std::current_exception();
+        }
+      }
+      calls_[call] = std::move(entry);
+      return;
+    }
+    case Msg::close_call: {
+      auto c = calls_.find(in.get<std::uint64_t>());
+      if (c == calls_.end()) return;
+      c->second->closed = true;
+      calls_.erase(c);
+      return;
+    }
+    case Msg::chunk: {
+      Job job;
+      job.arrived = std::chrono::steady_clock::now();
+      job.call_id = in.get<std::uint64_t>();
+      job.chunk = in.get<std::uint64_t>();
+      job.count = in.get<std::uint64_t>();
+      job.items_at = static_cast<std::size_t>(in.position() - message.data());
+      auto c = calls_.find(job.call_id);
+      if (c != calls_.end()) {
+        job.call = c->second;
+        // A submitted task: its call has this one chunk, and the root sends no close.
+        if (job.call->one_shot) calls_.erase(c);
+      }
+      job.message = std::move(message);
+      std::lock_guard lock(mutex_);
+      jobs_.push_back(std::move(job));
+      if (idle_ == 0 && threads_.size() < max_executors) {
+        threads_.emplace_back([this] { executor(); });
+      } else {
+        wake_.notify_one();
+      }
+      return;
+    }
+    case Msg::insights: {
+      const auto pool = in.get<std::uint64_t>();
+      const auto request = in.get<std::uint64_t>();
+      Buffer out = new_message(Msg::insights_reply);
+      Writer w(out);
+      w.put(request);
+      auto p = pools_.find(pool);
+      save_insights(w, p != pools_.end() && p->second->pool ? p->second->pool->insights()
+                                                            : procpool::Insights{});
+      reply_(std::move(out));
+      return;
+    }
+    default:
+      throw ProtocolError("procpool::mpi: a node got a message of unknown type " +
+                          std::to_string(static_cast<int>(type)));
+  }
+}
+
+void NodeServer::executor() {
+  std::unique_lock lock(mutex_);
+  std::vector<Job> batch;
+  for (;;) {
+    if (jobs_.empty()) {
+      if (stop_) return;
+      ++idle_;
+      wake_.wait(lock);
+      --idle_;
+      continue;
+    }
+    batch.push_back(std::move(jobs_.front()));
+    jobs_.pop_front();
+    // Chunks of the same call waiting behind it run with it, as one call on
+    // the node's Pool: small chunks (chunksize 1) then cost one call per
+    // batch instead of one each.
+    std::size_t inputs = batch.front().count;
+    for (auto it = jobs_.begin(); it != jobs_.end() && inputs < max_batch_inputs;) {
+      if (it->call_id == batch.front().call_id) {
+        inputs += it->count;
+        batch.push_back(std::move(*it));
+        it = jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    lock.unlock();
+    run(batch);
+    batch.clear();  // the call and its pool may end here, outside the lock
+    lock.lock();
+  }
+}
+
+void NodeServer::run(std::vector<Job>& jobs) {
+  struct Reply {
+    Buffer out;
+    std::size_t times_at = 0;
+    std::size_t records_at = 0;
+  };
+  std::vector<Reply> replies(jobs.size());
+  std::vector<Writer> writers;
+  writers.reserve(jobs.size());
+  std::vector<NodeChunk> chunks;
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    Reply& r = replies[j];
+    r.out = new_message(Msg::chunk_done);
+    Writer& w = writers.emplace_back(r.out);
+    w.put(jobs[j].call_id);
+    w.put(jobs[j].chunk);
+    r.times_at = w.size();
+    w.put(0.0);
+    w.put(0.0);
+    w.put(jobs[j].count);
+    r.records_at = w.size();
+    chunks.push_back(NodeChunk{jobs[j].count,
+                               Reader(jobs[j].message.data() + jobs[j].items_at,
+                                      jobs[j].message.size() - jobs[j].items_at),
+                               &w});
+  }
+  std::uint64_t batch_inputs = 0;
+  for (const Job& j : jobs)
+    batch_inputs += j.count;
+  const Job& job = jobs.front();  // every job of a batch is of the same call
+  const auto started = std::chrono::steady_clock::now();
+  std::exception_ptr error;
+  if (!job.call) {
+    error = std::make_exception_ptr(
+        Error("procpool::mpi: a chunk arrived for a call this node does not know"));
+  } else if (job.call->closed) {
+    error =
+        std::make_exception_ptr(PoolClosed("procpool::mpi: the call ended before this chunk ran"));
+  } else if (job.call->error) {
+    error = job.call->error;
+  } else if (job.call->pool->error) {
+    error = job.call->pool->error;
+  } else {
+    try {
+      job.call->runner->run(*job.call->pool->pool, chunks);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
+  const double run_seconds = seconds_since(started);
+  for (std::size_t j = 0; j < jobs.size(); ++j) {
+    Reply& r = replies[j];
+    if (error) {
+      // The whole chunk failed (the node's pool or the call's code could not
+      // be set up): every input reports why.
+      writers[j].truncate(r.records_at);
+      for (std::uint64_t i = 0; i < jobs[j].count; ++i) {
+        writers[j].put(std::uint8_t{0});
+        save_error(writers[j], error);
+      }
+    }
+    const double node_seconds = seconds_since(jobs[j].arrived);
+    // A batch's time, shared out by inputs: the root estimates task time from it.
+    const double share = run_seconds * static_cast<double>(jobs[j].count) /
+                         static_cast<double>(std::max<std::uint64_t>(1, batch_inputs));
+    std::memcpy(r.out.data() + r.times_at, &node_seconds, sizeof node_seconds);
+    std::memcpy(r.out.data() + r.times_at + sizeof(double), &share, sizeof share);
+    jobs[j].message = Buffer{};
+    reply_(std::move(r.out));
+  }
+}
+
+}  // namespace procpool::mpi::detail

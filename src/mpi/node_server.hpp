@@ -1,0 +1,75 @@
+// What every node of an mpi::Pool runs: the remote ranks in their serve
+// loop, the root in its LocalNode. It owns the node's procpool::Pools and
+// runs node chunks on them from a few threads, so that several chunks (of
+// one call or of several) keep the node's workers busy while the next ones travel.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "procpool/detail/mpi/node.hpp"
+#include "procpool/pool.hpp"
+#include "wire.hpp"
+
+namespace procpool::mpi::detail {
+
+class NodeServer {
+ public:
+  /// `reply` receives every message for the root, from any of the server's threads.
+  explicit NodeServer(std::function<void(Buffer)> reply);
+  /// Finishes the chunks already received, then ends every pool.
+  ~NodeServer();
+  NodeServer(const NodeServer&) = delete;
+  NodeServer& operator=(const NodeServer&) = delete;
+
+  /// Handles one message from the root (not shutdown); called from one thread.
+  void handle(Buffer message);
+
+ private:
+  struct PoolEntry {
+    std::shared_ptr<procpool::Pool> pool;
+    std::exception_ptr error;  // the pool could not be built: every chunk reports it
+  };
+  struct CallEntry {
+    std::shared_ptr<PoolEntry> pool;
+    std::unique_ptr<NodeCall> runner;
+    std::exception_ptr error;
+    /// The root dropped the call (its Results ended early): chunks still
+    /// queued are answered at once instead of run.
+    std::atomic<bool> closed{false};
+    bool one_shot = false;  // a submitted task's call: ends with its only chunk
+  };
+  struct Job {
+    std::shared_ptr<CallEntry> call;
+    std::uint64_t call_id = 0;
+    std::uint64_t chunk = 0;
+    std::uint64_t count = 0;
+    Buffer message;
+    std::size_t items_at = 0;
+    std::chrono::steady_clock::time_point arrived;
+  };
+  void run(std::vector<Job>& jobs);
+  void executor();
+
+  std::function<void(Buffer)> reply_;
+  std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
+  std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<Job> jobs_;
+  std::vector<std::thread> threads_;
+  unsigned idle_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace procpool::mpi::detail

@@ -1,0 +1,227 @@
+// procpool::mpi::Session: MPI start-up, the same-binary check, the serve
+// loop of every rank but the root, and the job's orderly end.
+#include <mpi.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "hub.hpp"
+#include "node_server.hpp"
+#include "procpool/cpu_count.hpp"
+#include "procpool/detail/code_identity.hpp"
+#include "procpool/mpi.hpp"
+#include "wire.hpp"
+
+namespace procpool::mpi {
+namespace detail {
+namespace {
+
+constexpr int host_length = 256;
+
+bool session_uses_mpi = false;
+bool session_exists = false;
+int session_rank = 0;
+int session_size = 1;
+
+/// Whether a launcher (mpirun, srun --mpi=pmix) started this process. A
+/// plain `./app` does not initialise MPI at all: Open MPI's singleton start
+/// would fork a daemon for a job that is one node anyway.
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"}) {
+    if (std::getenv(v) != nullptr) return true;
+  }
+  return false;
+}
+
+std::string this_host() {
+  char name[host_length] = {};
+  ::gethostname(name, host_length - 1);
+  return name;
+}
+
+[[noreturn]] void abort_job(const std::string& message, int code) {
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+/// Every rank but the root: serve the root's pools until it says shutdown.
+[[noreturn]] void serve_rank(int rank, const std::string& host) {
+  try {
+    Transport transport;
+    std::mutex mutex;
+    std::condition_variable ready;
+    std::deque<Buffer> outbox;
+    {
+      NodeServer server([&](Buffer m) {
+        {
+          std::lock_guard lock(mutex);
+          outbox.push_back(std::move(m));
+        }
+        ready.notify_one();
+      });
+      unsigned idle = 0;
+      for (bool running = true; running;) {
+        bool active = false;
+        while (auto m = transport.receive(0)) {
+          active = true;
+          Msg type{};
+          message_body(m->second, type);
+          if (type == Msg::shutdown) {
+            running = false;
+            break;
+          }
+          server.handle(std::move(m->second));
+        }
+        std::deque<Buffer> out;
+        {
+          std::lock_guard lock(mutex);
+          out.swap(outbox);
+        }
+        for (Buffer& m : out)
+          transport.send(0, std::move(m));
+        active = active || !out.empty();
+        const bool sending = !transport.progress();
+        if (active) {
+          idle = 0;
+          continue;
+        }
+        if (sending) {
+          // A large message moves (over TCP, say) only while MPI is called:
+          // keep calling it, without sleeping, until it has left.
+          std::this_thread::yield();
+          continue;
+        }
+        // MPI cannot wake a thread: poll fast just after activity, then
+        // slowly, so an idle rank costs its node's workers nothing.
+        ++idle;
+        const auto wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 1000);
+        std::unique_lock lock(mutex);
+        ready.wait_for(lock, wait, [&] { return !outbox.empty(); });
+      }
+    }  // the server finishes its chunks and ends its pools
+    for (Buffer& m : outbox)
+      transport.send(0, std::move(m));
+    transport.send(0, new_message(Msg::bye));
+    while (!transport.progress())
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+  } catch (const std::exception& e) {
+    abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+                  " cannot go on serving the root: " + e.what() + "; ending the job",
+              1);
+  }
+  MPI_Finalize();
+  std::exit(0);
+}
+
+}  // namespace
+
+std::optional<std::string> identity_mismatch(int rank, const std::string& host,
+                                             const std::string& mine, const std::string& root_host,
+                                             const std::string& roots) {
+  if (mine == roots) return std::nullopt;
+  return "procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+         " runs a different executable than the root (rank 0 on " + root_host +
+         "): its identity is " + mine + ", the root's " + roots +
+         ". Functions cross ranks by their offset in the executable, so every rank must run the "
+         "very same build: copy the binary to every node (or use a shared file system) and "
+         "relaunch. Ending the job.";
+}
+
+}  // namespace detail
+
+Session::Session(int& argc, char**& argv) {
+  if (detail::session_exists) throw Error("procpool::mpi::Session: only one Session per process");
+  detail::session_exists = true;
+  if (!detail::launched_by_mpi()) {
+    detail::Hub::install(nullptr);  // a one-node hub is made on first use
+    return;
+  }
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  detail::session_uses_mpi = true;
+  MPI_Comm_rank(MPI_COMM_WORLD, &detail::session_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &detail::session_size);
+  const int rank = detail::session_rank;
+  const std::string host = detail::this_host();
+
+  // Root's identity and host to every rank; every rank compares its own.
+  std::string identity = procpool::detail::executable_identity();
+  char root_host[detail::host_length] = {};
+  std::snprintf(root_host, sizeof root_host, "%s", host.c_str());
+  MPI_Bcast(root_host, detail::host_length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  int length = static_cast<int>(identity.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  std::string roots(static_cast<std::size_t>(length), '\0');
+  if (rank == 0) roots = identity;
+  MPI_Bcast(roots.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  if (auto mismatch = detail::identity_mismatch(rank, host, identity, root_host, roots)) {
+    detail::abort_job(*mismatch, 3);
+  }
+
+  // Hosts and usable CPUs to the root.
+  char mine[detail::host_length] = {};
+  std::snprintf(mine, sizeof mine, "%s", host.c_str());
+  std::vector<char> hosts(
+      rank == 0 ? static_cast<std::size_t>(detail::session_size) * detail::host_length : 1);
+  MPI_Gather(mine, detail::host_length, MPI_CHAR, hosts.data(), detail::host_length, MPI_CHAR, 0,
+             MPI_COMM_WORLD);
+  unsigned cpus = usable_cpu_count();
+  std::vector<unsigned> all_cpus(static_cast<std::size_t>(detail::session_size));
+  MPI_Gather(&cpus, 1, MPI_UNSIGNED, all_cpus.data(), 1, MPI_UNSIGNED, 0, MPI_COMM_WORLD);
+
+  if (rank != 0) {
+    if (provided < MPI_THREAD_FUNNELED) {
+      detail::abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+                            ": this MPI library does not support threads (MPI_THREAD_FUNNELED)",
+                        2);
+    }
+    detail::serve_rank(rank, host);
+  }
+  if (provided < MPI_THREAD_SERIALIZED) {
+    detail::abort_job(
+        "procpool::mpi: the MPI library gives only thread level " + std::to_string(provided) +
+            "; procpool needs MPI_THREAD_SERIALIZED (Open MPI built with thread support)",
+        2);
+  }
+  std::vector<detail::NodeSlot> nodes;
+  for (int r = 0; r < detail::session_size; ++r) {
+    const char* h = hosts.data() + static_cast<std::size_t>(r) * detail::host_length;
+    nodes.push_back(detail::NodeSlot{r, std::string(h, strnlen(h, detail::host_length)),
+                                     all_cpus[static_cast<std::size_t>(r)], 0});
+  }
+  detail::Hub::install(std::make_shared<detail::Hub>(true, std::move(nodes)));
+}
+
+Session::~Session() {
+  std::shared_ptr<detail::Hub> hub = detail::Hub::current();
+  detail::Hub::install(nullptr);
+  try {
+    hub->shutdown();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "procpool::mpi::Session: ending the job: %s\n", e.what());
+  }
+  hub.reset();
+  if (detail::session_uses_mpi) MPI_Finalize();
+  detail::session_exists = false;
+}
+
+int Session::rank() const noexcept {
+  return detail::session_rank;
+}
+
+int Session::size() const noexcept {
+  return detail::session_size;
+}
+
+}  // namespace procpool::mpi

@@ -1,0 +1,100 @@
+// The messages between the root and the nodes of an mpi::Pool, and the MPI
+// transport that carries them between ranks.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "procpool/detail/buffer.hpp"
+#include "procpool/insights.hpp"
+#include "procpool/options.hpp"
+
+namespace procpool::mpi::detail {
+
+using procpool::detail::Buffer;
+using procpool::detail::Reader;
+using procpool::detail::Writer;
+
+/// Every message starts with an 8-byte slot (its total size, filled in by the
+/// transport) and this type.
+enum class Msg : std::uint8_t {
+  // root -> node
+  create_pool = 1,  // u64 pool, options, code ref factory, u8 has init, [code ref init]
+  destroy_pool,     // u64 pool: finish its work and end its workers
+  terminate_pool,   // u64 pool: kill its workers now
+  open_call,        // u64 pool, u64 call, u8 one shot, setup bytes (rest)
+  chunk,            // u64 call, u64 chunk, u64 count, framed inputs (rest)
+  close_call,       // u64 call
+  insights,         // u64 pool, u64 request
+  shutdown,         // finish everything, answer bye, exit
+  // node -> root
+  chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, u64 count, outcome records
+  insights_reply,    // u64 request, insights
+  bye,
+};
+
+constexpr std::size_t message_header = sizeof(std::uint64_t);
+
+/// A new message of `type`, ready for more fields.
+inline Buffer new_message(Msg type) {
+  Buffer b;
+  Writer out(b);
+  out.put(std::uint64_t{0});
+  out.put(type);
+  return b;
+}
+
+/// A reader over a message's fields after its type.
+inline Reader message_body(const Buffer& message, Msg& type) {
+  Reader in(message);
+  in.take(message_header);
+  type = in.get<Msg>();
+  return in;
+}
+
+inline void put_string(Writer& out, const std::string& s) {
+  out.put(static_cast<std::uint64_t>(s.size()));
+  out.write(s.data(), s.size());
+}
+inline std::string get_string(Reader& in) {
+  const auto n = in.get<std::uint64_t>();
+  if (n > in.remaining()) throw ProtocolError("procpool::mpi: corrupt message (string length)");
+  std::string s(static_cast<std::size_t>(n), '\0');
+  in.read(s.data(), s.size());
+  return s;
+}
+
+void save_options(Writer& out, const Options& options);
+Options load_options(Reader& in);
+void save_insights(Writer& out, const procpool::Insights& insights);
+procpool::Insights load_insights(Reader& in);
+
+/// Messages of any size between ranks over MPI_COMM_WORLD. Open MPI 4.1
+/// counts in int, so a message travels as pieces of at most 1 GiB: the first
+/// (which holds the total size in its header slot), then the rest, received
+/// straight into place. Not thread-safe: one thread per process uses it (or
+/// the callers serialise, as the root's Hub does).
+class Transport {
+ public:
+  Transport();
+  ~Transport();
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+  /// Starts sending; the message is kept until MPI is done with it.
+  void send(int rank, Buffer message);
+  /// Completes what it can of the sends; true when none is left.
+  bool progress();
+  /// A whole message from `rank` (or any rank: -1), if one has arrived.
+  std::optional<std::pair<int, Buffer>> receive(int rank);
+
+ private:
+  struct Pending;
+  std::list<Pending> pending_;
+  std::size_t max_piece_;
+};
+
+}  // namespace procpool::mpi::detail

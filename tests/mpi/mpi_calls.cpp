@@ -1,0 +1,145 @@
+// Every call of procpool::mpi::Pool against procpool::Pool on the same inputs,
+// and work landing on every rank. Run as `mpirun -n 3 ... mpi_calls` or alone.
+#include <procpool/mpi.hpp>
+#include <procpool/pool.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <ranges>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mpi_check.hpp"
+
+namespace {
+
+long square(int x) {
+  return static_cast<long>(x) * x;
+}
+std::string label(int x, const std::string& prefix, int scale) {
+  return prefix + std::to_string(x * scale);
+}
+int add(int a, int b) {
+  return a + b;
+}
+struct Table {
+  std::vector<int> values;
+};
+Table make_table() {
+  Table t;
+  for (int i = 0; i < 100; ++i)
+    t.values.push_back(i * 3);
+  return t;
+}
+int lookup(Table& t, int i) {
+  return t.values[static_cast<std::size_t>(i % 100)];
+}
+long slow_square(int x) {
+  ::usleep(200);
+  return static_cast<long>(x) * x;
+}
+int hostname_hash(int) {
+  return static_cast<int>(::getpid());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  procpool::mpi::Session session(argc, argv);
+  const int nodes = session.size();
+  std::vector<int> inputs(3000);
+  for (int i = 0; i < 3000; ++i)
+    inputs[static_cast<std::size_t>(i)] = i;
+
+  procpool::Pool local({.processes = 2});
+  {
+    procpool::mpi::Pool pool({.processes = 2});
+    MPI_CHECK(pool.processes() == 2u * static_cast<unsigned>(nodes));
+
+    // map: identical to procpool::Pool
+    auto want = local.map(&square, inputs);
+    auto got = pool.map(&square, inputs);
+    MPI_CHECK(got == want);
+
+    // map with extra arguments, and a capture-less lambda
+    auto want_labels = local.map(&label, inputs, std::string("n"), 2);
+    auto got_labels = pool.map(&label, inputs, std::string("n"), 2);
+    MPI_CHECK(got_labels == want_labels);
+    auto lambda = pool.map([](int x) { return x + 1; }, inputs);
+    MPI_CHECK(lambda.size() == inputs.size() && lambda[2999] == 3000);
+
+    // imap over an endless range, stopped early: in order, bounded
+    long sum = 0;
+    int seen = 0;
+    for (long v : pool.imap(&square, std::views::iota(0))) {
+      MPI_CHECK(v == static_cast<long>(seen) * seen);
+      sum += v;
+      if (++seen == 5000) break;
+    }
+    MPI_CHECK(seen == 5000);
+
+    // imap_unordered: global indices, each exactly once
+    std::vector<int> hits(inputs.size(), 0);
+    for (auto [index, value] : pool.imap_unordered(&slow_square, inputs)) {
+      MPI_CHECK(index < inputs.size());
+      MPI_CHECK(value == static_cast<long>(index) * static_cast<long>(index));
+      ++hits[index];
+    }
+    MPI_CHECK(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }));
+
+    // starmap
+    std::vector<std::tuple<int, int>> pairs;
+    for (int i = 0; i < 500; ++i)
+      pairs.emplace_back(i, 2 * i);
+    MPI_CHECK(pool.starmap(&add, pairs) == local.starmap(&add, pairs));
+
+    // map_outcomes: all succeed, indices global
+    auto outcomes = pool.map_outcomes(&square, inputs);
+    MPI_CHECK(outcomes.size() == inputs.size());
+    for (std::size_t i = 0; i < outcomes.size(); ++i) {
+      MPI_CHECK(outcomes[i].ok() && outcomes[i].index == i);
+      MPI_CHECK(*outcomes[i].value == square(static_cast<int>(i)));
+    }
+
+    // submit, waited for and dropped
+    auto f = pool.submit(&add, 20, 22);
+    MPI_CHECK(f.wait_for(std::chrono::seconds(30)) == std::future_status::ready);
+    MPI_CHECK(f.get() == 42);
+    std::vector<procpool::mpi::Future<int>> futures;
+    for (int i = 0; i < 50; ++i)
+      futures.push_back(pool.submit(&add, i, i));
+    for (int i = 0; i < 50; ++i)
+      MPI_CHECK(futures[static_cast<std::size_t>(i)].get() == 2 * i);
+    pool.submit(&add, 1, 2);  // dropped: still runs, nothing to report
+
+    // work landed on every node
+    procpool::mpi::Insights in = pool.insights();
+    std::fprintf(stderr, "%s", in.to_string().c_str());
+    MPI_CHECK(in.per_node.size() == static_cast<std::size_t>(nodes));
+    for (const auto& n : in.per_node) {
+      MPI_CHECK_MSG(n.tasks > 0, "node " + n.host + ":" + std::to_string(n.rank) + " got no tasks");
+      MPI_CHECK(n.pool.workers.size() == 2);
+    }
+    (void)sum;
+    (void)&hostname_hash;
+  }
+  {
+    // initializer state, built once per worker on every node
+    procpool::mpi::Pool pool({.processes = 2}, &make_table);
+    procpool::Pool reference({.processes = 2}, &make_table);
+    MPI_CHECK(pool.map(&lookup, inputs) == reference.map(&lookup, inputs));
+    // a capture-less lambda as initializer
+    procpool::mpi::Pool lam({.processes = 1}, [] { return make_table(); });
+    MPI_CHECK(lam.map(&lookup, inputs) == reference.map(&lookup, inputs));
+    // the default worker count: each node's usable CPUs
+    procpool::mpi::Pool all(procpool::Options{});
+    MPI_CHECK(all.processes() >= static_cast<unsigned>(nodes));
+    MPI_CHECK(all.map(&square, inputs) == local.map(&square, inputs));
+  }
+  std::fprintf(stderr, "mpi_calls: OK on %d node(s)\n", nodes);
+  return 0;
+}

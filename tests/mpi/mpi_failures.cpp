@@ -1,0 +1,221 @@
+// What must never happen, each case a mode of this program:
+//   errors       a task throws / crashes / times out on some node: that task's
+//                error (global index, node named), or its retry; the rest goes on
+//   kill_rank    rank 1 is SIGKILLed mid-call: the job must end, non-zero, naming it
+//   root_throws  the root throws out of main: every rank must end
+//   root_throws_caught  ... and the exception is caught past the Session: status 0
+//   long         runs until interrupted (Ctrl-C / scancel tests)
+//   identity     the same-binary check refuses a wrong executable identity
+#include <procpool/mpi.hpp>
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mpi_check.hpp"
+
+namespace {
+
+int throws_on_7(int x) {
+  if (x % 500 == 7) throw std::invalid_argument("bad input " + std::to_string(x));
+  return x;
+}
+int crashes_on_1234(int x) {
+  if (x == 1234) ::raise(SIGSEGV);
+  return x;
+}
+int hangs_on_77(int x) {
+  if (x == 77) ::sleep(30);
+  return x;
+}
+/// Crashes the first time it runs an input on a node (marker file per node
+/// process tree), succeeds when retried.
+int crashes_once(int x) {
+  if (x % 100 == 3) {
+    const std::string marker =
+        "/tmp/procpool-mpi-retry-" + std::to_string(::getppid()) + "-" + std::to_string(x);
+    if (std::ifstream(marker).good()) return x;
+    std::ofstream(marker) << "ran";
+    ::raise(SIGKILL);
+  }
+  return x;
+}
+int kills_rank_1(int x) {
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  if (x >= 300 && rank != nullptr && std::strcmp(rank, "1") == 0) ::kill(::getppid(), SIGKILL);
+  ::usleep(2000);
+  return x;
+}
+
+std::vector<int> range(int n) {
+  std::vector<int> v(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i)
+    v[static_cast<std::size_t>(i)] = i;
+  return v;
+}
+
+template <class E>
+const procpool::mpi::ErrorLocation& location(const E& e) {
+  auto* at = dynamic_cast<const procpool::mpi::ErrorLocation*>(&e);
+  MPI_CHECK_MSG(at != nullptr, std::string("no node on: ") + e.what());
+  return *at;
+}
+
+void errors(int nodes) {
+  procpool::mpi::Pool pool({.processes = 2});
+  const std::vector<int> inputs = range(3000);
+
+  // map throws the first failing input's TaskError, in input order, naming its node.
+  try {
+    pool.map(&throws_on_7, inputs);
+    MPI_CHECK(false);
+  } catch (const procpool::TaskError& e) {
+    MPI_CHECK(e.index() == 7);
+    MPI_CHECK(e.type_name() == "std::invalid_argument");
+    MPI_CHECK(e.remote_what() == "bad input 7");
+    MPI_CHECK_MSG(std::string(e.what()).find("(on node ") != std::string::npos, e.what());
+    location(e);
+  }
+
+  // map_outcomes: every failing input alone, with its global index; some on other nodes.
+  auto outcomes = pool.map_outcomes(&throws_on_7, inputs);
+  std::vector<bool> failed_on_rank(static_cast<std::size_t>(nodes), false);
+  for (const auto& o : outcomes) {
+    if (o.index % 500 == 7) {
+      MPI_CHECK(!o.ok());
+      try {
+        std::rethrow_exception(o.error);
+      } catch (const procpool::TaskError& e) {
+        MPI_CHECK(e.index() == o.index);
+        MPI_CHECK(e.remote_what() == "bad input " + std::to_string(o.index));
+        failed_on_rank[static_cast<std::size_t>(location(e).rank())] = true;
+      }
+    } else {
+      MPI_CHECK(o.ok() && *o.value == static_cast<int>(o.index));
+    }
+  }
+  if (nodes > 1) {
+    bool remote = false;
+    for (std::size_t r = 1; r < failed_on_rank.size(); ++r)
+      remote = remote || failed_on_rank[r];
+    MPI_CHECK_MSG(remote, "no failing task ran on another rank");
+  }
+
+  // A crash costs its task only.
+  auto crashed = pool.map_outcomes(&crashes_on_1234, inputs);
+  for (const auto& o : crashed) {
+    if (o.index == 1234) {
+      try {
+        std::rethrow_exception(o.error);
+      } catch (const procpool::WorkerCrashed& e) {
+        MPI_CHECK(e.index() == 1234);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+        // The sanitizer runtime catches the segfault and exits with a status itself.
+        MPI_CHECK(e.signal() == SIGSEGV || e.exit_status() != 0);
+#else
+        MPI_CHECK(e.signal() == SIGSEGV);
+#endif
+        std::fprintf(stderr, "as expected: %s\n", e.what());
+      }
+    } else {
+      MPI_CHECK(o.ok());
+    }
+  }
+  // The pool goes on after it.
+  MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2, 3}) == (std::vector<int>{1, 2, 3}));
+
+  // A timeout costs its task only, promptly.
+  {
+    procpool::mpi::Pool timed({.processes = 2, .task_timeout = std::chrono::milliseconds(500)});
+    const auto start = std::chrono::steady_clock::now();
+    auto timed_out = timed.map_outcomes(&hangs_on_77, range(300));
+    MPI_CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(15));
+    for (const auto& o : timed_out) {
+      if (o.index == 77) {
+        try {
+          std::rethrow_exception(o.error);
+        } catch (const procpool::TaskTimeout& e) {
+          MPI_CHECK(e.index() == 77);
+          std::fprintf(stderr, "as expected: %s\n", e.what());
+        }
+      } else {
+        MPI_CHECK(o.ok());
+      }
+    }
+  }
+
+  // Retries: a task whose worker died runs again and succeeds.
+  {
+    procpool::mpi::Pool retrying({.processes = 2, .retries = 2});
+    auto got = retrying.map(&crashes_once, range(1000));
+    MPI_CHECK(got == range(1000));
+  }
+  std::fprintf(stderr, "mpi_failures errors: OK on %d node(s)\n", nodes);
+}
+
+void kill_rank() {
+  procpool::mpi::Pool pool({.processes = 2});
+  pool.map(&kills_rank_1, range(4000));
+  std::fprintf(stderr, "mpi_failures kill_rank: the call returned although rank 1 died\n");
+}
+
+void root_throws() {
+  procpool::mpi::Pool pool({.processes = 1});
+  MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2}).size() == 2);
+  throw std::runtime_error("the root gives up");
+}
+
+int slow(int x) {
+  ::usleep(20000);
+  return x;
+}
+
+/// Runs until interrupted (Ctrl-C, scancel): the launcher's signal must end it all.
+void long_run() {
+  procpool::mpi::Pool pool({.processes = 2});
+  std::fprintf(stderr, "mpi_failures long: running\n");
+  pool.map(&slow, range(100000));
+}
+
+void identity() {
+  using procpool::mpi::detail::identity_mismatch;
+  MPI_CHECK(!identity_mismatch(1, "a", "build-id:1", "b", "build-id:1"));
+  auto message = identity_mismatch(2, "node7", "build-id:abc", "node1", "build-id:def");
+  MPI_CHECK(message.has_value());
+  MPI_CHECK(message->find("rank 2 on node7") != std::string::npos);
+  MPI_CHECK(message->find("build-id:abc") != std::string::npos);
+  MPI_CHECK(message->find("rank 0 on node1") != std::string::npos);
+  std::fprintf(stderr, "mpi_failures identity: OK\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "errors";
+  if (mode == "identity") {
+    identity();
+    return 0;
+  }
+  if (mode == "root_throws_caught") {
+    // The exception unwinds through the Session: every rank ends normally.
+    try {
+      procpool::mpi::Session session(argc, argv);
+      root_throws();
+    } catch (const std::runtime_error& e) {
+      std::fprintf(stderr, "mpi_failures: the root caught: %s\n", e.what());
+    }
+    return 0;
+  }
+  procpool::mpi::Session session(argc, argv);
+  if (mode == "errors") errors(session.size());
+  if (mode == "long") long_run();
+  if (mode == "kill_rank") kill_rank();
+  if (mode == "root_throws") root_throws();
+  return 0;
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Runs an MPI test program under a real mpirun on this host, bounded in time.
+#   run_mpi.sh [--ranks N] [--within S] [--expect-fail REGEX] [--expect REGEX] PROGRAM [ARGS...]
+# --interrupt-after S sends SIGINT (Ctrl-C) to the launcher after S seconds.
+# --ranks 0 runs PROGRAM without mpirun (a plain ./app). Without --expect-fail
+# the job must exit 0; with it, the job must exit non-zero within S seconds and
+# its output must match REGEX. Either way no process of PROGRAM may be left
+# behind a few seconds after the job ends.
+set -uo pipefail
+ranks=3 within=60 expect_fail="" expect="" interrupt=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --ranks) ranks=$2; shift 2 ;;
+    --within) within=$2; shift 2 ;;
+    --expect-fail) expect_fail=$2; shift 2 ;;
+    --expect) expect=$2; shift 2 ;;
+    --interrupt-after) interrupt=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+prog=$1
+shift
+# Open MPI 4.1 refuses root without these (CI runs as root); --oversubscribe:
+# more ranks than cores on a 2-core box; --bind-to none: each rank sees every
+# core, so its usable_cpu_count() (and its pool's worker count) is realistic.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+start=$(date +%s%N)
+if [ "$ranks" = 0 ]; then
+  timeout -k 5 "$within" "$prog" "$@" >"$out" 2>&1 &
+else
+  timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe --bind-to none "$prog" "$@" >"$out" 2>&1 &
+fi
+job=$!
+if [ -n "$interrupt" ]; then
+  # Ctrl-C: timeout passes SIGINT on to mpirun, which passes it to every rank.
+  sleep "$interrupt"
+  kill -INT "$job"
+fi
+wait "$job"
+rc=$?
+elapsed_ms=$((($(date +%s%N) - start) / 1000000))
+elapsed=$((elapsed_ms / 1000)).$(printf %03d $((elapsed_ms % 1000)))
+tail -n 60 "$out"
+echo "run_mpi: exit status $rc after ${elapsed}s"
+fail=0
+# timeout says 124 (or 137 after -k); mpirun itself says 137 when a rank was
+# SIGKILLed, so only the time tells a hang.
+if [ "$rc" = 124 ] || { [ "$rc" = 137 ] && [ "$elapsed_ms" -ge $((within * 1000)) ]; }; then
+  echo "run_mpi: FAIL: the job did not end within ${within}s (a hang)" >&2
+  fail=1
+elif [ -n "$expect_fail" ]; then
+  if [ "$rc" = 0 ]; then
+    echo "run_mpi: FAIL: the job should have failed" >&2
+    fail=1
+  elif ! grep -Eq -- "$expect_fail" "$out"; then
+    echo "run_mpi: FAIL: the output does not say /$expect_fail/" >&2
+    fail=1
+  fi
+elif [ "$rc" != 0 ]; then
+  echo "run_mpi: FAIL: exit status $rc" >&2
+  fail=1
+fi
+if [ -n "$expect" ] && ! grep -Eq -- "$expect" "$out"; then
+  echo "run_mpi: FAIL: the output does not say /$expect/" >&2
+  fail=1
+fi
+# Nothing of the job may outlive it (ranks, their forked workers: their
+# command lines start with the program; this script's, and its subshells',
+# name it later).
+left() { pgrep -f -- "^$prog( |\$)"; }
+for _ in $(seq 50); do
+  left >/dev/null || break
+  sleep 0.1
+done
+if left >/dev/null; then
+  echo "run_mpi: FAIL: processes left behind:" >&2
+  ps -o pid,args -p "$(left | paste -sd,)" >&2
+  fail=1
+fi
+exit $fail
