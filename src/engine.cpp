@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <limits>
 #include <map>
@@ -20,6 +21,7 @@
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
 #include "arena_cache.hpp"
+#include "oom.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -197,6 +199,9 @@ class Engine::Impl final : private ReplySink {
   void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
   /// Gives up on the pool when new workers keep dying before they are ready.
   void note_start_up_death(pid_t pid, const WorkerExit& exit);
+  /// The error for a task whose worker died under it: an OOM kill says so.
+  std::exception_ptr crash_of(std::size_t index, pid_t pid, const WorkerExit& exit,
+                              unsigned position);
   /// Starts `processes` workers, or as many as the machine's limits allow.
   void start_workers();
   void requeue_front(std::deque<Chunk>& chunks);
@@ -222,6 +227,7 @@ class Engine::Impl final : private ReplySink {
   std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
   unsigned start_up_deaths_ = 0;  // in a row, see note_start_up_death
+  OomWatch oom_;
   static constexpr unsigned orphan_allowance = 3;
   bool stopping_ = false;
   std::exception_ptr broken_;  // set when workers keep dying before doing any work
@@ -539,9 +545,8 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     if (at > 0) requeue.push_back(slice(chunk, 0, at));
     const auto index = static_cast<std::size_t>(culprit);
     std::exception_ptr failure =
-        loss == Loss::timed_out
-            ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
-            : std::make_exception_ptr(WorkerCrashed(index, pid, exit.signal, exit.code));
+        loss == Loss::timed_out ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
+                                : crash_of(index, pid, exit, w.position);
     Chunk task = slice(chunk, at, at + 1);
     task.attempts = culprit_attempts;
     charge(std::move(task), failure, requeue);
@@ -557,6 +562,21 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     return;
   }
   if (!stopping_) start_worker(position);
+}
+
+std::exception_ptr Engine::Impl::crash_of(std::size_t index, pid_t pid, const WorkerExit& exit,
+                                          unsigned position) {
+  if (exit.signal == SIGKILL) {
+    if (std::optional<std::string> seen = oom_.explain_kill(exit.counted.peak_rss_kb)) {
+      telemetry_.note_out_of_memory("worker " + std::to_string(position) + " (pid " +
+                                    std::to_string(pid) + ") running task " +
+                                    std::to_string(index) + " was killed by the OOM killer: " +
+                                    seen->substr(seen->find(": ") + 2) +
+                                    "; use fewer processes, or tasks that need less memory");
+      return std::make_exception_ptr(WorkerCrashed::out_of_memory(index, pid, *seen));
+    }
+  }
+  return std::make_exception_ptr(WorkerCrashed(index, pid, exit.signal, exit.code));
 }
 
 void Engine::Impl::orphan(Chunk chunk, pid_t pid, const WorkerExit& exit,

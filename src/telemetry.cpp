@@ -108,6 +108,8 @@ Insights Telemetry::insights(double wall_seconds, unsigned processes,
   for (const SlowTask& t : slowest_)
     in.slowest_tasks.push_back({static_cast<std::size_t>(t.index), seconds(t.nanos)});
   in.diagnosis = detail::diagnose(in);
+  // Nothing else matters as much: the run lost tasks to the OOM killer.
+  if (!out_of_memory_.empty()) in.diagnosis = out_of_memory_;
   return in;
 }
 

@@ -8,9 +8,11 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <random>
 #include <string>
 #include <thread>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -202,6 +204,67 @@ TEST(Limits, TooFewProcessesRunTheWorkersThatCouldStart) {
   EXPECT_EQ(run.status, 0) << run.output;
   EXPECT_NE(run.output.find("wrong 0"), std::string::npos) << run.output;
   EXPECT_NE(run.output.find("of 8 workers: the limit on processes (ulimit -u, RLIMIT_NPROC)"),
+            std::string::npos)
+      << run.output;
+}
+
+/// A memory cgroup of its own for a test, removed when done; empty path
+/// where no cgroup can be made (not root, read-only cgroup file system).
+class MemoryCgroup {
+ public:
+  explicit MemoryCgroup(const std::string& limit_bytes) {
+    const std::string name = "procpool-oom-test-" + std::to_string(::getpid());
+    // cgroup v1's memory controller, under this process's own group.
+    std::ifstream self("/proc/self/cgroup");
+    std::string line;
+    while (std::getline(self, line)) {
+      const auto at = line.find(":memory:");
+      if (at == std::string::npos) continue;
+      try_make("/sys/fs/cgroup/memory" + line.substr(at + 8) + "/" + name,
+               "memory.limit_in_bytes", limit_bytes);
+    }
+    // cgroup v2: a child of the root, where processes and children may mix.
+    if (path_.empty()) try_make("/sys/fs/cgroup/" + name, "memory.max", limit_bytes);
+  }
+  ~MemoryCgroup() {
+    if (!path_.empty()) ::rmdir(path_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  void try_make(const std::string& dir, const char* limit_file, const std::string& limit) {
+    if (::mkdir(dir.c_str(), 0755) != 0) return;
+    std::ofstream out(dir + "/" + limit_file);
+    out << limit;
+    out.close();
+    if (!out) {
+      ::rmdir(dir.c_str());
+      return;
+    }
+    path_ = dir;
+  }
+  std::string path_;
+};
+
+TEST(OutOfMemory, AWorkerKilledForMemorySaysSoWithTheLimit) {
+  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes change memory use beyond measure";
+  MemoryCgroup cgroup("268435456");  // 256 MiB; the task wants 1 GiB
+  if (cgroup.path().empty()) {
+    GTEST_SKIP() << "cannot create a memory cgroup here (needs root and a writable cgroup fs)";
+  }
+  // $$ of a shell of its own: run_shell's subshell would report its parent's.
+  const ShellRun run = run_shell("sh -c 'echo $$ > " + cgroup.path() + "/cgroup.procs && exec " +
+                                 LIMITS_HELPER + " --out-of-memory'");
+  EXPECT_EQ(run.status, 0) << run.output;
+  EXPECT_NE(run.output.find("was killed by signal 9 (Killed): the OOM killer killed it: memory "
+                            "limit 0.25 GiB"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("Use fewer processes, or tasks that need less memory"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("diagnosis: worker 0 (pid "), std::string::npos) << run.output;
+  EXPECT_NE(run.output.find("was killed by the OOM killer: memory limit 0.25 GiB"),
             std::string::npos)
       << run.output;
 }

@@ -2,7 +2,7 @@
 // prints how many results were wrong and the insights; hostile_test runs it
 // under tight ulimits. Exit status: 0 all right, 1 wrong results, 2 an error.
 //
-//     limits_helper [--open-files-beyond N | --open-files N]
+//     limits_helper [--open-files-beyond N | --open-files N | --out-of-memory]
 //
 // These set RLIMIT_NOFILE once the program has loaded: so that N more
 // descriptors can be opened, or to N. A test runner's inherited
@@ -46,7 +46,33 @@ int limit_leaving(int free) {
 
 }  // namespace
 
+/// Touches `mib` MiB, page by page, and returns a checksum.
+long touch_memory(int mib) {
+  std::vector<char> block(static_cast<std::size_t>(mib) << 20);
+  long sum = 0;
+  for (std::size_t i = 0; i < block.size(); i += 4096) {
+    block[i] = static_cast<char>(i);
+    sum += block[i];
+  }
+  return sum;
+}
+
+/// One worker whose task needs more memory than the cgroup allows: exits 0
+/// when the task failed with WorkerCrashed saying the OOM killer killed it.
+int out_of_memory() {
+  procpool::Pool pool({.processes = 1});
+  try {
+    (void)pool.map(&touch_memory, std::vector<int>{1024});
+    std::printf("no error\n");
+    return 1;
+  } catch (const procpool::WorkerCrashed& e) {
+    std::printf("what: %s\n%s", e.what(), pool.insights().to_string().c_str());
+    return e.out_of_memory() ? 0 : 1;
+  }
+}
+
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "--out-of-memory") return out_of_memory();
   const std::string option = argc == 3 ? argv[1] : "";
   if (option == "--open-files-beyond" || option == "--open-files") {
     const int n = std::atoi(argv[2]);

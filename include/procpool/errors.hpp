@@ -60,6 +60,11 @@ class WorkerCrashed : public Error {
   /// says what was observed (e.g. how many times its worker died around it).
   WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_status,
                 const std::string& circumstances);
+  /// The worker was killed by the OOM killer; `seen` says what was observed
+  /// (the memory limit, the peak use).
+  static WorkerCrashed out_of_memory(std::size_t index, pid_t pid, const std::string& seen);
+  /// Whether the OOM killer killed the worker (as far as procpool could tell).
+  bool out_of_memory() const noexcept { return out_of_memory_; }
   std::size_t index() const noexcept { return index_; }
   pid_t pid() const noexcept { return pid_; }
   int signal() const noexcept { return signal_; }
@@ -70,6 +75,12 @@ class WorkerCrashed : public Error {
   pid_t pid_;
   int signal_;
   int exit_status_;
+  bool out_of_memory_ = false;
+
+  struct Message {
+    std::string text;
+  };
+  WorkerCrashed(Message message, std::size_t index, pid_t pid, int signal, int exit_status);
 };
 
 /// A task ran longer than its time limit and its worker was stopped.

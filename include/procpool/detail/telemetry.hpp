@@ -57,6 +57,11 @@ class Telemetry {
   /// Something the user should know about how this run works (a limit that
   /// changed the plan), shown with the insights.
   void add_note(std::string note) { notes_.push_back(std::move(note)); }
+  /// A worker was killed for memory: the diagnosis leads with it.
+  void note_out_of_memory(std::string what) {
+    notes_.push_back(what);
+    out_of_memory_ = std::move(what);
+  }
   void chunk_done(unsigned position, std::uint64_t tasks, std::uint64_t compute_ns,
                   std::uint64_t slowest_index, std::uint64_t slowest_ns);
   /// A process left `position`; its counters are kept.
@@ -81,6 +86,7 @@ class Telemetry {
 
   std::vector<WorkerRecord> records_;
   std::vector<std::string> notes_;
+  std::string out_of_memory_;  // the last OOM kill, for the diagnosis
   std::vector<SlowTask> slowest_;  // slowest first
   std::uint64_t parent_input_ns_ = 0;
   std::uint64_t parent_decode_ns_ = 0;
