@@ -17,6 +17,7 @@
 #include "procpool/detail/worker_link.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
+#include "chunk_runner.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -169,7 +170,9 @@ class Engine::Impl final : private ReplySink {
   LogicFactory make_logic_;
   LinkFactory start_link_;
   Telemetry telemetry_;
-  std::unique_ptr<WorkerLogic> local_logic_;  // Start::in_process
+  // Start::in_process: the caller's process is the one worker.
+  std::unique_ptr<WorkerLogic> local_logic_;
+  std::unique_ptr<ChunkRunner> local_runner_;
   std::vector<Worker> workers_;
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
@@ -619,7 +622,10 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
 }
 
 void Engine::Impl::run_in_process() {
-  if (!local_logic_) local_logic_ = make_logic_();
+  if (!local_logic_) {
+    local_logic_ = make_logic_();
+    local_runner_ = std::make_unique<ChunkRunner>(*local_logic_, nullptr, false);
+  }
   while (!pending_.empty()) {
     Chunk chunk = std::move(pending_.front());
     pending_.pop_front();
@@ -636,16 +642,11 @@ void Engine::Impl::run_in_process() {
     done.count = chunk.count;
     Writer out(done.payload);
     Reader in(chunk.payload);
-    const auto start = std::chrono::steady_clock::now();
-    chunk_reply_dense = false;
-    local_logic_->run(chunk.call, chunk.first, chunk.count, in, out);
-    done.dense = chunk_reply_dense;
-    const auto nanos = static_cast<std::uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
-                                                             start)
-            .count());
-    telemetry_.chunk_done(0, chunk.count, nanos, 0, 0);
-    call.task_time.add(chunk.count, static_cast<double>(nanos));
+    const ChunkReport report = local_runner_->run(chunk.call, chunk.first, chunk.count, in, out);
+    done.dense = report.dense;
+    telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index,
+                          report.slowest_nanos);
+    call.task_time.add(chunk.count, static_cast<double>(report.nanos));
     call.completed.push_back(std::move(done));
   }
 }

@@ -52,8 +52,7 @@ class PoolLogic final : public WorkerLogic {
  public:
   explicit PoolLogic(const std::function<std::shared_ptr<void>()>& make_state);
   void setup(std::uint64_t call, Reader& payload) override;
-  void run(std::uint64_t call, std::uint64_t first, std::uint64_t count, Reader& in,
-           Writer& out) override;
+  void run(ChunkRun& run, Reader& in, Writer& out) override;
   void end(std::uint64_t call) override;
 
  private:
@@ -249,8 +248,8 @@ class PoolRunner final : public TaskRunner {
  public:
   PoolRunner(F f, State* state, std::tuple<Extra...> extra)
       : f_(f), state_(state), extra_(std::move(extra)) {}
-  void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
-    run_chunk<Out>(out, first, count, [&](std::uint64_t) {
+  void run(ChunkRun& run, Reader& in, Writer& out) override {
+    run_chunk<Out>(run, out, [&](std::uint64_t) {
       return [&]() -> decltype(auto) {
         Item item = load_input<Item>(in);
         return std::apply(
