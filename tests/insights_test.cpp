@@ -135,12 +135,13 @@ TEST(Insights, SlowStartOfABigProcessPointsToHugePages) {
 TEST(Insights, PoolAccumulatesAcrossCallsAndCountsRestarts) {
   procpool::Pool pool({.processes = 2, .max_tasks_per_child = 50});
   pool.map([](int x) { return x; }, iota(300));
-  pool.map_outcomes(
+  const auto outcomes = pool.map_outcomes(
       [](int x) {
         if (x == 3) std::abort();
         return x;
       },
       iota(10));
+  EXPECT_EQ(outcomes.size(), 10u);
   procpool::Insights in = pool.insights();
   EXPECT_EQ(in.tasks, 309u) << "the crashed task produced no result";
   unsigned crashes = 0, recycles = 0;

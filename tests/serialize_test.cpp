@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include "decode_chunk.hpp"
+
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
