@@ -123,7 +123,7 @@ class Pool {
 
   /// Starts the workers; each runs `init()` once and keeps its result as that worker's state.
   template <class Init>
-  requires std::invocable<Init&> Pool(Options options, Init init) {
+  Pool(Options options, Init init) requires std::invocable<Init&> {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
     static_assert(!std::is_void_v<State>, "procpool::Pool: the initializer must return the state");
     const detail::SpawnInit spawn_init = detail::spawn_init_of<Init, State>(init);

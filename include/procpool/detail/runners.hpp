@@ -43,6 +43,8 @@ template <class F>
 struct StarApply {
   [[no_unique_address]] F f;
 
+  // clang-format 14 reads these requires-clauses as comparisons: left as written.
+  // clang-format off
   template <class Tuple, class... Extra>
   requires tuple_like<Tuple> && tuple_invocable_v<F&, Tuple, const Extra&...>
   decltype(auto) operator()(Tuple&& args, const Extra&... extra) {
@@ -51,11 +53,12 @@ struct StarApply {
   }
 
   template <class State, class Tuple, class... Extra>
-  requires tuple_like<Tuple> && tuple_invocable_v < BindFirst<F, State>, Tuple,
-  const Extra&... > decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
+  requires tuple_like<Tuple> && tuple_invocable_v<BindFirst<F, State>, Tuple, const Extra&...>
+  decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
     return std::apply(f, std::tuple_cat(std::forward_as_tuple(state), std::forward<Tuple>(args),
                                         std::forward_as_tuple(extra...)));
   }
+  // clang-format on
 };
 
 /// Fork per call over a random-access input: each worker reads the inputs
