@@ -11,13 +11,13 @@
 #include <string>
 #include <system_error>
 
+#include "chunk_runner.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/detail/schedule.hpp"
 #include "procpool/detail/telemetry.hpp"
 #include "procpool/detail/worker_link.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
-#include "chunk_runner.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -177,7 +177,7 @@ class Engine::Impl final : private ReplySink {
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
-  int wake_fd_ = -1;                  // eventfd, see enable_wake()
+  int wake_fd_ = -1;                    // eventfd, see enable_wake()
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
@@ -185,7 +185,7 @@ class Engine::Impl final : private ReplySink {
   std::uint64_t next_worker_serial_ = 1;
   unsigned deaths_without_progress_ = 0;
   bool stopping_ = false;
-  std::exception_ptr broken_;  // set when workers keep dying before doing any work
+  std::exception_ptr broken_;    // set when workers keep dying before doing any work
   Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
   bool receiving_lost_ = false;  // take() found its reply answering the wrong chunk
   pid_t parent_pid_;
@@ -295,9 +295,8 @@ std::vector<pid_t> Engine::Impl::worker_pids() const {
 
 Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
   const CallState& call = calls_.at(chunk.call);
-  const std::size_t depth =
-      SchedulePolicy::queue_limit(chunk.count, chunk.tail, call.scope == SetupScope::each_chunk,
-                                  nanos_per_task(chunk.call));
+  const std::size_t depth = SchedulePolicy::queue_limit(
+      chunk.count, chunk.tail, call.scope == SetupScope::each_chunk, nanos_per_task(chunk.call));
   const std::size_t quota = config_.max_tasks_per_child;
   Worker* best = nullptr;
   for (Worker& w : workers_) {
@@ -373,9 +372,9 @@ bool Engine::Impl::serve_events(Worker& w, short revents) {
   receiving_ = nullptr;
   if (receiving_lost_) {
     lose(w.serial, Loss::corrupt,
-         std::make_exception_ptr(ProtocolError(
-             "procpool: worker " + std::to_string(w.link->pid()) +
-             " answered a task it was not running; the worker was replaced")));
+         std::make_exception_ptr(
+             ProtocolError("procpool: worker " + std::to_string(w.link->pid()) +
+                           " answered a task it was not running; the worker was replaced")));
     return false;
   }
   if (!state.is_open()) {
@@ -465,10 +464,9 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     charged = true;
   }
   if (!charged && !stopping_ && ++deaths_without_progress_ > 2 * config_.processes + 2) {
-    broken_ = std::make_exception_ptr(
-        Error("procpool: workers keep dying before they finish any task (the last, pid " +
-              std::to_string(pid) + ", " + describe_exit(exit) +
-              "); check the pool's initializer"));
+    broken_ = std::make_exception_ptr(Error(
+        "procpool: workers keep dying before they finish any task (the last, pid " +
+        std::to_string(pid) + ", " + describe_exit(exit) + "); check the pool's initializer"));
   }
   const unsigned position = w.position;
   std::erase_if(workers_, [serial](const Worker& x) { return x.serial == serial; });
@@ -644,8 +642,7 @@ void Engine::Impl::run_in_process() {
     Reader in(chunk.payload);
     const ChunkReport report = local_runner_->run(chunk.call, chunk.first, chunk.count, in, out);
     done.dense = report.dense;
-    telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index,
-                          report.slowest_nanos);
+    telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index, report.slowest_nanos);
     call.task_time.add(chunk.count, static_cast<double>(report.nanos));
     call.completed.push_back(std::move(done));
   }

@@ -67,7 +67,6 @@ class WorkerLoop {
   double last_reply_bytes_per_task_ = 0;
 };
 
-
 void WorkerLoop::map_reply_region(std::size_t region, std::size_t bytes) {
   ReplyArena& arena = *context_.reply_arena;
   bytes = std::min(bytes, ReplyArena::capacity);
@@ -144,11 +143,11 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
   }
   last_reply_was_large_ = ReplyArena::fits(reply.size);
   if (header.count != 0) {
-    last_reply_bytes_per_task_ = static_cast<double>(reply.size) / static_cast<double>(header.count);
+    last_reply_bytes_per_task_ =
+        static_cast<double>(reply.size) / static_cast<double>(header.count);
   }
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
-
 
 }  // namespace
 

@@ -83,9 +83,9 @@ TEST(Insights, SerialisationAndTransportDominate) {
   // that built its 4 MiB itself looked like compute on a contended machine).
   const std::vector<char> inherited(4 << 20, 'x');
   procpool::Insights in;
-  const auto results = procpool::map(
-      [&inherited](int) -> const std::vector<char>& { return inherited; }, iota(24),
-      {.processes = 2, .insights = &in});
+  const auto results =
+      procpool::map([&inherited](int) -> const std::vector<char>& { return inherited; }, iota(24),
+                    {.processes = 2, .insights = &in});
   ASSERT_EQ(results.size(), 24u);
   EXPECT_EQ(results[23], inherited);
   std::printf("diagnosis: %s\n", in.diagnosis.c_str());

@@ -72,8 +72,8 @@ TEST(Pool, ExtraArgumentsAreSentOncePerWorkerNotPerTask) {
   procpool::Pool pool({.processes = 2});
   std::vector<int> inputs(1000);
   const std::vector<double> big(100000, 1.0);
-  auto sizes = pool.map([](int, const std::vector<double>& extra) { return extra.size(); }, inputs,
-                        big);
+  auto sizes =
+      pool.map([](int, const std::vector<double>& extra) { return extra.size(); }, inputs, big);
   EXPECT_EQ(sizes, std::vector<std::size_t>(inputs.size(), big.size()));
   // The workers count every byte they receive: a copy per worker is two
   // copies in all, a copy per task would be a thousand.

@@ -26,8 +26,8 @@ struct SpawnInit {
 
 // In parentheses: without them clang-format 14 glues `>&&`.
 template <class F>
-inline constexpr bool is_function_pointer_v =
-    (std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>);
+inline constexpr bool is_function_pointer_v = (std::is_pointer_v<F> &&
+                                               std::is_function_v<std::remove_pointer_t<F>>);
 
 /// What a Pool can run: code that needs nothing from the caller's memory.
 template <class F>
@@ -107,10 +107,13 @@ struct first_parameter<R (C::*)(A0, A...) const noexcept> {
   using type = A0;
 };
 template <class F>
-concept has_call_operator = requires { &F::operator(); };
+concept has_call_operator = requires {
+  &F::operator();
+};
 template <class F>
 requires has_call_operator<F>
-struct first_parameter<F> : first_parameter<decltype(&F::operator())> {};
+struct first_parameter<F> : first_parameter<decltype(&F::operator())> {
+};
 template <class F>
 struct first_parameter<StarApply<F>> : first_parameter<F> {};
 
