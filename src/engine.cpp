@@ -622,6 +622,8 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
 void Engine::Impl::run_in_process() {
   if (!local_logic_) {
     local_logic_ = make_logic_();
+    // No slot and no task timeout: in the caller's own process there is no
+    // worker to watch, and nothing to charge a crash or a timeout to.
     local_runner_ = std::make_unique<ChunkRunner>(*local_logic_, nullptr, false);
   }
   while (!pending_.empty()) {
