@@ -136,14 +136,15 @@ std::uint64_t workers_without_arenas() noexcept {
 std::string address_space_limit_note() {
   const std::uint64_t limit = address_space_limit();
   constexpr std::uint64_t mib = std::uint64_t{1} << 20;
-  const std::string why =
-      limit == 0 ? std::string("mapping them failed")
-                 : "the address-space limit (ulimit -v, RLIMIT_AS) is " +
-                       std::to_string(limit / mib) + " MiB with " +
-                       std::to_string(address_space_in_use() / mib) + " MiB in use";
+  const std::string why = limit == 0
+                              ? std::string("mapping them failed")
+                              : "the address-space limit (ulimit -v, RLIMIT_AS) is " +
+                                    std::to_string(limit / mib) + " MiB with " +
+                                    std::to_string(address_space_in_use() / mib) + " MiB in use";
   return "workers run without shared memory for large messages (" +
-         std::to_string(2 * ReplyArena::mapped_bytes / mib) + " MiB of address space each): " +
-         why + "; inputs and results of 64 KiB or more go through the socket, slower but whole";
+         std::to_string(2 * ReplyArena::mapped_bytes / mib) +
+         " MiB of address space each): " + why +
+         "; inputs and results of 64 KiB or more go through the socket, slower but whole";
 }
 
 }  // namespace procpool::detail

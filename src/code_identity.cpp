@@ -9,10 +9,10 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
-#include <mutex>
 
 #include "procpool/errors.hpp"
 

@@ -14,14 +14,15 @@
 #include <string>
 #include <system_error>
 
+#include "arena_cache.hpp"
+#include "chunk_runner.hpp"
+#include "oom.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/detail/schedule.hpp"
 #include "procpool/detail/telemetry.hpp"
 #include "procpool/detail/worker_link.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
-#include "arena_cache.hpp"
-#include "oom.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -76,8 +77,8 @@ std::string describe_resource_limit(const std::error_code& code) {
     case EAGAIN:
       return "the limit on processes (ulimit -u, RLIMIT_NPROC) is " + soft_limit(RLIMIT_NPROC);
     default:
-      return "the memory or address space ran out (ulimit -v, RLIMIT_AS: " +
-             soft_limit(RLIMIT_AS) + ")";
+      return "the memory or address space ran out (ulimit -v, RLIMIT_AS: " + soft_limit(RLIMIT_AS) +
+             ")";
   }
 }
 
@@ -215,12 +216,14 @@ class Engine::Impl final : private ReplySink {
   LogicFactory make_logic_;
   LinkFactory start_link_;
   Telemetry telemetry_;
-  std::unique_ptr<WorkerLogic> local_logic_;  // Start::in_process
+  // Start::in_process: the caller's process is the one worker.
+  std::unique_ptr<WorkerLogic> local_logic_;
+  std::unique_ptr<ChunkRunner> local_runner_;
   std::vector<Worker> workers_;
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
-  int wake_fd_ = -1;                  // eventfd, see enable_wake()
+  int wake_fd_ = -1;                    // eventfd, see enable_wake()
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
@@ -230,7 +233,7 @@ class Engine::Impl final : private ReplySink {
   OomWatch oom_;
   static constexpr unsigned orphan_allowance = 3;
   bool stopping_ = false;
-  std::exception_ptr broken_;  // set when workers keep dying before doing any work
+  std::exception_ptr broken_;    // set when workers keep dying before doing any work
   Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
   bool receiving_lost_ = false;  // take() found its reply answering the wrong chunk
   pid_t parent_pid_;
@@ -266,14 +269,13 @@ void Engine::Impl::start_workers() {
       // start: run with those rather than not at all, and say which limit.
       if (!is_resource_limit(e.code())) throw;
       if (i == 0) {
-        throw std::system_error(e.code(), "procpool: no worker could start: " +
-                                              describe_resource_limit(e.code()) + " (" +
-                                              e.what() + "); raise the limit");
+        throw std::system_error(
+            e.code(), "procpool: no worker could start: " + describe_resource_limit(e.code()) +
+                          " (" + e.what() + "); raise the limit");
       }
-      const std::string note = "started " + std::to_string(i) + " of " +
-                               std::to_string(config_.processes) +
-                               " workers: " + describe_resource_limit(e.code()) + " (" +
-                               e.what() + ")";
+      const std::string note =
+          "started " + std::to_string(i) + " of " + std::to_string(config_.processes) +
+          " workers: " + describe_resource_limit(e.code()) + " (" + e.what() + ")";
       std::fprintf(stderr, "procpool: warning: %s\n", note.c_str());
       telemetry_.add_note(note);
       telemetry_.keep_positions(i);
@@ -366,9 +368,8 @@ std::vector<pid_t> Engine::Impl::worker_pids() const {
 
 Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
   const CallState& call = calls_.at(chunk.call);
-  const std::size_t depth =
-      SchedulePolicy::queue_limit(chunk.count, chunk.tail, call.scope == SetupScope::each_chunk,
-                                  nanos_per_task(chunk.call));
+  const std::size_t depth = SchedulePolicy::queue_limit(
+      chunk.count, chunk.tail, call.scope == SetupScope::each_chunk, nanos_per_task(chunk.call));
   const std::size_t quota = config_.max_tasks_per_child;
   Worker* best = nullptr;
   for (Worker& w : workers_) {
@@ -443,9 +444,9 @@ bool Engine::Impl::serve_events(Worker& w, short revents) {
   receiving_ = nullptr;
   if (receiving_lost_) {
     lose(w.serial, Loss::corrupt,
-         std::make_exception_ptr(ProtocolError(
-             "procpool: worker " + std::to_string(w.link->pid()) +
-             " answered a task it was not running; the worker was replaced")));
+         std::make_exception_ptr(
+             ProtocolError("procpool: worker " + std::to_string(w.link->pid()) +
+                           " answered a task it was not running; the worker was replaced")));
     return false;
   }
   if (!state.is_open()) {
@@ -568,11 +569,11 @@ std::exception_ptr Engine::Impl::crash_of(std::size_t index, pid_t pid, const Wo
                                           unsigned position) {
   if (exit.signal == SIGKILL) {
     if (std::optional<std::string> seen = oom_.explain_kill(exit.counted.peak_rss_kb)) {
-      telemetry_.note_out_of_memory("worker " + std::to_string(position) + " (pid " +
-                                    std::to_string(pid) + ") running task " +
-                                    std::to_string(index) + " was killed by the OOM killer: " +
-                                    seen->substr(seen->find(": ") + 2) +
-                                    "; use fewer processes, or tasks that need less memory");
+      telemetry_.note_out_of_memory(
+          "worker " + std::to_string(position) + " (pid " + std::to_string(pid) +
+          ") running task " + std::to_string(index) +
+          " was killed by the OOM killer: " + seen->substr(seen->find(": ") + 2) +
+          "; use fewer processes, or tasks that need less memory");
       return std::make_exception_ptr(WorkerCrashed::out_of_memory(index, pid, *seen));
     }
   }
@@ -763,7 +764,12 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
 }
 
 void Engine::Impl::run_in_process() {
-  if (!local_logic_) local_logic_ = make_logic_();
+  if (!local_logic_) {
+    local_logic_ = make_logic_();
+    // No slot and no task timeout: in the caller's own process there is no
+    // worker to watch, and nothing to charge a crash or a timeout to.
+    local_runner_ = std::make_unique<ChunkRunner>(*local_logic_, nullptr, false);
+  }
   while (!pending_.empty()) {
     Chunk chunk = std::move(pending_.front());
     pending_.pop_front();
@@ -780,16 +786,10 @@ void Engine::Impl::run_in_process() {
     done.count = chunk.count;
     Writer out(done.payload);
     Reader in(chunk.payload);
-    const auto start = std::chrono::steady_clock::now();
-    chunk_reply_dense = false;
-    local_logic_->run(chunk.call, chunk.first, chunk.count, in, out);
-    done.dense = chunk_reply_dense;
-    const auto nanos = static_cast<std::uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
-                                                             start)
-            .count());
-    telemetry_.chunk_done(0, chunk.count, nanos, 0, 0);
-    call.task_time.add(chunk.count, static_cast<double>(nanos));
+    const ChunkReport report = local_runner_->run(chunk.call, chunk.first, chunk.count, in, out);
+    done.dense = report.dense;
+    telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index, report.slowest_nanos);
+    call.task_time.add(chunk.count, static_cast<double>(report.nanos));
     call.completed.push_back(std::move(done));
   }
 }

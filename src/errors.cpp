@@ -76,17 +76,12 @@ WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_
 
 WorkerCrashed::WorkerCrashed(Message message, std::size_t index, pid_t pid, int signal,
                              int exit_status)
-    : Error(message.text),
-      index_(index),
-      pid_(pid),
-      signal_(signal),
-      exit_status_(exit_status) {}
+    : Error(message.text), index_(index), pid_(pid), signal_(signal), exit_status_(exit_status) {}
 
 WorkerCrashed WorkerCrashed::out_of_memory(std::size_t index, pid_t pid, const std::string& seen) {
   WorkerCrashed crashed(Message{"procpool: worker " + std::to_string(pid) + " running task " +
-                                std::to_string(index) + " " + describe_death(SIGKILL, 0) +
-                                ": " + seen +
-                                ". Use fewer processes, or tasks that need less memory"},
+                                std::to_string(index) + " " + describe_death(SIGKILL, 0) + ": " +
+                                seen + ". Use fewer processes, or tasks that need less memory"},
                         index, pid, SIGKILL, 0);
   crashed.out_of_memory_ = true;
   return crashed;

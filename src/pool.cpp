@@ -16,9 +16,9 @@ namespace {
 class FailingRunner final : public TaskRunner {
  public:
   explicit FailingRunner(std::exception_ptr error) : error_(std::move(error)) {}
-  void run(std::uint64_t first, std::uint64_t count, Reader&, Writer& out) override {
-    for (std::uint64_t i = 0; i < count; ++i) {
-      run_task<Empty>(out, first + i, [&] { std::rethrow_exception(error_); });
+  void run(ChunkRun& run, Reader&, Writer& out) override {
+    for (std::uint64_t i = 0; i < run.count; ++i) {
+      run_task<Empty>(run, out, run.first + i, [&] { std::rethrow_exception(error_); });
     }
   }
 
@@ -63,17 +63,16 @@ void PoolLogic::setup(std::uint64_t call, Reader& payload) {
   }
 }
 
-void PoolLogic::run(std::uint64_t call, std::uint64_t first, std::uint64_t count, Reader& in,
-                    Writer& out) {
-  auto it = runners_.find(call);
+void PoolLogic::run(ChunkRun& run, Reader& in, Writer& out) {
+  auto it = runners_.find(run.call);
   if (it == runners_.end()) {
     FailingRunner(
         std::make_exception_ptr(ProtocolError("procpool: a worker got a task of call " +
-                                              std::to_string(call) + " without its setup")))
-        .run(first, count, in, out);
+                                              std::to_string(run.call) + " without its setup")))
+        .run(run, in, out);
     return;
   }
-  it->second->run(first, count, in, out);
+  it->second->run(run, in, out);
 }
 
 void PoolLogic::end(std::uint64_t call) {

@@ -53,8 +53,6 @@ std::string demangle(const char* mangled) {
   return status == 0 && name ? std::string(name.get()) : std::string(mangled);
 }
 
-thread_local bool chunk_reply_dense = false;
-
 void retag_dense_values(Buffer& buffer, std::size_t start, std::uint64_t n, std::size_t size) {
   buffer.grow(static_cast<std::size_t>(n));
   std::byte* base = buffer.data() + start;

@@ -5,12 +5,12 @@
 namespace procpool::detail {
 namespace {
 
-constexpr double chunk_target_nanos = 5e6;     // per chunk: overhead stays ~1% of the work
-constexpr double smallest_chunk_nanos = 1e5;   // a tail chunk smaller balances nothing
+constexpr double chunk_target_nanos = 5e6;    // per chunk: overhead stays ~1% of the work
+constexpr double smallest_chunk_nanos = 1e5;  // a tail chunk smaller balances nothing
 constexpr double max_chunk_tasks = 16384;
 constexpr double pipeline_target_nanos = 5e5;  // keep ~0.5 ms of work queued per worker
 constexpr std::size_t max_pipeline = 64;
-constexpr double short_submit_nanos = 1e6;     // a submitted task this short may queue
+constexpr double short_submit_nanos = 1e6;  // a submitted task this short may queue
 
 /// Tasks in a chunk of about `nanos` of work; 1 until a task has been timed,
 /// so that a long task is never batched blindly.
@@ -31,9 +31,8 @@ void TaskTimeEstimate::add(std::uint64_t tasks, double nanos) noexcept {
 void RecentTaskTime::add(std::uint64_t tasks, double nanos) noexcept {
   if (tasks == 0) return;
   const double per_task = nanos / static_cast<double>(tasks);
-  nanos_per_task_ = nanos_per_task_ <= 0
-                        ? per_task
-                        : std::max(per_task, 0.9 * nanos_per_task_ + 0.1 * per_task);
+  nanos_per_task_ =
+      nanos_per_task_ <= 0 ? per_task : std::max(per_task, 0.9 * nanos_per_task_ + 0.1 * per_task);
 }
 
 SchedulePolicy::SchedulePolicy(unsigned processes, std::size_t chunksize,
@@ -49,7 +48,8 @@ ChunkPlan SchedulePolicy::next_chunk(double nanos_per_task,
   // but not below ~0.1 ms of work, which costs a round trip per chunk.
   const std::size_t share = *remaining / (2 * std::size_t{processes_});
   plan.tail = share < plan.tasks;
-  plan.tasks = std::min(plan.tasks, std::max(tasks_for(smallest_chunk_nanos, nanos_per_task), share));
+  plan.tasks =
+      std::min(plan.tasks, std::max(tasks_for(smallest_chunk_nanos, nanos_per_task), share));
   return plan;
 }
 

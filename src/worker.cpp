@@ -1,6 +1,7 @@
 #include "worker.hpp"
 
 #include "channel.hpp"
+#include "chunk_runner.hpp"
 
 #include <malloc.h>
 #include <stdio_ext.h>
@@ -36,7 +37,10 @@ constexpr std::chrono::milliseconds arena_patience{50};
 class WorkerLoop {
  public:
   WorkerLoop(int fd, WorkerLogic& logic, const WorkerContext& context)
-      : logic_(logic), context_(context), channel_(fd, context.slot) {}
+      : logic_(logic),
+        context_(context),
+        channel_(fd, context.slot),
+        chunks_(logic, context.slot, context.task_timeout) {}
 
   [[noreturn]] void run();
 
@@ -48,8 +52,7 @@ class WorkerLoop {
   WorkerLogic& logic_;
   WorkerContext context_;
   WorkerChannel channel_;
-  /// Average task time of the previous chunk: decides whether each task is timed.
-  double last_chunk_nanos_per_task_ = 1e9;
+  ChunkRunner chunks_;
   /// Whether the previous reply went (or would have gone) through the arena:
   /// then the next one is written straight into a free region, saving a copy.
   bool last_reply_was_large_ = false;
@@ -63,7 +66,6 @@ class WorkerLoop {
   /// reply written straight into a region (exact for fixed-size results).
   double last_reply_bytes_per_task_ = 0;
 };
-
 
 void WorkerLoop::map_reply_region(std::size_t region, std::size_t bytes) {
   ReplyArena& arena = *context_.reply_arena;
@@ -113,33 +115,16 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
                      static_cast<std::size_t>(std::min(expected, double{ReplyArena::capacity})));
   }
   Writer writer(region >= 0 ? direct : out);
-  if (current_worker_slot) {
-    current_worker_slot->call.store(header.call, std::memory_order_relaxed);
-    current_worker_slot->chunk_slowest_ns.store(0, std::memory_order_relaxed);
-  }
-  const auto start = std::chrono::steady_clock::now();
-  current_task_start_ns =
-      std::chrono::duration_cast<std::chrono::nanoseconds>(start.time_since_epoch()).count();
-  time_each_task = context_.task_timeout || last_chunk_nanos_per_task_ >= 2000;
-  chunk_reply_dense = false;
-  logic_.run(header.call, header.first, header.count, payload, writer);
-  const auto nanos = std::chrono::duration_cast<std::chrono::nanoseconds>(
-      std::chrono::steady_clock::now() - start);
+  const ChunkReport report = chunks_.run(header.call, header.first, header.count, payload, writer);
   FrameHeader reply;
   reply.kind = FrameKind::result;
   reply.call = header.call;
   reply.first = header.first;
   reply.count = header.count;
-  reply.nanos = static_cast<std::uint64_t>(nanos.count());
-  if (chunk_reply_dense) reply.flags = flag_dense;
-  if (header.count != 0) {
-    last_chunk_nanos_per_task_ =
-        static_cast<double>(reply.nanos) / static_cast<double>(header.count);
-  }
-  if (current_worker_slot) {
-    reply.slowest_index = current_worker_slot->chunk_slowest_index.load(std::memory_order_relaxed);
-    reply.slowest_nanos = current_worker_slot->chunk_slowest_ns.load(std::memory_order_relaxed);
-  }
+  reply.nanos = report.nanos;
+  reply.slowest_index = report.slowest_index;
+  reply.slowest_nanos = report.slowest_nanos;
+  if (report.dense) reply.flags = flag_dense;
   if (region >= 0) {  // written up to its end if the reply outgrew it
     arena->note_written(static_cast<std::size_t>(region),
                         direct.borrowed() ? direct.size() : ReplyArena::capacity);
@@ -158,17 +143,13 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
   }
   last_reply_was_large_ = ReplyArena::fits(reply.size);
   if (header.count != 0) {
-    last_reply_bytes_per_task_ = static_cast<double>(reply.size) / static_cast<double>(header.count);
+    last_reply_bytes_per_task_ =
+        static_cast<double>(reply.size) / static_cast<double>(header.count);
   }
   std::memcpy(out.data() + at, &reply, sizeof reply);
 }
 
-
 }  // namespace
-
-WorkerSlot* current_worker_slot = nullptr;
-std::int64_t current_task_start_ns = 0;
-bool time_each_task = true;
 
 namespace {
 
@@ -266,7 +247,6 @@ void exit_worker(int status) {
 }
 
 void run_worker(int fd, WorkerLogic& logic, const WorkerContext& context) {
-  current_worker_slot = context.slot;
   if (context.slot) context.slot->ready.store(1, std::memory_order_release);
   WorkerLoop(fd, logic, context).run();
 }

@@ -222,7 +222,9 @@ class WorkerProcess final : public WorkerLink {
 
   int wait_fd() const noexcept override { return channel_.fd(); }
   bool wants_write() const noexcept override { return channel_.has_unsent(); }
-  LinkState flush() override { return channel_.flush() ? LinkState{} : LinkState{LinkState::lost, nullptr}; }
+  LinkState flush() override {
+    return channel_.flush() ? LinkState{} : LinkState{LinkState::lost, nullptr};
+  }
   LinkState receive(ReplySink& sink) override;
   bool mid_message() const noexcept override { return channel_.mid_message(); }
 
@@ -310,8 +312,9 @@ class WorkerProcess final : public WorkerLink {
   }
 
   LinkState corrupt(const std::string& what) const {
-    return LinkState{LinkState::corrupt, std::make_exception_ptr(ProtocolError(
-                                             "procpool: worker " + std::to_string(pid_) + what))};
+    return LinkState{
+        LinkState::corrupt,
+        std::make_exception_ptr(ProtocolError("procpool: worker " + std::to_string(pid_) + what))};
   }
 
   pid_t pid_;
@@ -344,8 +347,7 @@ LinkState WorkerProcess::receive(ReplySink& sink) {
   }
   if (channel_.mid_message() && slot_->running.load(std::memory_order_acquire) == 0) {
     // It died between tasks in the middle of a reply: the reply is what is wrong.
-    return corrupt(
-        " ended in the middle of a message (truncated reply); the worker was replaced");
+    return corrupt(" ended in the middle of a message (truncated reply); the worker was replaced");
   }
   return LinkState{LinkState::lost, nullptr};  // EOF or reset: the worker died
 }
@@ -366,10 +368,10 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
   auto [parent_end, child_end] = worker_sockets();
   // No arenas: everything travels through the socket.
-  const SpawnedWorker born = spawn_worker_process(
-      parent_end.get(), child_end.release(),
-      SpawnRequest{birth.parent, birth.inner_threads, birth.task_timeout, birth.spawn_logic,
-                   birth.from_helper_thread});
+  const SpawnedWorker born =
+      spawn_worker_process(parent_end.get(), child_end.release(),
+                           SpawnRequest{birth.parent, birth.inner_threads, birth.task_timeout,
+                                        birth.spawn_logic, birth.from_helper_thread});
   return std::make_unique<WorkerProcess>(born.pid, parent_end.release(), born.slot, nullptr,
                                          nullptr);
 }

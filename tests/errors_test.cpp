@@ -5,7 +5,9 @@
 #include <csignal>
 #include <cstdlib>
 #include <numeric>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "helpers.hpp"
@@ -100,11 +102,18 @@ TEST(TaskError, ThrownFromImapWhenTheFailingResultIsReached) {
   EXPECT_EQ(before, (std::vector<int>{0, 1, 2, 3, 4}));
 }
 
-TEST(TaskError, IsAnErrorAndARuntimeError) {
-  procpool::TaskError e(3, "T", "w");
-  const procpool::Error& as_error = e;
-  const std::runtime_error& as_runtime = e;
-  EXPECT_STREQ(as_error.what(), as_runtime.what());
+TEST(TaskError, IsCaughtAsAnErrorAndAsARuntimeErrorWithItsMessage) {
+  const std::string expected = "procpool: task 3 threw T: w";
+  try {
+    throw procpool::TaskError(3, "T", "w");
+  } catch (const procpool::Error& e) {
+    EXPECT_EQ(e.what(), expected);
+  }
+  try {
+    throw procpool::TaskError(3, "T", "w");
+  } catch (const std::runtime_error& e) {
+    EXPECT_EQ(e.what(), expected);
+  }
 }
 
 TEST(WorkerCrashed, KilledWorkerReportsSignalPidAndIndex) {
@@ -184,12 +193,12 @@ TEST(WorkerCrashed, PoolReplacesTheWorkerAndGoesOn) {
   EXPECT_EQ(pool.worker_pids().size(), 2u);
 }
 
-TEST(Errors, HierarchyRootsAtError) {
-  EXPECT_TRUE((std::is_base_of_v<procpool::Error, procpool::WorkerCrashed>));
-  EXPECT_TRUE((std::is_base_of_v<procpool::Error, procpool::TaskTimeout>));
-  EXPECT_TRUE((std::is_base_of_v<procpool::Error, procpool::ProtocolError>));
-  EXPECT_TRUE((std::is_base_of_v<procpool::Error, procpool::PoolClosed>));
-  EXPECT_TRUE((std::is_base_of_v<std::runtime_error, procpool::Error>));
-}
+// The hierarchy roots at Error, itself a std::runtime_error: a compile-time fact.
+static_assert(std::is_base_of_v<procpool::Error, procpool::TaskError>);
+static_assert(std::is_base_of_v<procpool::Error, procpool::WorkerCrashed>);
+static_assert(std::is_base_of_v<procpool::Error, procpool::TaskTimeout>);
+static_assert(std::is_base_of_v<procpool::Error, procpool::ProtocolError>);
+static_assert(std::is_base_of_v<procpool::Error, procpool::PoolClosed>);
+static_assert(std::is_base_of_v<std::runtime_error, procpool::Error>);
 
 }  // namespace

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <sys/stat.h>
+#include <unistd.h>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -12,8 +14,6 @@
 #include <random>
 #include <string>
 #include <thread>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <vector>
 
 #include "helpers.hpp"
@@ -162,12 +162,12 @@ TEST(Limits, EightWorkersRunUnderAnAddressSpaceLimitOfAGigabyte) {
   EXPECT_NE(run.output.find("note: workers run without shared memory for large messages"),
             std::string::npos)
       << run.output;
-  EXPECT_NE(run.output.find("(ulimit -v, RLIMIT_AS) is 976 MiB"), std::string::npos)
-      << run.output;
+  EXPECT_NE(run.output.find("(ulimit -v, RLIMIT_AS) is 976 MiB"), std::string::npos) << run.output;
 }
 
 TEST(Limits, TooFewDescriptorsRunTheWorkersThatCouldStart) {
-  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  if (under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   const ShellRun run = run_shell(std::string(LIMITS_HELPER) + " --open-files-beyond 6");
   EXPECT_EQ(run.status, 0) << run.output;
   EXPECT_NE(run.output.find("wrong 0"), std::string::npos) << run.output;
@@ -180,7 +180,8 @@ TEST(Limits, TooFewDescriptorsRunTheWorkersThatCouldStart) {
 }
 
 TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
-  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  if (under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   const ShellRun run = run_shell(std::string(LIMITS_HELPER) + " --open-files 3");
   EXPECT_EQ(run.status, 2) << run.output;
   EXPECT_NE(run.output.find("procpool: no worker could start: the limit on open files (ulimit "
@@ -190,7 +191,8 @@ TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
 }
 
 TEST(Limits, TooFewProcessesRunTheWorkersThatCouldStart) {
-  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  if (under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   // RLIMIT_NPROC does not bind root: run as nobody, allowed a few processes
   // more than nobody has now (the shell and the helper among them).
   if (::geteuid() != 0 || ::access("/usr/bin/setpriv", X_OK) != 0) {
@@ -220,8 +222,8 @@ class MemoryCgroup {
     while (std::getline(self, line)) {
       const auto at = line.find(":memory:");
       if (at == std::string::npos) continue;
-      try_make("/sys/fs/cgroup/memory" + line.substr(at + 8) + "/" + name,
-               "memory.limit_in_bytes", limit_bytes);
+      try_make("/sys/fs/cgroup/memory" + line.substr(at + 8) + "/" + name, "memory.limit_in_bytes",
+               limit_bytes);
     }
     // cgroup v2: a child of the root, where processes and children may mix.
     if (path_.empty()) try_make("/sys/fs/cgroup/" + name, "memory.max", limit_bytes);

@@ -36,12 +36,12 @@ struct CpuReport {
 /// Examines affinity, cgroup v1/v2 quotas and cpusets (the process's own
 /// cgroup and its ancestors), Slurm's environment, and PROCPOOL_CPUS, which
 /// wins when set. Throws procpool::Error when PROCPOOL_CPUS is malformed.
-CpuReport cpu_report();
+[[nodiscard]] CpuReport cpu_report();
 
 /// The smallest of the limits in cpu_report(): the default for Options::processes.
 ///
 ///     std::cout << "using " << procpool::usable_cpu_count() << " processes\n";
-unsigned usable_cpu_count();
+[[nodiscard]] unsigned usable_cpu_count();
 
 namespace detail {
 

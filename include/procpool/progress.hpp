@@ -35,10 +35,13 @@ class Progress {
 
   Progress() = default;
   Progress(Mode mode) : mode_(mode) {}  // NOLINT: Progress::on reads naturally
+  // clang-format 14 glues this requires-clause to the constructor: left as written.
+  // clang-format off
   template <class F>
-  requires std::invocable<F&, const ProgressInfo&> &&
-      (!std::same_as<std::decay_t<F>, Progress>)Progress(F callback)  // NOLINT: a lambda converts
+  requires std::invocable<F&, const ProgressInfo&> && (!std::same_as<std::decay_t<F>, Progress>)
+  Progress(F callback)  // NOLINT: a lambda converts
       : mode_(Mode::callback), callback_(std::move(callback)) {}
+  // clang-format on
 
   static const Progress off;
   static const Progress on;

@@ -12,6 +12,15 @@
 
 namespace procpool {
 
+/// An element of `imap_unordered`: the input's index and its result.
+///
+///     for (auto [index, value] : procpool::imap_unordered(f, inputs)) out[index] = value;
+template <class T>
+struct Indexed {
+  std::size_t index;
+  T value;
+};
+
 /// One input's outcome from `map_outcomes` / `imap_outcomes`: its value, or
 /// the error that stopped it (TaskError, WorkerCrashed, TaskTimeout, ...).
 /// One bad input among a million costs that input only.

@@ -4,6 +4,8 @@
 // the other types do not): no crash, no hang, no huge allocation.
 #include <procpool/procpool.hpp>
 
+#include "../decode_chunk.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

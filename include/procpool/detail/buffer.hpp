@@ -170,7 +170,7 @@ class Reader {
     if (n != 0) std::memcpy(out, take(n), n);
   }
   template <class T>
-  requires std::is_trivially_copyable_v<T> T get() {
+  T get() requires std::is_trivially_copyable_v<T> {
     T value;
     read(&value, sizeof value);
     return value;

@@ -30,15 +30,6 @@
 
 namespace procpool {
 
-/// An element of `imap_unordered`: the input's index and its result.
-///
-///     for (auto [index, value] : procpool::imap_unordered(f, inputs)) out[index] = value;
-template <class T>
-struct Indexed {
-  std::size_t index;
-  T value;
-};
-
 namespace detail {
 
 /// Stands in for `void` results.
@@ -208,19 +199,6 @@ class ChunkDecoder {
   std::exception_ptr broken_;
   std::uint64_t taken_ = 0;
 };
-
-/// Every outcome of a chunk at once (tests and the fuzzer).
-template <class Out>
-std::deque<Outcome<Out>> decode_chunk(const ChunkDone& done) {
-  ChunkDone copy = ChunkDone::failed(done.first, done.count, done.failure);
-  copy.payload.append(done.bytes(), done.size());
-  copy.dense = done.dense;
-  ChunkDecoder<Out> decoder(std::move(copy));
-  std::deque<Outcome<Out>> outcomes;
-  while (!decoder.empty())
-    outcomes.push_back(decoder.take());
-  return outcomes;
-}
 
 /// An input that failed in the caller, before it could be sent: its index and error.
 struct FailedInput {

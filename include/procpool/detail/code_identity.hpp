@@ -36,13 +36,13 @@ const void* code_address(const CodeRef& ref);
 /// The identity of a function pointer (casting code to data pointers is
 /// conditionally supported in C++; every ELF platform supports it).
 template <class F>
-requires std::is_function_v<F> CodeRef code_ref_of(F* function) {
+CodeRef code_ref_of(F* function) requires std::is_function_v<F> {
   return code_ref(reinterpret_cast<const void*>(function));
 }
 
 /// The function of type `F` that `ref` names in this process.
 template <class F>
-requires std::is_function_v<F> F* function_at(const CodeRef& ref) {
+F* function_at(const CodeRef& ref) requires std::is_function_v<F> {
   return reinterpret_cast<F*>(const_cast<void*>(code_address(ref)));
 }
 

@@ -229,23 +229,32 @@ struct WorkerSlot {
   }
 };
 
-/// This worker's slot; null in the parent (and under Start::in_process).
-extern WorkerSlot* current_worker_slot;
-
 inline std::int64_t steady_now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
-/// When the current task of this worker started: the end of the one before
-/// (or the chunk's start), so each task costs one clock read, not two.
-extern std::int64_t current_task_start_ns;
-
-/// Whether each task of the current chunk is timed. Off for tasks of a few
-/// microseconds (a clock read would cost more than the task) unless a task
-/// timeout needs every start time; the chunk as a whole is always timed.
-extern bool time_each_task;
+/// One chunk being run: what its tasks need to know about where they run,
+/// handed down explicitly from the chunk runner to each task (a worker holds
+/// no globals), and what the run reports back.
+struct ChunkRun {
+  std::uint64_t call = 0;
+  std::uint64_t first = 0;
+  std::uint64_t count = 0;
+  /// The worker's slot, where the running task is noted; null where nobody
+  /// watches the tasks (Start::in_process).
+  WorkerSlot* slot = nullptr;
+  /// Whether each task is timed. Off for tasks of a few microseconds (a clock
+  /// read would cost more than the task) unless a task timeout needs every
+  /// start time; the chunk as a whole is always timed.
+  bool time_each_task = false;
+  /// When the current task started: the end of the one before (or the
+  /// chunk's start), so each task costs one clock read, not two.
+  std::int64_t task_start_ns = 0;
+  /// Out: the outcomes were written dense (see flag_dense).
+  bool dense = false;
+};
 
 /// Marks task `index` as running in this worker's slot for the scope, and
 /// times it for insights (serialisation is timed on every 64th task only:
@@ -254,10 +263,10 @@ class RunningTask {
  public:
   static constexpr std::uint64_t serialize_sample = 64;
 
-  explicit RunningTask(std::uint64_t index) : slot_(current_worker_slot), index_(index) {
+  RunningTask(ChunkRun& run, std::uint64_t index) : run_(run), slot_(run.slot), index_(index) {
     if (!slot_) return;
     slot_->index.store(index, std::memory_order_relaxed);
-    slot_->started_ns.store(current_task_start_ns, std::memory_order_relaxed);
+    slot_->started_ns.store(run.task_start_ns, std::memory_order_relaxed);
     slot_->running.store(1, std::memory_order_release);
   }
   /// The task's function returned; what follows is serialisation.
@@ -267,14 +276,15 @@ class RunningTask {
   ~RunningTask() {
     if (!slot_) return;
     WorkerSlot::add(slot_->tasks, 1);
-    const std::int64_t end = computed_ != 0 || time_each_task ? steady_now_ns() : 0;
+    const bool timed = run_.time_each_task;
+    const std::int64_t end = computed_ != 0 || timed ? steady_now_ns() : 0;
     if (computed_ != 0) {
       WorkerSlot::add(slot_->serialize_ns,
                       static_cast<std::uint64_t>(end - computed_) * serialize_sample);
     }
-    if (time_each_task) {
-      const auto took = static_cast<std::uint64_t>(end - current_task_start_ns);
-      current_task_start_ns = end;  // the next task starts now
+    if (timed) {
+      const auto took = static_cast<std::uint64_t>(end - run_.task_start_ns);
+      run_.task_start_ns = end;  // the next task starts now
       if (took >= slot_->chunk_slowest_ns.load(std::memory_order_relaxed)) {
         slot_->chunk_slowest_ns.store(took, std::memory_order_relaxed);
         slot_->chunk_slowest_index.store(index_, std::memory_order_relaxed);
@@ -286,6 +296,7 @@ class RunningTask {
   RunningTask& operator=(const RunningTask&) = delete;
 
  private:
+  ChunkRun& run_;
   WorkerSlot* slot_;
   std::uint64_t index_;
   std::int64_t computed_ = 0;
@@ -293,8 +304,8 @@ class RunningTask {
 
 /// Runs task `index` and writes its outcome: the value, or the exception it threw.
 template <class Out, class Fn>
-void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
-  RunningTask running(index);
+void run_task(ChunkRun& run, Writer& out, std::uint64_t index, Fn&& fn) {
+  RunningTask running(run, index);
   const std::size_t mark = out.size();
   out.put(OutcomeTag::value);
   bool returned = false;  // past this point an exception is the result's serialisation failing
@@ -314,9 +325,6 @@ void run_task(Writer& out, std::uint64_t index, Fn&& fn) {
   }
 }
 
-/// Set by run_chunk when the chunk it ran is encoded dense (see flag_dense).
-extern thread_local bool chunk_reply_dense;
-
 /// Results that travel dense when a whole chunk succeeds.
 template <class Out>
 inline constexpr bool dense_result_v =
@@ -325,12 +333,15 @@ inline constexpr bool dense_result_v =
 /// Turns `n` dense values of `size` bytes at `start` into tagged outcomes, in place.
 void retag_dense_values(Buffer& buffer, std::size_t start, std::uint64_t n, std::size_t size);
 
-/// Runs tasks `first` .. `first + count - 1`; `task(i)` is the callable of
-/// the i-th. Fixed-size results are written dense, without a tag each, until
-/// a task throws: then what was written is retagged and the rest goes tagged.
+/// Runs the chunk's tasks `run.first` .. `run.first + run.count - 1`;
+/// `task(i)` is the callable of the i-th. Fixed-size results are written
+/// dense, without a tag each (and `run.dense` set), until a task throws: then
+/// what was written is retagged and the rest goes tagged.
 template <class Out, class TaskFor>
-void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& task) {
-  chunk_reply_dense = false;
+void run_chunk(ChunkRun& run, Writer& out, TaskFor&& task) {
+  const std::uint64_t first = run.first;
+  const std::uint64_t count = run.count;
+  run.dense = false;
   if constexpr (dense_result_v<Out>) {
     // The reply's size is known: map its pages in one go (a chunk too big
     // for a reply region grows as it goes, as before).
@@ -340,7 +351,7 @@ void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& 
     const std::size_t start = out.size();
     std::uint64_t i = 0;
     for (; i < count; ++i) {
-      RunningTask running(first + i);
+      RunningTask running(run, first + i);
       bool returned = false;
       try {
         decltype(auto) value = task(i)();
@@ -355,14 +366,14 @@ void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& 
       }
     }
     if (i == count) {
-      chunk_reply_dense = true;
+      run.dense = true;
       return;
     }
     for (++i; i < count; ++i)
-      run_task<Out>(out, first + i, task(i));
+      run_task<Out>(run, out, first + i, task(i));
   } else {
     for (std::uint64_t i = 0; i < count; ++i)
-      run_task<Out>(out, first + i, task(i));
+      run_task<Out>(run, out, first + i, task(i));
   }
 }
 
@@ -370,8 +381,8 @@ void run_chunk(Writer& out, std::uint64_t first, std::uint64_t count, TaskFor&& 
 class TaskRunner {
  public:
   virtual ~TaskRunner() = default;
-  /// Runs inputs `first` .. `first + count - 1`; serialised inputs, if any, come from `in`.
-  virtual void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) = 0;
+  /// Runs the chunk's inputs; serialised inputs, if any, come from `in`.
+  virtual void run(ChunkRun& run, Reader& in, Writer& out) = 0;
 };
 
 /// What a worker process does with the messages it receives.
@@ -379,8 +390,7 @@ class WorkerLogic {
  public:
   virtual ~WorkerLogic() = default;
   virtual void setup(std::uint64_t call, Reader& payload) = 0;
-  virtual void run(std::uint64_t call, std::uint64_t first, std::uint64_t count, Reader& in,
-                   Writer& out) = 0;
+  virtual void run(ChunkRun& run, Reader& in, Writer& out) = 0;
   virtual void end(std::uint64_t call) = 0;
 };
 
@@ -389,10 +399,7 @@ class SingleCallLogic final : public WorkerLogic {
  public:
   explicit SingleCallLogic(TaskRunner& runner) : runner_(runner) {}
   void setup(std::uint64_t, Reader&) override {}
-  void run(std::uint64_t, std::uint64_t first, std::uint64_t count, Reader& in,
-           Writer& out) override {
-    runner_.run(first, count, in, out);
-  }
+  void run(ChunkRun& run, Reader& in, Writer& out) override { runner_.run(run, in, out); }
   void end(std::uint64_t) override {}
 
  private:

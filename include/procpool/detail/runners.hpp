@@ -43,6 +43,8 @@ template <class F>
 struct StarApply {
   [[no_unique_address]] F f;
 
+  // clang-format 14 reads these requires-clauses as comparisons: left as written.
+  // clang-format off
   template <class Tuple, class... Extra>
   requires tuple_like<Tuple> && tuple_invocable_v<F&, Tuple, const Extra&...>
   decltype(auto) operator()(Tuple&& args, const Extra&... extra) {
@@ -51,11 +53,12 @@ struct StarApply {
   }
 
   template <class State, class Tuple, class... Extra>
-  requires tuple_like<Tuple> && tuple_invocable_v < BindFirst<F, State>, Tuple,
-  const Extra&... > decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
+  requires tuple_like<Tuple> && tuple_invocable_v<BindFirst<F, State>, Tuple, const Extra&...>
+  decltype(auto) operator()(State& state, Tuple&& args, const Extra&... extra) {
     return std::apply(f, std::tuple_cat(std::forward_as_tuple(state), std::forward<Tuple>(args),
                                         std::forward_as_tuple(extra...)));
   }
+  // clang-format on
 };
 
 /// Fork per call over a random-access input: each worker reads the inputs
@@ -64,10 +67,11 @@ template <class F, class View, class Out>
 class IndexRunner final : public TaskRunner {
  public:
   IndexRunner(F& f, View& view) : f_(f), view_(view) {}
-  void run(std::uint64_t first, std::uint64_t count, Reader&, Writer& out) override {
+  void run(ChunkRun& run, Reader&, Writer& out) override {
     auto begin = std::ranges::begin(view_);
     using Diff = std::ranges::range_difference_t<View>;
-    run_chunk<Out>(out, first, count, [&](std::uint64_t i) {
+    const std::uint64_t first = run.first;
+    run_chunk<Out>(run, out, [&](std::uint64_t i) {
       return [&, i]() -> decltype(auto) {
         return invoke_stored(f_, begin[static_cast<Diff>(first + i)]);
       };
@@ -84,8 +88,8 @@ template <class F, class Item, class Out>
 class StreamRunner final : public TaskRunner {
  public:
   explicit StreamRunner(F& f) : f_(f) {}
-  void run(std::uint64_t first, std::uint64_t count, Reader& in, Writer& out) override {
-    run_chunk<Out>(out, first, count, [&](std::uint64_t) {
+  void run(ChunkRun& run, Reader& in, Writer& out) override {
+    run_chunk<Out>(run, out, [&](std::uint64_t) {
       return [&]() -> decltype(auto) {
         Item item = load_input<Item>(in);
         return invoke_stored(f_, std::move(item));

@@ -74,8 +74,9 @@ class Telemetry {
 
   /// Insights for a run of `wall_seconds`; `live` adds the counters of the
   /// workers still running, by position.
-  [[nodiscard]] Insights insights(double wall_seconds, unsigned processes,
-                                  const std::vector<std::pair<unsigned, WorkerCounters>>& live) const;
+  [[nodiscard]] Insights insights(
+      double wall_seconds, unsigned processes,
+      const std::vector<std::pair<unsigned, WorkerCounters>>& live) const;
 
  private:
   struct SlowTask {

@@ -1,0 +1,130 @@
+// The caller side of a Pool: what the pool, its calls and its futures
+// share, and the calls it hands out.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#include "procpool/detail/call.hpp"
+#include "procpool/detail/engine.hpp"
+#include "procpool/options.hpp"
+#include "procpool/results.hpp"
+
+namespace procpool::detail {
+
+/// A submitted task whose Future was dropped before its result was taken:
+/// the pool's service thread sees it to the end and reports its error,
+/// since nobody else will.
+class DetachedTask {
+ public:
+  virtual ~DetachedTask() = default;
+  /// With the pool's lock held: whether the task has an outcome.
+  [[nodiscard]] virtual bool finished_locked() = 0;
+  /// Without the lock, once finished: the task's error, or null.
+  [[nodiscard]] virtual std::exception_ptr take_error() = 0;
+};
+
+/// Everything a Pool and the calls and futures it handed out share.
+struct PoolCore {
+  std::mutex mutex;
+  std::unique_ptr<Engine> engine;
+  const std::type_info* state_type = nullptr;  // null: the pool has no initializer
+  Options options;
+  bool closed = false;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+
+  /// The service thread: moves submitted work along while no caller waits on
+  /// the pool, and finishes the tasks of dropped futures.
+  std::thread service;
+  std::condition_variable wake_service;
+  bool service_running = false;
+  bool service_stop = false;
+  bool service_kicked = false;
+  std::vector<std::unique_ptr<DetachedTask>> detached;
+  std::function<void(std::exception_ptr)> error_handler;  // empty: one line on stderr
+  std::uint64_t unobserved_errors = 0;
+  std::vector<std::string> unobserved_messages;  // the first few
+
+  void start_service();
+  /// Stops the service thread (the caller must not hold the lock) and
+  /// reports what the dropped futures' finished tasks left.
+  void stop_service();
+  /// Takes over a dropped future's task.
+  void adopt(std::unique_ptr<DetachedTask> task) noexcept;
+  /// Asks the service thread to send what was queued now. Many submits in a
+  /// row then leave in few messages rather than a system call each.
+  void kick();
+
+ private:
+  void serve();
+  /// Hands finished detached tasks' errors on; unlocks while doing so.
+  void finish_detached(std::unique_lock<std::mutex>& lock);
+  void report(std::exception_ptr error);
+};
+
+/// A submitted task: its result as a one-element source; holds the pool core alive.
+template <class Out, class Item>
+class PoolCall final : public ResultSource<Out>, public DetachedTask {
+  using Items = std::vector<Item>;
+
+ public:
+  PoolCall(std::shared_ptr<PoolCore> core, Buffer setup, std::unique_ptr<Items> owned)
+      : core_(std::move(core)),
+        items_(std::move(owned)),
+        driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<Items, Item>(*items_),
+                core_->options, true, StopMode::close_call, Engine::SetupScope::each_chunk) {
+    driver_.start();
+    core_->kick();  // the service thread sends it: it runs before anyone waits for it
+  }
+
+  std::optional<Out> next() override { return deliver<Delivery::ordered, Out>(driver_); }
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    return driver_.wait_until(deadline);
+  }
+  const std::shared_ptr<PoolCore>& core() const noexcept { return core_; }
+
+  bool finished_locked() override { return driver_.ready_locked(); }
+  std::exception_ptr take_error() override {
+    auto outcome = driver_.next();
+    return outcome ? outcome->error : nullptr;
+  }
+
+ private:
+  std::shared_ptr<PoolCore> core_;
+  std::unique_ptr<Items> items_;
+  CallDriver<Out, StreamFeed<Items, Item>> driver_;
+};
+
+/// A Pool call over a lazy (possibly endless) input range.
+template <class Out, class View, class Item, Delivery D>
+class PoolStreamCall final : public ResultSource<delivered_t<D, Out>> {
+  using Value = delivered_t<D, Out>;
+
+ public:
+  PoolStreamCall(std::shared_ptr<PoolCore> core, Buffer setup, View view)
+      : core_(std::move(core)),
+        view_(std::move(view)),
+        driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<View, Item>(view_),
+                core_->options, D != Delivery::unordered, StopMode::close_call) {}
+
+  std::optional<Value> next() override { return deliver<D, Out>(driver_); }
+  void drain_into(std::vector<Value>& out) override { drain<D, Out>(driver_, out); }
+
+ private:
+  std::shared_ptr<PoolCore> core_;
+  View view_;
+  CallDriver<Out, StreamFeed<View, Item>> driver_;
+};
+
+}  // namespace procpool::detail
