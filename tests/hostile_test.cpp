@@ -243,6 +243,9 @@ class MemoryCgroup {
       ::rmdir(dir.c_str());
       return;
     }
+    // Best effort: with swap the task would swap instead of being killed.
+    std::ofstream(dir + "/memory.swap.max") << 0;
+    std::ofstream(dir + "/memory.memsw.limit_in_bytes") << limit;
     path_ = dir;
   }
   std::string path_;
