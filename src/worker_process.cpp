@@ -377,7 +377,11 @@ std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
 }
 
 std::unique_ptr<WorkerLink> fork_worker(const WorkerBirth& birth) {
-  auto [parent_end, child_end] = worker_sockets();
+  // Named, not a structured binding: the child's lambda captures them, which
+  // clang 14 refuses for bindings.
+  std::pair<OwnedFd, OwnedFd> sockets = worker_sockets();
+  OwnedFd& parent_end = sockets.first;
+  OwnedFd& child_end = sockets.second;
   WorkerSlot* slot = map_slot();
   WorkerArenas arenas = map_worker_arenas();  // none under a tight ulimit -v: the socket serves
   std::shared_ptr<ReplyArena> arena = std::move(arenas.replies);
