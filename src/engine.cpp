@@ -13,6 +13,7 @@
 #include <map>
 #include <string>
 #include <system_error>
+#include <utility>
 
 #include "arena_cache.hpp"
 #include "chunk_runner.hpp"
@@ -227,6 +228,7 @@ class Engine::Impl final : private ReplySink {
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
+  bool delivered_ = false;  // a chunk was finished since the last round's end
   std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
   unsigned start_up_deaths_ = 0;  // in a row, see note_start_up_death
@@ -466,7 +468,9 @@ void Engine::Impl::after_replies(Worker& w) {
 
 void Engine::Impl::finish_chunk(const Chunk& chunk, ChunkDone done) {
   auto it = calls_.find(chunk.call);
-  if (it != calls_.end()) it->second.completed.push_back(std::move(done));
+  if (it == calls_.end()) return;
+  it->second.completed.push_back(std::move(done));
+  delivered_ = true;
 }
 
 void Engine::Impl::requeue_front(std::deque<Chunk>& chunks) {
@@ -761,6 +765,10 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
   for (std::size_t i = 0; i < workers_.size(); ++i) {
     if (!flush(workers_[i])) break;
   }
+  // Another thread may be waiting in poll() for a reply this round took
+  // (a caller, while the service thread or another caller collected it):
+  // without a word it would sleep out its whole timeout.
+  if (std::exchange(delivered_, false) && rounds_in_progress_ > 1) wake();
 }
 
 void Engine::Impl::run_in_process() {
