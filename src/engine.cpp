@@ -228,7 +228,7 @@ class Engine::Impl final : private ReplySink {
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
-  bool delivered_ = false;  // a chunk was finished since the last round's end
+  bool delivered_ = false;             // a chunk was finished since the last round's end
   std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
   unsigned start_up_deaths_ = 0;  // in a row, see note_start_up_death

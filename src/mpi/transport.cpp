@@ -19,7 +19,8 @@ void check(int status, const char* what) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(status, text, &length);
-  throw Error(std::string("procpool::mpi: ") + what + " failed: " + std::string(text, static_cast<std::size_t>(length)));
+  throw Error(std::string("procpool::mpi: ") + what +
+              " failed: " + std::string(text, static_cast<std::size_t>(length)));
 }
 
 int as_count(std::size_t n) {

@@ -6,8 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "procpool/insights.hpp"
@@ -87,7 +87,7 @@ class Telemetry {
 
   std::vector<WorkerRecord> records_;
   std::vector<std::string> notes_;
-  std::string out_of_memory_;  // the last OOM kill, for the diagnosis
+  std::string out_of_memory_;      // the last OOM kill, for the diagnosis
   std::vector<SlowTask> slowest_;  // slowest first
   std::uint64_t parent_input_ns_ = 0;
   std::uint64_t parent_decode_ns_ = 0;
