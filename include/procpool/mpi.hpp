@@ -63,8 +63,12 @@ class Session {
   Session& operator=(const Session&) = delete;
 
   int rank() const noexcept;
-  /// Ranks in the job (1 without mpirun); each is one node of the pool.
+  /// Ranks in the job (1 without mpirun).
   int size() const noexcept;
+  /// Nodes the ranks run on (Slurm's node names, else host names). Ranks on
+  /// one node share its CPUs: together they fork as many workers as the node
+  /// has usable CPUs (or as Options::processes asks per node).
+  int nodes() const noexcept;
 };
 
 /// Where on the cluster an error of an mpi::Pool task happened. Every error

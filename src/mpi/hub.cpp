@@ -32,17 +32,22 @@ constexpr double node_chunk_seconds = 0.05;
 /// early-stopped imap leaves behind, whatever the task time.
 constexpr double max_node_chunk = 65536;
 
+/// Chunks in flight per worker at most, however small they are.
+constexpr std::size_t max_chunks_per_worker = 64;
+
+/// Near the end of a call, node chunks shrink, but not below the work of one
+/// chunk's transit (nor this much): smaller ones cost more in round trips than
+/// they save in waiting for the last chunk.
+constexpr double tail_chunk_seconds = 0.002;
+
+/// How fast the task-time estimate forgets older chunks (per chunk).
+constexpr double estimate_decay = 0.5;
+
 /// Tasks at least this long are dealt to free workers only (see room_locked).
 constexpr double long_task_seconds = 0.01;
 
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
-
-std::string this_host() {
-  char name[256] = {};
-  ::gethostname(name, sizeof name - 1);
-  return name;
-}
 
 /// Set while this thread runs the LocalNode's handle() with the hub's lock held.
 thread_local bool in_local_handle = false;
@@ -50,6 +55,18 @@ thread_local bool in_local_handle = false;
 }  // namespace
 
 // ---- Hub --------------------------------------------------------------------
+
+std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places) {
+  const std::vector<RankShare> shares = share_nodes(places);
+  std::vector<NodeSlot> slots;
+  for (std::size_t r = 0; r < places.size(); ++r) {
+    NodeSlot& slot = slots.emplace_back();
+    slot.rank = static_cast<int>(r);
+    slot.host = places[r].host;
+    slot.share = shares[r];
+  }
+  return slots;
+}
 
 Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
   local_ = std::make_unique<NodeServer>([this](Buffer m) { local_reply(std::move(m)); });
@@ -71,8 +88,11 @@ std::shared_ptr<Hub> Hub::current() {
   std::lock_guard lock(hub_mutex);
   if (!installed_hub) {
     // No Session (or one without mpirun): a one-node pool, the root alone.
-    installed_hub = std::make_shared<Hub>(
-        false, std::vector<NodeSlot>{{0, this_host(), usable_cpu_count(), 0}});
+    RankPlace self;
+    self.node = this_node_name();
+    self.host = self.node;
+    self.usable_cpus = usable_cpu_count();
+    installed_hub = std::make_shared<Hub>(false, node_slots({self}));
   }
   return installed_hub;
 }
@@ -148,6 +168,7 @@ bool Hub::remote_work_locked() const {
 }
 
 void Hub::pump() {
+  poll_precisely();
   std::unique_lock lock(mutex);
   unsigned idle = 0;
   while (!pump_stop_) {
@@ -207,12 +228,14 @@ void Hub::route(std::size_t node, Buffer message) {
       ++s.chunks;
       s.tasks += record.count;
       s.node_seconds += node_seconds;
-      s.round_trip_seconds += seconds(Clock::now() - record.sent);
+      const double round_trip = seconds(Clock::now() - record.sent);
+      s.round_trip_seconds += round_trip;
       s.bytes_received += bytes;
       auto c = calls.find(call);
       if (c != calls.end()) {
         auto shared = std::make_shared<const Buffer>(std::move(message));
-        c->second->receive(record, run_seconds, in, shared);
+        c->second->receive(record, run_seconds, std::max(0.0, round_trip - node_seconds), in,
+                           shared);
       } else if (record.report_if_orphaned) {
         // A dropped Future's task: nobody will see its error unless it is said.
         for (std::uint64_t i = 0; i < count; ++i) {
@@ -359,13 +382,21 @@ std::exception_ptr CallState::decode_error(const RawOutcome& raw) {
 }
 
 std::size_t CallState::capacity_locked(std::size_t node) const {
-  // Enough chunks that the node never waits for the next one to arrive: with
-  // an explicit chunksize (small chunks) one per worker and more; with
-  // automatic ~50 ms node chunks, one running, one queued, one travelling;
+  // Enough chunks that the node never waits for the next one to arrive.
+  // Automatic ~50 ms node chunks: one running, one queued, one travelling;
   // but one only until the first reply has measured the task time (a node
   // runs the chunks that wait together as one batch, whose reply comes last).
-  if (pool_->options.chunksize != 0) return 2 * std::size_t{pool_->processes[node]} + 1;
-  return task_seconds_ == 0 ? 1 : 3;
+  if (pool_->options.chunksize == 0) return task_seconds_ == 0 ? 1 : 3;
+  // An explicit chunksize: one chunk per worker and as many more as run in
+  // the time one takes to travel there and back (tiny tasks, chunksize 1:
+  // many, which the node then runs together as one batch).
+  const std::size_t workers = pool_->processes[node];
+  const std::size_t least = 2 * workers + 1;
+  const double chunk_seconds = task_seconds_ * static_cast<double>(pool_->options.chunksize);
+  if (chunk_seconds <= 0 || transit_seconds_ <= 0) return least;
+  const double to_cover = static_cast<double>(workers) * transit_seconds_ / chunk_seconds;
+  return std::clamp(least + static_cast<std::size_t>(to_cover), least,
+                    max_chunks_per_worker * workers);
 }
 
 bool CallState::long_tasks_locked() const {
@@ -375,6 +406,7 @@ bool CallState::long_tasks_locked() const {
 std::size_t CallState::room_locked(std::size_t n) const {
   const NodeSlot& node = hub_.nodes[n];
   const std::size_t workers = pool_->processes[n];
+  if (workers == 0) return 0;  // the rank's node-mates have its node's CPUs
   if (long_tasks_locked()) {
     // Near the end, long tasks go to free workers only: the last ones then
     // run wherever a worker frees up first, instead of queueing behind a busy
@@ -407,10 +439,17 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
         std::clamp(node_chunk_seconds * workers / task_seconds_, 1.0, max_node_chunk));
   }
   if (total_) {
-    // Near the end, smaller chunks: every node finishes at about the same time.
+    // Near the end, smaller chunks: every node finishes at about the same
+    // time; but none so small that its round trip costs more than it saves.
     const double left = static_cast<double>(*total_ - std::min(*total_, taken_));
-    const double share = left * workers / (2.0 * pool_->total_processes());
-    size = std::min(size, static_cast<std::size_t>(std::max(1.0, std::ceil(share))));
+    double share = std::ceil(left * workers / (2.0 * pool_->total_processes()));
+    if (task_seconds_ > 0) {
+      const double least_seconds = transit_seconds_ > 0
+                                       ? std::min(tail_chunk_seconds, transit_seconds_)
+                                       : tail_chunk_seconds;
+      share = std::max(share, std::ceil(least_seconds * workers / task_seconds_));
+    }
+    size = std::min(size, static_cast<std::size_t>(std::max(1.0, share)));
   }
   return std::max<std::size_t>(size, 1);
 }
@@ -515,8 +554,8 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   }
 }
 
-void CallState::receive(const ChunkRecord& chunk, double run_seconds, Reader& records,
-                        const std::shared_ptr<const Buffer>& message) {
+void CallState::receive(const ChunkRecord& chunk, double run_seconds, double transit,
+                        Reader& records, const std::shared_ptr<const Buffer>& message) {
   const NodeSlot& node = hub_.nodes[chunk.node];
   for (std::size_t i = 0; i < chunk.count; ++i) {
     const std::size_t index = chunk.first + i;
@@ -536,9 +575,11 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, Reader& re
   // One task's time on one worker, as if the chunk had had the node alone
   // (other chunks running beside it make this an overestimate: smaller chunks, safe).
   const double workers = pool_->processes[chunk.node];
-  const double measured = run_seconds * std::min(workers, static_cast<double>(chunk.count)) /
-                          static_cast<double>(chunk.count);
-  task_seconds_ = task_seconds_ == 0 ? measured : 0.5 * task_seconds_ + 0.5 * measured;
+  const double count = static_cast<double>(chunk.count);
+  measured_seconds_ = estimate_decay * measured_seconds_ + run_seconds * std::min(workers, count);
+  measured_tasks_ = estimate_decay * measured_tasks_ + count;
+  task_seconds_ = measured_seconds_ / measured_tasks_;
+  transit_seconds_ = transit_seconds_ == 0 ? transit : 0.5 * transit_seconds_ + 0.5 * transit;
   if (progress_) progress_->advance(chunk.count);
 }
 
@@ -578,23 +619,27 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
   if (hub.stopped) throw Error("procpool::mpi::Pool: the Session has ended");
   pool->id = ++hub.next_id;
   pool->stats.resize(hub.nodes.size());
-  Buffer message = new_message(Msg::create_pool);
-  Writer w(message);
-  w.put(pool->id);
-  Options sent = options;
-  sent.progress = Progress::off;  // the root draws progress over every node
-  sent.insights = nullptr;
-  save_options(w, sent);
-  procpool::detail::save_code_ref(w, procpool::detail::code_ref_of(factory));
-  w.put(static_cast<std::uint8_t>(init != nullptr));
-  if (init != nullptr) procpool::detail::save_code_ref(w, procpool::detail::code_ref(init));
   for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
-    pool->processes.push_back(options.processes != 0 ? options.processes
-                                                     : std::max(1u, hub.nodes[n].usable_cpus));
-    Buffer copy(message.size());
-    std::memcpy(copy.data(), message.data(), message.size());
-    pool->stats[n].bytes_sent += copy.size();
-    hub.send(n, std::move(copy));
+    // The node's CPUs (or Options::processes) shared out among its ranks:
+    // a rank whose share is none gets no pool and no chunk.
+    const RankShare& share = hub.nodes[n].share;
+    const unsigned workers =
+        options.processes != 0 ? split_workers(options.processes, share) : share.automatic;
+    pool->processes.push_back(workers);
+    if (workers == 0) continue;
+    Buffer message = new_message(Msg::create_pool);
+    Writer w(message);
+    w.put(pool->id);
+    Options sent = options;
+    sent.processes = workers;
+    sent.progress = Progress::off;  // the root draws progress over every node
+    sent.insights = nullptr;
+    save_options(w, sent);
+    procpool::detail::save_code_ref(w, procpool::detail::code_ref_of(factory));
+    w.put(static_cast<std::uint8_t>(init != nullptr));
+    if (init != nullptr) procpool::detail::save_code_ref(w, procpool::detail::code_ref(init));
+    pool->stats[n].bytes_sent += message.size();
+    hub.send(n, std::move(message));
   }
   return pool;
 }
@@ -725,7 +770,7 @@ Insights pool_insights(PoolState& pool) {
   // The diagnosis: the cluster's share first, then the busiest node's own.
   std::string idle;
   for (const NodeInsights& n : out.per_node) {
-    if (n.tasks == 0 && out.tasks >= 2 * out.per_node.size()) {
+    if (n.tasks == 0 && n.processes != 0 && out.tasks >= 2 * out.per_node.size()) {
       idle += (idle.empty() ? "" : ", ") + n.host + ":" + std::to_string(n.rank);
     }
   }

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "layout.hpp"
 #include "node_server.hpp"
 #include "procpool/mpi.hpp"
 #include "wire.hpp"
@@ -22,10 +23,13 @@ namespace procpool::mpi::detail {
 struct NodeSlot {
   int rank = 0;
   std::string host;
-  unsigned usable_cpus = 1;
+  RankShare share;                  // its part of its node's CPUs
   std::size_t inflight_chunks = 0;  // over every pool and call
   std::size_t inflight_items = 0;
 };
+
+/// The root's NodeSlots for the ranks at `places` (index = rank).
+std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places);
 
 /// A chunk the root sent and has no reply for yet.
 struct ChunkRecord {
@@ -123,7 +127,8 @@ class CallState {
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
-  void receive(const ChunkRecord& chunk, double run_seconds, Reader& records,
+  /// `transit`: the chunk's round trip less its time on the node.
+  void receive(const ChunkRecord& chunk, double run_seconds, double transit, Reader& records,
                const std::shared_ptr<const Buffer>& message);
 
  private:
@@ -153,6 +158,11 @@ class CallState {
   std::size_t chunks_out_ = 0;
   bool exhausted_ = false;
   double task_seconds_ = 0;  // estimated time of one task on one worker (0: unknown)
+  // The estimate's sums, each chunk weighted by its inputs and older chunks
+  // fading: a chunk's fixed cost counts little once chunks grow.
+  double measured_seconds_ = 0;
+  double measured_tasks_ = 0;
+  double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
   std::map<std::size_t, RawOutcome> ready_;
   std::unique_ptr<procpool::detail::ProgressReporter> progress_;
 };

@@ -1,8 +1,10 @@
 // procpool::mpi::Session: MPI start-up, the same-binary check, the serve
 // loop of every rank but the root, and the job's orderly end.
 #include <mpi.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "hub.hpp"
+#include "layout.hpp"
 #include "node_server.hpp"
 #include "procpool/cpu_count.hpp"
 #include "procpool/detail/code_identity.hpp"
@@ -31,6 +34,7 @@ bool session_uses_mpi = false;
 bool session_exists = false;
 int session_rank = 0;
 int session_size = 1;
+int session_nodes = 1;
 
 /// Whether a launcher (mpirun, srun --mpi=pmix) started this process. A
 /// plain `./app` does not initialise MPI at all: Open MPI's singleton start
@@ -58,6 +62,7 @@ std::string this_host() {
 /// Every rank but the root: serve the root's pools until it says shutdown.
 [[noreturn]] void serve_rank(int rank, const std::string& host) {
   try {
+    poll_precisely();
     Transport transport;
     std::mutex mutex;
     std::condition_variable ready;
@@ -124,6 +129,46 @@ std::string this_host() {
   std::exit(0);
 }
 
+/// A fixed-size text field of a gathered record.
+void put_text(char* field, const std::string& text) {
+  std::snprintf(field, host_length, "%s", text.c_str());
+}
+
+std::string get_text(const char* field) {
+  return std::string(field, strnlen(field, host_length));
+}
+
+/// Every rank's place, on every rank (an allgather of fixed-size records).
+std::vector<RankPlace> gather_places(const std::string& host) {
+  constexpr int affinity_words = CPU_SETSIZE / 64;
+  struct Record {
+    char host[host_length];
+    char node[host_length];
+    std::uint64_t usable_cpus;
+    std::uint64_t affinity[affinity_words];
+  };
+  Record mine{};
+  put_text(mine.host, host);
+  put_text(mine.node, this_node_name());
+  mine.usable_cpus = usable_cpu_count();
+  const std::vector<std::uint64_t> affinity = this_affinity();
+  std::copy(affinity.begin(), affinity.end(), mine.affinity);
+  std::vector<Record> all(static_cast<std::size_t>(session_size));
+  MPI_Allgather(&mine, sizeof(Record), MPI_BYTE, all.data(), sizeof(Record), MPI_BYTE,
+                MPI_COMM_WORLD);
+  std::vector<RankPlace> places;
+  for (const Record& r : all) {
+    RankPlace& p = places.emplace_back();
+    p.host = get_text(r.host);
+    p.node = get_text(r.node);
+    p.usable_cpus = static_cast<unsigned>(r.usable_cpus);
+    p.affinity.assign(std::begin(r.affinity), std::end(r.affinity));
+    while (!p.affinity.empty() && p.affinity.back() == 0)
+      p.affinity.pop_back();
+  }
+  return places;
+}
+
 }  // namespace
 
 std::optional<std::string> identity_mismatch(int rank, const std::string& host,
@@ -169,16 +214,11 @@ Session::Session(int& argc, char**& argv) {
     detail::abort_job(*mismatch, 3);
   }
 
-  // Hosts and usable CPUs to the root.
-  char mine[detail::host_length] = {};
-  std::snprintf(mine, sizeof mine, "%s", host.c_str());
-  std::vector<char> hosts(
-      rank == 0 ? static_cast<std::size_t>(detail::session_size) * detail::host_length : 1);
-  MPI_Gather(mine, detail::host_length, MPI_CHAR, hosts.data(), detail::host_length, MPI_CHAR, 0,
-             MPI_COMM_WORLD);
-  unsigned cpus = usable_cpu_count();
-  std::vector<unsigned> all_cpus(static_cast<std::size_t>(detail::session_size));
-  MPI_Gather(&cpus, 1, MPI_UNSIGNED, all_cpus.data(), 1, MPI_UNSIGNED, 0, MPI_COMM_WORLD);
+  // Where each rank runs (host, node, usable CPUs, affinity) to every rank:
+  // the root shares each node's CPUs out among its ranks; every rank learns
+  // how many nodes the job has.
+  std::vector<detail::RankPlace> places = detail::gather_places(host);
+  detail::session_nodes = static_cast<int>(detail::count_nodes(places));
 
   if (rank != 0) {
     if (provided < MPI_THREAD_FUNNELED) {
@@ -194,12 +234,7 @@ Session::Session(int& argc, char**& argv) {
             "; procpool needs MPI_THREAD_SERIALIZED (Open MPI built with thread support)",
         2);
   }
-  std::vector<detail::NodeSlot> nodes;
-  for (int r = 0; r < detail::session_size; ++r) {
-    const char* h = hosts.data() + static_cast<std::size_t>(r) * detail::host_length;
-    nodes.push_back(detail::NodeSlot{r, std::string(h, strnlen(h, detail::host_length)),
-                                     all_cpus[static_cast<std::size_t>(r)], 0});
-  }
+  std::vector<detail::NodeSlot> nodes = detail::node_slots(places);
   detail::Hub::install(std::make_shared<detail::Hub>(true, std::move(nodes)));
 }
 
@@ -222,6 +257,10 @@ int Session::rank() const noexcept {
 
 int Session::size() const noexcept {
   return detail::session_size;
+}
+
+int Session::nodes() const noexcept {
+  return detail::session_nodes;
 }
 
 }  // namespace procpool::mpi

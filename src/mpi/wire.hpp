@@ -97,4 +97,10 @@ class Transport {
   std::size_t max_piece_;
 };
 
+/// MPI cannot wake a thread: the threads that wait for it poll, sleeping a
+/// few microseconds between polls while replies are due. Linux lets such a
+/// sleep overrun by 50 us by default (timer slack), which would be most of a
+/// small chunk's round trip; this makes the calling thread's sleeps precise.
+void poll_precisely();
+
 }  // namespace procpool::mpi::detail

@@ -10,6 +10,7 @@
 #include <ranges>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -50,7 +51,8 @@ int hostname_hash(int) {
 
 int main(int argc, char** argv) {
   procpool::mpi::Session session(argc, argv);
-  const int nodes = session.size();
+  const int nodes = session.nodes();  // ranks on one node share it
+  const int ranks = session.size();
   std::vector<int> inputs(3000);
   for (int i = 0; i < 3000; ++i)
     inputs[static_cast<std::size_t>(i)] = i;
@@ -119,11 +121,17 @@ int main(int argc, char** argv) {
     // work landed on every node
     procpool::mpi::Insights in = pool.insights();
     std::fprintf(stderr, "%s", in.to_string().c_str());
-    MPI_CHECK(in.per_node.size() == static_cast<std::size_t>(nodes));
+    MPI_CHECK(in.per_node.size() == static_cast<std::size_t>(ranks));
+    unsigned workers = 0;
     for (const auto& n : in.per_node) {
+      // Two workers per node, shared out among the node's ranks: each rank
+      // with a share got work, and ran exactly its share of workers.
+      workers += n.processes;
+      if (n.processes == 0) continue;
       MPI_CHECK_MSG(n.tasks > 0, "node " + n.host + ":" + std::to_string(n.rank) + " got no tasks");
-      MPI_CHECK(n.pool.workers.size() == 2);
+      MPI_CHECK(n.pool.workers.size() == n.processes);
     }
+    MPI_CHECK(workers == 2u * static_cast<unsigned>(nodes));
     (void)sum;
     (void)&hostname_hash;
   }
@@ -138,8 +146,11 @@ int main(int argc, char** argv) {
     // the default worker count: each node's usable CPUs
     procpool::mpi::Pool all(procpool::Options{});
     MPI_CHECK(all.processes() >= static_cast<unsigned>(nodes));
+    // However many ranks a node runs, together they never fork more workers
+    // than it has CPUs (mpirun --bind-to none: each rank sees all of them).
+    if (nodes == 1) MPI_CHECK(all.processes() <= std::thread::hardware_concurrency());
     MPI_CHECK(all.map(&square, inputs) == local.map(&square, inputs));
   }
-  std::fprintf(stderr, "mpi_calls: OK on %d node(s)\n", nodes);
+  std::fprintf(stderr, "mpi_calls: OK on %d rank(s), %d node(s)\n", ranks, nodes);
   return 0;
 }
