@@ -173,8 +173,9 @@ void Hub::pump() {
   unsigned idle = 0;
   while (!pump_stop_) {
     bool active = false;
+    bool moving = false;  // a message is on its way in or out
     try {
-      transport_->progress();
+      moving = !transport_->progress();
       while (auto m = transport_->receive(-1)) {
         route(static_cast<std::size_t>(m->first), std::move(m->second));
         active = true;
@@ -192,9 +193,12 @@ void Hub::pump() {
       continue;
     }
     // Poll fast while replies are due, slowly otherwise: MPI has no way to
-    // wake a thread, and the root's node runs workers on the same cores.
+    // wake a thread, and the root's node runs workers on the same cores. A
+    // large message moves only while MPI is called: often, until it is through.
     std::chrono::microseconds wait{20000};
-    if (remote_work_locked()) {
+    if (moving || transport_->receiving()) {
+      wait = std::chrono::microseconds(20);
+    } else if (remote_work_locked()) {
       ++idle;
       wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 500);
     }

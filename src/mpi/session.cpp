@@ -96,15 +96,17 @@ std::string this_host() {
         for (Buffer& m : out)
           transport.send(0, std::move(m));
         active = active || !out.empty();
-        const bool sending = !transport.progress();
+        const bool sending = !transport.progress() || transport.receiving();
         if (active) {
           idle = 0;
           continue;
         }
         if (sending) {
           // A large message moves (over TCP, say) only while MPI is called:
-          // keep calling it, without sleeping, until it has left.
-          std::this_thread::yield();
+          // call it often until it is through, but sleeping between calls (the
+          // socket's buffer drains meanwhile), not spinning on a core that
+          // the node's workers need.
+          std::this_thread::sleep_for(std::chrono::microseconds(20));
           continue;
         }
         // MPI cannot wake a thread: poll fast just after activity, then

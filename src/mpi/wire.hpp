@@ -75,9 +75,11 @@ procpool::Insights load_insights(Reader& in);
 
 /// Messages of any size between ranks over MPI_COMM_WORLD. Open MPI 4.1
 /// counts in int, so a message travels as pieces of at most 1 GiB: the first
-/// (which holds the total size in its header slot), then the rest, received
-/// straight into place. Not thread-safe: one thread per process uses it (or
-/// the callers serialise, as the root's Hub does).
+/// (which holds the total size in its header slot, and has a tag of its own),
+/// then the rest, received straight into place. Receives never block: several
+/// messages (from several ranks) arrive at once, and the thread that polls
+/// can do other work between polls. Not thread-safe: one thread per process
+/// uses it (or the callers serialise, as the root's Hub does).
 class Transport {
  public:
   Transport();
@@ -88,12 +90,19 @@ class Transport {
   void send(int rank, Buffer message);
   /// Completes what it can of the sends; true when none is left.
   bool progress();
-  /// A whole message from `rank` (or any rank: -1), if one has arrived.
+  /// A whole message from `rank` (or any rank: -1), if one has arrived;
+  /// messages from one rank come in the order it sent them.
   std::optional<std::pair<int, Buffer>> receive(int rank);
+  /// Whether a message has started to arrive and not finished.
+  bool receiving() const noexcept { return !incoming_.empty(); }
 
  private:
   struct Pending;
+  struct Incoming;
+  void start_receives(int rank);
+  void advance(Incoming& in);
   std::list<Pending> pending_;
+  std::list<Incoming> incoming_;
   std::size_t max_piece_;
 };
 
