@@ -3,6 +3,7 @@
 // prints one JSON line on the root.
 //   mpirun -n 3 --oversubscribe --bind-to none mpi_bench [--tiny N] [--cpu N]
 //          [--task-ms MS] [--mib M --big N]
+#include <sys/resource.h>
 #include <procpool/mpi.hpp>
 
 #include <chrono>
@@ -18,6 +19,13 @@ using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+double process_cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
 }
 
 int inc(int x) {
@@ -78,12 +86,23 @@ int main(int argc, char** argv) {
   if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
     std::fputs(pool.insights().to_string().c_str(), stderr);
   double cs1_s = 0;
+  double root_cpu_s = 0;
+  std::uint64_t root_chunks = 0;
   {
     procpool::mpi::Pool cs1({.processes = processes, .chunksize = 1});
     cs1.map(&inc, std::vector<int>(200, 1));
+    const procpool::mpi::Insights before = cs1.insights();
+    const double cpu_before = process_cpu_seconds();
     t = Clock::now();
     cs1.map(&inc, xs);
     cs1_s = since(t);
+    // The root's own CPU per chunk it dispatched and took back (its node's
+    // workers, if any, are other processes): what bounds how many chunks a
+    // second one root can serve.
+    root_cpu_s = process_cpu_seconds() - cpu_before;
+    const procpool::mpi::Insights after = cs1.insights();
+    for (std::size_t n = 0; n < after.per_node.size(); ++n)
+      root_chunks += after.per_node[n].chunks - before.per_node[n].chunks;
   }
   t = Clock::now();
   pool.map(&spin, std::vector<double>(cpu, task_ms));
@@ -97,10 +116,12 @@ int main(int argc, char** argv) {
       "%.1f, "
       "\"tiny_auto_end_to_end_tasks_per_s\": %.1f, \"tiny_auto_tasks_per_s\": %.1f, "
       "\"cpu_efficiency\": %.4f, "
-      "\"big_results_gbps\": %.4f}\n",
+      "\"big_results_gbps\": %.4f, \"root_chunks\": %llu, \"root_cpu_us_per_chunk\": %.2f}\n",
       session.size(), workers, static_cast<double>(tiny) / cs1_s,
       static_cast<double>(tiny) / auto_s, static_cast<double>(tiny) / warm_auto_s,
       static_cast<double>(cpu) * task_ms / 1000.0 / (cpu_s * workers),
-      static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / big_s / 1e9);
+      static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / big_s / 1e9,
+      static_cast<unsigned long long>(root_chunks),
+      root_chunks != 0 ? 1e6 * root_cpu_s / static_cast<double>(root_chunks) : 0.0);
   return 0;
 }

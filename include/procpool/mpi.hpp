@@ -10,7 +10,8 @@
 //
 // Launch with `mpirun -n NODES ./app` (one rank per node: `--map-by ppr:1:node`)
 // or `srun --mpi=pmix ./app`. Each rank runs a procpool::Pool of its own
-// (Options::processes workers, 0: that rank's usable_cpu_count()), built with
+// (Options::processes workers per node, 0: the node's usable CPUs; ranks on
+// one node share them out), built with
 // the pool's initializer, so tasks still run in forked workers: a task that
 // crashes or hangs costs one task, never the MPI job. The root's own node
 // runs workers too; a one-rank job, or the program run without mpirun, is a
@@ -294,7 +295,8 @@ class Future {
 
 /// procpool::Pool over every rank of the MPI job (see the top of this file).
 /// The same calls, Options and errors as procpool::Pool, with these meanings:
-///  - Options::processes: workers per node (0: each node's usable CPUs);
+///  - Options::processes: workers per node (0: each node's usable CPUs),
+///    shared out among the ranks on that node (see Session::nodes());
 ///  - Options::chunksize: inputs per node chunk (and per message inside the
 ///    node); 0 sizes node chunks from the measured task time, about 50 ms
 ///    of work for the whole node per chunk, a few chunks in flight per node;
