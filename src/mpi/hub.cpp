@@ -196,9 +196,9 @@ void Hub::pump() {
     // wake a thread, and the root's node runs workers on the same cores. A
     // large message moves only while MPI is called: often, until it is through.
     std::chrono::microseconds wait{20000};
-    if (moving || transport_->receiving()) {
+    if (transport_->moving_large()) {
       wait = std::chrono::microseconds(20);
-    } else if (remote_work_locked()) {
+    } else if (moving || transport_->receiving() || remote_work_locked()) {
       ++idle;
       wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 500);
     }

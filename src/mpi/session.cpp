@@ -96,17 +96,21 @@ std::string this_host() {
         for (Buffer& m : out)
           transport.send(0, std::move(m));
         active = active || !out.empty();
-        const bool sending = !transport.progress() || transport.receiving();
+        const bool sent = transport.progress();
         if (active) {
           idle = 0;
           continue;
         }
-        if (sending) {
+        if (transport.moving_large()) {
           // A large message moves (over TCP, say) only while MPI is called:
           // call it often until it is through, but sleeping between calls (the
           // socket's buffer drains meanwhile), not spinning on a core that
           // the node's workers need.
           std::this_thread::sleep_for(std::chrono::microseconds(20));
+          continue;
+        }
+        if (!sent || transport.receiving()) {
+          std::this_thread::yield();  // a small message, through in a moment
           continue;
         }
         // MPI cannot wake a thread: poll fast just after activity, then

@@ -19,6 +19,10 @@ namespace {
 constexpr int message_tag = 7171;
 constexpr int piece_tag = 7172;
 
+/// Messages shorter than this are sent eagerly (Open MPI's TCP eager limit
+/// is 64 KiB): once probed, they are received at once.
+constexpr std::size_t small_message = std::size_t{64} << 10;
+
 void check(int status, const char* what) {
   if (status == MPI_SUCCESS) return;
   char text[MPI_MAX_ERROR_STRING];
@@ -85,10 +89,34 @@ bool Transport::progress() {
   return pending_.empty();
 }
 
+bool Transport::moving_large() const noexcept {
+  constexpr std::size_t large = std::size_t{1} << 20;
+  for (const Pending& p : pending_) {
+    if (p.message.size() >= large) return true;
+  }
+  for (const Incoming& in : incoming_) {
+    if (in.message.size() >= large) return true;
+  }
+  return false;
+}
+
 std::optional<std::pair<int, Buffer>> Transport::receive(int rank) {
+  // Messages already in are handed out before MPI is asked for more: a probe
+  // that finds nothing costs a pass over every connection.
+  if (auto ready = take_finished(rank)) return ready;
   start_receives(rank);
-  for (Incoming& in : incoming_)
+  // A message's further pieces share one tag with every other message's from
+  // that rank: they are taken only once the rank's earlier message is whole.
+  std::vector<int> busy;
+  for (Incoming& in : incoming_) {
+    if (std::find(busy.begin(), busy.end(), in.from) != busy.end()) continue;
     advance(in);
+    if (!in.done) busy.push_back(in.from);
+  }
+  return take_finished(rank);
+}
+
+std::optional<std::pair<int, Buffer>> Transport::take_finished(int rank) {
   // The first finished message that no earlier one from its rank precedes.
   std::vector<int> waiting;
   for (auto it = incoming_.begin(); it != incoming_.end(); ++it) {
@@ -108,55 +136,79 @@ std::optional<std::pair<int, Buffer>> Transport::receive(int rank) {
 void Transport::start_receives(int rank) {
   for (;;) {
     int arrived = 0;
-    MPI_Message handle;
     MPI_Status status;
-    check(MPI_Improbe(rank < 0 ? MPI_ANY_SOURCE : rank, message_tag, MPI_COMM_WORLD, &arrived,
-                      &handle, &status),
-          "MPI_Improbe");
+    check(MPI_Iprobe(rank < 0 ? MPI_ANY_SOURCE : rank, message_tag, MPI_COMM_WORLD, &arrived,
+                     &status),
+          "MPI_Iprobe");
     if (!arrived) return;
     int count = 0;
     MPI_Get_count(&status, MPI_BYTE, &count);
     Incoming& in = incoming_.emplace_back();
     in.from = status.MPI_SOURCE;
     in.message = Buffer(static_cast<std::size_t>(count));
-    check(MPI_Imrecv(in.message.data(), count, MPI_BYTE, &handle, &in.request), "MPI_Imrecv");
+    if (static_cast<std::size_t>(count) < small_message) {
+      // Already here whole (sent eagerly): take it now, without another poll.
+      // (The first message from that rank with this tag is the one probed.)
+      check(MPI_Recv(in.message.data(), count, MPI_BYTE, in.from, message_tag, MPI_COMM_WORLD,
+                     MPI_STATUS_IGNORE),
+            "MPI_Recv");
+      in.at = in.message.size();
+      check_first_piece(in);
+    } else {
+      // Claimed by a matched probe (the rank's earliest message with this
+      // tag is the one probed), so that no later probe can see it again.
+      MPI_Message handle;
+      check(MPI_Improbe(in.from, message_tag, MPI_COMM_WORLD, &arrived, &handle, &status),
+            "MPI_Improbe");
+      check(MPI_Imrecv(in.message.data(), count, MPI_BYTE, &handle, &in.request), "MPI_Imrecv");
+    }
   }
+}
+
+void Transport::check_first_piece(Incoming& in) {
+  // Its header says how long the whole message is.
+  if (in.message.size() < message_header + 1) {
+    throw ProtocolError("procpool::mpi: a message from rank " + std::to_string(in.from) +
+                        " is too short");
+  }
+  std::memcpy(&in.total, in.message.data(), sizeof in.total);
+  if (in.total < in.message.size()) {
+    throw ProtocolError("procpool::mpi: a corrupt message header from rank " +
+                        std::to_string(in.from));
+  }
+  in.message.resize(static_cast<std::size_t>(in.total));
+  in.done = in.at >= in.total;
+}
+
+void Transport::post_next_piece(Incoming& in) {
+  // The rest follows in pieces that were sent right after the first.
+  const std::size_t room = std::min<std::size_t>(std::size_t{INT_MAX}, in.total - in.at);
+  check(MPI_Irecv(in.message.data() + in.at, as_count(room), MPI_BYTE, in.from, piece_tag,
+                  MPI_COMM_WORLD, &in.request),
+        "MPI_Irecv");
 }
 
 void Transport::advance(Incoming& in) {
   while (!in.done) {
+    if (in.request == MPI_REQUEST_NULL) {
+      post_next_piece(in);  // the first piece is in: now the rest, in turn
+      continue;
+    }
     int finished = 0;
     MPI_Status status;
     check(MPI_Test(&in.request, &finished, &status), "MPI_Test");
     if (!finished) return;
     int got = 0;
     MPI_Get_count(&status, MPI_BYTE, &got);
+    // (MPI_Test has set the finished request to MPI_REQUEST_NULL.)
     if (in.total == 0) {
-      // The first piece: its header says how long the whole message is.
-      if (in.message.size() < message_header + 1) {
-        throw ProtocolError("procpool::mpi: a message from rank " + std::to_string(in.from) +
-                            " is too short");
-      }
-      std::memcpy(&in.total, in.message.data(), sizeof in.total);
-      if (in.total < in.message.size()) {
-        throw ProtocolError("procpool::mpi: a corrupt message header from rank " +
-                            std::to_string(in.from));
-      }
       in.at = in.message.size();
-      in.message.resize(static_cast<std::size_t>(in.total));
-    } else {
-      if (got <= 0) throw ProtocolError("procpool::mpi: an empty piece of a message");
-      in.at += static_cast<std::size_t>(got);
+      check_first_piece(in);
+      continue;
     }
-    if (in.at >= in.total) {
-      in.done = true;
-      return;
-    }
-    // The rest follows in pieces that were sent right after the first.
-    const std::size_t room = std::min<std::size_t>(std::size_t{INT_MAX}, in.total - in.at);
-    check(MPI_Irecv(in.message.data() + in.at, as_count(room), MPI_BYTE, in.from, piece_tag,
-                    MPI_COMM_WORLD, &in.request),
-          "MPI_Irecv");
+    if (got <= 0) throw ProtocolError("procpool::mpi: an empty piece of a message");
+    in.at += static_cast<std::size_t>(got);
+    in.done = in.at >= in.total;
   }
 }
 

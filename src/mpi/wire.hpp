@@ -95,12 +95,19 @@ class Transport {
   std::optional<std::pair<int, Buffer>> receive(int rank);
   /// Whether a message has started to arrive and not finished.
   bool receiving() const noexcept { return !incoming_.empty(); }
+  /// Whether a message of a MiB or more is on its way in or out: it moves
+  /// only while MPI is called, for long enough that the caller should sleep
+  /// between calls rather than spin.
+  bool moving_large() const noexcept;
 
  private:
   struct Pending;
   struct Incoming;
   void start_receives(int rank);
+  std::optional<std::pair<int, Buffer>> take_finished(int rank);
   void advance(Incoming& in);
+  void check_first_piece(Incoming& in);
+  void post_next_piece(Incoming& in);
   std::list<Pending> pending_;
   std::list<Incoming> incoming_;
   std::size_t max_piece_;
