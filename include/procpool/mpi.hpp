@@ -243,55 +243,28 @@ class StreamCall final
 
 }  // namespace detail
 
-/// The result of mpi::Pool::submit: like std::future. The task is sent to a
+/// The result of mpi::Pool::submit: a procpool::Future. The task is sent to a
 /// node at once and runs whether or not anyone waits; a Future dropped before
 /// get() leaves its task running, and its error is printed on stderr and
 /// counted in insights().
 template <class R>
-class Future {
-  using Stored = procpool::detail::stored_t<R>;
+using Future = procpool::Future<R>;
 
- public:
-  Future() = default;
-  /// The task's result; throws its error (TaskError, WorkerCrashed...). Once.
-  R get() {
-    if (!source_)
-      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
-    const std::unique_ptr<procpool::detail::ResultSource<Stored>> taken = std::move(source_);
-    auto value = taken->next();
-    if constexpr (!std::is_void_v<R>) return std::move(*value);
-  }
-  void wait() { wait_until(std::chrono::steady_clock::time_point::max()); }
-  template <class Rep, class Period>
-  std::future_status wait_for(std::chrono::duration<Rep, Period> timeout) {
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(timeout);
-    return wait_until(deadline) ? std::future_status::ready : std::future_status::timeout;
-  }
-  bool valid() const noexcept { return source_ != nullptr; }
+namespace detail {
 
- private:
-  friend class Pool;
-  struct Waitable : procpool::detail::ResultSource<Stored> {
-    virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
-  };
-  template <class Inner>
-  struct Adapter final : Waitable {
-    explicit Adapter(std::unique_ptr<Inner> inner) : call(std::move(inner)) {}
-    std::optional<Stored> next() override { return call->next(); }
-    bool wait_until(std::chrono::steady_clock::time_point d) override {
-      return call->wait_until(d);
-    }
-    std::unique_ptr<Inner> call;
-  };
-  explicit Future(std::unique_ptr<Waitable> source) : source_(std::move(source)) {}
-  bool wait_until(std::chrono::steady_clock::time_point deadline) {
-    if (!source_)
-      throw Error("procpool::mpi::Future: no result to wait for (get() was already called)");
-    return source_->wait_until(deadline);
-  }
-  std::unique_ptr<Waitable> source_;
+/// A submitted mpi call as a Future's source. Dropped, the call's record
+/// goes; its node still runs the task, and the root reports an error that
+/// nobody will get (the chunk is marked so when sent).
+template <class Stored, class Call>
+struct NodeFutureSource final : procpool::detail::FutureSource<Stored> {
+  explicit NodeFutureSource(std::unique_ptr<Call> c) : call(std::move(c)) {}
+  std::optional<Stored> next() override { return call->next(); }
+  bool wait_until(std::chrono::steady_clock::time_point d) override { return call->wait_until(d); }
+  void detach() noexcept override { call.reset(); }
+  std::unique_ptr<Call> call;
 };
+
+}  // namespace detail
 
 /// procpool::Pool over every rank of the MPI job (see the top of this file).
 /// The same calls, Options and errors as procpool::Pool, with these meanings:
@@ -394,8 +367,8 @@ class Pool {
     items.emplace_back(std::forward<Args>(args)...);
     detail::Buffer setup = make_setup<Star, Item>(Star{f});
     auto call = std::make_unique<Call>(state_, std::move(setup), std::move(items), 1, true);
-    using Adapter = typename Future<R>::template Adapter<Call>;
-    return Future<R>(std::make_unique<Adapter>(std::move(call)));
+    using Source = detail::NodeFutureSource<procpool::detail::stored_t<R>, Call>;
+    return procpool::detail::make_future<R>(std::make_unique<Source>(std::move(call)));
   }
 
   /// No more work is accepted; what was accepted still runs.

@@ -32,9 +32,45 @@
 
 namespace procpool {
 
-/// The result of `Pool::submit`: like std::future. The task runs whether or
-/// not anyone waits; dropping the Future without get() leaves the task
-/// running, and its error, if any, goes to the pool's error handler.
+template <class R>
+class Future;
+
+namespace detail {
+
+/// What a Future waits on: its task's one result, from a local Pool or from
+/// the nodes of an MPI job (procpool::mpi::Pool).
+template <class Stored>
+struct FutureSource : ResultSource<Stored> {
+  virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
+  /// Gives the task to whoever runs it, to be finished without the Future.
+  virtual void detach() noexcept = 0;
+};
+
+/// A Pool's submitted call as a FutureSource: dropped, it goes to the pool's
+/// service thread, which finishes it and reports its error.
+template <class Stored, class Call>
+struct PoolFutureSource final : FutureSource<Stored> {
+  explicit PoolFutureSource(std::unique_ptr<Call> c) : call(std::move(c)) {}
+  std::optional<Stored> next() override { return call->next(); }
+  bool wait_until(std::chrono::steady_clock::time_point d) override { return call->wait_until(d); }
+  void detach() noexcept override {
+    std::shared_ptr<PoolCore> core = call->core();
+    core->adopt(std::move(call));
+  }
+  std::unique_ptr<Call> call;
+};
+
+/// The one way to make a Future (Pool::submit, mpi::Pool::submit).
+template <class R, class Source>
+Future<R> make_future(std::unique_ptr<Source> source) {
+  return Future<R>(std::move(source));
+}
+
+}  // namespace detail
+
+/// The result of `Pool::submit` (and `mpi::Pool::submit`): like std::future. The task runs whether
+/// or not anyone waits; dropping the Future without get() leaves the task running, and its error,
+/// if any, goes to the pool's error handler.
 ///
 ///     auto answer = pool.submit(&compute, 42);
 ///     if (answer.wait_for(std::chrono::seconds(1)) == std::future_status::ready)
@@ -72,26 +108,9 @@ class Future {
   bool valid() const noexcept { return source_ != nullptr; }
 
  private:
-  friend class Pool;
-  using Source = detail::ResultSource<Stored>;
-  struct Waitable : Source {
-    virtual bool wait_until(std::chrono::steady_clock::time_point deadline) = 0;
-    /// Gives the task to its pool, to be finished without this Future.
-    virtual void detach() noexcept = 0;
-  };
-  template <class Inner>
-  struct Adapter final : Waitable {
-    explicit Adapter(std::unique_ptr<Inner> inner) : call(std::move(inner)) {}
-    std::optional<Stored> next() override { return call->next(); }
-    bool wait_until(std::chrono::steady_clock::time_point d) override {
-      return call->wait_until(d);
-    }
-    void detach() noexcept override {
-      std::shared_ptr<detail::PoolCore> core = call->core();
-      core->adopt(std::move(call));
-    }
-    std::unique_ptr<Inner> call;
-  };
+  template <class R2, class Source>
+  friend Future<R2> detail::make_future(std::unique_ptr<Source> source);
+  using Waitable = detail::FutureSource<Stored>;
   /// A Future dropped before get(): its task still runs (fire and forget).
   void hand_over() noexcept {
     if (!source_) return;
@@ -203,8 +222,8 @@ class Pool {
     items->emplace_back(std::forward<Args>(args)...);
     using Call = detail::PoolCall<typename Types::Out, Item>;
     auto call = std::make_unique<Call>(core_, make_setup<Star, Item>(Star{f}), std::move(items));
-    using Adapter = typename Future<R>::template Adapter<Call>;
-    return Future<R>(std::make_unique<Adapter>(std::move(call)));
+    using Source = detail::PoolFutureSource<detail::stored_t<R>, Call>;
+    return detail::make_future<R>(std::make_unique<Source>(std::move(call)));
   }
 
   /// Where the errors of tasks whose Future was dropped go; called on the
