@@ -501,6 +501,15 @@ std::vector<Case> calls_cases(int nodes) {
                                 ic == std::default_sentinel);
                      PEER_CHECK(std::ranges::all_of(hits, [](int h) { return h == 1; }));
                    }});
+  cases.push_back(
+      {"max_tasks_per_child_with_state", "(max_tasks_per_child; initializer state rebuilt)", [] {
+         procpool::mpi::Pool pool({.processes = 1, .chunksize = 2, .max_tasks_per_child = 3},
+                                  &make_model);
+         auto got = pool.map(&use_model, range(300));
+         for (int i = 0; i < 300; ++i)
+           PEER_CHECK(got[static_cast<std::size_t>(i)] == 3 * i);
+         PEER_CHECK(pool.submit(&use_model, 7).get() == 21);
+       }});
   cases.push_back({"unordered_indices", "ProcessPoolExecutorTest.test_map_unordered", [] {
                      procpool::mpi::Pool pool({.processes = 2});
                      std::multiset<long> got;
@@ -871,6 +880,12 @@ std::vector<Case> errors_cases() {
          PEER_CHECK(m.index() == 50);
          PEER_CHECK(pool.map(&absolute, std::vector<long>{-9}) == std::vector<long>{9});
        }});
+  cases.push_back({"empty_future", "(a Future with no task)", [] {
+                     procpool::mpi::Future<int> none;
+                     PEER_CHECK(!none.valid());
+                     EXPECT_THROW_AS(procpool::Error, none.get());
+                     EXPECT_THROW_AS(procpool::Error, none.wait());
+                   }});
   cases.push_back(
       {"wrong_state_type", "ProcessPoolInitTest.test_initializer_bad", [] {
          procpool::mpi::Pool plain({.processes = 1});
