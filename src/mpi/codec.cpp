@@ -5,6 +5,7 @@
 #include <typeinfo>
 
 #include "codec.hpp"
+#include "layout.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/mpi.hpp"
 
@@ -171,15 +172,18 @@ std::exception_ptr load_error(Reader& in, std::size_t index, int rank, const std
 }
 
 std::exception_ptr current_serialize_input_error(std::size_t index) {
+  // The input failed on the root (rank 0), before it went anywhere.
+  const std::string host = this_host_name();
   try {
     throw;
   } catch (const std::exception& e) {
-    return std::make_exception_ptr(TaskError(index, procpool::detail::demangle(typeid(e).name()),
-                                             e.what(), TaskError::Stage::serialize_input));
+    return std::make_exception_ptr(OnNode<TaskError>(0, host, index,
+                                                     procpool::detail::demangle(typeid(e).name()),
+                                                     e.what(), TaskError::Stage::serialize_input));
   } catch (...) {
-    return std::make_exception_ptr(TaskError(index, "unknown",
-                                             "an exception not derived from std::exception",
-                                             TaskError::Stage::serialize_input));
+    return std::make_exception_ptr(OnNode<TaskError>(0, host, index, "unknown",
+                                                     "an exception not derived from std::exception",
+                                                     TaskError::Stage::serialize_input));
   }
 }
 

@@ -90,7 +90,7 @@ std::shared_ptr<Hub> Hub::current() {
     // No Session (or one without mpirun): a one-node pool, the root alone.
     RankPlace self;
     self.node = this_node_name();
-    self.host = self.node;
+    self.host = this_host_name();
     self.usable_cpus = usable_cpu_count();
     installed_hub = std::make_shared<Hub>(false, node_slots({self}));
   }
@@ -411,6 +411,9 @@ std::size_t CallState::room_locked(std::size_t n) const {
   const NodeSlot& node = hub_.nodes[n];
   const std::size_t workers = pool_->processes[n];
   if (workers == 0) return 0;  // the rank's node-mates have its node's CPUs
+  // A submitted task goes at once, wherever (the least loaded node): it must
+  // run whether or not anyone waits for its Future, and join() waits for it.
+  if (submitted_) return 1;
   if (long_tasks_locked()) {
     // Near the end, long tasks go to free workers only: the last ones then
     // run wherever a worker frees up first, instead of queueing behind a busy
@@ -468,6 +471,12 @@ std::size_t CallState::inflight_bound_locked() const {
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
+    if (total_ && taken_ >= *total_) {
+      // Every input was taken (a submitted task's one): nothing more to ask
+      // the range, even of a pool that has ended since.
+      exhausted_ = true;
+      break;
+    }
     if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
     if (hub_.stopped) return;
     // The least loaded node with room.
@@ -485,6 +494,8 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
       }
     }
     if (best == hub_.nodes.size()) return;
+    // Options::max_inflight bounds the inputs taken and not yet handed back.
+    size = std::min(size, inflight_bound_locked() - (taken_ - delivered_));
     const std::uint64_t chunk = ++hub_.next_id;
     ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
     hub_.nodes[best].inflight_items += size;

@@ -123,6 +123,10 @@ std::string this_node_name() {
   if (const char* slurm = std::getenv("SLURMD_NODENAME"); slurm != nullptr && *slurm != '\0') {
     return slurm;
   }
+  return this_host_name();
+}
+
+std::string this_host_name() {
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   return name;

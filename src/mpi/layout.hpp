@@ -43,4 +43,7 @@ std::vector<std::uint64_t> this_affinity();
 /// SLURMD_NODENAME where Slurm launched this process, else the host name.
 std::string this_node_name();
 
+/// The host name (what errors and insights call the node).
+std::string this_host_name();
+
 }  // namespace procpool::mpi::detail

@@ -46,12 +46,6 @@ bool launched_by_mpi() {
   return false;
 }
 
-std::string this_host() {
-  char name[host_length] = {};
-  ::gethostname(name, host_length - 1);
-  return name;
-}
-
 [[noreturn]] void abort_job(const std::string& message, int code) {
   std::fprintf(stderr, "%s\n", message.c_str());
   std::fflush(stderr);
@@ -204,7 +198,7 @@ Session::Session(int& argc, char**& argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &detail::session_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &detail::session_size);
   const int rank = detail::session_rank;
-  const std::string host = detail::this_host();
+  const std::string host = detail::this_host_name();
 
   // Root's identity and host to every rank; every rank compares its own.
   std::string identity = procpool::detail::executable_identity();

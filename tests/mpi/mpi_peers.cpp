@@ -17,8 +17,8 @@
 //              root threads sharing a pool or each with its own
 //   init_throws  an initializer that throws: every task says so, no hang,
 //              and the Session ends cleanly
-//   known_bugs the cases that fail today, each named by its bug (A-D, see
-//              known_bugs_cases); registered DISABLED, run by hand
+//   fixed_bugs the cases that failed before, each named by the bug it found
+//              (A-D, see fixed_bugs_cases), all fixed; kept as regressions
 //
 // What mpi4py tests and these do not, and why:
 //  - Future.cancel()/cancelled(), shutdown(cancel_futures=True),
@@ -923,7 +923,7 @@ std::vector<Case> lifecycle_cases(int nodes) {
          auto pending = pool.submit(&mul, 2L, 1L);
          const auto& early = EXPECT_THROW_AS(procpool::Error, pool.join());
          PEER_CHECK_MSG(contains(early.what(), "close()"), early.what());
-         // (get() before close(): after join() it hits bug A, see known_bugs)
+         // (get() before close(): after join() it hit bug A, see fixed_bugs)
          PEER_CHECK(pending.get() == 2);
          pool.close();
          EXPECT_THROW_AS(procpool::PoolClosed, pool.submit(&ipow, 2L, 5L));
@@ -957,7 +957,7 @@ std::vector<Case> lifecycle_cases(int nodes) {
   cases.push_back({"terminate_with_work_outstanding",
                    "ProcessPoolShutdownTest.test_submit_shutdown_cancel(_wait)", [] {
                      // Every outstanding Future ends in bounded time: its value if it
-                     // ran, else PoolClosed (mpi4py: cancelled). known_bugs has the
+                     // ran, else PoolClosed (mpi4py: cancelled). fixed_bugs has the
                      // stricter form (wait_for, a finished task's value).
                      std::vector<procpool::mpi::Future<int>> fs;
                      const auto start = Clock::now();
@@ -1224,7 +1224,7 @@ int markers_left(int n) {
   return found;
 }
 
-// ---- mode known_bugs (registered DISABLED: each case fails today) -------------------
+// ---- mode fixed_bugs (each case failed before its bug was fixed) ----------------------
 //
 // A: a Future whose task finished throws PoolClosed ("the pool was ended")
 //    from get()/wait()/wait_for() once its pool was joined, terminated or
@@ -1244,7 +1244,7 @@ int markers_left(int n) {
 // worker behind a slow one only after the slow one, as procpool::Pool does:
 // mpi4py's one-task-per-idle-worker dispatch does not.)
 
-std::vector<Case> known_bugs_cases() {
+std::vector<Case> fixed_bugs_cases() {
   std::vector<Case> cases;
   cases.push_back(
       {"D_max_inflight_bounds_inputs_taken",
@@ -1471,7 +1471,7 @@ int main(int argc, char** argv) {
   if (mode == "errors") return run_cases("errors", errors_cases());
   if (mode == "lifecycle") return run_cases("lifecycle", lifecycle_cases(nodes));
   if (mode == "init_throws") return run_cases("init_throws", init_throws_cases());
-  if (mode == "known_bugs") return run_cases("known_bugs", known_bugs_cases());
+  if (mode == "fixed_bugs") return run_cases("fixed_bugs", fixed_bugs_cases());
   std::fprintf(stderr, "mpi_peers: unknown mode %s\n", mode.c_str());
   return 2;
 }
