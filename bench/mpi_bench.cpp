@@ -79,9 +79,11 @@ int main(int argc, char** argv) {
   procpool::mpi::Pool pool({.processes = processes});
   pool.map(&inc, std::vector<int>(200, 1));  // warm up
   // The same with the pool already started: what mpi4py.futures' chunked row measures.
+  const double auto_cpu_before = process_cpu_seconds();
   t = Clock::now();
   pool.map(&inc, xs);
   const double warm_auto_s = since(t);
+  const double auto_root_cpu_s = process_cpu_seconds() - auto_cpu_before;
   // PROCPOOL_BENCH_INSIGHTS=1: where that call's time went, per node, on stderr.
   if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
     std::fputs(pool.insights().to_string().c_str(), stderr);
@@ -116,12 +118,14 @@ int main(int argc, char** argv) {
       "%.1f, "
       "\"tiny_auto_end_to_end_tasks_per_s\": %.1f, \"tiny_auto_tasks_per_s\": %.1f, "
       "\"cpu_efficiency\": %.4f, "
-      "\"big_results_gbps\": %.4f, \"root_chunks\": %llu, \"root_cpu_us_per_chunk\": %.2f}\n",
+      "\"big_results_gbps\": %.4f, \"root_chunks\": %llu, \"root_cpu_us_per_chunk\": %.2f, "
+      "\"root_cpu_ns_per_task_auto\": %.1f}\n",
       session.size(), workers, static_cast<double>(tiny) / cs1_s,
       static_cast<double>(tiny) / auto_s, static_cast<double>(tiny) / warm_auto_s,
       static_cast<double>(cpu) * task_ms / 1000.0 / (cpu_s * workers),
       static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / big_s / 1e9,
       static_cast<unsigned long long>(root_chunks),
-      root_chunks != 0 ? 1e6 * root_cpu_s / static_cast<double>(root_chunks) : 0.0);
+      root_chunks != 0 ? 1e6 * root_cpu_s / static_cast<double>(root_chunks) : 0.0,
+      1e9 * auto_root_cpu_s / static_cast<double>(tiny));
   return 0;
 }

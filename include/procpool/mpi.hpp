@@ -165,8 +165,9 @@ class CallHandle {
   ~CallHandle();
   CallHandle(const CallHandle&) = delete;
   CallHandle& operator=(const CallHandle&) = delete;
-  /// The next outcome (input or completion order); empty at the end.
-  std::optional<RawOutcome> next();
+  /// Appends the next outcomes (input or completion order), as many as are
+  /// ready (at most `most`, at least one); false at the end.
+  bool next_batch(std::vector<RawOutcome>& out, std::size_t most);
   /// Whether an outcome is ready by `deadline` (sends work meanwhile).
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   /// The error for a value whose load() threw (called in the catch block).
@@ -191,6 +192,7 @@ void pool_close(PoolState& pool);
 void pool_join(PoolState& pool);
 void pool_terminate(PoolState& pool);
 unsigned pool_processes(const PoolState& pool);
+bool pool_bounds_inflight(const PoolState& pool);
 Insights pool_insights(PoolState& pool);
 
 template <class Out, class View, class Item, procpool::detail::Delivery D>
@@ -202,14 +204,22 @@ class StreamCall final
   StreamCall(std::shared_ptr<PoolState> pool, Buffer setup, View view,
              std::optional<std::size_t> total, bool submitted = false)
       : view_(std::move(view)),
+        bounded_(pool_bounds_inflight(*pool)),
         call_(std::move(pool), std::move(setup), std::make_unique<RangeFeed<View, Item>>(view_),
               D == procpool::detail::Delivery::unordered ? CallHandle::Order::completion
                                                          : CallHandle::Order::input,
               total, submitted) {}
 
   std::optional<Value> next() override {
-    std::optional<RawOutcome> raw = call_.next();
-    if (!raw) return std::nullopt;
+    if (taken_ == batch_.size()) {
+      // Outcomes come from the root's queues a batch at a time (one lock, not
+      // one per input); with Options::max_inflight, one at a time, so that
+      // the bound counts what the caller has really been handed.
+      batch_.clear();
+      taken_ = 0;
+      if (!call_.next_batch(batch_, bounded_ ? 1 : 4096)) return std::nullopt;
+    }
+    RawOutcome* raw = &batch_[taken_++];
     std::optional<Out> value;
     std::exception_ptr error = raw->error;
     if (!error) {
@@ -238,7 +248,10 @@ class StreamCall final
 
  private:
   View view_;
+  bool bounded_;  // Options::max_inflight is set
   CallHandle call_;
+  std::vector<RawOutcome> batch_;
+  std::size_t taken_ = 0;
 };
 
 }  // namespace detail

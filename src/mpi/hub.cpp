@@ -327,28 +327,34 @@ CallState::~CallState() {
 
 bool CallState::front_ready_locked() const {
   if (ready_.empty()) return false;
-  return order_ == CallHandle::Order::completion || ready_.begin()->first == next_index_;
+  const auto& [first, chunk] = *ready_.begin();
+  return order_ == CallHandle::Order::completion || first + chunk.next == next_index_;
 }
 
-std::optional<RawOutcome> CallState::pop_locked() {
-  if (!front_ready_locked()) return std::nullopt;
-  auto node = ready_.extract(ready_.begin());
-  ++delivered_;
-  if (order_ == CallHandle::Order::input) ++next_index_;
-  return std::move(node.mapped());
+std::size_t CallState::pop_locked(std::vector<RawOutcome>& out, std::size_t most) {
+  std::size_t popped = 0;
+  while (popped < most && front_ready_locked()) {
+    ReadyChunk& chunk = ready_.begin()->second;
+    out.push_back(std::move(chunk.outcomes[chunk.next++]));
+    if (chunk.next == chunk.outcomes.size()) ready_.erase(ready_.begin());
+    ++delivered_;
+    if (order_ == CallHandle::Order::input) ++next_index_;
+    ++popped;
+  }
+  return popped;
 }
 
-std::optional<RawOutcome> CallState::next() {
+bool CallState::next_batch(std::vector<RawOutcome>& out, std::size_t most) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
     top_up(lock);
-    if (auto r = pop_locked()) return r;
+    if (pop_locked(out, most) != 0) return true;
     if (exhausted_ && chunks_out_ == 0 && ready_.empty()) {
       if (progress_) {
         progress_->finish("done");
         progress_.reset();
       }
-      return std::nullopt;
+      return false;
     }
     if (hub_.stopped) throw Error("procpool::mpi::Pool: the Session ended during a call");
     hub_.changed.wait_for(lock, std::chrono::milliseconds(100));
@@ -494,8 +500,14 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
       }
     }
     if (best == hub_.nodes.size()) return;
-    // Options::max_inflight bounds the inputs taken and not yet handed back.
-    size = std::min(size, inflight_bound_locked() - (taken_ - delivered_));
+    // Options::max_inflight bounds the inputs taken and not yet handed back:
+    // a chunk takes no more than it leaves room for. The automatic bound is
+    // only a guard: rather than a sliver, the chunk waits for the consumer.
+    const std::size_t in_bound = inflight_bound_locked() - (taken_ - delivered_);
+    if (in_bound < size) {
+      if (pool_->options.max_inflight == 0) return;
+      size = in_bound;
+    }
     const std::uint64_t chunk = ++hub_.next_id;
     ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
     hub_.nodes[best].inflight_items += size;
@@ -563,7 +575,7 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
       hub_.send(best, std::move(message));
     }
     if (failed) {
-      ready_[taken_] = RawOutcome{taken_, nullptr, 0, failed, 0, nullptr};
+      ready_[taken_].outcomes.push_back(RawOutcome{taken_, nullptr, 0, failed, 0, nullptr});
       ++taken_;
     }
   }
@@ -572,6 +584,8 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
 void CallState::receive(const ChunkRecord& chunk, double run_seconds, double transit,
                         Reader& records, const std::shared_ptr<const Buffer>& message) {
   const NodeSlot& node = hub_.nodes[chunk.node];
+  ReadyChunk& ready = ready_[chunk.first];
+  ready.outcomes.reserve(chunk.count);
   for (std::size_t i = 0; i < chunk.count; ++i) {
     const std::size_t index = chunk.first + i;
     RawOutcome o;
@@ -584,7 +598,7 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
     } else {
       o.error = load_error(records, index, node.rank, node.host);
     }
-    ready_[index] = std::move(o);
+    ready.outcomes.push_back(std::move(o));
   }
   --chunks_out_;
   // One task's time on one worker, as if the chunk had had the node alone
@@ -606,8 +620,8 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
     : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
                                          total, submitted)) {}
 CallHandle::~CallHandle() = default;
-std::optional<RawOutcome> CallHandle::next() {
-  return state_->next();
+bool CallHandle::next_batch(std::vector<RawOutcome>& out, std::size_t most) {
+  return state_->next_batch(out, most);
 }
 bool CallHandle::wait_until(std::chrono::steady_clock::time_point deadline) {
   return state_->wait_until(deadline);
@@ -731,6 +745,10 @@ void pool_terminate(PoolState& pool) {
 
 unsigned pool_processes(const PoolState& pool) {
   return pool.total_processes();
+}
+
+bool pool_bounds_inflight(const PoolState& pool) {
+  return pool.options.max_inflight != 0;
 }
 
 Insights pool_insights(PoolState& pool) {

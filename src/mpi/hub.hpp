@@ -123,7 +123,9 @@ class CallState {
   CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
             CallHandle::Order order, std::optional<std::size_t> total, bool submitted);
   ~CallState();
-  std::optional<RawOutcome> next();
+  /// Appends the next outcomes, as many as are ready in order (at most
+  /// `most`, at least one unless the call has ended); false at the end.
+  bool next_batch(std::vector<RawOutcome>& out, std::size_t most);
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
@@ -133,7 +135,7 @@ class CallState {
 
  private:
   bool front_ready_locked() const;
-  std::optional<RawOutcome> pop_locked();
+  std::size_t pop_locked(std::vector<RawOutcome>& out, std::size_t most);
   void top_up(std::unique_lock<std::mutex>& lock);
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
@@ -163,7 +165,13 @@ class CallState {
   double measured_seconds_ = 0;
   double measured_tasks_ = 0;
   double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
-  std::map<std::size_t, RawOutcome> ready_;
+  /// The outcomes of one chunk (or of one input that failed on the root),
+  /// handed out in order: one map entry per chunk, not per input.
+  struct ReadyChunk {
+    std::vector<RawOutcome> outcomes;
+    std::size_t next = 0;
+  };
+  std::map<std::size_t, ReadyChunk> ready_;  // by the chunk's first input index
   std::unique_ptr<procpool::detail::ProgressReporter> progress_;
 };
 
