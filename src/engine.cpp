@@ -51,6 +51,22 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
 
 namespace {
 
+/// The reason a pool ended (Pool::terminate()'s PoolClosed), as an exception
+/// of each chunk's own: the calls those chunks belong to may be read on
+/// different threads (an mpi node runs several at once), and an exception
+/// shared through std::exception_ptr is counted inside libstdc++, where
+/// ThreadSanitizer cannot see that its last owner frees it after the others
+/// have read it.
+std::exception_ptr copy_for_one_chunk(const std::exception_ptr& reason) {
+  try {
+    std::rethrow_exception(reason);
+  } catch (const PoolClosed& e) {
+    return std::make_exception_ptr(PoolClosed(e.what()));
+  } catch (...) {
+    return reason;
+  }
+}
+
 [[noreturn]] void throw_errno(const char* what) {
   throw std::system_error(errno, std::generic_category(), std::string("procpool: ") + what);
 }
@@ -493,7 +509,7 @@ void Engine::Impl::fail_pending(const std::exception_ptr& reason) {
   while (!pending_.empty()) {
     Chunk c = std::move(pending_.front());
     pending_.pop_front();
-    finish_chunk(c, ChunkDone::failed(c.first, c.count, reason));
+    finish_chunk(c, ChunkDone::failed(c.first, c.count, copy_for_one_chunk(reason)));
   }
 }
 
@@ -810,7 +826,7 @@ void Engine::Impl::end_all(WorkerLink::Ending how, const std::exception_ptr& rea
     telemetry_.worker_left(w.position, Departure::stopped, w.link->finish_end().counted);
     if (!reason) continue;
     for (Chunk& c : w.inflight)
-      finish_chunk(c, ChunkDone::failed(c.first, c.count, reason));
+      finish_chunk(c, ChunkDone::failed(c.first, c.count, copy_for_one_chunk(reason)));
   }
   workers_.clear();
 }

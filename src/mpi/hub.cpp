@@ -867,6 +867,10 @@ std::string Insights::to_string() const {
   }
   for (const NodeInsights& n : per_node) {
     s += "  -- node " + n.host + ":" + std::to_string(n.rank) + " --\n";
+    if (n.processes == 0) {
+      s += "    no workers: the other ranks on this node have its CPUs\n";
+      continue;
+    }
     std::string table = n.pool.to_string();
     // Indent the node pool's own table under its node.
     std::size_t at = 0;
