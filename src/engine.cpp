@@ -99,11 +99,6 @@ std::string describe_resource_limit(const std::error_code& code) {
   }
 }
 
-std::string describe_exit(const WorkerExit& exit) {
-  return exit.signal ? "was killed by signal " + std::to_string(exit.signal)
-                     : "exited with status " + std::to_string(exit.code);
-}
-
 }  // namespace
 
 class Engine::Impl final : private ReplySink {
@@ -638,7 +633,7 @@ void Engine::Impl::note_start_up_death(pid_t pid, const WorkerExit& exit) {
       Error("procpool: " + std::to_string(start_up_deaths_) +
             " new workers in a row died while starting, before they could run a task (the "
             "last, pid " +
-            std::to_string(pid) + ", " + describe_exit(exit) +
+            std::to_string(pid) + ", " + describe_death(exit.signal, exit.code) +
             "); check the pool's initializer, or what kills processes as they start"));
 }
 

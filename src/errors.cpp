@@ -6,7 +6,7 @@
 #include <string>
 
 namespace procpool {
-namespace {
+namespace detail {
 
 std::string describe_death(int signal, int exit_status) {
   if (signal != 0) {
@@ -14,6 +14,12 @@ std::string describe_death(int signal, int exit_status) {
   }
   return "exited with status " + std::to_string(exit_status);
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::describe_death;
 
 std::string describe_task_error(std::size_t index, const std::string& type_name,
                                 const std::string& what, TaskError::Stage stage) {

@@ -114,4 +114,9 @@ class PoolClosed : public Error {
   using Error::Error;
 };
 
+namespace detail {
+/// "was killed by signal 9 (Killed)" or "exited with status 3": how a process ended.
+std::string describe_death(int signal, int exit_status);
+}  // namespace detail
+
 }  // namespace procpool
