@@ -173,11 +173,29 @@ void NodeServer::run(std::vector<Job>& jobs) {
     Buffer out;
     std::size_t times_at = 0;
     std::size_t records_at = 0;
+    bool sent = false;
   };
   std::vector<Reply> replies(jobs.size());
   std::vector<Writer> writers;
   writers.reserve(jobs.size());
   std::vector<NodeChunk> chunks;
+  const auto started = std::chrono::steady_clock::now();
+  auto last_done = started;
+  // A chunk's reply: its times, then off to the root. `run_seconds` is the
+  // time it took beyond the chunk before it in the batch: the root estimates
+  // task time from it.
+  auto send = [&](std::size_t j) {
+    Reply& r = replies[j];
+    const auto now = std::chrono::steady_clock::now();
+    const double node_seconds = seconds_since(jobs[j].arrived);
+    const double run_seconds = std::chrono::duration<double>(now - last_done).count();
+    last_done = now;
+    std::memcpy(r.out.data() + r.times_at, &node_seconds, sizeof node_seconds);
+    std::memcpy(r.out.data() + r.times_at + sizeof(double), &run_seconds, sizeof run_seconds);
+    jobs[j].message = Buffer{};
+    r.sent = true;
+    reply_(std::move(r.out));
+  };
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     Reply& r = replies[j];
     r.out = new_message(Msg::chunk_done);
@@ -192,13 +210,9 @@ void NodeServer::run(std::vector<Job>& jobs) {
     chunks.push_back(NodeChunk{jobs[j].count,
                                Reader(jobs[j].message.data() + jobs[j].items_at,
                                       jobs[j].message.size() - jobs[j].items_at),
-                               &w});
+                               &w, [&send, j] { send(j); }});
   }
-  std::uint64_t batch_inputs = 0;
-  for (const Job& j : jobs)
-    batch_inputs += j.count;
   const Job& job = jobs.front();  // every job of a batch is of the same call
-  const auto started = std::chrono::steady_clock::now();
   std::exception_ptr error;
   if (!job.call) {
     error = std::make_exception_ptr(
@@ -217,26 +231,18 @@ void NodeServer::run(std::vector<Job>& jobs) {
       error = std::current_exception();
     }
   }
-  const double run_seconds = seconds_since(started);
   for (std::size_t j = 0; j < jobs.size(); ++j) {
-    Reply& r = replies[j];
+    if (replies[j].sent) continue;
     if (error) {
-      // The whole chunk failed (the node's pool or the call's code could not
-      // be set up): every input reports why.
-      writers[j].truncate(r.records_at);
+      // The chunk could not run (the node's pool or the call's code could not
+      // be set up, or the pool failed under it): every input reports why.
+      writers[j].truncate(replies[j].records_at);
       for (std::uint64_t i = 0; i < jobs[j].count; ++i) {
         writers[j].put(std::uint8_t{0});
         save_error(writers[j], error);
       }
     }
-    const double node_seconds = seconds_since(jobs[j].arrived);
-    // A batch's time, shared out by inputs: the root estimates task time from it.
-    const double share = run_seconds * static_cast<double>(jobs[j].count) /
-                         static_cast<double>(std::max<std::uint64_t>(1, batch_inputs));
-    std::memcpy(r.out.data() + r.times_at, &node_seconds, sizeof node_seconds);
-    std::memcpy(r.out.data() + r.times_at + sizeof(double), &share, sizeof share);
-    jobs[j].message = Buffer{};
-    reply_(std::move(r.out));
+    send(j);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -58,11 +59,14 @@ inline std::unique_ptr<procpool::Pool> make_plain_node_pool(const Options& optio
 /// any other exception) for the root to rebuild (see CallState).
 void save_error(Writer& out, const std::exception_ptr& error);
 
-/// One node chunk's inputs and where its outcome records go.
+/// One node chunk's inputs, where its outcome records go, and who hears
+/// that its records are all written (its reply then leaves at once, before
+/// the rest of its batch has run).
 struct NodeChunk {
   std::uint64_t count = 0;
   Reader items;
   Writer* out = nullptr;
+  std::function<void()> finished;
 };
 
 /// One call's code on a node: decoded once per node, run for every node chunk.
@@ -114,9 +118,11 @@ class TypedNodeCall final : public NodeCall {
         }
       }
     }
-    auto outcomes = std::apply(
-        [&](const Extra&... extra) { return pool.map_outcomes(f_, inputs, extra...); }, extra_);
-    std::size_t next = 0;
+    // Outcomes in input order, as they come: each chunk's reply can leave as
+    // soon as its own inputs are done.
+    auto results = std::apply(
+        [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
+    auto next = results.begin();
     std::size_t position = 0;
     for (NodeChunk& chunk : chunks) {
       Writer& out = *chunk.out;
@@ -126,7 +132,8 @@ class TypedNodeCall final : public NodeCall {
           save_error(out, e);
           continue;
         }
-        Outcome<Out>& o = outcomes[next++];
+        Outcome<Out> o = std::move(*next);
+        ++next;
         if (o.ok()) {
           const std::size_t at = out.size();
           try {
@@ -143,6 +150,7 @@ class TypedNodeCall final : public NodeCall {
         out.put(std::uint8_t{0});
         save_error(out, o.error);
       }
+      if (chunk.finished) chunk.finished();
     }
   }
 
