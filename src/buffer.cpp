@@ -116,7 +116,25 @@ Block allocate_block(std::size_t at_least) {
   return {map_block(capacity), capacity};
 }
 
+Block allocate_shared_block(std::size_t at_least) {
+  const std::size_t capacity = round_up(at_least, page_bytes);
+  const int fd = create_memory_file(capacity);
+  try {
+    std::byte* data = map_memory_file(fd, capacity, true);
+    ::madvise(data, capacity, MADV_DONTFORK);  // as map_block: a new worker has no use for it
+    return {data, capacity, fd};
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+}
+
 void free_block(Block block) noexcept {
+  if (block.fd >= 0) {
+    unmap_memory_file(block.data, block.capacity);
+    ::close(block.fd);
+    return;
+  }
   if (block.data == nullptr) return;
   if (block.capacity < page_bytes) {
     delete[] block.data;
