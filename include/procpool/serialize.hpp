@@ -289,9 +289,6 @@ inline std::size_t load_count(Reader& in, std::size_t min_bytes_per_element) {
   return static_cast<std::size_t>(count);
 }
 
-/// Bytes copied out of a message between two give-backs (Reader::consumed).
-inline constexpr std::size_t give_back_piece = std::size_t{64} << 20;
-
 template <class T>
 void save(Writer& out, const T& value) {
   static_assert(type_cannot_cross_processes<T>::value);
@@ -300,8 +297,7 @@ void save(Writer& out, const T& value) {
   } else if constexpr (is_raw_block_v<T>) {
     const std::size_t bytes = value.size() * sizeof(typename T::value_type);
     out.put(static_cast<std::uint64_t>(value.size()));
-    out.prepare_for(bytes);  // one system call maps the pages, not a fault per 4 KiB
-    out.write(value.data(), bytes);
+    out.write_block(value.data(), bytes);
   } else if constexpr (is_std_vector<T>::value) {
     out.put(static_cast<std::uint64_t>(value.size()));
     for (const auto& element : value) {
@@ -343,10 +339,17 @@ void load(Reader& in, T& value) {
     // written, and the message's pages behind it given back, so that a
     // result of N bytes never costs 2N while it is decoded.
     const std::byte* from = in.take(count * sizeof(E));
-    const std::size_t piece = std::max<std::size_t>(1, give_back_piece / sizeof(E));
+    const std::size_t piece = std::max<std::size_t>(1, PrefaultAhead::piece / sizeof(E));
+    // A large one's pages are mapped on a helper thread, ahead of the copy.
+    PrefaultAhead ahead(reinterpret_cast<std::byte*>(value.data()), count * sizeof(E), true);
+    const bool mapped_ahead = count * sizeof(E) >= PrefaultAhead::worth_a_thread;
     for (std::size_t done = 0; done < count;) {
       const std::size_t n = std::min(count - done, piece);
-      prefault_heap_for_writing(value.data() + done, n * sizeof(E));
+      if (mapped_ahead) {
+        ahead.wait_until_mapped((done + n) * sizeof(E));
+      } else {
+        prefault_heap_for_writing(value.data() + done, n * sizeof(E));
+      }
       if constexpr (alignof(E) == 1) {
         // One pass over fresh memory (resize would zero it first, then copy).
         const auto* values = reinterpret_cast<const E*>(from) + done;
