@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <list>
 #include <ranges>
 #include <string>
 #include <thread>
@@ -236,4 +237,39 @@ TEST(SharedBuffer, EmptyAndLarge) {
   EXPECT_EQ(large[0].size(), 256 * mib + 5);
   EXPECT_TRUE(holds_pattern(large[0], 9));
   EXPECT_TRUE(mapped_from_memory_file(large[0]));
+}
+
+// ---- payloads over 32 MiB: handed over as a memory file, then decoded
+
+TEST(MemoryFilePayloads, LargeVectorResultsAndInputsArriveWhole) {
+  const std::size_t size = 40 * mib + 3;  // past an arena region: a memory file each
+  const auto results = procpool::map(
+      [size](int seed) {
+        std::vector<unsigned char> v(size);
+        for (std::size_t i = 0; i < size; ++i)
+          v[i] = static_cast<unsigned char>((static_cast<std::size_t>(seed) + i) % 251);
+        return v;
+      },
+      std::vector{1, 2, 3}, {.processes = 2});
+  for (int seed = 1; seed <= 3; ++seed) {
+    const auto& v = results[static_cast<std::size_t>(seed - 1)];
+    ASSERT_EQ(v.size(), size);
+    EXPECT_EQ(v[0], seed);
+    EXPECT_EQ(v[size - 1],
+              static_cast<unsigned char>((static_cast<std::size_t>(seed) + size - 1) % 251));
+  }
+  // Inputs from a lazy range travel too; each task sums its own.
+  std::list<std::vector<unsigned char>> inputs;
+  for (int seed = 0; seed < 3; ++seed)
+    inputs.emplace_back(size, static_cast<unsigned char>(seed + 1));
+  const auto sums = procpool::map(
+      [](const std::vector<unsigned char>& v) {
+        std::uint64_t sum = 0;
+        for (unsigned char c : v)
+          sum += c;
+        return sum;
+      },
+      inputs, {.processes = 2});
+  for (int seed = 0; seed < 3; ++seed)
+    EXPECT_EQ(sums[static_cast<std::size_t>(seed)], static_cast<std::uint64_t>(size) * (seed + 1));
 }
