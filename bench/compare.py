@@ -13,6 +13,7 @@ a JSON file.
     python3 bench/compare.py --quick         # small sizes: a smoke run (~1 min)
     python3 bench/compare.py --only tiny_cs1,startup
     python3 bench/compare.py --only submit,startup_spawn
+    python3 bench/compare.py --only payload_sweep   # 128 MiB to 4 GiB results (~12 GB of memory)
     python3 bench/compare.py --only mpi      # procpool::mpi vs mpi4py.futures, mpirun -n 3
 """
 import argparse
@@ -164,6 +165,46 @@ def mpi_section(a, q, rounds, rows, raw, have_python):
                      f"at 5 ms chunks, ~{per_s * 0.05:.0f} nodes at 50 ms node chunks"))
 
 
+def payload_sweep(a, q, rows, raw, have_python):
+    """Large results: procpool (a std::vector each, and SharedBuffer) next to
+    Python's best (pickle through Pool.map, or multiprocessing.shared_memory:
+    copied out, and attached without a copy), bench/py_payload_sweep.py.
+    The largest rows need ~12 GB of memory on each side, one side at a time."""
+    B, reps = a.bench, "2" if q else "3"
+    sizes = ((2, 16), (1, 64)) if q else ((8, 128), (2, 1024), (1, 4096))
+    zero_copy = ((8, 16), (1, 64)) if q else ((64, 16), (1, 4096))
+
+    def python(tasks, mib):
+        if not have_python:
+            return None
+        return run_json([a.python, os.path.join(HERE, "py_payload_sweep.py"), "--mib", str(mib),
+                         "--tasks", str(tasks), "--reps", reps])
+
+    def row(what, c, p, target, check, note):
+        rows.append((what, (c["gbps_median"], c["gbps_min"], c["gbps_max"]), p,
+                     (c["gbps_median"] / p["median"]) if p else None, target, check, note))
+
+    for tasks, mib in sizes:
+        c = run_json([B, "payload_out", "--tasks", str(tasks), "--mib", str(mib), "--reps", reps])
+        py_side = python(tasks, mib)
+        ways = {k: py_side[k] for k in ("pickle_echo", "shm_copy") if py_side and k in py_side}
+        best = max(ways, key=lambda k: ways[k]["median"], default=None)
+        raw[f"payload_out_{tasks}x{mib}MiB"] = {"procpool": c, "python": py_side}
+        frac = c["fraction_of_floor"]
+        row(f"{tasks} results of {mib} MiB, std::vector (GB/s)", c, ways.get(best),
+            f">= 70% of floor {c['floor_gbps_median']:.2f} GB/s", lambda r, f=frac: f >= 0.7,
+            f"{100 * frac:.0f}% of floor; Python's best: {best}" if best else f"{100 * frac:.0f}% of floor")
+    for tasks, mib in zero_copy:
+        c = run_json([B, "payload_zero_copy", "--tasks", str(tasks), "--mib", str(mib), "--reps", reps])
+        py_side = python(tasks, mib)
+        raw[f"payload_zero_copy_{tasks}x{mib}MiB"] = {"procpool": c, "python": py_side}
+        frac = c["fraction_of_floor"]
+        row(f"{tasks} results of {mib} MiB, SharedBuffer (GB/s)", c,
+            py_side["shm_zero_copy"] if py_side else None,
+            f">= 5x floor {c['floor_gbps_median']:.2f} GB/s", lambda r, f=frac: f >= 5,
+            f"{frac:.1f}x the floor; Python: shared_memory attached, not copied")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", default=os.path.join(ROOT, "build/release/bench/procpool_bench"))
@@ -259,6 +300,8 @@ def main():
                      f">= 70% of floor {c['floor_gbps_median']:.2f} GB/s" + (" and >= 2x Python" if need_python else ""),
                      (lambda r, f=frac, np=need_python: f >= 0.7 and (not np or r >= 2)),
                      f"{100 * frac:.0f}% of floor"))
+    if want("payload_sweep"):
+        payload_sweep(a, q, rows, raw, have_python)
     if want("startup"):
         def python_startup():
             s = py("bench_startup.py", "--reps", reps, "--methods", "fork")["results"]["pool_fork"]["warm"]["total"]

@@ -6,10 +6,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <mutex>
 #include <new>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 namespace procpool::detail {
@@ -116,7 +119,25 @@ Block allocate_block(std::size_t at_least) {
   return {map_block(capacity), capacity};
 }
 
+Block allocate_shared_block(std::size_t at_least) {
+  const std::size_t capacity = round_up(at_least, page_bytes);
+  const int fd = create_memory_file(capacity);
+  try {
+    std::byte* data = map_memory_file(fd, capacity, true);
+    ::madvise(data, capacity, MADV_DONTFORK);  // as map_block: a new worker has no use for it
+    return {data, capacity, fd};
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+}
+
 void free_block(Block block) noexcept {
+  if (block.fd >= 0) {
+    unmap_memory_file(block.data, block.capacity);
+    ::close(block.fd);
+    return;
+  }
   if (block.data == nullptr) return;
   if (block.capacity < page_bytes) {
     delete[] block.data;
@@ -189,6 +210,70 @@ void prefault_heap_for_writing(void* p, std::size_t n) noexcept {
 
 void prefault_for_writing(void* p, std::size_t n) noexcept {
   populate_for_writing(pages_worth_prefaulting(p, n));
+}
+
+struct PrefaultAhead::Helper {
+  std::byte* at = nullptr;
+  std::size_t n = 0;
+  bool heap = false;
+  std::atomic<std::size_t> mapped{0};
+  std::atomic<bool> stop{false};
+  std::thread thread;
+
+  void run() noexcept {
+    for (std::size_t done = 0; done < n && !stop.load(std::memory_order_relaxed);) {
+      const std::size_t step = std::min(piece, n - done);
+      if (heap) {
+        prefault_heap_for_writing(at + done, step);
+      } else {
+        prefault_for_writing(at + done, step);
+      }
+      done += step;
+      mapped.store(done, std::memory_order_release);
+      mapped.notify_all();
+    }
+    mapped.store(n, std::memory_order_release);  // done, or stopped: nobody waits any more
+    mapped.notify_all();
+  }
+};
+
+PrefaultAhead::PrefaultAhead(std::byte* at, std::size_t n, bool heap) {
+  if (n < worth_a_thread) return;
+  auto helper = std::make_unique<Helper>();
+  helper->at = at;
+  helper->n = n;
+  helper->heap = heap;
+  try {
+    helper->thread = std::thread([h = helper.get()] { h->run(); });
+  } catch (const std::system_error&) {
+    return;  // no thread to be had: the copy takes the page faults
+  }
+  helper_ = std::move(helper);
+}
+
+PrefaultAhead::~PrefaultAhead() {
+  if (!helper_) return;
+  helper_->stop.store(true, std::memory_order_relaxed);
+  helper_->thread.join();
+}
+
+void PrefaultAhead::wait_until_mapped(std::size_t bytes) noexcept {
+  if (!helper_) return;
+  for (std::size_t now = helper_->mapped.load(std::memory_order_acquire); now < bytes;
+       now = helper_->mapped.load(std::memory_order_acquire)) {
+    helper_->mapped.wait(now, std::memory_order_acquire);
+  }
+}
+
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n) {
+  PrefaultAhead ahead(to, n, false);
+  const auto* source = static_cast<const std::byte*>(from);
+  for (std::size_t done = 0; done < n;) {
+    const std::size_t step = std::min(PrefaultAhead::piece, n - done);
+    ahead.wait_until_mapped(done + step);
+    std::memcpy(to + done, source + done, step);
+    done += step;
+  }
 }
 
 }  // namespace procpool::detail

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 
+#include "procpool/detail/memory_file.hpp"
 #include "worker.hpp"
 
 namespace procpool::detail {
@@ -30,12 +31,38 @@ void ParentChannel::queue_frame(FrameKind kind, std::uint64_t call, std::uint64_
   outbox_.append(payload.data(), payload.size());
 }
 
-bool ParentChannel::flush() {
+ParentChannel::~ParentChannel() {
+  close_all(received_fds_);
+  close_all(attached_.fds);
+  for (OutgoingAttachment& attachment : outgoing_)
+    close_all(attachment.fds);
+}
+
+void ParentChannel::queue_attachment(std::vector<int> fds, std::uint64_t file_offset) {
+  outgoing_.push_back({outbox_.size(), std::move(fds)});
+  queue_header(FrameKind::attach, 0, file_offset, outgoing_.back().fds.size(), 0, 0);
+}
+
+bool ParentChannel::send_outbox(int flags) {
   while (out_pos_ < outbox_.size()) {
-    const ssize_t n = ::send(fd_, outbox_.data() + out_pos_, outbox_.size() - out_pos_,
-                             MSG_NOSIGNAL | MSG_DONTWAIT);
+    // Up to the next attachment's header, or from it with its descriptors.
+    const bool attaching = !outgoing_.empty() && outgoing_.front().at == out_pos_;
+    std::size_t until = outbox_.size();
+    for (const OutgoingAttachment& attachment : outgoing_) {
+      if (attachment.at > out_pos_) {
+        until = attachment.at;
+        break;
+      }
+    }
+    const std::span<const int> fds =
+        attaching ? std::span<const int>(outgoing_.front().fds) : std::span<const int>{};
+    const long n = send_some_with_fds(fd_, outbox_.data() + out_pos_, until - out_pos_, fds, flags);
     if (n > 0) {
       out_pos_ += static_cast<std::size_t>(n);
+      if (attaching) {  // the receiver has its own copies now
+        close_all(outgoing_.front().fds);
+        outgoing_.pop_front();
+      }
     } else if (n < 0 && errno == EINTR) {
       continue;
     } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -49,14 +76,26 @@ bool ParentChannel::flush() {
   return true;
 }
 
+bool ParentChannel::flush() {
+  return send_outbox(MSG_DONTWAIT);
+}
+
 void ParentChannel::send_rest_and_end() noexcept {
   ::fcntl(fd_, F_SETFL, 0);  // blocking
-  if (has_unsent()) {
-    [[maybe_unused]] const ssize_t sent =
-        ::send(fd_, outbox_.data() + out_pos_, outbox_.size() - out_pos_, MSG_NOSIGNAL);
-  }
+  [[maybe_unused]] const bool sent = send_outbox(0);
   // shutdown() reaches the worker even if another process holds a copy of our socket.
   ::shutdown(fd_, SHUT_WR);
+}
+
+bool ParentChannel::take_attachment(const FrameHeader& header) {
+  const auto count = static_cast<std::size_t>(header.count);
+  if (fds_lost_ || received_fds_.size() < count) return false;
+  attached_.fds.insert(attached_.fds.end(), received_fds_.begin(),
+                       received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
+  received_fds_.erase(received_fds_.begin(),
+                      received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
+  attached_.file_offset = header.first;
+  return true;
 }
 
 void ParentChannel::drain() noexcept {
@@ -77,7 +116,7 @@ long ParentChannel::read_some() {
   for (;;) {
     const std::size_t room = std::max(receive_size, inbox_.capacity() - inbox_.size());
     std::byte* at = inbox_.grow(room);
-    const ssize_t n = ::recv(fd_, at, room, MSG_DONTWAIT);
+    const long n = receive_with_fds(fd_, at, room, MSG_DONTWAIT, received_fds_, fds_lost_);
     inbox_.resize(inbox_.size() - room + (n > 0 ? static_cast<std::size_t>(n) : 0));
     if (n > 0) return static_cast<long>(n);
     if (n < 0 && errno == EINTR) continue;
@@ -108,7 +147,7 @@ bool WorkerChannel::read_more(std::size_t wanted) {
     const std::size_t room = std::max(wanted, in_.size() + worker_read_size) - in_.size();
     std::byte* at = in_.grow(room);
     const std::int64_t waiting_since = steady_now_ns();
-    const ssize_t n = ::recv(fd_, at, room, 0);
+    const long n = receive_with_fds(fd_, at, room, 0, received_fds_, fds_lost_);
     if (slot_) {
       WorkerSlot::add(slot_->wait_ns, static_cast<std::uint64_t>(steady_now_ns() - waiting_since));
       if (n > 0) WorkerSlot::add(slot_->bytes_in, static_cast<std::uint64_t>(n));
@@ -136,6 +175,38 @@ void WorkerChannel::flush() {
   send_range(sent_, out_.size());
   out_.clear();
   sent_ = 0;
+}
+
+void WorkerChannel::send_attached(std::size_t queued, std::span<const int> fds,
+                                  std::uint64_t file_offset) {
+  send_front(queued);
+  for (std::size_t from = 0; from < fds.size(); from += max_fds_per_message) {
+    const std::span<const int> group =
+        fds.subspan(from, std::min(max_fds_per_message, fds.size() - from));
+    FrameHeader header;
+    header.kind = FrameKind::attach;
+    header.count = group.size();
+    header.first = file_offset;
+    if (!send_with_fds(fd_, &header, sizeof header, group)) exit_worker(0);  // the parent is gone
+  }
+}
+
+void WorkerChannel::send_header_and_renew_out(std::size_t queued, const FrameHeader& header) {
+  send_front(queued);
+  if (!send_with_fds(fd_, &header, sizeof header, {})) exit_worker(0);
+  if (slot_) WorkerSlot::add(slot_->bytes_out, sizeof header + header.size);
+  out_ = Buffer{};
+  out_.share_when_large();
+  sent_ = 0;
+}
+
+bool WorkerChannel::take_fds(std::size_t n, std::vector<int>& into) {
+  if (fds_lost_ || received_fds_.size() < n) return false;
+  into.insert(into.end(), received_fds_.begin(),
+              received_fds_.begin() + static_cast<std::ptrdiff_t>(n));
+  received_fds_.erase(received_fds_.begin(),
+                      received_fds_.begin() + static_cast<std::ptrdiff_t>(n));
+  return true;
 }
 
 void WorkerChannel::send_range(std::size_t from, std::size_t to) {

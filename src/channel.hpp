@@ -7,6 +7,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <span>
+#include <vector>
 
 #include "procpool/detail/buffer.hpp"
 #include "procpool/detail/protocol.hpp"
@@ -21,6 +24,9 @@ class ParentChannel {
   static constexpr std::size_t receive_size = 64 * 1024;
 
   explicit ParentChannel(int fd) noexcept : fd_(fd) {}
+  ~ParentChannel();
+  ParentChannel(const ParentChannel&) = delete;
+  ParentChannel& operator=(const ParentChannel&) = delete;
 
   int fd() const noexcept { return fd_; }
 
@@ -29,6 +35,9 @@ class ParentChannel {
                     std::uint64_t size, std::uint16_t flags);
   void queue_frame(FrameKind kind, std::uint64_t call, std::uint64_t first, std::uint64_t count,
                    const Buffer& payload, std::uint16_t flags = 0);
+  /// Queues an attach frame carrying `fds` (taken over: closed once sent),
+  /// for the next frame queued; `file_offset` as FrameKind::attach says.
+  void queue_attachment(std::vector<int> fds, std::uint64_t file_offset);
   bool has_unsent() const noexcept { return out_pos_ < outbox_.size(); }
 
   /// Sends what it can without blocking; false if the worker is gone.
@@ -57,15 +66,38 @@ class ParentChannel {
   Buffer take_inbox() noexcept;
   bool mid_message() const noexcept { return in_pos_ != inbox_.size(); }
 
+  /// The memory files attached to the frame being handed to on_frame (see
+  /// FrameKind::attach), taken over by the caller; empty if none came.
+  struct Attached {
+    std::vector<int> fds;
+    std::uint64_t file_offset = 0;
+  };
+  Attached take_attached() noexcept { return std::exchange(attached_, {}); }
+
  private:
   /// recv() into the inbox; >0 bytes, 0 at EOF, <0 when nothing is there (or on error: errno).
   long read_some();
+  /// Moves the descriptors an attach frame announces from those received to
+  /// attached_; false if they did not arrive.
+  bool take_attachment(const FrameHeader& header);
+  /// Sends what it can (MSG_DONTWAIT in `flags`: without blocking), with
+  /// each attachment's descriptors on the bytes of its header.
+  [[nodiscard]] bool send_outbox(int flags);
+
+  struct OutgoingAttachment {
+    std::size_t at = 0;  // where its attach header starts in the outbox
+    std::vector<int> fds;
+  };
 
   int fd_;
   Buffer outbox_;
   std::size_t out_pos_ = 0;
+  std::deque<OutgoingAttachment> outgoing_;
   Buffer inbox_;
   std::size_t in_pos_ = 0;
+  std::vector<int> received_fds_;  // arrived, not yet claimed by an attach frame, in order
+  bool fds_lost_ = false;          // some did not fit: every later attachment is suspect
+  Attached attached_;
 };
 
 /// The largest payload length a reply may announce: no honest one exceeds
@@ -80,7 +112,8 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
       FrameHeader header;
       std::memcpy(&header, inbox_.data() + in_pos_, sizeof header);
       if (!valid_reply_header(header, max_payload) ||
-          ((header.flags & flag_in_arena) != 0 && !arena_allowed)) {
+          ((header.flags & flag_in_arena) != 0 && !arena_allowed) ||
+          ((header.flags & flag_in_file) != 0 && attached_.fds.empty())) {
         return Received::bad_header;
       }
       const std::size_t whole = frame_bytes_on_socket(header);
@@ -91,6 +124,11 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
         }
         inbox_.reserve(whole);
         break;
+      }
+      if (header.kind == FrameKind::attach) {
+        if (!take_attachment(header)) return Received::bad_header;
+        in_pos_ += whole;
+        continue;
       }
       const std::byte* payload = inbox_.data() + in_pos_ + sizeof header;
       // A big reply usually fills the inbox alone: hand the buffer over instead of copying it.
@@ -114,7 +152,9 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
 /// in `slot` (null: not counted).
 class WorkerChannel {
  public:
-  WorkerChannel(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot) {}
+  WorkerChannel(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot) {
+    out_.share_when_large();  // a large reply is then handed over in its memory file
+  }
 
   std::size_t available() const noexcept { return in_.size() - pos_; }
   const std::byte* head() const noexcept { return in_.data() + pos_; }
@@ -128,6 +168,18 @@ class WorkerChannel {
   void send_front(std::size_t n);
   void flush();
 
+  /// Sends the first `queued` bytes of out(), then attach frames carrying
+  /// `fds` (the receiver gets its own copies) for the frame that follows;
+  /// `file_offset` as FrameKind::attach says.
+  void send_attached(std::size_t queued, std::span<const int> fds, std::uint64_t file_offset);
+  /// Sends `header` alone, now, after the first `queued` bytes of out(), and
+  /// gives out() new memory: its memory file now belongs to the parent.
+  void send_header_and_renew_out(std::size_t queued, const FrameHeader& header);
+
+  /// Takes the descriptors an attach frame announces, in the order they
+  /// arrived; false if they did not all arrive.
+  [[nodiscard]] bool take_fds(std::size_t n, std::vector<int>& into);
+
  private:
   void send_range(std::size_t from, std::size_t to);
 
@@ -137,6 +189,8 @@ class WorkerChannel {
   std::size_t pos_ = 0;
   Buffer out_;
   std::size_t sent_ = 0;  // bytes at the front of out_ already sent
+  std::vector<int> received_fds_;
+  bool fds_lost_ = false;
 };
 
 }  // namespace procpool::detail

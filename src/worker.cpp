@@ -2,9 +2,11 @@
 
 #include "channel.hpp"
 #include "chunk_runner.hpp"
+#include "procpool/detail/memory_file.hpp"
 
 #include <malloc.h>
 #include <stdio_ext.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -48,6 +50,14 @@ class WorkerLoop {
   void run_task_frame(const FrameHeader& header, Reader& payload);
   bool move_into_arena(std::size_t at, FrameHeader& reply);
   void map_reply_region(std::size_t region, std::size_t bytes);
+  /// Remembers how large the reply was, to guess where to write the next one.
+  void note_reply_size(const FrameHeader& task, const FrameHeader& reply);
+  /// Takes the descriptors an attach frame announces; dies if they did not arrive.
+  void take_attachment(const FrameHeader& header);
+  /// Maps the memory file a task frame's payload is in (flag_in_file).
+  Reader map_input_file(const FrameHeader& header);
+  /// Unmaps it and closes what came attached.
+  void drop_attachments() noexcept;
 
   WorkerLogic& logic_;
   WorkerContext context_;
@@ -65,6 +75,11 @@ class WorkerLoop {
   /// Reply bytes per task of the previous chunk: the guess for the size of a
   /// reply written straight into a region (exact for fixed-size results).
   double last_reply_bytes_per_task_ = 0;
+  /// Memory files attached to the next frame, and where its payload starts in the last.
+  std::vector<int> attached_;
+  std::uint64_t attached_offset_ = 0;
+  std::byte* input_file_ = nullptr;  // the mapped input file of the frame being run
+  std::size_t input_file_size_ = 0;
 };
 
 void WorkerLoop::map_reply_region(std::size_t region, std::size_t bytes) {
@@ -109,13 +124,21 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
   Buffer direct = region >= 0 ? Buffer::over(arena->data(static_cast<std::size_t>(region)),
                                              ReplyArena::capacity)
                               : Buffer{};
+  direct.share_when_large();
   if (region >= 0) {
     const double expected = last_reply_bytes_per_task_ * static_cast<double>(header.count);
     map_reply_region(static_cast<std::size_t>(region),
                      static_cast<std::size_t>(std::min(expected, double{ReplyArena::capacity})));
   }
   Writer writer(region >= 0 ? direct : out);
-  const ChunkReport report = chunks_.run(header.call, header.first, header.count, payload, writer);
+  // Results that are memory files of their own (SharedBuffer) are handed
+  // over with the reply rather than copied into it.
+  std::vector<int> files;
+  ChunkReport report;
+  {
+    ScopedPointer<std::vector<int>> attaching(files_to_attach(), &files);
+    report = chunks_.run(header.call, header.first, header.count, payload, writer);
+  }
   FrameHeader reply;
   reply.kind = FrameKind::result;
   reply.call = header.call;
@@ -129,24 +152,48 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
     arena->note_written(static_cast<std::size_t>(region),
                         direct.borrowed() ? direct.size() : ReplyArena::capacity);
   }
-  if (region >= 0 && direct.borrowed()) {
+  if (region >= 0 && !direct.borrowed()) arena->release(static_cast<std::size_t>(region));
+  // Where the reply's bytes are, unless in the arena: their memory file, if they grew into one.
+  const bool in_direct = region >= 0 && !direct.borrowed();
+  Buffer& body = in_direct ? direct : out;
+  const std::size_t body_at = in_direct ? 0 : at + sizeof(FrameHeader);
+  const std::size_t body_size = body.size() - body_at;
+  const bool in_region = region >= 0 && direct.borrowed();
+  if (!in_region && body.shared_fd() >= 0 && body_size >= ReplyArena::threshold) {
+    // Hand the file over: the parent maps it, and this worker writes its next
+    // replies elsewhere.
+    reply.size = body_size;
+    reply.flags = static_cast<std::uint16_t>(reply.flags | flag_in_file);
+    files.push_back(body.shared_fd());
+    channel_.send_attached(at, files, body_at);
+    files.pop_back();  // the buffer closes its own
+    close_all(files);
+    channel_.send_header_and_renew_out(at, reply);
+    note_reply_size(header, reply);
+    return;
+  }
+  if (!files.empty()) {
+    channel_.send_attached(at, files, 0);
+    close_all(files);
+  }
+  if (in_region) {
     reply.size = direct.size();  // already in the region, whatever its size
     reply.flags =
         static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));
   } else {
-    if (region >= 0) {  // it outgrew the region: send it the ordinary way
-      arena->release(static_cast<std::size_t>(region));
-      out.append(direct.data(), direct.size());
-    }
+    if (in_direct) out.append(direct.data(), direct.size());  // it outgrew the region
     reply.size = out.size() - at - sizeof(FrameHeader);
     move_into_arena(at, reply);
   }
-  last_reply_was_large_ = ReplyArena::fits(reply.size);
-  if (header.count != 0) {
-    last_reply_bytes_per_task_ =
-        static_cast<double>(reply.size) / static_cast<double>(header.count);
-  }
+  note_reply_size(header, reply);
   std::memcpy(out.data() + at, &reply, sizeof reply);
+}
+
+void WorkerLoop::note_reply_size(const FrameHeader& task, const FrameHeader& reply) {
+  last_reply_was_large_ = ReplyArena::fits(reply.size);
+  if (task.count != 0) {
+    last_reply_bytes_per_task_ = static_cast<double>(reply.size) / static_cast<double>(task.count);
+  }
 }
 
 }  // namespace
@@ -190,6 +237,34 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
 
 namespace {
 
+void WorkerLoop::take_attachment(const FrameHeader& header) {
+  if (header.count == 0 || header.count > max_fds_per_message ||
+      !channel_.take_fds(static_cast<std::size_t>(header.count), attached_)) {
+    die("corrupt message from the parent (memory files announced but not received)");
+  }
+  attached_offset_ = header.first;
+}
+
+Reader WorkerLoop::map_input_file(const FrameHeader& header) {
+  input_file_size_ = static_cast<std::size_t>(attached_offset_ + header.size);
+  try {
+    input_file_ = map_memory_file(attached_.back(), input_file_size_, false);
+  } catch (const std::exception& e) {
+    die(e.what());
+  }
+#ifdef MADV_POPULATE_READ
+  if (input_file_) ::madvise(input_file_, input_file_size_, MADV_POPULATE_READ);
+#endif
+  return Reader(input_file_ + attached_offset_, static_cast<std::size_t>(header.size));
+}
+
+void WorkerLoop::drop_attachments() noexcept {
+  unmap_memory_file(input_file_, input_file_size_);
+  input_file_ = nullptr;
+  input_file_size_ = 0;
+  close_all(attached_);
+}
+
 void WorkerLoop::run() {
   WorkerChannel& channel = channel_;
   ReplyArena* const input_arena = context_.input_arena;
@@ -201,7 +276,16 @@ void WorkerLoop::run() {
     FrameHeader header;
     std::memcpy(&header, channel.head(), sizeof header);
     if (header.magic != frame_magic) die("corrupt message from the parent (bad magic)");
+    if (header.kind == FrameKind::attach) {
+      take_attachment(header);
+      channel.skip(sizeof header);
+      continue;
+    }
     const bool in_arena = (header.flags & flag_in_arena) != 0;
+    const bool in_file = (header.flags & flag_in_file) != 0;
+    if (in_file && (header.kind != FrameKind::task || attached_.empty())) {
+      die("corrupt message from the parent (bad memory file reference)");
+    }
     if (in_arena && (!input_arena || header.size > ReplyArena::capacity)) {
       die("corrupt message from the parent (bad input arena reference)");
     }
@@ -211,14 +295,17 @@ void WorkerLoop::run() {
       continue;
     }
     const std::size_t region = arena_region(header.flags);
-    Reader payload(in_arena ? input_arena->data(region) : channel.head() + sizeof header,
-                   header.size);
+    Reader payload =
+        in_file ? map_input_file(header)
+                : Reader(in_arena ? input_arena->data(region) : channel.head() + sizeof header,
+                         header.size);
     try {
       switch (header.kind) {
         case FrameKind::task:
           run_task_frame(header, payload);
           // The inputs are decoded: the parent may fill this region again.
           if (in_arena) input_arena->busy[region].store(0, std::memory_order_release);
+          drop_attachments();
           if (header.flags & flag_end_call_after) logic_.end(header.call);
           break;
         case FrameKind::setup:

@@ -19,6 +19,7 @@
 
 #include "arena_cache.hpp"
 #include "channel.hpp"
+#include "procpool/detail/memory_file.hpp"
 #include "procpool/errors.hpp"
 #include "spawn.hpp"
 #include "worker.hpp"
@@ -207,7 +208,7 @@ class WorkerProcess final : public WorkerLink {
       send_setup(chunk.call, *own_setup);
       flags = flag_end_call_after;
     }
-    if (!send_through_arena(chunk, flags)) {
+    if (!send_in_memory_file(chunk, flags) && !send_through_arena(chunk, flags)) {
       channel_.queue_frame(FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
                            flags);
     }
@@ -217,7 +218,7 @@ class WorkerProcess final : public WorkerLink {
     // frees one before it replies) rather than taking two more copies
     // through the socket and growing the outbox.
     return !ReplyArena::fits(chunk.payload.size()) || !input_arena_ ||
-           input_arena_->has_free_region();
+           chunk.payload.shared_fd() >= 0 || input_arena_->has_free_region();
   }
 
   int wait_fd() const noexcept override { return channel_.fd(); }
@@ -258,6 +259,19 @@ class WorkerProcess final : public WorkerLink {
   }
 
  private:
+  /// Hands a chunk whose inputs were serialised into a memory file (large
+  /// ones, see Buffer::share_when_large) to the worker as that file: no copy.
+  /// The chunk keeps its own descriptor, should it have to be sent again.
+  bool send_in_memory_file(const Chunk& chunk, std::uint16_t flags) {
+    if (chunk.payload.shared_fd() < 0) return false;
+    const int fd = ::fcntl(chunk.payload.shared_fd(), F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return false;  // out of descriptors: the socket still works
+    channel_.queue_attachment({fd}, 0);
+    channel_.queue_header(FrameKind::task, chunk.call, chunk.first, chunk.count,
+                          chunk.payload.size(), static_cast<std::uint16_t>(flags | flag_in_file));
+    return true;
+  }
+
   /// Copies a large chunk's inputs into a free region of the worker's input arena.
   bool send_through_arena(const Chunk& chunk, std::uint16_t flags) {
     const std::size_t size = chunk.payload.size();
@@ -273,12 +287,23 @@ class WorkerProcess final : public WorkerLink {
   }
 
   /// The outcomes of a reply, wherever they travelled.
-  ChunkDone outcomes(const FrameHeader& header, const std::byte* payload, bool whole_inbox) {
+  ChunkDone outcomes(const FrameHeader& header, const std::byte* payload, bool whole_inbox,
+                     ParentChannel::Attached attached) {
     ChunkDone done;
     done.first = header.first;
     done.count = header.count;
     done.dense = (header.flags & flag_dense) != 0;
-    if (header.flags & flag_in_arena) {
+    if (header.flags & flag_in_file) {
+      // The payload's file is the last one attached (the channel checked there is one).
+      const int fd = attached.fds.back();
+      attached.fds.pop_back();
+      lease_from_file(fd, attached.file_offset, header.size, done);
+    }
+    if (!attached.fds.empty())
+      done.files = std::make_shared<AttachedFiles>(std::move(attached.fds));
+    if (header.flags & flag_in_file) {
+      // done.external is set
+    } else if (header.flags & flag_in_arena) {
       lease_from_arena(header, done);
     } else if (whole_inbox) {
       done.payload = channel_.take_inbox();
@@ -287,6 +312,31 @@ class WorkerProcess final : public WorkerLink {
       done.payload.append(payload, header.size);
     }
     return done;
+  }
+
+  /// Decoded straight from the worker's memory file, which is this reply's
+  /// alone: its pages are given back as decoding copies them out, and the
+  /// rest when the lease goes.
+  void lease_from_file(int fd, std::uint64_t offset, std::uint64_t size, ChunkDone& done) {
+    const std::size_t mapped = static_cast<std::size_t>(offset + size);
+    std::byte* at = nullptr;
+    try {
+      at = mapped != 0 ? map_memory_file(fd, mapped, true) : nullptr;
+    } catch (const std::exception& e) {
+      done.failure = std::make_exception_ptr(
+          Error("procpool: the reply of worker " + std::to_string(pid_) + " (" +
+                std::to_string(size) + " bytes) could not be mapped: " + e.what() +
+                "; free some memory or return smaller results"));
+    }
+    ::close(fd);  // the mapping keeps the file
+    if (done.failure) return;
+#ifdef MADV_POPULATE_READ
+    if (at) ::madvise(at, mapped, MADV_POPULATE_READ);  // one call, not a fault per 4 KiB
+#endif
+    done.external = at + offset;
+    done.external_size = static_cast<std::size_t>(size);
+    done.give_back = true;
+    done.lease = std::shared_ptr<void>(at, [mapped](void* p) { unmap_memory_file(p, mapped); });
   }
 
   /// Decoded straight from the arena; handing the lease back frees the region for the next reply.
@@ -332,7 +382,8 @@ LinkState WorkerProcess::receive(ReplySink& sink) {
       arena_ != nullptr,  // a worker without a reply arena (spawned) cannot reply through one
       [&](const FrameHeader& header, const std::byte* payload, bool whole_inbox) {
         return sink.take(Reply{header.call, header.nanos, header.slowest_index,
-                               header.slowest_nanos, outcomes(header, payload, whole_inbox)});
+                               header.slowest_nanos,
+                               outcomes(header, payload, whole_inbox, channel_.take_attached())});
       });
   switch (received) {
     case ParentChannel::Received::drained:

@@ -14,3 +14,4 @@
 #include "procpool/progress.hpp"
 #include "procpool/results.hpp"
 #include "procpool/serialize.hpp"
+#include "procpool/shared_buffer.hpp"

@@ -14,6 +14,7 @@
 //     static_assert(procpool::serializable<Token>);
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <istream>
@@ -100,7 +101,15 @@ struct get_output_from_input<procpool::detail::CheckedInputArchive> {
 }  // namespace cereal::traits::detail
 
 namespace procpool {
+
+class SharedBuffer;  // procpool/shared_buffer.hpp
+
 namespace detail {
+
+/// A SharedBuffer travels as its memory file where the message can carry
+/// one (see files_to_attach), else as bytes (src/shared_buffer.cpp).
+void save_shared_buffer(Writer& out, const SharedBuffer& buffer);
+void load_shared_buffer(Reader& in, SharedBuffer& buffer);
 
 template <class T>
 struct is_std_vector : std::false_type {};
@@ -165,7 +174,7 @@ template <class T>
 constexpr bool serializable_impl() {
   if constexpr (std::is_pointer_v<T> || std::is_member_pointer_v<T>) {
     return false;
-  } else if constexpr (is_raw_v<T>) {
+  } else if constexpr (is_raw_v<T> || std::is_same_v<T, SharedBuffer>) {
     return true;
   } else if constexpr (is_std_string<T>::value) {
     return is_raw_v<typename T::value_type>;
@@ -197,7 +206,7 @@ constexpr bool any_element_runs_user_code(std::index_sequence<I...>) {
 
 template <class T>
 constexpr bool runs_user_code_impl() {
-  if constexpr (is_raw_v<T> || is_raw_block_v<T>) {
+  if constexpr (is_raw_v<T> || is_raw_block_v<T> || std::is_same_v<T, SharedBuffer>) {
     return false;
   } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
                        is_std_optional<T>::value) {
@@ -286,8 +295,9 @@ void save(Writer& out, const T& value) {
   if constexpr (is_raw_v<T>) {
     out.put(value);
   } else if constexpr (is_raw_block_v<T>) {
+    const std::size_t bytes = value.size() * sizeof(typename T::value_type);
     out.put(static_cast<std::uint64_t>(value.size()));
-    out.write(value.data(), value.size() * sizeof(typename T::value_type));
+    out.write_block(value.data(), bytes);
   } else if constexpr (is_std_vector<T>::value) {
     out.put(static_cast<std::uint64_t>(value.size()));
     for (const auto& element : value) {
@@ -305,6 +315,8 @@ void save(Writer& out, const T& value) {
     if (value) save(out, *value);
   } else if constexpr (is_tuple_like<T>::value) {
     save_elements(out, value, std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else if constexpr (std::is_same_v<T, SharedBuffer>) {
+    save_shared_buffer(out, value);
   } else {
     WriterStreambuf buf(out);
     std::ostream stream(&buf);
@@ -323,14 +335,31 @@ void load(Reader& in, T& value) {
     std::size_t count = load_count(in, sizeof(E));
     value.clear();
     value.reserve(count);
-    prefault_heap_for_writing(value.data(), count * sizeof(E));
-    if constexpr (alignof(E) == 1) {
-      // One pass over fresh memory (resize would zero it first, then copy).
-      const auto* from = reinterpret_cast<const E*>(in.take(count));
-      value.assign(from, from + count);
-    } else {
-      value.resize(count);
-      in.read(value.data(), count * sizeof(E));
+    // In pieces: each piece's pages are mapped in one call just before it is
+    // written, and the message's pages behind it given back, so that a
+    // result of N bytes never costs 2N while it is decoded.
+    const std::byte* from = in.take(count * sizeof(E));
+    const std::size_t piece = std::max<std::size_t>(1, PrefaultAhead::piece / sizeof(E));
+    // A large one's pages are mapped on a helper thread, ahead of the copy.
+    PrefaultAhead ahead(reinterpret_cast<std::byte*>(value.data()), count * sizeof(E), true);
+    const bool mapped_ahead = count * sizeof(E) >= PrefaultAhead::worth_a_thread;
+    for (std::size_t done = 0; done < count;) {
+      const std::size_t n = std::min(count - done, piece);
+      if (mapped_ahead) {
+        ahead.wait_until_mapped((done + n) * sizeof(E));
+      } else {
+        prefault_heap_for_writing(value.data() + done, n * sizeof(E));
+      }
+      if constexpr (alignof(E) == 1) {
+        // One pass over fresh memory (resize would zero it first, then copy).
+        const auto* values = reinterpret_cast<const E*>(from) + done;
+        value.insert(value.end(), values, values + n);
+      } else {
+        value.resize(done + n);
+        std::memcpy(value.data() + done, from + done * sizeof(E), n * sizeof(E));
+      }
+      in.consumed(from + done * sizeof(E), n * sizeof(E));
+      done += n;
     }
   } else if constexpr (is_std_vector<T>::value) {
     std::size_t count = load_count(in, 1);
@@ -353,6 +382,8 @@ void load(Reader& in, T& value) {
     }
   } else if constexpr (is_tuple_like<T>::value) {
     load_elements(in, value, std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else if constexpr (std::is_same_v<T, SharedBuffer>) {
+    load_shared_buffer(in, value);
   } else {
     CheckedInputArchive archive(in);
     try {

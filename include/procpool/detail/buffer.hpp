@@ -10,6 +10,7 @@
 #include <string>
 #include <type_traits>
 
+#include "procpool/detail/memory_file.hpp"
 #include "procpool/errors.hpp"
 
 namespace procpool::detail {
@@ -18,6 +19,8 @@ namespace procpool::detail {
 struct Block {
   std::byte* data = nullptr;
   std::size_t capacity = 0;
+  /// The memory file the block maps (see allocate_shared_block), or -1.
+  int fd = -1;
 };
 
 /// Blocks of 4 KiB and more are recycled through a process-wide cache (up to
@@ -28,6 +31,10 @@ struct Block {
 /// not spend half a second in page faults. Blocks of 4 KiB and more are not
 /// inherited by forked children (see map_block). `at_least` may be rounded up.
 Block allocate_block(std::size_t at_least);
+/// A block in a memory file of its own (memory_file.hpp), mapped shared, so
+/// that its bytes can be handed to another process as a descriptor instead of
+/// being copied. Never cached: once handed over, its pages are the reader's.
+Block allocate_shared_block(std::size_t at_least);
 void free_block(Block block) noexcept;
 
 /// Maps the pages of fresh memory about to be written, in one system call
@@ -42,6 +49,35 @@ void prefault_for_writing(void* p, std::size_t n) noexcept;
 /// pages are first replaced by fresh ones (MADV_DONTNEED). Whether a page is
 /// shared comes from /proc/self/pagemap, so unshared memory keeps its pages.
 void prefault_heap_for_writing(void* p, std::size_t n) noexcept;
+
+/// Maps the pages of [at, at + n) (fresh memory about to be filled in order,
+/// front to back) on a helper thread, a few pieces ahead of the thread that
+/// fills them, which waits (wait_until_mapped) only if it catches up: mapping
+/// a page costs about as much as filling it, so the two halve the time of a
+/// large copy. Below `worth_a_thread` it maps nothing (the page faults are
+/// cheaper than a thread). `heap`: the memory is the caller's heap (see
+/// prefault_heap_for_writing).
+class PrefaultAhead {
+ public:
+  static constexpr std::size_t worth_a_thread = std::size_t{64} << 20;
+  static constexpr std::size_t piece = std::size_t{8} << 20;
+
+  PrefaultAhead(std::byte* at, std::size_t n, bool heap);
+  ~PrefaultAhead();
+  PrefaultAhead(const PrefaultAhead&) = delete;
+  PrefaultAhead& operator=(const PrefaultAhead&) = delete;
+
+  /// Waits until the first `bytes` are mapped (or the helper gave up).
+  void wait_until_mapped(std::size_t bytes) noexcept;
+
+ private:
+  struct Helper;
+  std::unique_ptr<Helper> helper_;
+};
+
+/// Copies `n` bytes to fresh memory at `to`, its pages mapped ahead of the
+/// copy (PrefaultAhead) when it is large.
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n);
 
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
 /// results of hundreds of MiB must not be zero-filled before they are written.
@@ -58,7 +94,7 @@ class Buffer {
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer() {
-    if (owned_) free_block({data_, capacity_});
+    if (owned_) free_block({data_, capacity_, fd_});
   }
 
   /// A buffer that writes into `capacity` bytes it does not own (a shared
@@ -73,6 +109,13 @@ class Buffer {
   }
   bool borrowed() const noexcept { return !owned_; }
 
+  /// From now on, growing to memory_file_threshold or more puts the bytes in
+  /// a memory file (allocate_shared_block) that shared_fd() names, so that a
+  /// large message can be handed to another process instead of copied.
+  void share_when_large() noexcept { share_when_large_ = true; }
+  /// The memory file holding the bytes, or -1.
+  int shared_fd() const noexcept { return owned_ ? fd_ : -1; }
+
   std::byte* data() noexcept { return data_; }
   const std::byte* data() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
@@ -82,11 +125,14 @@ class Buffer {
 
   void reserve(std::size_t capacity) {
     if (capacity <= capacity_) return;
-    const Block grown = allocate_block(capacity);
+    const Block grown = share_when_large_ && capacity >= memory_file_threshold
+                            ? allocate_shared_block(capacity)
+                            : allocate_block(capacity);
     if (size_ != 0) std::memcpy(grown.data, data_, size_);
-    if (owned_) free_block({data_, capacity_});
+    if (owned_) free_block({data_, capacity_, fd_});
     data_ = grown.data;
     capacity_ = grown.capacity;
+    fd_ = grown.fd;
     owned_ = true;
   }
   void resize(std::size_t size) {
@@ -123,6 +169,8 @@ class Buffer {
     std::swap(size_, other.size_);
     std::swap(capacity_, other.capacity_);
     std::swap(owned_, other.owned_);
+    std::swap(fd_, other.fd_);
+    std::swap(share_when_large_, other.share_when_large_);
   }
 
  private:
@@ -130,6 +178,8 @@ class Buffer {
   std::size_t size_ = 0;
   std::size_t capacity_ = 0;
   bool owned_ = true;
+  int fd_ = -1;
+  bool share_when_large_ = false;
 };
 
 /// Appends values to a Buffer.
@@ -137,6 +187,21 @@ class Writer {
  public:
   explicit Writer(Buffer& buffer) : buffer_(buffer) {}
   void write(const void* bytes, std::size_t n) { buffer_.append(bytes, n); }
+  /// write() for a block that may be large: its pages are mapped ahead of the
+  /// copy rather than faulted in one by one.
+  void write_block(const void* bytes, std::size_t n) {
+    if (n < PrefaultAhead::worth_a_thread) {
+      buffer_.prepare_for(n);
+      buffer_.append(bytes, n);
+      return;
+    }
+    std::byte* at = buffer_.grow(n);
+    if (buffer_.borrowed()) {
+      std::memcpy(at, bytes, n);  // its owner maps it
+    } else {
+      copy_to_fresh(at, bytes, n);
+    }
+  }
   /// See Buffer::prepare_for.
   void prepare_for(std::size_t n) { buffer_.prepare_for(n); }
   template <class T>
@@ -178,6 +243,15 @@ class Reader {
   std::size_t remaining() const noexcept { return left_; }
   const std::byte* position() const noexcept { return pos_; }
 
+  /// The bytes read are in a shared memory-file mapping of their own that
+  /// nobody reads twice: what has been decoded may be given back (see
+  /// consumed()), so a result of N bytes costs N, not 2N, while decoding.
+  void allow_giving_back() noexcept { give_back_ = true; }
+  /// Says that the `n` bytes at `at`, already taken, will not be read again.
+  void consumed(const std::byte* at, std::size_t n) const noexcept {
+    if (give_back_) discard_memory_file_pages(const_cast<std::byte*>(at), n);
+  }
+
  private:
   [[noreturn]] void throw_truncated(std::size_t wanted) const {
     throw ProtocolError("procpool: truncated message: needed " + std::to_string(wanted) +
@@ -185,6 +259,7 @@ class Reader {
   }
   const std::byte* pos_;
   std::size_t left_;
+  bool give_back_ = false;
 };
 
 }  // namespace procpool::detail

@@ -62,6 +62,7 @@ class ChunkDecoder {
   explicit ChunkDecoder(ChunkDone done)
       : done_(std::move(done)), in_(done_.bytes(), done_.size()), broken_(done_.failure) {
     if (done_.dense && !broken_) check_dense();
+    if (done_.give_back) in_.allow_giving_back();
   }
 
   bool empty() const noexcept { return taken_ == done_.count; }
@@ -73,6 +74,7 @@ class ChunkDecoder {
   /// first failure (left for take()); returns how many were taken.
   std::size_t take_values(std::vector<Out>& out) {
     if (broken_) return 0;
+    ScopedPointer<AttachedFiles> files(files_being_decoded(), done_.files.get());
     const std::uint64_t before = taken_;
     if constexpr (dense_capable) {
       if (done_.dense) {
@@ -124,6 +126,7 @@ class ChunkDecoder {
       outcome.error = broken_;
       return outcome;
     }
+    ScopedPointer<AttachedFiles> files(files_being_decoded(), done_.files.get());
     try {
       if constexpr (dense_capable) {
         if (done_.dense) {
@@ -284,6 +287,7 @@ class StreamFeed {
   /// Counts are bumped only once an input is complete, so if the range throws,
   /// `chunk` holds exactly the inputs read before.
   void take_serialised(Chunk& chunk, std::size_t max_items) {
+    chunk.payload.share_when_large();  // handed to the worker as a file, not copied
     Writer out(chunk.payload);
     while (chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes) {
       const std::size_t at = out.size();

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "procpool/detail/buffer.hpp"
+#include "procpool/detail/memory_file.hpp"
 
 namespace procpool::detail {
 
@@ -54,6 +55,11 @@ struct ChunkDone {
   const std::byte* external = nullptr;
   std::size_t external_size = 0;
   std::shared_ptr<void> lease;
+  /// The external bytes are a memory file's that only this chunk reads:
+  /// decoding may give back what it has copied out (Reader::consumed).
+  bool give_back = false;
+  /// Memory files that came with the reply, for the values that refer to them.
+  std::shared_ptr<AttachedFiles> files;
 
   /// A chunk that produced no outcomes, for `failure`.
   [[nodiscard]] static ChunkDone failed(std::uint64_t first, std::uint64_t count,

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "procpool/detail/buffer.hpp"
+#include "procpool/detail/memory_file.hpp"
 #include "procpool/detail/telemetry.hpp"
 #include "procpool/serialize.hpp"
 
@@ -24,6 +25,11 @@ enum class FrameKind : std::uint16_t {
   result = 2,    // worker -> parent: their outcomes, and the time spent computing
   setup = 3,     // parent -> worker: what a call needs once per worker (function, extra arguments)
   end_call = 4,  // parent -> worker: forget a call's setup
+  /// Either way: `count` descriptors of memory files come attached to this
+  /// header (SCM_RIGHTS) for the next task or result frame, which then owns
+  /// them; several attach frames in a row add up. `first`: where the payload
+  /// of a next frame flagged flag_in_file starts in the last of them.
+  attach = 5,
 };
 
 /// Result flags: the payload is in the worker's reply arena, not on the
@@ -37,6 +43,10 @@ inline constexpr std::uint16_t flag_dense = 8;
 /// Task flag: the call's setup came just before this task, for this task
 /// only; the worker forgets the call once it has run it.
 inline constexpr std::uint16_t flag_end_call_after = 16;
+/// Task or result: the payload is in the last memory file attached before it
+/// (FrameKind::attach), not on the socket. For payloads too big for an arena
+/// region: handed over, never copied on the way.
+inline constexpr std::uint16_t flag_in_file = 32;
 
 /// Flags for a payload in arena region `region`.
 inline std::uint16_t arena_flags(std::size_t region) {
@@ -115,15 +125,23 @@ static_assert(sizeof(FrameHeader) == 64);
 /// Whether a worker's reply header can be trusted enough to read its payload:
 /// a length beyond `max_payload` (physical memory) is garbage, never an allocation.
 inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payload) {
+  if (header.magic != frame_magic) return false;
+  if (header.kind == FrameKind::attach) {
+    return header.size == 0 && header.flags == 0 && header.count != 0 &&
+           header.count <= max_fds_per_message && header.first <= max_payload;
+  }
   const bool in_arena = (header.flags & flag_in_arena) != 0;
-  return header.magic == frame_magic && header.kind == FrameKind::result &&
+  const bool in_file = (header.flags & flag_in_file) != 0;
+  return header.kind == FrameKind::result && !(in_arena && in_file) &&
          header.size <= (in_arena ? ReplyArena::capacity : max_payload) &&
-         (header.flags & ~(flag_in_arena | flag_region_mask | flag_dense)) == 0;
+         (header.flags & ~(flag_in_arena | flag_region_mask | flag_dense | flag_in_file)) == 0;
 }
 
-/// Bytes of a frame on the socket: its payload travels there unless it is in the arena.
+/// Bytes of a frame on the socket: its payload travels there unless it is in
+/// an arena or a memory file.
 inline std::uint64_t frame_bytes_on_socket(const FrameHeader& header) {
-  return sizeof(FrameHeader) + ((header.flags & flag_in_arena) ? 0 : header.size);
+  const bool elsewhere = (header.flags & (flag_in_arena | flag_in_file)) != 0;
+  return sizeof(FrameHeader) + (elsewhere ? 0 : header.size);
 }
 
 /// Each task's outcome inside a result payload starts with one of these tags.

@@ -1,0 +1,123 @@
+// Memory files (memfd): shared memory that one process fills and hands to
+// another as a file descriptor over a unix socket (SCM_RIGHTS), so that large
+// messages and SharedBuffer results change hands without being copied.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace procpool::detail {
+
+/// Payloads at least this large travel in a memory file of their own rather
+/// than through a worker's arena (whose regions are this size) or the socket.
+inline constexpr std::size_t memory_file_threshold = std::size_t{32} << 20;
+
+/// A new memory file of `size` bytes (sparse: pages appear as they are
+/// written), that can be sealed. Throws std::system_error.
+int create_memory_file(std::size_t size);
+
+/// Maps `size` bytes of memory file `fd` shared (MAP_SHARED): what is
+/// written there is in the file. Throws std::system_error.
+std::byte* map_memory_file(int fd, std::size_t size, bool writable);
+
+/// Unmaps what map_memory_file() or map_sealed_memory_file() mapped.
+void unmap_memory_file(void* at, std::size_t size) noexcept;
+
+/// Seals memory file `fd` (mapped writable at `at`, `size` bytes, by this
+/// process alone) so that nobody can change it any more, while `at` stays
+/// writable for this process: its pages turn private, copy-on-write (a later
+/// write here copies the page it touches; the file keeps what it held).
+/// False if the file cannot be sealed (another writable mapping of it
+/// exists): it must then be copied.
+bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept;
+
+/// The size of a memory file that nobody can change any more, or -1 if it is
+/// not sealed against writes and resizing (or is no memory file at all).
+long long sealed_memory_file_size(int fd) noexcept;
+
+/// Maps sealed memory file `fd` privately: reads see the file without a
+/// copy, writes copy only the pages they touch. Throws std::system_error.
+std::byte* map_sealed_memory_file(int fd, std::size_t size);
+
+/// Gives the pages of [at, at + n) of a shared, writable memory-file mapping
+/// back to the system (whole pages only): bytes already consumed. A hint.
+void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept;
+
+/// The most descriptors one message carries (the kernel allows 253).
+inline constexpr std::size_t max_fds_per_message = 64;
+
+/// One sendmsg() of up to `n` bytes with `fds` attached (at most
+/// max_fds_per_message); returns what sendmsg() returns.
+long send_some_with_fds(int socket, const void* data, std::size_t n, std::span<const int> fds,
+                        int flags) noexcept;
+
+/// Sends `n` bytes at `data` on blocking socket `socket` with `fds` attached
+/// to the first byte; the rest of the bytes, if the send was short, go
+/// without. False if the peer is gone.
+bool send_with_fds(int socket, const void* data, std::size_t n, std::span<const int> fds) noexcept;
+
+/// recv() that also takes the descriptors that arrive (appended to `fds`).
+/// `flags` as for recv(). Returns what recv() returns; sets `truncated` if
+/// descriptors were lost (more than max_fds_per_message in one message).
+long receive_with_fds(int socket, void* data, std::size_t n, int flags, std::vector<int>& fds,
+                      bool& truncated) noexcept;
+
+/// close(), for headers that do not include unistd.h.
+void close_fd(int fd) noexcept;
+
+/// Closes every descriptor of `fds` and empties it.
+void close_all(std::vector<int>& fds) noexcept;
+
+/// The memory files that came with one reply, in the order the values that
+/// refer to them were written (SharedBuffer); closed unless taken.
+class AttachedFiles {
+ public:
+  explicit AttachedFiles(std::vector<int> fds) noexcept : fds_(std::move(fds)) {}
+  ~AttachedFiles() {
+    for (int fd : fds_)
+      if (fd >= 0) ::procpool::detail::close_fd(fd);
+  }
+  AttachedFiles(const AttachedFiles&) = delete;
+  AttachedFiles& operator=(const AttachedFiles&) = delete;
+
+  /// The `i`-th file's descriptor (still this object's); -1 if there is no
+  /// such file or it was taken before.
+  int at(std::uint64_t i) const noexcept {
+    return i < fds_.size() ? fds_[static_cast<std::size_t>(i)] : -1;
+  }
+  /// Takes the `i`-th file's descriptor: it is the caller's to close now.
+  int take(std::uint64_t i) noexcept {
+    return i < fds_.size() ? std::exchange(fds_[static_cast<std::size_t>(i)], -1) : -1;
+  }
+
+ private:
+  std::vector<int> fds_;
+};
+
+/// Where values decoded on this thread find the files their message came
+/// with (null: none came, or not decoding a reply).
+AttachedFiles*& files_being_decoded() noexcept;
+/// Where values encoded on this thread put the descriptors of files to hand
+/// over with their message (null: this message cannot carry any, e.g. in the
+/// caller's own process or across MPI ranks; then the bytes are copied).
+/// Each descriptor put there is the message's: closed once sent.
+std::vector<int>*& files_to_attach() noexcept;
+
+/// Sets a thread's pointer for a scope, and restores it after.
+template <class T>
+class ScopedPointer {
+ public:
+  ScopedPointer(T*& where, T* value) noexcept : where_(where), before_(where) { where_ = value; }
+  ~ScopedPointer() { where_ = before_; }
+  ScopedPointer(const ScopedPointer&) = delete;
+  ScopedPointer& operator=(const ScopedPointer&) = delete;
+
+ private:
+  T*& where_;
+  T* before_;
+};
+
+}  // namespace procpool::detail

@@ -1,0 +1,167 @@
+#include "procpool/detail/memory_file.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <system_error>
+
+namespace procpool::detail {
+namespace {
+
+constexpr int write_seals = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+
+[[noreturn]] void throw_errno(const std::string& what, int error = errno) {
+  throw std::system_error(error, std::generic_category(), "procpool: " + what);
+}
+
+std::uintptr_t page_size() noexcept {
+  static const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+}  // namespace
+
+int create_memory_file(std::size_t size) {
+  const int fd = ::memfd_create("procpool", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) throw_errno("cannot create a memory file (memfd_create)");
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+    const int error = errno;
+    ::close(fd);
+    throw_errno("cannot size a memory file of " + std::to_string(size) + " bytes", error);
+  }
+  return fd;
+}
+
+std::byte* map_memory_file(int fd, std::size_t size, bool writable) {
+  if (size == 0) return nullptr;
+  const int protection = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+  void* at = ::mmap(nullptr, size, protection, MAP_SHARED, fd, 0);
+  if (at == MAP_FAILED)
+    throw_errno("cannot map a memory file of " + std::to_string(size) + " bytes");
+  return static_cast<std::byte*>(at);
+}
+
+void unmap_memory_file(void* at, std::size_t size) noexcept {
+  if (at != nullptr && size != 0) ::munmap(at, size);
+}
+
+bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept {
+  // The same pages, now private: the shared writable mapping that would keep
+  // the seal from being set is gone, and this process may still write.
+  if (size != 0 &&
+      ::mmap(at, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0) == MAP_FAILED) {
+    return false;
+  }
+  return ::fcntl(fd, F_ADD_SEALS, write_seals) == 0;
+}
+
+long long sealed_memory_file_size(int fd) noexcept {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0 || (seals & write_seals) != write_seals) return -1;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return -1;
+  return static_cast<long long>(st.st_size);
+}
+
+std::byte* map_sealed_memory_file(int fd, std::size_t size) {
+  if (size == 0) return nullptr;
+  void* at = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  if (at == MAP_FAILED)
+    throw_errno("cannot map a shared buffer of " + std::to_string(size) + " bytes");
+  return static_cast<std::byte*>(at);
+}
+
+void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept {
+  const std::uintptr_t page = page_size();
+  const auto begin = (reinterpret_cast<std::uintptr_t>(at) + page - 1) & ~(page - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(at) + n) & ~(page - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_REMOVE);
+}
+
+long send_some_with_fds(int socket, const void* data, std::size_t n, std::span<const int> fds,
+                        int flags) noexcept {
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_message)];
+  const std::size_t count = std::min(fds.size(), max_fds_per_message);
+  iovec io{const_cast<void*>(data), n};
+  msghdr message{};
+  message.msg_iov = &io;
+  message.msg_iovlen = 1;
+  if (count != 0) {
+    message.msg_control = control;
+    message.msg_controllen = CMSG_SPACE(sizeof(int) * count);
+    cmsghdr* header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int) * count);
+    std::memcpy(CMSG_DATA(header), fds.data(), sizeof(int) * count);
+  }
+  return static_cast<long>(::sendmsg(socket, &message, flags | MSG_NOSIGNAL));
+}
+
+bool send_with_fds(int socket, const void* data, std::size_t n, std::span<const int> fds) noexcept {
+  const auto* bytes = static_cast<const char*>(data);
+  std::size_t sent = 0;
+  while (sent < n) {
+    // The descriptors go with the first bytes only.
+    const long got = send_some_with_fds(socket, bytes + sent, n - sent,
+                                        sent == 0 ? fds : std::span<const int>{}, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    sent += static_cast<std::size_t>(got);
+  }
+  return true;
+}
+
+long receive_with_fds(int socket, void* data, std::size_t n, int flags, std::vector<int>& fds,
+                      bool& truncated) noexcept {
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_message)];
+  iovec io{data, n};
+  msghdr message{};
+  message.msg_iov = &io;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof control;
+  const ssize_t got = ::recvmsg(socket, &message, flags | MSG_CMSG_CLOEXEC);
+  if (got < 0) return -1;
+  if (message.msg_flags & MSG_CTRUNC) truncated = true;
+  for (cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr;
+       header = CMSG_NXTHDR(&message, header)) {
+    if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+    const std::size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (std::size_t i = 0; i < count; ++i) {
+      int fd = -1;
+      std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
+      fds.push_back(fd);
+    }
+  }
+  return static_cast<long>(got);
+}
+
+void close_fd(int fd) noexcept {
+  ::close(fd);
+}
+
+AttachedFiles*& files_being_decoded() noexcept {
+  thread_local AttachedFiles* files = nullptr;
+  return files;
+}
+
+std::vector<int>*& files_to_attach() noexcept {
+  thread_local std::vector<int>* files = nullptr;
+  return files;
+}
+
+void close_all(std::vector<int>& fds) noexcept {
+  for (int fd : fds)
+    ::close(fd);
+  fds.clear();
+}
+
+}  // namespace procpool::detail

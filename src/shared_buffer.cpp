@@ -1,0 +1,126 @@
+#include "procpool/shared_buffer.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <string>
+
+#include "procpool/detail/memory_file.hpp"
+#include "procpool/errors.hpp"
+#include "procpool/serialize.hpp"
+
+namespace procpool {
+
+SharedBuffer::SharedBuffer(std::size_t size) : size_(size) {
+  if (size == 0) return;
+  fd_ = detail::create_memory_file(size);
+  try {
+    data_ = detail::map_memory_file(fd_, size, true);
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SharedBuffer::~SharedBuffer() {
+  detail::unmap_memory_file(data_, size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+SharedBuffer SharedBuffer::clone() const {
+  SharedBuffer copy(size_);
+  if (size_ != 0) std::memcpy(copy.data_, data_, size_);
+  return copy;
+}
+
+/// The encoding's first byte: how the bytes travel.
+enum class SharedBufferForm : std::uint8_t { bytes = 0, file = 1 };
+
+struct SharedBufferAccess {
+  /// Seals the buffer's file and adds a descriptor of it to the message's
+  /// files; its index there, or -1 if it must be copied instead.
+  static long long attach(const SharedBuffer& buffer, std::vector<int>& files) {
+    if (buffer.fd_ < 0 || buffer.handed_over_) return -1;
+    const int fd = ::fcntl(buffer.fd_, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    // Whether or not sealing works, this mapping is private from now on:
+    // later writes here are not in the file, so it is never sent again.
+    buffer.handed_over_ = true;
+    if (!detail::freeze_memory_file(buffer.fd_, buffer.data_, buffer.size_)) {
+      ::close(fd);
+      return -1;
+    }
+    files.push_back(fd);
+    return static_cast<long long>(files.size() - 1);
+  }
+
+  static void save(detail::Writer& out, const SharedBuffer& buffer) {
+    std::vector<int>* files = detail::files_to_attach();
+    const long long index = files ? attach(buffer, *files) : -1;
+    if (index >= 0) {
+      out.put(SharedBufferForm::file);
+      out.put(static_cast<std::uint64_t>(index));
+      out.put(static_cast<std::uint64_t>(buffer.size_));
+      return;
+    }
+    out.put(SharedBufferForm::bytes);
+    out.put(static_cast<std::uint64_t>(buffer.size_));
+    out.write(buffer.data_, buffer.size_);
+  }
+
+  static SharedBuffer load(detail::Reader& in) {
+    const auto form = in.get<SharedBufferForm>();
+    if (form == SharedBufferForm::bytes) {
+      const std::size_t size = detail::load_count(in, 1);
+      SharedBuffer buffer(size);
+      in.read(buffer.data_, size);
+      return buffer;
+    }
+    if (form != SharedBufferForm::file) {
+      throw ProtocolError("procpool: corrupt message: unknown SharedBuffer form " +
+                          std::to_string(static_cast<unsigned>(form)));
+    }
+    const auto index = in.get<std::uint64_t>();
+    const auto size = in.get<std::uint64_t>();
+    detail::AttachedFiles* files = detail::files_being_decoded();
+    const int fd = files ? files->at(index) : -1;
+    if (fd < 0) {
+      throw ProtocolError("procpool: corrupt message: a SharedBuffer refers to memory file #" +
+                          std::to_string(index) + ", which did not come with the reply");
+    }
+    SharedBuffer buffer = adopt(fd, size);
+    ::close(files->take(index));  // the mapping keeps the file
+    return buffer;
+  }
+
+  /// Maps memory file `fd` as a buffer of `size` bytes, if nobody can change
+  /// it any more. Throws (leaving `fd` open) if not.
+  static SharedBuffer adopt(int fd, std::uint64_t size) {
+    const long long sealed = detail::sealed_memory_file_size(fd);
+    if (sealed < 0 || static_cast<std::uint64_t>(sealed) < size) {
+      throw ProtocolError(
+          "procpool: a SharedBuffer arrived in a memory file that is not sealed or is smaller "
+          "than announced (" +
+          std::to_string(size) + " bytes); refused, since it could change under you");
+    }
+    SharedBuffer buffer;
+    buffer.data_ = detail::map_sealed_memory_file(fd, static_cast<std::size_t>(size));
+    buffer.size_ = static_cast<std::size_t>(size);
+    return buffer;
+  }
+};
+
+namespace detail {
+
+void save_shared_buffer(Writer& out, const SharedBuffer& buffer) {
+  SharedBufferAccess::save(out, buffer);
+}
+
+void load_shared_buffer(Reader& in, SharedBuffer& buffer) {
+  SharedBuffer loaded = SharedBufferAccess::load(in);
+  buffer.swap(loaded);
+}
+
+}  // namespace detail
+}  // namespace procpool

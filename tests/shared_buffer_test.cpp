@@ -1,0 +1,275 @@
+// SharedBuffer: results handed from worker processes to the caller as memory
+// files, without a copy, and the caller's own once they have arrived.
+#include <gtest/gtest.h>
+#include <procpool/procpool.hpp>
+
+#include <algorithm>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <list>
+#include <ranges>
+#include <string>
+#include <thread>
+#include <vector>
+
+using procpool::SharedBuffer;
+using procpool::Start;
+
+namespace {
+
+constexpr std::size_t mib = std::size_t{1} << 20;
+
+/// A buffer of `size` bytes that says who made it: byte i is (seed + i) % 251,
+/// and its first bytes hold the worker's pid.
+SharedBuffer make_block(int seed, std::size_t size) {
+  SharedBuffer block(size);
+  auto bytes = block.as<unsigned char>();
+  for (std::size_t i = 0; i < bytes.size(); ++i)
+    bytes[i] = static_cast<unsigned char>((static_cast<std::size_t>(seed) + i) % 251);
+  if (size >= sizeof(pid_t)) {
+    const pid_t pid = ::getpid();
+    std::memcpy(block.data(), &pid, sizeof pid);
+  }
+  return block;
+}
+
+SharedBuffer make_small_block(int seed) {
+  return make_block(seed, 3 * mib + 17);
+}
+
+pid_t maker_of(const SharedBuffer& block) {
+  pid_t pid = 0;
+  std::memcpy(&pid, block.data(), sizeof pid);
+  return pid;
+}
+
+/// Whether every byte after the pid is what make_block(seed) wrote.
+bool holds_pattern(const SharedBuffer& block, int seed) {
+  const auto bytes = block.as<unsigned char>();
+  for (std::size_t i = sizeof(pid_t); i < bytes.size(); ++i) {
+    if (bytes[i] != static_cast<unsigned char>((static_cast<std::size_t>(seed) + i) % 251))
+      return false;
+  }
+  return true;
+}
+
+/// Whether the caller maps `block` straight from the memory file a worker
+/// handed over (privately: "rw-p"), rather than from a buffer of its own
+/// that the bytes were copied into (mapped shared: "rw-s").
+bool mapped_from_memory_file(const SharedBuffer& block) {
+  const auto at = reinterpret_cast<std::uintptr_t>(block.data());
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    std::uintptr_t begin = 0, end = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &begin, &end, perms) != 3) continue;
+    if (at >= begin && at < end) {
+      return perms[3] == 'p' && line.find("memfd:procpool") != std::string::npos;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(SharedBuffer, MapHandsResultsOverWithoutCopying) {
+  const auto blocks = procpool::map(make_small_block, std::views::iota(0, 6), {.processes = 2});
+  ASSERT_EQ(blocks.size(), 6u);
+  for (int i = 0; i < 6; ++i) {
+    const SharedBuffer& block = blocks[static_cast<std::size_t>(i)];
+    EXPECT_EQ(block.size(), 3 * mib + 17);
+    EXPECT_NE(maker_of(block), ::getpid());
+    EXPECT_TRUE(holds_pattern(block, i)) << i;
+    EXPECT_TRUE(mapped_from_memory_file(block)) << i;
+  }
+}
+
+TEST(SharedBuffer, TheCallerMayWriteToWhatArrived) {
+  auto blocks = procpool::map(make_small_block, std::vector{4}, {.processes = 1});
+  auto bytes = blocks[0].as<unsigned char>();
+  bytes[100] = 7;
+  bytes[bytes.size() - 1] = 9;
+  EXPECT_EQ(blocks[0].as<unsigned char>()[100], 7);
+  EXPECT_EQ(blocks[0].as<unsigned char>()[bytes.size() - 1], 9);
+}
+
+TEST(SharedBuffer, SurvivesItsWorkerBeingKilled) {
+  procpool::Pool pool({.processes = 1});
+  SharedBuffer block = pool.submit(make_small_block, 3).get();
+  const pid_t worker = maker_of(block);
+  ASSERT_NE(worker, ::getpid());
+  ASSERT_EQ(::kill(worker, SIGKILL), 0);
+  // The pool replaces it; the buffer is the caller's alone.
+  EXPECT_EQ(pool.submit(make_small_block, 5).get().size(), 3 * mib + 17);
+  EXPECT_TRUE(holds_pattern(block, 3));
+  EXPECT_TRUE(mapped_from_memory_file(block));
+}
+
+namespace {
+
+/// A buffer the worker keeps and returns (a reference) again and again, writing to it each time.
+SharedBuffer& kept_block() {
+  static SharedBuffer kept(2 * mib);
+  return kept;
+}
+
+const SharedBuffer& rewrite_kept_block(int seed) {
+  SharedBuffer& kept = kept_block();
+  std::memset(kept.data(), seed, kept.size());
+  return kept;
+}
+
+}  // namespace
+
+TEST(SharedBuffer, AWorkerWritingAgainChangesNothingThatArrived) {
+  procpool::Pool pool({.processes = 1});
+  const SharedBuffer first = pool.submit(rewrite_kept_block, 1).get();
+  const SharedBuffer second = pool.submit(rewrite_kept_block, 2).get();
+  const SharedBuffer third = pool.submit(rewrite_kept_block, 3).get();
+  for (auto [block, seed] : {std::pair{&first, 1}, {&second, 2}, {&third, 3}}) {
+    const auto bytes = block->as<unsigned char>();
+    EXPECT_EQ(bytes.front(), seed);
+    EXPECT_EQ(bytes.back(), seed);
+  }
+  // Sent once as a file; after that it is the worker's private copy, sent as bytes.
+  EXPECT_TRUE(mapped_from_memory_file(first));
+  EXPECT_FALSE(mapped_from_memory_file(second));
+}
+
+TEST(SharedBuffer, RecycledWorkers) {
+  const auto blocks = procpool::map(make_small_block, std::views::iota(0, 8),
+                                    {.processes = 2, .max_tasks_per_child = 1});
+  std::vector<pid_t> makers;
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_TRUE(holds_pattern(blocks[static_cast<std::size_t>(i)], i)) << i;
+    makers.push_back(maker_of(blocks[static_cast<std::size_t>(i)]));
+  }
+  std::sort(makers.begin(), makers.end());
+  EXPECT_EQ(std::unique(makers.begin(), makers.end()) - makers.begin(), 8);  // each its own worker
+}
+
+TEST(SharedBuffer, OutcomesKeepTheBuffersOfTasksThatSucceeded) {
+  const auto outcomes = procpool::map_outcomes(
+      [](int i) {
+        if (i % 3 == 1) throw std::runtime_error("no block for " + std::to_string(i));
+        return make_small_block(i);
+      },
+      std::views::iota(0, 9), {.processes = 2});
+  ASSERT_EQ(outcomes.size(), 9u);
+  for (int i = 0; i < 9; ++i) {
+    const auto& outcome = outcomes[static_cast<std::size_t>(i)];
+    if (i % 3 == 1) {
+      EXPECT_FALSE(outcome.ok());
+      EXPECT_NE(outcome.what().find("no block for"), std::string::npos);
+    } else {
+      ASSERT_TRUE(outcome.ok()) << outcome.what();
+      EXPECT_TRUE(holds_pattern(*outcome.value, i));
+      EXPECT_TRUE(mapped_from_memory_file(*outcome.value));
+    }
+  }
+}
+
+TEST(SharedBuffer, ImapAndPoolMap) {
+  int seen = 0;
+  for (const SharedBuffer& block :
+       procpool::imap(make_small_block, std::views::iota(0, 5), {.processes = 2})) {
+    EXPECT_TRUE(holds_pattern(block, seen));
+    ++seen;
+  }
+  EXPECT_EQ(seen, 5);
+  procpool::Pool pool({.processes = 2});
+  const auto blocks = pool.map(make_small_block, std::vector{10, 11, 12});
+  for (int i = 0; i < 3; ++i)
+    EXPECT_TRUE(holds_pattern(blocks[static_cast<std::size_t>(i)], 10 + i));
+}
+
+TEST(SharedBuffer, InProcessAndSpawnedWorkers) {
+  const auto local =
+      procpool::map(make_small_block, std::vector{1, 2}, {.start = Start::in_process});
+  EXPECT_TRUE(holds_pattern(local[1], 2));
+  EXPECT_EQ(maker_of(local[1]), ::getpid());
+  procpool::Pool spawned({.processes = 1, .start = Start::spawn});
+  const SharedBuffer block = spawned.submit(make_small_block, 7).get();
+  EXPECT_TRUE(holds_pattern(block, 7));
+  EXPECT_TRUE(mapped_from_memory_file(block));
+}
+
+namespace {
+
+/// A user's type that holds a SharedBuffer: cereal carries it as bytes.
+struct Tagged {
+  std::string name;
+  SharedBuffer block;
+  template <class Archive>
+  void serialize(Archive& archive) {
+    archive(name, block);
+  }
+};
+
+}  // namespace
+
+TEST(SharedBuffer, InsideOtherResultsAndThroughCereal) {
+  // In a pair (procpool's own encoding) and in a cereal type of the user's.
+  const auto pairs = procpool::map(
+      [](int i) {
+        return std::pair{i, make_small_block(i)};
+      },
+      std::vector{1, 2}, {.processes = 2});
+  EXPECT_TRUE(holds_pattern(pairs[1].second, 2));
+  EXPECT_TRUE(mapped_from_memory_file(pairs[1].second));
+  const auto tagged = procpool::map(
+      [](int i) {
+        return Tagged{"block " + std::to_string(i), make_small_block(i)};
+      },
+      std::vector{3}, {.processes = 1});
+  EXPECT_EQ(tagged[0].name, "block 3");
+  EXPECT_TRUE(holds_pattern(tagged[0].block, 3));
+}
+
+TEST(SharedBuffer, EmptyAndLarge) {
+  const auto empty = procpool::map([](int) { return SharedBuffer{}; }, std::vector{1, 2});
+  EXPECT_TRUE(empty[0].empty());
+  const auto large = procpool::map([](int i) { return make_block(i, 256 * mib + 5); },
+                                   std::vector{9}, {.processes = 1});
+  EXPECT_EQ(large[0].size(), 256 * mib + 5);
+  EXPECT_TRUE(holds_pattern(large[0], 9));
+  EXPECT_TRUE(mapped_from_memory_file(large[0]));
+}
+
+// ---- payloads over 32 MiB: handed over as a memory file, then decoded
+
+TEST(MemoryFilePayloads, LargeVectorResultsAndInputsArriveWhole) {
+  const std::size_t size = 40 * mib + 3;  // past an arena region: a memory file each
+  const auto results = procpool::map(
+      [size](int seed) {
+        std::vector<unsigned char> v(size);
+        for (std::size_t i = 0; i < size; ++i)
+          v[i] = static_cast<unsigned char>((static_cast<std::size_t>(seed) + i) % 251);
+        return v;
+      },
+      std::vector{1, 2, 3}, {.processes = 2});
+  for (int seed = 1; seed <= 3; ++seed) {
+    const auto& v = results[static_cast<std::size_t>(seed - 1)];
+    ASSERT_EQ(v.size(), size);
+    EXPECT_EQ(v[0], seed);
+    EXPECT_EQ(v[size - 1],
+              static_cast<unsigned char>((static_cast<std::size_t>(seed) + size - 1) % 251));
+  }
+  // Inputs from a lazy range travel too; each task sums its own.
+  std::list<std::vector<unsigned char>> inputs;
+  for (int seed = 0; seed < 3; ++seed)
+    inputs.emplace_back(size, static_cast<unsigned char>(seed + 1));
+  const auto sums = procpool::map(
+      [](const std::vector<unsigned char>& v) {
+        std::uint64_t sum = 0;
+        for (unsigned char c : v)
+          sum += c;
+        return sum;
+      },
+      inputs, {.processes = 2});
+  for (int seed = 0; seed < 3; ++seed)
+    EXPECT_EQ(sums[static_cast<std::size_t>(seed)], static_cast<std::uint64_t>(size) * (seed + 1));
+}
