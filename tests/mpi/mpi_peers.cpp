@@ -915,6 +915,29 @@ std::vector<Case> errors_cases() {
 
 // ---- mode lifecycle ------------------------------------------------------------
 
+/// Every Future of a pool terminated while 100 ms tasks were outstanding ends
+/// (after at most 20 s each when `wait_first`): its value if its task ran,
+/// else PoolClosed, or WorkerCrashed if terminate() killed it as it ran; and
+/// terminate() did not let them all finish.
+void check_terminated_futures(std::vector<procpool::mpi::Future<int>>& fs, bool wait_first,
+                              Clock::time_point start) {
+  std::size_t done = 0, closed = 0;
+  for (auto& f : fs) {
+    if (wait_first) PEER_CHECK(f.wait_for(seconds(20)) == std::future_status::ready);
+    try {
+      PEER_CHECK(f.get() % 100 == 0);
+      ++done;
+    } catch (const procpool::PoolClosed&) {
+      ++closed;
+    } catch (const procpool::WorkerCrashed&) {
+      ++closed;
+    }
+  }
+  PEER_CHECK(done + closed == fs.size());
+  PEER_CHECK_MSG(closed > 0, "terminate() finished all 101 tasks of 100 ms");
+  PEER_CHECK(Clock::now() - start < seconds(8));
+}
+
 std::vector<Case> lifecycle_cases(int nodes) {
   std::vector<Case> cases;
   cases.push_back(
@@ -970,20 +993,7 @@ std::vector<Case> lifecycle_cases(int nodes) {
                        std::this_thread::sleep_for(milliseconds(200));
                        pool.terminate();
                      }
-                     std::size_t done = 0, closed = 0;
-                     for (auto& f : fs) {
-                       try {
-                         PEER_CHECK(f.get() % 100 == 0);
-                         ++done;
-                       } catch (const procpool::PoolClosed&) {
-                         ++closed;
-                       } catch (const procpool::WorkerCrashed&) {
-                         ++closed;  // killed by terminate() as it ran
-                       }
-                     }
-                     PEER_CHECK(done + closed == fs.size());
-                     PEER_CHECK_MSG(closed > 0, "terminate() finished all 101 tasks of 100 ms");
-                     PEER_CHECK(Clock::now() - start < seconds(8));
+                     check_terminated_futures(fs, false, start);
                    }});
   cases.push_back({"dropped_future_destructor_waits", "(Executor.__del__ with a task running)", [] {
                      const auto start = Clock::now();
@@ -1418,21 +1428,7 @@ std::vector<Case> fixed_bugs_cases() {
                        fs.push_back(std::move(last));
                      }
                      // every Future ends, now: its value if it ran, else PoolClosed
-                     std::size_t done = 0, closed = 0;
-                     for (auto& f : fs) {
-                       PEER_CHECK(f.wait_for(seconds(20)) == std::future_status::ready);
-                       try {
-                         PEER_CHECK(f.get() % 100 == 0);
-                         ++done;
-                       } catch (const procpool::PoolClosed&) {
-                         ++closed;
-                       } catch (const procpool::WorkerCrashed&) {
-                         ++closed;  // killed by terminate() as it ran
-                       }
-                     }
-                     PEER_CHECK(done + closed == fs.size());
-                     PEER_CHECK_MSG(closed > 0, "terminate() finished all 101 tasks of 100 ms");
-                     PEER_CHECK(Clock::now() - start < seconds(8));
+                     check_terminated_futures(fs, true, start);
                    }});
   cases.push_back(
       {"A_initializer_error_del", "ProcessPoolInitTest.test_initializer_error_del(_nowait)", [] {
