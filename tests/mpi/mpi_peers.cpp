@@ -938,6 +938,26 @@ void check_terminated_futures(std::vector<procpool::mpi::Future<int>>& fs, bool 
   PEER_CHECK(Clock::now() - start < seconds(8));
 }
 
+/// Runs `body(t)` for t = 0..3 in four root threads at once; a thread's
+/// exception fails the case, naming what went wrong.
+void in_four_threads(const std::function<void(int)>& body) {
+  std::vector<std::string> failures(4);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&body, &failures, t] {
+      try {
+        body(t);
+      } catch (const std::exception& e) {
+        failures[static_cast<std::size_t>(t)] = e.what();
+      }
+    });
+  }
+  for (auto& th : threads)
+    th.join();
+  for (const auto& f : failures)
+    PEER_CHECK_MSG(f.empty(), f);
+}
+
 std::vector<Case> lifecycle_cases(int nodes) {
   std::vector<Case> cases;
   cases.push_back(
@@ -1027,58 +1047,34 @@ std::vector<Case> lifecycle_cases(int nodes) {
   cases.push_back({"threads_share_a_pool", "SharedPoolInitTest.test_initializer_4 (threads)", [] {
                      // README: several threads may use one pool at once.
                      procpool::mpi::Pool pool({.processes = 2});
-                     std::vector<std::string> failures(4);
-                     std::vector<std::thread> threads;
-                     for (int t = 0; t < 4; ++t) {
-                       threads.emplace_back([&pool, &failures, t] {
-                         try {
-                           for (int round = 0; round < 5; ++round) {
-                             auto got = pool.map(&label_with, range(500), std::to_string(t) + ":");
-                             for (int i = 0; i < 500; ++i)
-                               if (got[static_cast<std::size_t>(i)] !=
-                                   std::to_string(t) + ":" + std::to_string(i))
-                                 throw std::runtime_error("wrong result at " + std::to_string(i));
-                             std::vector<procpool::mpi::Future<long>> fs;
-                             for (long i = 0; i < 20; ++i)
-                               fs.push_back(pool.submit(&mul, i, static_cast<long>(t)));
-                             for (long i = 0; i < 20; ++i)
-                               if (fs[static_cast<std::size_t>(i)].get() != i * t)
-                                 throw std::runtime_error("wrong Future result");
-                           }
-                         } catch (const std::exception& e) {
-                           failures[static_cast<std::size_t>(t)] = e.what();
-                         }
-                       });
-                     }
-                     for (auto& th : threads)
-                       th.join();
-                     for (const auto& f : failures)
-                       PEER_CHECK_MSG(f.empty(), f);
+                     in_four_threads([&pool](int t) {
+                       for (int round = 0; round < 5; ++round) {
+                         auto got = pool.map(&label_with, range(500), std::to_string(t) + ":");
+                         for (int i = 0; i < 500; ++i)
+                           if (got[static_cast<std::size_t>(i)] !=
+                               std::to_string(t) + ":" + std::to_string(i))
+                             throw std::runtime_error("wrong result at " + std::to_string(i));
+                         std::vector<procpool::mpi::Future<long>> fs;
+                         for (long i = 0; i < 20; ++i)
+                           fs.push_back(pool.submit(&mul, i, static_cast<long>(t)));
+                         for (long i = 0; i < 20; ++i)
+                           if (fs[static_cast<std::size_t>(i)].get() != i * t)
+                             throw std::runtime_error("wrong Future result");
+                       }
+                     });
                    }});
   cases.push_back({"threads_own_pools", "SharedPoolInitTest.test_initializer_4", [] {
-                     std::vector<std::string> failures(4);
-                     std::vector<std::thread> threads;
-                     for (int t = 0; t < 4; ++t) {
-                       threads.emplace_back([&failures, t] {
-                         try {
-                           for (int round = 0; round < 3; ++round) {
-                             procpool::mpi::Pool own({.processes = 1}, &make_model);
-                             std::vector<procpool::mpi::Future<int>> fs;
-                             for (int i = 0; i < static_cast<int>(own.processes()) + t; ++i)
-                               fs.push_back(own.submit(&use_model, i));
-                             for (std::size_t i = 0; i < fs.size(); ++i)
-                               if (fs[i].get() != 3 * static_cast<int>(i))
-                                 throw std::runtime_error("wrong Future result");
-                           }
-                         } catch (const std::exception& e) {
-                           failures[static_cast<std::size_t>(t)] = e.what();
-                         }
-                       });
-                     }
-                     for (auto& th : threads)
-                       th.join();
-                     for (const auto& f : failures)
-                       PEER_CHECK_MSG(f.empty(), f);
+                     in_four_threads([](int t) {
+                       for (int round = 0; round < 3; ++round) {
+                         procpool::mpi::Pool own({.processes = 1}, &make_model);
+                         std::vector<procpool::mpi::Future<int>> fs;
+                         for (int i = 0; i < static_cast<int>(own.processes()) + t; ++i)
+                           fs.push_back(own.submit(&use_model, i));
+                         for (std::size_t i = 0; i < fs.size(); ++i)
+                           if (fs[i].get() != 3 * static_cast<int>(i))
+                             throw std::runtime_error("wrong Future result");
+                       }
+                     });
                    }});
   cases.push_back(
       {"pools_created_and_destroyed",
