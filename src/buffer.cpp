@@ -217,12 +217,25 @@ struct PrefaultAhead::Helper {
   std::size_t n = 0;
   bool heap = false;
   std::atomic<std::size_t> mapped{0};
-  std::atomic<bool> stop{false};
+  std::atomic<std::size_t> wanted{0};  // the filler's progress; SIZE_MAX: stop
   std::thread thread;
 
+  /// Waits until mapping up to `end` keeps within `lead` of the filler: the
+  /// bytes it fills often come from pages given back as it goes (a result
+  /// decoded from a memory file), so mapping far ahead would hold both.
+  bool may_map_up_to(std::size_t end) noexcept {
+    for (std::size_t now = wanted.load(std::memory_order_acquire);;
+         now = wanted.load(std::memory_order_acquire)) {
+      if (now == stopped) return false;
+      if (end <= now + lead) return true;
+      wanted.wait(now, std::memory_order_acquire);
+    }
+  }
+
   void run() noexcept {
-    for (std::size_t done = 0; done < n && !stop.load(std::memory_order_relaxed);) {
+    for (std::size_t done = 0; done < n;) {
       const std::size_t step = std::min(piece, n - done);
+      if (!may_map_up_to(done + step)) break;
       if (heap) {
         prefault_heap_for_writing(at + done, step);
       } else {
@@ -235,6 +248,8 @@ struct PrefaultAhead::Helper {
     mapped.store(n, std::memory_order_release);  // done, or stopped: nobody waits any more
     mapped.notify_all();
   }
+
+  static constexpr std::size_t stopped = SIZE_MAX;
 };
 
 PrefaultAhead::PrefaultAhead(std::byte* at, std::size_t n, bool heap) {
@@ -253,12 +268,17 @@ PrefaultAhead::PrefaultAhead(std::byte* at, std::size_t n, bool heap) {
 
 PrefaultAhead::~PrefaultAhead() {
   if (!helper_) return;
-  helper_->stop.store(true, std::memory_order_relaxed);
+  helper_->wanted.store(Helper::stopped, std::memory_order_release);
+  helper_->wanted.notify_all();
   helper_->thread.join();
 }
 
 void PrefaultAhead::wait_until_mapped(std::size_t bytes) noexcept {
   if (!helper_) return;
+  if (bytes > helper_->wanted.load(std::memory_order_relaxed)) {
+    helper_->wanted.store(bytes, std::memory_order_release);
+    helper_->wanted.notify_all();
+  }
   for (std::size_t now = helper_->mapped.load(std::memory_order_acquire); now < bytes;
        now = helper_->mapped.load(std::memory_order_acquire)) {
     helper_->mapped.wait(now, std::memory_order_acquire);

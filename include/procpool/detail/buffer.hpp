@@ -51,8 +51,8 @@ void prefault_for_writing(void* p, std::size_t n) noexcept;
 void prefault_heap_for_writing(void* p, std::size_t n) noexcept;
 
 /// Maps the pages of [at, at + n) (fresh memory about to be filled in order,
-/// front to back) on a helper thread, a few pieces ahead of the thread that
-/// fills them, which waits (wait_until_mapped) only if it catches up: mapping
+/// front to back) on a helper thread, at most `lead` bytes ahead of the thread
+/// that fills them, which waits (wait_until_mapped) only if it catches up: mapping
 /// a page costs about as much as filling it, so the two halve the time of a
 /// large copy. Below `worth_a_thread` it maps nothing (the page faults are
 /// cheaper than a thread). `heap`: the memory is the caller's heap (see
@@ -61,6 +61,10 @@ class PrefaultAhead {
  public:
   static constexpr std::size_t worth_a_thread = std::size_t{64} << 20;
   static constexpr std::size_t piece = std::size_t{8} << 20;
+  /// How far the helper maps ahead of what the filler asked for: enough to
+  /// keep it busy, little enough that memory freed behind the copy (a decoded
+  /// memory file) is not held twice.
+  static constexpr std::size_t lead = 4 * piece;
 
   PrefaultAhead(std::byte* at, std::size_t n, bool heap);
   ~PrefaultAhead();
