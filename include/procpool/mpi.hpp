@@ -145,29 +145,52 @@ namespace detail {
 class PoolState;
 class CallState;
 
-/// One input's outcome as it came back: its value's bytes (kept alive by
-/// `keep`), or its error already rebuilt with the global index and the node.
+/// One input's outcome as it came back: its value's bytes (kept alive by the
+/// OutcomeRun it came in), or its error already rebuilt with the global index
+/// and the node.
 struct RawOutcome {
   std::size_t index = 0;
   const std::byte* data = nullptr;
   std::size_t size = 0;
   std::exception_ptr error;
   int rank = 0;
-  std::shared_ptr<const void> keep;
+};
+
+/// Consecutive outcomes of one chunk's reply (in completion order too: a
+/// chunk's outcomes are in input order), handed to the caller at once.
+struct OutcomeRun {
+  std::size_t first = 0;  // input index of the first
+  std::size_t count = 0;
+  int rank = 0;                      // the node they ran on
+  std::shared_ptr<const void> keep;  // the reply that holds their bytes
+  /// Every one a value of a fixed-size type: the i-th one's `size` bytes are
+  /// at `values + i * stride`. Null: `each` has them, one per outcome.
+  const std::byte* values = nullptr;
+  std::size_t stride = 0;
+  std::size_t size = 0;
+  std::vector<RawOutcome> each;
+
+  RawOutcome at(std::size_t i) const {
+    if (values == nullptr) return each[i];
+    return RawOutcome{first + i, values + i * stride, size, nullptr, rank};
+  }
 };
 
 /// A call on the root: schedules its inputs over the nodes, collects outcomes.
 class CallHandle {
  public:
   enum class Order { input, completion };
+  /// `value_size`: the size of every result value when its type travels bare
+  /// (fixed size, see travels_bare_v), else 0.
   CallHandle(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
-             Order order, std::optional<std::size_t> total, bool submitted);
+             Order order, std::optional<std::size_t> total, bool submitted,
+             std::size_t value_size);
   ~CallHandle();
   CallHandle(const CallHandle&) = delete;
   CallHandle& operator=(const CallHandle&) = delete;
-  /// Appends the next outcomes (input or completion order), as many as are
-  /// ready (at most `most`, at least one); false at the end.
-  bool next_batch(std::vector<RawOutcome>& out, std::size_t most);
+  /// Replaces `out` by the next outcomes (input or completion order), as many
+  /// of one chunk as are ready (at most `most`, at least one); false at the end.
+  bool next_run(OutcomeRun& out, std::size_t most);
   /// Whether an outcome is ready by `deadline` (sends work meanwhile).
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   /// The error for a value whose load() threw (called in the catch block).
@@ -208,35 +231,34 @@ class StreamCall final
         call_(std::move(pool), std::move(setup), std::make_unique<RangeFeed<View, Item>>(view_),
               D == procpool::detail::Delivery::unordered ? CallHandle::Order::completion
                                                          : CallHandle::Order::input,
-              total, submitted) {}
+              total, submitted, travels_bare_v<Out> ? sizeof(Out) : 0) {}
 
   std::optional<Value> next() override {
-    if (taken_ == batch_.size()) {
-      // Outcomes come from the root's queues a batch at a time (one lock, not
-      // one per input); with Options::max_inflight, one at a time, so that
-      // the bound counts what the caller has really been handed.
-      batch_.clear();
+    if (taken_ == run_.count) {
+      // Outcomes come from the root's queues a chunk's run at a time (one
+      // lock, not one per input); with Options::max_inflight, one at a time,
+      // so that the bound counts what the caller has really been handed.
       taken_ = 0;
-      if (!call_.next_batch(batch_, bounded_ ? 1 : 4096)) return std::nullopt;
+      if (!call_.next_run(run_, bounded_ ? 1 : 4096)) return std::nullopt;
     }
-    RawOutcome* raw = &batch_[taken_++];
+    const RawOutcome raw = run_.at(taken_++);
     std::optional<Out> value;
-    std::exception_ptr error = raw->error;
+    std::exception_ptr error = raw.error;
     if (!error) {
       try {
-        Reader in(raw->data, raw->size);
+        Reader in(raw.data, raw.size);
         value.emplace(procpool::detail::load_value<Out>(in));
       } catch (...) {
-        error = call_.decode_error(*raw);
+        error = call_.decode_error(raw);
       }
     }
-    raw->keep.reset();
+    if (taken_ == run_.count) run_.keep.reset();  // a large reply goes as soon as it is read
     if constexpr (D == procpool::detail::Delivery::outcomes) {
-      return Outcome<Out>{raw->index, std::move(value), error};
+      return Outcome<Out>{raw.index, std::move(value), error};
     } else {
       if (error) std::rethrow_exception(error);
       if constexpr (D == procpool::detail::Delivery::unordered) {
-        return Indexed<Out>{raw->index, std::move(*value)};
+        return Indexed<Out>{raw.index, std::move(*value)};
       } else {
         return std::move(*value);
       }
@@ -250,7 +272,7 @@ class StreamCall final
   View view_;
   bool bounded_;  // Options::max_inflight is set
   CallHandle call_;
-  std::vector<RawOutcome> batch_;
+  OutcomeRun run_;
   std::size_t taken_ = 0;
 };
 

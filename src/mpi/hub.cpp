@@ -244,7 +244,8 @@ void Hub::route(std::size_t node, Buffer message) {
         // A dropped Future's task: nobody will see its error unless it is said.
         for (std::uint64_t i = 0; i < count; ++i) {
           if (in.get<std::uint8_t>() != 0) {
-            in.take(static_cast<std::size_t>(in.get<std::uint64_t>()));
+            in.take(record.value_size != 0 ? record.value_size
+                                           : static_cast<std::size_t>(in.get<std::uint64_t>()));
             continue;
           }
           std::exception_ptr e =
@@ -279,17 +280,29 @@ void Hub::route(std::size_t node, Buffer message) {
 // ---- CallState --------------------------------------------------------------
 
 CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
-                     CallHandle::Order order, std::optional<std::size_t> total, bool submitted)
+                     CallHandle::Order order, std::optional<std::size_t> total, bool submitted,
+                     std::size_t value_size)
     : pool_(std::move(pool)),
       hub_(*pool_->hub),
       setup_(std::move(setup)),
       feed_(std::move(feed)),
       order_(order),
       total_(total),
-      submitted_(submitted) {
+      submitted_(submitted),
+      value_size_(value_size),
+      estimate_key_(std::hash<std::string_view>{}(
+          std::string_view(reinterpret_cast<const char*>(setup_.data()), setup_.size()))) {
   std::unique_lock lock(hub_.mutex);
   if (hub_.stopped) {
     throw Error("procpool::mpi::Pool: the Session has ended; create pools while it lives");
+  }
+  // A call of the same code and arguments as an earlier one starts from what
+  // that one measured, instead of from one measuring chunk per node.
+  if (auto known = pool_->estimates.find(estimate_key_); known != pool_->estimates.end()) {
+    measured_seconds_ = known->second.measured_seconds;
+    measured_tasks_ = known->second.measured_tasks;
+    transit_seconds_ = known->second.transit_seconds;
+    task_seconds_ = measured_seconds_ / measured_tasks_;
   }
   id_ = ++hub_.next_id;
   opened_.assign(hub_.nodes.size(), false);
@@ -331,25 +344,41 @@ bool CallState::front_ready_locked() const {
   return order_ == CallHandle::Order::completion || first + chunk.next == next_index_;
 }
 
-std::size_t CallState::pop_locked(std::vector<RawOutcome>& out, std::size_t most) {
-  std::size_t popped = 0;
-  while (popped < most && front_ready_locked()) {
-    ReadyChunk& chunk = ready_.begin()->second;
-    out.push_back(std::move(chunk.outcomes[chunk.next++]));
-    if (chunk.next == chunk.outcomes.size()) ready_.erase(ready_.begin());
-    ++delivered_;
-    if (order_ == CallHandle::Order::input) ++next_index_;
-    ++popped;
+bool CallState::pop_locked(OutcomeRun& out, std::size_t most) {
+  if (!front_ready_locked()) return false;
+  auto front = ready_.begin();
+  ReadyChunk& chunk = front->second;
+  OutcomeRun& from = chunk.outcomes;
+  const std::size_t n = std::min(most, from.count - chunk.next);
+  out.first = from.first + chunk.next;
+  out.count = n;
+  out.rank = from.rank;
+  out.keep = from.keep;
+  out.stride = from.stride;
+  out.size = from.size;
+  out.each.clear();
+  if (from.values != nullptr) {
+    out.values = from.values + chunk.next * from.stride;
+  } else {
+    out.values = nullptr;
+    const auto begin = from.each.begin() + static_cast<std::ptrdiff_t>(chunk.next);
+    out.each.assign(std::make_move_iterator(begin),
+                    std::make_move_iterator(begin + static_cast<std::ptrdiff_t>(n)));
   }
-  return popped;
+  chunk.next += n;
+  if (chunk.next == from.count) ready_.erase(front);
+  delivered_ += n;
+  if (order_ == CallHandle::Order::input) next_index_ += n;
+  return true;
 }
 
-bool CallState::next_batch(std::vector<RawOutcome>& out, std::size_t most) {
+bool CallState::next_run(OutcomeRun& out, std::size_t most) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
     top_up(lock);
-    if (pop_locked(out, most) != 0) return true;
+    if (pop_locked(out, most)) return true;
     if (exhausted_ && chunks_out_ == 0 && ready_.empty()) {
+      out = OutcomeRun{};
       if (progress_) {
         progress_->finish("done");
         progress_.reset();
@@ -526,6 +555,10 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     try {
       // The range is read without the lock: its code is the caller's.
       while (count < size) {
+        if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
+          count += block;
+          continue;
+        }
         const InputFeed::Fed fed = feed_->next(w, failed);
         if (fed == InputFeed::Fed::end) {
           end = true;
@@ -568,6 +601,7 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
       r.node = best;
       r.sent = Clock::now();
       r.report_if_orphaned = submitted_;
+      r.value_size = value_size_;
       ++pool_->inflight_chunks;
       pool_->stats[best].bytes_sent += message.size();
       taken_ += count;
@@ -575,7 +609,10 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
       hub_.send(best, std::move(message));
     }
     if (failed) {
-      ready_[taken_].outcomes.push_back(RawOutcome{taken_, nullptr, 0, failed, 0, nullptr});
+      OutcomeRun& one = ready_[taken_].outcomes;
+      one.first = taken_;
+      one.count = 1;
+      one.each.push_back(RawOutcome{taken_, nullptr, 0, failed, 0});
       ++taken_;
     }
   }
@@ -584,21 +621,32 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
 void CallState::receive(const ChunkRecord& chunk, double run_seconds, double transit,
                         Reader& records, const std::shared_ptr<const Buffer>& message) {
   const NodeSlot& node = hub_.nodes[chunk.node];
-  ReadyChunk& ready = ready_[chunk.first];
-  ready.outcomes.reserve(chunk.count);
-  for (std::size_t i = 0; i < chunk.count; ++i) {
-    const std::size_t index = chunk.first + i;
-    RawOutcome o;
-    o.index = index;
-    o.rank = node.rank;
-    if (records.get<std::uint8_t>() != 0) {
-      o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
-      o.data = records.take(o.size);
-      o.keep = message;
-    } else {
-      o.error = load_error(records, index, node.rank, node.host);
+  OutcomeRun& ready = ready_[chunk.first].outcomes;
+  ready.first = chunk.first;
+  ready.count = chunk.count;
+  ready.rank = node.rank;
+  ready.keep = message;
+  if (all_bare_values(records, chunk.count)) {
+    // Every input succeeded with a fixed-size value: the consumer reads them
+    // in place, without a record per input.
+    ready.values = records.position() + 1;
+    ready.stride = 1 + value_size_;
+    ready.size = value_size_;
+  } else {
+    ready.each.reserve(chunk.count);
+    for (std::size_t i = 0; i < chunk.count; ++i) {
+      const std::size_t index = chunk.first + i;
+      RawOutcome& o = ready.each.emplace_back();
+      o.index = index;
+      o.rank = node.rank;
+      if (records.get<std::uint8_t>() != 0) {
+        o.size = value_size_ != 0 ? value_size_
+                                  : static_cast<std::size_t>(records.get<std::uint64_t>());
+        o.data = records.take(o.size);
+      } else {
+        o.error = load_error(records, index, node.rank, node.host);
+      }
     }
-    ready.outcomes.push_back(std::move(o));
   }
   --chunks_out_;
   // One task's time on one worker, as if the chunk had had the node alone
@@ -609,19 +657,31 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
   task_seconds_ = measured_seconds_ / measured_tasks_;
   transit_seconds_ = transit_seconds_ == 0 ? transit : 0.5 * transit_seconds_ + 0.5 * transit;
+  pool_->estimates[estimate_key_] = TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
   if (progress_) progress_->advance(chunk.count);
+}
+
+bool CallState::all_bare_values(const Reader& records, std::size_t count) const {
+  if (value_size_ == 0) return false;
+  const std::size_t stride = 1 + value_size_;
+  if (records.remaining() != count * stride) return false;  // an error record is among them
+  const std::byte* at = records.position();
+  for (std::size_t i = 0; i < count; ++i)
+    if (at[i * stride] != std::byte{1}) return false;
+  return true;
 }
 
 // ---- CallHandle -------------------------------------------------------------
 
 CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
                        std::unique_ptr<InputFeed> feed, Order order,
-                       std::optional<std::size_t> total, bool submitted)
+                       std::optional<std::size_t> total, bool submitted,
+                       std::size_t value_size)
     : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
-                                         total, submitted)) {}
+                                         total, submitted, value_size)) {}
 CallHandle::~CallHandle() = default;
-bool CallHandle::next_batch(std::vector<RawOutcome>& out, std::size_t most) {
-  return state_->next_batch(out, most);
+bool CallHandle::next_run(OutcomeRun& out, std::size_t most) {
+  return state_->next_run(out, most);
 }
 bool CallHandle::wait_until(std::chrono::steady_clock::time_point deadline) {
   return state_->wait_until(deadline);

@@ -40,6 +40,7 @@ struct ChunkRecord {
   std::size_t node = 0;
   std::chrono::steady_clock::time_point sent;
   bool report_if_orphaned = false;  // a dropped Future's task: its error is still reported
+  std::size_t value_size = 0;       // its results' size when they travel bare, else 0
 };
 
 /// Everything the root's pools share; one per process. Every field is
@@ -95,6 +96,14 @@ struct NodeStats {
   std::uint64_t bytes_received = 0;
 };
 
+/// What a call learnt about its tasks, kept by its pool for the next call
+/// of the same code and arguments (which then needs no measuring chunk).
+struct TaskEstimate {
+  double measured_seconds = 0;
+  double measured_tasks = 0;
+  double transit_seconds = 0;
+};
+
 class PoolState {
  public:
   std::shared_ptr<Hub> hub;
@@ -108,6 +117,7 @@ class PoolState {
   std::size_t inflight_chunks = 0;
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
+  std::map<std::size_t, TaskEstimate> estimates;  // by the hash of a call's setup
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 
   unsigned total_processes() const {
@@ -121,11 +131,11 @@ class PoolState {
 class CallState {
  public:
   CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
-            CallHandle::Order order, std::optional<std::size_t> total, bool submitted);
+            CallHandle::Order order, std::optional<std::size_t> total, bool submitted,
+            std::size_t value_size);
   ~CallState();
-  /// Appends the next outcomes, as many as are ready in order (at most
-  /// `most`, at least one unless the call has ended); false at the end.
-  bool next_batch(std::vector<RawOutcome>& out, std::size_t most);
+  /// See CallHandle::next_run.
+  bool next_run(OutcomeRun& out, std::size_t most);
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
@@ -135,7 +145,9 @@ class CallState {
 
  private:
   bool front_ready_locked() const;
-  std::size_t pop_locked(std::vector<RawOutcome>& out, std::size_t most);
+  bool pop_locked(OutcomeRun& out, std::size_t most);
+  /// Whether `records` holds `count` successes of bare values and nothing else.
+  bool all_bare_values(const Reader& records, std::size_t count) const;
   void top_up(std::unique_lock<std::mutex>& lock);
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
@@ -153,6 +165,8 @@ class CallState {
   CallHandle::Order order_;
   std::optional<std::size_t> total_;
   bool submitted_;
+  std::size_t value_size_;     // results' size when they travel bare, else 0
+  std::size_t estimate_key_;  // the hash of setup_: see PoolState::estimates
   std::vector<bool> opened_;  // per node: the call's code was sent
   std::size_t taken_ = 0;     // inputs taken from the range
   std::size_t delivered_ = 0;
@@ -168,7 +182,7 @@ class CallState {
   /// The outcomes of one chunk (or of one input that failed on the root),
   /// handed out in order: one map entry per chunk, not per input.
   struct ReadyChunk {
-    std::vector<RawOutcome> outcomes;
+    OutcomeRun outcomes;  // first: the chunk's first input
     std::size_t next = 0;
   };
   std::map<std::size_t, ReadyChunk> ready_;  // by the chunk's first input index

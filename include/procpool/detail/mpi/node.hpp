@@ -12,12 +12,16 @@
 //     the node's Pool with map_outcomes and encodes every outcome.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -73,23 +77,42 @@ struct NodeChunk {
 class NodeCall {
  public:
   virtual ~NodeCall() = default;
-  /// Decodes each chunk's `count` framed inputs, runs them all on `pool` in
-  /// one call (several chunks of one call that wait together cost one Pool
-  /// call, not one each) and writes one outcome record per input, in input
-  /// order, to its chunk's `out`:  u8 1, u64 length, value  |  u8 0, error record.
+  /// Decodes each chunk's `count` inputs (put_framed), runs them all on
+  /// `pool` in one call (several chunks of one call that wait together cost
+  /// one Pool call, not one each) and writes one outcome record per input, in
+  /// input order, to its chunk's `out`: u8 1, the value (put_framed) | u8 0,
+  /// error record.
   virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
 };
 using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
 
-/// Writes `value` framed by its length, so the root can slice a reply without
-/// knowing the type, and one value whose load() misbehaves cannot spoil the next.
+/// Values of a fixed-size, trivially copyable type travel bare: their size
+/// is known on both sides (every rank runs the same binary), and their
+/// load() cannot throw, so no frame is needed to skip one.
+template <class T>
+inline constexpr bool travels_bare_v = procpool::detail::is_raw_v<T>;
+
+/// Writes `value` framed by its length (unless it travels bare), so the root
+/// can slice a reply without knowing the type, and one value whose load()
+/// misbehaves cannot spoil the next.
 template <class T>
 void put_framed(Writer& out, const T& value) {
-  const std::size_t at = out.size();
-  out.put(std::uint64_t{0});
-  procpool::detail::save(out, value);
-  const std::uint64_t length = out.size() - at - sizeof(std::uint64_t);
-  std::memcpy(out.buffer().data() + at, &length, sizeof length);
+  if constexpr (travels_bare_v<T>) {
+    out.put(value);
+  } else {
+    const std::size_t at = out.size();
+    out.put(std::uint64_t{0});
+    procpool::detail::save(out, value);
+    const std::uint64_t length = out.size() - at - sizeof(std::uint64_t);
+    std::memcpy(out.buffer().data() + at, &length, sizeof length);
+  }
+}
+
+/// The bytes of the next value of type T that put_framed wrote.
+template <class T>
+Reader take_framed(Reader& in) {
+  const auto length = travels_bare_v<T> ? sizeof(T) : in.get<std::uint64_t>();
+  return Reader(in.take(static_cast<std::size_t>(length)), static_cast<std::size_t>(length));
 }
 
 template <class F, class Item, class Out, class... Extra>
@@ -100,24 +123,10 @@ class TypedNodeCall final : public NodeCall {
   }
 
   void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) override {
-    // Inputs whose load() throws fail alone, with Stage::deserialize_input.
     std::vector<Item> inputs;
-    std::vector<std::exception_ptr> decode_errors;
-    for (NodeChunk& chunk : chunks) {
-      for (std::uint64_t i = 0; i < chunk.count; ++i) {
-        const auto length = chunk.items.get<std::uint64_t>();
-        Reader one(chunk.items.take(static_cast<std::size_t>(length)),
-                   static_cast<std::size_t>(length));
-        try {
-          inputs.push_back(procpool::detail::load_value<Item>(one));
-          decode_errors.emplace_back();
-        } catch (const std::exception& e) {
-          decode_errors.push_back(std::make_exception_ptr(
-              TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
-                        e.what(), TaskError::Stage::deserialize_input)));
-        }
-      }
-    }
+    std::vector<std::exception_ptr> decode_errors;  // per input; none for bare ones
+    for (NodeChunk& chunk : chunks)
+      decode_inputs(chunk, inputs, decode_errors);
     // Outcomes in input order, as they come: each chunk's reply can leave as
     // soon as its own inputs are done.
     auto results = std::apply(
@@ -127,10 +136,12 @@ class TypedNodeCall final : public NodeCall {
     for (NodeChunk& chunk : chunks) {
       Writer& out = *chunk.out;
       for (std::uint64_t i = 0; i < chunk.count; ++i) {
-        if (std::exception_ptr& e = decode_errors[position++]) {
-          out.put(std::uint8_t{0});
-          save_error(out, e);
-          continue;
+        if (!decode_errors.empty()) {
+          if (std::exception_ptr& e = decode_errors[position++]) {
+            out.put(std::uint8_t{0});
+            save_error(out, e);
+            continue;
+          }
         }
         Outcome<Out> o = std::move(*next);
         ++next;
@@ -155,6 +166,32 @@ class TypedNodeCall final : public NodeCall {
   }
 
  private:
+  /// Appends `chunk`'s inputs to `inputs`. Inputs whose load() throws fail
+  /// alone, with Stage::deserialize_input (their error at their position in
+  /// `errors`); bare ones cannot, and are copied in one go.
+  static void decode_inputs(NodeChunk& chunk, std::vector<Item>& inputs,
+                            std::vector<std::exception_ptr>& errors) {
+    const auto count = static_cast<std::size_t>(chunk.count);
+    if constexpr (travels_bare_v<Item>) {
+      const std::byte* from = chunk.items.take(count * sizeof(Item));
+      const std::size_t at = inputs.size();
+      inputs.resize(at + count);
+      std::memcpy(static_cast<void*>(inputs.data() + at), from, count * sizeof(Item));
+    } else {
+      for (std::size_t i = 0; i < count; ++i) {
+        Reader one = take_framed<Item>(chunk.items);
+        try {
+          inputs.push_back(procpool::detail::load_value<Item>(one));
+          errors.emplace_back();
+        } catch (const std::exception& e) {
+          errors.push_back(std::make_exception_ptr(TaskError(
+              i, procpool::detail::demangle(typeid(e).name()), e.what(),
+              TaskError::Stage::deserialize_input)));
+        }
+      }
+    }
+  }
+
   F f_;
   std::tuple<Extra...> extra_;
 };
@@ -175,6 +212,9 @@ class InputFeed {
   /// when its save() threw (then `error` says why and nothing was written);
   /// `end` when the range is exhausted.
   virtual Fed next(Writer& out, std::exception_ptr& error) = 0;
+  /// Appends up to `most` inputs in one copy when the range allows it
+  /// (bare values in contiguous memory); returns how many (0: use next()).
+  virtual std::size_t next_block(Writer& out, std::size_t most) = 0;
 };
 
 /// The TaskError for an input whose save() is throwing now (in a catch block).
@@ -185,13 +225,11 @@ class RangeFeed final : public InputFeed {
  public:
   explicit RangeFeed(View& view) : view_(view) {}
   Fed next(Writer& out, std::exception_ptr& error) override {
-    if (!started_) {
-      it_.emplace(std::ranges::begin(view_));
-      started_ = true;
-    } else {
-      ++*it_;
-    }
+    advance();
     if (*it_ == std::ranges::end(view_)) return Fed::end;
+    // The iterator moves on only when the next input is asked for: an input
+    // range (a stream) is never read further than the inputs taken.
+    pending_ = true;
     const std::size_t at = out.size();
     try {
       put_framed(out, static_cast<const Item&>(**it_));
@@ -204,10 +242,37 @@ class RangeFeed final : public InputFeed {
     }
   }
 
+  std::size_t next_block(Writer& out, std::size_t most) override {
+    using Iterator = std::ranges::iterator_t<View>;
+    if constexpr (travels_bare_v<Item> && std::contiguous_iterator<Iterator> &&
+                  std::sized_sentinel_for<std::ranges::sentinel_t<View>, Iterator> &&
+                  std::same_as<std::iter_value_t<Iterator>, Item>) {
+      advance();
+      const auto n = std::min(most, static_cast<std::size_t>(std::ranges::end(view_) - *it_));
+      out.write(std::to_address(*it_), n * sizeof(Item));
+      *it_ += static_cast<std::iter_difference_t<Iterator>>(n);
+      index_ += n;
+      return n;
+    } else {
+      (void)out;
+      (void)most;
+      return 0;
+    }
+  }
+
  private:
+  void advance() {
+    if (!it_) {
+      it_.emplace(std::ranges::begin(view_));
+    } else if (pending_) {
+      ++*it_;
+    }
+    pending_ = false;
+  }
+
   View& view_;
   std::optional<std::ranges::iterator_t<View>> it_;
-  bool started_ = false;
+  bool pending_ = false;  // *it_ was taken: move on before the next input
   std::size_t index_ = 0;
 };
 
