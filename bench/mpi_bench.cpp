@@ -78,8 +78,8 @@ int main(int argc, char** argv) {
       const auto t0 = Clock::now();
       pool.map(&inc, xs);
       const double s = since(t0);
-      std::printf("warm automatic map of %zu: %.3f ms, %.0f tasks/s, root CPU %.1f ns/task\n",
-                  tiny, 1e3 * s, static_cast<double>(tiny) / s,
+      std::printf("warm automatic map of %zu: %.3f ms, %.0f tasks/s, root CPU %.1f ns/task\n", tiny,
+                  1e3 * s, static_cast<double>(tiny) / s,
                   1e9 * (process_cpu_seconds() - cpu_before) / static_cast<double>(tiny));
     }
     if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)

@@ -183,8 +183,7 @@ class CallHandle {
   /// `value_size`: the size of every result value when its type travels bare
   /// (fixed size, see travels_bare_v), else 0.
   CallHandle(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
-             Order order, std::optional<std::size_t> total, bool submitted,
-             std::size_t value_size);
+             Order order, std::optional<std::size_t> total, bool submitted, std::size_t value_size);
   ~CallHandle();
   CallHandle(const CallHandle&) = delete;
   CallHandle& operator=(const CallHandle&) = delete;

@@ -640,8 +640,8 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       o.index = index;
       o.rank = node.rank;
       if (records.get<std::uint8_t>() != 0) {
-        o.size = value_size_ != 0 ? value_size_
-                                  : static_cast<std::size_t>(records.get<std::uint64_t>());
+        o.size =
+            value_size_ != 0 ? value_size_ : static_cast<std::size_t>(records.get<std::uint64_t>());
         o.data = records.take(o.size);
       } else {
         o.error = load_error(records, index, node.rank, node.host);
@@ -657,7 +657,8 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
   task_seconds_ = measured_seconds_ / measured_tasks_;
   transit_seconds_ = transit_seconds_ == 0 ? transit : 0.5 * transit_seconds_ + 0.5 * transit;
-  pool_->estimates[estimate_key_] = TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
+  pool_->estimates[estimate_key_] =
+      TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
   if (progress_) progress_->advance(chunk.count);
 }
 
@@ -675,8 +676,7 @@ bool CallState::all_bare_values(const Reader& records, std::size_t count) const 
 
 CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
                        std::unique_ptr<InputFeed> feed, Order order,
-                       std::optional<std::size_t> total, bool submitted,
-                       std::size_t value_size)
+                       std::optional<std::size_t> total, bool submitted, std::size_t value_size)
     : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
                                          total, submitted, value_size)) {}
 CallHandle::~CallHandle() = default;

@@ -165,7 +165,7 @@ class CallState {
   CallHandle::Order order_;
   std::optional<std::size_t> total_;
   bool submitted_;
-  std::size_t value_size_;     // results' size when they travel bare, else 0
+  std::size_t value_size_;    // results' size when they travel bare, else 0
   std::size_t estimate_key_;  // the hash of setup_: see PoolState::estimates
   std::vector<bool> opened_;  // per node: the call's code was sent
   std::size_t taken_ = 0;     // inputs taken from the range

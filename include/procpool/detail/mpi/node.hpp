@@ -184,9 +184,9 @@ class TypedNodeCall final : public NodeCall {
           inputs.push_back(procpool::detail::load_value<Item>(one));
           errors.emplace_back();
         } catch (const std::exception& e) {
-          errors.push_back(std::make_exception_ptr(TaskError(
-              i, procpool::detail::demangle(typeid(e).name()), e.what(),
-              TaskError::Stage::deserialize_input)));
+          errors.push_back(
+              std::make_exception_ptr(TaskError(i, procpool::detail::demangle(typeid(e).name()),
+                                                e.what(), TaskError::Stage::deserialize_input)));
         }
       }
     }
