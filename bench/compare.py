@@ -194,6 +194,15 @@ def payload_sweep(a, q, rows, raw, have_python):
         row(f"{tasks} results of {mib} MiB, std::vector (GB/s)", c, ways.get(best),
             f">= 70% of floor {c['floor_gbps_median']:.2f} GB/s", lambda r, f=frac: f >= 0.7,
             f"{100 * frac:.0f}% of floor; Python's best: {best}" if best else f"{100 * frac:.0f}% of floor")
+    for tasks, mib in sizes:
+        # Inputs the other way (the caller's vectors to the workers); Python's
+        # sweep measures results only, so this row stands against the floor.
+        c = run_json([B, "payload_in", "--tasks", str(tasks), "--mib", str(mib), "--reps", reps])
+        raw[f"payload_in_{tasks}x{mib}MiB"] = {"procpool": c}
+        frac = c["fraction_of_floor"]
+        row(f"{tasks} inputs of {mib} MiB, std::vector (GB/s)", c, None,
+            f">= 70% of floor {c['floor_gbps_median']:.2f} GB/s", lambda r, f=frac: f >= 0.7,
+            f"{100 * frac:.0f}% of floor; no Python row (its sweep sends results)")
     for tasks, mib in zero_copy:
         c = run_json([B, "payload_zero_copy", "--tasks", str(tasks), "--mib", str(mib), "--reps", reps])
         py_side = python(tasks, mib)
