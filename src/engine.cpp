@@ -155,6 +155,7 @@ class Engine::Impl final : private ReplySink {
     });
   }
   void enable_wake();
+  void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
   void wake() noexcept;
   std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
   double nanos_per_task(std::uint64_t call) const;
@@ -246,6 +247,7 @@ class Engine::Impl final : private ReplySink {
   OomWatch oom_;
   static constexpr unsigned orphan_allowance = 3;
   bool stopping_ = false;
+  bool tail_chunks_queue_ = false;  // see let_tail_chunks_queue()
   std::exception_ptr broken_;    // set when workers keep dying before doing any work
   Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
   bool receiving_lost_ = false;  // take() found its reply answering the wrong chunk
@@ -381,8 +383,9 @@ std::vector<pid_t> Engine::Impl::worker_pids() const {
 
 Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
   const CallState& call = calls_.at(chunk.call);
-  const std::size_t depth = SchedulePolicy::queue_limit(
-      chunk.count, chunk.tail, call.scope == SetupScope::each_chunk, nanos_per_task(chunk.call));
+  const std::size_t depth =
+      SchedulePolicy::queue_limit(chunk.count, chunk.tail && !tail_chunks_queue_,
+                                  call.scope == SetupScope::each_chunk, nanos_per_task(chunk.call));
   const std::size_t quota = config_.max_tasks_per_child;
   Worker* best = nullptr;
   for (Worker& w : workers_) {
@@ -891,6 +894,10 @@ std::deque<ChunkDone>& Engine::completed(std::uint64_t call) {
 double Engine::nanos_per_task(std::uint64_t call) const {
   return impl_->nanos_per_task(call);
 }
+void Engine::let_tail_chunks_queue() noexcept {
+  impl_->let_tail_chunks_queue();
+}
+
 std::size_t Engine::outstanding() const noexcept {
   return impl_->outstanding();
 }

@@ -37,6 +37,8 @@ class Future;
 
 namespace detail {
 
+struct PoolAccess;
+
 /// What a Future waits on: its task's one result, from a local Pool or from
 /// the nodes of an MPI job (procpool::mpi::Pool).
 template <class Stored>
@@ -288,7 +290,18 @@ class Pool {
         core_, std::move(setup), std::views::all(std::forward<R>(inputs))));
   }
 
+  friend struct detail::PoolAccess;
   std::shared_ptr<detail::PoolCore> core_;
 };
+
+namespace detail {
+
+/// The engine under a Pool, for the MPI backend's nodes (see
+/// Engine::let_tail_chunks_queue).
+struct PoolAccess {
+  static Engine& engine(Pool& pool) { return *pool.core_->engine; }
+};
+
+}  // namespace detail
 
 }  // namespace procpool

@@ -137,6 +137,12 @@ class Engine {
   [[nodiscard]] double nanos_per_task(std::uint64_t call) const;
   /// Chunks queued or running in workers, for all calls.
   [[nodiscard]] std::size_t outstanding() const noexcept;
+  /// Lets a call's last chunks queue behind a busy worker, as its others do
+  /// (by default they wait for an idle one, so that the workers finish
+  /// together). For a node of an mpi::Pool: the root already deals the last
+  /// tasks to nodes with free workers, and a node's next task queued at its
+  /// worker starts without waiting for the node's threads to be scheduled.
+  void let_tail_chunks_queue() noexcept;
 
   /// Lets workers finish what they were sent, then ends and reaps them.
   void stop_gracefully();

@@ -45,18 +45,25 @@ using procpool::detail::Writer;
 /// pointer's address in this process, or null (capture-less lambda, or none).
 using NodePoolFactoryFn = std::unique_ptr<procpool::Pool>(const Options& options, const void* init);
 
+/// A node's Pool: the root deals the last tasks of a call to nodes with free
+/// workers, so within the node they may queue (Engine::let_tail_chunks_queue).
+inline std::unique_ptr<procpool::Pool> as_node_pool(std::unique_ptr<procpool::Pool> pool) {
+  procpool::detail::PoolAccess::engine(*pool).let_tail_chunks_queue();
+  return pool;
+}
+
 template <class Init>
 std::unique_ptr<procpool::Pool> make_node_pool(const Options& options, const void* init) {
   if constexpr (procpool::detail::is_function_pointer_v<Init>) {
-    return std::make_unique<procpool::Pool>(options,
-                                            reinterpret_cast<Init>(const_cast<void*>(init)));
+    return as_node_pool(
+        std::make_unique<procpool::Pool>(options, reinterpret_cast<Init>(const_cast<void*>(init))));
   } else {
-    return std::make_unique<procpool::Pool>(options, Init{});
+    return as_node_pool(std::make_unique<procpool::Pool>(options, Init{}));
   }
 }
 
 inline std::unique_ptr<procpool::Pool> make_plain_node_pool(const Options& options, const void*) {
-  return std::make_unique<procpool::Pool>(options);
+  return as_node_pool(std::make_unique<procpool::Pool>(options));
 }
 
 /// Writes the error record of `error` (TaskError, WorkerCrashed, TaskTimeout,
