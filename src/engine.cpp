@@ -37,6 +37,7 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.orphaned = chunk.orphaned;
   part.stride = chunk.stride;
   part.tail = chunk.tail;
+  part.files = chunk.files;  // indices into it stay valid in any part
   if (chunk.stride != 0) {
     part.payload.append(chunk.payload.data() + from * chunk.stride, (to - from) * chunk.stride);
   } else if (!chunk.offsets.empty()) {
@@ -808,6 +809,8 @@ void Engine::Impl::run_in_process() {
     done.count = chunk.count;
     Writer out(done.payload);
     Reader in(chunk.payload);
+    AttachedFiles files(duplicate_files(chunk.files.get()));
+    ScopedPointer<AttachedFiles> decoding(files_being_decoded(), &files);
     const ChunkReport report = local_runner_->run(chunk.call, chunk.first, chunk.count, in, out);
     done.dense = report.dense;
     telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index, report.slowest_nanos);

@@ -62,6 +62,39 @@ bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept {
   return ::fcntl(fd, F_ADD_SEALS, write_seals) == 0;
 }
 
+bool written_since_frozen(const std::byte* at, std::size_t size) noexcept {
+  if (size == 0) return false;
+  // Opened each time: a descriptor kept open would, after a fork, go on
+  // describing the process that opened it.
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;
+  // A page present but not the file's (bit 61 clear), or swapped out (bit
+  // 62: only anonymous pages are), was copied on a write.
+  constexpr std::uint64_t present = std::uint64_t{1} << 63, swapped = std::uint64_t{1} << 62,
+                          file_page = std::uint64_t{1} << 61;
+  const std::uintptr_t page = page_size();
+  const auto begin = reinterpret_cast<std::uintptr_t>(at) & ~(page - 1);
+  const auto end = reinterpret_cast<std::uintptr_t>(at) + size;
+  std::uint64_t entries[512];
+  bool written = false;
+  for (std::uintptr_t p = begin; p < end && !written;) {
+    const std::size_t n = std::min<std::size_t>(512, (end - p + page - 1) / page);
+    const auto offset = static_cast<off_t>(p / page * sizeof(std::uint64_t));
+    const ssize_t got = ::pread(fd, entries, n * sizeof(std::uint64_t), offset);
+    if (got <= 0) {
+      written = true;  // cannot tell: copy
+      break;
+    }
+    const std::size_t read = static_cast<std::size_t>(got) / sizeof(std::uint64_t);
+    for (std::size_t i = 0; i < read && !written; ++i)
+      written = (entries[i] & swapped) != 0 ||
+                ((entries[i] & present) != 0 && (entries[i] & file_page) == 0);
+    p += read * page;
+  }
+  ::close(fd);
+  return written;
+}
+
 long long sealed_memory_file_size(int fd) noexcept {
   const int seals = ::fcntl(fd, F_GET_SEALS);
   if (seals < 0 || (seals & write_seals) != write_seals) return -1;
@@ -158,9 +191,25 @@ std::vector<int>*& files_to_attach() noexcept {
   return files;
 }
 
+std::vector<int> duplicate_files(const AttachedFiles* files) {
+  std::vector<int> copies;
+  if (files == nullptr) return copies;
+  for (std::size_t i = 0; i < files->size(); ++i) {
+    const int fd = files->at(i);
+    const int copy = fd >= 0 ? ::fcntl(fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (fd >= 0 && copy < 0) {
+      const int error = errno;
+      close_all(copies);
+      throw_errno("cannot duplicate a SharedBuffer input's memory file", error);
+    }
+    copies.push_back(copy);
+  }
+  return copies;
+}
+
 void close_all(std::vector<int>& fds) noexcept {
   for (int fd : fds)
-    ::close(fd);
+    if (fd >= 0) ::close(fd);
   fds.clear();
 }
 

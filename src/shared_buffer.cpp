@@ -41,15 +41,20 @@ struct SharedBufferAccess {
   /// Seals the buffer's file and adds a descriptor of it to the message's
   /// files; its index there, or -1 if it must be copied instead.
   static long long attach(const SharedBuffer& buffer, std::vector<int>& files) {
-    if (buffer.fd_ < 0 || buffer.handed_over_) return -1;
+    if (buffer.fd_ < 0 || buffer.frozen_failed_) return -1;
+    // Once handed over, this mapping is private: a page written here since
+    // is no longer the file's, and then the bytes must travel instead. An
+    // input sent to call after call, never written, goes as its file each time.
+    if (buffer.handed_over_ && detail::written_since_frozen(buffer.data_, buffer.size_)) return -1;
     const int fd = ::fcntl(buffer.fd_, F_DUPFD_CLOEXEC, 0);
     if (fd < 0) return -1;
-    // Whether or not sealing works, this mapping is private from now on:
-    // later writes here are not in the file, so it is never sent again.
-    buffer.handed_over_ = true;
-    if (!detail::freeze_memory_file(buffer.fd_, buffer.data_, buffer.size_)) {
-      ::close(fd);
-      return -1;
+    if (!buffer.handed_over_) {
+      buffer.handed_over_ = true;
+      if (!detail::freeze_memory_file(buffer.fd_, buffer.data_, buffer.size_)) {
+        buffer.frozen_failed_ = true;
+        ::close(fd);
+        return -1;
+      }
     }
     files.push_back(fd);
     return static_cast<long long>(files.size() - 1);

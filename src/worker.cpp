@@ -301,8 +301,15 @@ void WorkerLoop::run() {
                          header.size);
     try {
       switch (header.kind) {
-        case FrameKind::task:
+        case FrameKind::task: {
+          // The files that came with the task, but for its input file (the
+          // last, mapped above): SharedBuffer inputs, in the order written.
+          const auto own = attached_.end() - (in_file ? 1 : 0);
+          AttachedFiles inputs(std::vector<int>(attached_.begin(), own));
+          attached_.erase(attached_.begin(), own);
+          ScopedPointer<AttachedFiles> decoding(files_being_decoded(), &inputs);
           run_task_frame(header, payload);
+        }
           // The inputs are decoded: the parent may fill this region again.
           if (in_arena) input_arena->busy[region].store(0, std::memory_order_release);
           drop_attachments();

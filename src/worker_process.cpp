@@ -208,6 +208,14 @@ class WorkerProcess final : public WorkerLink {
       send_setup(chunk.call, *own_setup);
       flags = flag_end_call_after;
     }
+    // SharedBuffer inputs' files first: an input file, if any, comes last.
+    std::vector<int> files = duplicate_files(chunk.files.get());
+    for (std::size_t from = 0; from < files.size(); from += max_fds_per_message) {
+      const auto to = std::min(files.size(), from + max_fds_per_message);
+      channel_.queue_attachment(std::vector<int>(files.begin() + static_cast<std::ptrdiff_t>(from),
+                                                 files.begin() + static_cast<std::ptrdiff_t>(to)),
+                                0);
+    }
     if (!send_in_memory_file(chunk, flags) && !send_through_arena(chunk, flags)) {
       channel_.queue_frame(FrameKind::task, chunk.call, chunk.first, chunk.count, chunk.payload,
                            flags);

@@ -10,8 +10,10 @@
 #include <fstream>
 #include <list>
 #include <ranges>
+#include <span>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 using procpool::SharedBuffer;
@@ -272,4 +274,104 @@ TEST(MemoryFilePayloads, LargeVectorResultsAndInputsArriveWhole) {
       inputs, {.processes = 2});
   for (int seed = 0; seed < 3; ++seed)
     EXPECT_EQ(sums[static_cast<std::size_t>(seed)], static_cast<std::uint64_t>(size) * (seed + 1));
+}
+
+// ---- SharedBuffer inputs: the caller's memory files handed to the workers
+
+namespace {
+
+/// What a worker saw of a SharedBuffer input: the pattern make_block(seed)
+/// wrote, and whether it maps the caller's memory file (no copy).
+std::tuple<int, bool, bool> look_at(const SharedBuffer& block) {
+  const int seed =
+      static_cast<int>(block.as<unsigned char>()[sizeof(pid_t)]) - static_cast<int>(sizeof(pid_t));
+  return {seed, holds_pattern(block, seed), mapped_from_memory_file(block)};
+}
+
+std::vector<SharedBuffer> caller_blocks(int n, std::size_t size) {
+  std::vector<SharedBuffer> blocks;
+  for (int i = 0; i < n; ++i)
+    blocks.push_back(make_block(i, size));
+  return blocks;
+}
+
+void expect_seen_without_copy(const std::vector<std::tuple<int, bool, bool>>& seen) {
+  for (std::size_t i = 0; i < seen.size(); ++i) {
+    const auto [seed, pattern, mapped] = seen[i];
+    EXPECT_EQ(seed, static_cast<int>(i));
+    EXPECT_TRUE(pattern) << i;
+    EXPECT_TRUE(mapped) << "input " << i << " was copied, not handed over";
+  }
+}
+
+}  // namespace
+
+TEST(SharedBufferInputs, APoolsWorkersMapTheCallersFiles) {
+  procpool::Pool pool({.processes = 2});  // forked before the buffers exist
+  const auto blocks = caller_blocks(6, 3 * mib + 17);
+  expect_seen_without_copy(pool.map(&look_at, blocks));
+  // The caller's buffers are unchanged, and still its own to read and write.
+  for (int i = 0; i < 6; ++i)
+    EXPECT_TRUE(holds_pattern(blocks[static_cast<std::size_t>(i)], i));
+  SharedBuffer again = blocks[0].clone();
+  again.as<unsigned char>()[10] = 1;
+  EXPECT_TRUE(holds_pattern(blocks[0], 0));
+}
+
+TEST(SharedBufferInputs, MoreFilesInOneChunkThanOneMessageCarries) {
+  // 70 inputs in one chunk: their descriptors go in two messages (64 at most each).
+  procpool::Pool pool({.processes = 1, .chunksize = 100});
+  const auto blocks = caller_blocks(70, 64 * 1024);
+  expect_seen_without_copy(pool.map(&look_at, blocks));
+}
+
+TEST(SharedBufferInputs, ARetriedTaskGetsTheFilesAgain) {
+  // The first worker dies with the chunk; the retry sends duplicates again.
+  char marker[] = "/tmp/procpool_shared_input_XXXXXX";
+  const int fd = ::mkstemp(marker);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ::unlink(marker);
+  procpool::Pool pool({.processes = 1, .retries = 1});
+  const auto blocks = caller_blocks(3, mib);
+  const std::string path = marker;
+  auto seen = pool.map(
+      [](const SharedBuffer& block, const std::string& once) {
+        if (std::FILE* f = std::fopen(once.c_str(), "wx")) {  // only the first attempt
+          std::fclose(f);
+          std::raise(SIGKILL);
+        }
+        return look_at(block);
+      },
+      blocks, path);
+  ::unlink(marker);
+  expect_seen_without_copy(seen);
+}
+
+TEST(SharedBufferInputs, InProcessAndSpawnedWorkers) {
+  const auto blocks = caller_blocks(3, mib);
+  procpool::Pool local({.start = Start::in_process});
+  for (const auto& [seed, pattern, mapped] : local.map(&look_at, blocks))
+    EXPECT_TRUE(pattern) << seed;
+  procpool::Pool spawned({.processes = 1, .start = Start::spawn});
+  expect_seen_without_copy(spawned.map(&look_at, blocks));
+}
+
+TEST(SharedBufferInputs, SentAgainAsTheFileUntilTheCallerWritesToIt) {
+  procpool::Pool pool({.processes = 1});
+  SharedBuffer block = make_block(0, 2 * mib);
+  const auto read_byte = [](const SharedBuffer& b, std::size_t at) {
+    return std::pair<int, bool>{b.as<unsigned char>()[at], mapped_from_memory_file(b)};
+  };
+  const std::size_t at = mib + 5;  // a page of its own, past the first
+  const int before = block.as<unsigned char>()[at];
+  const auto send = [&] {
+    return pool.map(read_byte, std::span<const SharedBuffer>(&block, 1), at)[0];
+  };
+  EXPECT_EQ(send(), (std::pair<int, bool>{before, true}));
+  EXPECT_EQ(send(), (std::pair<int, bool>{before, true}));
+  // Written here after it was handed over: that page is the caller's alone
+  // now, so the worker must get the bytes (a copy), with the new value.
+  block.as<unsigned char>()[at] = static_cast<unsigned char>(before + 1);
+  EXPECT_EQ(send(), (std::pair<int, bool>{before + 1, false}));
 }

@@ -238,6 +238,7 @@ class StreamCall final
       // lock, not one per input); with Options::max_inflight, one at a time,
       // so that the bound counts what the caller has really been handed.
       taken_ = 0;
+      run_.count = 0;  // if next_run throws, the old run is not read again
       if (!call_.next_run(run_, bounded_ ? 1 : 4096)) return std::nullopt;
     }
     const RawOutcome raw = run_.at(taken_++);

@@ -70,6 +70,7 @@ class SharedBuffer {
     std::swap(size_, other.size_);
     std::swap(fd_, other.fd_);
     std::swap(handed_over_, other.handed_over_);
+    std::swap(frozen_failed_, other.frozen_failed_);
   }
 
   /// cereal: as plain bytes (inside your own types, and where no descriptor travels).
@@ -95,9 +96,12 @@ class SharedBuffer {
   /// The memory file, while this buffer may still hand it over: -1 for one
   /// that arrived from elsewhere (its mapping is private, copy-on-write).
   int fd_ = -1;
-  /// Sent once already: its file is sealed and this mapping private, so
-  /// what this process wrote since would not be in the file; copied from now on.
+  /// Sent once already: its file is sealed and this mapping private, so a
+  /// page this process wrote since is not in the file; sent again as the
+  /// file only while no page was (detail::written_since_frozen).
   mutable bool handed_over_ = false;
+  /// Its file could not be sealed: always copied.
+  mutable bool frozen_failed_ = false;
 };
 
 }  // namespace procpool

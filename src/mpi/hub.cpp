@@ -298,11 +298,14 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
   }
   // A call of the same code and arguments as an earlier one starts from what
   // that one measured, instead of from one measuring chunk per node.
+  // It weighs as one task per worker, so this call's own first replies
+  // outweigh it (its inputs may be harder), and until one has come each node
+  // gets one chunk only (capacity_locked).
   if (auto known = pool_->estimates.find(estimate_key_); known != pool_->estimates.end()) {
-    measured_seconds_ = known->second.measured_seconds;
-    measured_tasks_ = known->second.measured_tasks;
+    task_seconds_ = known->second.measured_seconds / known->second.measured_tasks;
+    measured_tasks_ = std::max(1.0, static_cast<double>(pool_->total_processes()));
+    measured_seconds_ = task_seconds_ * measured_tasks_;
     transit_seconds_ = known->second.transit_seconds;
-    task_seconds_ = measured_seconds_ / measured_tasks_;
   }
   id_ = ++hub_.next_id;
   opened_.assign(hub_.nodes.size(), false);
@@ -425,7 +428,7 @@ std::size_t CallState::capacity_locked(std::size_t node) const {
   // Automatic ~50 ms node chunks: one running, one queued, one travelling;
   // but one only until the first reply has measured the task time (a node
   // runs the chunks that wait together as one batch, whose reply comes last).
-  if (pool_->options.chunksize == 0) return task_seconds_ == 0 ? 1 : 3;
+  if (pool_->options.chunksize == 0) return replies_ == 0 ? 1 : 3;
   // An explicit chunksize: one chunk per worker and as many more as run in
   // the time one takes to travel there and back (tiny tasks, chunksize 1:
   // many, which the node then runs together as one batch).
@@ -453,8 +456,9 @@ std::size_t CallState::room_locked(std::size_t n) const {
     // Near the end, long tasks go to free workers only: the last ones then
     // run wherever a worker frees up first, instead of queueing behind a busy
     // node while another idles.
-    // Until the end is near, two more tasks per worker wait on the node
-    // (queued at its workers, see as_node_pool), to hide that round trip:
+    // Until the end is near, two more tasks per worker wait on the node (one
+    // queued at each worker, see as_node_pool, one in the node's Pool), to
+    // hide that round trip:
     // with one, a worker that starts its queued task at once keeps the core
     // that the reply and the next task need to travel (64 x 50 ms on 2
     // workers, 3 ranks on 2 cores: 1669-1690 ms with one, 1627-1649 with two).
@@ -629,6 +633,7 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   ready.count = chunk.count;
   ready.rank = node.rank;
   ready.keep = message;
+  std::size_t failures = 0;
   if (all_bare_values(records, chunk.count)) {
     // Every input succeeded with a fixed-size value: the consumer reads them
     // in place, without a record per input.
@@ -648,10 +653,18 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
         o.data = records.take(o.size);
       } else {
         o.error = load_error(records, index, node.rank, node.host);
+        ++failures;
       }
     }
   }
   --chunks_out_;
+  ++replies_;
+  // A reply of errors alone (its node could not run the call, or every task
+  // threw at once) says nothing about how long the tasks take.
+  if (failures == chunk.count) {
+    if (progress_) progress_->advance(chunk.count);
+    return;
+  }
   // One task's time on one worker, as if the chunk had had the node alone
   // (other chunks running beside it make this an overestimate: smaller chunks, safe).
   const double workers = pool_->processes[chunk.node];
@@ -660,6 +673,9 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
   task_seconds_ = measured_seconds_ / measured_tasks_;
   transit_seconds_ = transit_seconds_ == 0 ? transit : 0.5 * transit_seconds_ + 0.5 * transit;
+  // At most 64 estimates: a pool that runs ever new arguments starts over.
+  if (pool_->estimates.size() >= 64 && !pool_->estimates.contains(estimate_key_))
+    pool_->estimates.clear();
   pool_->estimates[estimate_key_] =
       TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
   if (progress_) progress_->advance(chunk.count);

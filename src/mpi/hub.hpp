@@ -179,6 +179,7 @@ class CallState {
   double measured_seconds_ = 0;
   double measured_tasks_ = 0;
   double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
+  std::size_t replies_ = 0;     // chunks of this call answered so far
   /// The outcomes of one chunk (or of one input that failed on the root),
   /// handed out in order: one map entry per chunk, not per input.
   struct ReadyChunk {

@@ -288,6 +288,16 @@ class StreamFeed {
   /// `chunk` holds exactly the inputs read before.
   void take_serialised(Chunk& chunk, std::size_t max_items) {
     chunk.payload.share_when_large();  // handed to the worker as a file, not copied
+    // SharedBuffer inputs go as their memory files, not as bytes.
+    std::vector<int> files;
+    ScopedPointer<std::vector<int>> attaching(files_to_attach(), &files);
+    struct KeepFiles {
+      Chunk& chunk;
+      std::vector<int>& files;
+      ~KeepFiles() {
+        if (!files.empty()) chunk.files = std::make_shared<AttachedFiles>(std::move(files));
+      }
+    } keep{chunk, files};
     Writer out(chunk.payload);
     while (chunk.count < max_items && it_ != end_ && out.size() < chunk_bytes) {
       const std::size_t at = out.size();

@@ -34,6 +34,10 @@ struct Chunk {
   /// One of a call's last chunks (SchedulePolicy::next_chunk said so): it
   /// goes only to a worker with nothing queued.
   bool tail = false;
+  /// The memory files its inputs refer to (SharedBuffer inputs handed over,
+  /// not copied), by index. The chunk keeps them: each send hands the worker
+  /// duplicates, so a retry or a split part can send them again.
+  std::shared_ptr<AttachedFiles> files;
 };
 
 /// Tasks `from` .. `to - 1` (relative to the chunk's first) as a chunk of their own.

@@ -34,6 +34,11 @@ void unmap_memory_file(void* at, std::size_t size) noexcept;
 /// exists): it must then be copied.
 bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept;
 
+/// Whether this process wrote a page of [at, at + size) since
+/// freeze_memory_file() made it private (such a page is no longer the
+/// file's). True when it cannot tell (no /proc/self/pagemap).
+bool written_since_frozen(const std::byte* at, std::size_t size) noexcept;
+
 /// The size of a memory file that nobody can change any more, or -1 if it is
 /// not sealed against writes and resizing (or is no memory file at all).
 long long sealed_memory_file_size(int fd) noexcept;
@@ -88,6 +93,7 @@ class AttachedFiles {
   int at(std::uint64_t i) const noexcept {
     return i < fds_.size() ? fds_[static_cast<std::size_t>(i)] : -1;
   }
+  std::size_t size() const noexcept { return fds_.size(); }
   /// Takes the `i`-th file's descriptor: it is the caller's to close now.
   int take(std::uint64_t i) noexcept {
     return i < fds_.size() ? std::exchange(fds_[static_cast<std::size_t>(i)], -1) : -1;
@@ -96,6 +102,10 @@ class AttachedFiles {
  private:
   std::vector<int> fds_;
 };
+
+/// Duplicates of every descriptor of `files` (null: none), for one send.
+/// Throws std::system_error.
+std::vector<int> duplicate_files(const AttachedFiles* files);
 
 /// Where values decoded on this thread find the files their message came
 /// with (null: none came, or not decoding a reply).
