@@ -200,7 +200,11 @@ std::vector<int> duplicate_files(const AttachedFiles* files) {
     if (fd >= 0 && copy < 0) {
       const int error = errno;
       close_all(copies);
-      throw_errno("cannot duplicate a SharedBuffer input's memory file", error);
+      throw_errno(
+          "cannot duplicate the memory file of a SharedBuffer input to send it to a "
+          "worker (out of file descriptors? raise `ulimit -n`, or pass fewer "
+          "SharedBuffers per chunk with a smaller Options::chunksize)",
+          error);
     }
     copies.push_back(copy);
   }
