@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <list>
 #include <ranges>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -42,6 +44,21 @@ int lookup(Table& t, int i) {
 long slow_square(int x) {
   ::usleep(200);
   return static_cast<long>(x) * x;
+}
+struct Point {
+  int x;
+  double y;
+};
+Point as_point(int i) {
+  return {i, -2.0 * i};
+}
+bool is_odd(Point p) {
+  return p.x % 2 == 1;
+}
+void nothing(int) {}
+int fails_on_tens(int i) {
+  if (i % 10 == 0) throw std::runtime_error("a multiple of ten");
+  return i + 1;
 }
 int hostname_hash(int) {
   return static_cast<int>(::getpid());
@@ -105,6 +122,26 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < outcomes.size(); ++i) {
       MPI_CHECK(outcomes[i].ok() && outcomes[i].index == i);
       MPI_CHECK(*outcomes[i].value == square(static_cast<int>(i)));
+    }
+
+    // Fixed-size values travel bare (no frames): inputs from a range that
+    // is not contiguous, a struct of the user's, bool and void results, and
+    // replies where errors sit between such values.
+    const std::list<int> listed(inputs.begin(), inputs.begin() + 700);
+    MPI_CHECK(pool.map(&square, listed) == local.map(&square, listed));
+    const auto points = pool.map(&as_point, inputs);
+    MPI_CHECK(points.size() == inputs.size());
+    for (std::size_t i = 0; i < points.size(); ++i)
+      MPI_CHECK(points[i].x == static_cast<int>(i) && points[i].y == -2.0 * static_cast<double>(i));
+    const auto odd = pool.map(&is_odd, points);
+    for (std::size_t i = 0; i < odd.size(); ++i)
+      MPI_CHECK(odd[i] == (i % 2 == 1));
+    pool.map(&nothing, inputs);  // void: nothing comes back but success
+    const auto mixed = pool.map_outcomes(&fails_on_tens, inputs);
+    for (std::size_t i = 0; i < mixed.size(); ++i) {
+      MPI_CHECK(mixed[i].index == i);
+      MPI_CHECK(mixed[i].ok() == (i % 10 != 0));
+      if (mixed[i].ok()) MPI_CHECK(*mixed[i].value == static_cast<int>(i) + 1);
     }
 
     // submit, waited for and dropped
