@@ -176,25 +176,13 @@ void populate_for_writing(PageRange pages) noexcept {
 /// Whether a page of [begin, end) is mapped by another process too: present
 /// but not exclusively mapped, in /proc/self/pagemap (bits 63 and 56).
 bool shares_a_page(std::uintptr_t begin, std::uintptr_t end) noexcept {
-  // Opened each time: a descriptor kept open would, after a fork, go on
-  // describing the process that opened it.
-  const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  constexpr std::uint64_t present = std::uint64_t{1} << 63, exclusive = std::uint64_t{1} << 56;
-  std::uint64_t entries[512];
-  bool shared = false;
-  for (std::uintptr_t page = begin; page < end && !shared;) {
-    const std::size_t n = std::min<std::size_t>(512, (end - page) / page_bytes);
-    const auto offset = static_cast<off_t>(page / page_bytes * sizeof(std::uint64_t));
-    const ssize_t got = ::pread(fd, entries, n * sizeof(std::uint64_t), offset);
-    if (got <= 0) break;
-    const std::size_t read = static_cast<std::size_t>(got) / sizeof(std::uint64_t);
-    for (std::size_t i = 0; i < read && !shared; ++i)
-      shared = (entries[i] & present) != 0 && (entries[i] & exclusive) == 0;
-    page += read * page_bytes;
-  }
-  ::close(fd);
-  return shared;
+  return any_pagemap_entry(begin, end,
+                           [](std::uint64_t entry) {
+                             constexpr std::uint64_t present = std::uint64_t{1} << 63,
+                                                     exclusive = std::uint64_t{1} << 56;
+                             return (entry & present) != 0 && (entry & exclusive) == 0;
+                           })
+      .value_or(false);
 }
 
 }  // namespace

@@ -249,9 +249,9 @@ class Engine::Impl final : private ReplySink {
   static constexpr unsigned orphan_allowance = 3;
   bool stopping_ = false;
   bool tail_chunks_queue_ = false;  // see let_tail_chunks_queue()
-  std::exception_ptr broken_;    // set when workers keep dying before doing any work
-  Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
-  bool receiving_lost_ = false;  // take() found its reply answering the wrong chunk
+  std::exception_ptr broken_;       // set when workers keep dying before doing any work
+  Worker* receiving_ = nullptr;     // the worker whose replies take() is handed
+  bool receiving_lost_ = false;     // take() found its reply answering the wrong chunk
   pid_t parent_pid_;
 };
 

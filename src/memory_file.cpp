@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <system_error>
 
@@ -62,37 +63,46 @@ bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept {
   return ::fcntl(fd, F_ADD_SEALS, write_seals) == 0;
 }
 
-bool written_since_frozen(const std::byte* at, std::size_t size) noexcept {
-  if (size == 0) return false;
+std::optional<bool> any_pagemap_entry(std::uintptr_t begin, std::uintptr_t end,
+                                      bool (*matches)(std::uint64_t entry)) noexcept {
   // Opened each time: a descriptor kept open would, after a fork, go on
   // describing the process that opened it.
   const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return true;
-  // A page present but not the file's (bit 61 clear), or swapped out (bit
-  // 62: only anonymous pages are), was copied on a write.
-  constexpr std::uint64_t present = std::uint64_t{1} << 63, swapped = std::uint64_t{1} << 62,
-                          file_page = std::uint64_t{1} << 61;
+  if (fd < 0) return std::nullopt;
   const std::uintptr_t page = page_size();
-  const auto begin = reinterpret_cast<std::uintptr_t>(at) & ~(page - 1);
-  const auto end = reinterpret_cast<std::uintptr_t>(at) + size;
   std::uint64_t entries[512];
-  bool written = false;
-  for (std::uintptr_t p = begin; p < end && !written;) {
+  std::optional<bool> found = false;
+  for (std::uintptr_t p = begin & ~(page - 1); p < end && !*found;) {
     const std::size_t n = std::min<std::size_t>(512, (end - p + page - 1) / page);
     const auto offset = static_cast<off_t>(p / page * sizeof(std::uint64_t));
     const ssize_t got = ::pread(fd, entries, n * sizeof(std::uint64_t), offset);
     if (got <= 0) {
-      written = true;  // cannot tell: copy
+      found = std::nullopt;
       break;
     }
     const std::size_t read = static_cast<std::size_t>(got) / sizeof(std::uint64_t);
-    for (std::size_t i = 0; i < read && !written; ++i)
-      written = (entries[i] & swapped) != 0 ||
-                ((entries[i] & present) != 0 && (entries[i] & file_page) == 0);
+    for (std::size_t i = 0; i < read && !*found; ++i)
+      found = matches(entries[i]);
     p += read * page;
   }
   ::close(fd);
-  return written;
+  return found;
+}
+
+bool written_since_frozen(const std::byte* at, std::size_t size) noexcept {
+  if (size == 0) return false;
+  // A page present but not the file's (bit 61 clear), or swapped out (bit
+  // 62: only anonymous pages are), was copied on a write. Unknown: copy.
+  const auto begin = reinterpret_cast<std::uintptr_t>(at);
+  return any_pagemap_entry(begin, begin + size,
+                           [](std::uint64_t entry) {
+                             constexpr std::uint64_t present = std::uint64_t{1} << 63,
+                                                     swapped = std::uint64_t{1} << 62,
+                                                     file_page = std::uint64_t{1} << 61;
+                             return (entry & swapped) != 0 ||
+                                    ((entry & present) != 0 && (entry & file_page) == 0);
+                           })
+      .value_or(true);
 }
 
 long long sealed_memory_file_size(int fd) noexcept {

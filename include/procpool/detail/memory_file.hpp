@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
@@ -33,6 +34,11 @@ void unmap_memory_file(void* at, std::size_t size) noexcept;
 /// False if the file cannot be sealed (another writable mapping of it
 /// exists): it must then be copied.
 bool freeze_memory_file(int fd, std::byte* at, std::size_t size) noexcept;
+
+/// Whether an entry of /proc/self/pagemap for the pages of [begin, end)
+/// `matches`; nullopt if the file cannot be read.
+std::optional<bool> any_pagemap_entry(std::uintptr_t begin, std::uintptr_t end,
+                                      bool (*matches)(std::uint64_t entry)) noexcept;
 
 /// Whether this process wrote a page of [at, at + size) since
 /// freeze_memory_file() made it private (such a page is no longer the
