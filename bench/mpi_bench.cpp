@@ -54,6 +54,8 @@ int main(int argc, char** argv) {
   // --profile-auto N: only the warm automatic tiny map, N times (to profile
   // it, e.g. under perf); prints each time.
   std::size_t profile_auto = 0;
+  // --profile-big N: only the warm map of --big results of --mib MiB, N times.
+  std::size_t profile_big = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -64,6 +66,7 @@ int main(int argc, char** argv) {
     if (k == "--big") nbig = std::strtoull(v, nullptr, 10);
     if (k == "--processes") processes = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     if (k == "--profile-auto") profile_auto = std::strtoull(v, nullptr, 10);
+    if (k == "--profile-big") profile_big = std::strtoull(v, nullptr, 10);
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
@@ -81,6 +84,24 @@ int main(int argc, char** argv) {
       std::printf("warm automatic map of %zu: %.3f ms, %.0f tasks/s, root CPU %.1f ns/task\n", tiny,
                   1e3 * s, static_cast<double>(tiny) / s,
                   1e9 * (process_cpu_seconds() - cpu_before) / static_cast<double>(tiny));
+    }
+    if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
+      std::fputs(pool.insights().to_string().c_str(), stderr);
+    return 0;
+  }
+
+  if (profile_big != 0) {
+    procpool::mpi::Pool pool({.processes = processes});
+    pool.map(&big, std::vector<int>(2, 1));
+    for (std::size_t r = 0; r < profile_big; ++r) {
+      const double cpu_before = process_cpu_seconds();
+      const auto t0 = Clock::now();
+      pool.map(&big, std::vector<int>(nbig, mib));
+      const double s = since(t0);
+      std::printf("warm map of %zu x %d MiB: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", nbig, mib,
+                  1e3 * s,
+                  static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
+                  1e3 * (process_cpu_seconds() - cpu_before));
     }
     if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
       std::fputs(pool.insights().to_string().c_str(), stderr);

@@ -16,6 +16,17 @@ namespace {
 
 using procpool::detail::Buffer;
 
+/// The share of the pages of [p, p + n) that are mapped now.
+double resident_fraction(const std::byte* p, std::size_t n) {
+  const std::size_t pages = n / 4096;
+  std::vector<unsigned char> in(pages);
+  if (::mincore(const_cast<std::byte*>(p), pages * 4096, in.data()) != 0) return -1;
+  std::size_t resident = 0;
+  for (unsigned char c : in)
+    resident += c & 1;
+  return static_cast<double>(resident) / static_cast<double>(pages);
+}
+
 TEST(BufferBlocks, AFreedBlockIsHandedOutAgainWarm) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "the cache is off under ASan, so that it sees every use after free";
@@ -27,6 +38,38 @@ TEST(BufferBlocks, AFreedBlockIsHandedOutAgainWarm) {
   EXPECT_EQ(second.data, first.data);
   EXPECT_GE(second.capacity, std::size_t{1} << 20);
   procpool::detail::free_block(second);
+}
+
+TEST(BufferBlocks, LargeBlocksBeyondTheWarmCacheAreHandedOutAgainAndHoldWhatIsWritten) {
+#if defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "the cache is off under ASan, so that it sees every use after free";
+#endif
+  // Six 32 MiB blocks (a root receiving big results): two fit the 64 MiB warm
+  // cache, the rest are kept lazily freed (MADV_FREE). All six come back with
+  // their pages still mapped (the kernel reclaims lazily freed pages only
+  // when short of memory), where fresh ones would fault and be zeroed.
+  constexpr std::size_t mib32 = std::size_t{32} << 20;
+  std::vector<procpool::detail::Block> blocks;
+  for (int i = 0; i < 6; ++i) {
+    blocks.push_back(procpool::detail::allocate_block(mib32));
+    std::memset(blocks.back().data, 1, blocks.back().capacity);
+  }
+  for (const auto& b : blocks)
+    procpool::detail::free_block(b);
+  blocks.clear();
+  for (int i = 0; i < 6; ++i) {
+    blocks.push_back(procpool::detail::allocate_block(mib32));
+    const auto& b = blocks.back();
+    EXPECT_GE(resident_fraction(b.data, b.capacity), 0.9) << "block " << i << " came back cold";
+    // Written after MADV_FREE, a page is the writer's again: what is written stays.
+    std::memset(b.data, 2 + i, b.capacity);
+  }
+  for (int i = 0; i < 6; ++i) {
+    const auto& b = blocks[static_cast<std::size_t>(i)];
+    for (std::size_t at = 0; at < b.capacity; at += 4096)
+      ASSERT_EQ(b.data[at], static_cast<std::byte>(2 + i)) << "block " << i << " byte " << at;
+    procpool::detail::free_block(b);
+  }
 }
 
 TEST(BufferBlocks, PrefaultingForWritingKeepsWhatIsAlreadyThere) {
