@@ -118,6 +118,9 @@ struct NodeInsights {
   double round_trip_seconds = 0;  // chunks' time from the root's send to its receipt of the reply
   std::uint64_t bytes_sent = 0;   // inputs and calls sent to the node
   std::uint64_t bytes_received = 0;  // results received from it
+  /// Tasks whose worker died (or timed out) here and that the root sent to
+  /// another node to run again (Options::retries, on a pool of several nodes).
+  std::uint64_t moved_away = 0;
   /// The node's own procpool::Pool, over its life: a row per worker.
   procpool::Insights pool;
 };
@@ -308,8 +311,10 @@ struct NodeFutureSource final : procpool::detail::FutureSource<Stored> {
 ///  - Options::chunksize: inputs per node chunk (and per message inside the
 ///    node); 0 sizes node chunks from the measured task time, about 50 ms
 ///    of work for the whole node per chunk, a few chunks in flight per node;
-///  - retries, task_timeout, max_tasks_per_child: applied by each node's own
-///    Pool (a retry runs on a fresh worker of the same node);
+///  - retries: a task whose worker died or timed out runs again on another
+///    node (the least loaded one with room), should the cause be the node's;
+///    on a pool of one node, on a fresh worker of that node;
+///  - task_timeout, max_tasks_per_child: applied by each node's own Pool;
 ///  - progress: on the root, over every node;
 ///  - imap_unordered's and every error's index is the global input index,
 ///    and every error also names its node (see ErrorLocation).

@@ -56,6 +56,22 @@ thread_local bool in_local_handle = false;
 
 // ---- Hub --------------------------------------------------------------------
 
+namespace {
+
+/// A dropped Future's failure: nobody will see it unless it is said.
+void report_unobserved(PoolState& pool, const std::exception_ptr& error) {
+  ++pool.unobserved_errors;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& err) {
+    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n", err.what());
+  } catch (...) {
+    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed\n");
+  }
+}
+
+}  // namespace
+
 std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places) {
   const std::vector<RankShare> shares = share_nodes(places);
   std::vector<NodeSlot> slots;
@@ -153,11 +169,10 @@ void Hub::local_reply(Buffer message) {
     local_pending_.push_back(std::move(message));
     return;
   }
-  {
-    std::lock_guard lock(mutex);
-    route(0, std::move(message));
-  }
+  std::unique_lock lock(mutex);
+  route(0, std::move(message));
   changed.notify_all();
+  let_go_released(lock);
 }
 
 bool Hub::remote_work_locked() const {
@@ -190,6 +205,7 @@ void Hub::pump() {
     if (active) {
       idle = 0;
       changed.notify_all();
+      let_go_released(lock);
       continue;
     }
     // Poll fast while replies are due, slowly otherwise: MPI has no way to
@@ -204,6 +220,15 @@ void Hub::pump() {
     }
     pump_wake_.wait_for(lock, wait);
   }
+}
+
+void Hub::let_go_released(std::unique_lock<std::mutex>& lock) {
+  if (released.empty()) return;
+  std::vector<std::shared_ptr<CallState>> calls_done = std::move(released);
+  released.clear();
+  lock.unlock();
+  calls_done.clear();
+  lock.lock();
 }
 
 void Hub::route(std::size_t node, Buffer message) {
@@ -248,17 +273,11 @@ void Hub::route(std::size_t node, Buffer message) {
                                            : static_cast<std::size_t>(in.get<std::uint64_t>()));
             continue;
           }
-          std::exception_ptr e =
-              load_error(in, record.first + i, nodes[node].rank, nodes[node].host);
-          ++pool.unobserved_errors;
-          try {
-            std::rethrow_exception(e);
-          } catch (const std::exception& err) {
-            std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n",
-                         err.what());
-          }
+          report_unobserved(pool,
+                            load_error(in, record.first + i, nodes[node].rank, nodes[node].host));
         }
       }
+      if (record.owner) released.push_back(std::move(record.owner));
       return;
     }
     case Msg::insights_reply: {
@@ -314,20 +333,24 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
     progress_ =
         std::make_unique<procpool::detail::ProgressReporter>(pool_->options.progress, total);
   }
-  if (submitted_) {
-    try {
-      top_up(lock);  // a submitted task runs whether or not anyone waits for it
-    } catch (...) {
-      hub_.calls.erase(id_);
-      throw;
-    }
-  }
+}
+
+void CallState::start() {
+  // A submitted task runs whether or not anyone waits for it. (Not in the
+  // constructor: its chunk may hold the call, see ChunkRecord::owner.)
+  std::unique_lock lock(hub_.mutex);
+  if (submitted_) top_up(lock);
+}
+
+void CallState::abandon() {
+  std::lock_guard lock(hub_.mutex);
+  abandoned_ = true;
 }
 
 CallState::~CallState() {
   std::lock_guard lock(hub_.mutex);
   hub_.calls.erase(id_);
-  if (progress_) progress_->finish(exhausted_ && chunks_out_ == 0 ? "done" : "stopped");
+  if (progress_) progress_->finish(finished_locked() ? "done" : "stopped");
   if (hub_.stopped || submitted_) return;  // a submitted call ends on the node by itself
   for (std::size_t n = 0; n < opened_.size(); ++n) {
     if (!opened_[n]) continue;
@@ -380,7 +403,7 @@ bool CallState::next_run(OutcomeRun& out, std::size_t most) {
   for (;;) {
     top_up(lock);
     if (pop_locked(out, most)) return true;
-    if (exhausted_ && chunks_out_ == 0 && ready_.empty()) {
+    if (finished_locked() && ready_.empty()) {
       out = OutcomeRun{};
       if (progress_) {
         progress_->finish("done");
@@ -397,7 +420,7 @@ bool CallState::wait_until(Clock::time_point deadline) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
     top_up(lock);
-    if (front_ready_locked() || (exhausted_ && chunks_out_ == 0)) return true;
+    if (front_ready_locked() || finished_locked()) return true;
     const auto now = Clock::now();
     if (now >= deadline) return false;
     hub_.changed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(100)));
@@ -512,6 +535,7 @@ std::size_t CallState::inflight_bound_locked() const {
 }
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
+  send_retries_locked();
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
     if (total_ && taken_ >= *total_) {
       // Every input was taken (a submitted task's one): nothing more to ask
@@ -557,12 +581,19 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     w.put(chunk);
     const std::size_t count_at = w.size();
     w.put(std::uint64_t{0});
+    const std::size_t items_at = w.size();
+    const bool keep_inputs = pool_->root_retries;
+    std::vector<std::size_t> starts;  // with keep_inputs: where each input begins
     const auto started = Clock::now();
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
       while (count < size) {
+        const std::size_t before = w.size() - items_at;
         if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
+          const std::size_t each = (w.size() - items_at - before) / block;
+          for (std::size_t k = 0; keep_inputs && k < block; ++k)
+            starts.push_back(before + k * each);
           count += block;
           continue;
         }
@@ -572,6 +603,7 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
           break;
         }
         if (fed == InputFeed::Fed::failed) break;
+        if (keep_inputs) starts.push_back(before);
         ++count;
       }
     } catch (...) {
@@ -589,18 +621,17 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     } else {
       const std::uint64_t n = count;
       std::memcpy(message.data() + count_at, &n, sizeof n);
-      if (!opened_[best]) {
-        Buffer open = new_message(Msg::open_call);
-        Writer o(open);
-        o.put(pool_->id);
-        o.put(id_);
-        o.put(static_cast<std::uint8_t>(submitted_));
-        o.write(setup_.data(), setup_.size());
-        pool_->stats[best].bytes_sent += open.size();
-        hub_.send(best, std::move(open));
-        opened_[best] = true;
-      }
+      open_on_locked(best);
       ChunkRecord& r = hub_.chunks[chunk];
+      if (keep_inputs) {
+        auto inputs = std::make_shared<ChunkInputs>();
+        inputs->bytes = Buffer(message.size() - items_at);
+        std::memcpy(inputs->bytes.data(), message.data() + items_at, inputs->bytes.size());
+        inputs->starts = std::move(starts);
+        inputs->starts.push_back(inputs->bytes.size());
+        r.inputs = std::move(inputs);
+        if (submitted_) r.owner = weak_from_this().lock();
+      }
       r.call = id_;
       r.pool = pool_;
       r.first = first;
@@ -628,43 +659,68 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
 void CallState::receive(const ChunkRecord& chunk, double run_seconds, double transit,
                         Reader& records, const std::shared_ptr<const Buffer>& message) {
   const NodeSlot& node = hub_.nodes[chunk.node];
-  OutcomeRun& ready = ready_[chunk.first].outcomes;
-  ready.first = chunk.first;
-  ready.count = chunk.count;
-  ready.rank = node.rank;
-  ready.keep = message;
   std::size_t failures = 0;
+  std::size_t again = 0;  // inputs sent to run again elsewhere
   if (all_bare_values(records, chunk.count)) {
     // Every input succeeded with a fixed-size value: the consumer reads them
     // in place, without a record per input.
+    OutcomeRun& ready = ready_[chunk.first].outcomes;
+    ready.first = chunk.first;
+    ready.count = chunk.count;
+    ready.rank = node.rank;
+    ready.keep = message;
     ready.values = records.position() + 1;
     ready.stride = 1 + value_size_;
     ready.size = value_size_;
   } else {
-    ready.each.reserve(chunk.count);
+    // The outcomes as runs of consecutive inputs: an input that runs again
+    // elsewhere leaves a gap, which its own reply fills later.
+    OutcomeRun* run = nullptr;
+    auto keep = [&](RawOutcome o) {
+      if (run == nullptr) {
+        run = &ready_[o.index].outcomes;
+        run->first = o.index;
+        run->rank = node.rank;
+        run->keep = message;
+        run->each.reserve(chunk.count);
+      }
+      run->each.push_back(std::move(o));
+      ++run->count;
+    };
     for (std::size_t i = 0; i < chunk.count; ++i) {
       const std::size_t index = chunk.first + i;
-      RawOutcome& o = ready.each.emplace_back();
+      RawOutcome o;
       o.index = index;
       o.rank = node.rank;
       if (records.get<std::uint8_t>() != 0) {
         o.size =
             value_size_ != 0 ? value_size_ : static_cast<std::size_t>(records.get<std::uint64_t>());
         o.data = records.take(o.size);
-      } else {
-        o.error = load_error(records, index, node.rank, node.host);
-        ++failures;
+        keep(std::move(o));
+        continue;
       }
+      const bool retry = retryable_locked(chunk, records);
+      o.error = load_error(records, index, node.rank, node.host);
+      ++failures;
+      if (retry) {
+        retries_.push_back(Retry{index, chunk.attempts + 1, chunk.node, chunk.inputs,
+                                 chunk.inputs_first + i, o.error});
+        ++pool_->stats[chunk.node].moved_away;
+        ++again;
+        run = nullptr;
+        continue;
+      }
+      if (abandoned_) report_unobserved(*pool_, o.error);
+      keep(std::move(o));
     }
   }
   --chunks_out_;
   ++replies_;
+  if (progress_) progress_->advance(chunk.count - again);
+  send_retries_locked();
   // A reply of errors alone (its node could not run the call, or every task
   // threw at once) says nothing about how long the tasks take.
-  if (failures == chunk.count) {
-    if (progress_) progress_->advance(chunk.count);
-    return;
-  }
+  if (failures == chunk.count) return;
   // One task's time on one worker, as if the chunk had had the node alone
   // (other chunks running beside it make this an overestimate: smaller chunks, safe).
   const double workers = pool_->processes[chunk.node];
@@ -678,7 +734,89 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
     pool_->estimates.clear();
   pool_->estimates[estimate_key_] =
       TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
-  if (progress_) progress_->advance(chunk.count);
+}
+
+bool CallState::retryable_locked(const ChunkRecord& chunk, const Reader& records) const {
+  return chunk.inputs != nullptr && chunk.attempts < pool_->options.retries &&
+         worker_died_record(records);
+}
+
+void CallState::open_on_locked(std::size_t node) {
+  // A submitted call is one chunk on its node, which then forgets it: a
+  // retry there opens it again.
+  if (opened_[node] && !submitted_) return;
+  Buffer open = new_message(Msg::open_call);
+  Writer o(open);
+  o.put(pool_->id);
+  o.put(id_);
+  o.put(static_cast<std::uint8_t>(submitted_));
+  o.write(setup_.data(), setup_.size());
+  pool_->stats[node].bytes_sent += open.size();
+  hub_.send(node, std::move(open));
+  opened_[node] = true;
+}
+
+void CallState::send_retries_locked() {
+  while (!retries_.empty()) {
+    Retry& r = retries_.front();
+    if (pool_->ended || hub_.stopped) {
+      // Nowhere left to run it: it fails as it did.
+      ready_[r.index].outcomes =
+          OutcomeRun{r.index,
+                     1,
+                     hub_.nodes[r.avoid].rank,
+                     nullptr,
+                     nullptr,
+                     0,
+                     0,
+                     {RawOutcome{r.index, nullptr, 0, r.error, hub_.nodes[r.avoid].rank}}};
+      if (abandoned_) report_unobserved(*pool_, r.error);
+      if (progress_) progress_->advance(1);
+      retries_.pop_front();
+      continue;
+    }
+    // The least loaded other node with room; none now: it waits for one
+    // (a reply frees room, and sends it from receive()).
+    std::size_t best = hub_.nodes.size();
+    double best_load = 0;
+    for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
+      if (n == r.avoid || room_locked(n) == 0) continue;
+      const double load = load_locked(n);
+      if (best == hub_.nodes.size() || load < best_load) {
+        best = n;
+        best_load = load;
+      }
+    }
+    if (best == hub_.nodes.size()) return;
+    const std::uint64_t chunk = ++hub_.next_id;
+    Buffer message = new_message(Msg::chunk);
+    Writer w(message);
+    w.put(id_);
+    w.put(chunk);
+    w.put(std::uint64_t{1});
+    w.write(r.inputs->input(r.position), r.inputs->input_size(r.position));
+    open_on_locked(best);
+    ChunkRecord& record = hub_.chunks[chunk];
+    record.call = id_;
+    record.pool = pool_;
+    record.first = r.index;
+    record.count = 1;
+    record.node = best;
+    record.sent = Clock::now();
+    record.report_if_orphaned = submitted_;
+    record.value_size = value_size_;
+    record.inputs = std::move(r.inputs);
+    record.inputs_first = r.position;
+    record.attempts = r.attempts;
+    if (submitted_) record.owner = weak_from_this().lock();
+    ++hub_.nodes[best].inflight_chunks;
+    ++hub_.nodes[best].inflight_items;
+    ++pool_->inflight_chunks;
+    pool_->stats[best].bytes_sent += message.size();
+    ++chunks_out_;
+    retries_.pop_front();
+    hub_.send(best, std::move(message));
+  }
 }
 
 bool CallState::all_bare_values(const Reader& records, std::size_t count) const {
@@ -697,8 +835,12 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
                        std::unique_ptr<InputFeed> feed, Order order,
                        std::optional<std::size_t> total, bool submitted, std::size_t value_size)
     : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
-                                         total, submitted, value_size)) {}
-CallHandle::~CallHandle() = default;
+                                         total, submitted, value_size)) {
+  state_->start();
+}
+CallHandle::~CallHandle() {
+  if (state_) state_->abandon();
+}
 bool CallHandle::next_run(OutcomeRun& out, std::size_t most) {
   return state_->next_run(out, most);
 }
@@ -727,19 +869,28 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
   if (hub.stopped) throw Error("procpool::mpi::Pool: the Session has ended");
   pool->id = ++hub.next_id;
   pool->stats.resize(hub.nodes.size());
+  std::size_t nodes_with_workers = 0;
   for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
     // The node's CPUs (or Options::processes) shared out among its ranks:
     // a rank whose share is none gets no pool and no chunk.
     const RankShare& share = hub.nodes[n].share;
-    const unsigned workers =
-        options.processes != 0 ? split_workers(options.processes, share) : share.automatic;
-    pool->processes.push_back(workers);
+    pool->processes.push_back(options.processes != 0 ? split_workers(options.processes, share)
+                                                     : share.automatic);
+    nodes_with_workers += pool->processes.back() != 0 ? 1 : 0;
+  }
+  // A task whose worker died is run again on another node, should the cause
+  // be the node's (its memory, a library, a disk): the nodes' own pools then
+  // do not retry. On one node, its pool retries, as procpool::Pool does.
+  pool->root_retries = options.retries != 0 && nodes_with_workers > 1;
+  for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+    const unsigned workers = pool->processes[n];
     if (workers == 0) continue;
     Buffer message = new_message(Msg::create_pool);
     Writer w(message);
     w.put(pool->id);
     Options sent = options;
     sent.processes = workers;
+    if (pool->root_retries) sent.retries = 0;
     sent.progress = Progress::off;  // the root draws progress over every node
     sent.insights = nullptr;
     save_options(w, sent);
@@ -868,6 +1019,7 @@ Insights pool_insights(PoolState& pool) {
     node.node_seconds = s.node_seconds;
     node.round_trip_seconds = s.round_trip_seconds;
     node.bytes_sent = s.bytes_sent;
+    node.moved_away = s.moved_away;
     node.bytes_received = s.bytes_received;
     if (auto it = replies.find(n); it != replies.end()) node.pool = std::move(it->second);
     for (const WorkerInsights& w : node.pool.workers)
@@ -962,6 +1114,11 @@ std::string Insights::to_string() const {
       }
       at = end + 1;
     }
+  }
+  for (const NodeInsights& n : per_node) {
+    if (n.moved_away == 0) continue;
+    s += "  " + std::to_string(n.moved_away) + " task(s) whose worker died on " + n.host + ":" +
+         std::to_string(n.rank) + " ran again on another node\n";
   }
   if (unobserved_errors != 0) {
     s += "  " + std::to_string(unobserved_errors) + " task(s) of dropped futures failed\n";

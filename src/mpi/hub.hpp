@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -31,6 +32,18 @@ struct NodeSlot {
 /// The root's NodeSlots for the ranks at `places` (index = rank).
 std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places);
 
+/// A chunk's encoded inputs, kept on the root while it runs when its pool
+/// retries on other nodes (PoolState::root_retries): an input whose worker
+/// died is sent again from here.
+struct ChunkInputs {
+  Buffer bytes;
+  std::vector<std::size_t> starts;  // where each input begins, and the end last
+
+  std::size_t count() const noexcept { return starts.empty() ? 0 : starts.size() - 1; }
+  const std::byte* input(std::size_t i) const noexcept { return bytes.data() + starts[i]; }
+  std::size_t input_size(std::size_t i) const noexcept { return starts[i + 1] - starts[i]; }
+};
+
 /// A chunk the root sent and has no reply for yet.
 struct ChunkRecord {
   std::uint64_t call = 0;
@@ -41,6 +54,14 @@ struct ChunkRecord {
   std::chrono::steady_clock::time_point sent;
   bool report_if_orphaned = false;  // a dropped Future's task: its error is still reported
   std::size_t value_size = 0;       // its results' size when they travel bare, else 0
+  /// With PoolState::root_retries: its inputs (the i-th of this chunk is
+  /// `inputs->input(inputs_first + i)`), and how often its one input ran before.
+  std::shared_ptr<const ChunkInputs> inputs;
+  std::size_t inputs_first = 0;
+  unsigned attempts = 0;
+  /// A submitted call whose tasks may be retried: kept alive until its reply
+  /// is in, even if its Future was dropped, so that the retry is still sent.
+  std::shared_ptr<CallState> owner;
 };
 
 /// Everything the root's pools share; one per process. Every field is
@@ -70,8 +91,12 @@ class Hub {
   std::map<std::uint64_t, std::map<std::size_t, procpool::Insights>> insight_replies;
   std::size_t insight_requests = 0;  // outstanding
   bool stopped = false;
+  /// Calls that chunk replies kept alive (ChunkRecord::owner), to be let go
+  /// without the lock: a CallState's destructor takes it.
+  std::vector<std::shared_ptr<CallState>> released;
 
  private:
+  void let_go_released(std::unique_lock<std::mutex>& lock);
   void pump();
   void local_reply(Buffer message);
   void route(std::size_t node, Buffer message);
@@ -94,6 +119,7 @@ struct NodeStats {
   double round_trip_seconds = 0;
   std::uint64_t bytes_sent = 0;
   std::uint64_t bytes_received = 0;
+  std::uint64_t moved_away = 0;  // tasks whose worker died here, retried on another node
 };
 
 /// What a call learnt about its tasks, kept by its pool for the next call
@@ -112,6 +138,9 @@ class PoolState {
   const std::type_info* state_type = nullptr;
   bool closed = false;
   bool ended = false;
+  /// Options::retries over several nodes: the nodes' pools do not retry,
+  /// the root sends a task whose worker died (or timed out) to another node.
+  bool root_retries = false;
   std::vector<unsigned> processes;  // per node
   std::vector<NodeStats> stats;     // per node
   std::size_t inflight_chunks = 0;
@@ -128,15 +157,19 @@ class PoolState {
   }
 };
 
-class CallState {
+class CallState : public std::enable_shared_from_this<CallState> {
  public:
   CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_ptr<InputFeed> feed,
             CallHandle::Order order, std::optional<std::size_t> total, bool submitted,
             std::size_t value_size);
   ~CallState();
+  /// Sends a submitted call's task (after construction: see ChunkRecord::owner).
+  void start();
   /// See CallHandle::next_run.
   bool next_run(OutcomeRun& out, std::size_t most);
   bool wait_until(std::chrono::steady_clock::time_point deadline);
+  /// Its handle is gone (a dropped Future): failures are reported on stderr.
+  void abandon();
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
   /// `transit`: the chunk's round trip less its time on the node.
@@ -144,7 +177,23 @@ class CallState {
                const std::shared_ptr<const Buffer>& message);
 
  private:
+  /// An input to run again on another node than `avoid` (its worker died there).
+  struct Retry {
+    std::size_t index = 0;
+    unsigned attempts = 0;  // runs so far
+    std::size_t avoid = 0;
+    std::shared_ptr<const ChunkInputs> inputs;
+    std::size_t position = 0;  // in `inputs`
+    std::exception_ptr error;  // what it failed with, should it not run again
+  };
   bool front_ready_locked() const;
+  bool finished_locked() const { return exhausted_ && chunks_out_ == 0 && retries_.empty(); }
+  /// Whether the error record at `records` may run again (and has tries left).
+  bool retryable_locked(const ChunkRecord& chunk, const Reader& records) const;
+  /// Sends the queued retries that a node other than the one they failed on has room for.
+  void send_retries_locked();
+  void open_on_locked(std::size_t node);
+  void report_unobserved_locked(const std::exception_ptr& error);
   bool pop_locked(OutcomeRun& out, std::size_t most);
   /// Whether `records` holds `count` successes of bare values and nothing else.
   bool all_bare_values(const Reader& records, std::size_t count) const;
@@ -180,6 +229,8 @@ class CallState {
   double measured_tasks_ = 0;
   double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
   std::size_t replies_ = 0;     // chunks of this call answered so far
+  std::deque<Retry> retries_;
+  bool abandoned_ = false;
   /// The outcomes of one chunk (or of one input that failed on the root),
   /// handed out in order: one map entry per chunk, not per input.
   struct ReadyChunk {

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -46,6 +47,12 @@ int crashes_once(int x) {
   }
   return x;
 }
+/// Its worker dies whenever it runs on rank 1's node; anywhere else it works.
+int dies_on_rank_1(int x) {
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  if (rank != nullptr && std::strcmp(rank, "1") == 0) ::raise(SIGKILL);
+  return x;
+}
 int kills_rank_1(int x) {
   const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
   if (x >= 300 && rank != nullptr && std::strcmp(rank, "1") == 0) ::kill(::getppid(), SIGKILL);
@@ -65,6 +72,58 @@ const procpool::mpi::ErrorLocation& location(const E& e) {
   auto* at = dynamic_cast<const procpool::mpi::ErrorLocation*>(&e);
   MPI_CHECK_MSG(at != nullptr, std::string("no node on: ") + e.what());
   return *at;
+}
+
+/// A node whose workers die on every task (its memory, a library, a disk):
+/// with retries, its tasks run again on another node and the call succeeds;
+/// without, each fails naming rank 1.
+void retries_move_to_another_node() {
+  procpool::mpi::Pool moving({.processes = 2, .retries = 1});
+  const auto layout = moving.insights();
+  unsigned nodes_with_workers = 0;
+  for (const auto& n : layout.per_node)
+    nodes_with_workers += n.processes != 0 ? 1 : 0;
+  if (nodes_with_workers < 2 || layout.per_node.size() < 2 || layout.per_node[1].processes == 0) {
+    std::fprintf(stderr,
+                 "mpi_failures: retries across nodes need rank 1 and another with "
+                 "workers; skipped in this layout\n");
+    return;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  MPI_CHECK(moving.map(&dies_on_rank_1, range(40)) == range(40));
+  // Submitted tasks too, and a dropped Future's task still runs (join waits for it).
+  std::vector<procpool::mpi::Future<int>> futures;
+  for (int i = 0; i < 6; ++i)
+    futures.push_back(moving.submit(&dies_on_rank_1, i));
+  (void)moving.submit(&dies_on_rank_1, 99);
+  for (int i = 0; i < 6; ++i)
+    MPI_CHECK(futures[static_cast<std::size_t>(i)].get() == i);
+  const auto after = moving.insights();
+  MPI_CHECK_MSG(after.per_node[1].moved_away > 0, after.to_string());
+  MPI_CHECK_MSG(after.unobserved_errors == 0, after.to_string());
+  for (std::size_t n = 0; n < after.per_node.size(); ++n)
+    MPI_CHECK_MSG(n == 1 || after.per_node[n].moved_away == 0, after.to_string());
+  MPI_CHECK_MSG(after.to_string().find("ran again on another node") != std::string::npos,
+                after.to_string());
+  std::fprintf(stderr, "retried elsewhere: %llu task(s) from rank 1, in %.2f s\n",
+               static_cast<unsigned long long>(after.per_node[1].moved_away),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  // Without retries, the tasks that ran on rank 1 fail, each naming it.
+  procpool::mpi::Pool plain({.processes = 2});
+  std::size_t failed = 0;
+  for (const auto& o : plain.map_outcomes(&dies_on_rank_1, range(40))) {
+    if (o.ok()) {
+      MPI_CHECK(*o.value == static_cast<int>(o.index));
+      continue;
+    }
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::WorkerCrashed& e) {
+      MPI_CHECK(location(e).rank() == 1);
+      ++failed;
+    }
+  }
+  MPI_CHECK(failed > 0);
 }
 
 void errors(int nodes) {
@@ -156,6 +215,7 @@ void errors(int nodes) {
     auto got = retrying.map(&crashes_once, range(1000));
     MPI_CHECK(got == range(1000));
   }
+  retries_move_to_another_node();
   std::fprintf(stderr, "mpi_failures errors: OK on %d node(s)\n", nodes);
 }
 
