@@ -249,6 +249,9 @@ void Hub::route(std::size_t node, Buffer message) {
       }
       ChunkRecord record = std::move(it->second);
       chunks.erase(it);
+      // Let go of (see ChunkRecord::owner) only outside the lock, even if
+      // what follows throws: the record must not hold the last reference.
+      if (record.owner) released.push_back(record.owner);
       --nodes[record.node].inflight_chunks;
       nodes[record.node].inflight_items -= record.count;
       PoolState& pool = *record.pool;
@@ -277,7 +280,6 @@ void Hub::route(std::size_t node, Buffer message) {
                             load_error(in, record.first + i, nodes[node].rank, nodes[node].host));
         }
       }
-      if (record.owner) released.push_back(std::move(record.owner));
       return;
     }
     case Msg::insights_reply: {
@@ -344,7 +346,7 @@ void CallState::start() {
 
 void CallState::abandon() {
   std::lock_guard lock(hub_.mutex);
-  abandoned_ = true;
+  abandoned_ = submitted_;  // a map's handle ends with its call: nothing to report
 }
 
 CallState::~CallState() {
@@ -705,7 +707,6 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       if (retry) {
         retries_.push_back(Retry{index, chunk.attempts + 1, chunk.node, chunk.inputs,
                                  chunk.inputs_first + i, o.error});
-        ++pool_->stats[chunk.node].moved_away;
         ++again;
         run = nullptr;
         continue;
@@ -814,6 +815,7 @@ void CallState::send_retries_locked() {
     ++pool_->inflight_chunks;
     pool_->stats[best].bytes_sent += message.size();
     ++chunks_out_;
+    ++pool_->stats[r.avoid].moved_away;
     retries_.pop_front();
     hub_.send(best, std::move(message));
   }

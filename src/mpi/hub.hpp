@@ -193,7 +193,6 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// Sends the queued retries that a node other than the one they failed on has room for.
   void send_retries_locked();
   void open_on_locked(std::size_t node);
-  void report_unobserved_locked(const std::exception_ptr& error);
   bool pop_locked(OutcomeRun& out, std::size_t most);
   /// Whether `records` holds `count` successes of bare values and nothing else.
   bool all_bare_values(const Reader& records, std::size_t count) const;
