@@ -547,21 +547,9 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     }
     if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
     if (hub_.stopped) return;
-    // The least loaded node with room.
-    std::size_t best = hub_.nodes.size();
-    std::size_t size = 0;
-    double best_load = 0;
-    for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
-      const std::size_t room = room_locked(n);
-      if (room == 0) continue;
-      const double load = load_locked(n);
-      if (best == hub_.nodes.size() || load < best_load) {
-        best = n;
-        best_load = load;
-        size = std::min(room, chunk_size_locked(n));
-      }
-    }
+    const std::size_t best = least_loaded_with_room_locked(hub_.nodes.size());
     if (best == hub_.nodes.size()) return;
+    std::size_t size = std::min(room_locked(best), chunk_size_locked(best));
     // Options::max_inflight bounds the inputs taken and not yet handed back:
     // a chunk takes no more than it leaves room for. The automatic bound is
     // only a guard: rather than a sliver, the chunk waits for the consumer.
@@ -757,6 +745,20 @@ void CallState::open_on_locked(std::size_t node) {
   opened_[node] = true;
 }
 
+std::size_t CallState::least_loaded_with_room_locked(std::size_t avoid) const {
+  std::size_t best = hub_.nodes.size();
+  double best_load = 0;
+  for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
+    if (n == avoid || room_locked(n) == 0) continue;
+    const double load = load_locked(n);
+    if (best == hub_.nodes.size() || load < best_load) {
+      best = n;
+      best_load = load;
+    }
+  }
+  return best;
+}
+
 void CallState::send_retries_locked() {
   while (!retries_.empty()) {
     Retry& r = retries_.front();
@@ -776,18 +778,9 @@ void CallState::send_retries_locked() {
       retries_.pop_front();
       continue;
     }
-    // The least loaded other node with room; none now: it waits for one
-    // (a reply frees room, and sends it from receive()).
-    std::size_t best = hub_.nodes.size();
-    double best_load = 0;
-    for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
-      if (n == r.avoid || room_locked(n) == 0) continue;
-      const double load = load_locked(n);
-      if (best == hub_.nodes.size() || load < best_load) {
-        best = n;
-        best_load = load;
-      }
-    }
+    // None with room now: it waits for one (a reply frees room, and sends it
+    // from receive()).
+    const std::size_t best = least_loaded_with_room_locked(r.avoid);
     if (best == hub_.nodes.size()) return;
     const std::uint64_t chunk = ++hub_.next_id;
     Buffer message = new_message(Msg::chunk);

@@ -203,6 +203,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// How many inputs node `node` may get now (0: it is full), and its load.
   std::size_t room_locked(std::size_t node) const;
   double load_locked(std::size_t node) const;
+  /// The least loaded node with room other than `avoid`; nodes.size() if none.
+  std::size_t least_loaded_with_room_locked(std::size_t avoid) const;
   std::size_t inflight_bound_locked() const;
 
   std::shared_ptr<PoolState> pool_;
