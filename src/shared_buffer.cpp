@@ -1,16 +1,37 @@
 #include "procpool/shared_buffer.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "procpool/detail/memory_file.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/serialize.hpp"
 
 namespace procpool {
+namespace {
+
+/// Descriptors kept by buffers that arrived from another process, so that
+/// each can be sent on as its memory file, not copied.
+std::atomic<long long> files_kept_by_arrivals{0};
+
+/// How many of those a process keeps: a quarter of the descriptors it may
+/// open. A map that returns thousands of buffers must not run it out of
+/// them; beyond this, a buffer that arrives lets its file go (its mapping
+/// keeps the pages) and is copied if it is sent on.
+long long arrival_file_budget() noexcept {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return 256;
+  if (limit.rlim_cur == RLIM_INFINITY) return 1 << 20;
+  return static_cast<long long>(limit.rlim_cur / 4);
+}
+
+}  // namespace
 
 SharedBuffer::SharedBuffer(std::size_t size) : size_(size) {
   if (size == 0) return;
@@ -26,6 +47,7 @@ SharedBuffer::SharedBuffer(std::size_t size) : size_(size) {
 SharedBuffer::~SharedBuffer() {
   detail::unmap_memory_file(data_, size_);
   if (fd_ >= 0) ::close(fd_);
+  if (counts_file_) files_kept_by_arrivals.fetch_sub(1, std::memory_order_relaxed);
 }
 
 SharedBuffer SharedBuffer::clone() const {
@@ -80,6 +102,7 @@ struct SharedBufferAccess {
       const std::size_t size = detail::load_count(in, 1);
       SharedBuffer buffer(size);
       in.read(buffer.data_, size);
+      keep_file(buffer, std::exchange(buffer.fd_, -1));
       return buffer;
     }
     if (form != SharedBufferForm::file) {
@@ -95,8 +118,25 @@ struct SharedBufferAccess {
                           std::to_string(index) + ", which did not come with the reply");
     }
     SharedBuffer buffer = adopt(fd, size);
-    ::close(files->take(index));  // the mapping keeps the file
+    // Sealed already, and mapped privately: sent on, it goes as this file
+    // as long as no page of it was written here (see attach).
+    buffer.handed_over_ = true;
+    keep_file(buffer, files->take(index));
     return buffer;
+  }
+
+  /// A buffer that arrived keeps its memory file `fd`, so that it can be
+  /// sent on without a copy, within arrival_file_budget(); else the file is
+  /// closed (the mapping keeps its pages).
+  static void keep_file(SharedBuffer& buffer, int fd) noexcept {
+    if (fd < 0) return;
+    if (files_kept_by_arrivals.fetch_add(1, std::memory_order_relaxed) < arrival_file_budget()) {
+      buffer.fd_ = fd;
+      buffer.counts_file_ = true;
+      return;
+    }
+    files_kept_by_arrivals.fetch_sub(1, std::memory_order_relaxed);
+    ::close(fd);
   }
 
   /// Maps memory file `fd` as a buffer of `size` bytes, if nobody can change

@@ -1,12 +1,14 @@
 // SharedBuffer: results handed from worker processes to the caller as memory
 // files, without a copy, and the caller's own once they have arrived.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <procpool/procpool.hpp>
 
 #include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <list>
 #include <ranges>
@@ -374,4 +376,53 @@ TEST(SharedBufferInputs, SentAgainAsTheFileUntilTheCallerWritesToIt) {
   // now, so the worker must get the bytes (a copy), with the new value.
   block.as<unsigned char>()[at] = static_cast<unsigned char>(before + 1);
   EXPECT_EQ(send(), (std::pair<int, bool>{before + 1, false}));
+}
+
+// ---- a buffer that arrived, sent on
+
+TEST(SharedBufferInputs, AResultIsSentOnAsItsFileUntilTheCallerWritesToIt) {
+  procpool::Pool pool({.processes = 2});
+  std::vector<SharedBuffer> made = pool.map(make_small_block, std::views::iota(0, 4));
+  // Straight from the workers that made them to the workers that read them.
+  expect_seen_without_copy(pool.map(&look_at, made));
+  // A page written here is the caller's alone: that buffer's bytes travel
+  // now, with the write; the others still go as their files.
+  made[2].as<unsigned char>()[sizeof(pid_t)] = 2 + sizeof(pid_t);  // the same seed byte
+  made[2].as<unsigned char>()[2 * mib] = 0;
+  const auto seen = pool.map(&look_at, made);
+  EXPECT_EQ(std::get<0>(seen[2]), 2);
+  EXPECT_FALSE(std::get<1>(seen[2])) << "the caller's write was not seen";
+  EXPECT_FALSE(std::get<2>(seen[2]));
+  for (std::size_t i : {0u, 1u, 3u})
+    EXPECT_EQ(seen[i], std::tuple(static_cast<int>(i), true, true)) << i;
+}
+
+TEST(SharedBufferInputs, ArrivalsBeyondTheDescriptorBudgetLetTheirFilesGo) {
+  // A quarter of the soft descriptor limit is kept by buffers that arrived;
+  // past that they arrive whole all the same, and are copied when sent on.
+  rlimit before{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before), 0);
+  rlimit lower = before;
+  lower.rlim_cur = 160;  // a budget of 40
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &lower), 0);
+  const auto open_descriptors = [] {
+    return std::distance(std::filesystem::directory_iterator("/proc/self/fd"),
+                         std::filesystem::directory_iterator{});
+  };
+  {
+    procpool::Pool pool({.processes = 2});
+    const auto at_start = open_descriptors();
+    const auto made =
+        pool.map([](int seed) { return make_block(seed, 8192); }, std::views::iota(0, 100));
+    EXPECT_LE(open_descriptors() - at_start, 40);
+    int mapped = 0;
+    const auto seen = pool.map(&look_at, made);
+    for (std::size_t i = 0; i < seen.size(); ++i) {
+      EXPECT_EQ(std::get<0>(seen[i]), static_cast<int>(i));
+      EXPECT_TRUE(std::get<1>(seen[i])) << i;
+      mapped += std::get<2>(seen[i]) ? 1 : 0;
+    }
+    EXPECT_EQ(mapped, 40);
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
 }

@@ -15,3 +15,4 @@
 #include "procpool/results.hpp"
 #include "procpool/serialize.hpp"
 #include "procpool/shared_buffer.hpp"
+#include "procpool/shared_vector.hpp"

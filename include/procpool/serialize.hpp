@@ -103,6 +103,8 @@ struct get_output_from_input<procpool::detail::CheckedInputArchive> {
 namespace procpool {
 
 class SharedBuffer;  // procpool/shared_buffer.hpp
+template <class T>
+class SharedVector;  // procpool/shared_vector.hpp
 
 namespace detail {
 
@@ -110,6 +112,22 @@ namespace detail {
 /// one (see files_to_attach), else as bytes (src/shared_buffer.cpp).
 void save_shared_buffer(Writer& out, const SharedBuffer& buffer);
 void load_shared_buffer(Reader& in, SharedBuffer& buffer);
+
+/// A SharedVector travels as its SharedBuffer (procpool/shared_vector.hpp).
+template <class E>
+void save_shared_vector(Writer& out, const SharedVector<E>& values);
+template <class E>
+void load_shared_vector(Reader& in, SharedVector<E>& values);
+
+template <class T>
+struct is_shared_vector : std::false_type {};
+template <class E>
+struct is_shared_vector<SharedVector<E>> : std::true_type {};
+
+/// Types that procpool hands over as memory files where it can.
+template <class T>
+inline constexpr bool is_shared_memory_v =
+    std::is_same_v<T, SharedBuffer> || is_shared_vector<T>::value;
 
 template <class T>
 struct is_std_vector : std::false_type {};
@@ -174,7 +192,7 @@ template <class T>
 constexpr bool serializable_impl() {
   if constexpr (std::is_pointer_v<T> || std::is_member_pointer_v<T>) {
     return false;
-  } else if constexpr (is_raw_v<T> || std::is_same_v<T, SharedBuffer>) {
+  } else if constexpr (is_raw_v<T> || is_shared_memory_v<T>) {
     return true;
   } else if constexpr (is_std_string<T>::value) {
     return is_raw_v<typename T::value_type>;
@@ -206,7 +224,7 @@ constexpr bool any_element_runs_user_code(std::index_sequence<I...>) {
 
 template <class T>
 constexpr bool runs_user_code_impl() {
-  if constexpr (is_raw_v<T> || is_raw_block_v<T> || std::is_same_v<T, SharedBuffer>) {
+  if constexpr (is_raw_v<T> || is_raw_block_v<T> || is_shared_memory_v<T>) {
     return false;
   } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
                        is_std_optional<T>::value) {
@@ -317,6 +335,8 @@ void save(Writer& out, const T& value) {
     save_elements(out, value, std::make_index_sequence<std::tuple_size_v<T>>{});
   } else if constexpr (std::is_same_v<T, SharedBuffer>) {
     save_shared_buffer(out, value);
+  } else if constexpr (is_shared_vector<T>::value) {
+    save_shared_vector(out, value);
   } else {
     WriterStreambuf buf(out);
     std::ostream stream(&buf);
@@ -384,6 +404,8 @@ void load(Reader& in, T& value) {
     load_elements(in, value, std::make_index_sequence<std::tuple_size_v<T>>{});
   } else if constexpr (std::is_same_v<T, SharedBuffer>) {
     load_shared_buffer(in, value);
+  } else if constexpr (is_shared_vector<T>::value) {
+    load_shared_vector(in, value);
   } else {
     CheckedInputArchive archive(in);
     try {

@@ -15,10 +15,12 @@
 //         },
 //         seeds);
 //
-// Where no descriptor can travel (Start::in_process, across MPI ranks, or a
-// buffer the worker returns a second time), its bytes are copied instead:
-// slower, same result. It also serialises as plain bytes with cereal, inside
-// your own types. Move-only: copy it with clone().
+// A buffer that arrived can be sent on (to a Pool's workers) as the same
+// file, still without a copy. Where no descriptor can travel
+// (Start::in_process, across MPI ranks, or a buffer written to again after
+// it was handed over), its bytes are copied instead: slower, same result. It
+// also serialises as plain bytes with cereal, inside your own types.
+// Move-only: copy it with clone(). procpool::SharedVector<T> is the typed one.
 #pragma once
 
 #include <cstddef>
@@ -71,6 +73,7 @@ class SharedBuffer {
     std::swap(fd_, other.fd_);
     std::swap(handed_over_, other.handed_over_);
     std::swap(frozen_failed_, other.frozen_failed_);
+    std::swap(counts_file_, other.counts_file_);
   }
 
   /// cereal: as plain bytes (inside your own types, and where no descriptor travels).
@@ -102,6 +105,9 @@ class SharedBuffer {
   mutable bool handed_over_ = false;
   /// Its file could not be sealed: always copied.
   mutable bool frozen_failed_ = false;
+  /// `fd_` counts against the descriptors that buffers which arrived may
+  /// keep (see SharedBufferAccess::keep_file).
+  bool counts_file_ = false;
 };
 
 }  // namespace procpool

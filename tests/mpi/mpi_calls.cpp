@@ -2,12 +2,14 @@
 // and work landing on every rank. Run as `mpirun -n 3 ... mpi_calls` or alone.
 #include <procpool/mpi.hpp>
 #include <procpool/pool.hpp>
+#include <procpool/shared_vector.hpp>
 
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <list>
+#include <numeric>
 #include <ranges>
 #include <set>
 #include <stdexcept>
@@ -59,6 +61,12 @@ void nothing(int) {}
 int fails_on_tens(int i) {
   if (i % 10 == 0) throw std::runtime_error("a multiple of ten");
   return i + 1;
+}
+/// n values counting up from n (an empty vector for 0).
+procpool::SharedVector<int> counting_row(int n) {
+  procpool::SharedVector<int> row(static_cast<std::size_t>(n));
+  std::iota(row.begin(), row.end(), n);
+  return row;
 }
 int hostname_hash(int) {
   return static_cast<int>(::getpid());
@@ -154,6 +162,15 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 50; ++i)
       MPI_CHECK(futures[static_cast<std::size_t>(i)].get() == 2 * i);
     pool.submit(&add, 1, 2);  // dropped: still runs, nothing to report
+
+    // SharedVector results: from another rank their values travel as bytes
+    const std::vector<int> lengths{1000, 0, 3, 70000, 5, 123457};
+    const auto rows = pool.map(&counting_row, lengths);
+    for (std::size_t i = 0; i < lengths.size(); ++i) {
+      MPI_CHECK(rows[i].size() == static_cast<std::size_t>(lengths[i]));
+      for (std::size_t j = 0; j < rows[i].size(); ++j)
+        MPI_CHECK(rows[i][j] == lengths[i] + static_cast<int>(j));
+    }
 
     // work landed on every node
     procpool::mpi::Insights in = pool.insights();
