@@ -267,11 +267,44 @@ class StreamCall final
       }
     }
   }
+  /// map's way in: a run of fixed-size values (a reply with no failure in
+  /// it) goes in one pass, without a step through next() for each.
+  void drain_into(std::vector<Value>& out) override {
+    for (;;) {
+      if constexpr (D != procpool::detail::Delivery::unordered && travels_bare_v<Out> &&
+                    std::is_default_constructible_v<Out>) {
+        take_rest_of_bare_run(out);
+      }
+      auto value = next();
+      if (!value) return;
+      out.push_back(std::move(*value));
+    }
+  }
+
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
     return call_.wait_until(deadline);
   }
 
  private:
+  /// Appends what is left of the current run when all of it is values of
+  /// Out's own size (anything else goes through next(), which says why).
+  void take_rest_of_bare_run(std::vector<Value>& out) {
+    if (run_.values == nullptr || run_.size != sizeof(Out) || taken_ >= run_.count) return;
+    const std::size_t n = run_.count - taken_;
+    out.reserve(out.size() + n);
+    for (std::size_t i = taken_; i < run_.count; ++i) {
+      Out value;
+      std::memcpy(static_cast<void*>(&value), run_.values + i * run_.stride, sizeof(Out));
+      if constexpr (D == procpool::detail::Delivery::outcomes) {
+        out.push_back(Outcome<Out>{run_.first + i, value, nullptr});
+      } else {
+        out.push_back(value);
+      }
+    }
+    taken_ = run_.count;
+    run_.keep.reset();
+  }
+
   View view_;
   bool bounded_;  // Options::max_inflight is set
   CallHandle call_;
@@ -354,8 +387,9 @@ class Pool {
     using Out =
         typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
-    for (auto& value : imap(f, std::forward<R>(inputs), extra...))
-      out.push_back(std::move(value));
+    if constexpr (std::ranges::sized_range<R>) out.reserve(std::ranges::size(inputs));
+    auto results = imap(f, std::forward<R>(inputs), extra...);
+    procpool::detail::ResultsAccess<Out>::drain_into(results, out);
     return out;
   }
 
@@ -376,8 +410,9 @@ class Pool {
     using Out =
         typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Outcome<Out>> out;
-    for (auto& o : imap_outcomes(f, std::forward<R>(inputs), extra...))
-      out.push_back(std::move(o));
+    if constexpr (std::ranges::sized_range<R>) out.reserve(std::ranges::size(inputs));
+    auto results = imap_outcomes(f, std::forward<R>(inputs), extra...);
+    procpool::detail::ResultsAccess<Outcome<Out>>::drain_into(results, out);
     return out;
   }
 
