@@ -611,8 +611,7 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
     } else {
       const std::uint64_t n = count;
       std::memcpy(message.data() + count_at, &n, sizeof n);
-      open_on_locked(best);
-      ChunkRecord& r = hub_.chunks[chunk];
+      ChunkRecord r;
       if (keep_inputs) {
         auto inputs = std::make_shared<ChunkInputs>();
         inputs->bytes = Buffer(message.size() - items_at);
@@ -620,21 +619,12 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
         inputs->starts = std::move(starts);
         inputs->starts.push_back(inputs->bytes.size());
         r.inputs = std::move(inputs);
-        if (submitted_) r.owner = weak_from_this().lock();
       }
-      r.call = id_;
-      r.pool = pool_;
       r.first = first;
       r.count = count;
       r.node = best;
-      r.sent = Clock::now();
-      r.report_if_orphaned = submitted_;
-      r.value_size = value_size_;
-      ++pool_->inflight_chunks;
-      pool_->stats[best].bytes_sent += message.size();
       taken_ += count;
-      ++chunks_out_;
-      hub_.send(best, std::move(message));
+      send_chunk_locked(chunk, std::move(r), std::move(message));
     }
     if (failed) {
       OutcomeRun& one = ready_[taken_].outcomes;
@@ -789,29 +779,56 @@ void CallState::send_retries_locked() {
     w.put(chunk);
     w.put(std::uint64_t{1});
     w.write(r.inputs->input(r.position), r.inputs->input_size(r.position));
-    open_on_locked(best);
-    ChunkRecord& record = hub_.chunks[chunk];
-    record.call = id_;
-    record.pool = pool_;
+    ChunkRecord record;
     record.first = r.index;
     record.count = 1;
     record.node = best;
-    record.sent = Clock::now();
-    record.report_if_orphaned = submitted_;
-    record.value_size = value_size_;
-    record.inputs = std::move(r.inputs);
+    record.inputs = r.inputs;
     record.inputs_first = r.position;
     record.attempts = r.attempts;
-    if (submitted_) record.owner = weak_from_this().lock();
     ++hub_.nodes[best].inflight_chunks;
     ++hub_.nodes[best].inflight_items;
-    ++pool_->inflight_chunks;
-    pool_->stats[best].bytes_sent += message.size();
-    ++chunks_out_;
+    // Sent (or thrown) before the retry leaves the queue: if the send
+    // throws, the retry is still there to fail as it did (see above).
+    send_chunk_locked(chunk, std::move(record), std::move(message));
     ++pool_->stats[r.avoid].moved_away;
     retries_.pop_front();
-    hub_.send(best, std::move(message));
   }
+}
+
+void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer message) {
+  const std::size_t node = record.node;
+  const std::size_t count = record.count;
+  const std::size_t bytes = message.size();
+  record.call = id_;
+  record.pool = pool_;
+  record.sent = Clock::now();
+  record.report_if_orphaned = submitted_;
+  record.value_size = value_size_;
+  // A submitted call whose tasks may run again stays alive while they run.
+  if (submitted_ && record.inputs) record.owner = weak_from_this().lock();
+  bool recorded = false;
+  try {
+    open_on_locked(node);
+    hub_.chunks[id] = std::move(record);
+    recorded = true;
+    ++pool_->inflight_chunks;
+    ++chunks_out_;
+    hub_.send(node, std::move(message));
+  } catch (...) {
+    // The root's own node answers inside send(): if its reply came, it took
+    // the record and every count back already.
+    if (!recorded || hub_.chunks.erase(id) != 0) {
+      if (recorded) {
+        --pool_->inflight_chunks;
+        --chunks_out_;
+      }
+      --hub_.nodes[node].inflight_chunks;
+      hub_.nodes[node].inflight_items -= count;
+    }
+    throw;
+  }
+  pool_->stats[node].bytes_sent += bytes;
 }
 
 bool CallState::all_bare_values(const Reader& records, std::size_t count) const {

@@ -193,6 +193,11 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// Sends the queued retries that a node other than the one they failed on has room for.
   void send_retries_locked();
   void open_on_locked(std::size_t node);
+  /// Keeps `record` (its node, inputs and attempts filled in; the node's
+  /// inflight counts already raised) as chunk `id` and sends `message` to
+  /// its node. If the send throws, the record and every count it raised
+  /// are taken back: no reply will come, and nothing may wait for one.
+  void send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer message);
   bool pop_locked(OutcomeRun& out, std::size_t most);
   /// Whether `records` holds `count` successes of bare values and nothing else.
   bool all_bare_values(const Reader& records, std::size_t count) const;
