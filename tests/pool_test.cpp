@@ -230,6 +230,15 @@ TEST(Pool, WrongStateTypeIsAClearError) {
                procpool::Error);
 }
 
+TEST(Pool, EmptyBracesMeanTheDefaultOptions) {
+  // `Pool pool({})` once failed to compile: `{}` could also be read as a Pool to copy.
+  procpool::Pool pool({});
+  EXPECT_EQ(pool.processes(), procpool::usable_cpu_count());
+  EXPECT_EQ(pool.map([](int x) { return x * 3; }, std::vector{1, 2}), (std::vector{3, 6}));
+  procpool::Pool stateful({}, [] { return 10; });
+  EXPECT_EQ(stateful.map([](int& s, int x) { return s + x; }, std::vector{1}), std::vector{11});
+}
+
 TEST(Pool, InitializerThatThrowsFailsEveryTaskWithItsMessage) {
   procpool::Pool pool({.processes = 1}, []() -> int { throw std::runtime_error("no model file"); });
   try {

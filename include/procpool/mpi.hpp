@@ -357,6 +357,8 @@ class Pool {
  public:
   explicit Pool(Options options = {})
       : state_(detail::open_pool(options, &detail::make_plain_node_pool, nullptr, nullptr)) {}
+  /// `Pool pool({})`: the default Options.
+  Pool(std::initializer_list<procpool::detail::DefaultOptions>) : Pool(Options{}) {}
 
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {

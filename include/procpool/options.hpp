@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <initializer_list>
 
 #include "procpool/insights.hpp"
 #include "procpool/progress.hpp"
@@ -72,4 +73,12 @@ struct Options {
   Insights* insights = nullptr;
 };
 
+namespace detail {
+
+/// What `Pool pool({})` binds to: an empty list converts to a list of these
+/// exactly, which beats both readings that would otherwise tie (Options{},
+/// and a Pool to copy), so `{}` means the default Options.
+struct DefaultOptions {};
+
+}  // namespace detail
 }  // namespace procpool

@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
     procpool::mpi::Pool lam({.processes = 1}, [] { return make_table(); });
     MPI_CHECK(lam.map(&lookup, inputs) == reference.map(&lookup, inputs));
     // the default worker count: each node's usable CPUs
-    procpool::mpi::Pool all(procpool::Options{});
+    procpool::mpi::Pool all({});
     MPI_CHECK(all.processes() >= static_cast<unsigned>(nodes));
     // However many ranks a node runs, together they never fork more workers
     // than it has CPUs (mpirun --bind-to none: each rank sees all of them).
