@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -21,14 +22,15 @@ namespace {
 std::atomic<long long> files_kept_by_arrivals{0};
 
 /// How many of those a process keeps: a quarter of the descriptors it may
-/// open. A map that returns thousands of buffers must not run it out of
-/// them; beyond this, a buffer that arrives lets its file go (its mapping
-/// keeps the pages) and is copied if it is sent on.
+/// open, and 512 at most. A map that returns thousands of buffers must not
+/// run it out of them, nor push its descriptor numbers past select()'s 1024
+/// where the limit is high; beyond this, a buffer that arrives lets its file
+/// go (its mapping keeps the pages) and is copied if it is sent on.
 long long arrival_file_budget() noexcept {
+  constexpr long long most = 512;
   rlimit limit{};
-  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return 256;
-  if (limit.rlim_cur == RLIM_INFINITY) return 1 << 20;
-  return static_cast<long long>(limit.rlim_cur / 4);
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return most;
+  return std::min(most, static_cast<long long>(limit.rlim_cur / 4));
 }
 
 }  // namespace

@@ -358,7 +358,7 @@ class Pool {
   explicit Pool(Options options = {})
       : state_(detail::open_pool(options, &detail::make_plain_node_pool, nullptr, nullptr)) {}
   /// `Pool pool({})`: the default Options.
-  Pool(std::initializer_list<procpool::detail::DefaultOptions>) : Pool(Options{}) {}
+  explicit Pool(std::initializer_list<procpool::detail::DefaultOptions>) : Pool(Options{}) {}
 
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
@@ -389,7 +389,8 @@ class Pool {
     using Out =
         typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Out> out;
-    if constexpr (std::ranges::sized_range<R>) out.reserve(std::ranges::size(inputs));
+    if constexpr (std::ranges::sized_range<R>)
+      out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
     auto results = imap(f, std::forward<R>(inputs), extra...);
     procpool::detail::ResultsAccess<Out>::drain_into(results, out);
     return out;
@@ -412,7 +413,8 @@ class Pool {
     using Out =
         typename procpool::detail::pool_call_types<F, std::ranges::range_value_t<R>, Extra...>::Out;
     std::vector<Outcome<Out>> out;
-    if constexpr (std::ranges::sized_range<R>) out.reserve(std::ranges::size(inputs));
+    if constexpr (std::ranges::sized_range<R>)
+      out.reserve(static_cast<std::size_t>(std::ranges::size(inputs)));
     auto results = imap_outcomes(f, std::forward<R>(inputs), extra...);
     procpool::detail::ResultsAccess<Outcome<Out>>::drain_into(results, out);
     return out;

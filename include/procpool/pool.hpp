@@ -142,7 +142,7 @@ class Pool {
   /// Starts `options.processes` workers (default: usable CPUs) with no state.
   explicit Pool(Options options = {});
   /// `Pool pool({})`: the default Options.
-  Pool(std::initializer_list<detail::DefaultOptions>) : Pool(Options{}) {}
+  explicit Pool(std::initializer_list<detail::DefaultOptions>) : Pool(Options{}) {}
 
   /// Starts the workers; each runs `init()` once and keeps its result as that worker's state.
   template <class Init>

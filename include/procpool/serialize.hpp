@@ -336,7 +336,7 @@ void save(Writer& out, const T& value) {
   } else if constexpr (std::is_same_v<T, SharedBuffer>) {
     save_shared_buffer(out, value);
   } else if constexpr (is_shared_vector<T>::value) {
-    save_shared_vector(out, value);
+    detail::save_shared_vector(out, value);
   } else {
     WriterStreambuf buf(out);
     std::ostream stream(&buf);
@@ -405,7 +405,7 @@ void load(Reader& in, T& value) {
   } else if constexpr (std::is_same_v<T, SharedBuffer>) {
     load_shared_buffer(in, value);
   } else if constexpr (is_shared_vector<T>::value) {
-    load_shared_vector(in, value);
+    detail::load_shared_vector(in, value);
   } else {
     CheckedInputArchive archive(in);
     try {

@@ -97,7 +97,8 @@ class SharedBuffer {
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
   /// The memory file, while this buffer may still hand it over: -1 for one
-  /// that arrived from elsewhere (its mapping is private, copy-on-write).
+  /// that arrived beyond the descriptor budget (SharedBufferAccess::keep_file),
+  /// whose mapping alone keeps its pages.
   int fd_ = -1;
   /// Sent once already: its file is sealed and this mapping private, so a
   /// page this process wrote since is not in the file; sent again as the

@@ -43,10 +43,14 @@ namespace procpool {
 
 template <class T>
 class SharedVector {
-  static_assert(std::is_trivially_copyable_v<T> && !std::is_const_v<T> && !std::is_volatile_v<T>,
-                "procpool::SharedVector<T>: T must be a trivially copyable, non-const type "
-                "(its bytes are handed between processes as they are); for other types return "
-                "a std::vector<T>");
+  static_assert(detail::is_raw_v<T> && !std::is_const_v<T> && !std::is_volatile_v<T>,
+                "procpool::SharedVector<T>: T must be a trivially copyable, non-const type and "
+                "not a pointer (its bytes are handed between processes as they are, and an "
+                "address means nothing in another process); for other types return a "
+                "std::vector<T>");
+  static_assert(alignof(T) <= 4096,
+                "procpool::SharedVector<T>: its values start on a page boundary (4096 bytes); "
+                "a T aligned beyond that would be misaligned");
 
  public:
   using value_type = T;

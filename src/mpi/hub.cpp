@@ -537,7 +537,17 @@ std::size_t CallState::inflight_bound_locked() const {
 }
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
-  send_retries_locked();
+  if (broken_) std::rethrow_exception(broken_);
+  try {
+    send_retries_locked();
+    send_new_chunks(lock);
+  } catch (...) {
+    broken_ = std::current_exception();
+    throw;
+  }
+}
+
+void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
     if (total_ && taken_ >= *total_) {
       // Every input was taken (a submitted task's one): nothing more to ask
@@ -788,8 +798,7 @@ void CallState::send_retries_locked() {
     record.attempts = r.attempts;
     ++hub_.nodes[best].inflight_chunks;
     ++hub_.nodes[best].inflight_items;
-    // Sent (or thrown) before the retry leaves the queue: if the send
-    // throws, the retry is still there to fail as it did (see above).
+    // A send that throws breaks the call (see top_up), retry and all.
     send_chunk_locked(chunk, std::move(record), std::move(message));
     ++pool_->stats[r.avoid].moved_away;
     retries_.pop_front();
@@ -816,8 +825,10 @@ void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer m
     ++chunks_out_;
     hub_.send(node, std::move(message));
   } catch (...) {
-    // The root's own node answers inside send(): if its reply came, it took
-    // the record and every count back already.
+    // A send throws only before its message is out (NodeServer::handle
+    // queues a chunk only if it can run it). The root's own node may have
+    // answered inside send() all the same: if so, its reply took the record
+    // and every count back already.
     if (!recorded || hub_.chunks.erase(id) != 0) {
       if (recorded) {
         --pool_->inflight_chunks;

@@ -201,7 +201,12 @@ class CallState : public std::enable_shared_from_this<CallState> {
   bool pop_locked(OutcomeRun& out, std::size_t most);
   /// Whether `records` holds `count` successes of bare values and nothing else.
   bool all_bare_values(const Reader& records, std::size_t count) const;
+  /// Sends queued retries and new chunks while there is room. Whatever
+  /// escapes it (the range threw, a send failed) breaks the call for good:
+  /// every later top_up throws it again, rather than the call going on with
+  /// inputs taken that will never come back.
   void top_up(std::unique_lock<std::mutex>& lock);
+  void send_new_chunks(std::unique_lock<std::mutex>& lock);
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
   bool long_tasks_locked() const;
@@ -237,6 +242,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::size_t replies_ = 0;     // chunks of this call answered so far
   std::deque<Retry> retries_;
   bool abandoned_ = false;
+  std::exception_ptr broken_;  // see top_up
   /// The outcomes of one chunk (or of one input that failed on the root),
   /// handed out in order: one map entry per chunk, not per input.
   struct ReadyChunk {

@@ -111,7 +111,15 @@ void NodeServer::handle(Buffer message) {
       std::lock_guard lock(mutex_);
       jobs_.push_back(std::move(job));
       if (idle_ == 0 && threads_.size() < max_executors) {
-        threads_.emplace_back([this] { executor(); });
+        try {
+          threads_.emplace_back([this] { executor(); });
+        } catch (...) {
+          // No thread to spare: a busy executor takes the chunk when free.
+          // With none at all nobody would, so it is refused, not queued.
+          if (!threads_.empty()) return;
+          jobs_.pop_back();
+          throw;
+        }
       } else {
         wake_.notify_one();
       }

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <list>
 #include <numeric>
@@ -62,6 +63,37 @@ int fails_on_tens(int i) {
   if (i % 10 == 0) throw std::runtime_error("a multiple of ten");
   return i + 1;
 }
+/// 0, 1, 2, ... up to `end`, from an input range whose iterator throws once,
+/// when asked to move past `fails_after` (a stream that breaks mid-way).
+class BreakingStream {
+ public:
+  struct Sentinel {};
+  class Iterator {
+   public:
+    using value_type = int;
+    using difference_type = std::ptrdiff_t;
+    int operator*() const { return at_; }
+    Iterator& operator++() {
+      if (at_ == stream_->fails_after && !stream_->failed) {
+        stream_->failed = true;
+        throw std::runtime_error("the stream broke after " + std::to_string(at_));
+      }
+      ++at_;
+      return *this;
+    }
+    void operator++(int) { ++*this; }
+    bool operator==(Sentinel) const { return at_ >= stream_->count; }
+    BreakingStream* stream_ = nullptr;
+    int at_ = 0;
+  };
+  BreakingStream(int values, int breaks_after) : count(values), fails_after(breaks_after) {}
+  Iterator begin() { return Iterator{this, 0}; }
+  Sentinel end() const { return {}; }
+  int count;
+  int fails_after;
+  bool failed = false;
+};
+
 /// n values counting up from n (an empty vector for 0).
 procpool::SharedVector<int> counting_row(int n) {
   procpool::SharedVector<int> row(static_cast<std::size_t>(n));
@@ -162,6 +194,35 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 50; ++i)
       MPI_CHECK(futures[static_cast<std::size_t>(i)].get() == 2 * i);
     pool.submit(&add, 1, 2);  // dropped: still runs, nothing to report
+
+    // A range that throws mid-way ends the call for good: iterating on after
+    // the error throws it again, never yields what it would have misplaced.
+    {
+      BreakingStream stream(3000, 1500);
+      auto results = pool.imap(&square, stream);
+      int yielded = 0;
+      std::string first_error;
+      try {
+        for (long v : results) {
+          MPI_CHECK(v == square(yielded));
+          ++yielded;
+        }
+      } catch (const std::runtime_error& e) {
+        first_error = e.what();
+      }
+      MPI_CHECK_MSG(first_error.find("the stream broke after 1500") != std::string::npos,
+                    first_error);
+      MPI_CHECK(yielded <= 1501);
+      bool threw_again = false;
+      try {
+        for (long v : results) {
+          MPI_CHECK_MSG(false, "a value after the range broke: " + std::to_string(v));
+        }
+      } catch (const std::runtime_error& e) {
+        threw_again = std::string(e.what()) == first_error;
+      }
+      MPI_CHECK(threw_again);
+    }
 
     // SharedVector results: from another rank their values travel as bytes
     const std::vector<int> lengths{1000, 0, 3, 70000, 5, 123457};
