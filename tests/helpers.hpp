@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include <chrono>
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -65,6 +66,24 @@ inline bool process_alive(pid_t pid) {
   if (!std::getline(stat, line)) return false;
   auto close = line.rfind(')');
   return close != std::string::npos && line.size() > close + 2 && line[close + 2] != 'Z';
+}
+
+/// Whether `at` lies in a private mapping of one of procpool's memory files
+/// ("rw-p", memfd:procpool): a file that another process filled and handed
+/// over, rather than a buffer of this process that bytes were copied into
+/// (mapped shared: "rw-s").
+inline bool mapped_from_memory_file(const void* at) {
+  const auto address = reinterpret_cast<std::uintptr_t>(at);
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    std::uintptr_t begin = 0, end = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &begin, &end, perms) != 3) continue;
+    if (address >= begin && address < end)
+      return perms[3] == 'p' && line.find("memfd:procpool") != std::string::npos;
+  }
+  return false;
 }
 
 /// Private (unshared) memory of this process in KiB, from smaps_rollup.

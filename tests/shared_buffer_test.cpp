@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <list>
 #include <ranges>
 #include <span>
@@ -17,6 +16,8 @@
 #include <thread>
 #include <tuple>
 #include <vector>
+
+#include "helpers.hpp"
 
 using procpool::SharedBuffer;
 using procpool::Start;
@@ -60,21 +61,9 @@ bool holds_pattern(const SharedBuffer& block, int seed) {
 }
 
 /// Whether the caller maps `block` straight from the memory file a worker
-/// handed over (privately: "rw-p"), rather than from a buffer of its own
-/// that the bytes were copied into (mapped shared: "rw-s").
+/// handed over, rather than from a copy of its own.
 bool mapped_from_memory_file(const SharedBuffer& block) {
-  const auto at = reinterpret_cast<std::uintptr_t>(block.data());
-  std::ifstream maps("/proc/self/maps");
-  std::string line;
-  while (std::getline(maps, line)) {
-    std::uintptr_t begin = 0, end = 0;
-    char perms[5] = {};
-    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &begin, &end, perms) != 3) continue;
-    if (at >= begin && at < end) {
-      return perms[3] == 'p' && line.find("memfd:procpool") != std::string::npos;
-    }
-  }
-  return false;
+  return test_helpers::mapped_from_memory_file(block.data());
 }
 
 }  // namespace

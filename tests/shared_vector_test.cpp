@@ -3,9 +3,7 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
-#include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <numeric>
 #include <ranges>
 #include <span>
@@ -14,9 +12,12 @@
 #include <tuple>
 #include <vector>
 
+#include "helpers.hpp"
+
 using procpool::SharedBuffer;
 using procpool::SharedVector;
 using procpool::Start;
+using test_helpers::mapped_from_memory_file;
 
 namespace {
 
@@ -41,22 +42,6 @@ bool holds_row(std::span<const double> values, int row) {
 
 pid_t maker_of(const SharedVector<double>& values) {
   return static_cast<pid_t>(values.back());
-}
-
-/// Whether `at` lies in a private mapping of one of procpool's memory files:
-/// a file some other process filled and handed over, not a copy.
-bool mapped_from_memory_file(const void* at) {
-  const auto address = reinterpret_cast<std::uintptr_t>(at);
-  std::ifstream maps("/proc/self/maps");
-  std::string line;
-  while (std::getline(maps, line)) {
-    std::uintptr_t begin = 0, end = 0;
-    char perms[5] = {};
-    if (std::sscanf(line.c_str(), "%lx-%lx %4s", &begin, &end, perms) != 3) continue;
-    if (address >= begin && address < end)
-      return perms[3] == 'p' && line.find("memfd:procpool") != std::string::npos;
-  }
-  return false;
 }
 
 }  // namespace
