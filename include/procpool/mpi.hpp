@@ -492,7 +492,7 @@ class Pool {
 
   template <procpool::detail::Delivery D, class F, class R, class... Extra>
   auto make_results(F f, R&& inputs, const Extra&... extra) {
-    if constexpr (!procpool::detail::is_star_apply_v<F>) check_callable<F>();
+    if constexpr (!procpool::detail::is_checked_adaptor_v<F>) check_callable<F>();
     using Item = std::ranges::range_value_t<R>;
     using Out = typename procpool::detail::pool_call_types<F, Item, Extra...>::Out;
     using Value = procpool::detail::delivered_t<D, Out>;

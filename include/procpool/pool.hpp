@@ -282,7 +282,7 @@ class Pool {
 
   template <detail::Delivery D, class F, class R, class... Extra>
   auto make_results(F f, R&& inputs, const Extra&... extra) {
-    if constexpr (!detail::is_star_apply_v<F>) detail::check_pool_callable<F>();
+    if constexpr (!detail::is_checked_adaptor_v<F>) detail::check_pool_callable<F>();
     using Item = std::ranges::range_value_t<R>;
     using Out = typename detail::pool_call_types<F, Item, Extra...>::Out;
     using Value = detail::delivered_t<D, Out>;

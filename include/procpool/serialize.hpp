@@ -129,6 +129,16 @@ template <class T>
 inline constexpr bool is_shared_memory_v =
     std::is_same_v<T, SharedBuffer> || is_shared_vector<T>::value;
 
+/// procpool's own wire types that write and read their bytes themselves
+/// (the MPI backend's results forwarded by a node, procpool/detail/mpi/node.hpp).
+/// The tag keeps a user's type with such members from being taken for one.
+template <class T>
+concept writes_itself = requires(const T& c, T& m, Writer& out, Reader& in) {
+  typename T::procpool_writes_itself;
+  c.write_to(out);
+  m.read_from(in);
+};
+
 template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
@@ -192,7 +202,7 @@ template <class T>
 constexpr bool serializable_impl() {
   if constexpr (std::is_pointer_v<T> || std::is_member_pointer_v<T>) {
     return false;
-  } else if constexpr (is_raw_v<T> || is_shared_memory_v<T>) {
+  } else if constexpr (is_raw_v<T> || is_shared_memory_v<T> || writes_itself<T>) {
     return true;
   } else if constexpr (is_std_string<T>::value) {
     return is_raw_v<typename T::value_type>;
@@ -224,7 +234,7 @@ constexpr bool any_element_runs_user_code(std::index_sequence<I...>) {
 
 template <class T>
 constexpr bool runs_user_code_impl() {
-  if constexpr (is_raw_v<T> || is_raw_block_v<T> || is_shared_memory_v<T>) {
+  if constexpr (is_raw_v<T> || is_raw_block_v<T> || is_shared_memory_v<T> || writes_itself<T>) {
     return false;
   } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
                        is_std_optional<T>::value) {
@@ -337,6 +347,8 @@ void save(Writer& out, const T& value) {
     save_shared_buffer(out, value);
   } else if constexpr (is_shared_vector<T>::value) {
     detail::save_shared_vector(out, value);
+  } else if constexpr (writes_itself<T>) {
+    value.write_to(out);
   } else {
     WriterStreambuf buf(out);
     std::ostream stream(&buf);
@@ -406,6 +418,8 @@ void load(Reader& in, T& value) {
     load_shared_buffer(in, value);
   } else if constexpr (is_shared_vector<T>::value) {
     detail::load_shared_vector(in, value);
+  } else if constexpr (writes_itself<T>) {
+    value.read_from(in);
   } else {
     CheckedInputArchive archive(in);
     try {

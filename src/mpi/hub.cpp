@@ -85,7 +85,7 @@ std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places) {
 }
 
 Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
-  local_ = std::make_unique<NodeServer>([this](Buffer m) { local_reply(std::move(m)); });
+  local_ = std::make_unique<NodeServer>([this](Parts m) { local_reply(joined(std::move(m))); });
   if (use_mpi && nodes.size() > 1) {
     transport_ = std::make_unique<Transport>();
     pump_ = std::thread([this] { pump(); });

@@ -21,7 +21,7 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 }  // namespace
 
-NodeServer::NodeServer(std::function<void(Buffer)> reply) : reply_(std::move(reply)) {}
+NodeServer::NodeServer(std::function<void(Parts)> reply) : reply_(std::move(reply)) {}
 
 NodeServer::~NodeServer() {
   {
@@ -134,7 +134,7 @@ void NodeServer::handle(Buffer message) {
       auto p = pools_.find(pool);
       save_insights(w, p != pools_.end() && p->second->pool ? p->second->pool->insights()
                                                             : procpool::Insights{});
-      reply_(std::move(out));
+      reply_(single_part(std::move(out)));
       return;
     }
     default:
@@ -178,14 +178,12 @@ void NodeServer::executor() {
 
 void NodeServer::run(std::vector<Job>& jobs) {
   struct Reply {
-    Buffer out;
+    ReplyParts parts;
     std::size_t times_at = 0;
     std::size_t records_at = 0;
     bool sent = false;
   };
-  std::vector<Reply> replies(jobs.size());
-  std::vector<Writer> writers;
-  writers.reserve(jobs.size());
+  std::deque<Reply> replies(jobs.size());  // a deque: ReplyParts stays where it is
   std::vector<NodeChunk> chunks;
   const auto started = std::chrono::steady_clock::now();
   auto last_done = started;
@@ -198,16 +196,16 @@ void NodeServer::run(std::vector<Job>& jobs) {
     const double node_seconds = seconds_since(jobs[j].arrived);
     const double run_seconds = std::chrono::duration<double>(now - last_done).count();
     last_done = now;
-    std::memcpy(r.out.data() + r.times_at, &node_seconds, sizeof node_seconds);
-    std::memcpy(r.out.data() + r.times_at + sizeof(double), &run_seconds, sizeof run_seconds);
+    std::memcpy(r.parts.front() + r.times_at, &node_seconds, sizeof node_seconds);
+    std::memcpy(r.parts.front() + r.times_at + sizeof(double), &run_seconds, sizeof run_seconds);
     jobs[j].message = Buffer{};
     r.sent = true;
-    reply_(std::move(r.out));
+    reply_(r.parts.take());
   };
   for (std::size_t j = 0; j < jobs.size(); ++j) {
     Reply& r = replies[j];
-    r.out = new_message(Msg::chunk_done);
-    Writer& w = writers.emplace_back(r.out);
+    Writer& w = r.parts.writer();
+    w.buffer() = new_message(Msg::chunk_done);
     w.put(jobs[j].call_id);
     w.put(jobs[j].chunk);
     r.times_at = w.size();
@@ -218,7 +216,7 @@ void NodeServer::run(std::vector<Job>& jobs) {
     chunks.push_back(NodeChunk{jobs[j].count,
                                Reader(jobs[j].message.data() + jobs[j].items_at,
                                       jobs[j].message.size() - jobs[j].items_at),
-                               &w, [&send, j] { send(j); }});
+                               &r.parts, [&send, j] { send(j); }});
   }
   const Job& job = jobs.front();  // every job of a batch is of the same call
   std::exception_ptr error;
@@ -244,10 +242,11 @@ void NodeServer::run(std::vector<Job>& jobs) {
     if (error) {
       // The chunk could not run (the node's pool or the call's code could not
       // be set up, or the pool failed under it): every input reports why.
-      writers[j].truncate(replies[j].records_at);
+      ReplyParts& parts = replies[j].parts;
+      parts.rewind(replies[j].records_at);
       for (std::uint64_t i = 0; i < jobs[j].count; ++i) {
-        writers[j].put(std::uint8_t{0});
-        save_error(writers[j], error);
+        parts.writer().put(std::uint8_t{0});
+        save_error(parts.writer(), error);
       }
     }
     send(j);

@@ -24,8 +24,9 @@ namespace procpool::mpi::detail {
 
 class NodeServer {
  public:
-  /// `reply` receives every message for the root, from any of the server's threads.
-  explicit NodeServer(std::function<void(Buffer)> reply);
+  /// `reply` receives every message for the root, from any of the server's
+  /// threads, as the parts it is to be sent in (see ReplyParts).
+  explicit NodeServer(std::function<void(Parts)> reply);
   /// Finishes the chunks already received, then ends every pool.
   ~NodeServer();
   NodeServer(const NodeServer&) = delete;
@@ -60,7 +61,7 @@ class NodeServer {
   void run(std::vector<Job>& jobs);
   void executor();
 
-  std::function<void(Buffer)> reply_;
+  std::function<void(Parts)> reply_;
   std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
   std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
 

@@ -60,9 +60,9 @@ bool launched_by_mpi() {
     Transport transport;
     std::mutex mutex;
     std::condition_variable ready;
-    std::deque<Buffer> outbox;
+    std::deque<Parts> outbox;
     {
-      NodeServer server([&](Buffer m) {
+      NodeServer server([&](Parts m) {
         {
           std::lock_guard lock(mutex);
           outbox.push_back(std::move(m));
@@ -82,12 +82,12 @@ bool launched_by_mpi() {
           }
           server.handle(std::move(m->second));
         }
-        std::deque<Buffer> out;
+        std::deque<Parts> out;
         {
           std::lock_guard lock(mutex);
           out.swap(outbox);
         }
-        for (Buffer& m : out)
+        for (Parts& m : out)
           transport.send(0, std::move(m));
         active = active || !out.empty();
         const bool sent = transport.progress();
@@ -115,7 +115,7 @@ bool launched_by_mpi() {
         ready.wait_for(lock, wait, [&] { return !outbox.empty(); });
       }
     }  // the server finishes its chunks and ends its pools
-    for (Buffer& m : outbox)
+    for (Parts& m : outbox)
       transport.send(0, std::move(m));
     transport.send(0, new_message(Msg::bye));
     while (!transport.progress())

@@ -39,7 +39,8 @@ int as_count(std::size_t n) {
 }  // namespace
 
 struct Transport::Pending {
-  Buffer message;
+  Parts message;
+  std::size_t size = 0;
   std::vector<MPI_Request> requests;
 };
 
@@ -63,18 +64,44 @@ Transport::Transport() : max_piece_(std::size_t{1} << 30) {
 
 Transport::~Transport() = default;
 
-void Transport::send(int rank, Buffer message) {
-  const std::uint64_t total = message.size();
-  std::memcpy(message.data(), &total, sizeof total);
+Buffer joined(Parts parts) {
+  if (parts.size() == 1) return std::move(parts.front());
+  std::size_t total = 0;
+  for (const Buffer& part : parts)
+    total += part.size();
+  Buffer message;
+  Writer out(message);
+  out.prepare_for(total);
+  for (const Buffer& part : parts)
+    out.write_block(part.data(), part.size());
+  return message;
+}
+
+void Transport::send(int rank, Parts message) {
+  std::uint64_t total = 0;
+  for (const Buffer& part : message)
+    total += part.size();
+  if (message.empty() || message.front().size() < message_header) {
+    throw ProtocolError("procpool::mpi: a message without its header");
+  }
+  std::memcpy(message.front().data(), &total, sizeof total);
   Pending& p = pending_.emplace_back();
   p.message = std::move(message);
-  for (std::size_t at = 0; at < total; at += max_piece_) {
-    const std::size_t n = std::min<std::size_t>(max_piece_, total - at);
-    MPI_Request request;
-    check(MPI_Isend(p.message.data() + at, as_count(n), MPI_BYTE, rank,
-                    at == 0 ? message_tag : piece_tag, MPI_COMM_WORLD, &request),
-          "MPI_Isend");
-    p.requests.push_back(request);
+  p.size = static_cast<std::size_t>(total);
+  // Each part goes in pieces of at most max_piece_ bytes, in order; the
+  // receiver puts them one after the other (post_next_piece), whatever their
+  // sizes. Only the very first piece has the message tag.
+  bool first = true;
+  for (const Buffer& part : p.message) {
+    for (std::size_t at = 0; at < part.size(); at += max_piece_) {
+      const std::size_t n = std::min<std::size_t>(max_piece_, part.size() - at);
+      MPI_Request request;
+      check(MPI_Isend(part.data() + at, as_count(n), MPI_BYTE, rank,
+                      first ? message_tag : piece_tag, MPI_COMM_WORLD, &request),
+            "MPI_Isend");
+      p.requests.push_back(request);
+      first = false;
+    }
   }
 }
 
@@ -92,7 +119,7 @@ bool Transport::progress() {
 bool Transport::moving_large() const noexcept {
   constexpr std::size_t large = std::size_t{1} << 20;
   for (const Pending& p : pending_) {
-    if (p.message.size() >= large) return true;
+    if (p.size >= large) return true;
   }
   for (const Incoming& in : incoming_) {
     if (in.message.size() >= large) return true;

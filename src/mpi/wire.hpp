@@ -39,6 +39,21 @@ enum class Msg : std::uint8_t {
 
 constexpr std::size_t message_header = sizeof(std::uint64_t);
 
+/// A message as the parts it is sent in: the first holds the header and the
+/// first fields; a large value can be a part of its own, sent from where it
+/// is instead of copied into one buffer with the rest. The receiver gets the
+/// message whole, in one Buffer.
+using Parts = std::vector<Buffer>;
+
+inline Parts single_part(Buffer message) {
+  Parts parts;
+  parts.push_back(std::move(message));
+  return parts;
+}
+
+/// The parts joined in one buffer (a message that does not cross ranks).
+Buffer joined(Parts parts);
+
 /// A new message of `type`, ready for more fields.
 inline Buffer new_message(Msg type) {
   Buffer b;
@@ -87,7 +102,9 @@ class Transport {
   Transport(const Transport&) = delete;
   Transport& operator=(const Transport&) = delete;
   /// Starts sending; the message is kept until MPI is done with it.
-  void send(int rank, Buffer message);
+  void send(int rank, Buffer message) { send(rank, single_part(std::move(message))); }
+  /// The same for a message in parts (see Parts).
+  void send(int rank, Parts message);
   /// Completes what it can of the sends; true when none is left.
   bool progress();
   /// A whole message from `rank` (or any rank: -1), if one has arrived;

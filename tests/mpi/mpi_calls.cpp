@@ -100,6 +100,71 @@ procpool::SharedVector<int> counting_row(int n) {
   std::iota(row.begin(), row.end(), n);
   return row;
 }
+/// Set once Session returns, which it does on the root alone: the node ranks
+/// (and the workers they fork) see false.
+bool on_the_root = false;
+
+/// A result that must never be decoded on a node rank: nodes forward the
+/// bytes their workers wrote, and only the root decodes them.
+struct DecodedOnTheRootOnly {
+  std::string text;
+  template <class Archive>
+  void save(Archive& archive) const {
+    archive(text);
+  }
+  template <class Archive>
+  void load(Archive& archive) {
+    if (!on_the_root) throw std::runtime_error("a result was decoded on a node rank");
+    archive(text);
+  }
+};
+DecodedOnTheRootOnly root_only(int i) {
+  return {std::string(static_cast<std::size_t>(i % 7) * 100000, static_cast<char>('a' + i % 26))};
+}
+
+/// Results of every size in one chunk: large ones (sent as message parts of
+/// their own), small ones and errors between them.
+std::string sized_text(int i) {
+  if (i % 5 == 0) throw std::runtime_error("no text for " + std::to_string(i));
+  const std::size_t size = i % 5 == 1   ? (std::size_t{600} << 10) + static_cast<std::size_t>(i)
+                           : i % 5 == 2 ? (std::size_t{2} << 20) + 3
+                                        : static_cast<std::size_t>(i);
+  return std::string(size, static_cast<char>('A' + i % 26));
+}
+
+/// A user type holding a SharedVector: sent on from a node as bytes.
+struct Row {
+  int tag = 0;
+  procpool::SharedVector<int> values;
+  template <class Archive>
+  void serialize(Archive& archive) {
+    archive(tag, values);
+  }
+};
+Row tagged_row(int n) {
+  return {n, counting_row(n)};
+}
+
+/// A value whose save() throws for 13 (in the worker) and load() for 14 (on
+/// the root). (Not trivially copyable: such a type would travel as raw bytes.)
+struct Fussy {
+  int value = 0;
+  std::string note;
+  template <class Archive>
+  void save(Archive& archive) const {
+    if (value == 13) throw std::runtime_error("cannot save 13");
+    archive(value, note);
+  }
+  template <class Archive>
+  void load(Archive& archive) {
+    archive(value, note);
+    if (value == 14) throw std::runtime_error("cannot load 14");
+  }
+};
+Fussy fussy(int i) {
+  return {i, "n"};
+}
+
 int hostname_hash(int) {
   return static_cast<int>(::getpid());
 }
@@ -108,6 +173,7 @@ int hostname_hash(int) {
 
 int main(int argc, char** argv) {
   procpool::mpi::Session session(argc, argv);
+  on_the_root = true;
   const int nodes = session.nodes();  // ranks on one node share it
   const int ranks = session.size();
   std::vector<int> inputs(3000);
@@ -231,6 +297,50 @@ int main(int argc, char** argv) {
       MPI_CHECK(rows[i].size() == static_cast<std::size_t>(lengths[i]));
       for (std::size_t j = 0; j < rows[i].size(); ++j)
         MPI_CHECK(rows[i][j] == lengths[i] + static_cast<int>(j));
+    }
+
+    // Results that do not travel bare are forwarded by the nodes as their
+    // workers wrote them, decoded on the root alone: large ones as message
+    // parts of their own, between small ones and errors in the same chunk.
+    {
+      procpool::mpi::Pool chunky({.processes = 2, .chunksize = 7});
+      const std::vector<int> some(inputs.begin(), inputs.begin() + 60);
+      const auto texts = chunky.map_outcomes(&sized_text, some);
+      const auto want_texts = local.map_outcomes(&sized_text, some);
+      for (std::size_t i = 0; i < some.size(); ++i) {
+        MPI_CHECK(texts[i].index == i && texts[i].ok() == want_texts[i].ok());
+        if (texts[i].ok()) {
+          MPI_CHECK(*texts[i].value == *want_texts[i].value);
+        } else {
+          MPI_CHECK_MSG(
+              texts[i].what().find("no text for " + std::to_string(i)) != std::string::npos,
+              texts[i].what());
+        }
+      }
+      const auto blind = chunky.map(&root_only, some);
+      for (std::size_t i = 0; i < some.size(); ++i)
+        MPI_CHECK(blind[i].text == root_only(static_cast<int>(i)).text);
+      const std::vector<int> row_lengths{0, 5, 300000, 7};
+      const auto tagged = chunky.map(&tagged_row, row_lengths);
+      for (std::size_t i = 0; i < row_lengths.size(); ++i) {
+        MPI_CHECK(tagged[i].tag == row_lengths[i]);
+        MPI_CHECK(tagged[i].values.size() == static_cast<std::size_t>(row_lengths[i]));
+        MPI_CHECK(row_lengths[i] == 0 || tagged[i].values.back() == 2 * row_lengths[i] - 1);
+      }
+      const auto fussed = chunky.map_outcomes(&fussy, some);
+      for (std::size_t i = 0; i < some.size(); ++i) {
+        const bool fails = i == 13 || i == 14;
+        MPI_CHECK_MSG(fussed[i].index == i && fussed[i].ok() == !fails,
+                      std::to_string(i) + ": " + fussed[i].what());
+        if (!fails) continue;
+        try {
+          std::rethrow_exception(fussed[i].error);
+        } catch (const procpool::TaskError& e) {
+          MPI_CHECK(e.index() == i);
+          MPI_CHECK(e.stage() == (i == 13 ? procpool::TaskError::Stage::serialize_result
+                                          : procpool::TaskError::Stage::deserialize_result));
+        }
+      }
     }
 
     // work landed on every node

@@ -72,10 +72,14 @@ struct code_carrier<F> {
   static F load(Reader& in) { return function_at<std::remove_pointer_t<F>>(load_code_ref(in)); }
 };
 
+/// Adaptors around a function that was checked when the adaptor was made
+/// (StarApply; the MPI backend's ForwardResult): a Pool runs them as it
+/// would run that function, although a function pointer inside one makes
+/// the adaptor itself non-empty.
 template <class F>
-inline constexpr bool is_star_apply_v = false;
+inline constexpr bool is_checked_adaptor_v = false;
 template <class F>
-inline constexpr bool is_star_apply_v<StarApply<F>> = true;
+inline constexpr bool is_checked_adaptor_v<StarApply<F>> = true;
 
 template <class F>
 constexpr void check_pool_callable() {

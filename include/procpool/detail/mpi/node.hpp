@@ -70,13 +70,61 @@ inline std::unique_ptr<procpool::Pool> make_plain_node_pool(const Options& optio
 /// any other exception) for the root to rebuild (see CallState).
 void save_error(Writer& out, const std::exception_ptr& error);
 
+/// A node chunk's reply as it is written. A large value forwarded from a
+/// worker (see Forwarded) goes in as a part of its own: the transport sends
+/// the parts as the pieces of one message, so the value is never copied into
+/// one buffer with the rest.
+class ReplyParts {
+ public:
+  /// Values this large become parts of their own; smaller ones are copied,
+  /// which costs less than the message piece each part takes.
+  static constexpr std::size_t own_part_bytes = std::size_t{512} << 10;
+
+  ReplyParts() : writer_(current_) {}
+  ReplyParts(const ReplyParts&) = delete;
+  ReplyParts& operator=(const ReplyParts&) = delete;
+
+  /// Writes at the end of the reply.
+  Writer& writer() noexcept { return writer_; }
+  /// Appends `bytes`: copied when small, else as a part of their own.
+  void append(Buffer bytes) {
+    if (bytes.size() < own_part_bytes) {
+      writer_.write(bytes.data(), bytes.size());
+      return;
+    }
+    parts_.reserve(parts_.size() + 2);                             // then nothing below can throw
+    if (!current_.empty()) parts_.push_back(std::move(current_));  // leaves current_ empty
+    parts_.push_back(std::move(bytes));
+  }
+  /// The first part, where the message's header and first fields are.
+  std::byte* front() noexcept { return parts_.empty() ? current_.data() : parts_.front().data(); }
+  /// Forgets everything after the first `size` bytes of the first part.
+  void rewind(std::size_t size) {
+    if (!parts_.empty()) {
+      current_ = std::move(parts_.front());
+      parts_.clear();
+    }
+    current_.resize(size);
+  }
+  /// The parts in order; the reply is left empty.
+  std::vector<Buffer> take() {
+    if (!current_.empty() || parts_.empty()) parts_.push_back(std::move(current_));
+    return std::move(parts_);
+  }
+
+ private:
+  std::vector<Buffer> parts_;
+  Buffer current_;
+  Writer writer_;
+};
+
 /// One node chunk's inputs, where its outcome records go, and who hears
 /// that its records are all written (its reply then leaves at once, before
 /// the rest of its batch has run).
 struct NodeChunk {
   std::uint64_t count = 0;
   Reader items;
-  Writer* out = nullptr;
+  ReplyParts* reply = nullptr;
   std::function<void()> finished;
 };
 
@@ -87,8 +135,8 @@ class NodeCall {
   /// Decodes each chunk's `count` inputs (put_framed), runs them all on
   /// `pool` in one call (several chunks of one call that wait together cost
   /// one Pool call, not one each) and writes one outcome record per input, in
-  /// input order, to its chunk's `out`: u8 1, the value (put_framed) | u8 0,
-  /// error record.
+  /// input order, to its chunk's `reply`: u8 1, the value (put_framed) |
+  /// u8 0, error record.
   virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
 };
 using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
@@ -122,6 +170,107 @@ Reader take_framed(Reader& in) {
   return Reader(in.take(static_cast<std::size_t>(length)), static_cast<std::size_t>(length));
 }
 
+/// Whether a T is, or holds, a SharedBuffer or SharedVector as such: from a
+/// worker it comes to its node as a memory file, not bytes, so the node
+/// decodes it (no copy) and encodes it for the root itself.
+template <class T>
+constexpr bool holds_shared_memory() {
+  using procpool::detail::is_std_array;
+  using procpool::detail::is_std_optional;
+  using procpool::detail::is_std_vector;
+  using procpool::detail::is_tuple_like;
+  if constexpr (procpool::detail::is_shared_memory_v<T>) {
+    return true;
+  } else if constexpr (is_std_vector<T>::value || is_std_array<T>::value ||
+                       is_std_optional<T>::value) {
+    return holds_shared_memory<std::remove_cv_t<typename T::value_type>>();
+  } else if constexpr (is_tuple_like<T>::value) {
+    return []<std::size_t... I>(std::index_sequence<I...>) {
+      return (holds_shared_memory<std::remove_cv_t<std::tuple_element_t<I, T>>>() || ...);
+    }
+    (std::make_index_sequence<std::tuple_size_v<T>>{});
+  } else {
+    return false;
+  }
+}
+
+/// A task's result on its way through a node. The worker writes the value
+/// as the root reads it (put_framed); the node keeps those bytes as they are
+/// instead of decoding the value only to encode it again: for a large result
+/// that is one copy, and one block of fresh pages, fewer on every node.
+template <class T>
+class Forwarded {
+ public:
+  using procpool_writes_itself = void;  // see procpool::detail::writes_itself
+
+  Forwarded() = default;
+  explicit Forwarded(T value) : value_(std::move(value)) {}
+
+  /// In the worker. A SharedBuffer inside the value (in a type of the user's)
+  /// is written as bytes, not as a memory file: the bytes go on to another rank.
+  void write_to(Writer& out) const {
+    procpool::detail::ScopedPointer<std::vector<int>> no_files(procpool::detail::files_to_attach(),
+                                                               nullptr);
+    put_framed(out, *value_);
+  }
+  /// On the node: the frame (length, then the value's bytes) as it came.
+  void read_from(Reader& in) {
+    static_assert(!travels_bare_v<T>, "bare values are cheaper to copy than to forward");
+    const auto length = static_cast<std::size_t>(in.get<std::uint64_t>());
+    const std::byte* at = in.take(length);
+    Writer out(bytes_);
+    out.put(static_cast<std::uint64_t>(length));
+    out.write_block(at, length);
+    in.consumed(at, length);  // a result's memory file is given back as it is read
+  }
+  /// The frame's bytes, for the reply to the root.
+  Buffer take_bytes() noexcept { return std::move(bytes_); }
+
+ private:
+  std::optional<T> value_;
+  Buffer bytes_;
+};
+
+/// The results a node forwards as the worker wrote them: all but those that
+/// are cheaper to copy (bare values) or come as memory files.
+template <class T>
+inline constexpr bool forwarded_v = !travels_bare_v<T> && !holds_shared_memory<T>();
+
+/// `F` returning its result as a Forwarded<Out>: what a node's Pool runs for
+/// a call whose results do not travel bare.
+template <class F, class Out>
+struct ForwardResult {
+  [[no_unique_address]] F f;
+
+  template <class... Args>
+  requires std::is_invocable_v<F&, Args&&...> Forwarded<Out>
+  operator()(Args&&... args) {
+    return Forwarded<Out>(Out(std::invoke(f, std::forward<Args>(args)...)));
+  }
+};
+
+}  // namespace procpool::mpi::detail
+
+namespace procpool::detail {
+
+template <class F, class Out>
+inline constexpr bool is_checked_adaptor_v<mpi::detail::ForwardResult<F, Out>> = true;
+
+template <class F, class Out>
+struct first_parameter<mpi::detail::ForwardResult<F, Out>> : first_parameter<F> {};
+
+template <class G, class Out>
+struct code_carrier<mpi::detail::ForwardResult<G, Out>> {
+  static void save(Writer& out, const mpi::detail::ForwardResult<G, Out>& f) {
+    code_carrier<G>::save(out, f.f);
+  }
+  static mpi::detail::ForwardResult<G, Out> load(Reader& in) { return {code_carrier<G>::load(in)}; }
+};
+
+}  // namespace procpool::detail
+
+namespace procpool::mpi::detail {
+
 template <class F, class Item, class Out, class... Extra>
 class TypedNodeCall final : public NodeCall {
  public:
@@ -136,43 +285,66 @@ class TypedNodeCall final : public NodeCall {
       decode_inputs(chunk, inputs, decode_errors);
     // Outcomes in input order, as they come: each chunk's reply can leave as
     // soon as its own inputs are done.
-    auto results = std::apply(
-        [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
+    if constexpr (forwarded_v<Out>) {
+      auto results = std::apply(
+          [&](const Extra&... extra) {
+            return pool.imap_outcomes(ForwardResult<F, Out>{f_}, inputs, extra...);
+          },
+          extra_);
+      write_outcomes(chunks, decode_errors, results, [](ReplyParts& reply, Forwarded<Out>& value) {
+        reply.append(value.take_bytes());
+      });
+    } else {
+      auto results = std::apply(
+          [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
+      write_outcomes(chunks, decode_errors, results,
+                     [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
+    }
+  }
+
+ private:
+  /// Writes each chunk's outcome records, in input order, from `results`
+  /// (skipping the inputs that failed to decode, whose errors are in
+  /// `decode_errors`); `put_value` writes a success's value.
+  template <class Results, class PutValue>
+  static void write_outcomes(std::vector<NodeChunk>& chunks,
+                             std::vector<std::exception_ptr>& decode_errors, Results& results,
+                             PutValue put_value) {
     auto next = results.begin();
     std::size_t position = 0;
     for (NodeChunk& chunk : chunks) {
-      Writer& out = *chunk.out;
+      ReplyParts& reply = *chunk.reply;
       for (std::uint64_t i = 0; i < chunk.count; ++i) {
         if (!decode_errors.empty()) {
           if (std::exception_ptr& e = decode_errors[position++]) {
-            out.put(std::uint8_t{0});
-            save_error(out, e);
+            reply.writer().put(std::uint8_t{0});
+            save_error(reply.writer(), e);
             continue;
           }
         }
-        Outcome<Out> o = std::move(*next);
+        auto outcome = std::move(*next);
         ++next;
-        if (o.ok()) {
-          const std::size_t at = out.size();
+        if (outcome.ok()) {
+          const std::size_t at = reply.writer().size();
           try {
-            out.put(std::uint8_t{1});
-            put_framed(out, *o.value);
+            reply.writer().put(std::uint8_t{1});
+            put_value(reply, *outcome.value);
             continue;
           } catch (const std::exception& e) {
-            out.truncate(at);
-            o.error = std::make_exception_ptr(
+            // Encoding it again on the node threw (a value that is not forwarded).
+            reply.writer().truncate(at);
+            outcome.error = std::make_exception_ptr(
                 TaskError(static_cast<std::size_t>(i), procpool::detail::demangle(typeid(e).name()),
                           e.what(), TaskError::Stage::serialize_result));
           }
         }
-        out.put(std::uint8_t{0});
-        save_error(out, o.error);
+        reply.writer().put(std::uint8_t{0});
+        save_error(reply.writer(), outcome.error);
       }
       if (chunk.finished) chunk.finished();
     }
   }
 
- private:
   /// Appends `chunk`'s inputs to `inputs`. Inputs whose load() throws fail
   /// alone, with Stage::deserialize_input (their error at their position in
   /// `errors`); bare ones cannot, and are copied in one go.
