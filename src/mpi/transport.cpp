@@ -81,7 +81,7 @@ void Transport::send(int rank, Parts message) {
   std::uint64_t total = 0;
   for (const Buffer& part : message)
     total += part.size();
-  if (message.empty() || message.front().size() < message_header) {
+  if (message.empty() || message.front().size() < message_header + 1) {  // its size, then its type
     throw ProtocolError("procpool::mpi: a message without its header");
   }
   std::memcpy(message.front().data(), &total, sizeof total);

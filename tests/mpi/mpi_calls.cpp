@@ -165,6 +165,32 @@ Fussy fussy(int i) {
   return {i, "n"};
 }
 
+/// A move-only result, returned by reference from the worker's state: it is
+/// written from where it is, never copied (it cannot be).
+struct Blob {
+  std::string text;
+  Blob() = default;
+  explicit Blob(std::string t) : text(std::move(t)) {}
+  Blob(const Blob&) = delete;
+  Blob& operator=(const Blob&) = delete;
+  Blob(Blob&&) = default;
+  Blob& operator=(Blob&&) = default;
+  template <class Archive>
+  void serialize(Archive& archive) {
+    archive(text);
+  }
+};
+struct Shelf {
+  Blob large{std::string((std::size_t{3} << 19) + 1, 'L')};  // 1.5 MiB: a part of its own
+  Blob small{"s"};
+};
+Shelf make_shelf() {
+  return {};
+}
+const Blob& pick(Shelf& shelf, int i) {
+  return i % 2 == 1 ? shelf.large : shelf.small;
+}
+
 int hostname_hash(int) {
   return static_cast<int>(::getpid());
 }
@@ -365,6 +391,13 @@ int main(int argc, char** argv) {
     procpool::mpi::Pool pool({.processes = 2}, &make_table);
     procpool::Pool reference({.processes = 2}, &make_table);
     MPI_CHECK(pool.map(&lookup, inputs) == reference.map(&lookup, inputs));
+    // a move-only result returned by reference from the worker's state
+    procpool::mpi::Pool shelves({.processes = 2, .chunksize = 3}, &make_shelf);
+    const std::vector<int> few(inputs.begin(), inputs.begin() + 20);
+    const std::vector<Blob> picked = shelves.map(&pick, few);
+    MPI_CHECK(picked.size() == few.size());
+    for (std::size_t i = 0; i < picked.size(); ++i)
+      MPI_CHECK(picked[i].text == (i % 2 == 1 ? Shelf{}.large.text : std::string("s")));
     // a capture-less lambda as initializer
     procpool::mpi::Pool lam({.processes = 1}, [] { return make_table(); });
     MPI_CHECK(lam.map(&lookup, inputs) == reference.map(&lookup, inputs));

@@ -77,8 +77,9 @@ void save_error(Writer& out, const std::exception_ptr& error);
 class ReplyParts {
  public:
   /// Values this large become parts of their own; smaller ones are copied,
-  /// which costs less than the message piece each part takes.
-  static constexpr std::size_t own_part_bytes = std::size_t{512} << 10;
+  /// which costs less than the message piece each part takes (the root
+  /// receives a message's pieces one after the other, a round trip each).
+  static constexpr std::size_t own_part_bytes = std::size_t{1} << 20;
 
   ReplyParts() : writer_(current_) {}
   ReplyParts(const ReplyParts&) = delete;
@@ -205,13 +206,21 @@ class Forwarded {
 
   Forwarded() = default;
   explicit Forwarded(T value) : value_(std::move(value)) {}
+  /// A result the function returned by reference (a member of the worker's
+  /// state, say): written from where it is, as procpool::Pool writes it,
+  /// right after the call, never copied (T may be move-only, or large).
+  static Forwarded referring_to(const T& value) {
+    Forwarded forwarded;
+    forwarded.referred_ = &value;
+    return forwarded;
+  }
 
   /// In the worker. A SharedBuffer inside the value (in a type of the user's)
   /// is written as bytes, not as a memory file: the bytes go on to another rank.
   void write_to(Writer& out) const {
     procpool::detail::ScopedPointer<std::vector<int>> no_files(procpool::detail::files_to_attach(),
                                                                nullptr);
-    put_framed(out, *value_);
+    put_framed(out, referred_ != nullptr ? *referred_ : *value_);
   }
   /// On the node: the frame (length, then the value's bytes) as it came.
   void read_from(Reader& in) {
@@ -228,6 +237,7 @@ class Forwarded {
 
  private:
   std::optional<T> value_;
+  const T* referred_ = nullptr;
   Buffer bytes_;
 };
 
@@ -245,7 +255,11 @@ struct ForwardResult {
   template <class... Args>
   requires std::is_invocable_v<F&, Args&&...> Forwarded<Out>
   operator()(Args&&... args) {
-    return Forwarded<Out>(Out(std::invoke(f, std::forward<Args>(args)...)));
+    if constexpr (std::is_reference_v<std::invoke_result_t<F&, Args&&...>>) {
+      return Forwarded<Out>::referring_to(std::invoke(f, std::forward<Args>(args)...));
+    } else {
+      return Forwarded<Out>(std::invoke(f, std::forward<Args>(args)...));
+    }
   }
 };
 
