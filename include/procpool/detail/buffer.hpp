@@ -27,9 +27,9 @@ struct Block {
 /// 64 MiB): a first touch of a fresh page costs ~2 us per 4 KiB on many VMs,
 /// which for small tasks costs more than the work, so a buffer freed by one
 /// chunk or call is handed warm to the next. Large blocks come straight from
-/// mmap with transparent huge pages requested, so that a 1 GiB result does
-/// not spend half a second in page faults. Blocks of 4 KiB and more are not
-/// inherited by forked children (see map_block). `at_least` may be rounded up.
+/// mmap, in 4 KiB pages (see map_block for why not huge ones). Blocks of 4 KiB
+/// and more are not inherited by forked children (see map_block). `at_least`
+/// may be rounded up.
 Block allocate_block(std::size_t at_least);
 /// A block in a memory file of its own (memory_file.hpp), mapped shared, so
 /// that its bytes can be handed to another process as a descriptor instead of
