@@ -108,7 +108,17 @@ class ChunkDecoder {
             in_ = before_value;
             break;
           }
-          out.push_back(load_framed<Out>(in_));
+          Out value = load_framed<Out>(in_);
+          try {
+            out.push_back(std::move(value));
+          } catch (...) {
+            // The value was read, and a large one's pages given back as it
+            // was (Reader::consumed): reading it again would find zeros. So
+            // this chunk's outcomes from here on are this error, never a
+            // value read twice.
+            broken_ = std::current_exception();
+            return static_cast<std::size_t>(taken_ - before);
+          }
           ++taken_;
         } catch (...) {
           in_ = before_value;  // take() reports it: a corrupt reply, or a load() that threw
