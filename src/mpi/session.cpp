@@ -1,8 +1,11 @@
 // procpool::mpi::Session: MPI start-up, the same-binary check, the serve
 // loop of every rank but the root, and the job's orderly end.
 #include <mpi.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <condition_variable>
@@ -44,6 +47,46 @@ bool launched_by_mpi() {
     if (std::getenv(v) != nullptr) return true;
   }
   return false;
+}
+
+/// The fatal signals whose handlers MPI_Init may replace (Open MPI's
+/// `opal_signal`: a backtrace printer for the rank).
+constexpr int fatal_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+constexpr std::size_t fatal_count = std::size(fatal_signals);
+struct sigaction before_mpi[fatal_count];
+bool replaced_by_mpi[fatal_count] = {};
+
+bool same_handler(const struct sigaction& a, const struct sigaction& b) {
+  if ((a.sa_flags & SA_SIGINFO) != (b.sa_flags & SA_SIGINFO)) return false;
+  return (a.sa_flags & SA_SIGINFO) != 0 ? a.sa_sigaction == b.sa_sigaction
+                                        : a.sa_handler == b.sa_handler;
+}
+
+void remember_fatal_handlers() {
+  for (std::size_t i = 0; i < fatal_count; ++i)
+    ::sigaction(fatal_signals[i], nullptr, &before_mpi[i]);
+}
+
+/// A task that crashes in a worker forked from a rank is procpool's to
+/// report (WorkerCrashed, naming the task and the node), not a crash of the
+/// MPI job: a child forked after MPI_Init gets back the handlers the program
+/// had before it, so that a segfaulting task does not print Open MPI's
+/// backtrace of the rank it was forked from (30 lines, "Process received
+/// signal"). The rank itself keeps Open MPI's.
+void give_forked_children_their_handlers_back() {
+  bool any = false;
+  for (std::size_t i = 0; i < fatal_count; ++i) {
+    struct sigaction now {};
+    ::sigaction(fatal_signals[i], nullptr, &now);
+    replaced_by_mpi[i] = !same_handler(now, before_mpi[i]);
+    any = any || replaced_by_mpi[i];
+  }
+  if (!any) return;
+  ::pthread_atfork(nullptr, nullptr, [] {
+    for (std::size_t i = 0; i < fatal_count; ++i) {
+      if (replaced_by_mpi[i]) ::sigaction(fatal_signals[i], &before_mpi[i], nullptr);
+    }
+  });
 }
 
 [[noreturn]] void abort_job(const std::string& message, int code) {
@@ -193,7 +236,9 @@ Session::Session(int& argc, char**& argv) {
     return;
   }
   int provided = 0;
+  detail::remember_fatal_handlers();
   MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  detail::give_forked_children_their_handlers_back();
   detail::session_uses_mpi = true;
   MPI_Comm_rank(MPI_COMM_WORLD, &detail::session_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &detail::session_size);

@@ -6,6 +6,8 @@
 
 #include <unistd.h>
 
+#include <csignal>
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdio>
@@ -191,6 +193,18 @@ const Blob& pick(Shelf& shelf, int i) {
   return i % 2 == 1 ? shelf.large : shelf.small;
 }
 
+/// SIGSEGV's handler as the program set it up, before MPI_Init.
+struct sigaction segv_before_mpi {};
+/// Whether this worker handles SIGSEGV as the program did before MPI_Init
+/// (MPI_Init installs Open MPI's backtrace printer in the ranks).
+bool segv_handled_as_before_mpi(int) {
+  struct sigaction now {};
+  ::sigaction(SIGSEGV, nullptr, &now);
+  if ((now.sa_flags & SA_SIGINFO) != (segv_before_mpi.sa_flags & SA_SIGINFO)) return false;
+  return (now.sa_flags & SA_SIGINFO) != 0 ? now.sa_sigaction == segv_before_mpi.sa_sigaction
+                                          : now.sa_handler == segv_before_mpi.sa_handler;
+}
+
 int hostname_hash(int) {
   return static_cast<int>(::getpid());
 }
@@ -198,6 +212,7 @@ int hostname_hash(int) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  ::sigaction(SIGSEGV, nullptr, &segv_before_mpi);
   procpool::mpi::Session session(argc, argv);
   on_the_root = true;
   const int nodes = session.nodes();  // ranks on one node share it
@@ -368,6 +383,12 @@ int main(int argc, char** argv) {
         }
       }
     }
+
+    // A task that segfaults is procpool's to report (WorkerCrashed), not
+    // Open MPI's: every worker handles SIGSEGV as the program did before
+    // MPI_Init, not with the backtrace printer MPI_Init gave its rank.
+    const auto handled = pool.map(&segv_handled_as_before_mpi, inputs);
+    MPI_CHECK(std::all_of(handled.begin(), handled.end(), [](bool same) { return same; }));
 
     // work landed on every node
     procpool::mpi::Insights in = pool.insights();
