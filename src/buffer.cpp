@@ -308,13 +308,14 @@ void PrefaultAhead::wait_until_mapped(std::size_t bytes) noexcept {
   }
 }
 
-void copy_to_fresh(std::byte* to, const void* from, std::size_t n) {
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memory_file) {
   PrefaultAhead ahead(to, n, false);
   const auto* source = static_cast<const std::byte*>(from);
   for (std::size_t done = 0; done < n;) {
     const std::size_t step = std::min(PrefaultAhead::piece, n - done);
     ahead.wait_until_mapped(done + step);
     std::memcpy(to + done, source + done, step);
+    if (to_memory_file) unmap_memory_file_pages(to + done, step);
     done += step;
   }
 }

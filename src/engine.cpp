@@ -38,6 +38,11 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.stride = chunk.stride;
   part.tail = chunk.tail;
   part.files = chunk.files;  // indices into it stay valid in any part
+  part.source = chunk.source;  // only ever on a chunk of one input: the part is all of it
+  // A large part is handed to its worker as a memory file, as the chunk was,
+  // rather than copied through the socket.
+  part.payload.share_when_large();
+  if (chunk.handed_over()) return part;  // encoded again before it is sent
   if (chunk.stride != 0) {
     part.payload.append(chunk.payload.data() + from * chunk.stride, (to - from) * chunk.stride);
   } else if (!chunk.offsets.empty()) {
@@ -222,6 +227,10 @@ class Engine::Impl final : private ReplySink {
   void requeue_front(std::deque<Chunk>& chunks);
   void fail_pending(const std::exception_ptr& reason);
   void finish_chunk(const Chunk& chunk, ChunkDone done);
+  /// A chunk whose payload went to a worker for good (Chunk::handed_over) is
+  /// encoded again from the caller's range; false if that failed (the chunk
+  /// then has its error).
+  bool encode_again_if_handed_over(Chunk& chunk);
   /// Ends every worker the same way, all at once, and keeps their counters.
   void end_all(WorkerLink::Ending how, const std::exception_ptr& reason);
   void run_in_process();
@@ -402,7 +411,7 @@ Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
 void Engine::Impl::dispatch() {
   const std::size_t quota = config_.max_tasks_per_child;
   while (!pending_.empty()) {
-    if (!calls_.contains(pending_.front().call)) {
+    if (!calls_.contains(pending_.front().call) || !encode_again_if_handed_over(pending_.front())) {
       pending_.pop_front();
       continue;
     }
@@ -420,7 +429,21 @@ void Engine::Impl::dispatch() {
     const CallState& call = calls_.at(chunk.call);
     const bool own_setup = call.scope == SetupScope::each_chunk && !call.setup.empty();
     best->link->send_chunk(chunk, own_setup ? &call.setup : nullptr);
+    // The link holds its own descriptor of the memory file (or a copy of the
+    // bytes): the worker may now give its pages back as it decodes them.
+    if (chunk.source) chunk.payload = Buffer{};
     best->inflight.push_back(std::move(chunk));
+  }
+}
+
+bool Engine::Impl::encode_again_if_handed_over(Chunk& chunk) {
+  if (!chunk.handed_over()) return true;
+  try {
+    chunk.source->encode(chunk);
+    return true;
+  } catch (...) {
+    finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count, std::current_exception()));
+    return false;
   }
 }
 

@@ -128,6 +128,15 @@ void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept {
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_REMOVE);
 }
 
+void unmap_memory_file_pages(std::byte* at, std::size_t n) noexcept {
+  const std::uintptr_t page = page_size();
+  const auto begin = (reinterpret_cast<std::uintptr_t>(at) + page - 1) & ~(page - 1);
+  const auto end = (reinterpret_cast<std::uintptr_t>(at) + n) & ~(page - 1);
+  // On a shared file mapping MADV_DONTNEED only drops the mappings: reading
+  // the bytes again maps the file's pages back.
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 long send_some_with_fds(int socket, const void* data, std::size_t n, std::span<const int> fds,
                         int flags) noexcept {
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds_per_message)];

@@ -247,15 +247,19 @@ void WorkerLoop::take_attachment(const FrameHeader& header) {
 
 Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   input_file_size_ = static_cast<std::size_t>(attached_offset_ + header.size);
+  // Giving pages back (MADV_REMOVE) needs a writable shared mapping.
+  const bool handed_over = (header.flags & flag_file_handed_over) != 0;
   try {
-    input_file_ = map_memory_file(attached_.back(), input_file_size_, false);
+    input_file_ = map_memory_file(attached_.back(), input_file_size_, handed_over);
   } catch (const std::exception& e) {
     die(e.what());
   }
 #ifdef MADV_POPULATE_READ
   if (input_file_) ::madvise(input_file_, input_file_size_, MADV_POPULATE_READ);
 #endif
-  return Reader(input_file_ + attached_offset_, static_cast<std::size_t>(header.size));
+  Reader payload(input_file_ + attached_offset_, static_cast<std::size_t>(header.size));
+  if (handed_over) payload.allow_giving_back();
+  return payload;
 }
 
 void WorkerLoop::drop_attachments() noexcept {

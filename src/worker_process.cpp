@@ -275,6 +275,7 @@ class WorkerProcess final : public WorkerLink {
     const int fd = ::fcntl(chunk.payload.shared_fd(), F_DUPFD_CLOEXEC, 0);
     if (fd < 0) return false;  // out of descriptors: the socket still works
     channel_.queue_attachment({fd}, 0);
+    if (chunk.source) flags = static_cast<std::uint16_t>(flags | flag_file_handed_over);
     channel_.queue_header(FrameKind::task, chunk.call, chunk.first, chunk.count,
                           chunk.payload.size(), static_cast<std::uint16_t>(flags | flag_in_file));
     return true;

@@ -59,7 +59,7 @@ class CheckedInputArchive
  public:
   explicit CheckedInputArchive(Reader& in)
       : cereal::InputArchive<CheckedInputArchive, cereal::AllowEmptyClassElision>(this), in_(in) {}
-  void loadBinary(void* data, std::size_t size) { in_.read(data, size); }
+  void loadBinary(void* data, std::size_t size) { in_.read_block(data, size); }
   void check_length(std::uint64_t length) const {
     if (length > in_.remaining()) {
       throw ProtocolError("procpool: corrupt message: a length of " + std::to_string(length) +
@@ -277,7 +277,14 @@ class WriterStreambuf : public std::streambuf {
 
  protected:
   std::streamsize xsputn(const char* s, std::streamsize n) override {
-    out_.write(s, static_cast<std::size_t>(n));
+    const auto bytes = static_cast<std::size_t>(n);
+    // A large block (cereal's binary data: a vector's or a string's bytes)
+    // is copied as save() copies one of its own.
+    if (bytes >= large_block) {
+      out_.write_block(s, bytes);
+    } else {
+      out_.write(s, bytes);
+    }
     return n;
   }
   int_type overflow(int_type c) override {
@@ -288,6 +295,7 @@ class WriterStreambuf : public std::streambuf {
   }
 
  private:
+  static constexpr std::size_t large_block = std::size_t{1} << 20;
   Writer& out_;
 };
 

@@ -81,7 +81,10 @@ class PrefaultAhead {
 
 /// Copies `n` bytes to fresh memory at `to`, its pages mapped ahead of the
 /// copy (PrefaultAhead) when it is large.
-void copy_to_fresh(std::byte* to, const void* from, std::size_t n);
+/// `to_memory_file`: `to` is a shared memory-file mapping whose bytes are
+/// written for another process: each piece is unmapped once written (the file
+/// keeps it), so that this process never holds the block twice.
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memory_file = false);
 
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
 /// results of hundreds of MiB must not be zero-filled before they are written.
@@ -203,7 +206,8 @@ class Writer {
     if (buffer_.borrowed()) {
       std::memcpy(at, bytes, n);  // its owner maps it
     } else {
-      copy_to_fresh(at, bytes, n);
+      // A memory file's bytes are for the process it is handed to.
+      copy_to_fresh(at, bytes, n, buffer_.shared_fd() >= 0);
     }
   }
   /// See Buffer::prepare_for.
@@ -237,6 +241,24 @@ class Reader {
   }
   void read(void* out, std::size_t n) {
     if (n != 0) std::memcpy(out, take(n), n);
+  }
+  /// read() for a block that may be large: copied in pieces, each given back
+  /// once copied (see allow_giving_back), so that it is never held twice.
+  void read_block(void* out, std::size_t n) {
+    const std::byte* from = take(n);
+    constexpr std::size_t piece = std::size_t{8} << 20;
+    for (std::size_t done = 0; done < n; done += piece) {
+      const std::size_t step = std::min(piece, n - done);
+      std::memcpy(static_cast<std::byte*>(out) + done, from + done, step);
+      consumed(from + done, step);
+    }
+  }
+  /// The next `n` bytes as a Reader of their own, which gives back what it
+  /// reads if this one does; skipped here.
+  Reader take_reader(std::size_t n) {
+    Reader part(take(n), n);
+    part.give_back_ = give_back_;
+    return part;
   }
   template <class T>
   T get() requires std::is_trivially_copyable_v<T> {

@@ -244,6 +244,42 @@ class IndexFeed {
   std::size_t next_ = 0;
 };
 
+/// The TaskError of input `index` whose save() is throwing now (in a catch block).
+inline TaskError serialize_input_error(std::uint64_t index) {
+  auto [type_name, what] = current_exception_type_and_what();
+  return TaskError(static_cast<std::size_t>(index), std::move(type_name), std::move(what),
+                   TaskError::Stage::serialize_input);
+}
+
+/// A large input that the caller's range still holds, where the chunk that
+/// carries it can encode it again (see InputSource). The call keeps its range
+/// alive while the engine knows the call, and the engine encodes only for a
+/// call it knows.
+template <class Item>
+class ElementSource final : public InputSource {
+ public:
+  explicit ElementSource(const Item& item) noexcept : item_(item) {}
+  void encode(Chunk& chunk) const override {
+    Buffer payload;
+    payload.share_when_large();
+    std::vector<int> files;
+    try {
+      ScopedPointer<std::vector<int>> attaching(files_to_attach(), &files);
+      Writer out(payload);
+      save_framed(out, item_);
+    } catch (...) {
+      close_all(files);
+      throw serialize_input_error(chunk.first);
+    }
+    chunk.payload = std::move(payload);
+    chunk.offsets.assign(1, 0);
+    chunk.files = files.empty() ? nullptr : std::make_shared<AttachedFiles>(std::move(files));
+  }
+
+ private:
+  const Item& item_;
+};
+
 /// Inputs that must travel: taken lazily from any input range and serialised.
 template <class View, class Item>
 class StreamFeed {
@@ -316,21 +352,38 @@ class StreamFeed {
         save_framed(out, static_cast<const Item&>(item));
       } catch (...) {
         if (out.size() != at) out.truncate(at);
-        auto [type_name, what] = current_exception_type_and_what();
         failed_input_ =
             FailedInput{next_ + chunk.count,
-                        std::make_exception_ptr(TaskError(
-                            static_cast<std::size_t>(next_ + chunk.count), std::move(type_name),
-                            std::move(what), TaskError::Stage::serialize_input))};
+                        std::make_exception_ptr(serialize_input_error(next_ + chunk.count))};
       }
       if (!failed_input_) {
         chunk.offsets.push_back(at);
         ++chunk.count;
+        note_source(chunk, item);
       }
       ++it_;
       if (failed_input_) return;  // its outcome goes between this chunk and the next
     }
   }
+
+  /// An input the range keeps where it is (a container's element) can be
+  /// encoded again, so a chunk of it alone, too large for the arena, hands
+  /// its memory file over for good (see InputSource). The file is the
+  /// input's second copy: without this, the caller held it until the reply,
+  /// beside the worker's decoded third.
+  template <class Ref>
+  static void note_source(Chunk& chunk, Ref&& item) {
+    if constexpr (re_readable) {
+      if (chunk.count == 1 && chunk.payload.shared_fd() >= 0) {
+        chunk.source = std::make_shared<ElementSource<Item>>(static_cast<const Item&>(item));
+      } else {
+        chunk.source = nullptr;
+      }
+    }
+  }
+  static constexpr bool re_readable =
+      std::ranges::forward_range<View> &&
+      std::is_lvalue_reference_v<std::ranges::range_reference_t<View>>;
 
   /// Fixed-size inputs: no per-input offsets, and one copy for a contiguous range.
   void take_raw(Chunk& chunk, std::size_t max_items) {

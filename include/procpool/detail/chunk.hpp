@@ -14,6 +14,20 @@
 
 namespace procpool::detail {
 
+struct Chunk;
+
+/// Encodes a chunk's one input again from the caller's range. A chunk that
+/// has one (a large input that the range still holds, see StreamFeed) hands
+/// its memory file to the worker for good: the worker gives the file's pages
+/// back as it decodes them, so the input is not held a third time while its
+/// copy in the worker is built, and a retry encodes it afresh.
+class InputSource {
+ public:
+  virtual ~InputSource() = default;
+  /// Fills `chunk`'s payload, offsets and files as the feed did the first time.
+  virtual void encode(Chunk& chunk) const = 0;
+};
+
 /// Tasks `first` .. `first + count - 1` of one call, sent to a worker as one message.
 struct Chunk {
   std::uint64_t call = 0;
@@ -38,6 +52,12 @@ struct Chunk {
   /// not copied), by index. The chunk keeps them: each send hands the worker
   /// duplicates, so a retry or a split part can send them again.
   std::shared_ptr<AttachedFiles> files;
+  /// Set for a chunk of one input that can be encoded again (see InputSource).
+  std::shared_ptr<const InputSource> source;
+
+  /// The payload went to a worker for good: it must be encoded again before
+  /// the chunk is sent again.
+  bool handed_over() const noexcept { return source && payload.empty(); }
 };
 
 /// Tasks `from` .. `to - 1` (relative to the chunk's first) as a chunk of their own.

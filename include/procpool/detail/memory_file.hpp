@@ -56,6 +56,10 @@ std::byte* map_sealed_memory_file(int fd, std::size_t size);
 /// Gives the pages of [at, at + n) of a shared, writable memory-file mapping
 /// back to the system (whole pages only): bytes already consumed. A hint.
 void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept;
+/// Takes the pages of [at, at + n) of a shared memory-file mapping out of this
+/// process's page tables (whole pages only), where the file keeps them: bytes
+/// written for another process, which they now count against, not this one.
+void unmap_memory_file_pages(std::byte* at, std::size_t n) noexcept;
 
 /// The most descriptors one message carries (the kernel allows 253).
 inline constexpr std::size_t max_fds_per_message = 64;

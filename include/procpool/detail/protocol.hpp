@@ -47,6 +47,10 @@ inline constexpr std::uint16_t flag_end_call_after = 16;
 /// (FrameKind::attach), not on the socket. For payloads too big for an arena
 /// region: handed over, never copied on the way.
 inline constexpr std::uint16_t flag_in_file = 32;
+/// Task flag, with flag_in_file: the parent let go of the file (it can
+/// encode the inputs again), so the worker gives its pages back as it
+/// decodes them.
+inline constexpr std::uint16_t flag_file_handed_over = 64;
 
 /// Flags for a payload in arena region `region`.
 inline std::uint16_t arena_flags(std::size_t region) {
@@ -187,7 +191,7 @@ void save_framed(Writer& out, const T& value) {
 /// them before anything is decoded. ProtocolError if the length is corrupt.
 inline Reader take_frame(Reader& in) {
   const std::size_t bytes = load_count(in, 1);
-  return Reader(in.take(bytes), bytes);
+  return in.take_reader(bytes);
 }
 
 /// Decodes a value written by save_framed<T>. For a framed T, `in` is past
@@ -204,10 +208,15 @@ T load_framed(Reader& in) {
 
 /// A worker decodes one input; whatever goes wrong is that input's failure
 /// (InputDecodeFailed), and the next input is still read from its own bytes.
+/// Its bytes are then given back if the reader may (Reader::consumed): an
+/// input's own decoding gives back only what it copies in bulk.
 template <class Item>
 Item load_input(Reader& in) {
+  const std::byte* start = in.position();
   try {
-    return load_framed<Item>(in);
+    Item item = load_framed<Item>(in);
+    in.consumed(start, static_cast<std::size_t>(in.position() - start));
+    return item;
   } catch (...) {
     throw InputDecodeFailed{std::current_exception()};
   }
