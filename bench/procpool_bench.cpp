@@ -7,6 +7,8 @@
 //   procpool_bench payload_in [--tasks 64] [--mib 16]      16 MiB inputs from a lazy range
 //   procpool_bench payload_zero_copy [--tasks 64] [--mib 16]  16 MiB SharedBuffer results,
 //                                                          handed over, not copied
+//   procpool_bench input_memory [--mib 1024]               one large input to a Pool: the
+//                                                          caller's peak RSS over its input
 //   procpool_bench startup [--reps 20]                     Pool start + one task + stop, ms
 //   procpool_bench startup_spawn [--reps 20]               the same with Start::spawn workers
 //   procpool_bench cpu [--tasks 64] [--task-ms 50]         efficiency vs serial and std::thread
@@ -166,6 +168,27 @@ int payload_in(const Args& a) {
       procpool::map([](const std::vector<char>& v) { return v.size(); }, inputs, {.processes = 2});
     });
   });
+}
+
+/// What one large input costs the caller beyond the input itself: its peak
+/// RSS (VmHWM) during a Pool's map of it, less the RSS with the input built.
+int input_memory(const Args& a) {
+  const auto bytes = static_cast<std::size_t>(a.get("--mib", 1024)) << 20;
+  procpool::Pool pool({.processes = 1});
+  pool.map(inc, iota_long(1));  // the worker is up before the measure
+  std::vector<std::vector<char>> inputs;
+  inputs.emplace_back(bytes, 'i');
+  const long before_kb = bench::status_kb("VmHWM:");
+  const double wall = bench::seconds(
+      [&] { pool.map([](const std::vector<char>& v) { return v.size(); }, inputs); });
+  const long peak_kb = bench::status_kb("VmHWM:");
+  Json("input_memory")
+      .num("mib", static_cast<double>(bytes >> 20))
+      .num("seconds", wall)
+      .num("caller_peak_mb", static_cast<double>(peak_kb) / 1024)
+      .num("caller_peak_over_input_mb", static_cast<double>(peak_kb - before_kb) / 1024)
+      .print();
+  return 0;
 }
 
 /// SharedBuffers a worker filled before the timed call (one worker, so that
@@ -495,6 +518,7 @@ int main(int argc, char** argv) {
   if (w == "payload_out") return payload_out(args);
   if (w == "payload_in") return payload_in(args);
   if (w == "payload_zero_copy") return payload_zero_copy(args);
+  if (w == "input_memory") return input_memory(args);
   if (w == "startup") return startup(args);
   if (w == "startup_spawn") return startup_spawn(args);
   if (w == "cpu") return cpu(args);

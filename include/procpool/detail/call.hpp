@@ -381,9 +381,12 @@ class StreamFeed {
       }
     }
   }
+  // The element itself, not a converted temporary (a range of int fed to a
+  // function of long).
   static constexpr bool re_readable =
       std::ranges::forward_range<View> &&
-      std::is_lvalue_reference_v<std::ranges::range_reference_t<View>>;
+      std::is_lvalue_reference_v<std::ranges::range_reference_t<View>> &&
+      std::same_as<std::remove_cvref_t<std::ranges::range_reference_t<View>>, Item>;
 
   /// Fixed-size inputs: no per-input offsets, and one copy for a contiguous range.
   void take_raw(Chunk& chunk, std::size_t max_items) {
