@@ -10,9 +10,11 @@
 #include <cereal/types/string.hpp>
 #include <cereal/types/vector.hpp>
 
+#include <algorithm>
 #include <csignal>
 #include <filesystem>
 #include <list>
+#include <ranges>
 #include <utility>
 
 #include <cstdint>
@@ -319,6 +321,72 @@ TEST(LargeInputs, AnInputThatCannotBeEncodedAgainFailsItsRetryWithTheReason) {
     EXPECT_NE(e.remote_what().find("already saved"), std::string::npos) << e.what();
   } catch (const std::exception& e) {
     ADD_FAILURE() << "not a TaskError: " << e.what();
+  }
+}
+
+long crash_once_on_block_0(const std::vector<char>& block) {
+  if (block[0] == 0 && ::access(crash_marker.c_str(), F_OK) != 0) {
+    std::ofstream(crash_marker) << "crashed";
+    ::raise(SIGKILL);
+  }
+  return checksum(block);
+}
+
+TEST(LargeInputs, AViewOfAReusedBufferKeepsWhatItSentForTheRetry) {
+  // Each element is the same buffer, refilled: encoding it again for the
+  // retry would send the last input loaded instead of the first.
+  crash_marker = fresh_crash_marker();
+  const std::vector<int> keys{0, 1, 2};
+  std::vector<char> buffer;
+  auto loaded = keys | std::views::transform([&buffer](int key) -> const std::vector<char>& {
+                  buffer = block_of(std::size_t{40} << 20, key);
+                  return buffer;
+                });
+  procpool::Pool pool({.processes = 1, .retries = 1});
+  const auto outcomes = pool.map_outcomes(crash_once_on_block_0, loaded);
+  EXPECT_EQ(::access(crash_marker.c_str(), F_OK), 0) << "input 0 never crashed its worker";
+  ASSERT_EQ(outcomes.size(), 3u);
+  for (std::size_t i = 0; i < 3; ++i) {
+    ASSERT_TRUE(outcomes[i].ok()) << outcomes[i].what();
+    EXPECT_EQ(*outcomes[i].value, checksum(block_of(std::size_t{40} << 20, static_cast<int>(i))))
+        << i;
+  }
+}
+
+/// A cereal result whose load() fails the first time it reads a large body,
+/// after the body's pages were read (and given back).
+struct LoadsOnce {
+  std::vector<char> body;
+  template <class Archive>
+  void save(Archive& archive) const {
+    archive(body);
+  }
+  template <class Archive>
+  void load(Archive& archive) {
+    archive(body);
+    static int large_loads = 0;  // in the caller: workers only save
+    if (body.size() > (std::size_t{1} << 20) && ++large_loads == 1) {
+      throw std::runtime_error("the first large body does not load");
+    }
+  }
+};
+
+LoadsOnce loads_once_of(int i) {
+  return LoadsOnce{std::vector<char>(i == 0 ? 16 : std::size_t{40} << 20, 7)};
+}
+
+TEST(LargeResults, AResultWhoseLoadThrowsAfterReadingItsPagesFailsAndIsNotReadTwice) {
+  // map takes a chunk's values in one go: a value that fails there was
+  // decoded again, one by one, from pages already given back (zeros).
+  procpool::Pool pool({.processes = 1, .chunksize = 2});
+  try {
+    const auto values = pool.map(loads_once_of, std::vector<int>{0, 1});
+    ADD_FAILURE() << "map returned a value of " << values.at(1).body.size() << " bytes, "
+                  << std::count(values[1].body.begin(), values[1].body.end(), 0) << " of them 0";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_EQ(e.index(), 1u);
+    EXPECT_EQ(e.stage(), procpool::TaskError::Stage::deserialize_result);
+    EXPECT_NE(e.remote_what().find("does not load"), std::string::npos) << e.what();
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <ranges>
+#include <span>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -108,9 +110,10 @@ class ChunkDecoder {
             in_ = before_value;
             break;
           }
-          Out value = load_framed<Out>(in_);
+          std::optional<Out> value = load_value_once();
+          if (!value) break;  // its failure is kept for take()
           try {
-            out.push_back(std::move(value));
+            out.push_back(std::move(*value));
           } catch (...) {
             // The value was read, and a large one's pages given back as it
             // was (Reader::consumed): reading it again would find zeros. So
@@ -132,6 +135,10 @@ class ChunkDecoder {
   Outcome<Out> take() {
     Outcome<Out> outcome;
     outcome.index = static_cast<std::size_t>(done_.first + taken_++);
+    if (value_error_) {
+      outcome.error = std::exchange(value_error_, nullptr);
+      return outcome;
+    }
     if (broken_) {
       outcome.error = broken_;
       return outcome;
@@ -155,10 +162,7 @@ class ChunkDecoder {
           try {
             outcome.value.emplace(load_value<Out>(own));
           } catch (...) {
-            auto [type_name, what] = current_exception_type_and_what();
-            outcome.error = std::make_exception_ptr(
-                TaskError(outcome.index, std::move(type_name), std::move(what),
-                          TaskError::Stage::deserialize_result));
+            outcome.error = load_error(outcome.index);
           }
         } else {
           outcome.value.emplace(load_value<Out>(in_));
@@ -180,6 +184,40 @@ class ChunkDecoder {
 
  private:
   static constexpr bool dense_capable = dense_result_v<Out>;
+
+  /// The TaskError of result `index` whose load() is throwing now (in a catch block).
+  static std::exception_ptr load_error(std::size_t index) {
+    auto [type_name, what] = current_exception_type_and_what();
+    return std::make_exception_ptr(TaskError(index, std::move(type_name), std::move(what),
+                                             TaskError::Stage::deserialize_result));
+  }
+
+  /// The value after a value tag, for take_values(). If decoding it throws,
+  /// a reply that is not given back is rewound for take() to report it (the
+  /// exception propagates). One that is may have given back the pages read
+  /// so far (Reader::consumed), and decoding again would read zeros: the
+  /// failure is kept for take() instead (nullopt), as the value's own
+  /// TaskError when its load() threw inside its frame, else as the chunk's.
+  std::optional<Out> load_value_once() {
+    if constexpr (runs_user_code_v<Out>) {
+      Reader own = take_frame(in_);  // before any byte is given back
+      try {
+        return load_value<Out>(own);
+      } catch (...) {
+        if (!done_.give_back) throw;
+        value_error_ = load_error(static_cast<std::size_t>(done_.first + taken_));
+        return std::nullopt;
+      }
+    } else {
+      try {
+        return load_value<Out>(in_);
+      } catch (...) {
+        if (!done_.give_back) throw;
+        broken_ = std::current_exception();
+        return std::nullopt;
+      }
+    }
+  }
 
   static TaskError::Stage error_stage(OutcomeTag tag) {
     switch (tag) {
@@ -210,6 +248,8 @@ class ChunkDecoder {
   ChunkDone done_;
   Reader in_;
   std::exception_ptr broken_;
+  /// The next outcome's error, from a value take_values() could not decode.
+  std::exception_ptr value_error_;
   std::uint64_t taken_ = 0;
 };
 
@@ -243,6 +283,24 @@ class IndexFeed {
   std::size_t size_;
   std::size_t next_ = 0;
 };
+
+/// A range whose elements are objects it keeps, each where it is while the
+/// range lives and is not changed: an allocator-aware container (vector,
+/// deque, list, set, map...), a std::array, a std::span, or a view of one.
+template <class R>
+    struct keeps_its_elements : std::bool_constant < requires {
+  typename R::allocator_type;
+} > {};
+template <class T, std::size_t N>
+struct keeps_its_elements<std::array<T, N>> : std::true_type {};
+template <class T, std::size_t N>
+struct keeps_its_elements<std::span<T, N>> : std::true_type {};
+template <class R>
+struct keeps_its_elements<std::ranges::ref_view<R>> : keeps_its_elements<std::remove_cv_t<R>> {};
+template <class R>
+struct keeps_its_elements<std::ranges::owning_view<R>> : keeps_its_elements<R> {};
+template <class R>
+inline constexpr bool keeps_its_elements_v = keeps_its_elements<std::remove_cv_t<R>>::value;
 
 /// The TaskError of input `index` whose save() is throwing now (in a catch block).
 inline TaskError serialize_input_error(std::uint64_t index) {
@@ -381,10 +439,11 @@ class StreamFeed {
       }
     }
   }
-  // The element itself, not a converted temporary (a range of int fed to a
-  // function of long).
+  // The element itself, in a container that keeps it: not a converted
+  // temporary (a range of int fed to a function of long), nor what a view
+  // refers to now (a transform returning a reused buffer or a cache entry).
   static constexpr bool re_readable =
-      std::ranges::forward_range<View> &&
+      keeps_its_elements_v<View> && std::ranges::forward_range<View> &&
       std::is_lvalue_reference_v<std::ranges::range_reference_t<View>> &&
       std::same_as<std::remove_cvref_t<std::ranges::range_reference_t<View>>, Item>;
 
