@@ -37,7 +37,7 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.orphaned = chunk.orphaned;
   part.stride = chunk.stride;
   part.tail = chunk.tail;
-  part.files = chunk.files;  // indices into it stay valid in any part
+  part.files = chunk.files;    // indices into it stay valid in any part
   part.source = chunk.source;  // only ever on a chunk of one input: the part is all of it
   // A large part is handed to its worker as a memory file, as the chunk was,
   // rather than copied through the socket.

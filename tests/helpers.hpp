@@ -18,6 +18,15 @@
 
 namespace test_helpers {
 
+/// Built with ASan or TSan, whose runtimes reserve address space and keep
+/// shadow memory that counts in a process's RSS.
+constexpr bool under_sanitizer =
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 struct Child {
   pid_t pid;
   char state;  // 'Z' for a zombie

@@ -145,15 +145,9 @@ ShellRun run_shell(const std::string& command) {
   return run;
 }
 
-constexpr bool under_sanitizer =
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
-
 TEST(Limits, EightWorkersRunUnderAnAddressSpaceLimitOfAGigabyte) {
-  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes reserve terabytes of address space";
+  if (test_helpers::under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes reserve terabytes of address space";
   // Each worker's arenas would take 256 MiB of address space: 8 used to fail
   // under 4 GB with "cannot map a worker's arenas".
   const ShellRun run = run_shell(std::string("ulimit -v 1000000 && ") + LIMITS_HELPER);
@@ -166,7 +160,7 @@ TEST(Limits, EightWorkersRunUnderAnAddressSpaceLimitOfAGigabyte) {
 }
 
 TEST(Limits, TooFewDescriptorsRunTheWorkersThatCouldStart) {
-  if (under_sanitizer)
+  if (test_helpers::under_sanitizer)
     GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   const ShellRun run = run_shell(std::string(LIMITS_HELPER) + " --open-files-beyond 6");
   EXPECT_EQ(run.status, 0) << run.output;
@@ -180,7 +174,7 @@ TEST(Limits, TooFewDescriptorsRunTheWorkersThatCouldStart) {
 }
 
 TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
-  if (under_sanitizer)
+  if (test_helpers::under_sanitizer)
     GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   const ShellRun run = run_shell(std::string(LIMITS_HELPER) + " --open-files 3");
   EXPECT_EQ(run.status, 2) << run.output;
@@ -191,7 +185,7 @@ TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
 }
 
 TEST(Limits, TooFewProcessesRunTheWorkersThatCouldStart) {
-  if (under_sanitizer)
+  if (test_helpers::under_sanitizer)
     GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
   // RLIMIT_NPROC does not bind root: run as nobody, allowed a few processes
   // more than nobody has now (the shell and the helper among them).
@@ -252,7 +246,8 @@ class MemoryCgroup {
 };
 
 TEST(OutOfMemory, AWorkerKilledForMemorySaysSoWithTheLimit) {
-  if (under_sanitizer) GTEST_SKIP() << "sanitizer runtimes change memory use beyond measure";
+  if (test_helpers::under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes change memory use beyond measure";
   MemoryCgroup cgroup("268435456");  // 256 MiB; the task wants 1 GiB
   if (cgroup.path().empty()) {
     GTEST_SKIP() << "cannot create a memory cgroup here (needs root and a writable cgroup fs)";

@@ -187,13 +187,6 @@ long long held_by_memory_file_of(std::size_t size) {
 
 constexpr std::size_t large_input = std::size_t{128} << 20;
 
-constexpr bool under_sanitizer =
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
-
 std::pair<long, long long> sum_and_file_held(const std::vector<char>& block) {
   return {checksum(block), held_by_memory_file_of(block.size())};
 }
@@ -206,7 +199,7 @@ void expect_held_once(const std::pair<long, long long>& seen, const std::vector<
   // Without the hand-over the caller's peak grew by the whole encoding. (A
   // process's peak: ctest runs each test in a process of its own.) A
   // sanitizer's shadow of the file's mapping adds to it, whatever is unmapped.
-  if (!under_sanitizer) {
+  if (!test_helpers::under_sanitizer) {
     EXPECT_LT(rss_growth_kib, 64 * 1024) << "the caller held the input twice";
   }
 }
