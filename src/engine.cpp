@@ -162,6 +162,7 @@ class Engine::Impl final : private ReplySink {
   }
   void enable_wake();
   void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
+  std::exception_ptr broken() const noexcept { return broken_; }
   void wake() noexcept;
   std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
   double nanos_per_task(std::uint64_t call) const;
@@ -922,6 +923,10 @@ double Engine::nanos_per_task(std::uint64_t call) const {
 }
 void Engine::let_tail_chunks_queue() noexcept {
   impl_->let_tail_chunks_queue();
+}
+
+std::exception_ptr Engine::broken() const noexcept {
+  return impl_->broken();
 }
 
 std::size_t Engine::outstanding() const noexcept {

@@ -44,9 +44,9 @@ PoolLogic::PoolLogic(const std::function<std::shared_ptr<void>()>& make_state) {
   try {
     state_ = make_state();
   } catch (...) {
-    init_error_ = std::make_exception_ptr(
-        Error("procpool: the pool's initializer threw in worker " + std::to_string(::getpid()) +
-              ": " + describe_current_exception() + "; every task of this pool fails"));
+    init_error_ = std::make_exception_ptr(InitializerFailed(
+        "procpool: the pool's initializer threw in worker " + std::to_string(::getpid()) + ": " +
+        describe_current_exception() + "; every task of this pool fails"));
   }
 }
 

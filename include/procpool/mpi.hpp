@@ -121,6 +121,12 @@ struct NodeInsights {
   /// Tasks whose worker died (or timed out) here and that the root sent to
   /// another node to run again (Options::retries, on a pool of several nodes).
   std::uint64_t moved_away = 0;
+  /// Why the node gets none of the pool's tasks any more (empty: it does).
+  /// A node whose pool cannot run anything (no worker could start, new
+  /// workers keep dying before they are ready, the initializer threw) sends
+  /// its inputs back and the other nodes run them; `processes` is then 0.
+  std::string out_of_rotation;
+  std::uint64_t sent_back = 0;  // inputs it sent back, run on other nodes
   /// The node's own procpool::Pool, over its life: a row per worker.
   procpool::Insights pool;
 };

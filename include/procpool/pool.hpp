@@ -302,6 +302,11 @@ namespace detail {
 /// Engine::let_tail_chunks_queue).
 struct PoolAccess {
   static Engine& engine(Pool& pool) { return *pool.core_->engine; }
+  /// Engine::broken(), under the pool's lock.
+  static std::exception_ptr broken(Pool& pool) {
+    std::lock_guard lock(pool.core_->mutex);
+    return pool.core_->engine->broken();
+  }
 };
 
 }  // namespace detail

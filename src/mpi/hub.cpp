@@ -271,13 +271,16 @@ void Hub::route(std::size_t node, Buffer message) {
       } else if (record.report_if_orphaned) {
         // A dropped Future's task: nobody will see its error unless it is said.
         for (std::uint64_t i = 0; i < count; ++i) {
-          if (in.get<std::uint8_t>() != 0) {
+          const auto tag = in.get<std::uint8_t>();
+          if (tag == 1) {
             in.take(record.value_size != 0 ? record.value_size
                                            : static_cast<std::size_t>(in.get<std::uint64_t>()));
             continue;
           }
           report_unobserved(pool,
                             load_error(in, record.first + i, nodes[node].rank, nodes[node].host));
+          if (tag == record_not_run_here)
+            in.take(static_cast<std::size_t>(in.get<std::uint64_t>()));
         }
       }
       return;
@@ -677,16 +680,37 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       run->each.push_back(std::move(o));
       ++run->count;
     };
+    // Inputs the node could not run: to another node, unless it is the
+    // pool's last (then they fail, as on a one-node pool).
+    std::vector<RawOutcome> sent_back;
+    const bool send_elsewhere = pool_->others_have_workers(chunk.node);
     for (std::size_t i = 0; i < chunk.count; ++i) {
       const std::size_t index = chunk.first + i;
       RawOutcome o;
       o.index = index;
       o.rank = node.rank;
-      if (records.get<std::uint8_t>() != 0) {
+      const auto tag = records.get<std::uint8_t>();
+      if (tag == 1) {
         o.size =
             value_size_ != 0 ? value_size_ : static_cast<std::size_t>(records.get<std::uint64_t>());
         o.data = records.take(o.size);
         keep(std::move(o));
+        continue;
+      }
+      if (tag == record_not_run_here) {
+        o.error = load_error(records, index, node.rank, node.host);
+        o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
+        o.data = records.take(o.size);
+        ++failures;
+        if (send_elsewhere) {
+          sent_back.push_back(std::move(o));
+          run = nullptr;
+        } else {
+          if (abandoned_) report_unobserved(*pool_, o.error);
+          o.data = nullptr;
+          o.size = 0;
+          keep(std::move(o));
+        }
         continue;
       }
       const bool retry = retryable_locked(chunk, records);
@@ -702,6 +726,12 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       if (abandoned_) report_unobserved(*pool_, o.error);
       keep(std::move(o));
     }
+    if (!sent_back.empty()) {
+      if (pool_->processes[chunk.node] != 0)
+        pool_->take_out_of_rotation(chunk.node, sent_back.front().error);
+      queue_sent_back_locked(chunk.node, chunk.attempts, sent_back);
+      again += sent_back.size();
+    }
   }
   --chunks_out_;
   ++replies_;
@@ -713,6 +743,7 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   // One task's time on one worker, as if the chunk had had the node alone
   // (other chunks running beside it make this an overestimate: smaller chunks, safe).
   const double workers = pool_->processes[chunk.node];
+  if (workers == 0) return;  // a node out of rotation: its times tell nothing now
   const double count = static_cast<double>(chunk.count);
   measured_seconds_ = estimate_decay * measured_seconds_ + run_seconds * std::min(workers, count);
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
@@ -746,6 +777,9 @@ void CallState::open_on_locked(std::size_t node) {
 }
 
 std::size_t CallState::least_loaded_with_room_locked(std::size_t avoid) const {
+  // A retry avoids the node it failed on, but not when the pool has no other:
+  // it then runs again there, as on a one-node pool.
+  if (avoid < hub_.nodes.size() && !pool_->others_have_workers(avoid)) avoid = hub_.nodes.size();
   std::size_t best = hub_.nodes.size();
   double best_load = 0;
   for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
@@ -782,27 +816,67 @@ void CallState::send_retries_locked() {
     // from receive()).
     const std::size_t best = least_loaded_with_room_locked(r.avoid);
     if (best == hub_.nodes.size()) return;
+    const std::size_t count = retries_alike_locked(room_locked(best));
+    const std::size_t last = r.position + count - 1;
     const std::uint64_t chunk = ++hub_.next_id;
     Buffer message = new_message(Msg::chunk);
     Writer w(message);
     w.put(id_);
     w.put(chunk);
-    w.put(std::uint64_t{1});
-    w.write(r.inputs->input(r.position), r.inputs->input_size(r.position));
+    w.put(static_cast<std::uint64_t>(count));
+    w.write(r.inputs->input(r.position),
+            static_cast<std::size_t>(r.inputs->input(last) - r.inputs->input(r.position)) +
+                r.inputs->input_size(last));
     ChunkRecord record;
     record.first = r.index;
-    record.count = 1;
+    record.count = count;
     record.node = best;
-    record.inputs = r.inputs;
+    // Kept only for Options::retries across nodes (inputs sent back are kept
+    // until they are sent again, either way).
+    if (pool_->root_retries) record.inputs = r.inputs;
     record.inputs_first = r.position;
     record.attempts = r.attempts;
     ++hub_.nodes[best].inflight_chunks;
-    ++hub_.nodes[best].inflight_items;
+    hub_.nodes[best].inflight_items += count;
     // A send that throws breaks the call (see top_up), retry and all.
     send_chunk_locked(chunk, std::move(record), std::move(message));
-    ++pool_->stats[r.avoid].moved_away;
-    retries_.pop_front();
+    if (!r.sent_back) pool_->stats[r.avoid].moved_away += count;
+    retries_.erase(retries_.begin(), retries_.begin() + static_cast<std::ptrdiff_t>(count));
   }
+}
+
+std::size_t CallState::retries_alike_locked(std::size_t most) const {
+  const Retry& first = retries_.front();
+  std::size_t count = 1;
+  while (count < retries_.size() && count < most) {
+    const Retry& r = retries_[count];
+    if (r.inputs != first.inputs || r.position != first.position + count ||
+        r.index != first.index + count || r.attempts != first.attempts || r.avoid != first.avoid ||
+        r.sent_back != first.sent_back)
+      break;
+    ++count;
+  }
+  return count;
+}
+
+void CallState::queue_sent_back_locked(std::size_t node, unsigned attempts,
+                                       const std::vector<RawOutcome>& inputs) {
+  auto kept = std::make_shared<ChunkInputs>();
+  std::size_t bytes = 0;
+  for (const RawOutcome& o : inputs)
+    bytes += o.size;
+  kept->bytes = Buffer(bytes);
+  std::size_t at = 0;
+  for (const RawOutcome& o : inputs) {
+    kept->starts.push_back(at);
+    if (o.size != 0) std::memcpy(kept->bytes.data() + at, o.data, o.size);
+    at += o.size;
+  }
+  kept->starts.push_back(at);
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    retries_.push_back(Retry{inputs[i].index, attempts, node, kept, i, inputs[i].error, true});
+  pool_->stats[node].sent_back += inputs.size();
+  pool_->stats[node].tasks -= inputs.size();  // counted with their chunk, but not run there
 }
 
 void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer message) {
@@ -814,8 +888,9 @@ void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer m
   record.sent = Clock::now();
   record.report_if_orphaned = submitted_;
   record.value_size = value_size_;
-  // A submitted call whose tasks may run again stays alive while they run.
-  if (submitted_ && record.inputs) record.owner = weak_from_this().lock();
+  // A submitted call stays alive while its task runs: the task may have to
+  // run again (a retry, or a node that sends it back) though its Future is gone.
+  if (submitted_) record.owner = weak_from_this().lock();
   bool recorded = false;
   try {
     open_on_locked(node);
@@ -875,6 +950,27 @@ std::exception_ptr CallHandle::decode_error(const RawOutcome& raw) {
 }
 
 // ---- pools ------------------------------------------------------------------
+
+void PoolState::take_out_of_rotation(std::size_t node, const std::exception_ptr& why) {
+  std::string reason = "unknown";
+  try {
+    std::rethrow_exception(why);
+  } catch (const TaskError& e) {
+    reason = e.remote_what();  // the initializer's error, not the task's that met it
+  } catch (const std::runtime_error& e) {
+    reason = e.std::runtime_error::what();  // without OnNode's "(on node ...)": said beside it
+  } catch (const std::exception& e) {
+    reason = e.what();
+  } catch (...) {
+  }
+  processes[node] = 0;
+  stats[node].out_of_rotation = reason;
+  const NodeSlot& slot = hub->nodes[node];
+  std::fprintf(stderr,
+               "procpool::mpi: warning: node %s:%d cannot run this pool's tasks; they run on the "
+               "other nodes. Why: %s\n",
+               slot.host.c_str(), slot.rank, reason.c_str());
+}
 
 std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* factory,
                                      const void* init, const std::type_info* state_type) {
@@ -1043,6 +1139,8 @@ Insights pool_insights(PoolState& pool) {
     node.round_trip_seconds = s.round_trip_seconds;
     node.bytes_sent = s.bytes_sent;
     node.moved_away = s.moved_away;
+    node.sent_back = s.sent_back;
+    node.out_of_rotation = s.out_of_rotation;
     node.bytes_received = s.bytes_received;
     if (auto it = replies.find(n); it != replies.end()) node.pool = std::move(it->second);
     for (const WorkerInsights& w : node.pool.workers)
@@ -1067,7 +1165,16 @@ Insights pool_insights(PoolState& pool) {
     round_trip += n.round_trip_seconds;
     on_node += n.node_seconds;
   }
-  if (!idle.empty()) {
+  std::string out_of_rotation;
+  for (const NodeInsights& n : out.per_node) {
+    if (n.out_of_rotation.empty()) continue;
+    out_of_rotation += (out_of_rotation.empty() ? "" : "; ") + n.host + ":" +
+                       std::to_string(n.rank) + " (" + n.out_of_rotation + ")";
+  }
+  if (!out_of_rotation.empty()) {
+    out.diagnosis = "node(s) could not run this pool's tasks, which ran on the other nodes: " +
+                    out_of_rotation + "; fix those nodes, or leave them out of the job";
+  } else if (!idle.empty()) {
     out.diagnosis = "node(s) " + idle +
                     " got no work: too few inputs or chunks too large for this many nodes "
                     "(lower Options::chunksize)";
@@ -1121,7 +1228,10 @@ std::string Insights::to_string() const {
   }
   for (const NodeInsights& n : per_node) {
     s += "  -- node " + n.host + ":" + std::to_string(n.rank) + " --\n";
-    if (n.processes == 0) {
+    if (!n.out_of_rotation.empty()) {
+      s += "    out of rotation, " + std::to_string(n.sent_back) +
+           " input(s) sent back to run elsewhere: " + n.out_of_rotation + "\n";
+    } else if (n.processes == 0) {
       s += "    no workers: the other ranks on this node have its CPUs\n";
       continue;
     }

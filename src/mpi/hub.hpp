@@ -59,8 +59,8 @@ struct ChunkRecord {
   std::shared_ptr<const ChunkInputs> inputs;
   std::size_t inputs_first = 0;
   unsigned attempts = 0;
-  /// A submitted call whose tasks may be retried: kept alive until its reply
-  /// is in, even if its Future was dropped, so that the retry is still sent.
+  /// A submitted call: kept alive until its reply is in, even if its Future
+  /// was dropped, so that a retry, or a task its node sent back, still runs.
   std::shared_ptr<CallState> owner;
 };
 
@@ -120,6 +120,8 @@ struct NodeStats {
   std::uint64_t bytes_sent = 0;
   std::uint64_t bytes_received = 0;
   std::uint64_t moved_away = 0;  // tasks whose worker died here, retried on another node
+  std::uint64_t sent_back = 0;   // inputs it could not run, sent to another node
+  std::string out_of_rotation;   // why it gets no more of the pool's tasks; empty: it does
 };
 
 /// What a call learnt about its tasks, kept by its pool for the next call
@@ -149,6 +151,16 @@ class PoolState {
   std::map<std::size_t, TaskEstimate> estimates;  // by the hash of a call's setup
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 
+  /// Whether a node other than `node` has workers for this pool.
+  bool others_have_workers(std::size_t node) const {
+    for (std::size_t n = 0; n < processes.size(); ++n)
+      if (n != node && processes[n] != 0) return true;
+    return false;
+  }
+  /// Gives node `node` no more of this pool's tasks: it cannot run them
+  /// (`why`, rebuilt with its node). Says so once on stderr.
+  void take_out_of_rotation(std::size_t node, const std::exception_ptr& why);
+
   unsigned total_processes() const {
     unsigned n = 0;
     for (unsigned p : processes)
@@ -177,7 +189,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
                const std::shared_ptr<const Buffer>& message);
 
  private:
-  /// An input to run again on another node than `avoid` (its worker died there).
+  /// An input to run again on another node than `avoid`: its worker died
+  /// there, or (`sent_back`) that node cannot run the pool's tasks at all.
   struct Retry {
     std::size_t index = 0;
     unsigned attempts = 0;  // runs so far
@@ -185,7 +198,15 @@ class CallState : public std::enable_shared_from_this<CallState> {
     std::shared_ptr<const ChunkInputs> inputs;
     std::size_t position = 0;  // in `inputs`
     std::exception_ptr error;  // what it failed with, should it not run again
+    bool sent_back = false;
   };
+  /// How many retries from the front can go as one chunk of at most `most`
+  /// inputs: consecutive inputs, consecutive in one ChunkInputs, alike.
+  std::size_t retries_alike_locked(std::size_t most) const;
+  /// Queues the inputs that node `node` sent back (record_not_run_here) to
+  /// run elsewhere; their bytes are copied out of the reply.
+  void queue_sent_back_locked(std::size_t node, unsigned attempts,
+                              const std::vector<RawOutcome>& inputs);
   bool front_ready_locked() const;
   bool finished_locked() const { return exhausted_ && chunks_out_ == 0 && retries_.empty(); }
   /// Whether the error record at `records` may run again (and has tries left).
@@ -213,7 +234,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// How many inputs node `node` may get now (0: it is full), and its load.
   std::size_t room_locked(std::size_t node) const;
   double load_locked(std::size_t node) const;
-  /// The least loaded node with room other than `avoid`; nodes.size() if none.
+  /// The least loaded node with room other than `avoid` (unless no other
+  /// node has workers for the pool); nodes.size() if none.
   std::size_t least_loaded_with_room_locked(std::size_t avoid) const;
   std::size_t inflight_bound_locked() const;
 

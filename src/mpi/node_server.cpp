@@ -6,6 +6,7 @@
 #include <string>
 
 #include "procpool/detail/code_identity.hpp"
+#include "procpool/detail/pool_worker.hpp"
 
 namespace procpool::mpi::detail {
 namespace {
@@ -20,6 +21,28 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 }
 
 }  // namespace
+
+bool node_cannot_run(procpool::Pool& pool, const std::exception_ptr& error) {
+  if (!error) return false;
+  if (error == procpool::detail::PoolAccess::broken(pool)) return true;
+  try {
+    std::rethrow_exception(error);
+  } catch (const TaskError& e) {
+    static const std::string initializer_failed =
+        procpool::detail::demangle(typeid(procpool::detail::InitializerFailed).name());
+    return e.type_name() == initializer_failed;
+  } catch (...) {
+    return false;
+  }
+}
+
+void put_not_run_here(Writer& out, const std::exception_ptr& why, const std::byte* input,
+                      std::size_t size) {
+  out.put(record_not_run_here);
+  save_error(out, why);
+  out.put(static_cast<std::uint64_t>(size));
+  out.write(input, size);
+}
 
 NodeServer::NodeServer(std::function<void(Parts)> reply) : reply_(std::move(reply)) {}
 
@@ -50,6 +73,12 @@ void NodeServer::handle(Buffer message) {
           init = procpool::detail::code_address(procpool::detail::load_code_ref(in));
         }
         entry->pool = procpool::detail::function_at<NodePoolFactoryFn>(factory)(options, init);
+      } catch (const Error&) {
+        entry->error = std::current_exception();
+      } catch (const std::exception& e) {
+        // (No worker could start: a std::system_error.) A procpool::Error
+        // travels with its message, where another type would name a task.
+        entry->error = std::make_exception_ptr(Error(e.what()));
       } catch (...) {
         entry->error = std::current_exception();
       }
@@ -229,7 +258,13 @@ void NodeServer::run(std::vector<Job>& jobs) {
   } else if (job.call->error) {
     error = job.call->error;
   } else if (job.call->pool->error) {
-    error = job.call->pool->error;
+    // The node's pool could not be made (no worker could start): the inputs
+    // go back to the root, for a node that can run them.
+    try {
+      job.call->runner->send_back(chunks, job.call->pool->error);
+    } catch (...) {
+      error = job.call->pool->error;
+    }
   } else {
     try {
       job.call->runner->run(*job.call->pool->pool, chunks);

@@ -6,10 +6,24 @@
 //   root_throws_caught  ... and the exception is caught past the Session: status 0
 //   long         runs until interrupted (Ctrl-C / scancel tests)
 //   identity     the same-binary check refuses a wrong executable identity
+//   broken_node  a node that cannot run a pool's tasks (its workers die as
+//                they start, its initializer throws) sends them back and the
+//                other nodes run them; with no node left, each input fails
+//   cannot_fork  rank 1 cannot start processes (ulimit -u, made with seccomp):
+//                it sends its inputs back, the other nodes run them
 #include <procpool/mpi.hpp>
 
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstddef>
 
 #include <chrono>
 #include <cstdlib>
@@ -59,6 +73,30 @@ int kills_rank_1(int x) {
   if (x >= 300 && rank != nullptr && std::strcmp(rank, "1") == 0) ::kill(::getppid(), SIGKILL);
   ::usleep(2000);
   return x;
+}
+
+bool on_rank_1() {
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  return rank != nullptr && std::strcmp(rank, "1") == 0;
+}
+struct Model {
+  int scale = 3;
+};
+/// A node without what the initializer needs, two ways: its workers exit as
+/// they start (a missing library), or its initializer throws (a missing file).
+Model init_exits_on_rank_1() {
+  if (on_rank_1()) ::_exit(3);
+  return {};
+}
+Model init_throws_on_rank_1() {
+  if (on_rank_1()) throw std::runtime_error("no model file on this node");
+  return {};
+}
+Model init_exits_everywhere() {
+  ::_exit(3);
+}
+int use_model(Model& m, int x) {
+  return m.scale * x;
 }
 
 std::vector<int> range(int n) {
@@ -223,6 +261,158 @@ void errors(int nodes) {
   std::fprintf(stderr, "mpi_failures errors: OK on %d node(s)\n", nodes);
 }
 
+std::vector<int> scaled(int n) {
+  std::vector<int> v = range(n);
+  for (int& x : v)
+    x *= 3;
+  return v;
+}
+
+/// Rank 1 cannot run the pool's tasks (`init`): every input runs on the
+/// other nodes, rank 1 is out of rotation for the pool's later calls, and
+/// the insights say why.
+template <class Init>
+void one_node_broken(Init init, const char* why) {
+  const auto start = std::chrono::steady_clock::now();
+  procpool::mpi::Pool pool({.processes = 2}, init);
+  MPI_CHECK(pool.map(&use_model, range(3000)) == scaled(3000));
+  auto futures = std::vector<procpool::mpi::Future<int>>{};
+  for (int i = 0; i < 4; ++i)
+    futures.push_back(pool.submit(&use_model, i));
+  for (int i = 0; i < 4; ++i)
+    MPI_CHECK(futures[static_cast<std::size_t>(i)].get() == 3 * i);
+  const auto first = pool.insights();
+  const auto& rank_1 = first.per_node[1];
+  MPI_CHECK_MSG(rank_1.out_of_rotation.find(why) != std::string::npos, first.to_string());
+  MPI_CHECK_MSG(rank_1.processes == 0 && rank_1.sent_back > 0, first.to_string());
+  MPI_CHECK_MSG(first.diagnosis.find("could not run this pool's tasks") != std::string::npos,
+                first.to_string());
+  MPI_CHECK_MSG(first.to_string().find("out of rotation") != std::string::npos, first.to_string());
+  // Later calls of the pool leave rank 1 alone.
+  auto outcomes = pool.map_outcomes(&use_model, range(500));
+  for (const auto& o : outcomes)
+    MPI_CHECK(o.ok() && *o.value == 3 * static_cast<int>(o.index));
+  const auto second = pool.insights();
+  MPI_CHECK_MSG(second.per_node[1].chunks == rank_1.chunks, second.to_string());
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  MPI_CHECK_MSG(took < 30, std::to_string(took) + " s");
+  std::fprintf(stderr, "rank 1 out of rotation (%s): %llu input(s) sent back, %.2f s\n%s", why,
+               static_cast<unsigned long long>(rank_1.sent_back), took, first.to_string().c_str());
+}
+
+/// No node can run the pool's tasks: each input fails with why, naming its
+/// node, in bounded time; nothing hangs.
+void every_node_broken() {
+  const auto start = std::chrono::steady_clock::now();
+  procpool::mpi::Pool pool({.processes = 2}, &init_exits_everywhere);
+  try {
+    pool.map(&use_model, range(1000));
+    MPI_CHECK(false);
+  } catch (const procpool::Error& e) {
+    MPI_CHECK_MSG(std::string(e.what()).find("died while starting") != std::string::npos, e.what());
+    location(e);
+  }
+  std::size_t failed = 0;
+  for (const auto& o : pool.map_outcomes(&use_model, range(200))) {
+    MPI_CHECK(!o.ok());
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      location(e);
+      ++failed;
+    }
+  }
+  MPI_CHECK(failed == 200);
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  MPI_CHECK_MSG(took < 30, std::to_string(took) + " s");
+  std::fprintf(stderr, "every node broken: every input failed in %.2f s\n%s", took,
+               pool.insights().to_string().c_str());
+}
+
+void broken_node() {
+  every_node_broken();
+  {
+    procpool::mpi::Pool probe({.processes = 2});
+    const auto layout = probe.insights();
+    unsigned with_workers = 0;
+    for (const auto& n : layout.per_node)
+      with_workers += n.processes != 0 ? 1 : 0;
+    if (with_workers < 2 || layout.per_node[1].processes == 0 ||
+        std::getenv("OMPI_COMM_WORLD_RANK") == nullptr) {
+      std::fprintf(stderr, "mpi_failures broken_node: one node: out of rotation skipped\n");
+      return;
+    }
+  }
+  one_node_broken(&init_exits_on_rank_1, "died while starting");
+  one_node_broken(&init_throws_on_rank_1, "no model file on this node");
+  std::fprintf(stderr, "mpi_failures broken_node: OK\n");
+}
+
+/// Makes this process unable to start processes, as `ulimit -u` does to a
+/// user at their limit (which does not bind root, as CI runs): fork, vfork
+/// and clone without CLONE_THREAD fail with EAGAIN; threads still start
+/// (clone3 says ENOSYS, so glibc makes them with clone). A seccomp filter,
+/// installed before MPI_Init on the one rank that is to be such a node.
+void cannot_start_processes() {
+#if defined(__x86_64__)
+  constexpr auto errno_is = [](int e) {
+    return static_cast<std::uint32_t>(SECCOMP_RET_ERRNO) | static_cast<std::uint32_t>(e);
+  };
+  const auto arch_at = static_cast<std::uint32_t>(offsetof(seccomp_data, arch));
+  const auto nr_at = static_cast<std::uint32_t>(offsetof(seccomp_data, nr));
+  const auto flags_at =
+      static_cast<std::uint32_t>(offsetof(seccomp_data, args));  // args[0], low half
+  sock_filter filter[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, arch_at),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, nr_at),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_fork, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, errno_is(EAGAIN)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_vfork, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, errno_is(EAGAIN)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone3, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, errno_is(ENOSYS)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_clone, 1, 0),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, flags_at),
+      BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, CLONE_THREAD, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+      BPF_STMT(BPF_RET | BPF_K, errno_is(EAGAIN)),
+  };
+  sock_fprog program{static_cast<unsigned short>(std::size(filter)), filter};
+  MPI_CHECK(::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+  MPI_CHECK(::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0);
+#endif
+}
+
+/// Rank 1 cannot start a process (cannot_start_processes): its pool cannot
+/// be made at all, so it sends every input back and the others run them.
+void cannot_fork() {
+#if !defined(__x86_64__)
+  std::fprintf(stderr, "mpi_failures cannot_fork: the seccomp filter is for x86-64; skipped\n");
+  return;
+#endif
+  const auto start = std::chrono::steady_clock::now();
+  procpool::mpi::Pool pool({.processes = 2});
+  MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2, 3, 4}) == (std::vector<int>{1, 2, 3, 4}));
+  MPI_CHECK(pool.map(&dies_on_rank_1, range(2000)) == range(2000));
+  MPI_CHECK(pool.submit(&dies_on_rank_1, 5).get() == 5);
+  const auto seen = pool.insights();
+  const auto& rank_1 = seen.per_node[1];
+  MPI_CHECK_MSG(rank_1.out_of_rotation.find("no worker could start") != std::string::npos,
+                seen.to_string());
+  MPI_CHECK_MSG(rank_1.processes == 0 && rank_1.sent_back > 0 && rank_1.tasks == 0,
+                seen.to_string());
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  MPI_CHECK_MSG(took < 30, std::to_string(took) + " s");
+  std::fprintf(stderr, "mpi_failures cannot_fork: OK in %.2f s\n%s", took,
+               seen.to_string().c_str());
+}
+
 void kill_rank() {
   procpool::mpi::Pool pool({.processes = 2});
   pool.map(&kills_rank_1, range(4000));
@@ -276,9 +466,12 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (mode == "cannot_fork" && on_rank_1()) cannot_start_processes();
   procpool::mpi::Session session(argc, argv);
   if (mode == "errors") errors(session.size());
+  if (mode == "cannot_fork") cannot_fork();
   if (mode == "long") long_run();
+  if (mode == "broken_node") broken_node();
   if (mode == "kill_rank") kill_rank();
   if (mode == "root_throws") root_throws();
   return 0;

@@ -143,6 +143,10 @@ class Engine {
   /// tasks to nodes with free workers, and a node's next task queued at its
   /// worker starts without waiting for the node's threads to be scheduled.
   void let_tail_chunks_queue() noexcept;
+  /// Why the pool can run nothing more (new workers keep dying before they
+  /// are ready); null while it can. Every task it fails for that reason
+  /// carries this very exception.
+  [[nodiscard]] std::exception_ptr broken() const noexcept;
 
   /// Lets workers finish what they were sent, then ends and reaps them.
   void stop_gracefully();

@@ -129,15 +129,33 @@ struct NodeChunk {
   std::function<void()> finished;
 };
 
+/// The outcome record of an input that its node did not run because it
+/// cannot run the pool's tasks at all (NodeCall): u8 2, the error record of
+/// why, u64 size, then the input's bytes as the chunk had them. The root
+/// sends such inputs to another node (CallState::receive).
+inline constexpr std::uint8_t record_not_run_here = 2;
+
+/// Whether `error`, a task's failure on the node's `pool`, says that the pool
+/// can run nothing there: its new workers keep dying before they are ready,
+/// or its initializer threw in the task's worker.
+bool node_cannot_run(procpool::Pool& pool, const std::exception_ptr& error);
+
+/// Writes the record_not_run_here record of the input at `input`.
+void put_not_run_here(Writer& out, const std::exception_ptr& why, const std::byte* input,
+                      std::size_t size);
+
 /// One call's code on a node: decoded once per node, run for every node chunk.
 class NodeCall {
  public:
   virtual ~NodeCall() = default;
+  /// Writes every input of `chunks` as not run here, because of `why` (the
+  /// node's pool could not be made), and hears each chunk finished.
+  virtual void send_back(std::vector<NodeChunk>& chunks, const std::exception_ptr& why) = 0;
   /// Decodes each chunk's `count` inputs (put_framed), runs them all on
   /// `pool` in one call (several chunks of one call that wait together cost
   /// one Pool call, not one each) and writes one outcome record per input, in
   /// input order, to its chunk's `reply`: u8 1, the value (put_framed) |
-  /// u8 0, error record.
+  /// u8 0, error record | record_not_run_here (node_cannot_run).
   virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
 };
 using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
@@ -296,7 +314,7 @@ class TypedNodeCall final : public NodeCall {
     std::vector<Item> inputs;
     std::vector<std::exception_ptr> decode_errors;  // per input; none for bare ones
     for (NodeChunk& chunk : chunks)
-      decode_inputs(chunk, inputs, decode_errors);
+      decode_inputs(chunk.items, chunk.count, inputs, decode_errors);
     // Outcomes in input order, as they come: each chunk's reply can leave as
     // soon as its own inputs are done.
     if constexpr (forwarded_v<Out>) {
@@ -305,23 +323,41 @@ class TypedNodeCall final : public NodeCall {
             return pool.imap_outcomes(ForwardResult<F, Out>{f_}, inputs, extra...);
           },
           extra_);
-      write_outcomes(chunks, decode_errors, results, [](ReplyParts& reply, Forwarded<Out>& value) {
-        reply.append(value.take_bytes());
-      });
+      write_outcomes(
+          pool, chunks, decode_errors, results,
+          [](ReplyParts& reply, Forwarded<Out>& value) { reply.append(value.take_bytes()); });
     } else {
       auto results = std::apply(
           [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
-      write_outcomes(chunks, decode_errors, results,
+      write_outcomes(pool, chunks, decode_errors, results,
                      [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
     }
   }
 
+  void send_back(std::vector<NodeChunk>& chunks, const std::exception_ptr& why) override {
+    for (NodeChunk& chunk : chunks) {
+      for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        const auto [at, size] = next_input(chunk.items);
+        put_not_run_here(chunk.reply->writer(), why, at, size);
+      }
+      if (chunk.finished) chunk.finished();
+    }
+  }
+
  private:
+  /// Where the next input of `items` is, as put_framed wrote it; steps over it.
+  static std::pair<const std::byte*, std::size_t> next_input(Reader& items) {
+    const std::byte* at = items.position();
+    take_framed<Item>(items);
+    return {at, static_cast<std::size_t>(items.position() - at)};
+  }
+
   /// Writes each chunk's outcome records, in input order, from `results`
   /// (skipping the inputs that failed to decode, whose errors are in
-  /// `decode_errors`); `put_value` writes a success's value.
+  /// `decode_errors`); `put_value` writes a success's value. An input that
+  /// `pool` could not run at all goes back as it came (record_not_run_here).
   template <class Results, class PutValue>
-  static void write_outcomes(std::vector<NodeChunk>& chunks,
+  static void write_outcomes(procpool::Pool& pool, std::vector<NodeChunk>& chunks,
                              std::vector<std::exception_ptr>& decode_errors, Results& results,
                              PutValue put_value) {
     auto next = results.begin();
@@ -329,6 +365,7 @@ class TypedNodeCall final : public NodeCall {
     for (NodeChunk& chunk : chunks) {
       ReplyParts& reply = *chunk.reply;
       for (std::uint64_t i = 0; i < chunk.count; ++i) {
+        const auto [input_at, input_size] = next_input(chunk.items);
         if (!decode_errors.empty()) {
           if (std::exception_ptr& e = decode_errors[position++]) {
             reply.writer().put(std::uint8_t{0});
@@ -352,6 +389,10 @@ class TypedNodeCall final : public NodeCall {
                           e.what(), TaskError::Stage::serialize_result));
           }
         }
+        if (node_cannot_run(pool, outcome.error)) {
+          put_not_run_here(reply.writer(), outcome.error, input_at, input_size);
+          continue;
+        }
         reply.writer().put(std::uint8_t{0});
         save_error(reply.writer(), outcome.error);
       }
@@ -359,20 +400,21 @@ class TypedNodeCall final : public NodeCall {
     }
   }
 
-  /// Appends `chunk`'s inputs to `inputs`. Inputs whose load() throws fail
-  /// alone, with Stage::deserialize_input (their error at their position in
-  /// `errors`); bare ones cannot, and are copied in one go.
-  static void decode_inputs(NodeChunk& chunk, std::vector<Item>& inputs,
+  /// Appends the `chunk_count` inputs at `items` to `inputs` (`items` is
+  /// read from a copy: the outcomes step over the inputs again). Inputs whose
+  /// load() throws fail alone, with Stage::deserialize_input (their error at
+  /// their position in `errors`); bare ones cannot, and are copied in one go.
+  static void decode_inputs(Reader items, std::uint64_t chunk_count, std::vector<Item>& inputs,
                             std::vector<std::exception_ptr>& errors) {
-    const auto count = static_cast<std::size_t>(chunk.count);
+    const auto count = static_cast<std::size_t>(chunk_count);
     if constexpr (travels_bare_v<Item>) {
-      const std::byte* from = chunk.items.take(count * sizeof(Item));
+      const std::byte* from = items.take(count * sizeof(Item));
       const std::size_t at = inputs.size();
       inputs.resize(at + count);
       std::memcpy(static_cast<void*>(inputs.data() + at), from, count * sizeof(Item));
     } else {
       for (std::size_t i = 0; i < count; ++i) {
-        Reader one = take_framed<Item>(chunk.items);
+        Reader one = take_framed<Item>(items);
         try {
           inputs.push_back(procpool::detail::load_value<Item>(one));
           errors.emplace_back();
