@@ -656,7 +656,9 @@ void Engine::Impl::note_start_up_death(pid_t pid, const WorkerExit& exit) {
   // or exits) costs no task, but a pool whose every new worker dies can never
   // make progress. Deaths of ready workers between tasks are not counted:
   // under a storm of kills from outside the work still goes on.
-  if (++start_up_deaths_ <= 2 * config_.processes + 2) return;
+  // Once broken, it stays broken with the same reason: the tasks it failed
+  // carry that very exception (see Engine::broken).
+  if (++start_up_deaths_ <= 2 * config_.processes + 2 || broken_) return;
   broken_ = std::make_exception_ptr(
       Error("procpool: " + std::to_string(start_up_deaths_) +
             " new workers in a row died while starting, before they could run a task (the "

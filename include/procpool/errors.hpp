@@ -17,6 +17,15 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// A Pool's initializer threw in a worker: every task that worker gets then
+/// fails with a TaskError whose type_name() is "procpool::InitializerFailed"
+/// and whose remote_what() quotes the initializer's exception. (The MPI
+/// backend tells by it a node that cannot run a pool's tasks.)
+class InitializerFailed final : public Error {
+ public:
+  using Error::Error;
+};
+
 /// A task threw an exception in its worker. Carries the exception's dynamic
 /// type name and `what()` as seen in the worker, and the task's input index.
 ///

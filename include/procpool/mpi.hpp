@@ -462,7 +462,8 @@ class Pool {
   void join() { detail::pool_join(*state_); }
   /// Ends every node's pool now; its workers are killed.
   void terminate() { detail::pool_terminate(*state_); }
-  /// Workers on all nodes.
+  /// Workers on all nodes (less those of a node taken out of rotation: see
+  /// NodeInsights::out_of_rotation).
   unsigned processes() const { return detail::pool_processes(*state_); }
   /// A row per node (each with its pool's rows per worker), and a diagnosis.
   Insights insights() const { return detail::pool_insights(*state_); }

@@ -171,13 +171,6 @@ std::exception_ptr load_error(Reader& in, std::size_t index, int rank, const std
   throw ProtocolError("procpool::mpi: corrupt error record from rank " + std::to_string(rank));
 }
 
-bool worker_died_record(const Reader& in) {
-  Reader peek = in;
-  if (peek.remaining() < sizeof(ErrorKind)) return false;
-  const auto kind = peek.get<ErrorKind>();
-  return kind == ErrorKind::crashed || kind == ErrorKind::timeout;
-}
-
 std::exception_ptr current_serialize_input_error(std::size_t index) {
   // The input failed on the root (rank 0), before it went anywhere.
   const std::string host = this_host_name();

@@ -13,8 +13,4 @@ namespace procpool::mpi::detail {
 /// input index and the node's rank and host.
 std::exception_ptr load_error(Reader& in, std::size_t index, int rank, const std::string& host);
 
-/// Whether the error record at `in` says the task's worker died or timed out
-/// (what Options::retries runs again); `in` does not move.
-bool worker_died_record(const Reader& in);
-
 }  // namespace procpool::mpi::detail

@@ -279,7 +279,7 @@ void Hub::route(std::size_t node, Buffer message) {
           }
           report_unobserved(pool,
                             load_error(in, record.first + i, nodes[node].rank, nodes[node].host));
-          if (tag == record_not_run_here)
+          if (tag == record_not_run_here || tag == record_died_here)
             in.take(static_cast<std::size_t>(in.get<std::uint64_t>()));
         }
       }
@@ -584,19 +584,12 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     w.put(chunk);
     const std::size_t count_at = w.size();
     w.put(std::uint64_t{0});
-    const std::size_t items_at = w.size();
-    const bool keep_inputs = pool_->root_retries;
-    std::vector<std::size_t> starts;  // with keep_inputs: where each input begins
     const auto started = Clock::now();
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
       while (count < size) {
-        const std::size_t before = w.size() - items_at;
         if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
-          const std::size_t each = (w.size() - items_at - before) / block;
-          for (std::size_t k = 0; keep_inputs && k < block; ++k)
-            starts.push_back(before + k * each);
           count += block;
           continue;
         }
@@ -606,7 +599,6 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
           break;
         }
         if (fed == InputFeed::Fed::failed) break;
-        if (keep_inputs) starts.push_back(before);
         ++count;
       }
     } catch (...) {
@@ -625,14 +617,6 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       const std::uint64_t n = count;
       std::memcpy(message.data() + count_at, &n, sizeof n);
       ChunkRecord r;
-      if (keep_inputs) {
-        auto inputs = std::make_shared<ChunkInputs>();
-        inputs->bytes = Buffer(message.size() - items_at);
-        std::memcpy(inputs->bytes.data(), message.data() + items_at, inputs->bytes.size());
-        inputs->starts = std::move(starts);
-        inputs->starts.push_back(inputs->bytes.size());
-        r.inputs = std::move(inputs);
-      }
       r.first = first;
       r.count = count;
       r.node = best;
@@ -681,9 +665,12 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       ++run->count;
     };
     // Inputs the node could not run: to another node, unless it is the
-    // pool's last (then they fail, as on a one-node pool).
+    // pool's last (then they fail, as on a one-node pool). Inputs whose
+    // worker died there: to another node while they have retries left.
     std::vector<RawOutcome> sent_back;
+    std::vector<RawOutcome> died;
     const bool send_elsewhere = pool_->others_have_workers(chunk.node);
+    const bool retry_deaths = chunk.attempts < pool_->options.retries;
     for (std::size_t i = 0; i < chunk.count; ++i) {
       const std::size_t index = chunk.first + i;
       RawOutcome o;
@@ -697,31 +684,21 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
         keep(std::move(o));
         continue;
       }
-      if (tag == record_not_run_here) {
-        o.error = load_error(records, index, node.rank, node.host);
-        o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
-        o.data = records.take(o.size);
-        ++failures;
-        if (send_elsewhere) {
-          sent_back.push_back(std::move(o));
-          run = nullptr;
-        } else {
-          if (abandoned_) report_unobserved(*pool_, o.error);
-          o.data = nullptr;
-          o.size = 0;
-          keep(std::move(o));
-        }
-        continue;
-      }
-      const bool retry = retryable_locked(chunk, records);
       o.error = load_error(records, index, node.rank, node.host);
       ++failures;
-      if (retry) {
-        retries_.push_back(Retry{index, chunk.attempts + 1, chunk.node, chunk.inputs,
-                                 chunk.inputs_first + i, o.error});
-        ++again;
-        run = nullptr;
-        continue;
+      if (tag == record_not_run_here || tag == record_died_here) {
+        o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
+        o.data = records.take(o.size);
+        std::vector<RawOutcome>* again_from = tag == record_not_run_here
+                                                  ? (send_elsewhere ? &sent_back : nullptr)
+                                                  : (retry_deaths ? &died : nullptr);
+        if (again_from != nullptr) {
+          again_from->push_back(std::move(o));
+          run = nullptr;
+          continue;
+        }
+        o.data = nullptr;
+        o.size = 0;
       }
       if (abandoned_) report_unobserved(*pool_, o.error);
       keep(std::move(o));
@@ -729,8 +706,12 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
     if (!sent_back.empty()) {
       if (pool_->processes[chunk.node] != 0)
         pool_->take_out_of_rotation(chunk.node, sent_back.front().error);
-      queue_sent_back_locked(chunk.node, chunk.attempts, sent_back);
+      queue_again_locked(chunk.node, chunk.attempts, sent_back, true);
       again += sent_back.size();
+    }
+    if (!died.empty()) {
+      queue_again_locked(chunk.node, chunk.attempts + 1, died, false);
+      again += died.size();
     }
   }
   --chunks_out_;
@@ -754,11 +735,6 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
     pool_->estimates.clear();
   pool_->estimates[estimate_key_] =
       TaskEstimate{measured_seconds_, measured_tasks_, transit_seconds_};
-}
-
-bool CallState::retryable_locked(const ChunkRecord& chunk, const Reader& records) const {
-  return chunk.inputs != nullptr && chunk.attempts < pool_->options.retries &&
-         worker_died_record(records);
 }
 
 void CallState::open_on_locked(std::size_t node) {
@@ -831,10 +807,6 @@ void CallState::send_retries_locked() {
     record.first = r.index;
     record.count = count;
     record.node = best;
-    // Kept only for Options::retries across nodes (inputs sent back are kept
-    // until they are sent again, either way).
-    if (pool_->root_retries) record.inputs = r.inputs;
-    record.inputs_first = r.position;
     record.attempts = r.attempts;
     ++hub_.nodes[best].inflight_chunks;
     hub_.nodes[best].inflight_items += count;
@@ -859,8 +831,8 @@ std::size_t CallState::retries_alike_locked(std::size_t most) const {
   return count;
 }
 
-void CallState::queue_sent_back_locked(std::size_t node, unsigned attempts,
-                                       const std::vector<RawOutcome>& inputs) {
+void CallState::queue_again_locked(std::size_t node, unsigned attempts,
+                                   const std::vector<RawOutcome>& inputs, bool sent_back) {
   auto kept = std::make_shared<ChunkInputs>();
   std::size_t bytes = 0;
   for (const RawOutcome& o : inputs)
@@ -874,7 +846,8 @@ void CallState::queue_sent_back_locked(std::size_t node, unsigned attempts,
   }
   kept->starts.push_back(at);
   for (std::size_t i = 0; i < inputs.size(); ++i)
-    retries_.push_back(Retry{inputs[i].index, attempts, node, kept, i, inputs[i].error, true});
+    retries_.push_back(Retry{inputs[i].index, attempts, node, kept, i, inputs[i].error, sent_back});
+  if (!sent_back) return;
   pool_->stats[node].sent_back += inputs.size();
   pool_->stats[node].tasks -= inputs.size();  // counted with their chunk, but not run there
 }
@@ -967,7 +940,7 @@ void PoolState::take_out_of_rotation(std::size_t node, const std::exception_ptr&
   stats[node].out_of_rotation = reason;
   const NodeSlot& slot = hub->nodes[node];
   std::fprintf(stderr,
-               "procpool::mpi: warning: node %s:%d cannot run this pool's tasks; they run on the "
+               "procpool::mpi: warning: node %s:%d cannot run this pool's tasks; they go to the "
                "other nodes. Why: %s\n",
                slot.host.c_str(), slot.rank, reason.c_str());
 }
@@ -1016,6 +989,8 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
     procpool::detail::save_code_ref(w, procpool::detail::code_ref_of(factory));
     w.put(static_cast<std::uint8_t>(init != nullptr));
     if (init != nullptr) procpool::detail::save_code_ref(w, procpool::detail::code_ref(init));
+    w.put(
+        static_cast<std::uint8_t>(pool->root_retries));  // NodeServer::PoolEntry::send_back_deaths
     pool->stats[n].bytes_sent += message.size();
     hub.send(n, std::move(message));
   }
@@ -1093,6 +1068,7 @@ void pool_terminate(PoolState& pool) {
 }
 
 unsigned pool_processes(const PoolState& pool) {
+  std::lock_guard lock(pool.hub->mutex);  // a node taken out of rotation has none
   return pool.total_processes();
 }
 
@@ -1172,8 +1148,9 @@ Insights pool_insights(PoolState& pool) {
                        std::to_string(n.rank) + " (" + n.out_of_rotation + ")";
   }
   if (!out_of_rotation.empty()) {
-    out.diagnosis = "node(s) could not run this pool's tasks, which ran on the other nodes: " +
-                    out_of_rotation + "; fix those nodes, or leave them out of the job";
+    out.diagnosis =
+        "node(s) could not run this pool's tasks and got no more of them: " + out_of_rotation +
+        "; fix those nodes, or leave them out of the job";
   } else if (!idle.empty()) {
     out.diagnosis = "node(s) " + idle +
                     " got no work: too few inputs or chunks too large for this many nodes "

@@ -32,9 +32,8 @@ struct NodeSlot {
 /// The root's NodeSlots for the ranks at `places` (index = rank).
 std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places);
 
-/// A chunk's encoded inputs, kept on the root while it runs when its pool
-/// retries on other nodes (PoolState::root_retries): an input whose worker
-/// died is sent again from here.
+/// Inputs that a node sent back (record_not_run_here, record_died_here), as
+/// they were encoded, kept on the root until they are sent to another node.
 struct ChunkInputs {
   Buffer bytes;
   std::vector<std::size_t> starts;  // where each input begins, and the end last
@@ -54,10 +53,7 @@ struct ChunkRecord {
   std::chrono::steady_clock::time_point sent;
   bool report_if_orphaned = false;  // a dropped Future's task: its error is still reported
   std::size_t value_size = 0;       // its results' size when they travel bare, else 0
-  /// With PoolState::root_retries: its inputs (the i-th of this chunk is
-  /// `inputs->input(inputs_first + i)`), and how often its one input ran before.
-  std::shared_ptr<const ChunkInputs> inputs;
-  std::size_t inputs_first = 0;
+  /// How often its inputs ran before (a chunk sent again: see CallState::Retry).
   unsigned attempts = 0;
   /// A submitted call: kept alive until its reply is in, even if its Future
   /// was dropped, so that a retry, or a task its node sent back, still runs.
@@ -140,8 +136,9 @@ class PoolState {
   const std::type_info* state_type = nullptr;
   bool closed = false;
   bool ended = false;
-  /// Options::retries over several nodes: the nodes' pools do not retry,
-  /// the root sends a task whose worker died (or timed out) to another node.
+  /// Options::retries over several nodes: the nodes' pools do not retry; a
+  /// node sends the input of a task whose worker died (or timed out) back
+  /// (record_died_here), and the root sends it on to another node.
   bool root_retries = false;
   std::vector<unsigned> processes;  // per node
   std::vector<NodeStats> stats;     // per node
@@ -203,14 +200,13 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// How many retries from the front can go as one chunk of at most `most`
   /// inputs: consecutive inputs, consecutive in one ChunkInputs, alike.
   std::size_t retries_alike_locked(std::size_t most) const;
-  /// Queues the inputs that node `node` sent back (record_not_run_here) to
-  /// run elsewhere; their bytes are copied out of the reply.
-  void queue_sent_back_locked(std::size_t node, unsigned attempts,
-                              const std::vector<RawOutcome>& inputs);
+  /// Queues the inputs that node `node` sent back (record_not_run_here if
+  /// `sent_back`, else record_died_here) to run elsewhere, after `attempts`
+  /// runs; their bytes are copied out of the reply.
+  void queue_again_locked(std::size_t node, unsigned attempts,
+                          const std::vector<RawOutcome>& inputs, bool sent_back);
   bool front_ready_locked() const;
   bool finished_locked() const { return exhausted_ && chunks_out_ == 0 && retries_.empty(); }
-  /// Whether the error record at `records` may run again (and has tries left).
-  bool retryable_locked(const ChunkRecord& chunk, const Reader& records) const;
   /// Sends the queued retries that a node other than the one they failed on has room for.
   void send_retries_locked();
   void open_on_locked(std::size_t node);

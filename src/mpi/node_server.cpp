@@ -6,7 +6,6 @@
 #include <string>
 
 #include "procpool/detail/code_identity.hpp"
-#include "procpool/detail/pool_worker.hpp"
 
 namespace procpool::mpi::detail {
 namespace {
@@ -29,16 +28,29 @@ bool node_cannot_run(procpool::Pool& pool, const std::exception_ptr& error) {
     std::rethrow_exception(error);
   } catch (const TaskError& e) {
     static const std::string initializer_failed =
-        procpool::detail::demangle(typeid(procpool::detail::InitializerFailed).name());
+        procpool::detail::demangle(typeid(InitializerFailed).name());
     return e.type_name() == initializer_failed;
   } catch (...) {
     return false;
   }
 }
 
-void put_not_run_here(Writer& out, const std::exception_ptr& why, const std::byte* input,
-                      std::size_t size) {
-  out.put(record_not_run_here);
+bool worker_died(const std::exception_ptr& error) {
+  if (!error) return false;
+  try {
+    std::rethrow_exception(error);
+  } catch (const WorkerCrashed&) {
+    return true;
+  } catch (const TaskTimeout&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+void put_sent_back(Writer& out, std::uint8_t tag, const std::exception_ptr& why,
+                   const std::byte* input, std::size_t size) {
+  out.put(tag);
   save_error(out, why);
   out.put(static_cast<std::uint64_t>(size));
   out.write(input, size);
@@ -72,6 +84,7 @@ void NodeServer::handle(Buffer message) {
         if (in.get<std::uint8_t>() != 0) {
           init = procpool::detail::code_address(procpool::detail::load_code_ref(in));
         }
+        entry->send_back_deaths = in.get<std::uint8_t>() != 0;
         entry->pool = procpool::detail::function_at<NodePoolFactoryFn>(factory)(options, init);
       } catch (const Error&) {
         entry->error = std::current_exception();
@@ -267,7 +280,7 @@ void NodeServer::run(std::vector<Job>& jobs) {
     }
   } else {
     try {
-      job.call->runner->run(*job.call->pool->pool, chunks);
+      job.call->runner->run(*job.call->pool->pool, chunks, job.call->pool->send_back_deaths);
     } catch (...) {
       error = std::current_exception();
     }

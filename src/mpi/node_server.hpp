@@ -38,7 +38,10 @@ class NodeServer {
  private:
   struct PoolEntry {
     std::shared_ptr<procpool::Pool> pool;
-    std::exception_ptr error;  // the pool could not be built: every chunk reports it
+    std::exception_ptr error;  // the pool could not be built: its chunks go back
+    /// The root retries on other nodes: an input whose worker died goes back
+    /// to it (record_died_here).
+    bool send_back_deaths = false;
   };
   struct CallEntry {
     std::shared_ptr<PoolEntry> pool;

@@ -98,6 +98,10 @@ Model init_exits_everywhere() {
 int use_model(Model& m, int x) {
   return m.scale * x;
 }
+int use_model_slowly(Model& m, int x) {
+  ::usleep(20000);
+  return m.scale * x;
+}
 
 std::vector<int> range(int n) {
   std::vector<int> v(static_cast<std::size_t>(n));
@@ -274,8 +278,11 @@ std::vector<int> scaled(int n) {
 template <class Init>
 void one_node_broken(Init init, const char* why) {
   const auto start = std::chrono::steady_clock::now();
-  procpool::mpi::Pool pool({.processes = 2}, init);
+  // Several workers on rank 1: some die (or fail) after its pool broke,
+  // and their tasks must go back all the same.
+  procpool::mpi::Pool pool({.processes = 6}, init);
   MPI_CHECK(pool.map(&use_model, range(3000)) == scaled(3000));
+  MPI_CHECK(pool.map(&use_model_slowly, range(40)) == scaled(40));
   auto futures = std::vector<procpool::mpi::Future<int>>{};
   for (int i = 0; i < 4; ++i)
     futures.push_back(pool.submit(&use_model, i));

@@ -19,14 +19,6 @@
 
 namespace procpool::detail {
 
-/// What every task of a worker whose initializer threw fails with (the
-/// TaskError's type_name() names it): the MPI backend tells by it a node that
-/// cannot run a pool's tasks from a task that failed.
-class InitializerFailed final : public Error {
- public:
-  using Error::Error;
-};
-
 /// Builds a call's runner inside a worker from its setup message. It travels
 /// in that message by identity (CodeRef), valid in forked and spawned workers alike.
 using RunnerFactoryFn = std::unique_ptr<TaskRunner>(void* state, Reader& setup);

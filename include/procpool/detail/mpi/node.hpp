@@ -134,15 +134,23 @@ struct NodeChunk {
 /// why, u64 size, then the input's bytes as the chunk had them. The root
 /// sends such inputs to another node (CallState::receive).
 inline constexpr std::uint8_t record_not_run_here = 2;
+/// The same for an input whose worker died (or timed out) running it, when
+/// the root retries on other nodes (Options::retries on several nodes): its
+/// bytes go back with its error, so the root keeps no copy of what it sent.
+inline constexpr std::uint8_t record_died_here = 3;
 
 /// Whether `error`, a task's failure on the node's `pool`, says that the pool
 /// can run nothing there: its new workers keep dying before they are ready,
 /// or its initializer threw in the task's worker.
 bool node_cannot_run(procpool::Pool& pool, const std::exception_ptr& error);
 
-/// Writes the record_not_run_here record of the input at `input`.
-void put_not_run_here(Writer& out, const std::exception_ptr& why, const std::byte* input,
-                      std::size_t size);
+/// Whether `error` says that the task's worker died or timed out under it.
+bool worker_died(const std::exception_ptr& error);
+
+/// Writes a record_not_run_here or record_died_here record (`tag`) of the
+/// input at `input`.
+void put_sent_back(Writer& out, std::uint8_t tag, const std::exception_ptr& why,
+                   const std::byte* input, std::size_t size);
 
 /// One call's code on a node: decoded once per node, run for every node chunk.
 class NodeCall {
@@ -155,8 +163,9 @@ class NodeCall {
   /// `pool` in one call (several chunks of one call that wait together cost
   /// one Pool call, not one each) and writes one outcome record per input, in
   /// input order, to its chunk's `reply`: u8 1, the value (put_framed) |
-  /// u8 0, error record | record_not_run_here (node_cannot_run).
-  virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) = 0;
+  /// u8 0, error record | record_not_run_here (node_cannot_run) |
+  /// record_died_here (worker_died, if `send_back_deaths`).
+  virtual void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks, bool send_back_deaths) = 0;
 };
 using NodeCallFactoryFn = std::unique_ptr<NodeCall>(Reader& setup);
 
@@ -310,7 +319,7 @@ class TypedNodeCall final : public NodeCall {
     procpool::detail::load(setup, extra_);
   }
 
-  void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks) override {
+  void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks, bool send_back_deaths) override {
     std::vector<Item> inputs;
     std::vector<std::exception_ptr> decode_errors;  // per input; none for bare ones
     for (NodeChunk& chunk : chunks)
@@ -324,12 +333,12 @@ class TypedNodeCall final : public NodeCall {
           },
           extra_);
       write_outcomes(
-          pool, chunks, decode_errors, results,
+          pool, send_back_deaths, chunks, decode_errors, results,
           [](ReplyParts& reply, Forwarded<Out>& value) { reply.append(value.take_bytes()); });
     } else {
       auto results = std::apply(
           [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
-      write_outcomes(pool, chunks, decode_errors, results,
+      write_outcomes(pool, send_back_deaths, chunks, decode_errors, results,
                      [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
     }
   }
@@ -338,7 +347,7 @@ class TypedNodeCall final : public NodeCall {
     for (NodeChunk& chunk : chunks) {
       for (std::uint64_t i = 0; i < chunk.count; ++i) {
         const auto [at, size] = next_input(chunk.items);
-        put_not_run_here(chunk.reply->writer(), why, at, size);
+        put_sent_back(chunk.reply->writer(), record_not_run_here, why, at, size);
       }
       if (chunk.finished) chunk.finished();
     }
@@ -355,9 +364,11 @@ class TypedNodeCall final : public NodeCall {
   /// Writes each chunk's outcome records, in input order, from `results`
   /// (skipping the inputs that failed to decode, whose errors are in
   /// `decode_errors`); `put_value` writes a success's value. An input that
-  /// `pool` could not run at all goes back as it came (record_not_run_here).
+  /// `pool` could not run at all goes back as it came (record_not_run_here),
+  /// and so does one whose worker died if `send_back_deaths` (record_died_here).
   template <class Results, class PutValue>
-  static void write_outcomes(procpool::Pool& pool, std::vector<NodeChunk>& chunks,
+  static void write_outcomes(procpool::Pool& pool, bool send_back_deaths,
+                             std::vector<NodeChunk>& chunks,
                              std::vector<std::exception_ptr>& decode_errors, Results& results,
                              PutValue put_value) {
     auto next = results.begin();
@@ -390,7 +401,11 @@ class TypedNodeCall final : public NodeCall {
           }
         }
         if (node_cannot_run(pool, outcome.error)) {
-          put_not_run_here(reply.writer(), outcome.error, input_at, input_size);
+          put_sent_back(reply.writer(), record_not_run_here, outcome.error, input_at, input_size);
+          continue;
+        }
+        if (send_back_deaths && worker_died(outcome.error)) {
+          put_sent_back(reply.writer(), record_died_here, outcome.error, input_at, input_size);
           continue;
         }
         reply.writer().put(std::uint8_t{0});
