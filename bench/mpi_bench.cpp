@@ -3,6 +3,8 @@
 // prints one JSON line on the root.
 //   mpirun -n 3 --oversubscribe --bind-to none mpi_bench [--tiny N] [--cpu N]
 //          [--task-ms MS] [--mib M --big N]
+//   ... --profile-auto N | --profile-big N | --profile-inputs N [--retries R]:
+//          one warm map of that kind, N times, with its times
 #include <sys/resource.h>
 #include <procpool/mpi.hpp>
 
@@ -44,6 +46,16 @@ std::vector<char> big(int mib) {
   return std::vector<char>(static_cast<std::size_t>(mib) << 20, 'x');
 }
 
+std::size_t size_of(const std::vector<char>& input) {
+  return input.size();
+}
+
+double peak_rss_mb() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -56,6 +68,10 @@ int main(int argc, char** argv) {
   std::size_t profile_auto = 0;
   // --profile-big N: only the warm map of --big results of --mib MiB, N times.
   std::size_t profile_big = 0;
+  // --profile-inputs N: only the warm map over --big inputs of --mib MiB, N
+  // times; prints the root's peak RSS too.
+  std::size_t profile_inputs = 0;
+  unsigned retries = 0;  // --retries R: Options::retries of the profiled pools
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -67,6 +83,8 @@ int main(int argc, char** argv) {
     if (k == "--processes") processes = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     if (k == "--profile-auto") profile_auto = std::strtoull(v, nullptr, 10);
     if (k == "--profile-big") profile_big = std::strtoull(v, nullptr, 10);
+    if (k == "--profile-inputs") profile_inputs = std::strtoull(v, nullptr, 10);
+    if (k == "--retries") retries = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
@@ -74,7 +92,7 @@ int main(int argc, char** argv) {
     xs[i] = static_cast<int>(i);
 
   if (profile_auto != 0) {
-    procpool::mpi::Pool pool({.processes = processes});
+    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
     pool.map(&inc, std::vector<int>(200, 1));
     for (std::size_t r = 0; r < profile_auto; ++r) {
       const double cpu_before = process_cpu_seconds();
@@ -90,8 +108,28 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  if (profile_inputs != 0) {
+    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
+    const std::vector<std::vector<char>> inputs(nbig, big(mib));
+    const double rss_before = peak_rss_mb();
+    for (std::size_t r = 0; r < profile_inputs; ++r) {
+      const double cpu_before = process_cpu_seconds();
+      const auto t0 = Clock::now();
+      const auto sizes = pool.map(&size_of, inputs);
+      const double s = since(t0);
+      std::printf("warm map over %zu x %d MiB inputs: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", nbig,
+                  mib, 1e3 * s,
+                  static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
+                  1e3 * (process_cpu_seconds() - cpu_before));
+      if (sizes.size() != nbig || sizes.front() != std::size_t(mib) << 20) return 1;
+    }
+    std::printf("root peak RSS: %.1f MB with the inputs, %.1f MB more over the maps\n", rss_before,
+                peak_rss_mb() - rss_before);
+    return 0;
+  }
+
   if (profile_big != 0) {
-    procpool::mpi::Pool pool({.processes = processes});
+    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
     pool.map(&big, std::vector<int>(2, 1));
     for (std::size_t r = 0; r < profile_big; ++r) {
       const double cpu_before = process_cpu_seconds();
