@@ -989,8 +989,8 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
     procpool::detail::save_code_ref(w, procpool::detail::code_ref_of(factory));
     w.put(static_cast<std::uint8_t>(init != nullptr));
     if (init != nullptr) procpool::detail::save_code_ref(w, procpool::detail::code_ref(init));
-    w.put(
-        static_cast<std::uint8_t>(pool->root_retries));  // NodeServer::PoolEntry::send_back_deaths
+    // NodeServer::PoolEntry::send_back_deaths: the root, not the node, retries.
+    w.put(static_cast<std::uint8_t>(pool->root_retries));
     pool->stats[n].bytes_sent += message.size();
     hub.send(n, std::move(message));
   }
