@@ -314,6 +314,9 @@ void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memor
   for (std::size_t done = 0; done < n;) {
     const std::size_t step = std::min(PrefaultAhead::piece, n - done);
     ahead.wait_until_mapped(done + step);
+    // Below PrefaultAhead::worth_a_thread nothing maps ahead: one call for
+    // the piece costs less than a fault per page.
+    if (to_memory_file && n < PrefaultAhead::worth_a_thread) prefault_for_writing(to + done, step);
     std::memcpy(to + done, source + done, step);
     if (to_memory_file) unmap_memory_file_pages(to + done, step);
     done += step;

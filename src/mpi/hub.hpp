@@ -201,8 +201,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// inputs: consecutive inputs, consecutive in one ChunkInputs, alike.
   std::size_t retries_alike_locked(std::size_t most) const;
   /// Queues the inputs that node `node` sent back (record_not_run_here if
-  /// `sent_back`, else record_died_here) to run elsewhere, after `attempts`
-  /// runs; their bytes are copied out of the reply.
+  /// `sent_back`, else record_died_here) to run elsewhere, as Retry entries
+  /// of `attempts` runs so far; their bytes are copied out of the reply.
   void queue_again_locked(std::size_t node, unsigned attempts,
                           const std::vector<RawOutcome>& inputs, bool sent_back);
   bool front_ready_locked() const;

@@ -26,6 +26,7 @@
 #include <cstddef>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -117,6 +118,50 @@ const procpool::mpi::ErrorLocation& location(const E& e) {
   return *at;
 }
 
+/// Where always_crashes notes each run of input x: a file per input, a line
+/// per run with the rank it ran on (one name for every rank of the job).
+std::string runs_file(int x) {
+  const char* job = std::getenv("PMIX_NAMESPACE");
+  return "/tmp/procpool-mpi-runs-" + std::string(job != nullptr ? job : "solo") + "-" +
+         std::to_string(x);
+}
+int always_crashes(int x) {
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  std::ofstream(runs_file(x), std::ios::app) << (rank != nullptr ? rank : "0") << "\n";
+  ::raise(SIGKILL);
+  return x;
+}
+std::vector<int> ranks_it_ran_on(int x) {
+  std::vector<int> ranks;
+  std::ifstream in(runs_file(x));
+  for (int r = 0; in >> r;)
+    ranks.push_back(r);
+  return ranks;
+}
+
+/// retries = 2 across nodes: a task that always crashes runs 3 times, never
+/// twice in a row on one node, and fails with the last run's WorkerCrashed.
+void retries_run_out() {
+  procpool::mpi::Pool pool({.processes = 2, .retries = 2});
+  const int n = 6;
+  for (int x = 0; x < n; ++x)
+    std::remove(runs_file(x).c_str());
+  const auto outcomes = pool.map_outcomes(&always_crashes, range(n));
+  for (const auto& o : outcomes) {
+    MPI_CHECK(!o.ok());
+    const std::vector<int> ranks = ranks_it_ran_on(static_cast<int>(o.index));
+    MPI_CHECK_MSG(ranks.size() == 3, std::to_string(ranks.size()) + " runs");
+    MPI_CHECK(ranks[0] != ranks[1] && ranks[1] != ranks[2]);
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::WorkerCrashed& e) {
+      MPI_CHECK(e.index() == o.index);
+      MPI_CHECK_MSG(location(e).rank() == ranks[2], e.what());
+    }
+    std::remove(runs_file(static_cast<int>(o.index)).c_str());
+  }
+}
+
 /// A node whose workers die on every task (its memory, a library, a disk):
 /// with retries, its tasks run again on another node and the call succeeds;
 /// without, each fails naming rank 1.
@@ -151,6 +196,7 @@ void retries_move_to_another_node() {
     MPI_CHECK_MSG(n == 1 || after.per_node[n].moved_away == 0, after.to_string());
   MPI_CHECK_MSG(after.to_string().find("ran again on another node") != std::string::npos,
                 after.to_string());
+  retries_run_out();
   std::fprintf(stderr, "retried elsewhere: %llu task(s) from rank 1, in %.2f s\n",
                static_cast<unsigned long long>(after.per_node[1].moved_away),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());

@@ -82,8 +82,9 @@ class PrefaultAhead {
 /// Copies `n` bytes to fresh memory at `to`, its pages mapped ahead of the
 /// copy (PrefaultAhead) when it is large.
 /// `to_memory_file`: `to` is a shared memory-file mapping whose bytes are
-/// written for another process: each piece is unmapped once written (the file
-/// keeps it), so that this process never holds the block twice.
+/// written for another process: each piece is mapped in one call, written,
+/// and unmapped (the file keeps it), so that this process never holds the
+/// block twice.
 void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memory_file = false);
 
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
@@ -197,6 +198,15 @@ class Writer {
   /// write() for a block that may be large: its pages are mapped ahead of the
   /// copy rather than faulted in one by one.
   void write_block(const void* bytes, std::size_t n) {
+    if (n >= PrefaultAhead::piece && n < PrefaultAhead::worth_a_thread) {
+      // Into a memory file (its bytes are for the process it is handed
+      // to), piece by piece, each unmapped once written: see copy_to_fresh.
+      buffer_.reserve(buffer_.size() + n);
+      if (buffer_.shared_fd() >= 0) {
+        copy_to_fresh(buffer_.grow(n), bytes, n, true);
+        return;
+      }
+    }
     if (n < PrefaultAhead::worth_a_thread) {
       buffer_.prepare_for(n);
       buffer_.append(bytes, n);
