@@ -23,9 +23,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstddef>
-
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -63,23 +62,21 @@ int crashes_once(int x) {
   }
   return x;
 }
-/// Its worker dies whenever it runs on rank 1's node; anywhere else it works.
-int dies_on_rank_1(int x) {
-  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
-  if (rank != nullptr && std::strcmp(rank, "1") == 0) ::raise(SIGKILL);
-  return x;
-}
-int kills_rank_1(int x) {
-  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
-  if (x >= 300 && rank != nullptr && std::strcmp(rank, "1") == 0) ::kill(::getppid(), SIGKILL);
-  ::usleep(2000);
-  return x;
-}
-
 bool on_rank_1() {
   const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
   return rank != nullptr && std::strcmp(rank, "1") == 0;
 }
+/// Its worker dies whenever it runs on rank 1's node; anywhere else it works.
+int dies_on_rank_1(int x) {
+  if (on_rank_1()) ::raise(SIGKILL);
+  return x;
+}
+int kills_rank_1(int x) {
+  if (x >= 300 && on_rank_1()) ::kill(::getppid(), SIGKILL);
+  ::usleep(2000);
+  return x;
+}
+
 struct Model {
   int scale = 3;
 };
@@ -162,17 +159,22 @@ void retries_run_out() {
   }
 }
 
+/// Whether rank 1 and another node have workers in `layout` (under mpirun):
+/// what the cases that single out rank 1's node need.
+bool rank_1_and_another_have_workers(const procpool::mpi::Insights& layout) {
+  unsigned with_workers = 0;
+  for (const auto& n : layout.per_node)
+    with_workers += n.processes != 0 ? 1 : 0;
+  return with_workers >= 2 && layout.per_node.size() >= 2 && layout.per_node[1].processes != 0 &&
+         std::getenv("OMPI_COMM_WORLD_RANK") != nullptr;
+}
+
 /// A node whose workers die on every task (its memory, a library, a disk):
 /// with retries, its tasks run again on another node and the call succeeds;
 /// without, each fails naming rank 1.
 void retries_move_to_another_node() {
   procpool::mpi::Pool moving({.processes = 2, .retries = 1});
-  const auto layout = moving.insights();
-  unsigned nodes_with_workers = 0;
-  for (const auto& n : layout.per_node)
-    nodes_with_workers += n.processes != 0 ? 1 : 0;
-  if (nodes_with_workers < 2 || layout.per_node.size() < 2 || layout.per_node[1].processes == 0 ||
-      std::getenv("OMPI_COMM_WORLD_RANK") == nullptr) {
+  if (!rank_1_and_another_have_workers(moving.insights())) {
     std::fprintf(stderr,
                  "mpi_failures: retries across nodes need rank 1 and another with "
                  "workers; skipped in this layout\n");
@@ -386,17 +388,9 @@ void every_node_broken() {
 
 void broken_node() {
   every_node_broken();
-  {
-    procpool::mpi::Pool probe({.processes = 2});
-    const auto layout = probe.insights();
-    unsigned with_workers = 0;
-    for (const auto& n : layout.per_node)
-      with_workers += n.processes != 0 ? 1 : 0;
-    if (with_workers < 2 || layout.per_node[1].processes == 0 ||
-        std::getenv("OMPI_COMM_WORLD_RANK") == nullptr) {
-      std::fprintf(stderr, "mpi_failures broken_node: one node: out of rotation skipped\n");
-      return;
-    }
+  if (!rank_1_and_another_have_workers(procpool::mpi::Pool({.processes = 2}).insights())) {
+    std::fprintf(stderr, "mpi_failures broken_node: one node: out of rotation skipped\n");
+    return;
   }
   one_node_broken(&init_exits_on_rank_1, "died while starting");
   one_node_broken(&init_throws_on_rank_1, "no model file on this node");
