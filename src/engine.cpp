@@ -105,6 +105,13 @@ std::string describe_resource_limit(const std::error_code& code) {
   }
 }
 
+/// "2.1 s": a span of time for a message.
+std::string seconds_text(std::int64_t ns) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f s", static_cast<double>(ns) / 1e9);
+  return text;
+}
+
 }  // namespace
 
 class Engine::Impl final : private ReplySink {
@@ -254,9 +261,13 @@ class Engine::Impl final : private ReplySink {
   bool delivered_ = false;             // a chunk was finished since the last round's end
   std::int64_t caller_pumped_ns_ = 0;  // when a caller's round last ended
   std::uint64_t next_worker_serial_ = 1;
-  unsigned start_up_deaths_ = 0;  // in a row, see note_start_up_death
+  // New workers that died before they were ready, in a row: see note_start_up_death.
+  unsigned start_up_deaths_ = 0;
+  std::int64_t start_up_row_ns_ = 0;  // when the first of them died
+  bool start_up_row_killed_ = true;   // each by SIGKILL
   OomWatch oom_;
   static constexpr unsigned orphan_allowance = 3;
+  static constexpr std::int64_t killed_start_up_row_ns = 2'000'000'000;  // see note_start_up_death
   bool stopping_ = false;
   bool tail_chunks_queue_ = false;  // see let_tail_chunks_queue()
   std::exception_ptr broken_;       // set when workers keep dying before doing any work
@@ -656,14 +667,28 @@ void Engine::Impl::note_start_up_death(pid_t pid, const WorkerExit& exit) {
   // or exits) costs no task, but a pool whose every new worker dies can never
   // make progress. Deaths of ready workers between tasks are not counted:
   // under a storm of kills from outside the work still goes on.
+  // But a storm on a loaded machine, where starting is slow, kills a few new
+  // workers in a row now and then too. So when each was killed (SIGKILL: not
+  // the worker's own doing), the row must also have lasted a while: the
+  // killer sets the pace, and a restart loop is no faster than it.
   // Once broken, it stays broken with the same reason: the tasks it failed
   // carry that very exception (see Engine::broken).
-  if (++start_up_deaths_ <= 2 * config_.processes + 2 || broken_) return;
+  const std::int64_t now = steady_now_ns();
+  if (++start_up_deaths_ == 1) {
+    start_up_row_ns_ = now;
+    start_up_row_killed_ = true;
+  }
+  start_up_row_killed_ = start_up_row_killed_ && exit.signal == SIGKILL;
+  const std::int64_t lasted_ns = now - start_up_row_ns_;
+  if (broken_ || start_up_deaths_ <= 2 * config_.processes + 2 ||
+      (start_up_row_killed_ && lasted_ns < killed_start_up_row_ns))
+    return;
   broken_ = std::make_exception_ptr(
       Error("procpool: " + std::to_string(start_up_deaths_) +
-            " new workers in a row died while starting, before they could run a task (the "
-            "last, pid " +
-            std::to_string(pid) + ", " + describe_death(exit.signal, exit.code) +
+            " new workers in a row died while starting" +
+            (start_up_row_killed_ ? ", over " + seconds_text(lasted_ns) : std::string()) +
+            ", before they could run a task (the last, pid " + std::to_string(pid) + ", " +
+            describe_death(exit.signal, exit.code) +
             "); check the pool's initializer, or what kills processes as they start"));
 }
 

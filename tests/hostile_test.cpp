@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <atomic>
@@ -125,6 +126,56 @@ TEST(StartUp, WorkersThatDieWhileStartingEndTheCallWithAClearError) {
     EXPECT_NE(what.find("check the pool's initializer"), std::string::npos) << what;
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+// Counts starts across the workers (forked from the test, they share it).
+std::atomic<int>* shared_start_count() {
+  static auto* count = [] {
+    void* at = ::mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    return at == MAP_FAILED ? nullptr : new (at) std::atomic<int>(0);
+  }();
+  return count;
+}
+
+// What a storm does to new workers on a loaded machine, where starting is
+// slow: kills them (SIGKILL, from outside) before they are ready, more than
+// 2 x processes + 2 in a row, and then lets them be.
+constexpr int killed_starts = 9;
+int killed_while_starting_nine_times() {
+  if (shared_start_count()->fetch_add(1) < killed_starts) ::raise(SIGKILL);
+  return 0;
+}
+
+int always_killed_while_starting() {
+  ::raise(SIGKILL);
+  return 0;
+}
+
+TEST(StartUp, NewWorkersKilledInARowAreStartedAgainWhileTheKillsAreRecent) {
+  ASSERT_NE(shared_start_count(), nullptr);
+  shared_start_count()->store(0);
+  procpool::Pool pool({.processes = 2}, &killed_while_starting_nine_times);
+  EXPECT_EQ(pool.map([](int&, int x) { return x * 2; }, std::vector<int>{1, 2, 3}),
+            (std::vector<int>{2, 4, 6}));
+  EXPECT_GE(shared_start_count()->load(), killed_starts + 1);
+}
+
+TEST(StartUp, NewWorkersAlwaysKilledWhileStartingEndTheCallWithinSeconds) {
+  procpool::Pool pool({.processes = 2}, &always_killed_while_starting);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    (void)pool.map([](int&, int x) { return x; }, std::vector<int>{1, 2, 3});
+    FAIL() << "no error";
+  } catch (const procpool::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("new workers in a row died while starting, over 2."), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("was killed by signal 9"), std::string::npos) << what;
+  }
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(took, std::chrono::seconds(2));
+  EXPECT_LT(took, std::chrono::seconds(10));
 }
 
 struct ShellRun {
