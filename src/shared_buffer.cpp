@@ -95,7 +95,8 @@ struct SharedBufferAccess {
     }
     out.put(SharedBufferForm::bytes);
     out.put(static_cast<std::uint64_t>(buffer.size_));
-    out.write(buffer.data_, buffer.size_);
+    // The buffer's own memory, so it may be lent (to another MPI rank).
+    out.write_lasting_block(buffer.data_, buffer.size_);
   }
 
   static SharedBuffer load(detail::Reader& in) {

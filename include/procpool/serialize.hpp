@@ -333,7 +333,9 @@ void save(Writer& out, const T& value) {
   } else if constexpr (is_raw_block_v<T>) {
     const std::size_t bytes = value.size() * sizeof(typename T::value_type);
     out.put(static_cast<std::uint64_t>(value.size()));
-    out.write_block(value.data(), bytes);
+    // The bytes of the very value given (a sub-object of what save() was
+    // called with, never a temporary of its own), so they may be lent.
+    out.write_lasting_block(value.data(), bytes);
   } else if constexpr (is_std_vector<T>::value) {
     out.put(static_cast<std::uint64_t>(value.size()));
     for (const auto& element : value) {

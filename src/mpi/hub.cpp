@@ -46,6 +46,11 @@ constexpr double estimate_decay = 0.5;
 /// Tasks at least this long are dealt to free workers only (see room_locked).
 constexpr double long_task_seconds = 0.01;
 
+/// An input's block of bytes at least this large goes to another rank from
+/// the caller's memory, as a part of its own (see Writer::lend_blocks):
+/// below it, one more part costs about what copying it would.
+constexpr std::size_t lend_at_least = std::size_t{1} << 20;
+
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
 
@@ -143,11 +148,11 @@ void Hub::shutdown() {
   local_.reset();  // its replies route under the lock: it must not be held here
 }
 
-void Hub::send(std::size_t node, Buffer message) {
+void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
   if (node == 0) {
     in_local_handle = true;
     try {
-      local_->handle(std::move(message));
+      local_->handle(joined(std::move(message)));
     } catch (...) {
       in_local_handle = false;
       throw;
@@ -160,8 +165,23 @@ void Hub::send(std::size_t node, Buffer message) {
     if (!pending.empty()) changed.notify_all();
     return;
   }
-  transport_->send(nodes[node].rank, std::move(message));
+  transport_->send(nodes[node].rank, std::move(message), lender);
   pump_wake_.notify_one();
+}
+
+void Hub::wait_until_sent(std::uint64_t lender) noexcept {
+  std::unique_lock lock(mutex);
+  try {
+    while (transport_ && transport_->lending(lender)) {
+      transport_->progress();
+      if (!transport_->lending(lender)) return;
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      lock.lock();
+    }
+  } catch (...) {
+    // MPI failed: Open MPI ends the job; nothing is left to wait for.
+  }
 }
 
 void Hub::local_reply(Buffer message) {
@@ -350,6 +370,15 @@ void CallState::start() {
 void CallState::abandon() {
   std::lock_guard lock(hub_.mutex);
   abandoned_ = submitted_;  // a map's handle ends with its call: nothing to report
+}
+
+void CallState::wait_until_inputs_sent() noexcept {
+  bool lent = false;
+  {
+    std::lock_guard lock(hub_.mutex);
+    lent = lent_;
+  }
+  if (lent) hub_.wait_until_sent(id_);
 }
 
 CallState::~CallState() {
@@ -584,6 +613,10 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     w.put(chunk);
     const std::size_t count_at = w.size();
     w.put(std::uint64_t{0});
+    // Large inputs go to another rank from where they are, not copied into
+    // the message: the caller's memory is not held twice (see lent_).
+    std::vector<LentBlock> lent;
+    if (best != 0 && feed_->inputs_stay_put()) w.lend_blocks(lent, lend_at_least);
     const auto started = Clock::now();
     lock.unlock();
     try {
@@ -621,7 +654,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       r.count = count;
       r.node = best;
       taken_ += count;
-      send_chunk_locked(chunk, std::move(r), std::move(message));
+      lent_ = lent_ || !lent.empty();
+      send_chunk_locked(chunk, std::move(r), with_lent_blocks(std::move(message), lent));
     }
     if (failed) {
       OutcomeRun& one = ready_[taken_].outcomes;
@@ -811,7 +845,7 @@ void CallState::send_retries_locked() {
     ++hub_.nodes[best].inflight_chunks;
     hub_.nodes[best].inflight_items += count;
     // A send that throws breaks the call (see top_up), retry and all.
-    send_chunk_locked(chunk, std::move(record), std::move(message));
+    send_chunk_locked(chunk, std::move(record), single_part(std::move(message)));
     if (!r.sent_back) pool_->stats[r.avoid].moved_away += count;
     retries_.erase(retries_.begin(), retries_.begin() + static_cast<std::ptrdiff_t>(count));
   }
@@ -852,10 +886,12 @@ void CallState::queue_again_locked(std::size_t node, unsigned attempts,
   pool_->stats[node].tasks -= inputs.size();  // counted with their chunk, but not run there
 }
 
-void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer message) {
+void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Parts message) {
   const std::size_t node = record.node;
   const std::size_t count = record.count;
-  const std::size_t bytes = message.size();
+  std::size_t bytes = 0;
+  for (const Buffer& part : message)
+    bytes += part.size();
   record.call = id_;
   record.pool = pool_;
   record.sent = Clock::now();
@@ -871,7 +907,7 @@ void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer m
     recorded = true;
     ++pool_->inflight_chunks;
     ++chunks_out_;
-    hub_.send(node, std::move(message));
+    hub_.send(node, std::move(message), id_);
   } catch (...) {
     // A send throws only before its message is out (NodeServer::handle
     // queues a chunk only if it can run it). The root's own node may have
@@ -910,7 +946,10 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
   state_->start();
 }
 CallHandle::~CallHandle() {
-  if (state_) state_->abandon();
+  if (!state_) return;
+  state_->abandon();
+  // The range goes with the handle's owner (StreamCall::view_) right after.
+  state_->wait_until_inputs_sent();
 }
 bool CallHandle::next_run(OutcomeRun& out, std::size_t most) {
   return state_->next_run(out, most);

@@ -76,7 +76,12 @@ class Hub {
   void shutdown();
 
   /// Sends `message` to node `node` (with `mutex` held).
-  void send(std::size_t node, Buffer message);
+  void send(std::size_t node, Buffer message) { send(node, single_part(std::move(message)), 0); }
+  /// The same in parts, some of them lent by call `lender` (see Transport::send).
+  void send(std::size_t node, Parts message, std::uint64_t lender);
+  /// Waits until no message with parts lent by call `lender` is being sent
+  /// (takes `mutex`).
+  void wait_until_sent(std::uint64_t lender) noexcept;
 
   std::mutex mutex;
   std::condition_variable changed;  // a reply arrived
@@ -179,6 +184,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   /// Its handle is gone (a dropped Future): failures are reported on stderr.
   void abandon();
+  /// Returns once no chunk is still being sent from its range's memory (the
+  /// range may go after that).
+  void wait_until_inputs_sent() noexcept;
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
   /// `transit`: the chunk's round trip less its time on the node.
@@ -214,7 +222,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// inflight counts already raised) as chunk `id` and sends `message` to
   /// its node. If the send throws, the record and every count it raised
   /// are taken back: no reply will come, and nothing may wait for one.
-  void send_chunk_locked(std::uint64_t id, ChunkRecord record, Buffer message);
+  void send_chunk_locked(std::uint64_t id, ChunkRecord record, Parts message);
   bool pop_locked(OutcomeRun& out, std::size_t most);
   /// Whether `records` holds `count` successes of bare values and nothing else.
   bool all_bare_values(const Reader& records, std::size_t count) const;
@@ -251,6 +259,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::size_t next_index_ = 0;  // input order: the next index to deliver
   std::size_t chunks_out_ = 0;
   bool exhausted_ = false;
+  bool lent_ = false;        // a chunk was sent from the range's memory
   double task_seconds_ = 0;  // estimated time of one task on one worker (0: unknown)
   // The estimate's sums, each chunk weighted by its inputs and older chunks
   // fading: a chunk's fixed cost counts little once chunks grow.

@@ -41,6 +41,7 @@ int as_count(std::size_t n) {
 struct Transport::Pending {
   Parts message;
   std::size_t size = 0;
+  std::uint64_t lender = 0;  // see send
   std::vector<MPI_Request> requests;
 };
 
@@ -77,7 +78,32 @@ Buffer joined(Parts parts) {
   return message;
 }
 
-void Transport::send(int rank, Parts message) {
+Parts with_lent_blocks(Buffer message, const std::vector<LentBlock>& lent) {
+  if (lent.empty()) return single_part(std::move(message));
+  Parts parts;
+  const auto copy_of = [&message](std::size_t from, std::size_t to) {
+    Buffer part(to - from);
+    if (to != from) std::memcpy(part.data(), message.data() + from, to - from);
+    return part;
+  };
+  std::size_t at = 0;
+  for (const LentBlock& block : lent) {
+    // The first part keeps the header, even if the first block follows it at once.
+    if (block.at != at || parts.empty()) parts.push_back(copy_of(at, block.at));
+    parts.push_back(Buffer::over(const_cast<std::byte*>(block.data), block.size));
+    parts.back().resize(block.size);
+    at = block.at;
+  }
+  if (at != message.size()) parts.push_back(copy_of(at, message.size()));
+  return parts;
+}
+
+bool Transport::lending(std::uint64_t lender) const noexcept {
+  return std::any_of(pending_.begin(), pending_.end(),
+                     [lender](const Pending& p) { return p.lender == lender; });
+}
+
+void Transport::send(int rank, Parts message, std::uint64_t lender) {
   std::uint64_t total = 0;
   for (const Buffer& part : message)
     total += part.size();
@@ -88,6 +114,7 @@ void Transport::send(int rank, Parts message) {
   Pending& p = pending_.emplace_back();
   p.message = std::move(message);
   p.size = static_cast<std::size_t>(total);
+  p.lender = lender;
   // Each part goes in pieces of at most max_piece_ bytes, in order; the
   // receiver puts them one after the other (post_next_piece), whatever their
   // sizes. Only the very first piece has the message tag.

@@ -16,6 +16,7 @@
 namespace procpool::mpi::detail {
 
 using procpool::detail::Buffer;
+using procpool::detail::LentBlock;
 using procpool::detail::Reader;
 using procpool::detail::Writer;
 
@@ -53,6 +54,11 @@ inline Parts single_part(Buffer message) {
 
 /// The parts joined in one buffer (a message that does not cross ranks).
 Buffer joined(Parts parts);
+
+/// `message` with the blocks its Writer lent (Writer::lend_blocks) put back
+/// in as parts of their own, sent from where they are: the bytes between
+/// them are copied into parts of their own, each small.
+Parts with_lent_blocks(Buffer message, const std::vector<LentBlock>& lent);
 
 /// A new message of `type`, ready for more fields.
 inline Buffer new_message(Msg type) {
@@ -103,8 +109,12 @@ class Transport {
   Transport& operator=(const Transport&) = delete;
   /// Starts sending; the message is kept until MPI is done with it.
   void send(int rank, Buffer message) { send(rank, single_part(std::move(message))); }
-  /// The same for a message in parts (see Parts).
-  void send(int rank, Parts message);
+  /// The same for a message in parts (see Parts). `lender`, if not 0, names
+  /// the call whose memory some parts are (see lending).
+  void send(int rank, Parts message, std::uint64_t lender = 0);
+  /// Whether a message with parts lent by call `lender` is still being sent:
+  /// until it is, that memory must stay as it is.
+  bool lending(std::uint64_t lender) const noexcept;
   /// Completes what it can of the sends; true when none is left.
   bool progress();
   /// A whole message from `rank` (or any rank: -1), if one has arrived;

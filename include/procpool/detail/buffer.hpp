@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "procpool/detail/memory_file.hpp"
 #include "procpool/errors.hpp"
@@ -190,10 +191,37 @@ class Buffer {
   bool share_when_large_ = false;
 };
 
+/// A block that a Writer left where it was rather than copy it (see
+/// Writer::lend_blocks): its bytes belong in the message at `at`, an offset
+/// into the Writer's buffer.
+struct LentBlock {
+  std::size_t at = 0;
+  const std::byte* data = nullptr;
+  std::size_t size = 0;
+};
+
 /// Appends values to a Buffer.
 class Writer {
  public:
   explicit Writer(Buffer& buffer) : buffer_(buffer) {}
+  /// From now on, blocks of `at_least` bytes given to write_lasting_block()
+  /// are not copied but listed in `to`; size() still counts them. For a
+  /// message sent in parts (the root's chunks over MPI) whose large inputs
+  /// live until it is sent.
+  void lend_blocks(std::vector<LentBlock>& to, std::size_t at_least) noexcept {
+    lent_ = &to;
+    lend_at_least_ = at_least;
+  }
+  /// write_block() for bytes that outlive the message (an input in the
+  /// caller's range): lent rather than copied when the Writer lends blocks.
+  void write_lasting_block(const void* bytes, std::size_t n) {
+    if (lent_ == nullptr || n < lend_at_least_) {
+      write_block(bytes, n);
+      return;
+    }
+    lent_->push_back(LentBlock{buffer_.size(), static_cast<const std::byte*>(bytes), n});
+    lent_bytes_ += n;
+  }
   void write(const void* bytes, std::size_t n) { buffer_.append(bytes, n); }
   /// write() for a block that may be large: its pages are mapped ahead of the
   /// copy rather than faulted in one by one.
@@ -225,13 +253,36 @@ class Writer {
   template <class T>
   requires std::is_trivially_copyable_v<T>
   void put(const T& value) { write(&value, sizeof value); }
-  std::size_t size() const noexcept { return buffer_.size(); }
-  /// Forgets everything written after `size` (used to replace a half-written result by an error).
-  void truncate(std::size_t size) { buffer_.resize(size); }
+  /// What was written, lent blocks included.
+  std::size_t size() const noexcept { return buffer_.size() + lent_bytes_; }
+  /// Forgets everything written after `size` (used to replace a half-written
+  /// result by an error); `size` is one that size() returned.
+  void truncate(std::size_t size) {
+    while (lent_ != nullptr && !lent_->empty() && lent_->back().at + lent_bytes_ > size) {
+      lent_bytes_ -= lent_->back().size;
+      lent_->pop_back();
+    }
+    buffer_.resize(size - lent_bytes_);
+  }
+  /// Writes over bytes already written at `at` (a size() of before), as a
+  /// length put ahead of what it measures.
+  void overwrite(std::size_t at, const void* bytes, std::size_t n) noexcept {
+    std::size_t lent_before = 0;
+    if (lent_ != nullptr) {
+      for (const LentBlock& block : *lent_) {
+        if (block.at + lent_before >= at) break;
+        lent_before += block.size;
+      }
+    }
+    std::memcpy(buffer_.data() + (at - lent_before), bytes, n);
+  }
   Buffer& buffer() noexcept { return buffer_; }
 
  private:
   Buffer& buffer_;
+  std::vector<LentBlock>* lent_ = nullptr;
+  std::size_t lend_at_least_ = 0;
+  std::size_t lent_bytes_ = 0;  // of the blocks in *lent_
 };
 
 /// Reads values from a byte range; reading past its end throws ProtocolError

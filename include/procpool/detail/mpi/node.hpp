@@ -187,7 +187,7 @@ void put_framed(Writer& out, const T& value) {
     out.put(std::uint64_t{0});
     procpool::detail::save(out, value);
     const std::uint64_t length = out.size() - at - sizeof(std::uint64_t);
-    std::memcpy(out.buffer().data() + at, &length, sizeof length);
+    out.overwrite(at, &length, sizeof length);
   }
 }
 
@@ -465,6 +465,10 @@ class InputFeed {
   /// Appends up to `most` inputs in one copy when the range allows it
   /// (bare values in contiguous memory); returns how many (0: use next()).
   virtual std::size_t next_block(Writer& out, std::size_t most) = 0;
+  /// Whether each input next() writes is an object of the range that stays
+  /// where it is while the call lasts (not a temporary made to be read), so
+  /// that its large blocks may be sent from where they are (Writer::lend_blocks).
+  virtual bool inputs_stay_put() const noexcept = 0;
 };
 
 /// The TaskError for an input whose save() is throwing now (in a catch block).
@@ -508,6 +512,14 @@ class RangeFeed final : public InputFeed {
       (void)most;
       return 0;
     }
+  }
+
+  bool inputs_stay_put() const noexcept override {
+    // A forward range's elements are there to be read again; a reference of
+    // another type than Item would be converted into a temporary.
+    using Reference = std::ranges::range_reference_t<View>;
+    return std::ranges::forward_range<View> && std::is_lvalue_reference_v<Reference> &&
+           std::same_as<std::remove_cvref_t<Reference>, Item>;
   }
 
  private:
