@@ -166,6 +166,15 @@ void inputs_that_are_not_kept_arrive_whole(procpool::mpi::Pool& pool) {
   // Made by the range as it is read (temporaries: never lent).
   const auto copies = inputs | std::views::transform([](const auto& b) { return b; });
   MPI_CHECK(pool.map(&checksum, copies) == want);
+  // References to one object the view refills for each input (found by
+  // review: lent, every chunk's parts pointed at that one string).
+  const auto refilled = std::views::iota(std::size_t{0}, inputs.size()) |
+                        std::views::transform([&inputs](std::size_t i) -> const std::vector<char>& {
+                          thread_local std::vector<char> one;
+                          one = inputs[i];
+                          return one;
+                        });
+  MPI_CHECK(pool.map(&checksum, refilled) == want);
   // A range the call owns (moved in): lent from the call's own copy.
   auto moved = inputs;
   MPI_CHECK(pool.map(&checksum, std::move(moved)) == want);

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "procpool/detail/buffer.hpp"
+#include "procpool/detail/call.hpp"
 #include "procpool/detail/code_identity.hpp"
 #include "procpool/options.hpp"
 #include "procpool/pool.hpp"
@@ -515,10 +516,12 @@ class RangeFeed final : public InputFeed {
   }
 
   bool inputs_stay_put() const noexcept override {
-    // A forward range's elements are there to be read again; a reference of
-    // another type than Item would be converted into a temporary.
+    // Only a range known to keep its elements: a view may hand out a
+    // reference to one object it refills for each element (a cache, a
+    // thread_local), and a reference of another type than Item would be
+    // converted into a temporary.
     using Reference = std::ranges::range_reference_t<View>;
-    return std::ranges::forward_range<View> && std::is_lvalue_reference_v<Reference> &&
+    return procpool::detail::keeps_its_elements_v<View> && std::is_lvalue_reference_v<Reference> &&
            std::same_as<std::remove_cvref_t<Reference>, Item>;
   }
 
