@@ -113,19 +113,33 @@ int dies_while_starting() {
   std::_Exit(3);  // as an initializer that crashes would
 }
 
-TEST(StartUp, WorkersThatDieWhileStartingEndTheCallWithAClearError) {
-  procpool::Pool pool({.processes = 2}, &dies_while_starting);
+struct StartUpFailure {
+  std::string what;  // empty: the map did not fail
+  std::chrono::steady_clock::duration took{};
+};
+
+/// A map on a Pool of two whose workers start with `init`, expected to fail.
+StartUpFailure map_failing_at_start_up(int (*init)()) {
+  procpool::Pool pool({.processes = 2}, init);
   const auto start = std::chrono::steady_clock::now();
+  StartUpFailure failure;
   try {
     (void)pool.map([](int&, int x) { return x; }, std::vector<int>{1, 2, 3});
-    FAIL() << "no error";
   } catch (const procpool::Error& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find("new workers in a row died while starting"), std::string::npos) << what;
-    EXPECT_NE(what.find("exited with status 3"), std::string::npos) << what;
-    EXPECT_NE(what.find("check the pool's initializer"), std::string::npos) << what;
+    failure.what = e.what();
   }
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+  failure.took = std::chrono::steady_clock::now() - start;
+  return failure;
+}
+
+TEST(StartUp, WorkersThatDieWhileStartingEndTheCallWithAClearError) {
+  const StartUpFailure failure = map_failing_at_start_up(&dies_while_starting);
+  const std::string& what = failure.what;
+  ASSERT_FALSE(what.empty()) << "no error";
+  EXPECT_NE(what.find("new workers in a row died while starting"), std::string::npos) << what;
+  EXPECT_NE(what.find("exited with status 3"), std::string::npos) << what;
+  EXPECT_NE(what.find("check the pool's initializer"), std::string::npos) << what;
+  EXPECT_LT(failure.took, std::chrono::seconds(10));
 }
 
 // Counts starts across the workers (forked from the test, they share it).
@@ -162,20 +176,14 @@ TEST(StartUp, NewWorkersKilledInARowAreStartedAgainWhileTheKillsAreRecent) {
 }
 
 TEST(StartUp, NewWorkersAlwaysKilledWhileStartingEndTheCallWithinSeconds) {
-  procpool::Pool pool({.processes = 2}, &always_killed_while_starting);
-  const auto start = std::chrono::steady_clock::now();
-  try {
-    (void)pool.map([](int&, int x) { return x; }, std::vector<int>{1, 2, 3});
-    FAIL() << "no error";
-  } catch (const procpool::Error& e) {
-    const std::string what = e.what();
-    EXPECT_NE(what.find("new workers in a row died while starting, over 2."), std::string::npos)
-        << what;
-    EXPECT_NE(what.find("was killed by signal 9"), std::string::npos) << what;
-  }
-  const auto took = std::chrono::steady_clock::now() - start;
-  EXPECT_GE(took, std::chrono::seconds(2));
-  EXPECT_LT(took, std::chrono::seconds(10));
+  const StartUpFailure failure = map_failing_at_start_up(&always_killed_while_starting);
+  const std::string& what = failure.what;
+  ASSERT_FALSE(what.empty()) << "no error";
+  EXPECT_NE(what.find("new workers in a row died while starting, over 2."), std::string::npos)
+      << what;
+  EXPECT_NE(what.find("was killed by signal 9"), std::string::npos) << what;
+  EXPECT_GE(failure.took, std::chrono::seconds(2));
+  EXPECT_LT(failure.took, std::chrono::seconds(10));
 }
 
 struct ShellRun {

@@ -161,20 +161,32 @@ std::vector<std::byte> plain_bytes(const Buffer& b) {
   return std::vector<std::byte>(b.data(), b.data() + b.size());
 }
 
+/// The same values written by a plain Writer and by one that lends blocks
+/// of 1 KiB or more.
+struct PlainAndLending {
+  Buffer plain;
+  Writer plain_out{plain};
+  Buffer lending;
+  Writer lending_out{lending};
+  std::vector<procpool::detail::LentBlock> lent;
+
+  PlainAndLending() { lending_out.lend_blocks(lent, 1024); }
+  std::vector<Writer*> writers() { return {&plain_out, &lending_out}; }
+  void expect_the_same_bytes() const {
+    EXPECT_EQ(lending_out.size(), plain_out.size());
+    EXPECT_EQ(reassembled(lending, lent), plain_bytes(plain));
+  }
+};
+
 TEST(LendingWriter, LentBlocksPutBackGiveTheSameBytes) {
   using Item = std::tuple<std::string, int, std::vector<double>, std::optional<std::vector<char>>>;
   const std::vector<Item> items{
       {std::string(3000, 'a'), 1, std::vector<double>(500, 2.5), std::vector<char>(10, 'c')},
       {"short", 2, {}, std::nullopt},
       {std::string(100, 'b'), 3, std::vector<double>(2000, -1.0), std::vector<char>(4096, 'd')}};
-  Buffer plain;
-  Writer plain_out(plain);
-  Buffer lending;
-  Writer lending_out(lending);
-  std::vector<procpool::detail::LentBlock> lent;
-  lending_out.lend_blocks(lent, 1024);
+  PlainAndLending both;
   for (const Item& item : items) {
-    for (Writer* out : {&plain_out, &lending_out}) {
+    for (Writer* out : both.writers()) {
       // A length ahead of each value, written over once the value is in.
       const std::size_t at = out->size();
       out->put(std::uint64_t{0});
@@ -183,32 +195,25 @@ TEST(LendingWriter, LentBlocksPutBackGiveTheSameBytes) {
       out->overwrite(at, &length, sizeof length);
     }
   }
-  EXPECT_EQ(lending_out.size(), plain_out.size());
+  both.expect_the_same_bytes();
   // The string of 3000, the 500 and 2000 doubles, the 4096 chars: not copied.
-  ASSERT_EQ(lent.size(), 4u);
-  EXPECT_EQ(lent[0].data, reinterpret_cast<const std::byte*>(std::get<0>(items[0]).data()));
-  EXPECT_LT(lending.size(), plain.size() - 3000 - 4000 - 16000 - 4096 + 1);
-  EXPECT_EQ(reassembled(lending, lent), plain_bytes(plain));
+  ASSERT_EQ(both.lent.size(), 4u);
+  EXPECT_EQ(both.lent[0].data, reinterpret_cast<const std::byte*>(std::get<0>(items[0]).data()));
+  EXPECT_LT(both.lending.size(), both.plain.size() - 3000 - 4000 - 16000 - 4096 + 1);
 }
 
 TEST(LendingWriter, TruncatingDropsTheBlocksLentAfter) {
   const std::vector<char> big(5000, 'x');
-  Buffer plain;
-  Writer plain_out(plain);
-  Buffer lending;
-  Writer lending_out(lending);
-  std::vector<procpool::detail::LentBlock> lent;
-  lending_out.lend_blocks(lent, 1024);
-  for (Writer* out : {&plain_out, &lending_out}) {
+  PlainAndLending both;
+  for (Writer* out : both.writers()) {
     procpool::detail::save(*out, big);
     const std::size_t mark = out->size();
     procpool::detail::save(*out, std::make_tuple(big, 7, big));  // as an input whose save threw
     out->truncate(mark);
     procpool::detail::save(*out, 42);
   }
-  EXPECT_EQ(lending_out.size(), plain_out.size());
-  ASSERT_EQ(lent.size(), 1u);
-  EXPECT_EQ(reassembled(lending, lent), plain_bytes(plain));
+  both.expect_the_same_bytes();
+  EXPECT_EQ(both.lent.size(), 1u);
 }
 
 TEST(DenseReplies, RetaggingInPlaceKeepsEveryValue) {
