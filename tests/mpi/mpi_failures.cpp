@@ -37,6 +37,13 @@
 
 namespace {
 
+constexpr bool under_sanitizer =
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 int throws_on_7(int x) {
   if (x % 500 == 7) throw std::invalid_argument("bad input " + std::to_string(x));
   return x;
@@ -303,13 +310,19 @@ void errors(int nodes) {
     }
   }
 
-  // Retries: a task whose worker died runs again and succeeds.
-  {
+  // Retries: a task whose worker died runs again and succeeds. Each death
+  // forks a new worker from a rank whose other threads (ours, Open MPI's)
+  // allocate all the while; under GCC 12's sanitizers such a child can wait
+  // forever for the allocator's lock, in its first operator new (seen here
+  // under ASan in 2 runs of 3; the same as peers.recycling, whose comment in
+  // tests/CMakeLists.txt says more). glibc's malloc is locked around fork(),
+  // so the debug and release builds run these.
+  if (!under_sanitizer) {
     procpool::mpi::Pool retrying({.processes = 2, .retries = 2});
     auto got = retrying.map(&crashes_once, range(1000));
     MPI_CHECK(got == range(1000));
+    retries_move_to_another_node();
   }
-  retries_move_to_another_node();
   std::fprintf(stderr, "mpi_failures errors: OK on %d node(s)\n", nodes);
 }
 
