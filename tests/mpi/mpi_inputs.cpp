@@ -32,10 +32,15 @@ constexpr std::size_t mib = std::size_t{1} << 20;
 /// A block of `size` bytes that says which it is (`id`, in its first bytes)
 /// and differs everywhere from the others.
 std::vector<char> block_of(std::size_t size, std::uint64_t id) {
+  // A page's pattern copied over the block: byte by byte, 24 MiB blocks
+  // took most of the test's time under ThreadSanitizer.
+  std::vector<char> page(4096);
+  for (std::size_t i = 0; i < page.size(); ++i)
+    page[i] = static_cast<char>((i * 131 + id * 7) % 251);
   std::vector<char> block(size);
-  for (std::size_t i = 0; i < size; ++i)
-    block[i] = static_cast<char>((i * 131 + id * 7) % 251);
-  std::memcpy(block.data(), &id, sizeof id);
+  for (std::size_t at = 0; at < size; at += page.size())
+    std::memcpy(block.data() + at, page.data(), std::min(page.size(), size - at));
+  std::memcpy(block.data(), &id, std::min(sizeof id, size));
   return block;
 }
 
