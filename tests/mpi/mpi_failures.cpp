@@ -33,16 +33,10 @@
 #include <string>
 #include <vector>
 
+#include "../helpers.hpp"
 #include "mpi_check.hpp"
 
 namespace {
-
-constexpr bool under_sanitizer =
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
 
 int throws_on_7(int x) {
   if (x % 500 == 7) throw std::invalid_argument("bad input " + std::to_string(x));
@@ -317,7 +311,7 @@ void errors(int nodes) {
   // under ASan in 2 runs of 3; the same as peers.recycling, whose comment in
   // tests/CMakeLists.txt says more). glibc's malloc is locked around fork(),
   // so the debug and release builds run these.
-  if (!under_sanitizer) {
+  if (!test_helpers::under_sanitizer) {
     procpool::mpi::Pool retrying({.processes = 2, .retries = 2});
     auto got = retrying.map(&crashes_once, range(1000));
     MPI_CHECK(got == range(1000));

@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../helpers.hpp"
 #include "mpi_check.hpp"
 
 namespace {
@@ -105,14 +106,6 @@ long peak_rss_kib() {
   return usage.ru_maxrss;
 }
 
-bool under_sanitizer() {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  return true;
-#else
-  return false;
-#endif
-}
-
 void large_inputs_are_held_once(procpool::mpi::Pool& pool, int ranks) {
   // First of all, so that no earlier call's memory makes up the peak.
   std::vector<std::vector<char>> inputs;
@@ -130,7 +123,7 @@ void large_inputs_are_held_once(procpool::mpi::Pool& pool, int ranks) {
   // Copied into the chunks sent to the other ranks, they cost the root
   // 24 MiB for each chunk in flight (48 MiB here before they were lent).
   // A sanitizer's shadow memory adds to the peak beyond measure.
-  if (ranks > 1 && !under_sanitizer())
+  if (ranks > 1 && !test_helpers::under_sanitizer)
     MPI_CHECK_MSG(grew_kib < 16 * 1024, std::to_string(grew_kib));
 }
 
