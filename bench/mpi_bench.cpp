@@ -5,6 +5,7 @@
 //          [--task-ms MS] [--mib M --big N]
 //   ... --profile-auto N | --profile-big N | --profile-inputs N [--retries R]:
 //          one warm map of that kind, N times, with its times
+//   ... --local 1: the big and inputs profiles with procpool::Pool (no mpirun)
 #include <sys/resource.h>
 #include <procpool/mpi.hpp>
 
@@ -56,6 +57,56 @@ double peak_rss_mb() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
+/// --profile-inputs: `rounds` warm maps over `count` inputs of `mib` MiB.
+template <class AnyPool>
+int profile_input_maps(std::size_t rounds, std::size_t count, int mib, unsigned processes,
+                       unsigned retries) {
+  AnyPool pool({.processes = processes, .retries = retries});
+  const std::vector<std::vector<char>> inputs(count, big(mib));
+  const double rss_before = peak_rss_mb();
+  for (std::size_t r = 0; r < rounds; ++r) {
+    const double cpu_before = process_cpu_seconds();
+    const auto t0 = Clock::now();
+    const auto sizes = pool.map(&size_of, inputs);
+    const double s = since(t0);
+    std::printf("warm map over %zu x %d MiB inputs: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", count,
+                mib, 1e3 * s,
+                static_cast<double>(count) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
+                1e3 * (process_cpu_seconds() - cpu_before));
+    if (sizes.size() != count || sizes.front() != std::size_t(mib) << 20) return 1;
+  }
+  std::printf("root peak RSS: %.1f MB with the inputs, %.1f MB more over the maps\n", rss_before,
+              peak_rss_mb() - rss_before);
+  return 0;
+}
+
+/// --profile-big: `rounds` warm maps of `count` results of `mib` MiB.
+template <class AnyPool>
+int profile_result_maps(std::size_t rounds, std::size_t count, int mib, unsigned processes,
+                        unsigned retries) {
+  AnyPool pool({.processes = processes, .retries = retries});
+  pool.map(&big, std::vector<int>(2, 1));
+  const double rss_before = peak_rss_mb();
+  for (std::size_t r = 0; r < rounds; ++r) {
+    const double cpu_before = process_cpu_seconds();
+    const auto t0 = Clock::now();
+    const auto results = pool.map(&big, std::vector<int>(count, mib));
+    const double s = since(t0);
+    std::printf("warm map of %zu x %d MiB: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", count, mib,
+                1e3 * s,
+                static_cast<double>(count) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
+                1e3 * (process_cpu_seconds() - cpu_before));
+  }
+  std::printf("root peak RSS: %.1f MB before, %.1f MB more over the maps (results held: %.1f MB)\n",
+              rss_before, peak_rss_mb() - rss_before,
+              static_cast<double>(count) * static_cast<double>(mib) * 1.048576);
+  if constexpr (requires { pool.insights().per_node; }) {
+    if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
+      std::fputs(pool.insights().to_string().c_str(), stderr);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -71,6 +122,7 @@ int main(int argc, char** argv) {
   // --profile-inputs N: only the warm map over --big inputs of --mib MiB, N
   // times; prints the root's peak RSS too.
   std::size_t profile_inputs = 0;
+  bool local = false;    // --local: see the profiles below
   unsigned retries = 0;  // --retries R: Options::retries of the profiled pools
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
@@ -84,6 +136,7 @@ int main(int argc, char** argv) {
     if (k == "--profile-auto") profile_auto = std::strtoull(v, nullptr, 10);
     if (k == "--profile-big") profile_big = std::strtoull(v, nullptr, 10);
     if (k == "--profile-inputs") profile_inputs = std::strtoull(v, nullptr, 10);
+    if (k == "--local") local = std::atoi(v) != 0;
     if (k == "--retries") retries = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
   }
   procpool::mpi::Session session(argc, argv);
@@ -108,42 +161,18 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  // --local 1: the same profiles with procpool::Pool, what a one-rank job is
+  // held against (run it without mpirun).
   if (profile_inputs != 0) {
-    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
-    const std::vector<std::vector<char>> inputs(nbig, big(mib));
-    const double rss_before = peak_rss_mb();
-    for (std::size_t r = 0; r < profile_inputs; ++r) {
-      const double cpu_before = process_cpu_seconds();
-      const auto t0 = Clock::now();
-      const auto sizes = pool.map(&size_of, inputs);
-      const double s = since(t0);
-      std::printf("warm map over %zu x %d MiB inputs: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", nbig,
-                  mib, 1e3 * s,
-                  static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
-                  1e3 * (process_cpu_seconds() - cpu_before));
-      if (sizes.size() != nbig || sizes.front() != std::size_t(mib) << 20) return 1;
-    }
-    std::printf("root peak RSS: %.1f MB with the inputs, %.1f MB more over the maps\n", rss_before,
-                peak_rss_mb() - rss_before);
-    return 0;
+    if (local)
+      return profile_input_maps<procpool::Pool>(profile_inputs, nbig, mib, processes, retries);
+    return profile_input_maps<procpool::mpi::Pool>(profile_inputs, nbig, mib, processes, retries);
   }
 
   if (profile_big != 0) {
-    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
-    pool.map(&big, std::vector<int>(2, 1));
-    for (std::size_t r = 0; r < profile_big; ++r) {
-      const double cpu_before = process_cpu_seconds();
-      const auto t0 = Clock::now();
-      pool.map(&big, std::vector<int>(nbig, mib));
-      const double s = since(t0);
-      std::printf("warm map of %zu x %d MiB: %.1f ms, %.3f GB/s, root CPU %.1f ms\n", nbig, mib,
-                  1e3 * s,
-                  static_cast<double>(nbig) * static_cast<double>(std::size_t(mib) << 20) / s / 1e9,
-                  1e3 * (process_cpu_seconds() - cpu_before));
-    }
-    if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
-      std::fputs(pool.insights().to_string().c_str(), stderr);
-    return 0;
+    if (local)
+      return profile_result_maps<procpool::Pool>(profile_big, nbig, mib, processes, retries);
+    return profile_result_maps<procpool::mpi::Pool>(profile_big, nbig, mib, processes, retries);
   }
 
   // Tiny tasks, end to end with automatic chunking: pool start + map + stop.

@@ -614,9 +614,12 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     const std::size_t count_at = w.size();
     w.put(std::uint64_t{0});
     // Large inputs go to another rank from where they are, not copied into
-    // the message: the caller's memory is not held twice (see lent_).
+    // the message: the caller's memory is not held twice (see lent_). For
+    // the root's own node, Hub::send joins the parts into one message at its
+    // final size, one copy: a message grown input by input would copy what it
+    // held at each growth.
     std::vector<LentBlock> lent;
-    if (best != 0 && feed_->inputs_stay_put()) w.lend_blocks(lent, lend_at_least);
+    if (feed_->inputs_stay_put()) w.lend_blocks(lent, lend_at_least);
     const auto started = Clock::now();
     lock.unlock();
     try {
@@ -654,7 +657,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       r.count = count;
       r.node = best;
       taken_ += count;
-      lent_ = lent_ || !lent.empty();
+      lent_ = lent_ || (best != 0 && !lent.empty());
       send_chunk_locked(chunk, std::move(r), with_lent_blocks(std::move(message), lent));
     }
     if (failed) {

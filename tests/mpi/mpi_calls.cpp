@@ -46,6 +46,11 @@ Table make_table() {
 int lookup(Table& t, int i) {
   return t.values[static_cast<std::size_t>(i % 100)];
 }
+/// State, an input that a node forwards to its worker undecoded (a string),
+/// and an extra argument.
+std::string lookup_word(Table& t, std::string word, int scale) {
+  return word + ":" + std::to_string(t.values[word.size() % 100] * scale);
+}
 long slow_square(int x) {
   ::usleep(200);
   return static_cast<long>(x) * x;
@@ -412,6 +417,10 @@ int main(int argc, char** argv) {
     procpool::mpi::Pool pool({.processes = 2}, &make_table);
     procpool::Pool reference({.processes = 2}, &make_table);
     MPI_CHECK(pool.map(&lookup, inputs) == reference.map(&lookup, inputs));
+    std::vector<std::string> words;
+    for (int i = 0; i < 40; ++i)
+      words.push_back(std::string(static_cast<std::size_t>(i), 'w'));
+    MPI_CHECK(pool.map(&lookup_word, words, 2) == reference.map(&lookup_word, words, 2));
     // a move-only result returned by reference from the worker's state
     procpool::mpi::Pool shelves({.processes = 2, .chunksize = 3}, &make_shelf);
     const std::vector<int> few(inputs.begin(), inputs.begin() + 20);

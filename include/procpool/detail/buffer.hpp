@@ -334,6 +334,7 @@ class Reader {
   /// nobody reads twice: what has been decoded may be given back (see
   /// consumed()), so a result of N bytes costs N, not 2N, while decoding.
   void allow_giving_back() noexcept { give_back_ = true; }
+  bool gives_back() const noexcept { return give_back_; }
   /// Says that the `n` bytes at `at`, already taken, will not be read again.
   void consumed(const std::byte* at, std::size_t n) const noexcept {
     if (give_back_) discard_memory_file_pages(const_cast<std::byte*>(at), n);

@@ -269,10 +269,64 @@ class Forwarded {
   Buffer bytes_;
 };
 
-/// The results a node forwards as the worker wrote them: all but those that
-/// are cheaper to copy (bare values) or come as memory files.
+/// The results a node forwards as the worker wrote them, and the inputs it
+/// forwards as the root wrote them: all but those that are cheaper to copy
+/// (bare values) or travel between a node and its workers as memory files.
 template <class T>
 inline constexpr bool forwarded_v = !travels_bare_v<T> && !holds_shared_memory<T>();
+
+/// An input on its way through a node. The node hands the bytes the root
+/// wrote (save()) on to the worker as they are, instead of decoding the input
+/// only for its Pool to encode it again: for a large input that is one copy,
+/// and one block of fresh pages, fewer on every node, and the node holds it
+/// once (in the message it came in), not twice. The worker decodes it.
+template <class T>
+class ForwardedInput {
+ public:
+  using procpool_writes_itself = void;  // see procpool::detail::writes_itself
+
+  ForwardedInput() = default;
+  /// On the node: the input's bytes, in the message that outlives the call.
+  ForwardedInput(const std::byte* bytes, std::size_t size) noexcept : bytes_(bytes), size_(size) {}
+
+  /// On the node, for the worker: framed, so that an input whose load()
+  /// misbehaves cannot spoil what follows.
+  void write_to(Writer& out) const {
+    out.put(static_cast<std::uint64_t>(size_));
+    out.write_block(bytes_, size_);
+  }
+  /// In the worker.
+  void read_from(Reader& in) {
+    const auto length = static_cast<std::size_t>(in.get<std::uint64_t>());
+    Reader own(in.take(length), length);
+    if (in.gives_back()) own.allow_giving_back();
+    value_.emplace(procpool::detail::load_value<T>(own));
+  }
+  T&& value() && noexcept { return std::move(*value_); }
+
+ private:
+  const std::byte* bytes_ = nullptr;
+  std::size_t size_ = 0;
+  std::optional<T> value_;
+};
+
+/// `F` taking its input as a ForwardedInput<Item>: what a node's Pool runs
+/// for a call whose inputs are forwarded.
+template <class F, class Item>
+struct DecodeInput {
+  [[no_unique_address]] F f;
+
+  template <class... Extra>
+  requires std::is_invocable_v<F&, Item&&, const Extra&...>
+  decltype(auto) operator()(ForwardedInput<Item>&& input, const Extra&... extra) {
+    return std::invoke(f, std::move(input).value(), extra...);
+  }
+  template <class State, class... Extra>
+  requires std::is_invocable_v<F&, State&, Item&&, const Extra&...>
+  decltype(auto) operator()(State& state, ForwardedInput<Item>&& input, const Extra&... extra) {
+    return std::invoke(f, state, std::move(input).value(), extra...);
+  }
+};
 
 /// `F` returning its result as a Forwarded<Out>: what a node's Pool runs for
 /// a call whose results do not travel bare.
@@ -297,6 +351,19 @@ namespace procpool::detail {
 
 template <class F, class Out>
 inline constexpr bool is_checked_adaptor_v<mpi::detail::ForwardResult<F, Out>> = true;
+template <class F, class Item>
+inline constexpr bool is_checked_adaptor_v<mpi::detail::DecodeInput<F, Item>> = true;
+
+template <class F, class Item>
+struct first_parameter<mpi::detail::DecodeInput<F, Item>> : first_parameter<F> {};
+
+template <class G, class Item>
+struct code_carrier<mpi::detail::DecodeInput<G, Item>> {
+  static void save(Writer& out, const mpi::detail::DecodeInput<G, Item>& f) {
+    code_carrier<G>::save(out, f.f);
+  }
+  static mpi::detail::DecodeInput<G, Item> load(Reader& in) { return {code_carrier<G>::load(in)}; }
+};
 
 template <class F, class Out>
 struct first_parameter<mpi::detail::ForwardResult<F, Out>> : first_parameter<F> {};
@@ -321,26 +388,17 @@ class TypedNodeCall final : public NodeCall {
   }
 
   void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks, bool send_back_deaths) override {
-    std::vector<Item> inputs;
-    std::vector<std::exception_ptr> decode_errors;  // per input; none for bare ones
-    for (NodeChunk& chunk : chunks)
-      decode_inputs(chunk.items, chunk.count, inputs, decode_errors);
-    // Outcomes in input order, as they come: each chunk's reply can leave as
-    // soon as its own inputs are done.
-    if constexpr (forwarded_v<Out>) {
-      auto results = std::apply(
-          [&](const Extra&... extra) {
-            return pool.imap_outcomes(ForwardResult<F, Out>{f_}, inputs, extra...);
-          },
-          extra_);
-      write_outcomes(
-          pool, send_back_deaths, chunks, decode_errors, results,
-          [](ReplyParts& reply, Forwarded<Out>& value) { reply.append(value.take_bytes()); });
+    std::vector<std::exception_ptr> decode_errors;  // per input; none for bare or forwarded ones
+    if constexpr (forwarded_v<Item>) {
+      std::vector<ForwardedInput<Item>> inputs;
+      for (NodeChunk& chunk : chunks)
+        forward_inputs(chunk.items, chunk.count, inputs);
+      run_on(pool, DecodeInput<F, Item>{f_}, inputs, chunks, decode_errors, send_back_deaths);
     } else {
-      auto results = std::apply(
-          [&](const Extra&... extra) { return pool.imap_outcomes(f_, inputs, extra...); }, extra_);
-      write_outcomes(pool, send_back_deaths, chunks, decode_errors, results,
-                     [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
+      std::vector<Item> inputs;
+      for (NodeChunk& chunk : chunks)
+        decode_inputs(chunk.items, chunk.count, inputs, decode_errors);
+      run_on(pool, f_, inputs, chunks, decode_errors, send_back_deaths);
     }
   }
 
@@ -355,6 +413,40 @@ class TypedNodeCall final : public NodeCall {
   }
 
  private:
+  /// Runs `g` on every input of `inputs` on `pool` in one call, and writes
+  /// the outcomes (write_outcomes).
+  template <class G, class Inputs>
+  void run_on(procpool::Pool& pool, const G& g, Inputs& inputs, std::vector<NodeChunk>& chunks,
+              std::vector<std::exception_ptr>& decode_errors, bool send_back_deaths) {
+    // Outcomes in input order, as they come: each chunk's reply can leave as
+    // soon as its own inputs are done.
+    if constexpr (forwarded_v<Out>) {
+      auto results = std::apply(
+          [&](const Extra&... extra) {
+            return pool.imap_outcomes(ForwardResult<G, Out>{g}, inputs, extra...);
+          },
+          extra_);
+      write_outcomes(
+          pool, send_back_deaths, chunks, decode_errors, results,
+          [](ReplyParts& reply, Forwarded<Out>& value) { reply.append(value.take_bytes()); });
+    } else {
+      auto results = std::apply(
+          [&](const Extra&... extra) { return pool.imap_outcomes(g, inputs, extra...); }, extra_);
+      write_outcomes(pool, send_back_deaths, chunks, decode_errors, results,
+                     [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
+    }
+  }
+
+  /// Appends the `chunk_count` inputs at `items` to `inputs` as they are
+  /// (`items` is read from a copy: the outcomes step over the inputs again).
+  static void forward_inputs(Reader items, std::uint64_t chunk_count,
+                             std::vector<ForwardedInput<Item>>& inputs) {
+    for (std::uint64_t i = 0; i < chunk_count; ++i) {
+      const Reader one = take_framed<Item>(items);
+      inputs.emplace_back(one.position(), one.remaining());
+    }
+  }
+
   /// Where the next input of `items` is, as put_framed wrote it; steps over it.
   static std::pair<const std::byte*, std::size_t> next_input(Reader& items) {
     const std::byte* at = items.position();
