@@ -63,6 +63,26 @@ int crashes_once(int x) {
   }
   return x;
 }
+/// An input whose load() crashes when told to (a decoder that segfaults on
+/// bad data, say). It is decoded in a worker, never in a rank.
+struct CrashesWhenLoaded {
+  int value = 0;
+  std::string name;
+  bool crash = false;
+  template <class Archive>
+  void save(Archive& ar) const {
+    ar(value, name, crash);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    ar(value, name, crash);
+    if (crash) std::abort();
+  }
+};
+int value_of(const CrashesWhenLoaded& in) {
+  return in.value;
+}
+
 bool on_rank_1() {
   const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
   return rank != nullptr && std::strcmp(rank, "1") == 0;
@@ -283,6 +303,34 @@ void errors(int nodes) {
   }
   // The pool goes on after it.
   MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2, 3}) == (std::vector<int>{1, 2, 3}));
+
+  // An input whose load() crashes costs that input only: nodes pass inputs
+  // on to their workers undecoded, so it crashes a worker, not a rank (which
+  // would abort the MPI job).
+  {
+    std::vector<CrashesWhenLoaded> loaded(40);
+    for (std::size_t i = 0; i < loaded.size(); ++i) {
+      loaded[i].value = static_cast<int>(i);
+      loaded[i].name = "input " + std::to_string(i);
+    }
+    loaded[23].crash = true;
+    const auto decoded = pool.map_outcomes(&value_of, loaded);
+    MPI_CHECK(decoded.size() == loaded.size());
+    for (const auto& o : decoded) {
+      if (o.index != 23) {
+        MPI_CHECK(o.ok() && *o.value == static_cast<int>(o.index));
+        continue;
+      }
+      try {
+        std::rethrow_exception(o.error);
+      } catch (const procpool::WorkerCrashed& e) {
+        MPI_CHECK(e.index() == 23);
+        MPI_CHECK_MSG(e.signal() == SIGABRT || e.exit_status() != 0, e.what());
+        location(e);
+        std::fprintf(stderr, "as expected: %s\n", e.what());
+      }
+    }
+  }
 
   // A timeout costs its task only, promptly.
   {
