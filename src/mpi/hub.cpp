@@ -615,11 +615,12 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     w.put(std::uint64_t{0});
     // Large inputs go to another rank from where they are, not copied into
     // the message: the caller's memory is not held twice (see lent_). For
-    // the root's own node, Hub::send joins the parts into one message at its
-    // final size, one copy: a message grown input by input would copy what it
-    // held at each growth.
+    // the root's own node they are copied once, below, into a message of
+    // its final size: one grown input by input would copy what it held at
+    // each growth.
     std::vector<LentBlock> lent;
     if (feed_->inputs_stay_put()) w.lend_blocks(lent, lend_at_least);
+    Parts parts;
     const auto started = Clock::now();
     lock.unlock();
     try {
@@ -637,6 +638,12 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
         if (fed == InputFeed::Fed::failed) break;
         ++count;
       }
+      const std::uint64_t n = count;
+      std::memcpy(message.data() + count_at, &n, sizeof n);
+      parts = with_lent_blocks(std::move(message), lent);
+      // The root's own node takes one message (Hub::send); joined here, the
+      // copy does not hold up the hub (MPI's progress) as it would there.
+      if (best == 0 && parts.size() > 1) parts = single_part(joined(std::move(parts)));
     } catch (...) {
       lock.lock();
       --hub_.nodes[best].inflight_chunks;
@@ -650,15 +657,13 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     if (count == 0) {
       --hub_.nodes[best].inflight_chunks;
     } else {
-      const std::uint64_t n = count;
-      std::memcpy(message.data() + count_at, &n, sizeof n);
       ChunkRecord r;
       r.first = first;
       r.count = count;
       r.node = best;
       taken_ += count;
       lent_ = lent_ || (best != 0 && !lent.empty());
-      send_chunk_locked(chunk, std::move(r), with_lent_blocks(std::move(message), lent));
+      send_chunk_locked(chunk, std::move(r), std::move(parts));
     }
     if (failed) {
       OutcomeRun& one = ready_[taken_].outcomes;
