@@ -349,32 +349,29 @@ struct ForwardResult {
 
 namespace procpool::detail {
 
+/// The traits of a node's wrappers around the user's function G (which
+/// carry G as their member `f`): checked, state and code are G's.
+template <template <class, class> class Wrapper, class G, class T>
+struct wrapper_code_carrier {
+  static void save(Writer& out, const Wrapper<G, T>& f) { code_carrier<G>::save(out, f.f); }
+  static Wrapper<G, T> load(Reader& in) { return {code_carrier<G>::load(in)}; }
+};
+
 template <class F, class Out>
 inline constexpr bool is_checked_adaptor_v<mpi::detail::ForwardResult<F, Out>> = true;
-template <class F, class Item>
-inline constexpr bool is_checked_adaptor_v<mpi::detail::DecodeInput<F, Item>> = true;
-
-template <class F, class Item>
-struct first_parameter<mpi::detail::DecodeInput<F, Item>> : first_parameter<F> {};
-
-template <class G, class Item>
-struct code_carrier<mpi::detail::DecodeInput<G, Item>> {
-  static void save(Writer& out, const mpi::detail::DecodeInput<G, Item>& f) {
-    code_carrier<G>::save(out, f.f);
-  }
-  static mpi::detail::DecodeInput<G, Item> load(Reader& in) { return {code_carrier<G>::load(in)}; }
-};
-
 template <class F, class Out>
 struct first_parameter<mpi::detail::ForwardResult<F, Out>> : first_parameter<F> {};
-
 template <class G, class Out>
-struct code_carrier<mpi::detail::ForwardResult<G, Out>> {
-  static void save(Writer& out, const mpi::detail::ForwardResult<G, Out>& f) {
-    code_carrier<G>::save(out, f.f);
-  }
-  static mpi::detail::ForwardResult<G, Out> load(Reader& in) { return {code_carrier<G>::load(in)}; }
-};
+struct code_carrier<mpi::detail::ForwardResult<G, Out>>
+    : wrapper_code_carrier<mpi::detail::ForwardResult, G, Out> {};
+
+template <class F, class Item>
+inline constexpr bool is_checked_adaptor_v<mpi::detail::DecodeInput<F, Item>> = true;
+template <class F, class Item>
+struct first_parameter<mpi::detail::DecodeInput<F, Item>> : first_parameter<F> {};
+template <class G, class Item>
+struct code_carrier<mpi::detail::DecodeInput<G, Item>>
+    : wrapper_code_carrier<mpi::detail::DecodeInput, G, Item> {};
 
 }  // namespace procpool::detail
 
