@@ -349,8 +349,8 @@ struct ForwardResult {
 
 namespace procpool::detail {
 
-/// The traits of a node's wrappers around the user's function G (which
-/// carry G as their member `f`): checked, state and code are G's.
+/// How a node's wrapper around the user's function G (its member `f`)
+/// travels to the node's workers: as G does.
 template <template <class, class> class Wrapper, class G, class T>
 struct wrapper_code_carrier {
   static void save(Writer& out, const Wrapper<G, T>& f) { code_carrier<G>::save(out, f.f); }
