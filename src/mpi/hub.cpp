@@ -51,6 +51,29 @@ constexpr double long_task_seconds = 0.01;
 /// below it, one more part costs about what copying it would.
 constexpr std::size_t lend_at_least = std::size_t{1} << 20;
 
+/// How long a node that owes the root an answer may stay silent, unless
+/// PROCPOOL_MPI_NODE_TIMEOUT says otherwise: a node's rank answers a ping at
+/// once, however busy its workers are, so only a node that has stopped
+/// (SIGSTOP, a frozen machine, a cut network) is silent this long.
+constexpr double default_silence_limit_seconds = 60;
+
+/// How often the root looks for silent nodes.
+constexpr auto watch_interval = std::chrono::milliseconds(100);
+
+Clock::duration silence_limit_from_environment() {
+  const char* text = std::getenv("PROCPOOL_MPI_NODE_TIMEOUT");
+  double limit = default_silence_limit_seconds;
+  if (text != nullptr && *text != '\0') {
+    char* end = nullptr;
+    limit = std::strtod(text, &end);
+    if (*end != '\0' || !(limit >= 0) || limit > 1e9) {
+      throw Error(std::string("procpool::mpi: PROCPOOL_MPI_NODE_TIMEOUT=") + text +
+                  " is not a number of seconds (0: wait for silent nodes for ever)");
+    }
+  }
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
+}
+
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
 
@@ -89,7 +112,10 @@ std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places) {
   return slots;
 }
 
-Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
+Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots)
+    : nodes(std::move(slots)), silence_limit_(silence_limit_from_environment()) {
+  for (NodeSlot& node : nodes)
+    node.heard = Clock::now();
   local_ = std::make_unique<NodeServer>([this](Parts m) { local_reply(joined(std::move(m))); });
   if (use_mpi && nodes.size() > 1) {
     transport_ = std::make_unique<Transport>();
@@ -131,13 +157,25 @@ void Hub::shutdown() {
     for (std::size_t n = 1; n < nodes.size(); ++n)
       transport_->send(nodes[n].rank, new_message(Msg::shutdown));
     pump_wake_.notify_one();
-    // Each rank finishes its chunks, ends its pools and answers bye.
-    changed.wait(lock, [&] { return byes_ + 1 >= nodes.size(); });
+    // Each rank finishes its chunks, ends its pools and answers bye; one
+    // that stays silent is given up on (watch_silent_nodes_locked).
+    changed.wait(lock, [&] {
+      return std::all_of(nodes.begin() + 1, nodes.end(),
+                         [](const NodeSlot& n) { return n.said_bye || !n.lost.empty(); });
+    });
     pump_stop_ = true;
     pump_wake_.notify_one();
     lock.unlock();
     pump_.join();
     lock.lock();
+    for (const NodeSlot& n : nodes) {
+      // MPI_Finalize would wait for it for ever: only ending the job ends it.
+      if (!n.lost.empty() && !n.said_bye) {
+        abort_job("procpool::mpi: ending the job with an error: node " + n.host + ":" +
+                      std::to_string(n.rank) + " " + n.lost,
+                  1);
+      }
+    }
     while (!transport_->progress()) {
       lock.unlock();
       std::this_thread::sleep_for(std::chrono::microseconds(100));
@@ -163,6 +201,16 @@ void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
     for (Buffer& m : pending)
       route(0, std::move(m));
     if (!pending.empty()) changed.notify_all();
+    return;
+  }
+  if (!nodes[node].lost.empty()) {
+    // A chunk its call was making as the node was given up on: it fails now.
+    Msg type{};
+    Reader in = message_body(message.front(), type);
+    if (type == Msg::chunk) {
+      in.get<std::uint64_t>();  // its call
+      fail_chunk_of_lost_node_locked(in.get<std::uint64_t>());
+    }
     return;
   }
   transport_->send(nodes[node].rank, std::move(message), lender);
@@ -222,6 +270,14 @@ void Hub::pump() {
       std::fflush(stderr);
       std::abort();
     }
+    try {
+      watch_silent_nodes_locked();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool::mpi: the root (rank 0 on %s) cannot go on: %s\n",
+                   nodes[0].host.c_str(), e.what());
+      std::fflush(stderr);
+      std::abort();
+    }
     if (active) {
       idle = 0;
       changed.notify_all();
@@ -251,10 +307,102 @@ void Hub::let_go_released(std::unique_lock<std::mutex>& lock) {
   lock.lock();
 }
 
-void Hub::route(std::size_t node, Buffer message) {
+bool Hub::waiting_on_locked(std::size_t node) const {
+  const NodeSlot& n = nodes[node];
+  return n.inflight_chunks != 0 || n.insights_due != 0 || (stopped && !n.said_bye);
+}
+
+void Hub::watch_silent_nodes_locked() {
+  const auto now = Clock::now();
+  if (silence_limit_ == Clock::duration::zero() || now - watched_ < watch_interval) return;
+  watched_ = now;
+  for (std::size_t n = 1; n < nodes.size(); ++n) {
+    NodeSlot& node = nodes[n];
+    if (!node.lost.empty()) continue;
+    node.heard = std::max(node.heard, transport_->last_heard(node.rank));
+    if (!waiting_on_locked(n)) {
+      node.heard = now;  // silence counts only while the node owes an answer
+      continue;
+    }
+    const Clock::duration silent = now - node.heard;
+    if (silent >= silence_limit_) {
+      give_up_on_locked(n, seconds(silent));
+    } else if (silent >= silence_limit_ / 4 && now - node.pinged >= silence_limit_ / 4) {
+      transport_->send(node.rank, new_message(Msg::ping));
+      node.pinged = now;
+    }
+  }
+}
+
+void Hub::give_up_on_locked(std::size_t node, double silent) {
+  NodeSlot& n = nodes[node];
+  char said[160];
+  std::snprintf(said, sizeof said,
+                "has not answered for %.1f s (stopped, frozen, or cut off from the root; "
+                "PROCPOOL_MPI_NODE_TIMEOUT sets how long is too long)",
+                silent);
+  const std::string where = n.host + ":" + std::to_string(n.rank);
+  if (transport_->lending_to(n.rank)) {
+    // MPI cannot take back a send: it would read the caller's inputs after
+    // the call returned, should the node come back.
+    abort_job("procpool::mpi: node " + where + " " + said +
+                  " while inputs were on their way to it from the caller's memory; ending the job",
+              1);
+  }
+  std::fprintf(stderr,
+               "procpool::mpi: node %s %s: the inputs it holds fail, it gets no more work, and the "
+               "job ends with an error when the root's Session ends\n",
+               where.c_str(), said);
+  std::fflush(stderr);
+  n.lost = said;
+  // Its chunks fail as if it had replied so, each input with why.
+  std::vector<std::uint64_t> ids;
+  for (const auto& [id, record] : chunks)
+    if (record.node == node) ids.push_back(id);
+  for (std::uint64_t id : ids)
+    fail_chunk_of_lost_node_locked(id);
+  // Insights it owes: an empty row.
+  for (auto& [request, replies] : insight_replies) {
+    if (replies.contains(node)) continue;
+    replies[node] = procpool::Insights{};
+    --insight_requests;
+  }
+  n.insights_due = 0;
+  transport_->give_up_on(n.rank);
+  changed.notify_all();
+}
+
+void Hub::fail_chunk_of_lost_node_locked(std::uint64_t id) {
+  const ChunkRecord& record = chunks.at(id);
+  const std::size_t node = record.node;
+  Buffer reply = new_message(Msg::chunk_done);
+  Writer w(reply);
+  w.put(record.call);
+  w.put(id);
+  w.put(0.0);
+  w.put(0.0);
+  w.put(static_cast<std::uint64_t>(record.count));
+  for (std::size_t i = 0; i < record.count; ++i) {
+    w.put(std::uint8_t{0});
+    save_error(w, std::make_exception_ptr(Error("procpool::mpi: input " +
+                                                std::to_string(record.first + i) +
+                                                " did not finish: its node " + nodes[node].lost)));
+  }
+  route(node, std::move(reply), true);
+}
+
+void Hub::route(std::size_t node, Buffer message, bool made_here) {
   const std::size_t bytes = message.size();
   Msg type{};
   Reader in = message_body(message, type);
+  NodeSlot& from = nodes[node];
+  from.heard = Clock::now();
+  if (type == Msg::bye) {
+    from.said_bye = true;
+    return;
+  }
+  // A late answer from a node given up on: what it held has failed already.
+  if ((!from.lost.empty() && !made_here) || type == Msg::pong) return;
   switch (type) {
     case Msg::chunk_done: {
       const auto call = in.get<std::uint64_t>();
@@ -309,11 +457,9 @@ void Hub::route(std::size_t node, Buffer message) {
       const auto request = in.get<std::uint64_t>();
       insight_replies[request][node] = load_insights(in);
       --insight_requests;
+      if (from.insights_due != 0) --from.insights_due;
       return;
     }
-    case Msg::bye:
-      ++byes_;
-      return;
     default:
       throw ProtocolError("procpool::mpi: the root got a message of unknown type " +
                           std::to_string(static_cast<int>(type)) + " from rank " +
@@ -506,6 +652,7 @@ std::size_t CallState::room_locked(std::size_t n) const {
   const NodeSlot& node = hub_.nodes[n];
   const std::size_t workers = pool_->processes[n];
   if (workers == 0) return 0;  // the rank's node-mates have its node's CPUs
+  if (!node.lost.empty()) return 0;
   // A submitted task goes at once, wherever (the least loaded node): it must
   // run whether or not anyone waits for its Future, and join() waits for it.
   if (submitted_) return 1;
@@ -590,7 +737,11 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
     if (hub_.stopped) return;
     const std::size_t best = least_loaded_with_room_locked(hub_.nodes.size());
-    if (best == hub_.nodes.size()) return;
+    if (best == hub_.nodes.size()) {
+      if (pool_->others_have_workers(hub_.nodes.size())) return;
+      fail_next_input(lock);
+      continue;
+    }
     std::size_t size = std::min(room_locked(best), chunk_size_locked(best));
     // Options::max_inflight bounds the inputs taken and not yet handed back:
     // a chunk takes no more than it leaves room for. The automatic bound is
@@ -811,11 +962,49 @@ std::size_t CallState::least_loaded_with_room_locked(std::size_t avoid) const {
   return best;
 }
 
+void CallState::fail_next_input(std::unique_lock<std::mutex>& lock) {
+  std::string lost;
+  for (const NodeSlot& n : hub_.nodes) {
+    if (!n.lost.empty())
+      lost += (lost.empty() ? "" : "; ") + n.host + ":" + std::to_string(n.rank) + " " + n.lost;
+  }
+  Buffer scratch;
+  Writer w(scratch);
+  std::exception_ptr failed;
+  lock.unlock();
+  InputFeed::Fed fed{};
+  try {
+    fed = feed_->next(w, failed);  // the range is the caller's code: read without the lock
+  } catch (...) {
+    lock.lock();
+    throw;
+  }
+  lock.lock();
+  if (fed == InputFeed::Fed::end) {
+    exhausted_ = true;
+    return;
+  }
+  if (!failed) {
+    failed = std::make_exception_ptr(Error("procpool::mpi: input " + std::to_string(taken_) +
+                                           " did not run: no node with workers is left to the "
+                                           "pool (" +
+                                           lost + ")"));
+  }
+  OutcomeRun& one = ready_[taken_].outcomes;
+  one.first = taken_;
+  one.count = 1;
+  one.each.push_back(RawOutcome{taken_, nullptr, 0, failed, 0});
+  if (abandoned_) report_unobserved(*pool_, failed);
+  if (progress_) progress_->advance(1);
+  ++taken_;
+}
+
 void CallState::send_retries_locked() {
   while (!retries_.empty()) {
     Retry& r = retries_.front();
-    if (pool_->ended || hub_.stopped) {
-      // Nowhere left to run it: it fails as it did.
+    if (pool_->ended || hub_.stopped || !pool_->others_have_workers(hub_.nodes.size())) {
+      // Nowhere left to run it (the pool ended, or its nodes were given up
+      // on): it fails as it did.
       ready_[r.index].outcomes =
           OutcomeRun{r.index,
                      1,
@@ -1135,8 +1324,13 @@ Insights pool_insights(PoolState& pool) {
   std::map<std::size_t, procpool::Insights> replies;
   if (!pool.ended && !hub.stopped) {
     const std::uint64_t request = ++hub.next_id;
-    hub.insight_requests += hub.nodes.size();
     for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+      if (!hub.nodes[n].lost.empty()) {
+        hub.insight_replies[request][n] = procpool::Insights{};  // it would not answer
+        continue;
+      }
+      ++hub.insight_requests;
+      ++hub.nodes[n].insights_due;
       Buffer m = new_message(Msg::insights);
       Writer w(m);
       w.put(pool.id);
@@ -1163,7 +1357,7 @@ Insights pool_insights(PoolState& pool) {
     node.bytes_sent = s.bytes_sent;
     node.moved_away = s.moved_away;
     node.sent_back = s.sent_back;
-    node.out_of_rotation = s.out_of_rotation;
+    node.out_of_rotation = s.out_of_rotation.empty() ? hub.nodes[n].lost : s.out_of_rotation;
     node.bytes_received = s.bytes_received;
     if (auto it = replies.find(n); it != replies.end()) node.pool = std::move(it->second);
     for (const WorkerInsights& w : node.pool.workers)

@@ -27,6 +27,12 @@ struct NodeSlot {
   RankShare share;                  // its part of its node's CPUs
   std::size_t inflight_chunks = 0;  // over every pool and call
   std::size_t inflight_items = 0;
+  // Whether it still answers (see Hub::watch_silent_nodes_locked).
+  std::chrono::steady_clock::time_point heard{};  // its last sign of life
+  std::chrono::steady_clock::time_point pinged{};
+  std::size_t insights_due = 0;  // insights requests it has not answered
+  bool said_bye = false;
+  std::string lost;  // why the root gave up on it; empty while it answers
 };
 
 /// The root's NodeSlots for the ranks at `places` (index = rank).
@@ -99,8 +105,20 @@ class Hub {
  private:
   void let_go_released(std::unique_lock<std::mutex>& lock);
   void pump();
+  /// Whether node `node` owes the root an answer: a chunk's reply, insights, bye.
+  bool waiting_on_locked(std::size_t node) const;
+  /// Pings a node that owes the root an answer and has said nothing for a
+  /// quarter of the silence limit; gives up on one silent for all of it.
+  void watch_silent_nodes_locked();
+  /// Node `node` stopped answering (`silent` seconds): the inputs it holds
+  /// fail, and it gets no more work (NodeSlot::lost).
+  void give_up_on_locked(std::size_t node, double silent);
+  /// Chunk `id`, on a node given up on, fails: each of its inputs with why.
+  void fail_chunk_of_lost_node_locked(std::uint64_t id);
   void local_reply(Buffer message);
-  void route(std::size_t node, Buffer message);
+  /// Takes a message from node `node`; `made_here`: one the root made in its
+  /// stead (give_up_on_locked), taken even though the node is given up on.
+  void route(std::size_t node, Buffer message, bool made_here = false);
   bool remote_work_locked() const;
 
   std::unique_ptr<Transport> transport_;
@@ -109,7 +127,10 @@ class Hub {
   std::thread pump_;
   std::condition_variable pump_wake_;
   bool pump_stop_ = false;
-  std::size_t byes_ = 0;
+  /// How long a node that owes the root an answer may stay silent
+  /// (PROCPOOL_MPI_NODE_TIMEOUT seconds; 0: for ever).
+  std::chrono::steady_clock::duration silence_limit_;
+  std::chrono::steady_clock::time_point watched_{};
 };
 
 /// Per node, what one pool did there.
@@ -156,7 +177,7 @@ class PoolState {
   /// Whether a node other than `node` has workers for this pool.
   bool others_have_workers(std::size_t node) const {
     for (std::size_t n = 0; n < processes.size(); ++n)
-      if (n != node && processes[n] != 0) return true;
+      if (n != node && processes[n] != 0 && hub->nodes[n].lost.empty()) return true;
     return false;
   }
   /// Gives node `node` no more of this pool's tasks: it cannot run them
@@ -232,6 +253,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// inputs taken that will never come back.
   void top_up(std::unique_lock<std::mutex>& lock);
   void send_new_chunks(std::unique_lock<std::mutex>& lock);
+  /// Takes the next input from the range and fails it: no node with workers
+  /// is left to the pool (they were given up on, see Hub::give_up_on_locked).
+  void fail_next_input(std::unique_lock<std::mutex>& lock);
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
   bool long_tasks_locked() const;

@@ -29,6 +29,14 @@
 
 namespace procpool::mpi {
 namespace detail {
+
+[[noreturn]] void abort_job(const std::string& message, int code) {
+  std::fprintf(stderr, "%s\n", message.c_str());
+  std::fflush(stderr);
+  MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
 namespace {
 
 constexpr int host_length = 256;
@@ -87,13 +95,6 @@ void give_forked_children_their_handlers_back() {
       if (replaced_by_mpi[i]) ::sigaction(fatal_signals[i], &before_mpi[i], nullptr);
     }
   });
-}
-
-[[noreturn]] void abort_job(const std::string& message, int code) {
-  std::fprintf(stderr, "%s\n", message.c_str());
-  std::fflush(stderr);
-  MPI_Abort(MPI_COMM_WORLD, code);
-  std::_Exit(code);
 }
 
 /// Every rank but the root: serve the root's pools until it says shutdown.
@@ -280,7 +281,12 @@ Session::Session(int& argc, char**& argv) {
         2);
   }
   std::vector<detail::NodeSlot> nodes = detail::node_slots(places);
-  detail::Hub::install(std::make_shared<detail::Hub>(true, std::move(nodes)));
+  try {
+    detail::Hub::install(std::make_shared<detail::Hub>(true, std::move(nodes)));
+  } catch (const Error& e) {
+    // The other ranks already serve the root: only ending the job ends them.
+    detail::abort_job(e.what(), 2);
+  }
 }
 
 Session::~Session() {

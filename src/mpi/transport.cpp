@@ -43,6 +43,7 @@ int as_count(std::size_t n) {
 }  // namespace
 
 struct Transport::Pending {
+  int rank = 0;
   Parts message;
   std::size_t size = 0;
   std::uint64_t lender = 0;  // see send
@@ -126,6 +127,7 @@ void Transport::send(int rank, Parts message, std::uint64_t lender) {
   }
   std::memcpy(message.front().data(), &total, sizeof total);
   Pending& p = pending_.emplace_back();
+  p.rank = rank;
   p.message = std::move(message);
   p.size = static_cast<std::size_t>(total);
   p.lender = lender;
@@ -154,16 +156,40 @@ bool Transport::progress() {
           "MPI_Testall");
     it = done ? pending_.erase(it) : std::next(it);
   }
-  return pending_.empty();
+  return std::all_of(pending_.begin(), pending_.end(),
+                     [this](const Pending& p) { return given_up(p.rank); });
+}
+
+bool Transport::receiving() const noexcept {
+  return std::any_of(incoming_.begin(), incoming_.end(),
+                     [this](const Incoming& in) { return !given_up(in.from); });
+}
+
+std::chrono::steady_clock::time_point Transport::last_heard(int rank) const {
+  const auto it = heard_.find(rank);
+  return it == heard_.end() ? std::chrono::steady_clock::time_point{} : it->second;
+}
+
+bool Transport::lending_to(int rank) const noexcept {
+  return std::any_of(pending_.begin(), pending_.end(),
+                     [rank](const Pending& p) { return p.rank == rank && p.lender != 0; });
+}
+
+void Transport::give_up_on(int rank) {
+  if (!given_up(rank)) given_up_.push_back(rank);
+}
+
+bool Transport::given_up(int rank) const noexcept {
+  return std::find(given_up_.begin(), given_up_.end(), rank) != given_up_.end();
 }
 
 bool Transport::moving_large() const noexcept {
   constexpr std::size_t large = std::size_t{1} << 20;
   for (const Pending& p : pending_) {
-    if (p.size >= large) return true;
+    if (p.size >= large && !given_up(p.rank)) return true;
   }
   for (const Incoming& in : incoming_) {
-    if (in.message.size() >= large) return true;
+    if (in.message.size() >= large && !given_up(in.from)) return true;
   }
   return false;
 }
@@ -213,6 +239,7 @@ void Transport::start_receives(int rank) {
     MPI_Get_count(&status, MPI_BYTE, &count);
     Incoming& in = incoming_.emplace_back();
     in.from = status.MPI_SOURCE;
+    heard_[in.from] = std::chrono::steady_clock::now();
     in.message = Buffer(static_cast<std::size_t>(count));
     if (static_cast<std::size_t>(count) < small_message) {
       // Already here whole (sent eagerly): take it now, without another poll.
@@ -275,6 +302,7 @@ void Transport::advance(Incoming& in) {
       continue;
     }
     if (got <= 0) throw ProtocolError("procpool::mpi: an empty piece of a message");
+    heard_[in.from] = std::chrono::steady_clock::now();
     in.at += static_cast<std::size_t>(got);
     in.done = in.at >= in.total;
   }

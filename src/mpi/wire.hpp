@@ -2,8 +2,10 @@
 // transport that carries them between ranks.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <list>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -32,10 +34,12 @@ enum class Msg : std::uint8_t {
   close_call,       // u64 call
   insights,         // u64 pool, u64 request
   shutdown,         // finish everything, answer bye, exit
+  ping,             // answer pong (the root has heard nothing from the node for a while)
   // node -> root
   chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, u64 count, outcome records
   insights_reply,    // u64 request, insights
   bye,
+  pong,
 };
 
 constexpr std::size_t message_header = sizeof(std::uint64_t);
@@ -121,11 +125,19 @@ class Transport {
   /// messages from one rank come in the order it sent them.
   std::optional<std::pair<int, Buffer>> receive(int rank);
   /// Whether a message has started to arrive and not finished.
-  bool receiving() const noexcept { return !incoming_.empty(); }
+  bool receiving() const noexcept;
   /// Whether a message of a MiB or more is on its way in or out: it moves
   /// only while MPI is called, for long enough that the caller should sleep
   /// between calls rather than spin.
   bool moving_large() const noexcept;
+  /// When a message (or a piece of one) last arrived from `rank`.
+  std::chrono::steady_clock::time_point last_heard(int rank) const;
+  /// Whether a message to `rank` that lends memory (see send) is unfinished.
+  bool lending_to(int rank) const noexcept;
+  /// `rank` is given up on (it stopped answering): what is on its way to or
+  /// from it no longer counts in progress(), receiving() or moving_large().
+  /// (MPI cannot take back a send: its buffers stay kept.)
+  void give_up_on(int rank);
 
  private:
   struct Pending;
@@ -135,9 +147,12 @@ class Transport {
   void advance(Incoming& in);
   void check_first_piece(Incoming& in);
   void post_next_piece(Incoming& in);
+  bool given_up(int rank) const noexcept;
   std::list<Pending> pending_;
   std::list<Incoming> incoming_;
   std::size_t max_piece_;
+  std::map<int, std::chrono::steady_clock::time_point> heard_;
+  std::vector<int> given_up_;
 };
 
 /// MPI cannot wake a thread: the threads that wait for it poll, sleeping a
@@ -145,5 +160,8 @@ class Transport {
 /// sleep overrun by 50 us by default (timer slack), which would be most of a
 /// small chunk's round trip; this makes the calling thread's sleeps precise.
 void poll_precisely();
+
+/// Says `message` on stderr and ends every rank of the job with status `code`.
+[[noreturn]] void abort_job(const std::string& message, int code);
 
 }  // namespace procpool::mpi::detail

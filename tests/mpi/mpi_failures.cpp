@@ -2,6 +2,10 @@
 //   errors       a task throws / crashes / times out on some node: that task's
 //                error (global index, node named), or its retry; the rest goes on
 //   kill_rank    rank 1 is SIGKILLed mid-call: the job must end, non-zero, naming it
+//   stop_rank    rank 1 stops (SIGSTOP) mid-call: its inputs fail within seconds,
+//                naming it, the rest is right, and the job ends non-zero
+//   stop_rank_idle  rank 1 stops between calls: the job ends non-zero, naming it
+//   long_tasks   tasks longer than the silence limit give up on no node
 //   root_throws  the root throws out of main: every rank must end
 //   root_throws_caught  ... and the exception is caught past the Session: status 0
 //   long         runs until interrupted (Ctrl-C / scancel tests)
@@ -525,6 +529,119 @@ void kill_rank() {
   std::fprintf(stderr, "mpi_failures kill_rank: the call returned although rank 1 died\n");
 }
 
+/// Rank 1's pid, from one of its workers; 0 if no task ran there.
+pid_t rank_1_pid(procpool::mpi::Pool& pool) {
+  const auto parents =
+      pool.map([](int) { return on_rank_1() ? static_cast<long>(::getppid()) : 0L; }, range(200));
+  for (long pid : parents)
+    if (pid != 0) return static_cast<pid_t>(pid);
+  return 0;
+}
+
+/// Rank 1 stops (SIGSTOP: as a frozen machine or a cut network looks to the
+/// root) in the middle of a call, with PROCPOOL_MPI_NODE_TIMEOUT=2: within a
+/// few seconds its inputs fail naming it, every other input is right, the
+/// pool goes on without it, and the job ends non-zero at the Session's end.
+void stop_rank() {
+  procpool::mpi::Pool pool({.processes = 2, .chunksize = 1});
+  if (!rank_1_and_another_have_workers(pool.insights())) {
+    std::fprintf(stderr, "mpi_failures stop_rank: needs rank 1 and another with workers\n");
+    std::exit(1);
+  }
+  const pid_t stopped = rank_1_pid(pool);
+  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  const auto start = std::chrono::steady_clock::now();
+  const auto outcomes = pool.map_outcomes(
+      [](int x, long rank_1) {
+        if (x >= 300 && on_rank_1()) ::kill(static_cast<pid_t>(rank_1), SIGSTOP);
+        ::usleep(1000);
+        return x * 3;
+      },
+      range(3000), static_cast<long>(stopped));
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::size_t failed = 0;
+  for (const auto& o : outcomes) {
+    if (o.ok()) {
+      MPI_CHECK(*o.value == 3 * static_cast<int>(o.index));
+      continue;
+    }
+    ++failed;
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      MPI_CHECK_MSG(location(e).rank() == 1, e.what());
+      MPI_CHECK_MSG(std::string(e.what()).find("input " + std::to_string(o.index) +
+                                               " did not finish: its node has not answered") !=
+                        std::string::npos,
+                    e.what());
+    }
+  }
+  MPI_CHECK_MSG(failed > 0, "no input failed");
+  MPI_CHECK_MSG(took < 20, std::to_string(took) + " s");
+  // The pool goes on without it.
+  MPI_CHECK(pool.map([](int x) { return x + 1; }, range(500)) == [] {
+    auto v = range(500);
+    for (int& x : v)
+      ++x;
+    return v;
+  }());
+  const auto after = pool.insights();
+  MPI_CHECK_MSG(after.per_node[1].out_of_rotation.find("has not answered") != std::string::npos,
+                after.to_string());
+  std::fprintf(stderr, "mpi_failures stop_rank: %zu inputs failed with rank 1, after %.2f s\n",
+               failed, took);
+  // A pool whose only workers would be rank 1's: each input fails, saying why.
+  procpool::mpi::Pool solo({.processes = 1});
+  bool others = false;
+  const auto layout = solo.insights();
+  for (std::size_t n = 0; n < layout.per_node.size(); ++n)
+    others = others || (n != 1 && layout.per_node[n].processes != 0);
+  const auto solo_outcomes = solo.map_outcomes([](int x) { return x; }, range(20));
+  MPI_CHECK(solo_outcomes.size() == 20);
+  for (const auto& o : solo_outcomes) {
+    if (others) {
+      MPI_CHECK(o.ok() && *o.value == static_cast<int>(o.index));
+      continue;
+    }
+    MPI_CHECK(!o.ok());
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      MPI_CHECK_MSG(std::string(e.what()).find("no node with workers is left") != std::string::npos,
+                    e.what());
+    }
+  }
+  std::fprintf(stderr, "mpi_failures stop_rank: a pool of %s: %s\n",
+               others ? "other nodes" : "rank 1 only", others ? "ran" : "each input failed");
+}
+
+/// Rank 1 stops while idle, between calls: the Session's end gives up on it
+/// after PROCPOOL_MPI_NODE_TIMEOUT and ends the job non-zero, naming it.
+void stop_rank_idle() {
+  procpool::mpi::Pool pool({.processes = 1, .chunksize = 1});
+  const pid_t stopped = rank_1_pid(pool);
+  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  ::kill(stopped, SIGSTOP);
+  std::fprintf(stderr, "mpi_failures stop_rank_idle: rank 1 (pid %d) stopped\n",
+               static_cast<int>(stopped));
+}
+
+/// Tasks longer than PROCPOOL_MPI_NODE_TIMEOUT: the nodes answer the root's
+/// pings while their workers run, so no node is given up on.
+void long_tasks_quiet_nodes() {
+  procpool::mpi::Pool pool({.processes = 2, .chunksize = 1});
+  const auto out = pool.map(
+      [](int x) {
+        ::usleep(3000000);
+        return x;
+      },
+      range(4));
+  MPI_CHECK(out == range(4));
+  for (const auto& node : pool.insights().per_node)
+    MPI_CHECK_MSG(node.out_of_rotation.empty(), node.out_of_rotation);
+}
+
 void root_throws() {
   procpool::mpi::Pool pool({.processes = 1});
   MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2}).size() == 2);
@@ -579,6 +696,9 @@ int main(int argc, char** argv) {
   if (mode == "long") long_run();
   if (mode == "broken_node") broken_node();
   if (mode == "kill_rank") kill_rank();
+  if (mode == "stop_rank") stop_rank();
+  if (mode == "stop_rank_idle") stop_rank_idle();
+  if (mode == "long_tasks") long_tasks_quiet_nodes();
   if (mode == "root_throws") root_throws();
   return 0;
 }
