@@ -60,6 +60,9 @@ constexpr double default_silence_limit_seconds = 60;
 /// How often the root looks for silent nodes.
 constexpr auto watch_interval = std::chrono::milliseconds(100);
 
+/// A gap between two looks this long means the root itself did not run.
+constexpr auto stall = std::chrono::seconds(1);
+
 Clock::duration silence_limit_from_environment() {
   const char* text = std::getenv("PROCPOOL_MPI_NODE_TIMEOUT");
   double limit = default_silence_limit_seconds;
@@ -70,6 +73,7 @@ Clock::duration silence_limit_from_environment() {
       throw Error(std::string("procpool::mpi: PROCPOOL_MPI_NODE_TIMEOUT=") + text +
                   " is not a number of seconds (0: wait for silent nodes for ever)");
     }
+    if (limit > 0) limit = std::max(limit, 0.01);  // not rounded to 0 (for ever)
   }
   return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
 }
@@ -112,12 +116,12 @@ std::vector<NodeSlot> node_slots(const std::vector<RankPlace>& places) {
   return slots;
 }
 
-Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots)
-    : nodes(std::move(slots)), silence_limit_(silence_limit_from_environment()) {
+Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
   for (NodeSlot& node : nodes)
     node.heard = Clock::now();
   local_ = std::make_unique<NodeServer>([this](Parts m) { local_reply(joined(std::move(m))); });
   if (use_mpi && nodes.size() > 1) {
+    silence_limit_ = silence_limit_from_environment();
     transport_ = std::make_unique<Transport>();
     pump_ = std::thread([this] { pump(); });
   }
@@ -169,8 +173,9 @@ void Hub::shutdown() {
     pump_.join();
     lock.lock();
     for (const NodeSlot& n : nodes) {
-      // MPI_Finalize would wait for it for ever: only ending the job ends it.
-      if (!n.lost.empty() && !n.said_bye) {
+      // MPI_Finalize would wait for it for ever: only ending the job ends
+      // it. (One that came back and said bye: its inputs failed all the same.)
+      if (!n.lost.empty()) {
         abort_job("procpool::mpi: ending the job with an error: node " + n.host + ":" +
                       std::to_string(n.rank) + " " + n.lost,
                   1);
@@ -271,6 +276,8 @@ void Hub::pump() {
       std::abort();
     }
     try {
+      while (transport_->receive_signal())
+        active = true;  // pongs: last_heard has them
       watch_silent_nodes_locked();
     } catch (const std::exception& e) {
       std::fprintf(stderr, "procpool::mpi: the root (rank 0 on %s) cannot go on: %s\n",
@@ -278,6 +285,7 @@ void Hub::pump() {
       std::fflush(stderr);
       std::abort();
     }
+    let_go_released(lock);  // calls that chunks of a node given up on held
     if (active) {
       idle = 0;
       changed.notify_all();
@@ -315,7 +323,17 @@ bool Hub::waiting_on_locked(std::size_t node) const {
 void Hub::watch_silent_nodes_locked() {
   const auto now = Clock::now();
   if (silence_limit_ == Clock::duration::zero() || now - watched_ < watch_interval) return;
+  const Clock::duration unwatched = now - watched_;
+  const bool first = watched_ == Clock::time_point{};
   watched_ = now;
+  if (!first && unwatched > stall) {
+    // The root itself did not run (stopped, paused in a debugger, swapping):
+    // that time is no node's silence.
+    for (NodeSlot& node : nodes) {
+      node.heard += unwatched;
+      node.pinged += unwatched;
+    }
+  }
   for (std::size_t n = 1; n < nodes.size(); ++n) {
     NodeSlot& node = nodes[n];
     if (!node.lost.empty()) continue;
@@ -325,10 +343,11 @@ void Hub::watch_silent_nodes_locked() {
       continue;
     }
     const Clock::duration silent = now - node.heard;
-    if (silent >= silence_limit_) {
+    const bool ping_unanswered = node.pinged > node.heard;
+    if (silent >= silence_limit_ && ping_unanswered && now - node.pinged >= silence_limit_ / 4) {
       give_up_on_locked(n, seconds(silent));
     } else if (silent >= silence_limit_ / 4 && now - node.pinged >= silence_limit_ / 4) {
-      transport_->send(node.rank, new_message(Msg::ping));
+      transport_->signal(node.rank, Signal::ping);
       node.pinged = now;
     }
   }
@@ -383,12 +402,13 @@ void Hub::fail_chunk_of_lost_node_locked(std::uint64_t id) {
   w.put(0.0);
   w.put(static_cast<std::uint64_t>(record.count));
   for (std::size_t i = 0; i < record.count; ++i) {
-    w.put(std::uint8_t{0});
+    w.put(record_lost_here);
     save_error(w, std::make_exception_ptr(Error("procpool::mpi: input " +
                                                 std::to_string(record.first + i) +
                                                 " did not finish: its node " + nodes[node].lost)));
   }
   route(node, std::move(reply), true);
+  changed.notify_all();  // (from Hub::send, no message wakes the waiters)
 }
 
 void Hub::route(std::size_t node, Buffer message, bool made_here) {
@@ -402,7 +422,7 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
     return;
   }
   // A late answer from a node given up on: what it held has failed already.
-  if ((!from.lost.empty() && !made_here) || type == Msg::pong) return;
+  if (!from.lost.empty() && !made_here) return;
   switch (type) {
     case Msg::chunk_done: {
       const auto call = in.get<std::uint64_t>();
@@ -425,12 +445,14 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
       PoolState& pool = *record.pool;
       --pool.inflight_chunks;
       NodeStats& s = pool.stats[record.node];
-      ++s.chunks;
-      s.tasks += record.count;
-      s.node_seconds += node_seconds;
       const double round_trip = seconds(Clock::now() - record.sent);
-      s.round_trip_seconds += round_trip;
-      s.bytes_received += bytes;
+      if (!made_here) {  // not work the node did
+        ++s.chunks;
+        s.tasks += record.count;
+        s.node_seconds += node_seconds;
+        s.round_trip_seconds += round_trip;
+        s.bytes_received += bytes;
+      }
       auto c = calls.find(call);
       if (c != calls.end()) {
         auto shared = std::make_shared<const Buffer>(std::move(message));
@@ -718,6 +740,7 @@ std::size_t CallState::inflight_bound_locked() const {
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   if (broken_) std::rethrow_exception(broken_);
   try {
+    write_lost_again(lock);
     send_retries_locked();
     send_new_chunks(lock);
   } catch (...) {
@@ -879,6 +902,13 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
       }
       o.error = load_error(records, index, node.rank, node.host);
       ++failures;
+      if (tag == record_lost_here && retry_deaths && !submitted_ && !abandoned_) {
+        // Read again from the range by the consumer (write_lost_again).
+        lost_.push_back(Retry{index, chunk.attempts + 1, chunk.node, nullptr, 0, o.error, false});
+        run = nullptr;
+        ++again;
+        continue;
+      }
       if (tag == record_not_run_here || tag == record_died_here) {
         o.size = static_cast<std::size_t>(records.get<std::uint64_t>());
         o.data = records.take(o.size);
@@ -962,6 +992,49 @@ std::size_t CallState::least_loaded_with_room_locked(std::size_t avoid) const {
   return best;
 }
 
+void CallState::write_lost_again(std::unique_lock<std::mutex>& lock) {
+  if (lost_.empty()) return;
+  std::vector<Retry> lost = std::move(lost_);
+  lost_.clear();
+  auto inputs = std::make_shared<ChunkInputs>();
+  std::vector<std::exception_ptr> failed(lost.size());
+  lock.unlock();  // the range is the caller's code
+  {
+    Writer w(inputs->bytes);
+    for (std::size_t i = 0; i < lost.size(); ++i) {
+      const std::size_t at = w.size();
+      inputs->starts.push_back(at);
+      try {
+        if (!feed_->write_again(lost[i].index, w)) failed[i] = lost[i].error;
+      } catch (...) {
+        w.truncate(at);
+        failed[i] = current_serialize_input_error(lost[i].index);
+      }
+    }
+    inputs->starts.push_back(w.size());
+  }
+  lock.lock();
+  for (std::size_t i = 0; i < lost.size(); ++i) {
+    Retry& r = lost[i];
+    if (failed[i]) {
+      ready_[r.index].outcomes =
+          OutcomeRun{r.index,
+                     1,
+                     hub_.nodes[r.avoid].rank,
+                     nullptr,
+                     nullptr,
+                     0,
+                     0,
+                     {RawOutcome{r.index, nullptr, 0, failed[i], hub_.nodes[r.avoid].rank}}};
+      if (progress_) progress_->advance(1);
+      continue;
+    }
+    r.inputs = inputs;
+    r.position = i;
+    retries_.push_back(std::move(r));
+  }
+}
+
 void CallState::fail_next_input(std::unique_lock<std::mutex>& lock) {
   std::string lost;
   for (const NodeSlot& n : hub_.nodes) {
@@ -1020,7 +1093,9 @@ void CallState::send_retries_locked() {
       continue;
     }
     // None with room now: it waits for one (a reply frees room, and sends it
-    // from receive()).
+    // from receive()). Never a node given up on (room_locked): a send there
+    // fails its chunk at once, in receive(), which would come back here
+    // while this loop still holds `r`.
     const std::size_t best = least_loaded_with_room_locked(r.avoid);
     if (best == hub_.nodes.size()) return;
     const std::size_t count = retries_alike_locked(room_locked(best));

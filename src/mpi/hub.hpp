@@ -129,7 +129,7 @@ class Hub {
   bool pump_stop_ = false;
   /// How long a node that owes the root an answer may stay silent
   /// (PROCPOOL_MPI_NODE_TIMEOUT seconds; 0: for ever).
-  std::chrono::steady_clock::duration silence_limit_;
+  std::chrono::steady_clock::duration silence_limit_{};
   std::chrono::steady_clock::time_point watched_{};
 };
 
@@ -235,7 +235,12 @@ class CallState : public std::enable_shared_from_this<CallState> {
   void queue_again_locked(std::size_t node, unsigned attempts,
                           const std::vector<RawOutcome>& inputs, bool sent_back);
   bool front_ready_locked() const;
-  bool finished_locked() const { return exhausted_ && chunks_out_ == 0 && retries_.empty(); }
+  bool finished_locked() const {
+    return exhausted_ && chunks_out_ == 0 && retries_.empty() && lost_.empty();
+  }
+  /// Reads the inputs of lost_ again from the range, on the consumer's
+  /// thread, and queues them as retries (or fails those it cannot read).
+  void write_lost_again(std::unique_lock<std::mutex>& lock);
   /// Sends the queued retries that a node other than the one they failed on has room for.
   void send_retries_locked();
   void open_on_locked(std::size_t node);
@@ -292,6 +297,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
   std::size_t replies_ = 0;     // chunks of this call answered so far
   std::deque<Retry> retries_;
+  /// Inputs of a node given up on, to run elsewhere once read again from
+  /// the range (write_lost_again); `inputs` is not set yet.
+  std::vector<Retry> lost_;
   bool abandoned_ = false;
   std::exception_ptr broken_;  // see top_up
   /// The outcomes of one chunk (or of one input that failed on the root),

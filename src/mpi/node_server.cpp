@@ -179,11 +179,6 @@ void NodeServer::handle(Buffer message) {
       reply_(single_part(std::move(out)));
       return;
     }
-    case Msg::ping:
-      // Answered at once, whatever the node's workers are busy with: the
-      // root tells a node that is working from one that has stopped by it.
-      reply_(single_part(new_message(Msg::pong)));
-      return;
     default:
       throw ProtocolError("procpool::mpi: a node got a message of unknown type " +
                           std::to_string(static_cast<int>(type)));

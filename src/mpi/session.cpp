@@ -97,6 +97,16 @@ void give_forked_children_their_handlers_back() {
   });
 }
 
+/// Answers the root's pings; whether there was any.
+bool answer_pings(Transport& transport) {
+  bool any = false;
+  while (auto signal = transport.receive_signal()) {
+    if (signal->second == Signal::ping) transport.signal(signal->first, Signal::pong);
+    any = true;
+  }
+  return any;
+}
+
 /// Every rank but the root: serve the root's pools until it says shutdown.
 [[noreturn]] void serve_rank(int rank, const std::string& host) {
   try {
@@ -105,31 +115,47 @@ void give_forked_children_their_handlers_back() {
     std::mutex mutex;
     std::condition_variable ready;
     std::deque<Parts> outbox;
-    {
-      NodeServer server([&](Parts m) {
-        {
-          std::lock_guard lock(mutex);
-          outbox.push_back(std::move(m));
-        }
-        ready.notify_one();
-      });
-      unsigned idle = 0;
+    bool torn_down = false;  // guarded by `mutex`
+    auto server = std::make_unique<NodeServer>([&](Parts m) {
+      {
+        std::lock_guard lock(mutex);
+        outbox.push_back(std::move(m));
+      }
+      ready.notify_one();
+    });
+    // On shutdown the server finishes its chunks and ends its pools on a
+    // thread of its own: this one goes on sending their replies, and
+    // answering the root's pings (a node that takes long to finish is not
+    // a node that has stopped).
+    std::thread teardown;
+    unsigned idle = 0;
+    // (Ended here if it fails, not after unwinding: the teardown thread uses
+    // what is above.)
+    try {
       for (bool running = true; running;) {
-        bool active = false;
-        while (auto m = transport.receive(0)) {
+        bool active = answer_pings(transport);
+        while (!teardown.joinable()) {
+          auto m = transport.receive(0);
+          if (!m) break;
           active = true;
           Msg type{};
           message_body(m->second, type);
           if (type == Msg::shutdown) {
-            running = false;
+            teardown = std::thread([&] {
+              server.reset();
+              std::lock_guard lock(mutex);
+              torn_down = true;
+              ready.notify_one();
+            });
             break;
           }
-          server.handle(std::move(m->second));
+          server->handle(std::move(m->second));
         }
         std::deque<Parts> out;
         {
           std::lock_guard lock(mutex);
           out.swap(outbox);
+          running = !torn_down;
         }
         for (Parts& m : out)
           transport.send(0, std::move(m));
@@ -156,9 +182,14 @@ void give_forked_children_their_handlers_back() {
         ++idle;
         const auto wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 1000);
         std::unique_lock lock(mutex);
-        ready.wait_for(lock, wait, [&] { return !outbox.empty(); });
+        ready.wait_for(lock, wait, [&] { return !outbox.empty() || torn_down; });
       }
-    }  // the server finishes its chunks and ends its pools
+    } catch (const std::exception& e) {
+      abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+                    " cannot go on serving the root: " + e.what() + "; ending the job",
+                1);
+    }
+    teardown.join();
     for (Parts& m : outbox)
       transport.send(0, std::move(m));
     transport.send(0, new_message(Msg::bye));

@@ -18,6 +18,9 @@ namespace {
 /// mistakes a piece for one.
 constexpr int message_tag = 7171;
 constexpr int piece_tag = 7172;
+/// Signals (see Transport::signal) have a tag of their own: they overtake
+/// the messages before them, a large one still arriving included.
+constexpr int signal_tag = 7173;
 
 /// Messages shorter than this are sent eagerly (Open MPI's TCP eager limit
 /// is 64 KiB): once probed, they are received at once.
@@ -146,14 +149,48 @@ void Transport::send(int rank, Parts message, std::uint64_t lender) {
       first = false;
     }
   }
+  if (indices_.size() < p.requests.size()) indices_.resize(p.requests.size());
+}
+
+void Transport::signal(int rank, Signal what) {
+  Pending& p = pending_.emplace_back();
+  p.rank = rank;
+  p.message = single_part(Buffer(1));
+  p.message.front().data()[0] = static_cast<std::byte>(what);
+  p.size = 1;
+  MPI_Request request;
+  check(
+      MPI_Isend(p.message.front().data(), 1, MPI_BYTE, rank, signal_tag, MPI_COMM_WORLD, &request),
+      "MPI_Isend");
+  p.requests.push_back(request);
+  if (indices_.empty()) indices_.resize(1);
+}
+
+std::optional<std::pair<int, Signal>> Transport::receive_signal() {
+  int arrived = 0;
+  MPI_Status status;
+  check(MPI_Iprobe(MPI_ANY_SOURCE, signal_tag, MPI_COMM_WORLD, &arrived, &status), "MPI_Iprobe");
+  if (!arrived) return std::nullopt;
+  std::byte what{};
+  check(MPI_Recv(&what, 1, MPI_BYTE, status.MPI_SOURCE, signal_tag, MPI_COMM_WORLD,
+                 MPI_STATUS_IGNORE),
+        "MPI_Recv");
+  heard_[status.MPI_SOURCE] = std::chrono::steady_clock::now();
+  return std::make_pair(status.MPI_SOURCE, static_cast<Signal>(what));
 }
 
 bool Transport::progress() {
   for (auto it = pending_.begin(); it != pending_.end();) {
-    int done = 0;
-    check(MPI_Testall(static_cast<int>(it->requests.size()), it->requests.data(), &done,
-                      MPI_STATUSES_IGNORE),
-          "MPI_Testall");
+    int finished = 0;
+    check(MPI_Testsome(static_cast<int>(it->requests.size()), it->requests.data(), &finished,
+                       indices_.data(), MPI_STATUSES_IGNORE),
+          "MPI_Testsome");
+    // A piece of a message that is not tiny has reached `rank` (beyond what
+    // MPI buffers): it is alive. (A tiny one, a signal, is buffered at once.)
+    if (finished > 0 && it->size >= small_message)
+      heard_[it->rank] = std::chrono::steady_clock::now();
+    const bool done = std::all_of(it->requests.begin(), it->requests.end(),
+                                  [](MPI_Request r) { return r == MPI_REQUEST_NULL; });
     it = done ? pending_.erase(it) : std::next(it);
   }
   return std::all_of(pending_.begin(), pending_.end(),

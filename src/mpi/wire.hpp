@@ -34,13 +34,16 @@ enum class Msg : std::uint8_t {
   close_call,       // u64 call
   insights,         // u64 pool, u64 request
   shutdown,         // finish everything, answer bye, exit
-  ping,             // answer pong (the root has heard nothing from the node for a while)
   // node -> root
   chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, u64 count, outcome records
   insights_reply,    // u64 request, insights
   bye,
-  pong,
 };
+
+/// One byte that overtakes messages (Transport::signal): the root asks a
+/// node that has said nothing for a while whether it is still there, even
+/// while a large message to or from it is on its way.
+enum class Signal : std::uint8_t { ping = 1, pong };
 
 constexpr std::size_t message_header = sizeof(std::uint64_t);
 
@@ -130,7 +133,11 @@ class Transport {
   /// only while MPI is called, for long enough that the caller should sleep
   /// between calls rather than spin.
   bool moving_large() const noexcept;
-  /// When a message (or a piece of one) last arrived from `rank`.
+  /// Sends `what` to `rank`, ahead of any message not yet received there.
+  void signal(int rank, Signal what);
+  /// A signal that has arrived (from any rank), if one has.
+  std::optional<std::pair<int, Signal>> receive_signal();
+  /// When a message, a piece of one, or a signal last arrived from `rank`.
   std::chrono::steady_clock::time_point last_heard(int rank) const;
   /// Whether a message to `rank` that lends memory (see send) is unfinished.
   bool lending_to(int rank) const noexcept;
@@ -153,6 +160,7 @@ class Transport {
   std::size_t max_piece_;
   std::map<int, std::chrono::steady_clock::time_point> heard_;
   std::vector<int> given_up_;
+  std::vector<int> indices_;  // MPI_Testsome's, as many as a message's pieces
 };
 
 /// MPI cannot wake a thread: the threads that wait for it poll, sleeping a

@@ -139,6 +139,9 @@ inline constexpr std::uint8_t record_not_run_here = 2;
 /// the root retries on other nodes (Options::retries on several nodes): its
 /// bytes go back with its error, so the root keeps no copy of what it sent.
 inline constexpr std::uint8_t record_died_here = 3;
+/// The record the root makes itself for an input on a node it gave up on
+/// (it stopped answering): u8 4, the error record of why.
+inline constexpr std::uint8_t record_lost_here = 4;
 
 /// Whether `error`, a task's failure on the node's `pool`, says that the pool
 /// can run nothing there: its new workers keep dying before they are ready,
@@ -559,6 +562,10 @@ class InputFeed {
   /// where it is while the call lasts (not a temporary made to be read), so
   /// that its large blocks may be sent from where they are (Writer::lend_blocks).
   virtual bool inputs_stay_put() const noexcept = 0;
+  /// Appends input `index` again, as next() wrote it, if the range can be
+  /// read at an index (random access); false if it cannot. Only while the
+  /// call's range is alive (its handle is).
+  virtual bool write_again(std::size_t index, Writer& out) = 0;
 };
 
 /// The TaskError for an input whose save() is throwing now (in a catch block).
@@ -601,6 +608,18 @@ class RangeFeed final : public InputFeed {
       (void)out;
       (void)most;
       return 0;
+    }
+  }
+
+  bool write_again(std::size_t index, Writer& out) override {
+    if constexpr (std::ranges::random_access_range<View>) {
+      const auto at = static_cast<std::ranges::range_difference_t<View>>(index);
+      put_framed(out, static_cast<const Item&>(std::ranges::begin(view_)[at]));
+      return true;
+    } else {
+      (void)index;
+      (void)out;
+      return false;
     }
   }
 
