@@ -176,9 +176,9 @@ void Hub::shutdown() {
       // MPI_Finalize would wait for it for ever: only ending the job ends
       // it. (One that came back and said bye: its inputs failed all the same.)
       if (!n.lost.empty()) {
-        abort_job("procpool::mpi: ending the job with an error: node " + n.host + ":" +
-                      std::to_string(n.rank) + " " + n.lost,
-                  1);
+        end_job_without("procpool::mpi: ending the job with an error: node " + n.host + ":" +
+                            std::to_string(n.rank) + " " + n.lost,
+                        1);
       }
     }
     while (!transport_->progress()) {
@@ -364,9 +364,10 @@ void Hub::give_up_on_locked(std::size_t node, double silent) {
   if (transport_->lending_to(n.rank)) {
     // MPI cannot take back a send: it would read the caller's inputs after
     // the call returned, should the node come back.
-    abort_job("procpool::mpi: node " + where + " " + said +
-                  " while inputs were on their way to it from the caller's memory; ending the job",
-              1);
+    end_job_without(
+        "procpool::mpi: node " + where + " " + said +
+            " while inputs were on their way to it from the caller's memory; ending the job",
+        1);
   }
   std::fprintf(stderr,
                "procpool::mpi: node %s %s: the inputs it holds fail, it gets no more work, and the "

@@ -171,5 +171,7 @@ void poll_precisely();
 
 /// Says `message` on stderr and ends every rank of the job with status `code`.
 [[noreturn]] void abort_job(const std::string& message, int code);
+/// The same for a job that has given up on a node (see Hub::give_up_on_locked).
+[[noreturn]] void end_job_without(const std::string& message, int code);
 
 }  // namespace procpool::mpi::detail
