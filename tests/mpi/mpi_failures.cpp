@@ -553,19 +553,26 @@ void continue_in_10_seconds(pid_t pid) {
   MPI_CHECK(std::system(later.c_str()) == 0);
 }
 
+/// Rank 1's pid, for a case that stops rank 1 (`mode`) and needs another
+/// node with workers to go on; it is continued 10 s from now.
+pid_t rank_1_to_stop(procpool::mpi::Pool& pool, const char* mode) {
+  if (!rank_1_and_another_have_workers(pool.insights())) {
+    std::fprintf(stderr, "mpi_failures %s: needs rank 1 and another with workers\n", mode);
+    std::exit(1);
+  }
+  const pid_t stopped = rank_1_pid(pool);
+  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  continue_in_10_seconds(stopped);
+  return stopped;
+}
+
 /// Rank 1 stops (SIGSTOP: as a frozen machine or a cut network looks to the
 /// root) in the middle of a call, with PROCPOOL_MPI_NODE_TIMEOUT=2: within a
 /// few seconds its inputs fail naming it, every other input is right, the
 /// pool goes on without it, and the job ends non-zero at the Session's end.
 void stop_rank() {
   procpool::mpi::Pool pool({.processes = 2, .chunksize = 1});
-  if (!rank_1_and_another_have_workers(pool.insights())) {
-    std::fprintf(stderr, "mpi_failures stop_rank: needs rank 1 and another with workers\n");
-    std::exit(1);
-  }
-  const pid_t stopped = rank_1_pid(pool);
-  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
-  continue_in_10_seconds(stopped);
+  const pid_t stopped = rank_1_to_stop(pool, "stop_rank");
   const auto start = std::chrono::steady_clock::now();
   const auto outcomes = pool.map_outcomes(
       [](int x, long rank_1) {
@@ -636,13 +643,7 @@ void stop_rank() {
 /// (read again from the range), and every result is right.
 void stop_rank_retries() {
   procpool::mpi::Pool pool({.processes = 2, .chunksize = 1, .retries = 1});
-  if (!rank_1_and_another_have_workers(pool.insights())) {
-    std::fprintf(stderr, "mpi_failures stop_rank_retries: needs rank 1 and another with workers\n");
-    std::exit(1);
-  }
-  const pid_t stopped = rank_1_pid(pool);
-  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
-  continue_in_10_seconds(stopped);
+  const pid_t stopped = rank_1_to_stop(pool, "stop_rank_retries");
   const auto start = std::chrono::steady_clock::now();
   const std::vector<int> inputs = range(1500);
   const auto out = pool.map(
