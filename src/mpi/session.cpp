@@ -44,6 +44,7 @@ namespace detail {
   // about 35 runs of mpi.stop_rank and mpi.stop_rank_idle; 0 of 70 this
   // way). Other launchers (srun) need MPI_Abort to end the other ranks.
   if (std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr) abort_job(message, code);
+  std::fflush(stdout);  // what the program printed so far (its results, say)
   std::fprintf(stderr, "%s\n", message.c_str());
   std::fflush(stderr);
   std::_Exit(code);
