@@ -182,6 +182,8 @@ void Hub::shutdown() {
       }
     }
     while (!transport_->progress()) {
+      while (transport_->receive_signal()) {
+      }  // a late pong: received, not left pending at MPI_Finalize
       lock.unlock();
       std::this_thread::sleep_for(std::chrono::microseconds(100));
       lock.lock();
@@ -328,10 +330,12 @@ void Hub::watch_silent_nodes_locked() {
   watched_ = now;
   if (!first && unwatched > stall) {
     // The root itself did not run (stopped, paused in a debugger, swapping):
-    // that time is no node's silence.
+    // that time is no node's silence. (What was heard meanwhile counts
+    // first, so that an answered ping stays answered.)
     for (NodeSlot& node : nodes) {
-      node.heard += unwatched;
-      node.pinged += unwatched;
+      node.heard =
+          std::min(now, std::max(node.heard, transport_->last_heard(node.rank)) + unwatched);
+      node.pinged = std::min(now, node.pinged + unwatched);
     }
   }
   for (std::size_t n = 1; n < nodes.size(); ++n) {
@@ -741,7 +745,8 @@ std::size_t CallState::inflight_bound_locked() const {
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   if (broken_) std::rethrow_exception(broken_);
   try {
-    write_lost_again(lock);
+    while (!lost_.empty())  // (more may be lost while it reads)
+      write_lost_again(lock);
     send_retries_locked();
     send_new_chunks(lock);
   } catch (...) {
@@ -1000,7 +1005,7 @@ void CallState::write_lost_again(std::unique_lock<std::mutex>& lock) {
   auto inputs = std::make_shared<ChunkInputs>();
   std::vector<std::exception_ptr> failed(lost.size());
   lock.unlock();  // the range is the caller's code
-  {
+  try {
     Writer w(inputs->bytes);
     for (std::size_t i = 0; i < lost.size(); ++i) {
       const std::size_t at = w.size();
@@ -1013,6 +1018,9 @@ void CallState::write_lost_again(std::unique_lock<std::mutex>& lock) {
       }
     }
     inputs->starts.push_back(w.size());
+  } catch (...) {
+    lock.lock();
+    throw;
   }
   lock.lock();
   for (std::size_t i = 0; i < lost.size(); ++i) {

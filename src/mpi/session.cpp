@@ -37,13 +37,17 @@ namespace detail {
   std::_Exit(code);
 }
 
+/// mpirun (its environment, read before MPI_Init, which may set the same
+/// under other launchers) started this process.
+bool started_by_mpirun = false;
+
 [[noreturn]] void end_job_without(const std::string& message, int code) {
   // A rank that exits non-zero without MPI_Finalize makes mpirun end the
   // job. MPI_Abort would too, but with a rank stopped (the node given up
   // on), Open MPI 4.1's mpirun deadlocked in its abort now and then (4 of
   // about 35 runs of mpi.stop_rank and mpi.stop_rank_idle; 0 of 70 this
   // way). Other launchers (srun) need MPI_Abort to end the other ranks.
-  if (std::getenv("OMPI_COMM_WORLD_SIZE") == nullptr) abort_job(message, code);
+  if (!started_by_mpirun) abort_job(message, code);
   std::fflush(stdout);  // what the program printed so far (its results, say)
   std::fprintf(stderr, "%s\n", message.c_str());
   std::fflush(stderr);
@@ -206,8 +210,13 @@ bool answer_pings(Transport& transport) {
     for (Parts& m : outbox)
       transport.send(0, std::move(m));
     transport.send(0, new_message(Msg::bye));
-    while (!transport.progress())
+    while (!transport.progress()) {
+      while (transport.receive_signal()) {
+      }  // a late ping: received, not left pending at MPI_Finalize
       std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    while (transport.receive_signal()) {
+    }
   } catch (const std::exception& e) {
     abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
                   " cannot go on serving the root: " + e.what() + "; ending the job",
@@ -281,6 +290,7 @@ Session::Session(int& argc, char**& argv) {
     return;
   }
   int provided = 0;
+  detail::started_by_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr;
   detail::remember_fatal_handlers();
   MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   detail::give_forked_children_their_handlers_back();
