@@ -6,6 +6,7 @@
 //                naming it, the rest is right, and the job ends non-zero
 //   stop_rank_idle  rank 1 stops between calls: the job ends non-zero, naming it
 //   stop_rank_retries  as stop_rank, with retries: its inputs run on another node
+//   stop_rank_a_while  with no limit (0): rank 1 stops for ~4 s, the root waits for it
 //   long_tasks   tasks longer than the silence limit give up on no node
 //   root_pauses  the root stops for longer than the limit, then goes on: no node given up on
 //   slow_inputs  large inputs crossing for longer than the limit: no node given up on
@@ -542,15 +543,20 @@ pid_t rank_1_pid(procpool::mpi::Pool& pool) {
   return 0;
 }
 
-/// Has a shell continue `pid` (SIGCONT) 10 s from now, once the tests have
-/// stopped it. The root gives up on it long before; but Open MPI's own end
-/// of the job sometimes waits for a stopped rank (SIGTERM does not end a
-/// stopped process), which on a real frozen machine is the batch system's
-/// to end (scancel, the time limit).
-void continue_in_10_seconds(pid_t pid) {
-  const std::string later =
-      "(sleep 10; kill -CONT " + std::to_string(pid) + ") >/dev/null 2>&1 </dev/null &";
+/// Has a shell continue `pid` (SIGCONT) `seconds` from now, once the tests
+/// have stopped it.
+void continue_in(int seconds, pid_t pid) {
+  const std::string later = "(sleep " + std::to_string(seconds) + "; kill -CONT " +
+                            std::to_string(pid) + ") >/dev/null 2>&1 </dev/null &";
   MPI_CHECK(std::system(later.c_str()) == 0);
+}
+
+/// The same 10 s from now. The root gives up on it long before; but Open
+/// MPI's own end of the job may wait for a stopped rank (SIGTERM does not
+/// end a stopped process), which on a real frozen machine is the batch
+/// system's to end (scancel, the time limit).
+void continue_in_10_seconds(pid_t pid) {
+  continue_in(10, pid);
 }
 
 /// Rank 1's pid, for a case that stops rank 1 (`mode`) and needs another
@@ -664,6 +670,39 @@ void stop_rank_retries() {
   MPI_CHECK_MSG(after.per_node[1].out_of_rotation.find("has not answered") != std::string::npos,
                 after.to_string());
   std::fprintf(stderr, "mpi_failures stop_rank_retries: every result right after %.2f s\n", took);
+}
+
+/// PROCPOOL_MPI_NODE_TIMEOUT=0: rank 1 stops mid-call for ~4 s, and the root
+/// waits for it instead of giving up: every result is right, the job ends 0.
+void stop_rank_a_while() {
+  procpool::mpi::Pool pool({.processes = 2, .chunksize = 1});
+  if (!rank_1_and_another_have_workers(pool.insights())) {
+    std::fprintf(stderr, "mpi_failures stop_rank_a_while: needs rank 1 and another with workers\n");
+    std::exit(1);
+  }
+  const pid_t stopped = rank_1_pid(pool);
+  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  continue_in(4, stopped);
+  const auto start = std::chrono::steady_clock::now();
+  const auto out = pool.map(
+      [](int x, long rank_1) {
+        static bool stopped_once = false;  // in this worker
+        if (x >= 100 && on_rank_1() && !stopped_once) {
+          stopped_once = true;
+          ::kill(static_cast<pid_t>(rank_1), SIGSTOP);
+        }
+        ::usleep(1000);
+        return x * 3;
+      },
+      range(1500), static_cast<long>(stopped));
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (std::size_t i = 0; i < out.size(); ++i)
+    MPI_CHECK(out[i] == 3 * static_cast<int>(i));
+  MPI_CHECK_MSG(took >= 3, std::to_string(took) + " s: rank 1 did not stop");
+  for (const auto& node : pool.insights().per_node)
+    MPI_CHECK_MSG(node.out_of_rotation.empty(), node.out_of_rotation);
+  std::fprintf(stderr, "mpi_failures stop_rank_a_while: waited for rank 1, %.2f s\n", took);
 }
 
 /// Rank 1 stops while idle, between calls: the Session's end gives up on it
@@ -802,6 +841,7 @@ int main(int argc, char** argv) {
   if (mode == "stop_rank") stop_rank();
   if (mode == "stop_rank_idle") stop_rank_idle();
   if (mode == "stop_rank_retries") stop_rank_retries();
+  if (mode == "stop_rank_a_while") stop_rank_a_while();
   if (mode == "long_tasks") long_tasks_quiet_nodes();
   if (mode == "root_pauses") root_pauses();
   if (mode == "slow_inputs") slow_large_inputs();
