@@ -45,8 +45,9 @@ bool started_by_mpirun = false;
   // A rank that exits non-zero without MPI_Finalize makes mpirun end the
   // job. MPI_Abort would too, but with a rank stopped (the node given up
   // on), Open MPI 4.1's mpirun deadlocked in its abort now and then (4 of
-  // about 35 runs of mpi.stop_rank and mpi.stop_rank_idle; 0 of 70 this
-  // way). Other launchers (srun) need MPI_Abort to end the other ranks.
+  // about 45 runs of mpi.stop_rank and mpi.stop_rank_idle, and once it
+  // crashed; 0 of 70 this way). Other launchers (srun) need MPI_Abort to
+  // end the other ranks.
   if (!started_by_mpirun) abort_job(message, code);
   std::fflush(stdout);  // what the program printed so far (its results, say)
   std::fprintf(stderr, "%s\n", message.c_str());
