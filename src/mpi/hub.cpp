@@ -270,30 +270,22 @@ void Hub::pump() {
         route(static_cast<std::size_t>(m->first), std::move(m->second));
         active = true;
       }
-    } catch (const std::exception& e) {
-      // A corrupt message: nothing sensible can go on; say where and end the job.
-      std::fprintf(stderr, "procpool::mpi: the root (rank 0 on %s) cannot go on: %s\n",
-                   nodes[0].host.c_str(), e.what());
-      std::fflush(stderr);
-      std::abort();
-    }
-    try {
       while (transport_->receive_signal())
         active = true;  // pongs: last_heard has them
       watch_silent_nodes_locked();
     } catch (const std::exception& e) {
+      // A corrupt message, MPI failing: nothing sensible can go on; say where and end the job.
       std::fprintf(stderr, "procpool::mpi: the root (rank 0 on %s) cannot go on: %s\n",
                    nodes[0].host.c_str(), e.what());
       std::fflush(stderr);
       std::abort();
     }
-    let_go_released(lock);  // calls that chunks of a node given up on held
     if (active) {
       idle = 0;
       changed.notify_all();
-      let_go_released(lock);
-      continue;
     }
+    let_go_released(lock);  // calls that replies, or a node given up on, held
+    if (active) continue;
     // Poll fast while replies are due, slowly otherwise: MPI has no way to
     // wake a thread, and the root's node runs workers on the same cores. A
     // large message moves only while MPI is called: often, until it is through.
@@ -420,8 +412,7 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
   const std::size_t bytes = message.size();
   Msg type{};
   Reader in = message_body(message, type);
-  NodeSlot& from = nodes[node];
-  from.heard = Clock::now();
+  NodeSlot& from = nodes[node];  // (when it was heard: the transport's last_heard)
   if (type == Msg::bye) {
     from.said_bye = true;
     return;

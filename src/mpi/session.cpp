@@ -125,6 +125,12 @@ bool answer_pings(Transport& transport) {
   return any;
 }
 
+[[noreturn]] void cannot_serve(int rank, const std::string& host, const std::exception& e) {
+  abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+                " cannot go on serving the root: " + e.what() + "; ending the job",
+            1);
+}
+
 /// Every rank but the root: serve the root's pools until it says shutdown.
 [[noreturn]] void serve_rank(int rank, const std::string& host) {
   try {
@@ -203,9 +209,7 @@ bool answer_pings(Transport& transport) {
         ready.wait_for(lock, wait, [&] { return !outbox.empty() || torn_down; });
       }
     } catch (const std::exception& e) {
-      abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
-                    " cannot go on serving the root: " + e.what() + "; ending the job",
-                1);
+      cannot_serve(rank, host, e);
     }
     teardown.join();
     for (Parts& m : outbox)
@@ -219,9 +223,7 @@ bool answer_pings(Transport& transport) {
     while (transport.receive_signal()) {
     }
   } catch (const std::exception& e) {
-    abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
-                  " cannot go on serving the root: " + e.what() + "; ending the job",
-              1);
+    cannot_serve(rank, host, e);
   }
   MPI_Finalize();
   std::exit(0);
