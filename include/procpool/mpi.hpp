@@ -125,6 +125,8 @@ struct NodeInsights {
   /// A node whose pool cannot run anything (no worker could start, new
   /// workers keep dying before they are ready, the initializer threw) sends
   /// its inputs back and the other nodes run them; `processes` is then 0.
+  /// So it is for a node given up on (it stopped answering the root: see
+  /// PROCPOOL_MPI_NODE_TIMEOUT), whose row says so here.
   std::string out_of_rotation;
   std::uint64_t sent_back = 0;  // inputs it sent back, run on other nodes
   /// The node's own procpool::Pool, over its life: a row per worker.
@@ -135,7 +137,7 @@ struct NodeInsights {
 struct Insights {
   double wall_seconds = 0;
   unsigned nodes = 0;
-  unsigned processes = 0;  // workers on all nodes
+  unsigned processes = 0;  // workers on all nodes (as Pool::processes())
   std::uint64_t tasks = 0;
   double efficiency = 0;  // total compute / (wall * processes)
   /// Sum over chunks of (round trip - time on the node): time in MPI messages
@@ -462,8 +464,8 @@ class Pool {
   void join() { detail::pool_join(*state_); }
   /// Ends every node's pool now; its workers are killed.
   void terminate() { detail::pool_terminate(*state_); }
-  /// Workers on all nodes (less those of a node taken out of rotation: see
-  /// NodeInsights::out_of_rotation).
+  /// Workers on all nodes (less those of a node taken out of rotation or
+  /// given up on: see NodeInsights::out_of_rotation).
   unsigned processes() const { return detail::pool_processes(*state_); }
   /// A row per node (each with its pool's rows per worker), and a diagnosis.
   Insights insights() const { return detail::pool_insights(*state_); }

@@ -1401,7 +1401,6 @@ Insights pool_insights(PoolState& pool) {
   Insights out;
   out.wall_seconds = seconds(Clock::now() - pool.started);
   out.nodes = static_cast<unsigned>(hub.nodes.size());
-  out.processes = pool.total_processes();
   out.root_encode_seconds = pool.encode_seconds;
   out.unobserved_errors = pool.unobserved_errors;
   std::map<std::size_t, procpool::Insights> replies;
@@ -1426,12 +1425,13 @@ Insights pool_insights(PoolState& pool) {
     replies = std::move(hub.insight_replies[request]);
     hub.insight_replies.erase(request);
   }
+  out.processes = pool.total_processes();  // (less a node given up on while it waited)
   double compute = 0;
   for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
     NodeInsights node;
     node.rank = hub.nodes[n].rank;
     node.host = hub.nodes[n].host;
-    node.processes = pool.processes[n];
+    node.processes = hub.nodes[n].lost.empty() ? pool.processes[n] : 0;  // none it can use
     const NodeStats& s = pool.stats[n];
     node.chunks = s.chunks;
     node.tasks = s.tasks;

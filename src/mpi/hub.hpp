@@ -184,11 +184,13 @@ class PoolState {
   /// (`why`, rebuilt with its node). Says so once on stderr.
   void take_out_of_rotation(std::size_t node, const std::exception_ptr& why);
 
+  /// Workers on the nodes not given up on (NodeSlot::lost), which is what
+  /// the pool can still use (with the hub's lock held).
   unsigned total_processes() const {
-    unsigned n = 0;
-    for (unsigned p : processes)
-      n += p;
-    return n;
+    unsigned total = 0;
+    for (std::size_t n = 0; n < processes.size(); ++n)
+      total += hub->nodes[n].lost.empty() ? processes[n] : 0;
+    return total;
   }
 };
 

@@ -4,7 +4,8 @@
 //   kill_rank    rank 1 is SIGKILLed mid-call: the job must end, non-zero, naming it
 //   stop_rank    rank 1 stops (SIGSTOP) mid-call: its inputs fail within seconds,
 //                naming it, the rest is right, and the job ends non-zero
-//   stop_rank_idle  rank 1 stops between calls: the job ends non-zero, naming it
+//   stop_rank_idle  rank 1 stops between calls: insights() gives up on it, and the
+//                job ends non-zero, naming it
 //   stop_rank_retries  as stop_rank, with retries: its inputs run on another node
 //   stop_rank_a_while  with no limit (0): rank 1 stops for ~4 s, the root waits for it
 //   long_tasks   tasks longer than the silence limit give up on no node
@@ -618,6 +619,7 @@ void stop_rank() {
   const auto after = pool.insights();
   MPI_CHECK_MSG(after.per_node[1].out_of_rotation.find("has not answered") != std::string::npos,
                 after.to_string());
+  MPI_CHECK_MSG(after.per_node[1].processes == 0, after.to_string());
   std::fprintf(stderr, "mpi_failures stop_rank: %zu inputs failed with rank 1, after %.2f s\n",
                failed, took);
   // A pool whose only workers would be rank 1's: each input fails, saying why.
@@ -705,16 +707,33 @@ void stop_rank_a_while() {
   std::fprintf(stderr, "mpi_failures stop_rank_a_while: waited for rank 1, %.2f s\n", took);
 }
 
-/// Rank 1 stops while idle, between calls: the Session's end gives up on it
-/// after PROCPOOL_MPI_NODE_TIMEOUT and ends the job non-zero, naming it.
+/// Rank 1 stops while idle, between calls: insights() asks it for its row
+/// and gives up on it after PROCPOOL_MPI_NODE_TIMEOUT (its row says why, its
+/// workers no longer count), and the Session's end ends the job non-zero,
+/// naming it.
 void stop_rank_idle() {
   procpool::mpi::Pool pool({.processes = 1, .chunksize = 1});
   const pid_t stopped = rank_1_pid(pool);
   MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  const auto before = pool.insights();
+  MPI_CHECK(before.per_node.size() >= 2 && before.per_node[1].processes == 1);
   continue_in_10_seconds(stopped);
   ::kill(stopped, SIGSTOP);
   std::fprintf(stderr, "mpi_failures stop_rank_idle: rank 1 (pid %d) stopped\n",
                static_cast<int>(stopped));
+  const auto start = std::chrono::steady_clock::now();
+  const auto after = pool.insights();
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  MPI_CHECK_MSG(took < 10, std::to_string(took) + " s");  // before it goes on (above)
+  MPI_CHECK_MSG(after.per_node[1].out_of_rotation.find("has not answered") != std::string::npos,
+                after.to_string());
+  MPI_CHECK_MSG(after.per_node[1].processes == 0 && after.per_node[1].pool.workers.empty(),
+                after.to_string());
+  MPI_CHECK_MSG(after.processes == before.processes - 1 && pool.processes() == after.processes,
+                after.to_string());
+  std::fprintf(stderr, "mpi_failures stop_rank_idle: insights gave up on rank 1 after %.2f s\n",
+               took);
 }
 
 /// The root itself stops for longer than PROCPOOL_MPI_NODE_TIMEOUT (as in a
