@@ -8,6 +8,8 @@
 //                job ends non-zero, naming it
 //   stop_rank_retries  as stop_rank, with retries: its inputs run on another node
 //   stop_rank_a_while  with no limit (0): rank 1 stops for ~4 s, the root waits for it
+//   stop_rank_lending  rank 1 stops while large inputs are sent to it from the
+//                caller's memory: the job ends at once, non-zero, naming it
 //   long_tasks   tasks longer than the silence limit give up on no node
 //   root_pauses  the root stops for longer than the limit, then goes on: no node given up on
 //   slow_inputs  large inputs crossing for longer than the limit: no node given up on
@@ -736,6 +738,28 @@ void stop_rank_idle() {
                took);
 }
 
+/// Rank 1 stops, and then a call sends it large inputs from the caller's
+/// memory (lent, not copied: see Writer::lend_blocks). MPI cannot take such
+/// a send back, and the node might read the caller's memory after the call
+/// returned, should it come back: giving up on it ends the job at once,
+/// non-zero, naming it, instead of failing its inputs. (Its first piece
+/// waits for the stopped rank's go-ahead, so the send is still on its way
+/// when the root gives up.)
+void stop_rank_lending() {
+  procpool::mpi::Pool pool({.processes = 1, .chunksize = 1});
+  const pid_t stopped = rank_1_pid(pool);
+  MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
+  continue_in_10_seconds(stopped);
+  ::kill(stopped, SIGSTOP);
+  std::vector<std::vector<char>> inputs;
+  for (int i = 0; i < 4; ++i)
+    inputs.emplace_back(std::size_t{8} << 20, static_cast<char>('a' + i));
+  std::fprintf(stderr, "mpi_failures stop_rank_lending: rank 1 (pid %d) stopped\n",
+               static_cast<int>(stopped));
+  pool.map([](const std::vector<char>& v) { return v.size(); }, inputs);
+  MPI_CHECK_MSG(false, "the map returned: the job should have ended while it sent rank 1 inputs");
+}
+
 /// The root itself stops for longer than PROCPOOL_MPI_NODE_TIMEOUT (as in a
 /// debugger, or a paused machine), then goes on: that is no node's silence,
 /// and no node is given up on.
@@ -861,6 +885,7 @@ int main(int argc, char** argv) {
   if (mode == "stop_rank_idle") stop_rank_idle();
   if (mode == "stop_rank_retries") stop_rank_retries();
   if (mode == "stop_rank_a_while") stop_rank_a_while();
+  if (mode == "stop_rank_lending") stop_rank_lending();
   if (mode == "long_tasks") long_tasks_quiet_nodes();
   if (mode == "root_pauses") root_pauses();
   if (mode == "slow_inputs") slow_large_inputs();
