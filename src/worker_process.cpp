@@ -98,10 +98,27 @@ WorkerExit wait_blocking(pid_t pid) {
 /// A thread that lives as long as the process and does nothing but fork (or
 /// spawn): PR_SET_PDEATHSIG fires when the forking *thread* ends, so workers
 /// of a long-lived pool must not be forked by a thread that may end first.
+///
+/// A child process inherits the object but not its thread (only the thread
+/// that forked lives on there), and maybe its mutex held: a Pool made in a
+/// worker starts a forker of its own. (Reusing the inherited one hung a
+/// nested pool's first restart of a crashed worker: PeersNested.*.)
 class ForkerThread {
  public:
   static ForkerThread& instance() {
-    static auto* forker = new ForkerThread();  // never destroyed: it must outlive every pool
+    static const bool registered = [] {
+      // No fork while a forker is being made, so a child never inherits
+      // `creation` held.
+      ::pthread_atfork([] { creation().lock(); }, [] { creation().unlock(); },
+                       [] { creation().unlock(); });
+      return true;
+    }();
+    (void)registered;
+    std::lock_guard lock(creation());
+    static ForkerThread* forker = nullptr;
+    // Never destroyed: it must outlive every pool. One inherited from the
+    // parent process is kept (as `inherited_`), not used.
+    if (forker == nullptr || forker->owner_ != ::getpid()) forker = new ForkerThread(forker);
     return *forker;
   }
   /// Runs `start` (which creates a child process) on this thread.
@@ -118,8 +135,12 @@ class ForkerThread {
   }
 
  private:
-  ForkerThread() {
+  explicit ForkerThread(ForkerThread* inherited) : inherited_(inherited) {
     std::thread([this] { serve(); }).detach();
+  }
+  static std::mutex& creation() {
+    static std::mutex mutex;
+    return mutex;
   }
   void serve() {
     std::unique_lock lock(mutex_);
@@ -135,6 +156,8 @@ class ForkerThread {
   const std::function<pid_t()>* job_ = nullptr;
   bool done_ = false;
   pid_t result_ = -1;
+  const pid_t owner_ = ::getpid();  // the process its thread runs in
+  ForkerThread* const inherited_;   // still reachable: not a leak to a checker
 };
 
 /// The main thread ends only with the process (unless it calls pthread_exit),

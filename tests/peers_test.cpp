@@ -1021,18 +1021,13 @@ int nested_pool_with_a_crash(int x) {
 // made by a thread that is not the main thread (as loky's executors are):
 // the inner pool must replace a crashed worker.
 //
-// DISABLED: it hangs (here until the outer task_timeout: TaskTimeout after
-// 5 s). The inner pool's service thread forks the replacement through
-// ForkerThread::instance() (src/worker_process.cpp), a process-wide singleton
-// that the outer worker inherited from the test process by fork: its thread
-// does not exist in the worker, and since the outer worker was forked *by*
-// that thread (which runs the fork under its mutex_), mutex_ is inherited
-// locked. The service thread blocks in ForkerThread::run() on mutex_ forever,
-// holding the inner pool's mutex, so the task's next call blocks too (gdb:
-// ForkerThread::run <- start_child_process <- fork_worker on the inner
-// service thread; Pool::check_open waiting on the pool's mutex on the main
-// thread). Nothing resets the singleton in a child (no pthread_atfork).
-TEST(PeersNested, DISABLED_AnInnerPoolReplacesACrashedWorkerInAPoolMadeOffTheMainThread) {
+// This hung until the outer task_timeout (TaskTimeout after 5 s), a bug
+// this translation found: the inner pool's service thread forked the
+// replacement through the process's forker thread (src/worker_process.cpp),
+// an object the outer worker had inherited from the test process without its
+// thread, and with its mutex held (the outer worker was forked by that
+// thread, under it). Now a process starts a forker of its own.
+TEST(PeersNested, AnInnerPoolReplacesACrashedWorkerInAPoolMadeOffTheMainThread) {
   std::vector<int> got;
   std::exception_ptr error;
   std::thread maker([&] {
@@ -1060,9 +1055,8 @@ TEST(PeersNested, DISABLED_AnInnerPoolReplacesACrashedWorkerInAPoolMadeOffTheMai
 // a procpool::map worker inherits it without its thread, and a Pool made in
 // the task cannot replace a crashed worker from its service thread.
 //
-// DISABLED: same cause as above (ForkerThread::run() waits for a thread that
-// does not exist in the child); ends in TaskTimeout after 5 s.
-TEST(PeersNested, DISABLED_AnInnerPoolInAForkPerCallWorkerReplacesACrashedWorker) {
+// This hung too (the forker inherited without its thread, waited for in vain).
+TEST(PeersNested, AnInnerPoolInAForkPerCallWorkerReplacesACrashedWorker) {
   std::thread([] { procpool::Pool made_off_main({.processes = 1}); }).join();
   EXPECT_EQ(procpool::map(nested_pool_with_a_crash, std::vector<int>{100},
                           {.processes = 1, .task_timeout = 5s}),
