@@ -1,6 +1,7 @@
 #include "worker_process.hpp"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -38,8 +39,8 @@ constexpr int socket_buffer_bytes = 1 << 20;
 class ParentSockets {
  public:
   static ParentSockets& instance() {
-    static ParentSockets sockets;
-    return sockets;
+    static auto* sockets = new ParentSockets();  // never destroyed: engines may outlive statics
+    return *sockets;
   }
   void add(int fd) {
     std::lock_guard lock(mutex_);
@@ -55,6 +56,20 @@ class ParentSockets {
   }
 
  private:
+  ParentSockets() {
+    // A child owns none of these (a worker closes them at once), and its own
+    // descriptors may come to have their numbers: a Pool made in a worker
+    // listed them still, and its workers closed their own socket with them
+    // as they started (the nested mpi::Pool in mpi_calls). Nor may a child
+    // inherit the lock held.
+    ::pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().forget_after_fork(); });
+  }
+  void forget_after_fork() {
+    fds_.clear();
+    mutex_.unlock();
+  }
+
   std::mutex mutex_;
   std::vector<int> fds_;
 };

@@ -1003,6 +1003,22 @@ TEST(PeersNested, ATaskMayRunItsOwnParallelCall) {
   EXPECT_EQ(test_helpers::children().size(), 2u) << "only the pool's own workers are left";
 }
 
+// The same from a worker of a pool with many workers, whose sockets the
+// worker closes as it starts: a Pool it makes gets descriptors of the same
+// numbers. Its workers closed their own sockets with them as they started
+// (exited 0, WorkerCrashed), until a child forgot its parent's list.
+TEST(PeersNested, AnInnerPoolInAWorkerOfAWidePoolGetsItsOwnSockets) {
+  SKIP_NESTED_POOLS_UNDER_TSAN();
+  procpool::Pool wide({.processes = 6, .task_timeout = 10s});
+  std::vector<int> outer(12);
+  std::iota(outer.begin(), outer.end(), 0);
+  std::vector<int> expected;
+  for (int x : outer)
+    expected.push_back(x + 14);
+  EXPECT_EQ(wide.map(nested_pool, outer), expected);
+  EXPECT_EQ(wide.map(nested_fork_per_call, outer), expected);
+}
+
 int nested_raise(int) {
   std::vector<int> inner{0, 1, 2};
   (void)procpool::map([](int) -> int { throw std::invalid_argument("inner"); }, inner,

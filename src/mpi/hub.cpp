@@ -1,5 +1,6 @@
 #include "hub.hpp"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -80,6 +81,29 @@ Clock::duration silence_limit_from_environment() {
 
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
+pid_t installed_in = 0;  // the process whose hub installed_hub is
+
+/// Makes sure no fork happens while hub_mutex is held: a child then never
+/// inherits it held.
+void guard_hub_mutex_against_forks() {
+  static const bool registered = [] {
+    ::pthread_atfork([] { hub_mutex.lock(); }, [] { hub_mutex.unlock(); },
+                     [] { hub_mutex.unlock(); });
+    return true;
+  }();
+  (void)registered;
+}
+
+/// Forgets a hub inherited from the parent process: in a worker whose task
+/// makes an mpi::Pool, the hub's threads are not there, nor is MPI that
+/// process's to use. It is kept (still reachable), never used nor
+/// destroyed: its destructor would join threads of another process.
+void forget_inherited_hub_locked() {
+  if (!installed_hub || installed_in == ::getpid()) return;
+  static auto* inherited = new std::vector<std::shared_ptr<Hub>>();
+  inherited->push_back(std::move(installed_hub));
+  installed_hub = nullptr;
+}
 
 /// Set while this thread runs the LocalNode's handle() with the hub's lock held.
 thread_local bool in_local_handle = false;
@@ -136,9 +160,13 @@ Hub::~Hub() {
 }
 
 std::shared_ptr<Hub> Hub::current() {
+  guard_hub_mutex_against_forks();
   std::lock_guard lock(hub_mutex);
+  forget_inherited_hub_locked();
   if (!installed_hub) {
-    // No Session (or one without mpirun): a one-node pool, the root alone.
+    // No Session (or one without mpirun, or a worker's own pool): a
+    // one-node pool, this process alone.
+    installed_in = ::getpid();
     RankPlace self;
     self.node = this_node_name();
     self.host = this_host_name();
@@ -149,7 +177,9 @@ std::shared_ptr<Hub> Hub::current() {
 }
 
 void Hub::install(std::shared_ptr<Hub> hub) {
+  guard_hub_mutex_against_forks();
   std::lock_guard lock(hub_mutex);
+  installed_in = ::getpid();
   installed_hub = std::move(hub);
 }
 

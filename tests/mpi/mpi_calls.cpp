@@ -66,6 +66,15 @@ bool is_odd(Point p) {
   return p.x % 2 == 1;
 }
 void nothing(int) {}
+/// A task that makes a parallel call of its own with an mpi::Pool: in a
+/// worker (a process forked from a rank, whose MPI is not its to use) that
+/// pool is a one-node pool of the worker's machine, as a procpool::Pool's.
+long nested_sum(int x) {
+  procpool::mpi::Pool inner({.processes = 1});
+  const std::vector<long> squares = inner.map(&square, std::vector<int>{1, 2, 3});
+  MPI_CHECK(inner.insights().per_node.size() == 1);
+  return x + std::accumulate(squares.begin(), squares.end(), 0L);
+}
 int fails_on_tens(int i) {
   if (i % 10 == 0) throw std::runtime_error("a multiple of ten");
   return i + 1;
@@ -230,6 +239,12 @@ int main(int argc, char** argv) {
   {
     procpool::mpi::Pool pool({.processes = 2});
     MPI_CHECK(pool.processes() == 2u * static_cast<unsigned>(nodes));
+
+#if !defined(__SANITIZE_THREAD__)  // (TSan ends a forked child that starts threads)
+    // A task's own mpi::Pool, nested (in a worker of any node).
+    MPI_CHECK(pool.map(&nested_sum, std::vector<int>{10, 20, 30, 40, 50, 60}) ==
+              (std::vector<long>{24, 34, 44, 54, 64, 74}));
+#endif
 
     // map: identical to procpool::Pool
     auto want = local.map(&square, inputs);
