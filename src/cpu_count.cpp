@@ -1,6 +1,7 @@
 #include "procpool/cpu_count.hpp"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -8,6 +9,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -107,14 +110,24 @@ std::vector<Mount> read_cgroup_mounts(const fs::path& root) {
   return mounts;
 }
 
+std::mutex system_mounts_mutex;
+std::optional<std::vector<Mount>> system_mounts;  // guarded by system_mounts_mutex
+
+/// No fork while the table is being read: a worker never inherits the lock
+/// held (a Pool it makes counts CPUs). Registered as the library loads.
+[[maybe_unused]] const int system_mounts_guarded_against_forks =
+    ::pthread_atfork([] { system_mounts_mutex.lock(); }, [] { system_mounts_mutex.unlock(); },
+                     [] { system_mounts_mutex.unlock(); });
+
 /// Where the cgroup file systems are mounted. The real system's table is
 /// read once per process: mounting them again under a running program does
 /// not happen in practice, and reading it was half the cost of a Pool start.
 /// The limits themselves are read afresh every time.
 std::vector<Mount> cgroup_mounts(const fs::path& root) {
   if (root != "/") return read_cgroup_mounts(root);  // test fixtures
-  static const std::vector<Mount> system_mounts = read_cgroup_mounts(root);
-  return system_mounts;
+  std::lock_guard lock(system_mounts_mutex);
+  if (!system_mounts) system_mounts = read_cgroup_mounts(root);
+  return *system_mounts;
 }
 
 struct CgroupMembership {

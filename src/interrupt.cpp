@@ -4,6 +4,7 @@
 #include <csignal>
 #include <mutex>
 
+#include <pthread.h>
 #include <unistd.h>
 
 namespace procpool::detail {
@@ -14,6 +15,12 @@ std::atomic<int> open_terminal_lines{0};
 struct sigaction previous_action;  // what the program had, restored when the last watch ends
 std::mutex install_mutex;
 int watches = 0;
+
+/// No fork while install_mutex is held (a call starts or ends on one thread
+/// as another pool forks a worker): the worker would inherit it held, and a
+/// parallel call of its own would wait for it for ever.
+[[maybe_unused]] const int install_mutex_guarded_against_forks = ::pthread_atfork(
+    [] { install_mutex.lock(); }, [] { install_mutex.unlock(); }, [] { install_mutex.unlock(); });
 
 void on_sigint(int signal, siginfo_t* info, void* context) {
   const struct sigaction& previous = previous_action;

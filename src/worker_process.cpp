@@ -121,20 +121,17 @@ WorkerExit wait_blocking(pid_t pid) {
 class ForkerThread {
  public:
   static ForkerThread& instance() {
-    static const bool registered = [] {
-      // No fork while a forker is being made, so a child never inherits
-      // `creation` held.
-      ::pthread_atfork([] { creation().lock(); }, [] { creation().unlock(); },
-                       [] { creation().unlock(); });
-      return true;
-    }();
-    (void)registered;
-    std::lock_guard lock(creation());
-    static ForkerThread* forker = nullptr;
+    std::lock_guard lock(creation);
     // Never destroyed: it must outlive every pool. One inherited from the
     // parent process is kept (as `inherited_`), not used.
-    if (forker == nullptr || forker->owner_ != ::getpid()) forker = new ForkerThread(forker);
-    return *forker;
+    if (current == nullptr || current->owner_ != ::getpid()) current = new ForkerThread(current);
+    return *current;
+  }
+  /// No fork while a forker is being made: a child never inherits
+  /// `creation` held. (Registered as the library loads, below.)
+  static int guard_creation_against_forks() {
+    return ::pthread_atfork([] { creation.lock(); }, [] { creation.unlock(); },
+                            [] { creation.unlock(); });
   }
   /// Runs `start` (which creates a child process) on this thread.
   pid_t run(const std::function<pid_t()>& start) {
@@ -153,10 +150,8 @@ class ForkerThread {
   explicit ForkerThread(ForkerThread* inherited) : inherited_(inherited) {
     std::thread([this] { serve(); }).detach();
   }
-  static std::mutex& creation() {
-    static std::mutex mutex;
-    return mutex;
-  }
+  static inline std::mutex creation;
+  static inline ForkerThread* current = nullptr;
   void serve() {
     std::unique_lock lock(mutex_);
     for (;;) {
@@ -171,9 +166,14 @@ class ForkerThread {
   const std::function<pid_t()>* job_ = nullptr;
   bool done_ = false;
   pid_t result_ = -1;
-  const pid_t owner_ = ::getpid();  // the process its thread runs in
-  ForkerThread* const inherited_;   // still reachable: not a leak to a checker
+  const pid_t owner_ = ::getpid();                  // the process its thread runs in
+  [[maybe_unused]] ForkerThread* const inherited_;  // still reachable: not a leak to a checker
 };
+
+/// Before any thread can fork: a child must not inherit a registration half
+/// done either (a static's guard).
+[[maybe_unused]] const int forker_creation_guarded_against_forks =
+    ForkerThread::guard_creation_against_forks();
 
 /// The main thread ends only with the process (unless it calls pthread_exit),
 /// so it may fork long-lived workers itself: the hand-off to the helper thread

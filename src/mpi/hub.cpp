@@ -83,16 +83,11 @@ std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
 pid_t installed_in = 0;  // the process whose hub installed_hub is
 
-/// Makes sure no fork happens while hub_mutex is held: a child then never
-/// inherits it held.
-void guard_hub_mutex_against_forks() {
-  static const bool registered = [] {
-    ::pthread_atfork([] { hub_mutex.lock(); }, [] { hub_mutex.unlock(); },
-                     [] { hub_mutex.unlock(); });
-    return true;
-  }();
-  (void)registered;
-}
+/// No fork while hub_mutex is held: a child never inherits it held.
+/// Registered as the library loads, before any thread can fork: a child
+/// must not inherit a registration half done either (a static's guard).
+[[maybe_unused]] const int hub_mutex_guarded_against_forks = ::pthread_atfork(
+    [] { hub_mutex.lock(); }, [] { hub_mutex.unlock(); }, [] { hub_mutex.unlock(); });
 
 /// Forgets a hub inherited from the parent process: in a worker whose task
 /// makes an mpi::Pool, the hub's threads are not there, nor is MPI that
@@ -160,7 +155,6 @@ Hub::~Hub() {
 }
 
 std::shared_ptr<Hub> Hub::current() {
-  guard_hub_mutex_against_forks();
   std::lock_guard lock(hub_mutex);
   forget_inherited_hub_locked();
   if (!installed_hub) {
@@ -177,7 +171,6 @@ std::shared_ptr<Hub> Hub::current() {
 }
 
 void Hub::install(std::shared_ptr<Hub> hub) {
-  guard_hub_mutex_against_forks();
   std::lock_guard lock(hub_mutex);
   installed_in = ::getpid();
   installed_hub = std::move(hub);
@@ -751,7 +744,9 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
     // Near the end, smaller chunks: every node finishes at about the same
     // time; but none so small that its round trip costs more than it saves.
     const double left = static_cast<double>(*total_ - std::min(*total_, taken_));
-    double share = std::ceil(left * workers / (2.0 * pool_->total_processes()));
+    // (At least one: every node with workers may have been given up on.)
+    const double all_workers = std::max(1u, pool_->total_processes());
+    double share = std::ceil(left * workers / (2.0 * all_workers));
     if (task_seconds_ > 0) {
       const double least_seconds = transit_seconds_ > 0
                                        ? std::min(tail_chunk_seconds, transit_seconds_)
