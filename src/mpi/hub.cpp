@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string_view>
+#include <utility>
 
 #include "codec.hpp"
 #include "procpool/cpu_count.hpp"
@@ -171,9 +172,10 @@ std::shared_ptr<Hub> Hub::current() {
 }
 
 void Hub::install(std::shared_ptr<Hub> hub) {
+  std::shared_ptr<Hub> replaced;  // ended after the lock is let go: its end may fork or wait
   std::lock_guard lock(hub_mutex);
   installed_in = ::getpid();
-  installed_hub = std::move(hub);
+  replaced = std::exchange(installed_hub, std::move(hub));
 }
 
 void Hub::shutdown() {
