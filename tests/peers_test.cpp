@@ -144,6 +144,14 @@ enum class Fault : int {
   load_exits
 };
 
+/// Acts out `fault` if it is one of a stage's three: throws `message`,
+/// crashes or exits.
+void act_out(Fault fault, Fault throws, Fault crashes, Fault exits, const char* message) {
+  if (fault == throws) throw std::runtime_error(message);
+  if (fault == crashes) segfault();
+  if (fault == exits) std::exit(0);
+}
+
 struct Bad {
   Fault fault = Fault::none;
   int value = 0;
@@ -151,17 +159,7 @@ struct Bad {
 
   template <class Archive>
   void save(Archive& ar) const {
-    switch (fault) {
-      case Fault::save_throws:
-        throw std::runtime_error("Error in pickle");
-      case Fault::save_crashes:
-        segfault();
-        break;
-      case Fault::save_exits:
-        std::exit(0);
-      default:
-        break;
-    }
+    act_out(fault, Fault::save_throws, Fault::save_crashes, Fault::save_exits, "Error in pickle");
     ar(static_cast<int>(fault), value);
   }
   template <class Archive>
@@ -169,17 +167,7 @@ struct Bad {
     int f = 0;
     ar(f, value);
     fault = static_cast<Fault>(f);
-    switch (fault) {
-      case Fault::load_throws:
-        throw std::runtime_error("the error message");
-      case Fault::load_crashes:
-        segfault();
-        break;
-      case Fault::load_exits:
-        std::exit(0);
-      default:
-        break;
-    }
+    act_out(fault, Fault::load_throws, Fault::load_crashes, Fault::load_exits, "the error message");
   }
 };
 

@@ -69,7 +69,7 @@ void nothing(int) {}
 /// A task that makes a parallel call of its own with an mpi::Pool: in a
 /// worker (a process forked from a rank, whose MPI is not its to use) that
 /// pool is a one-node pool of the worker's machine, as a procpool::Pool's.
-long nested_sum(int x) {
+[[maybe_unused]] long nested_sum(int x) {  // (not under TSan, below)
   procpool::mpi::Pool inner({.processes = 1});
   const std::vector<long> squares = inner.map(&square, std::vector<int>{1, 2, 3});
   MPI_CHECK(inner.insights().per_node.size() == 1);
