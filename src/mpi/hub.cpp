@@ -156,16 +156,23 @@ Hub::~Hub() {
 }
 
 std::shared_ptr<Hub> Hub::current() {
+  {
+    std::lock_guard lock(hub_mutex);
+    forget_inherited_hub_locked();
+    if (installed_hub) return installed_hub;
+  }
+  // No Session (or one without mpirun, or a worker's own pool): a one-node
+  // pool, this process alone. Its CPUs are counted without hub_mutex held:
+  // counting takes a lock of its own that a fork takes too (the fork's
+  // handlers take them in another order: TSan saw the inversion).
+  RankPlace self;
+  self.node = this_node_name();
+  self.host = this_host_name();
+  self.usable_cpus = usable_cpu_count();
   std::lock_guard lock(hub_mutex);
   forget_inherited_hub_locked();
   if (!installed_hub) {
-    // No Session (or one without mpirun, or a worker's own pool): a
-    // one-node pool, this process alone.
     installed_in = ::getpid();
-    RankPlace self;
-    self.node = this_node_name();
-    self.host = this_host_name();
-    self.usable_cpus = usable_cpu_count();
     installed_hub = std::make_shared<Hub>(false, node_slots({self}));
   }
   return installed_hub;
