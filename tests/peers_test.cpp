@@ -214,12 +214,12 @@ void expect_failure(Fn&& get, const Expect& expect, std::size_t index, const std
 // reused pool, which must serve the next task afterwards.
 TEST(PeersCrashMatrix, EveryStageOfATaskFailsItAloneAndThePoolGoesOn) {
   procpool::Pool pool({.processes = 2});
-  struct InputCase {
+  struct Case {
     const char* name;
     Fault fault;
     Expect expect;
   };
-  const InputCase inputs[] = {
+  const Case inputs[] = {
       {"test_error_at_task_pickle",
        Fault::save_throws,
        {Expect::task_error, Stage::serialize_input}},
@@ -231,17 +231,12 @@ TEST(PeersCrashMatrix, EveryStageOfATaskFailsItAloneAndThePoolGoesOn) {
        Fault::load_exits,
        {Expect::crashed, {}, 0, 0}},
   };
-  for (const InputCase& c : inputs) {
+  for (const Case& c : inputs) {
     auto f = pool.submit(value_of, Bad{c.fault, 1, {}});
     expect_failure([&] { (void)f.get(); }, c.expect, 0, c.name);
     EXPECT_EQ(pool.submit(identity, 42).get(), 42) << "after " << c.name;
   }
-  struct ResultCase {
-    const char* name;
-    Fault fault;
-    Expect expect;
-  };
-  const ResultCase results[] = {
+  const Case results[] = {
       {"test_crash_during_result_pickle_on_worker",
        Fault::save_crashes,
        {Expect::crashed, {}, SIGSEGV}},
@@ -255,7 +250,7 @@ TEST(PeersCrashMatrix, EveryStageOfATaskFailsItAloneAndThePoolGoesOn) {
        Fault::load_throws,
        {Expect::task_error, Stage::deserialize_result}},
   };
-  for (const ResultCase& c : results) {
+  for (const Case& c : results) {
     auto f = pool.submit(make_bad, static_cast<int>(c.fault));
     expect_failure([&] { (void)f.get(); }, c.expect, 0, c.name);
     EXPECT_EQ(pool.submit(identity, 42).get(), 42) << "after " << c.name;
