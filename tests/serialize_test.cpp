@@ -87,6 +87,26 @@ TEST(Serialize, LengthsAre64Bit) {
   EXPECT_EQ(buffer.size(), 8u + 3u);
 }
 
+// A call's setup bytes are hashed (the MPI backend's task-time estimates):
+// a call without extra arguments must add no byte to them, let alone one
+// never set (as the empty std::tuple's raw byte was).
+TEST(Serialize, ExtraArgumentsAddTheirBytesOnly) {
+  Buffer none;
+  Writer none_out(none);
+  procpool::detail::save_extra_args(none_out);
+  EXPECT_EQ(none.size(), 0u);
+
+  Buffer some;
+  Writer some_out(some);
+  procpool::detail::save_extra_args(some_out, 7, std::string("ab"), Point{1, 2});
+  EXPECT_EQ(some.size(), sizeof(int) + 8u + 2u + sizeof(Point));
+  Reader in(some);
+  std::tuple<int, std::string, Point> back;
+  procpool::detail::load_extra_args(in, back);
+  EXPECT_EQ(back, std::make_tuple(7, std::string("ab"), Point{1, 2}));
+  EXPECT_EQ(in.remaining(), 0u);
+}
+
 TEST(Serialize, TruncatedMessageIsAProtocolError) {
   Buffer buffer;
   Writer out(buffer);

@@ -495,7 +495,7 @@ class Pool {
     detail::Writer out(setup);
     procpool::detail::save_code_ref(out, factory);
     procpool::detail::code_carrier<F>::save(out, f);
-    procpool::detail::save(out, std::tuple<Extra...>(extra...));
+    procpool::detail::save_extra_args(out, extra...);
     return setup;
   }
 

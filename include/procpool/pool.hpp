@@ -276,7 +276,7 @@ class Pool {
     detail::Writer out(setup);
     detail::save_code_ref(out, factory);
     detail::code_carrier<F>::save(out, f);
-    detail::save(out, std::tuple<Extra...>(extra...));
+    detail::save_extra_args(out, extra...);
     return setup;
   }
 

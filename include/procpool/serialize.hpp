@@ -313,6 +313,19 @@ void load_elements(Reader& in, Tuple& t, std::index_sequence<I...>) {
   (load(in, std::get<I>(t)), ...);
 }
 
+/// A call's extra arguments, each as save() writes it: none, no bytes. (As
+/// one std::tuple<> they would be its one raw byte, never set: the MPI
+/// backend keys a call's task-time estimate by a hash of these bytes, and
+/// found no estimate from an earlier call of the same code.)
+template <class... Extra>
+void save_extra_args(Writer& out, const Extra&... extra) {
+  (save(out, extra), ...);
+}
+template <class... Extra>
+void load_extra_args(Reader& in, std::tuple<Extra...>& extra) {
+  load_elements(in, extra, std::index_sequence_for<Extra...>{});
+}
+
 /// Reads a 64-bit element count and refuses one that the remaining bytes
 /// cannot hold, so a corrupt length never turns into a huge allocation.
 inline std::size_t load_count(Reader& in, std::size_t min_bytes_per_element) {

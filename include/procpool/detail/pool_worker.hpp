@@ -70,7 +70,7 @@ template <class F, class State, class Item, class Out, class... Extra>
 std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
   F f = code_carrier<F>::load(setup);
   std::tuple<Extra...> extra;
-  load(setup, extra);
+  load_extra_args(setup, extra);
   return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(f, static_cast<State*>(state),
                                                                      std::move(extra));
 }

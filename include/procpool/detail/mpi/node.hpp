@@ -384,7 +384,7 @@ template <class F, class Item, class Out, class... Extra>
 class TypedNodeCall final : public NodeCall {
  public:
   explicit TypedNodeCall(Reader& setup) : f_(procpool::detail::code_carrier<F>::load(setup)) {
-    procpool::detail::load(setup, extra_);
+    procpool::detail::load_extra_args(setup, extra_);
   }
 
   void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks, bool send_back_deaths) override {
