@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <future>
 #include <memory>
 #include <optional>
@@ -146,6 +147,7 @@ struct Insights {
   double root_encode_seconds = 0;  // taking and serialising inputs on the root
   std::vector<NodeInsights> per_node;
   std::uint64_t unobserved_errors = 0;  // failed tasks of dropped Futures
+  std::vector<std::string> unobserved_error_messages;  // the first ten of them
   std::string diagnosis;
 
   std::string to_string() const;
@@ -221,6 +223,7 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
 void close_pool(PoolState& pool) noexcept;
 void check_open(const PoolState& pool);
 void check_state_type(const PoolState& pool, const std::type_info& wanted);
+void pool_set_error_handler(PoolState& pool, std::function<void(std::exception_ptr)> handler);
 void pool_close(PoolState& pool);
 void pool_join(PoolState& pool);
 void pool_terminate(PoolState& pool);
@@ -456,6 +459,16 @@ class Pool {
     auto call = std::make_unique<Call>(state_, std::move(setup), std::move(items), 1, true);
     using Source = detail::NodeFutureSource<procpool::detail::stored_t<R>, Call>;
     return procpool::detail::make_future<R>(std::make_unique<Source>(std::move(call)));
+  }
+
+  /// Where the errors of tasks whose Future was dropped go, as
+  /// procpool::Pool::set_error_handler: called on a thread of the pool's own
+  /// (one at a time; or on the one in join() or the destructor, which say
+  /// what is left); without a handler each is one line on stderr (the first
+  /// ten); insights() counts them either way. The pool's destructor (and
+  /// join()) returns after the handler has seen every one.
+  void set_error_handler(std::function<void(std::exception_ptr)> handler) {
+    detail::pool_set_error_handler(*state_, std::move(handler));
   }
 
   /// No more work is accepted; what was accepted still runs.

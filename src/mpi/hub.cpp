@@ -110,15 +110,49 @@ thread_local bool in_local_handle = false;
 
 namespace {
 
-/// A dropped Future's failure: nobody will see it unless it is said.
-void report_unobserved(PoolState& pool, const std::exception_ptr& error) {
-  ++pool.unobserved_errors;
+/// How many errors of dropped Futures a pool keeps the message of, and
+/// says on stderr without a handler.
+constexpr std::size_t kept_unobserved = 10;
+
+/// A dropped Future's failure: nobody will see it unless it is said (with
+/// the hub's lock held; Hub::say_unobserved says it once the lock is let go).
+void report_unobserved(const std::shared_ptr<PoolState>& pool, const std::exception_ptr& error) {
+  std::string message;
   try {
     std::rethrow_exception(error);
   } catch (const std::exception& err) {
-    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n", err.what());
+    message = err.what();
   } catch (...) {
-    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed\n");
+    message = "an exception not derived from std::exception";
+  }
+  const std::uint64_t count = ++pool->unobserved_errors;
+  if (pool->unobserved_messages.size() < kept_unobserved)
+    pool->unobserved_messages.push_back(message);
+  pool->hub->unobserved.push_back(Hub::Unobserved{pool, error, std::move(message), count});
+}
+
+/// Says one error of a dropped Future, the pool's `count`-th: to `handler`,
+/// or on stderr (the first few).
+void say_one(std::function<void(std::exception_ptr)> handler, const std::exception_ptr& error,
+             const std::string& message, std::uint64_t count) noexcept {
+  if (handler) {
+    try {
+      handler(error);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool::mpi: the pool's error handler threw: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "procpool::mpi: the pool's error handler threw\n");
+    }
+    return;
+  }
+  if (count <= kept_unobserved) {
+    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n",
+                 message.c_str());
+  }
+  if (count == kept_unobserved) {
+    std::fprintf(stderr,
+                 "procpool::mpi: more errors of dropped futures are only counted "
+                 "(mpi::Pool::insights(); mpi::Pool::set_error_handler() sees them all)\n");
   }
 }
 
@@ -280,6 +314,7 @@ void Hub::local_reply(Buffer message) {
   route(0, std::move(message));
   changed.notify_all();
   let_go_released(lock);
+  say_unobserved(lock);
 }
 
 bool Hub::remote_work_locked() const {
@@ -317,6 +352,7 @@ void Hub::pump() {
       changed.notify_all();
     }
     let_go_released(lock);  // calls that replies, or a node given up on, held
+    say_unobserved(lock);
     if (active) continue;
     // Poll fast while replies are due, slowly otherwise: MPI has no way to
     // wake a thread, and the root's node runs workers on the same cores. A
@@ -330,6 +366,37 @@ void Hub::pump() {
     }
     pump_wake_.wait_for(lock, wait);
   }
+}
+
+void Hub::say_unobserved(std::unique_lock<std::mutex>& lock) {
+  // One thread at a time says them (handlers need not be thread-safe); one
+  // that finds another at it leaves what is due to that one's next round.
+  if (saying_unobserved_) return;
+  saying_unobserved_ = true;
+  while (!unobserved.empty()) {
+    std::vector<Unobserved> due = std::move(unobserved);
+    unobserved.clear();
+    // Each pool's close waits until its count is back to 0 (wait_said), so
+    // it outlives the references dropped below.
+    std::vector<PoolState*> pools;
+    for (Unobserved& u : due) {
+      ++u.pool->reporting;
+      pools.push_back(u.pool.get());
+    }
+    for (Unobserved& u : due) {
+      auto handler = u.pool->error_handler;
+      lock.unlock();
+      say_one(std::move(handler), u.error, u.message, u.count);
+      lock.lock();
+    }
+    lock.unlock();
+    due.clear();  // (the exceptions go without the lock)
+    lock.lock();
+    for (PoolState* pool : pools)
+      --pool->reporting;
+    changed.notify_all();
+  }
+  saying_unobserved_ = false;
 }
 
 void Hub::let_go_released(std::unique_lock<std::mutex>& lock) {
@@ -495,7 +562,7 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
                                            : static_cast<std::size_t>(in.get<std::uint64_t>()));
             continue;
           }
-          report_unobserved(pool,
+          report_unobserved(record.pool,
                             load_error(in, record.first + i, nodes[node].rank, nodes[node].host));
           if (tag == record_not_run_here || tag == record_died_here)
             in.take(static_cast<std::size_t>(in.get<std::uint64_t>()));
@@ -962,7 +1029,7 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
         o.data = nullptr;
         o.size = 0;
       }
-      if (abandoned_) report_unobserved(*pool_, o.error);
+      if (abandoned_) report_unobserved(pool_, o.error);
       keep(std::move(o));
     }
     if (!sent_back.empty()) {
@@ -1109,7 +1176,7 @@ void CallState::fail_next_input(std::unique_lock<std::mutex>& lock) {
   one.first = taken_;
   one.count = 1;
   one.each.push_back(RawOutcome{taken_, nullptr, 0, failed, 0});
-  if (abandoned_) report_unobserved(*pool_, failed);
+  if (abandoned_) report_unobserved(pool_, failed);
   if (progress_) progress_->advance(1);
   ++taken_;
 }
@@ -1129,7 +1196,7 @@ void CallState::send_retries_locked() {
                      0,
                      0,
                      {RawOutcome{r.index, nullptr, 0, r.error, hub_.nodes[r.avoid].rank}}};
-      if (abandoned_) report_unobserved(*pool_, r.error);
+      if (abandoned_) report_unobserved(pool_, r.error);
       if (progress_) progress_->advance(1);
       retries_.pop_front();
       continue;
@@ -1356,6 +1423,18 @@ void wait_idle(PoolState& pool, std::unique_lock<std::mutex>& lock) {
   pool.hub->changed.wait(lock, [&] { return pool.inflight_chunks == 0 || pool.hub->stopped; });
 }
 
+/// Waits until every error of the pool's dropped Futures has been said (its
+/// handler may use what the pool's owner frees once the pool is gone).
+void wait_said(PoolState& pool, std::unique_lock<std::mutex>& lock) {
+  Hub& hub = *pool.hub;
+  hub.say_unobserved(lock);     // those due, on this thread
+  hub.changed.wait(lock, [&] {  // those another thread is saying
+    return pool.reporting == 0 &&
+           std::none_of(hub.unobserved.begin(), hub.unobserved.end(),
+                        [&](const Hub::Unobserved& u) { return u.pool.get() == &pool; });
+  });
+}
+
 void end_pool_locked(PoolState& pool, Msg how) {
   if (pool.ended) return;
   pool.ended = true;
@@ -1376,6 +1455,7 @@ void close_pool(PoolState& pool) noexcept {
     pool.closed = true;
     wait_idle(pool, lock);
     end_pool_locked(pool, Msg::destroy_pool);
+    wait_said(pool, lock);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "procpool::mpi::Pool: ending the pool failed: %s\n", e.what());
   }
@@ -1413,6 +1493,12 @@ void pool_join(PoolState& pool) {
   }
   wait_idle(pool, lock);
   end_pool_locked(pool, Msg::destroy_pool);
+  wait_said(pool, lock);
+}
+
+void pool_set_error_handler(PoolState& pool, std::function<void(std::exception_ptr)> handler) {
+  std::lock_guard lock(pool.hub->mutex);
+  pool.error_handler = std::move(handler);
 }
 
 void pool_terminate(PoolState& pool) {
@@ -1437,6 +1523,7 @@ Insights pool_insights(PoolState& pool) {
   out.nodes = static_cast<unsigned>(hub.nodes.size());
   out.root_encode_seconds = pool.encode_seconds;
   out.unobserved_errors = pool.unobserved_errors;
+  out.unobserved_error_messages = pool.unobserved_messages;
   std::map<std::size_t, procpool::Insights> replies;
   if (!pool.ended && !hub.stopped) {
     const std::uint64_t request = ++hub.next_id;
@@ -1589,7 +1676,9 @@ std::string Insights::to_string() const {
          std::to_string(n.rank) + " ran again on another node\n";
   }
   if (unobserved_errors != 0) {
-    s += "  " + std::to_string(unobserved_errors) + " task(s) of dropped futures failed\n";
+    s += "  " + std::to_string(unobserved_errors) + " task(s) of dropped futures failed";
+    if (!unobserved_error_messages.empty()) s += " (first: " + unobserved_error_messages[0] + ")";
+    s += "\n";
   }
   s += "  diagnosis: " + diagnosis + "\n";
   return s;

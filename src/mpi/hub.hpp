@@ -6,6 +6,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -101,6 +103,18 @@ class Hub {
   /// Calls that chunk replies kept alive (ChunkRecord::owner), to be let go
   /// without the lock: a CallState's destructor takes it.
   std::vector<std::shared_ptr<CallState>> released;
+  /// Errors of dropped Futures' tasks, each the `count`-th of its pool, to be
+  /// said without the lock (say_unobserved): a user's handler may use the pool.
+  struct Unobserved {
+    std::shared_ptr<PoolState> pool;
+    std::exception_ptr error;
+    std::string message;
+    std::uint64_t count = 0;
+  };
+  std::vector<Unobserved> unobserved;
+  /// Says the errors in `unobserved` (to each pool's handler, or stderr) with
+  /// the lock let go meanwhile.
+  void say_unobserved(std::unique_lock<std::mutex>& lock);
 
  private:
   void let_go_released(std::unique_lock<std::mutex>& lock);
@@ -123,6 +137,7 @@ class Hub {
 
   std::unique_ptr<Transport> transport_;
   std::unique_ptr<NodeServer> local_;
+  bool saying_unobserved_ = false;     // a thread is in say_unobserved
   std::vector<Buffer> local_pending_;  // replies the LocalNode gave while `send` held the lock
   std::thread pump_;
   std::condition_variable pump_wake_;
@@ -171,6 +186,9 @@ class PoolState {
   std::size_t inflight_chunks = 0;
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
+  std::vector<std::string> unobserved_messages;           // the first ten
+  std::function<void(std::exception_ptr)> error_handler;  // empty: a line on stderr
+  unsigned reporting = 0;  // errors being said (Hub::say_unobserved) outside the lock
   std::map<std::size_t, TaskEstimate> estimates;  // by the hash of a call's setup
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 

@@ -34,6 +34,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
@@ -41,8 +42,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../helpers.hpp"
@@ -253,6 +256,79 @@ void retries_move_to_another_node() {
   MPI_CHECK(failed > 0);
 }
 
+int throws_always(int x) {
+  throw std::runtime_error("dropped task " + std::to_string(x));
+}
+
+/// The errors of dropped Futures' tasks, as procpool::Pool says them: each to
+/// the pool's handler (the pool's end waits for it), or else the first ten
+/// on stderr and a line that says the rest are counted; insights() counts
+/// them all and keeps the first ten messages.
+void dropped_future_errors() {
+  constexpr int dropped = 24;
+  std::mutex seen_mutex;
+  std::vector<std::string> seen;
+  procpool::mpi::Insights after;
+  {
+    procpool::mpi::Pool pool({.processes = 2});
+    pool.set_error_handler([&](std::exception_ptr e) {
+      // Slow, so that the pool's end has to wait for it.
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      try {
+        std::rethrow_exception(e);
+      } catch (const procpool::TaskError& error) {
+        MPI_CHECK_MSG(std::string(error.what()).find("(on node ") != std::string::npos,
+                      error.what());
+        std::lock_guard lock(seen_mutex);
+        seen.push_back(error.remote_what());
+      }
+    });
+    for (int i = 0; i < dropped; ++i)
+      (void)pool.submit(&throws_always, i);
+    pool.close();
+    pool.join();
+    after = pool.insights();
+  }
+  MPI_CHECK_MSG(seen.size() == dropped, std::to_string(seen.size()) + " errors seen");
+  for (int i = 0; i < dropped; ++i) {
+    const std::string what = "dropped task " + std::to_string(i);
+    MPI_CHECK_MSG(std::ranges::count(seen, what) == 1, what);
+  }
+  MPI_CHECK_MSG(after.unobserved_errors == dropped, after.to_string());
+  MPI_CHECK_MSG(after.unobserved_error_messages.size() == 10, after.to_string());
+  MPI_CHECK_MSG(after.to_string().find("(first: ") != std::string::npos, after.to_string());
+
+  // Without a handler: the first ten on stderr, then one line (stderr goes
+  // to a file while the pool lives; the destructor has said them all).
+  char path[] = "/tmp/procpool_dropped_XXXXXX";
+  const int file = ::mkstemp(path);
+  MPI_CHECK(file >= 0);
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  ::dup2(file, 2);
+  {
+    procpool::mpi::Pool pool({.processes = 2});
+    for (int i = 0; i < dropped; ++i)
+      (void)pool.submit(&throws_always, i);
+  }
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  ::close(file);
+  std::ifstream said(path);
+  std::size_t lines = 0;
+  std::size_t counted_line = 0;
+  for (std::string line; std::getline(said, line);) {
+    lines += line.find("a task whose Future was dropped failed: ") != std::string::npos;
+    counted_line +=
+        line.find("more errors of dropped futures are only counted") != std::string::npos;
+  }
+  ::unlink(path);
+  MPI_CHECK_MSG(lines == 10 && counted_line == 1, std::to_string(lines) + " lines of errors, " +
+                                                      std::to_string(counted_line) +
+                                                      " saying the rest are counted");
+}
+
 void errors(int nodes) {
   procpool::mpi::Pool pool({.processes = 2});
   const std::vector<int> inputs = range(3000);
@@ -381,6 +457,7 @@ void errors(int nodes) {
     MPI_CHECK(got == range(1000));
     retries_move_to_another_node();
   }
+  dropped_future_errors();
   std::fprintf(stderr, "mpi_failures errors: OK on %d node(s)\n", nodes);
 }
 
