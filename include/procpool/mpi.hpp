@@ -462,11 +462,10 @@ class Pool {
   }
 
   /// Where the errors of tasks whose Future was dropped go, as
-  /// procpool::Pool::set_error_handler: called on a thread of the pool's own
-  /// (one at a time; or on the one in join() or the destructor, which say
-  /// what is left); without a handler each is one line on stderr (the first
-  /// ten); insights() counts them either way. The pool's destructor (and
-  /// join()) returns after the handler has seen every one.
+  /// procpool::Pool::set_error_handler: called on a thread of its own (one
+  /// error at a time; it may use the pools); without a handler each is one line on stderr (the
+  /// first ten); insights() counts them either way. The pool's destructor (and join()) returns
+  /// after the handler has seen every one.
   void set_error_handler(std::function<void(std::exception_ptr)> handler) {
     detail::pool_set_error_handler(*state_, std::move(handler));
   }

@@ -104,6 +104,9 @@ void forget_inherited_hub_locked() {
 /// Set while this thread runs the LocalNode's handle() with the hub's lock held.
 thread_local bool in_local_handle = false;
 
+/// Set on the reporter thread when the hub ends there (Hub::stop_reporter).
+thread_local bool reporter_lost_its_hub = false;
+
 }  // namespace
 
 // ---- Hub --------------------------------------------------------------------
@@ -115,7 +118,7 @@ namespace {
 constexpr std::size_t kept_unobserved = 10;
 
 /// A dropped Future's failure: nobody will see it unless it is said (with
-/// the hub's lock held; Hub::say_unobserved says it once the lock is let go).
+/// the hub's lock held; the hub's reporter thread says it).
 void report_unobserved(const std::shared_ptr<PoolState>& pool, const std::exception_ptr& error) {
   std::string message;
   try {
@@ -128,16 +131,17 @@ void report_unobserved(const std::shared_ptr<PoolState>& pool, const std::except
   const std::uint64_t count = ++pool->unobserved_errors;
   if (pool->unobserved_messages.size() < kept_unobserved)
     pool->unobserved_messages.push_back(message);
-  pool->hub->unobserved.push_back(Hub::Unobserved{pool, error, std::move(message), count});
+  pool->hub->report_locked(Hub::Unobserved{pool, error, std::move(message), count});
 }
 
 /// Says one error of a dropped Future, the pool's `count`-th: to `handler`,
 /// or on stderr (the first few).
-void say_one(std::function<void(std::exception_ptr)> handler, const std::exception_ptr& error,
-             const std::string& message, std::uint64_t count) noexcept {
-  if (handler) {
+void say_one(const std::function<void(std::exception_ptr)>* handler,
+             const std::exception_ptr& error, const std::string& message,
+             std::uint64_t count) noexcept {
+  if (handler != nullptr && *handler) {
     try {
-      handler(error);
+      (*handler)(error);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "procpool::mpi: the pool's error handler threw: %s\n", e.what());
     } catch (...) {
@@ -146,8 +150,11 @@ void say_one(std::function<void(std::exception_ptr)> handler, const std::excepti
     return;
   }
   if (count <= kept_unobserved) {
-    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %s\n",
-                 message.c_str());
+    const std::string_view prefix = "procpool: ";
+    const std::string_view said =
+        message.starts_with(prefix) ? std::string_view(message).substr(prefix.size()) : message;
+    std::fprintf(stderr, "procpool::mpi: a task whose Future was dropped failed: %.*s\n",
+                 static_cast<int>(said.size()), said.data());
   }
   if (count == kept_unobserved) {
     std::fprintf(stderr,
@@ -186,6 +193,11 @@ Hub::~Hub() {
     shutdown();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "procpool::mpi: ending the pools failed: %s\n", e.what());
+  }
+  try {
+    stop_reporter();  // (done already, unless shutdown failed)
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "procpool::mpi: ending the error reporter failed: %s\n", e.what());
   }
 }
 
@@ -257,6 +269,24 @@ void Hub::shutdown() {
   }
   lock.unlock();
   local_.reset();  // its replies route under the lock: it must not be held here
+  stop_reporter();
+}
+
+void Hub::stop_reporter() {
+  {
+    std::lock_guard lock(mutex);
+    reporter_stop_ = true;  // it says what is queued, then returns
+  }
+  reporter_wake_.notify_one();
+  if (!reporter_.joinable()) return;
+  if (on_reporter_thread()) {
+    // The reporter let go of the hub's last reference (a pool's): it
+    // returns without touching the hub again (report_loop).
+    reporter_lost_its_hub = true;
+    reporter_.detach();
+    return;
+  }
+  reporter_.join();
 }
 
 void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
@@ -314,7 +344,6 @@ void Hub::local_reply(Buffer message) {
   route(0, std::move(message));
   changed.notify_all();
   let_go_released(lock);
-  say_unobserved(lock);
 }
 
 bool Hub::remote_work_locked() const {
@@ -352,7 +381,6 @@ void Hub::pump() {
       changed.notify_all();
     }
     let_go_released(lock);  // calls that replies, or a node given up on, held
-    say_unobserved(lock);
     if (active) continue;
     // Poll fast while replies are due, slowly otherwise: MPI has no way to
     // wake a thread, and the root's node runs workers on the same cores. A
@@ -368,35 +396,52 @@ void Hub::pump() {
   }
 }
 
-void Hub::say_unobserved(std::unique_lock<std::mutex>& lock) {
-  // One thread at a time says them (handlers need not be thread-safe); one
-  // that finds another at it leaves what is due to that one's next round.
-  if (saying_unobserved_) return;
-  saying_unobserved_ = true;
-  while (!unobserved.empty()) {
-    std::vector<Unobserved> due = std::move(unobserved);
-    unobserved.clear();
-    // Each pool's close waits until its count is back to 0 (wait_said), so
-    // it outlives the references dropped below.
-    std::vector<PoolState*> pools;
-    for (Unobserved& u : due) {
+void Hub::report_locked(Unobserved u) {
+  if (reporter_stop_) {  // the hub has ended (no reply routes after that): stderr only
+    say_one(nullptr, u.error, u.message, u.count);
+    return;
+  }
+  unobserved_.push_back(std::move(u));
+  if (!reporter_.joinable()) reporter_ = std::thread([this] { report_loop(); });
+  reporter_wake_.notify_one();
+}
+
+bool Hub::reporting_locked(const PoolState& pool) const {
+  return pool.reporting != 0 ||
+         std::any_of(unobserved_.begin(), unobserved_.end(),
+                     [&](const Unobserved& u) { return u.pool.get() == &pool; });
+}
+
+bool Hub::on_reporter_thread() const noexcept {
+  return reporter_.get_id() == std::this_thread::get_id();
+}
+
+void Hub::report_loop() {
+  std::unique_lock lock(mutex);
+  for (;;) {
+    reporter_wake_.wait(lock, [&] { return !unobserved_.empty() || reporter_stop_; });
+    if (unobserved_.empty()) return;  // stopped, everything said
+    std::vector<Unobserved> due = std::move(unobserved_);
+    unobserved_.clear();
+    for (Unobserved& u : due)
       ++u.pool->reporting;
-      pools.push_back(u.pool.get());
-    }
     for (Unobserved& u : due) {
-      auto handler = u.pool->error_handler;
+      const auto handler = u.pool->error_handler;  // (a shared_ptr's copy: no throw)
       lock.unlock();
-      say_one(std::move(handler), u.error, u.message, u.count);
+      say_one(handler.get(), u.error, u.message, u.count);
       lock.lock();
     }
-    lock.unlock();
-    due.clear();  // (the exceptions go without the lock)
-    lock.lock();
-    for (PoolState* pool : pools)
-      --pool->reporting;
+    // Each pool's end waits until these are said (wait_said); its owner's
+    // reference may be gone right after, so these go without the lock, and
+    // with them, perhaps, the hub's last.
+    for (Unobserved& u : due)
+      --u.pool->reporting;
     changed.notify_all();
+    lock.unlock();
+    due.clear();
+    if (reporter_lost_its_hub) return;
+    lock.lock();
   }
-  saying_unobserved_ = false;
 }
 
 void Hub::let_go_released(std::unique_lock<std::mutex>& lock) {
@@ -633,6 +678,14 @@ void CallState::start() {
 void CallState::abandon() {
   std::lock_guard lock(hub_.mutex);
   abandoned_ = submitted_;  // a map's handle ends with its call: nothing to report
+  if (!abandoned_) return;
+  // Its reply may have come already, unread: its error, if any, is said now.
+  for (const auto& [first, chunk] : ready_) {
+    const OutcomeRun& run = chunk.outcomes;
+    for (std::size_t i = chunk.next; i < run.each.size(); ++i) {
+      if (run.each[i].error) report_unobserved(pool_, run.each[i].error);
+    }
+  }
 }
 
 void CallState::wait_until_inputs_sent() noexcept {
@@ -1424,15 +1477,13 @@ void wait_idle(PoolState& pool, std::unique_lock<std::mutex>& lock) {
 }
 
 /// Waits until every error of the pool's dropped Futures has been said (its
-/// handler may use what the pool's owner frees once the pool is gone).
+/// handler may use what the pool's owner frees once the pool is gone);
+/// except in a handler, which cannot wait for itself: the pool's errors
+/// still due are then said after it returns.
 void wait_said(PoolState& pool, std::unique_lock<std::mutex>& lock) {
   Hub& hub = *pool.hub;
-  hub.say_unobserved(lock);     // those due, on this thread
-  hub.changed.wait(lock, [&] {  // those another thread is saying
-    return pool.reporting == 0 &&
-           std::none_of(hub.unobserved.begin(), hub.unobserved.end(),
-                        [&](const Hub::Unobserved& u) { return u.pool.get() == &pool; });
-  });
+  if (hub.on_reporter_thread()) return;
+  hub.changed.wait(lock, [&] { return !hub.reporting_locked(pool); });
 }
 
 void end_pool_locked(PoolState& pool, Msg how) {
@@ -1450,15 +1501,15 @@ void end_pool_locked(PoolState& pool, Msg how) {
 }  // namespace
 
 void close_pool(PoolState& pool) noexcept {
+  std::unique_lock lock(pool.hub->mutex);
   try {
-    std::unique_lock lock(pool.hub->mutex);
     pool.closed = true;
     wait_idle(pool, lock);
     end_pool_locked(pool, Msg::destroy_pool);
-    wait_said(pool, lock);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "procpool::mpi::Pool: ending the pool failed: %s\n", e.what());
   }
+  wait_said(pool, lock);  // whatever happened above
 }
 
 void check_open(const PoolState& pool) {
@@ -1497,8 +1548,9 @@ void pool_join(PoolState& pool) {
 }
 
 void pool_set_error_handler(PoolState& pool, std::function<void(std::exception_ptr)> handler) {
+  auto shared = std::make_shared<const std::function<void(std::exception_ptr)>>(std::move(handler));
   std::lock_guard lock(pool.hub->mutex);
-  pool.error_handler = std::move(handler);
+  pool.error_handler = std::move(shared);
 }
 
 void pool_terminate(PoolState& pool) {

@@ -103,18 +103,20 @@ class Hub {
   /// Calls that chunk replies kept alive (ChunkRecord::owner), to be let go
   /// without the lock: a CallState's destructor takes it.
   std::vector<std::shared_ptr<CallState>> released;
-  /// Errors of dropped Futures' tasks, each the `count`-th of its pool, to be
-  /// said without the lock (say_unobserved): a user's handler may use the pool.
+  /// An error of a dropped Future's task, its pool's `count`-th.
   struct Unobserved {
     std::shared_ptr<PoolState> pool;
     std::exception_ptr error;
     std::string message;
     std::uint64_t count = 0;
   };
-  std::vector<Unobserved> unobserved;
-  /// Says the errors in `unobserved` (to each pool's handler, or stderr) with
-  /// the lock let go meanwhile.
-  void say_unobserved(std::unique_lock<std::mutex>& lock);
+  /// Queues `u` to be said (to its pool's handler, or on stderr) by the
+  /// hub's reporter thread, started on first use (with `mutex` held).
+  void report_locked(Unobserved u);
+  /// Whether errors of `pool` are queued or being said (with `mutex` held).
+  bool reporting_locked(const PoolState& pool) const;
+  /// Whether this thread is the reporter (a handler that ends a pool).
+  bool on_reporter_thread() const noexcept;
 
  private:
   void let_go_released(std::unique_lock<std::mutex>& lock);
@@ -137,7 +139,15 @@ class Hub {
 
   std::unique_ptr<Transport> transport_;
   std::unique_ptr<NodeServer> local_;
-  bool saying_unobserved_ = false;     // a thread is in say_unobserved
+  /// The reporter: user code (error handlers) never runs on the pump, which
+  /// routes the replies a handler may wait for, nor with the lock held.
+  void report_loop();
+  /// Says what is queued, then ends the reporter (at the hub's end).
+  void stop_reporter();
+  std::vector<Unobserved> unobserved_;
+  std::thread reporter_;
+  std::condition_variable reporter_wake_;
+  bool reporter_stop_ = false;
   std::vector<Buffer> local_pending_;  // replies the LocalNode gave while `send` held the lock
   std::thread pump_;
   std::condition_variable pump_wake_;
@@ -187,8 +197,9 @@ class PoolState {
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
   std::vector<std::string> unobserved_messages;           // the first ten
-  std::function<void(std::exception_ptr)> error_handler;  // empty: a line on stderr
-  unsigned reporting = 0;  // errors being said (Hub::say_unobserved) outside the lock
+  /// Empty: a line on stderr. Shared, so that the reporter's copy cannot throw.
+  std::shared_ptr<const std::function<void(std::exception_ptr)>> error_handler;
+  unsigned reporting = 0;  // errors the reporter is saying (Hub::report_loop)
   std::map<std::size_t, TaskEstimate> estimates;  // by the hash of a call's setup
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 

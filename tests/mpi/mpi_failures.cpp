@@ -46,6 +46,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../helpers.hpp"
@@ -263,15 +264,23 @@ int throws_always(int x) {
 /// The errors of dropped Futures' tasks, as procpool::Pool says them: each to
 /// the pool's handler (the pool's end waits for it), or else the first ten
 /// on stderr and a line that says the rest are counted; insights() counts
-/// them all and keeps the first ten messages.
+/// them all and keeps the first ten messages. A handler may use the pools:
+/// ask for insights (which wait for every node's reply), run and end a pool.
 void dropped_future_errors() {
   constexpr int dropped = 24;
+  constexpr int waited_then_dropped = 4;
   std::mutex seen_mutex;
   std::vector<std::string> seen;
   procpool::mpi::Insights after;
   {
     procpool::mpi::Pool pool({.processes = 2});
+    bool first = true;
     pool.set_error_handler([&](std::exception_ptr e) {
+      if (std::exchange(first, false)) {
+        MPI_CHECK(pool.insights().unobserved_errors >= 1);
+        procpool::mpi::Pool inner({.processes = 1});
+        MPI_CHECK(inner.map(&throws_on_7, range(5)) == range(5));
+      }
       // Slow, so that the pool's end has to wait for it.
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       try {
@@ -285,16 +294,24 @@ void dropped_future_errors() {
     });
     for (int i = 0; i < dropped; ++i)
       (void)pool.submit(&throws_always, i);
+    // Their replies in, never read: said as they are dropped.
+    std::vector<procpool::mpi::Future<int>> waited;
+    for (int i = dropped; i < dropped + waited_then_dropped; ++i)
+      waited.push_back(pool.submit(&throws_always, i));
+    for (auto& f : waited)
+      f.wait();
+    waited.clear();
     pool.close();
     pool.join();
     after = pool.insights();
   }
-  MPI_CHECK_MSG(seen.size() == dropped, std::to_string(seen.size()) + " errors seen");
-  for (int i = 0; i < dropped; ++i) {
+  MPI_CHECK_MSG(seen.size() == dropped + waited_then_dropped,
+                std::to_string(seen.size()) + " errors seen");
+  for (int i = 0; i < dropped + waited_then_dropped; ++i) {
     const std::string what = "dropped task " + std::to_string(i);
     MPI_CHECK_MSG(std::ranges::count(seen, what) == 1, what);
   }
-  MPI_CHECK_MSG(after.unobserved_errors == dropped, after.to_string());
+  MPI_CHECK_MSG(after.unobserved_errors == dropped + waited_then_dropped, after.to_string());
   MPI_CHECK_MSG(after.unobserved_error_messages.size() == 10, after.to_string());
   MPI_CHECK_MSG(after.to_string().find("(first: ") != std::string::npos, after.to_string());
 
