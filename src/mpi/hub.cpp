@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
 #include "codec.hpp"
@@ -401,8 +402,17 @@ void Hub::report_locked(Unobserved u) {
     say_one(nullptr, u.error, u.message, u.count);
     return;
   }
+  if (!reporter_.joinable()) {
+    try {
+      reporter_ = std::thread([this] { report_loop(); });
+    } catch (const std::system_error&) {
+      // No thread to spare (ulimit -u): said here, on stderr (a handler must
+      // not run with the lock held); the next error tries again.
+      say_one(nullptr, u.error, u.message, u.count);
+      return;
+    }
+  }
   unobserved_.push_back(std::move(u));
-  if (!reporter_.joinable()) reporter_ = std::thread([this] { report_loop(); });
   reporter_wake_.notify_one();
 }
 
