@@ -146,7 +146,7 @@ struct Insights {
   double transit_seconds = 0;
   double root_encode_seconds = 0;  // taking and serialising inputs on the root
   std::vector<NodeInsights> per_node;
-  std::uint64_t unobserved_errors = 0;  // failed tasks of dropped Futures
+  std::uint64_t unobserved_errors = 0;                 // failed tasks of dropped Futures
   std::vector<std::string> unobserved_error_messages;  // the first ten of them
   std::string diagnosis;
 
@@ -462,10 +462,10 @@ class Pool {
   }
 
   /// Where the errors of tasks whose Future was dropped go, as
-  /// procpool::Pool::set_error_handler: called on a thread of its own (one
-  /// error at a time; it may use the pools); without a handler each is one line on stderr (the
-  /// first ten); insights() counts them either way. The pool's destructor (and join()) returns
-  /// after the handler has seen every one.
+  /// procpool::Pool::set_error_handler: called on a thread of its own, one
+  /// error at a time (it may use the pools). Without a handler each is one
+  /// line on stderr (the first ten); insights() counts them either way. The
+  /// pool's destructor (and join()) returns after the handler has seen every one.
   void set_error_handler(std::function<void(std::exception_ptr)> handler) {
     detail::pool_set_error_handler(*state_, std::move(handler));
   }

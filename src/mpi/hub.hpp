@@ -196,7 +196,7 @@ class PoolState {
   std::size_t inflight_chunks = 0;
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
-  std::vector<std::string> unobserved_messages;           // the first ten
+  std::vector<std::string> unobserved_messages;  // the first ten
   /// Empty: a line on stderr. Shared, so that the reporter's copy cannot throw.
   std::shared_ptr<const std::function<void(std::exception_ptr)>> error_handler;
   unsigned reporting = 0;  // errors the reporter is saying (Hub::report_loop)
