@@ -3,7 +3,8 @@
 // prints one JSON line on the root.
 //   mpirun -n 3 --oversubscribe --bind-to none mpi_bench [--tiny N] [--cpu N]
 //          [--task-ms MS] [--mib M --big N]
-//   ... --profile-auto N | --profile-big N | --profile-inputs N [--retries R]:
+//   ... --profile-auto N | --profile-cs1 N | --profile-big N | --profile-inputs N
+//          [--retries R]:
 //          one warm map of that kind, N times, with its times
 //   ... --local 1: the big and inputs profiles with procpool::Pool (no mpirun)
 #include <sys/resource.h>
@@ -117,6 +118,8 @@ int main(int argc, char** argv) {
   // --profile-auto N: only the warm automatic tiny map, N times (to profile
   // it, e.g. under perf); prints each time.
   std::size_t profile_auto = 0;
+  // --profile-cs1 N: only the warm tiny map with chunksize 1, N times.
+  std::size_t profile_cs1 = 0;
   // --profile-big N: only the warm map of --big results of --mib MiB, N times.
   std::size_t profile_big = 0;
   // --profile-inputs N: only the warm map over --big inputs of --mib MiB, N
@@ -134,6 +137,7 @@ int main(int argc, char** argv) {
     if (k == "--big") nbig = std::strtoull(v, nullptr, 10);
     if (k == "--processes") processes = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     if (k == "--profile-auto") profile_auto = std::strtoull(v, nullptr, 10);
+    if (k == "--profile-cs1") profile_cs1 = std::strtoull(v, nullptr, 10);
     if (k == "--profile-big") profile_big = std::strtoull(v, nullptr, 10);
     if (k == "--profile-inputs") profile_inputs = std::strtoull(v, nullptr, 10);
     if (k == "--local") local = std::atoi(v) != 0;
@@ -144,16 +148,18 @@ int main(int argc, char** argv) {
   for (std::size_t i = 0; i < tiny; ++i)
     xs[i] = static_cast<int>(i);
 
-  if (profile_auto != 0) {
-    procpool::mpi::Pool pool({.processes = processes, .retries = retries});
+  if (profile_auto != 0 || profile_cs1 != 0) {
+    const std::size_t chunksize = profile_cs1 != 0 ? 1 : 0;
+    procpool::mpi::Pool pool({.processes = processes, .chunksize = chunksize, .retries = retries});
     pool.map(&inc, std::vector<int>(200, 1));
-    for (std::size_t r = 0; r < profile_auto; ++r) {
+    for (std::size_t r = 0; r < profile_auto + profile_cs1; ++r) {
       const double cpu_before = process_cpu_seconds();
       const auto t0 = Clock::now();
       pool.map(&inc, xs);
       const double s = since(t0);
-      std::printf("warm automatic map of %zu: %.3f ms, %.0f tasks/s, root CPU %.1f ns/task\n", tiny,
-                  1e3 * s, static_cast<double>(tiny) / s,
+      std::printf("warm %s map of %zu: %.3f ms, %.0f tasks/s, root CPU %.1f ns/task\n",
+                  chunksize == 1 ? "chunksize-1" : "automatic", tiny, 1e3 * s,
+                  static_cast<double>(tiny) / s,
                   1e9 * (process_cpu_seconds() - cpu_before) / static_cast<double>(tiny));
     }
     if (std::getenv("PROCPOOL_BENCH_INSIGHTS") != nullptr)
