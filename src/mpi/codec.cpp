@@ -3,6 +3,7 @@
 #include <exception>
 #include <string>
 #include <typeinfo>
+#include <vector>
 
 #include "codec.hpp"
 #include "layout.hpp"
@@ -23,7 +24,72 @@ enum class ErrorKind : std::uint8_t {
   other,
 };
 
+/// A bundle holds messages of at most this size, and at most this much in all
+/// (under the transport's eager size, 64 KiB: received whole once probed).
+constexpr std::size_t bundled_message_at_most = std::size_t{8} << 10;
+constexpr std::size_t bundle_at_most = std::size_t{56} << 10;
+
 }  // namespace
+
+bool Bundle::takes(const Parts& message) noexcept {
+  if (message.size() != 1 || message.front().size() > bundled_message_at_most) return false;
+  if (message.front().size() < message_header + 1) return false;
+  const auto type = static_cast<Msg>(message.front().data()[message_header]);
+  return type == Msg::chunk || type == Msg::open_call || type == Msg::close_call ||
+         type == Msg::chunk_done;
+}
+
+bool Bundle::has_room_for(const Buffer& message) const noexcept {
+  return bytes_ + sizeof(std::uint64_t) + message.size() <= bundle_at_most;
+}
+
+void Bundle::add(Buffer message) {
+  bytes_ += sizeof(std::uint64_t) + message.size();
+  messages_.push_back(std::move(message));
+}
+
+Buffer Bundle::take() {
+  Buffer out;
+  if (messages_.size() == 1) {
+    out = std::move(messages_.front());
+  } else {
+    out = new_message(Msg::bundle);
+    out.reserve(out.size() + sizeof(std::uint64_t) + bytes_);
+    Writer w(out);
+    w.put(static_cast<std::uint64_t>(messages_.size()));
+    for (const Buffer& m : messages_) {
+      w.put(static_cast<std::uint64_t>(m.size()));
+      w.write(m.data(), m.size());
+    }
+  }
+  messages_.clear();
+  bytes_ = 0;
+  return out;
+}
+
+std::vector<Buffer> unbundle(Reader in) {
+  const auto count = in.get<std::uint64_t>();
+  // Each message takes its size and a header at least: a count beyond that is corrupt.
+  if (count > in.remaining() / (sizeof(std::uint64_t) + message_header + 1)) {
+    throw ProtocolError("procpool::mpi: corrupt bundle (message count)");
+  }
+  std::vector<Buffer> messages;
+  messages.reserve(static_cast<std::size_t>(count));
+  for (std::uint64_t i = 0; i < count; ++i) {
+    const auto size = in.get<std::uint64_t>();
+    if (size < message_header + 1 || size > in.remaining()) {
+      throw ProtocolError("procpool::mpi: corrupt bundle (message size)");
+    }
+    Buffer m(static_cast<std::size_t>(size));
+    in.read(m.data(), m.size());
+    if (static_cast<Msg>(m.data()[message_header]) == Msg::bundle) {
+      throw ProtocolError("procpool::mpi: corrupt bundle (a bundle inside)");
+    }
+    messages.push_back(std::move(m));
+  }
+  if (in.remaining() != 0) throw ProtocolError("procpool::mpi: corrupt bundle (trailing bytes)");
+  return messages;
+}
 
 void save_options(Writer& out, const Options& o) {
   out.put(static_cast<std::uint32_t>(o.processes));

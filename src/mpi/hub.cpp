@@ -105,6 +105,11 @@ void forget_inherited_hub_locked() {
 /// Set while this thread runs the LocalNode's handle() with the hub's lock held.
 thread_local bool in_local_handle = false;
 
+/// Set while this thread runs a call's top_up, which flushes the outboxes
+/// when done: its messages do not wake the pump (which would take each
+/// chunk alone as the top_up lets go of the lock to encode the next).
+thread_local bool flushes_its_outboxes = false;
+
 /// Set on the reporter thread when the hub ends there (Hub::stop_reporter).
 thread_local bool reporter_lost_its_hub = false;
 
@@ -237,6 +242,7 @@ void Hub::shutdown() {
   if (stopped) return;
   stopped = true;
   if (transport_) {
+    flush_all_locked();  // what is queued goes before the shutdown
     for (std::size_t n = 1; n < nodes.size(); ++n)
       transport_->send(nodes[n].rank, new_message(Msg::shutdown));
     pump_wake_.notify_one();
@@ -308,17 +314,52 @@ void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
     return;
   }
   if (!nodes[node].lost.empty()) {
-    // A chunk its call was making as the node was given up on: it fails now.
-    Msg type{};
-    Reader in = message_body(message.front(), type);
-    if (type == Msg::chunk) {
-      in.get<std::uint64_t>();  // its call
-      fail_chunk_of_lost_node_locked(in.get<std::uint64_t>());
-    }
+    drop_for_lost_node_locked(message.front());
     return;
   }
-  transport_->send(nodes[node].rank, std::move(message), lender);
+  // Small messages of a stream (a call's chunks) wait in the node's outbox,
+  // to cross as one message: a call's top_up flushes it when it has sent
+  // what it could, and the pump on its next turn (at most a poll's wait
+  // away while chunks are out, woken here for other senders). 20k tiny
+  // tasks with chunksize 1 sent one MPI message each, each way.
+  if (outboxes_.size() < nodes.size()) outboxes_.resize(nodes.size());
+  Bundle& outbox = outboxes_[node];
+  if (Bundle::takes(message)) {  // (one part, its own: nothing lent)
+    if (!outbox.has_room_for(message.front())) flush_locked(node);
+    outbox.add(std::move(message.front()));
+    if (flushes_its_outboxes) return;
+  } else {
+    flush_locked(node);  // what was before it goes before it
+    transport_->send(nodes[node].rank, std::move(message), lender);
+  }
   pump_wake_.notify_one();
+}
+
+void Hub::drop_for_lost_node_locked(const Buffer& message) {
+  // A chunk its call was making as the node was given up on: it fails now.
+  Msg type{};
+  Reader in = message_body(message, type);
+  if (type == Msg::chunk) {
+    in.get<std::uint64_t>();  // its call
+    fail_chunk_of_lost_node_locked(in.get<std::uint64_t>());
+  }
+}
+
+void Hub::flush_locked(std::size_t node) {
+  if (node >= outboxes_.size() || outboxes_[node].empty()) return;
+  Buffer message = outboxes_[node].take();
+  // (A node given up on had its outbox emptied then: give_up_on_locked.)
+  transport_->send(nodes[node].rank, single_part(std::move(message)));
+  pump_wake_.notify_one();  // it polls fast while replies are due
+}
+
+void Hub::wake_pump() noexcept {
+  pump_wake_.notify_one();
+}
+
+void Hub::flush_all_locked() {
+  for (std::size_t n = 0; n < outboxes_.size(); ++n)
+    flush_locked(n);
 }
 
 void Hub::wait_until_sent(std::uint64_t lender) noexcept {
@@ -362,6 +403,7 @@ void Hub::pump() {
     bool active = false;
     bool moving = false;  // a message is on its way in or out
     try {
+      flush_all_locked();
       moving = !transport_->progress();
       while (auto m = transport_->receive(-1)) {
         route(static_cast<std::size_t>(m->first), std::move(m->second));
@@ -525,6 +567,8 @@ void Hub::give_up_on_locked(std::size_t node, double silent) {
                where.c_str(), said);
   std::fflush(stderr);
   n.lost = said;
+  // What waits in its outbox is never sent: its chunks fail below, with the rest.
+  if (node < outboxes_.size()) outboxes_[node] = Bundle{};
   // Its chunks fail as if it had replied so, each input with why.
   std::vector<std::uint64_t> ids;
   for (const auto& [id, record] : chunks)
@@ -573,6 +617,11 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
   }
   // A late answer from a node given up on: what it held has failed already.
   if (!from.lost.empty() && !made_here) return;
+  if (type == Msg::bundle) {
+    for (Buffer& m : unbundle(in))
+      route(node, std::move(m), made_here);
+    return;
+  }
   switch (type) {
     case Msg::chunk_done: {
       const auto call = in.get<std::uint64_t>();
@@ -907,13 +956,22 @@ std::size_t CallState::inflight_bound_locked() const {
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   if (broken_) std::rethrow_exception(broken_);
+  // (Nested: a top_up inside the root's own node's reply, say.)
+  const bool flushing_already = std::exchange(flushes_its_outboxes, true);
+  struct Restore {
+    bool was;
+    ~Restore() { flushes_its_outboxes = was; }
+  } restore{flushing_already};
   try {
     while (!lost_.empty())  // (more may be lost while it reads)
       write_lost_again(lock);
     send_retries_locked();
     send_new_chunks(lock);
+    // What waits in the outboxes goes now, not on the pump's next turn.
+    hub_.flush_all_locked();
   } catch (...) {
     broken_ = std::current_exception();
+    hub_.wake_pump();  // it sends what this left in the outboxes
     throw;
   }
 }

@@ -87,6 +87,10 @@ class Hub {
   void send(std::size_t node, Buffer message) { send(node, single_part(std::move(message)), 0); }
   /// The same in parts, some of them lent by call `lender` (see Transport::send).
   void send(std::size_t node, Parts message, std::uint64_t lender);
+  /// Sends every node's outbox (with `mutex` held).
+  void flush_all_locked();
+  /// Has the pump take a turn now (it flushes the outboxes, among others).
+  void wake_pump() noexcept;
   /// Waits until no message with parts lent by call `lender` is being sent
   /// (takes `mutex`).
   void wait_until_sent(std::uint64_t lender) noexcept;
@@ -131,6 +135,10 @@ class Hub {
   void give_up_on_locked(std::size_t node, double silent);
   /// Chunk `id`, on a node given up on, fails: each of its inputs with why.
   void fail_chunk_of_lost_node_locked(std::uint64_t id);
+  /// A message to node `node`, given up on: a chunk fails at once.
+  void drop_for_lost_node_locked(const Buffer& message);
+  /// Sends what waits in node `node`'s outbox (see send).
+  void flush_locked(std::size_t node);
   void local_reply(Buffer message);
   /// Takes a message from node `node`; `made_here`: one the root made in its
   /// stead (give_up_on_locked), taken even though the node is given up on.
@@ -149,6 +157,9 @@ class Hub {
   std::condition_variable reporter_wake_;
   bool reporter_stop_ = false;
   std::vector<Buffer> local_pending_;  // replies the LocalNode gave while `send` held the lock
+  /// Per node, small messages not yet handed to MPI: sent as one bundle by
+  /// the next flush (the pump's next turn, or the end of a call's top_up).
+  std::vector<Bundle> outboxes_;
   std::thread pump_;
   std::condition_variable pump_wake_;
   bool pump_stop_ = false;

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <utility>
 
 #include "procpool/detail/code_identity.hpp"
 
@@ -151,20 +152,36 @@ void NodeServer::handle(Buffer message) {
       }
       job.message = std::move(message);
       std::lock_guard lock(mutex_);
-      jobs_.push_back(std::move(job));
-      if (idle_ == 0 && threads_.size() < max_executors) {
-        try {
-          threads_.emplace_back([this] { executor(); });
-        } catch (...) {
-          // No thread to spare: a busy executor takes the chunk when free.
-          // With none at all nobody would, so it is refused, not queued.
-          if (!threads_.empty()) return;
-          jobs_.pop_back();
-          throw;
-        }
-      } else {
-        wake_.notify_one();
+      if (!bundle_.handling) {
+        jobs_.push_back(std::move(job));
+        start_executor_locked(1);
+        return;
       }
+      // A bundle's chunks of one call are all queued before an executor is
+      // woken for them: it then runs them as one batch (see executor).
+      if (bundle_.queued != 0 && bundle_.call != job.call_id) {
+        start_executor_locked(std::exchange(bundle_.queued, 0));
+      }
+      bundle_.call = job.call_id;
+      ++bundle_.queued;
+      jobs_.push_back(std::move(job));
+      return;
+    }
+    case Msg::bundle: {
+      bundle_ = BundleInProgress{true, 0, 0};
+      auto wake_for_the_last = [this] {
+        bundle_.handling = false;
+        std::lock_guard lock(mutex_);
+        if (bundle_.queued != 0) start_executor_locked(std::exchange(bundle_.queued, 0));
+      };
+      try {
+        for (Buffer& m : unbundle(in))
+          handle(std::move(m));
+      } catch (...) {
+        wake_for_the_last();
+        throw;
+      }
+      wake_for_the_last();
       return;
     }
     case Msg::insights: {
@@ -182,6 +199,23 @@ void NodeServer::handle(Buffer message) {
     default:
       throw ProtocolError("procpool::mpi: a node got a message of unknown type " +
                           std::to_string(static_cast<int>(type)));
+  }
+}
+
+void NodeServer::start_executor_locked(std::size_t queued) {
+  if (idle_ != 0 || threads_.size() >= max_executors) {
+    wake_.notify_one();
+    return;
+  }
+  try {
+    threads_.emplace_back([this] { executor(); });
+  } catch (...) {
+    // No thread to spare: a busy executor takes the chunks when free. With
+    // none at all nobody would, so those just queued are refused, not queued.
+    if (!threads_.empty()) return;
+    for (; queued != 0; --queued)
+      jobs_.pop_back();
+    throw;
   }
 }
 

@@ -63,8 +63,20 @@ class NodeServer {
   };
   void run(std::vector<Job>& jobs);
   void executor();
+  /// Wakes an idle executor for the `queued` jobs just queued, or starts
+  /// one (with mutex_ held); if none can start and none runs, takes them
+  /// back out and throws.
+  void start_executor_locked(std::size_t queued);
 
   std::function<void(Parts)> reply_;
+  /// The bundle `handle` is taking apart (its thread's only): its chunks of
+  /// one call wake one executor, for all of them.
+  struct BundleInProgress {
+    bool handling = false;
+    std::size_t queued = 0;  // chunks queued since an executor was last woken
+    std::uint64_t call = 0;  // whose
+  };
+  BundleInProgress bundle_;
   std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
   std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
 

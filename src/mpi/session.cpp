@@ -125,6 +125,25 @@ bool answer_pings(Transport& transport) {
   return any;
 }
 
+/// Sends the replies `out` to the root in order, the small ones of chunks
+/// finished together in bundles: one MPI message for many replies.
+void send_bundled(Transport& transport, std::deque<Parts>& out) {
+  Bundle bundle;
+  for (Parts& m : out) {
+    if (Bundle::takes(m) && (bundle.empty() || bundle.has_room_for(m.front()))) {
+      bundle.add(std::move(m.front()));
+      continue;
+    }
+    if (!bundle.empty()) transport.send(0, bundle.take());
+    if (Bundle::takes(m)) {
+      bundle.add(std::move(m.front()));
+    } else {
+      transport.send(0, std::move(m));
+    }
+  }
+  if (!bundle.empty()) transport.send(0, bundle.take());
+}
+
 [[noreturn]] void cannot_serve(int rank, const std::string& host, const std::exception& e) {
   abort_job("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
                 " cannot go on serving the root: " + e.what() + "; ending the job",
@@ -181,8 +200,7 @@ bool answer_pings(Transport& transport) {
           out.swap(outbox);
           running = !torn_down;
         }
-        for (Parts& m : out)
-          transport.send(0, std::move(m));
+        send_bundled(transport, out);
         active = active || !out.empty();
         const bool sent = transport.progress();
         if (active) {

@@ -38,6 +38,8 @@ enum class Msg : std::uint8_t {
   chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, u64 count, outcome records
   insights_reply,    // u64 request, insights
   bye,
+  // either way
+  bundle = 200,  // u64 count, then each message: u64 size, its bytes (header slot included)
 };
 
 /// One byte that overtakes messages (Transport::signal): the root asks a
@@ -95,6 +97,34 @@ inline std::string get_string(Reader& in) {
   in.read(s.data(), s.size());
   return s;
 }
+
+/// Small messages to one rank, sent as one (Msg::bundle): one MPI message,
+/// and one system call on each side, instead of one per message. Only
+/// messages that come in streams travel in bundles: a call's chunks (and
+/// its opening and closing, which are ordered with them) and their replies.
+/// A sender keeps the order of its messages to a rank: it sends its bundle
+/// before any other message to that rank.
+class Bundle {
+ public:
+  /// Whether `message` may travel in a bundle: one part, small, of a type
+  /// that comes in streams.
+  static bool takes(const Parts& message) noexcept;
+  bool empty() const noexcept { return messages_.empty(); }
+  /// Whether `message` fits beside those already in: the bundle stays small
+  /// enough to be sent eagerly and received at once.
+  bool has_room_for(const Buffer& message) const noexcept;
+  void add(Buffer message);
+  /// What to send: the one message alone, or a bundle of them; empty after.
+  Buffer take();
+
+ private:
+  std::vector<Buffer> messages_;
+  std::size_t bytes_ = 0;
+};
+
+/// The messages of a bundle (its fields after the type), in order. Throws
+/// ProtocolError if it is corrupt.
+std::vector<Buffer> unbundle(Reader in);
 
 void save_options(Writer& out, const Options& options);
 Options load_options(Reader& in);
