@@ -1,5 +1,6 @@
 // How options, insights and errors cross between the root and the nodes.
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <typeinfo>
@@ -24,8 +25,9 @@ enum class ErrorKind : std::uint8_t {
   other,
 };
 
-/// A bundle holds messages of at most this size, and at most this much in all
-/// (under the transport's eager size, 64 KiB: received whole once probed).
+/// A bundle holds messages of at most this size, and at most this much in all:
+/// under the size below which the transport receives a message at once
+/// (Open MPI's TCP eager limit, 64 KiB), as it did each chunk of that size.
 constexpr std::size_t bundled_message_at_most = std::size_t{8} << 10;
 constexpr std::size_t bundle_at_most = std::size_t{56} << 10;
 
@@ -48,23 +50,26 @@ void Bundle::add(Buffer message) {
   messages_.push_back(std::move(message));
 }
 
-Buffer Bundle::take() {
-  Buffer out;
+Buffer Bundle::message() const {
   if (messages_.size() == 1) {
-    out = std::move(messages_.front());
-  } else {
-    out = new_message(Msg::bundle);
-    out.reserve(out.size() + sizeof(std::uint64_t) + bytes_);
-    Writer w(out);
-    w.put(static_cast<std::uint64_t>(messages_.size()));
-    for (const Buffer& m : messages_) {
-      w.put(static_cast<std::uint64_t>(m.size()));
-      w.write(m.data(), m.size());
-    }
+    Buffer one(messages_.front().size());
+    std::memcpy(one.data(), messages_.front().data(), one.size());
+    return one;
   }
+  Buffer out = new_message(Msg::bundle);
+  out.reserve(out.size() + sizeof(std::uint64_t) + bytes_);
+  Writer w(out);
+  w.put(static_cast<std::uint64_t>(messages_.size()));
+  for (const Buffer& m : messages_) {
+    w.put(static_cast<std::uint64_t>(m.size()));
+    w.write(m.data(), m.size());
+  }
+  return out;
+}
+
+void Bundle::clear() noexcept {
   messages_.clear();
   bytes_ = 0;
-  return out;
 }
 
 std::vector<Buffer> unbundle(Reader in) {

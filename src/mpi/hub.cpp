@@ -106,8 +106,10 @@ void forget_inherited_hub_locked() {
 thread_local bool in_local_handle = false;
 
 /// Set while this thread runs a call's top_up, which flushes the outboxes
-/// when done: its messages do not wake the pump (which would take each
-/// chunk alone as the top_up lets go of the lock to encode the next).
+/// when done: its messages do not wake the pump, which would take the lock
+/// as the top_up lets go of it to encode the next chunk and send each chunk
+/// alone. (The pump flushes on its own turns too, every 10-500 us while
+/// chunks are out: bundles then form from what it finds.)
 thread_local bool flushes_its_outboxes = false;
 
 /// Set on the reporter thread when the hub ends there (Hub::stop_reporter).
@@ -347,9 +349,11 @@ void Hub::drop_for_lost_node_locked(const Buffer& message) {
 
 void Hub::flush_locked(std::size_t node) {
   if (node >= outboxes_.size() || outboxes_[node].empty()) return;
-  Buffer message = outboxes_[node].take();
-  // (A node given up on had its outbox emptied then: give_up_on_locked.)
-  transport_->send(nodes[node].rank, single_part(std::move(message)));
+  // Emptied once sent: a send that throws leaves every message, of any
+  // call, in place for the next flush. (A node given up on had its outbox
+  // emptied then: give_up_on_locked.)
+  transport_->send(nodes[node].rank, single_part(outboxes_[node].message()));
+  outboxes_[node].clear();
   pump_wake_.notify_one();  // it polls fast while replies are due
 }
 
@@ -956,7 +960,7 @@ std::size_t CallState::inflight_bound_locked() const {
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
   if (broken_) std::rethrow_exception(broken_);
-  // (Nested: a top_up inside the root's own node's reply, say.)
+  // (Nested: the caller's range, read without the lock, may run another call.)
   const bool flushing_already = std::exchange(flushes_its_outboxes, true);
   struct Restore {
     bool was;
@@ -1412,7 +1416,8 @@ void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Parts me
     hub_.send(node, std::move(message), id_);
   } catch (...) {
     // A send throws only before its message is out (NodeServer::handle
-    // queues a chunk only if it can run it). The root's own node may have
+    // queues a chunk only if it can run it; an outbox keeps what it held if
+    // the flush before it fails, see flush_locked). The root's own node may have
     // answered inside send() all the same: if so, its reply took the record
     // and every count back already.
     if (!recorded || hub_.chunks.erase(id) != 0) {

@@ -69,8 +69,10 @@ class NodeServer {
   void start_executor_locked(std::size_t queued);
 
   std::function<void(Parts)> reply_;
-  /// The bundle `handle` is taking apart (its thread's only): its chunks of
-  /// one call wake one executor, for all of them.
+  /// The bundle `handle` is taking apart (its thread's only): a run of its
+  /// chunks of one call is queued whole before an executor is woken, so
+  /// that the executor finds them together (and runs them as one batch, up
+  /// to max_batch_inputs).
   struct BundleInProgress {
     bool handling = false;
     std::size_t queued = 0;  // chunks queued since an executor was last woken

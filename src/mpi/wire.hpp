@@ -39,7 +39,7 @@ enum class Msg : std::uint8_t {
   insights_reply,    // u64 request, insights
   bye,
   // either way
-  bundle = 200,  // u64 count, then each message: u64 size, its bytes (header slot included)
+  bundle = 200,  // u64 count, then each message: u64 size, its bytes (its header slot, 0, included)
 };
 
 /// One byte that overtakes messages (Transport::signal): the root asks a
@@ -114,8 +114,15 @@ class Bundle {
   /// enough to be sent eagerly and received at once.
   bool has_room_for(const Buffer& message) const noexcept;
   void add(Buffer message);
-  /// What to send: the one message alone, or a bundle of them; empty after.
-  Buffer take();
+  /// What to send: the one message alone (a copy), or a bundle of them.
+  Buffer message() const;
+  void clear() noexcept;
+  /// message(), then clear().
+  Buffer take() {
+    Buffer m = message();
+    clear();
+    return m;
+  }
 
  private:
   std::vector<Buffer> messages_;
