@@ -1100,6 +1100,32 @@ std::vector<Case> lifecycle_cases(int nodes) {
                        }
                      });
                    }});
+  cases.push_back(
+      {"threads_share_a_pool_chunksize_1",
+       "SharedPoolInitTest.test_initializer_4 (threads, chunksize 1, two imaps each)", [] {
+         // The chunks of up to eight calls at once cross to each node in
+         // shared bundles (src/mpi/wire.hpp), and their replies back: each
+         // result reaches its own call, in input order.
+         procpool::mpi::Pool pool(on_busy_ranks({.processes = 2, .chunksize = 1}));
+         in_four_threads([&pool](int t) {
+           const std::string prefix = std::to_string(t) + ":";
+           for (int round = 0; round < 3; ++round) {
+             auto got = pool.map(&label_with, range(400), prefix);
+             for (int i = 0; i < 400; ++i)
+               if (got[static_cast<std::size_t>(i)] != label_with(i, prefix))
+                 throw std::runtime_error("map: wrong result at " + std::to_string(i));
+             auto a = pool.imap(&label_with, range(300), prefix + "a");
+             auto b = pool.imap(&label_with, range(300), prefix + "b");
+             auto ia = a.begin();
+             auto ib = b.begin();
+             for (int i = 0; i < 300; ++i, ++ia, ++ib)
+               if (*ia != label_with(i, prefix + "a") || *ib != label_with(i, prefix + "b"))
+                 throw std::runtime_error("imap: wrong result at " + std::to_string(i));
+             if (ia != std::default_sentinel || ib != std::default_sentinel)
+               throw std::runtime_error("imap: more results than inputs");
+           }
+         });
+       }});
   cases.push_back({"threads_own_pools", "SharedPoolInitTest.test_initializer_4", [] {
                      in_four_threads([](int t) {
                        for (int round = 0; round < 3; ++round) {
