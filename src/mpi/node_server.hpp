@@ -86,7 +86,8 @@ class NodeServer {
   std::condition_variable wake_;
   std::deque<Job> jobs_;
   std::vector<std::thread> threads_;
-  unsigned idle_ = 0;
+  unsigned idle_ = 0;   // executors waiting for jobs
+  unsigned woken_ = 0;  // of those, notified and not yet awake
   bool stop_ = false;
 };
 
