@@ -152,27 +152,34 @@ void NodeServer::handle(Buffer message) {
       }
       job.message = std::move(message);
       std::lock_guard lock(mutex_);
+      // A chunk queued right behind one of its own call is taken with it, as
+      // one batch (see executor), by whoever takes that one: an executor is
+      // on its way for every queued job (one waits only while none is).
+      // Waking or starting another for it would leave that one idle.
+      const bool joins = !jobs_.empty() && jobs_.back().call_id == job.call_id;
       if (!bundle_.handling) {
         jobs_.push_back(std::move(job));
-        start_executor_locked(1);
+        if (!joins) start_executor_locked(1);
         return;
       }
-      // A bundle's chunks of one call are all queued before an executor is
-      // woken for them: it then runs them as one batch (see executor).
-      if (bundle_.queued != 0 && bundle_.call != job.call_id) {
-        start_executor_locked(std::exchange(bundle_.queued, 0));
+      // A bundle's run of chunks of one call is queued whole before an
+      // executor is woken for it.
+      if (bundle_.queued != 0 && bundle_.call != job.call_id) end_bundle_run_locked();
+      if (bundle_.queued == 0) {
+        bundle_.call = job.call_id;
+        bundle_.joins = joins;
       }
-      bundle_.call = job.call_id;
       ++bundle_.queued;
       jobs_.push_back(std::move(job));
       return;
     }
     case Msg::bundle: {
-      bundle_ = BundleInProgress{true, 0, 0};
+      bundle_ = BundleInProgress{};
+      bundle_.handling = true;
       auto wake_for_the_last = [this] {
         bundle_.handling = false;
         std::lock_guard lock(mutex_);
-        if (bundle_.queued != 0) start_executor_locked(std::exchange(bundle_.queued, 0));
+        if (bundle_.queued != 0) end_bundle_run_locked();
       };
       try {
         for (Buffer& m : unbundle(in))
@@ -202,6 +209,11 @@ void NodeServer::handle(Buffer message) {
   }
 }
 
+void NodeServer::end_bundle_run_locked() {
+  const std::size_t queued = std::exchange(bundle_.queued, 0);
+  if (!bundle_.joins) start_executor_locked(queued);
+}
+
 void NodeServer::start_executor_locked(std::size_t queued) {
   // An idle executor already woken for other jobs does not count: it takes
   // those (of another call) alone, and these would wait for its batch. Two
@@ -219,8 +231,9 @@ void NodeServer::start_executor_locked(std::size_t queued) {
   try {
     threads_.emplace_back([this] { executor(); });
   } catch (...) {
-    // No thread to spare: a busy executor takes the chunks when free. With
-    // none at all nobody would, so those just queued are refused, not queued.
+    // No thread to spare: a busy executor (or one already woken) takes the
+    // chunks when free. With none at all nobody would, so those just queued
+    // are refused, not queued.
     if (!threads_.empty()) return;
     for (; queued != 0; --queued)
       jobs_.pop_back();

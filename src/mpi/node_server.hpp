@@ -77,7 +77,11 @@ class NodeServer {
     bool handling = false;
     std::size_t queued = 0;  // chunks queued since an executor was last woken
     std::uint64_t call = 0;  // whose
+    bool joins = false;      // queued right behind a job of that call (see handle)
   };
+  /// The bundle's run of chunks of one call is queued: wakes or starts an
+  /// executor for it unless it joins a job queued before (with mutex_ held).
+  void end_bundle_run_locked();
   BundleInProgress bundle_;
   std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
   std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
@@ -86,8 +90,10 @@ class NodeServer {
   std::condition_variable wake_;
   std::deque<Job> jobs_;
   std::vector<std::thread> threads_;
-  unsigned idle_ = 0;   // executors waiting for jobs
-  unsigned woken_ = 0;  // of those, notified and not yet awake
+  unsigned idle_ = 0;  // executors waiting for jobs
+  /// Of those, notified and not yet awake (at most: a spurious wake-up
+  /// takes a claim that was another's; that one then comes back for jobs too).
+  unsigned woken_ = 0;
   bool stop_ = false;
 };
 

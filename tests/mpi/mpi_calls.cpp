@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdio>
+#include <filesystem>
 #include <list>
 #include <numeric>
 #include <ranges>
@@ -224,6 +225,15 @@ int hostname_hash(int) {
 }
 
 }  // namespace
+
+/// The threads of the process that forked this worker: its node's rank.
+long threads_of_parent(int) {
+  long n = 0;
+  for ([[maybe_unused]] const auto& entry :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(::getppid()) + "/task"))
+    ++n;
+  return n;
+}
 
 int main(int argc, char** argv) {
   ::sigaction(SIGSEGV, nullptr, &segv_before_mpi);
@@ -453,6 +463,23 @@ int main(int argc, char** argv) {
     // than it has CPUs (mpirun --bind-to none: each rank sees all of them).
     if (nodes == 1) MPI_CHECK(all.processes() <= std::thread::hardware_concurrency());
     MPI_CHECK(all.map(&square, inputs) == local.map(&square, inputs));
+  }
+  {
+    // A burst of one call's chunks (chunksize 1: thousands at once) starts
+    // no thread per chunk on a node: a chunk queued behind one of its call's
+    // goes with it, and an executor already woken for it is not woken again.
+    procpool::mpi::Pool burst({.processes = 2, .chunksize = 1});
+    const auto most_threads = [&burst] {
+      const std::vector<long> seen = burst.map(&threads_of_parent, std::vector<int>(40, 0));
+      return *std::max_element(seen.begin(), seen.end());
+    };
+    const long before = most_threads();
+    for (int round = 0; round < 3; ++round)
+      MPI_CHECK(burst.map(&square, inputs) == local.map(&square, inputs));
+    const long after = most_threads();
+    std::fprintf(stderr, "mpi_calls: a node's rank ran %ld threads, %ld after the bursts\n", before,
+                 after);
+    MPI_CHECK(after - before <= 8);  // without the joining rule: 24 to 42 more
   }
   std::fprintf(stderr, "mpi_calls: OK on %d rank(s), %d node(s)\n", ranks, nodes);
   return 0;
