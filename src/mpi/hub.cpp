@@ -316,7 +316,13 @@ void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
     return;
   }
   if (!nodes[node].lost.empty()) {
-    drop_for_lost_node_locked(message.front());
+    // A chunk its call was making as the node was given up on: it fails now.
+    Msg type{};
+    Reader in = message_body(message.front(), type);
+    if (type == Msg::chunk) {
+      in.get<std::uint64_t>();  // its call
+      fail_chunk_of_lost_node_locked(in.get<std::uint64_t>());
+    }
     return;
   }
   // Small messages of a stream (a call's chunks) wait in the node's outbox,
@@ -335,16 +341,6 @@ void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
     transport_->send(nodes[node].rank, std::move(message), lender);
   }
   pump_wake_.notify_one();
-}
-
-void Hub::drop_for_lost_node_locked(const Buffer& message) {
-  // A chunk its call was making as the node was given up on: it fails now.
-  Msg type{};
-  Reader in = message_body(message, type);
-  if (type == Msg::chunk) {
-    in.get<std::uint64_t>();  // its call
-    fail_chunk_of_lost_node_locked(in.get<std::uint64_t>());
-  }
 }
 
 void Hub::flush_locked(std::size_t node) {

@@ -135,8 +135,6 @@ class Hub {
   void give_up_on_locked(std::size_t node, double silent);
   /// Chunk `id`, on a node given up on, fails: each of its inputs with why.
   void fail_chunk_of_lost_node_locked(std::uint64_t id);
-  /// A message to node `node`, given up on: a chunk fails at once.
-  void drop_for_lost_node_locked(const Buffer& message);
   /// Sends what waits in node `node`'s outbox (see send).
   void flush_locked(std::size_t node);
   void local_reply(Buffer message);

@@ -130,12 +130,10 @@ bool answer_pings(Transport& transport) {
 void send_bundled(Transport& transport, std::deque<Parts>& out) {
   Bundle bundle;
   for (Parts& m : out) {
-    if (Bundle::takes(m) && (bundle.empty() || bundle.has_room_for(m.front()))) {
-      bundle.add(std::move(m.front()));
-      continue;
-    }
-    if (!bundle.empty()) transport.send(0, bundle.take());
-    if (Bundle::takes(m)) {
+    const bool small = Bundle::takes(m);
+    if (!bundle.empty() && (!small || !bundle.has_room_for(m.front())))
+      transport.send(0, bundle.take());  // what was before it goes before it
+    if (small) {
       bundle.add(std::move(m.front()));
     } else {
       transport.send(0, std::move(m));
