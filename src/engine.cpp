@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -170,6 +171,9 @@ class Engine::Impl final : private ReplySink {
   void enable_wake();
   void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
   std::exception_ptr broken() const noexcept { return broken_; }
+  std::uint64_t compute_nanos() const noexcept {
+    return compute_nanos_.load(std::memory_order_relaxed);
+  }
   void wake() noexcept;
   std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
   double nanos_per_task(std::uint64_t call) const;
@@ -270,9 +274,12 @@ class Engine::Impl final : private ReplySink {
   static constexpr std::int64_t killed_start_up_row_ns = 2'000'000'000;  // see note_start_up_death
   bool stopping_ = false;
   bool tail_chunks_queue_ = false;  // see let_tail_chunks_queue()
-  std::exception_ptr broken_;       // set when workers keep dying before doing any work
-  Worker* receiving_ = nullptr;     // the worker whose replies take() is handed
-  bool receiving_lost_ = false;     // take() found its reply answering the wrong chunk
+  // Every chunk's time on its worker, summed: an MPI node reads it to tell the
+  // root its workers' time apart from the time a chunk spends travelling.
+  std::atomic<std::uint64_t> compute_nanos_{0};
+  std::exception_ptr broken_;    // set when workers keep dying before doing any work
+  Worker* receiving_ = nullptr;  // the worker whose replies take() is handed
+  bool receiving_lost_ = false;  // take() found its reply answering the wrong chunk
   pid_t parent_pid_;
 };
 
@@ -477,6 +484,7 @@ bool Engine::Impl::take(Reply reply) {
   w.inflight.pop_front();
   telemetry_.chunk_done(w.position, done.count, reply.nanos, reply.slowest_index,
                         reply.slowest_nanos);
+  compute_nanos_.fetch_add(reply.nanos, std::memory_order_relaxed);
   if (auto it = calls_.find(chunk.call); it != calls_.end()) {
     it->second.task_time.add(done.count, static_cast<double>(reply.nanos));
     if (it->second.scope == SetupScope::each_chunk) {
@@ -865,6 +873,7 @@ void Engine::Impl::run_in_process() {
     const ChunkReport report = local_runner_->run(chunk.call, chunk.first, chunk.count, in, out);
     done.dense = report.dense;
     telemetry_.chunk_done(0, chunk.count, report.nanos, report.slowest_index, report.slowest_nanos);
+    compute_nanos_.fetch_add(report.nanos, std::memory_order_relaxed);
     call.task_time.add(chunk.count, static_cast<double>(report.nanos));
     call.completed.push_back(std::move(done));
   }
@@ -954,6 +963,10 @@ void Engine::let_tail_chunks_queue() noexcept {
 
 std::exception_ptr Engine::broken() const noexcept {
   return impl_->broken();
+}
+
+std::uint64_t Engine::compute_nanos() const noexcept {
+  return impl_->compute_nanos();
 }
 
 std::size_t Engine::outstanding() const noexcept {

@@ -307,6 +307,8 @@ struct PoolAccess {
     std::lock_guard lock(pool.core_->mutex);
     return pool.core_->engine->broken();
   }
+  /// Engine::compute_nanos(), without the lock (it is atomic).
+  static std::uint64_t compute_nanos(Pool& pool) { return pool.core_->engine->compute_nanos(); }
 };
 
 }  // namespace detail

@@ -46,8 +46,23 @@ constexpr double tail_chunk_seconds = 0.002;
 /// How fast the task-time estimate forgets older chunks (per chunk).
 constexpr double estimate_decay = 0.5;
 
+/// Chunks a node may hold of a call that has no reply yet but an earlier
+/// call's estimate (see capacity_locked).
+constexpr std::size_t first_round_chunks = 2;
+
 /// Tasks at least this long are dealt to free workers only (see room_locked).
 constexpr double long_task_seconds = 0.01;
+
+/// A chunk that ran shorter than this on its node, and that moved less than
+/// the bytes below, tells its tasks' time by its workers' time, not by its
+/// wall time: that holds the node's fixed cost per chunk (its hand-over to
+/// the workers and back, a millisecond or more on a busy machine), which
+/// small chunks would count as the tasks' own (a warm-up of 200 tasks of 0.1
+/// us, in chunks of 1 and 11, left an estimate of 3.3 us). Longer or larger,
+/// the wall time counts: it includes what moving big inputs and results
+/// costs, which the workers' time does not.
+constexpr double wall_time_counts_from = 0.01;
+constexpr std::size_t wall_time_counts_from_bytes = std::size_t{1} << 20;
 
 /// An input's block of bytes at least this large goes to another rank from
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
@@ -595,6 +610,7 @@ void Hub::fail_chunk_of_lost_node_locked(std::uint64_t id) {
   w.put(id);
   w.put(0.0);
   w.put(0.0);
+  w.put(0.0);
   w.put(static_cast<std::uint64_t>(record.count));
   for (std::size_t i = 0; i < record.count; ++i) {
     w.put(record_lost_here);
@@ -628,6 +644,7 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
       const auto chunk = in.get<std::uint64_t>();
       const auto node_seconds = in.get<double>();
       const auto run_seconds = in.get<double>();
+      const auto worker_seconds = in.get<double>();
       const auto count = in.get<std::uint64_t>();
       auto it = chunks.find(chunk);
       if (it == chunks.end() || it->second.count != count || it->second.call != call) {
@@ -655,8 +672,11 @@ void Hub::route(std::size_t node, Buffer message, bool made_here) {
       auto c = calls.find(call);
       if (c != calls.end()) {
         auto shared = std::make_shared<const Buffer>(std::move(message));
-        c->second->receive(record, run_seconds, std::max(0.0, round_trip - node_seconds), in,
-                           shared);
+        c->second->receive(
+            record,
+            NodeTimes{run_seconds, worker_seconds, std::max(0.0, round_trip - node_seconds),
+                      record.bytes + bytes},
+            in, shared);
       } else if (record.report_if_orphaned) {
         // A dropped Future's task: nobody will see its error unless it is said.
         for (std::uint64_t i = 0; i < count; ++i) {
@@ -867,7 +887,7 @@ std::size_t CallState::capacity_locked(std::size_t node) const {
   // estimate's hold a node for two chunks at most.
   if (pool_->options.chunksize == 0) {
     if (replies_ != 0) return 3;
-    return task_seconds_ > 0 ? 2 : 1;
+    return task_seconds_ > 0 ? first_round_chunks : 1;
   }
   // An explicit chunksize: one chunk per worker and as many more as run in
   // the time one takes to travel there and back (tiny tasks, chunksize 1:
@@ -940,6 +960,15 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
                                        ? std::min(tail_chunk_seconds, transit_seconds_)
                                        : tail_chunk_seconds;
       share = std::max(share, std::ceil(least_seconds * workers / task_seconds_));
+      // The call's first chunks, as many per node as a node may hold before
+      // the call's first reply: a call that fits in them goes in them, each
+      // node's share of it in even chunks, rather than in chunks each half
+      // the one before, which leave part of it (a third, on two nodes of one
+      // worker) for a second round trip.
+      if (chunks_out_ + replies_ < first_round_chunks * pool_->nodes_with_workers()) {
+        const double whole = static_cast<double>(*total_);
+        share = std::max(share, std::ceil(whole * workers / (first_round_chunks * all_workers)));
+      }
     }
     size = std::min(size, static_cast<std::size_t>(std::max(1.0, share)));
   }
@@ -1076,8 +1105,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
   }
 }
 
-void CallState::receive(const ChunkRecord& chunk, double run_seconds, double transit,
-                        Reader& records, const std::shared_ptr<const Buffer>& message) {
+void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader& records,
+                        const std::shared_ptr<const Buffer>& message) {
   const NodeSlot& node = hub_.nodes[chunk.node];
   std::size_t failures = 0;
   std::size_t again = 0;  // inputs sent to run again elsewhere
@@ -1176,9 +1205,22 @@ void CallState::receive(const ChunkRecord& chunk, double run_seconds, double tra
   const double workers = pool_->processes[chunk.node];
   if (workers == 0) return;  // a node out of rotation: its times tell nothing now
   const double count = static_cast<double>(chunk.count);
-  measured_seconds_ = estimate_decay * measured_seconds_ + run_seconds * std::min(workers, count);
+  const double wall_seconds = times.run_seconds * std::min(workers, count);
+  // Automatic chunks of little work are sized by the workers' time (see
+  // wall_time_counts_from): it may hold other calls' tasks too, so never
+  // above the wall time, and none at all when the chunk before it in the
+  // node's batch took it. An explicit chunksize keeps the wall time: how
+  // many of its chunks cover a round trip is up to their whole time on the
+  // node, fixed cost included (capacity_locked).
+  const bool short_chunk = pool_->options.chunksize == 0 &&
+                           times.run_seconds < wall_time_counts_from &&
+                           times.bytes < wall_time_counts_from_bytes;
+  const double chunk_seconds =
+      short_chunk ? std::min(times.worker_seconds, wall_seconds) : wall_seconds;
+  measured_seconds_ = estimate_decay * measured_seconds_ + chunk_seconds;
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
   task_seconds_ = measured_seconds_ / measured_tasks_;
+  const double transit = times.transit_seconds;
   transit_seconds_ = transit_seconds_ == 0 ? transit : 0.5 * transit_seconds_ + 0.5 * transit;
   // At most 64 estimates: a pool that runs ever new arguments starts over.
   if (pool_->estimates.size() >= 64 && !pool_->estimates.contains(estimate_key_))
@@ -1399,6 +1441,7 @@ void CallState::send_chunk_locked(std::uint64_t id, ChunkRecord record, Parts me
   record.sent = Clock::now();
   record.report_if_orphaned = submitted_;
   record.value_size = value_size_;
+  record.bytes = bytes;
   // A submitted call stays alive while its task runs: the task may have to
   // run again (a retry, or a node that sends it back) though its Future is gone.
   if (submitted_) record.owner = weak_from_this().lock();

@@ -61,6 +61,7 @@ struct ChunkRecord {
   std::chrono::steady_clock::time_point sent;
   bool report_if_orphaned = false;  // a dropped Future's task: its error is still reported
   std::size_t value_size = 0;       // its results' size when they travel bare, else 0
+  std::size_t bytes = 0;            // its message's size, inputs included
   /// How often its inputs ran before (a chunk sent again: see CallState::Retry).
   unsigned attempts = 0;
   /// A submitted call: kept alive until its reply is in, even if its Future
@@ -230,6 +231,23 @@ class PoolState {
       total += hub->nodes[n].lost.empty() ? processes[n] : 0;
     return total;
   }
+  /// The nodes among those that have workers for the pool (same lock).
+  std::size_t nodes_with_workers() const {
+    std::size_t count = 0;
+    for (std::size_t n = 0; n < processes.size(); ++n)
+      count += hub->nodes[n].lost.empty() && processes[n] != 0 ? 1 : 0;
+    return count;
+  }
+};
+
+/// What a chunk's reply says of its time (Msg::chunk_done), and its transit.
+struct NodeTimes {
+  double run_seconds = 0;  // on its node, beyond the chunk before it in its batch
+  /// The time of the node's worker chunks that finished meanwhile (those of
+  /// other calls on its Pool too), as each worker timed its own.
+  double worker_seconds = 0;
+  double transit_seconds = 0;  // its round trip less its time on the node
+  std::size_t bytes = 0;       // its message and its reply's
 };
 
 class CallState : public std::enable_shared_from_this<CallState> {
@@ -250,8 +268,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   void wait_until_inputs_sent() noexcept;
   std::exception_ptr decode_error(const RawOutcome& raw);
   /// A chunk's reply (with the hub's lock held).
-  /// `transit`: the chunk's round trip less its time on the node.
-  void receive(const ChunkRecord& chunk, double run_seconds, double transit, Reader& records,
+  void receive(const ChunkRecord& chunk, const NodeTimes& times, Reader& records,
                const std::shared_ptr<const Buffer>& message);
 
  private:

@@ -284,19 +284,28 @@ void NodeServer::run(std::vector<Job>& jobs) {
   };
   std::deque<Reply> replies(jobs.size());  // a deque: ReplyParts stays where it is
   std::vector<NodeChunk> chunks;
-  const auto started = std::chrono::steady_clock::now();
-  auto last_done = started;
+  const Job& job = jobs.front();  // every job of a batch is of the same call
+  procpool::Pool* pool = job.call && job.call->pool ? job.call->pool->pool.get() : nullptr;
+  auto worker_nanos = [pool] {
+    return pool != nullptr ? procpool::detail::PoolAccess::compute_nanos(*pool) : 0;
+  };
+  auto last_done = std::chrono::steady_clock::now();
+  std::uint64_t last_worker_nanos = worker_nanos();
   // A chunk's reply: its times, then off to the root. `run_seconds` is the
-  // time it took beyond the chunk before it in the batch: the root estimates
-  // task time from it.
+  // time it took beyond the chunk before it in the batch, and
+  // `worker_seconds` what the node's workers spent running tasks meanwhile
+  // (other calls' too, if they share the pool): the root estimates task time
+  // from them (CallState::receive).
   auto send = [&](std::size_t j) {
     Reply& r = replies[j];
     const auto now = std::chrono::steady_clock::now();
-    const double node_seconds = seconds_since(jobs[j].arrived);
-    const double run_seconds = std::chrono::duration<double>(now - last_done).count();
+    const std::uint64_t nanos = worker_nanos();
+    const double times[] = {seconds_since(jobs[j].arrived),
+                            std::chrono::duration<double>(now - last_done).count(),
+                            static_cast<double>(nanos - last_worker_nanos) * 1e-9};
     last_done = now;
-    std::memcpy(r.parts.front() + r.times_at, &node_seconds, sizeof node_seconds);
-    std::memcpy(r.parts.front() + r.times_at + sizeof(double), &run_seconds, sizeof run_seconds);
+    last_worker_nanos = nanos;
+    std::memcpy(r.parts.front() + r.times_at, times, sizeof times);
     jobs[j].message = Buffer{};
     r.sent = true;
     reply_(r.parts.take());
@@ -310,6 +319,7 @@ void NodeServer::run(std::vector<Job>& jobs) {
     r.times_at = w.size();
     w.put(0.0);
     w.put(0.0);
+    w.put(0.0);
     w.put(jobs[j].count);
     r.records_at = w.size();
     chunks.push_back(NodeChunk{jobs[j].count,
@@ -317,7 +327,6 @@ void NodeServer::run(std::vector<Job>& jobs) {
                                       jobs[j].message.size() - jobs[j].items_at),
                                &r.parts, [&send, j] { send(j); }});
   }
-  const Job& job = jobs.front();  // every job of a batch is of the same call
   std::exception_ptr error;
   if (!job.call) {
     error = std::make_exception_ptr(

@@ -35,7 +35,8 @@ enum class Msg : std::uint8_t {
   insights,         // u64 pool, u64 request
   shutdown,         // finish everything, answer bye, exit
   // node -> root
-  chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, u64 count, outcome records
+  chunk_done = 101,  // u64 call, u64 chunk, f64 node s, f64 run s, f64 worker s, u64 count,
+                     // outcome records
   insights_reply,    // u64 request, insights
   bye,
   // either way

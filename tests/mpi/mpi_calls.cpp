@@ -481,6 +481,34 @@ int main(int argc, char** argv) {
                  after);
     MPI_CHECK(after - before <= 8);  // without the joining rule: 24 to 42 more
   }
+  {
+    // Automatic chunks: a call of the same code as an earlier one starts
+    // from that one's estimate (of the workers' time: a small chunk's wall
+    // time on its node is mostly the node's fixed cost), and a call that
+    // fits in the chunks each node may hold before its first reply (two)
+    // goes in that one round, shared out evenly, not in chunks each half the
+    // one before and then a second round trip for the rest (3 ranks: 5
+    // chunks, 1 rank: 3).
+    procpool::mpi::Pool quick({.processes = 2});
+    quick.map(&square, std::vector<int>(2000, 1));
+    const auto chunks_so_far = [&quick] {
+      std::uint64_t chunks = 0;
+      for (const auto& n : quick.insights().per_node)
+        chunks += n.chunks;
+      return chunks;
+    };
+    std::uint64_t nodes_with_workers = 0;
+    for (const auto& n : quick.insights().per_node)
+      nodes_with_workers += n.processes != 0 ? 1 : 0;
+    const std::uint64_t before = chunks_so_far();
+    std::vector<int> many(20000);
+    std::iota(many.begin(), many.end(), 0);
+    MPI_CHECK(quick.map(&square, many) == local.map(&square, many));
+    const std::uint64_t sent = chunks_so_far() - before;
+    std::fprintf(stderr, "mpi_calls: a warm map of 20000 tiny tasks went in %llu chunks\n",
+                 static_cast<unsigned long long>(sent));
+    MPI_CHECK(sent >= 1 && sent <= 2 * nodes_with_workers);
+  }
   std::fprintf(stderr, "mpi_calls: OK on %d rank(s), %d node(s)\n", ranks, nodes);
   return 0;
 }
