@@ -53,17 +53,6 @@ constexpr std::size_t first_round_chunks = 2;
 /// Tasks at least this long are dealt to free workers only (see room_locked).
 constexpr double long_task_seconds = 0.01;
 
-/// A chunk that ran shorter than this on its node, and that moved less than
-/// the bytes below, tells its tasks' time by its workers' time, not by its
-/// wall time: that holds the node's fixed cost per chunk (its hand-over to
-/// the workers and back, a millisecond or more on a busy machine), which
-/// small chunks would count as the tasks' own (a warm-up of 200 tasks of 0.1
-/// us, in chunks of 1 and 11, left an estimate of 3.3 us). Longer or larger,
-/// the wall time counts: it includes what moving big inputs and results
-/// costs, which the workers' time does not.
-constexpr double wall_time_counts_from = 0.01;
-constexpr std::size_t wall_time_counts_from_bytes = std::size_t{1} << 20;
-
 /// An input's block of bytes at least this large goes to another rank from
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
 /// below it, one more part costs about what copying it would.
@@ -1200,24 +1189,11 @@ void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader
   // A reply of errors alone (its node could not run the call, or every task
   // threw at once) says nothing about how long the tasks take.
   if (failures == chunk.count) return;
-  // One task's time on one worker, as if the chunk had had the node alone
-  // (other chunks running beside it make this an overestimate: smaller chunks, safe).
   const double workers = pool_->processes[chunk.node];
   if (workers == 0) return;  // a node out of rotation: its times tell nothing now
   const double count = static_cast<double>(chunk.count);
-  const double wall_seconds = times.run_seconds * std::min(workers, count);
-  // Automatic chunks of little work are sized by the workers' time (see
-  // wall_time_counts_from): it may hold other calls' tasks too, so never
-  // above the wall time, and none at all when the chunk before it in the
-  // node's batch took it. An explicit chunksize keeps the wall time: how
-  // many of its chunks cover a round trip is up to their whole time on the
-  // node, fixed cost included (capacity_locked).
-  const bool short_chunk = pool_->options.chunksize == 0 &&
-                           times.run_seconds < wall_time_counts_from &&
-                           times.bytes < wall_time_counts_from_bytes;
-  const double chunk_seconds =
-      short_chunk ? std::min(times.worker_seconds, wall_seconds) : wall_seconds;
-  measured_seconds_ = estimate_decay * measured_seconds_ + chunk_seconds;
+  measured_seconds_ = estimate_decay * measured_seconds_ +
+                      estimate_seconds(times, workers, count, pool_->options.chunksize == 0);
   measured_tasks_ = estimate_decay * measured_tasks_ + count;
   task_seconds_ = measured_seconds_ / measured_tasks_;
   const double transit = times.transit_seconds;

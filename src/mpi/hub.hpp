@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "estimate.hpp"
 #include "layout.hpp"
 #include "node_server.hpp"
 #include "procpool/mpi.hpp"
@@ -238,16 +239,6 @@ class PoolState {
       count += hub->nodes[n].lost.empty() && processes[n] != 0 ? 1 : 0;
     return count;
   }
-};
-
-/// What a chunk's reply says of its time (Msg::chunk_done), and its transit.
-struct NodeTimes {
-  double run_seconds = 0;  // on its node, beyond the chunk before it in its batch
-  /// The time of the node's worker chunks that finished meanwhile (those of
-  /// other calls on its Pool too), as each worker timed its own.
-  double worker_seconds = 0;
-  double transit_seconds = 0;  // its round trip less its time on the node
-  std::size_t bytes = 0;       // its message and its reply's
 };
 
 class CallState : public std::enable_shared_from_this<CallState> {
