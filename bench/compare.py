@@ -144,9 +144,9 @@ def mpi_section(a, q, rounds, rows, raw, have_python, limit):
     # their chunksize-1 row's: the row above is our first after a 200-input warm-up.
     if "tiny_auto_second_tasks_per_s" in ours[0]:
         c, p = side(ours, "tiny_auto_second_tasks_per_s"), side(theirs, "tiny_chunked_tasks_per_s")
-        rows.append((f"  the same, our second 20k map (tasks/s)", (c["median"], c["min"], c["max"]),
+        rows.append((f"  the same, our second {int(tiny) // 1000}k map (tasks/s)", (c["median"], c["min"], c["max"]),
                      p, (c["median"] / p["median"]) if p else None, "(no target)", None,
-                     "both after one 20k map of the same inputs"))
+                     "both after one map of the same inputs"))
     # Ours with the pool's start and stop inside the timing (theirs without):
     # what a one-off call costs.
     c, p = side(ours, "tiny_auto_end_to_end_tasks_per_s"), side(theirs, "tiny_chunked_tasks_per_s")

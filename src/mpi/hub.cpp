@@ -726,6 +726,7 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
     measured_tasks_ = std::max(1.0, static_cast<double>(pool_->total_processes()));
     measured_seconds_ = task_seconds_ * measured_tasks_;
     transit_seconds_ = known->second.transit_seconds;
+    started_warm_ = true;
   }
   id_ = ++hub_.next_id;
   opened_.assign(hub_.nodes.size(), false);
@@ -949,12 +950,14 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
                                        ? std::min(tail_chunk_seconds, transit_seconds_)
                                        : tail_chunk_seconds;
       share = std::max(share, std::ceil(least_seconds * workers / task_seconds_));
-      // The call's first chunks, as many per node as a node may hold before
-      // the call's first reply: a call that fits in them goes in them, each
-      // node's share of it in even chunks, rather than in chunks each half
-      // the one before, which leave part of it (a third, on two nodes of one
-      // worker) for a second round trip.
-      if (chunks_out_ + replies_ < first_round_chunks * pool_->nodes_with_workers()) {
+      // A call that started from an earlier call's estimate: its first
+      // chunks, as many per node as a node may hold before the call's first
+      // reply, carry the whole call when it fits in them, each node's share
+      // in even chunks, rather than in chunks each a fraction of the one
+      // before (three quarters, on two nodes of one worker), which leave
+      // part of it (a third there) for a second round trip.
+      if (started_warm_ &&
+          chunks_out_ + replies_ < first_round_chunks * pool_->nodes_with_workers()) {
         const double whole = static_cast<double>(*total_);
         share = std::max(share, std::ceil(whole * workers / (first_round_chunks * all_workers)));
       }

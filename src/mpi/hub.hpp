@@ -344,6 +344,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   double measured_tasks_ = 0;
   double transit_seconds_ = 0;  // a chunk's round trip less its time on the node (0: unknown)
   std::size_t replies_ = 0;     // chunks of this call answered so far
+  bool started_warm_ = false;   // from an earlier call's estimate (PoolState::estimates)
   std::deque<Retry> retries_;
   /// Inputs of a node given up on, to run elsewhere once read again from
   /// the range (write_lost_again); `inputs` is not set yet.
