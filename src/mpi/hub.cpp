@@ -1025,6 +1025,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     const std::uint64_t chunk = ++hub_.next_id;
     ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
     hub_.nodes[best].inflight_items += size;
+    ++pool_->encoding_chunks;
     const std::size_t first = taken_;
     std::size_t count = 0;
     std::exception_ptr failed;
@@ -1068,12 +1069,21 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       if (best == 0 && parts.size() > 1) parts = single_part(joined(std::move(parts)));
     } catch (...) {
       lock.lock();
+      done_encoding_locked();
       --hub_.nodes[best].inflight_chunks;
       hub_.nodes[best].inflight_items -= size;
       throw;
     }
     lock.lock();
+    done_encoding_locked();
     pool_->encode_seconds += seconds(Clock::now() - started);
+    if (pool_->ended) {
+      // terminate() came while the inputs were encoded: the nodes have ended
+      // the pool, and this chunk fails as the ones in flight did.
+      --hub_.nodes[best].inflight_chunks;
+      hub_.nodes[best].inflight_items -= size;
+      throw PoolClosed("procpool::mpi::Pool: the pool was ended");
+    }
     exhausted_ = end;
     hub_.nodes[best].inflight_items -= size - count;
     if (count == 0) {
@@ -1095,6 +1105,11 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       ++taken_;
     }
   }
+}
+
+void CallState::done_encoding_locked() {
+  --pool_->encoding_chunks;
+  hub_.changed.notify_all();  // join() may be waiting for it
 }
 
 void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader& records,
@@ -1564,7 +1579,9 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
 namespace {
 
 void wait_idle(PoolState& pool, std::unique_lock<std::mutex>& lock) {
-  pool.hub->changed.wait(lock, [&] { return pool.inflight_chunks == 0 || pool.hub->stopped; });
+  pool.hub->changed.wait(lock, [&] {
+    return (pool.inflight_chunks == 0 && pool.encoding_chunks == 0) || pool.hub->stopped;
+  });
 }
 
 /// Waits until every error of the pool's dropped Futures has been said (its

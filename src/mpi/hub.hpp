@@ -205,6 +205,9 @@ class PoolState {
   std::vector<unsigned> processes;  // per node
   std::vector<NodeStats> stats;     // per node
   std::size_t inflight_chunks = 0;
+  /// Chunks whose inputs a call is encoding (without the lock): accepted
+  /// work, which join() waits for as for the chunks in flight.
+  std::size_t encoding_chunks = 0;
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
   std::vector<std::string> unobserved_messages;  // the first ten
@@ -306,6 +309,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// inputs taken that will never come back.
   void top_up(std::unique_lock<std::mutex>& lock);
   void send_new_chunks(std::unique_lock<std::mutex>& lock);
+  /// A chunk's inputs are encoded: join() need no longer wait for that.
+  void done_encoding_locked();
   /// Takes the next input from the range and fails it: no node with workers
   /// is left to the pool (they were given up on, see Hub::give_up_on_locked).
   void fail_next_input(std::unique_lock<std::mutex>& lock);

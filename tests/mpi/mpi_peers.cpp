@@ -18,7 +18,7 @@
 //   init_throws  an initializer that throws: every task says so, no hang,
 //              and the Session ends cleanly
 //   fixed_bugs the cases that failed before, each named by the bug it found
-//              (A-D, see fixed_bugs_cases), all fixed; kept as regressions
+//              (A-F, see fixed_bugs_cases), all fixed; kept as regressions
 //
 // What mpi4py tests and these do not, and why:
 //  - Future.cancel()/cancelled(), shutdown(cancel_futures=True),
@@ -263,6 +263,28 @@ Picky make_picky(int how) {
   p.fail_save = how == 1;
   p.fail_load = how == 2;
   return p;
+}
+
+/// A cereal type slow to save, which the root does as it encodes a call's
+/// inputs: it does so without the hub's lock, and what ending the pool
+/// meanwhile does is what fixed_bugs E and F are about. (The string keeps
+/// it off the fast path of trivially copyable types, which skips save().)
+struct SlowToSave {
+  int value = 0;
+  int save_ms = 0;
+  std::string note;
+  template <class Archive>
+  void save(Archive& ar) const {
+    std::this_thread::sleep_for(milliseconds(save_ms));
+    ar(value, save_ms, note);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    ar(value, save_ms, note);
+  }
+};
+int value_of(const SlowToSave& s) {
+  return s.value;
 }
 
 /// Nested standard types and a cereal struct holding them.
@@ -1308,12 +1330,76 @@ int markers_left(int n) {
 //    ErrorLocation (mpi.hpp: every error of an mpi::Pool task is one).
 // D: Options::max_inflight does not bound the inputs taken ahead (procpool::Pool
 //    on the same range does): auto chunks take thousands of an endless range.
+// E: terminate() while a call encodes its inputs (without the hub's lock)
+//    lets the chunk go out after the pool ended: the node, which ended its
+//    pool, answers "a call arrived for a pool this node does not have", and
+//    a submitted task fails with that plain Error instead of PoolClosed.
+// F: join() does not wait for a chunk whose inputs are being encoded: a
+//    submit() accepted before close() fails with that same Error instead of
+//    running, and join() returns before it.
 // (Not a bug, so not here: imap_unordered hands over a fast task queued on a
 // worker behind a slow one only after the slow one, as procpool::Pool does:
 // mpi4py's one-task-per-idle-worker dispatch does not.)
 
 std::vector<Case> fixed_bugs_cases() {
   std::vector<Case> cases;
+  cases.push_back({"E_terminate_while_a_submit_is_encoded",
+                   "(util.pool test_terminate, test_submit_shutdown_cancel: work outstanding)", [] {
+                     // (A map hides it: its next chunk finds the pool ended and throws
+                     // PoolClosed before the node's answer comes back.)
+                     for (int round = 0; round < 3; ++round) {
+                       procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
+                       std::optional<procpool::mpi::Future<int>> f;
+                       std::exception_ptr refused;
+                       std::thread submitter([&] {
+                         try {
+                           f.emplace(pool.submit(&value_of, SlowToSave{round, 300, {}}));
+                         } catch (...) {
+                           refused = std::current_exception();
+                         }
+                       });
+                       std::this_thread::sleep_for(milliseconds(50));  // it is in save() by now
+                       const auto start = Clock::now();
+                       pool.terminate();
+                       submitter.join();
+                       try {
+                         if (refused) std::rethrow_exception(refused);
+                         PEER_CHECK(f.has_value());
+                         (void)f->get();
+                         PEER_CHECK_MSG(false, "the task ran after terminate()");
+                       } catch (const procpool::PoolClosed&) {
+                       } catch (const std::exception& e) {
+                         PEER_CHECK_MSG(false, std::string("not PoolClosed: ") + e.what());
+                       }
+                       PEER_CHECK(Clock::now() - start < seconds(5));
+                     }
+                   }});
+  cases.push_back({"F_join_waits_for_a_submit_being_encoded",
+                   "(ExecutorShutdownTestMixin.test_hang_issue12364: accepted work runs)", [] {
+                     for (int round = 0; round < 3; ++round) {
+                       procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
+                       std::optional<procpool::mpi::Future<int>> f;
+                       std::exception_ptr refused;
+                       std::thread submitter([&] {
+                         try {
+                           f.emplace(pool.submit(&value_of, SlowToSave{100 + round, 300, {}}));
+                         } catch (...) {
+                           refused = std::current_exception();
+                         }
+                       });
+                       std::this_thread::sleep_for(milliseconds(50));  // it is in save() by now
+                       pool.close();
+                       pool.join();  // the submit began before close(): accepted, so it runs
+                       submitter.join();
+                       PEER_CHECK(refused == nullptr && f.has_value());
+                       try {
+                         PEER_CHECK(f->get() == 100 + round);
+                       } catch (const std::exception& e) {
+                         PEER_CHECK_MSG(false,
+                                        std::string("the accepted task failed: ") + e.what());
+                       }
+                     }
+                   }});
   cases.push_back(
       {"D_max_inflight_bounds_inputs_taken",
        "ProcessPoolExecutorTest.test_map_buffersize (buffersize bounds the inputs taken)", [] {
