@@ -78,7 +78,8 @@ WorkerCrashed::WorkerCrashed(std::size_t index, pid_t pid, int signal, int exit_
       index_(index),
       pid_(pid),
       signal_(signal),
-      exit_status_(exit_status) {}
+      exit_status_(exit_status),
+      observed_(circumstances) {}
 
 WorkerCrashed::WorkerCrashed(Message message, std::size_t index, pid_t pid, int signal,
                              int exit_status)
@@ -90,6 +91,7 @@ WorkerCrashed WorkerCrashed::out_of_memory(std::size_t index, pid_t pid, const s
                                 seen + ". Use fewer processes, or tasks that need less memory"},
                         index, pid, SIGKILL, 0);
   crashed.out_of_memory_ = true;
+  crashed.observed_ = seen;
   return crashed;
 }
 

@@ -74,6 +74,10 @@ class WorkerCrashed : public Error {
   static WorkerCrashed out_of_memory(std::size_t index, pid_t pid, const std::string& seen);
   /// Whether the OOM killer killed the worker (as far as procpool could tell).
   bool out_of_memory() const noexcept { return out_of_memory_; }
+  /// What was observed around the death, as given to the constructor or to
+  /// out_of_memory() (the memory limit and peak use, or how often the worker
+  /// died around the task); empty if nothing more.
+  const std::string& observed() const noexcept { return observed_; }
   std::size_t index() const noexcept { return index_; }
   pid_t pid() const noexcept { return pid_; }
   int signal() const noexcept { return signal_; }
@@ -85,6 +89,7 @@ class WorkerCrashed : public Error {
   int signal_;
   int exit_status_;
   bool out_of_memory_ = false;
+  std::string observed_;
 
   struct Message {
     std::string text;

@@ -371,6 +371,11 @@ class Pool {
   /// `Pool pool({})`: the default Options.
   explicit Pool(std::initializer_list<procpool::detail::DefaultOptions>) : Pool(Options{}) {}
 
+  /// Each worker of every node runs `init()` once and keeps its result as
+  /// its state, as procpool::Pool's do: in the worker, so that an initializer
+  /// that crashes (a library a node lacks) costs that node's workers, never
+  /// its rank and so the MPI job. Big read-only data that every worker of a
+  /// node should share: build it before the Session (inherited copy-on-write).
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
@@ -489,8 +494,9 @@ class Pool {
                   "procpool::mpi::Pool runs only function pointers and capture-less lambdas: "
                   "they run on other machines (MPI ranks) and in workers forked before this "
                   "call, which cannot see what a capture refers to. Build the data once per "
-                  "node with Pool(options, init) and take it as the function's first "
-                  "parameter, State&, or pass it as an extra argument of the call.");
+                  "worker with Pool(options, init) and take it as the function's first "
+                  "parameter, State&, build it once per node before the Session, or pass it "
+                  "as an extra argument of the call.");
   }
 
   template <class F, class Item, class... Extra>

@@ -183,6 +183,10 @@ void save_error(Writer& out, const std::exception_ptr& error) {
     out.put(static_cast<std::int32_t>(e.pid()));
     out.put(static_cast<std::int32_t>(e.signal()));
     out.put(static_cast<std::int32_t>(e.exit_status()));
+    // How the node told its death (the OOM killer's, with the memory limit
+    // and peak it saw): the root's error says the same.
+    out.put(static_cast<std::uint8_t>(e.out_of_memory()));
+    put_string(out, e.observed());
   } catch (const TaskTimeout& e) {
     out.put(ErrorKind::timeout);
     out.put(static_cast<std::int64_t>(e.limit().count()));
@@ -220,6 +224,16 @@ std::exception_ptr load_error(Reader& in, std::size_t index, int rank, const std
       const auto pid = in.get<std::int32_t>();
       const auto signal = in.get<std::int32_t>();
       const auto status = in.get<std::int32_t>();
+      const bool out_of_memory = in.get<std::uint8_t>() != 0;
+      const std::string observed = get_string(in);
+      if (out_of_memory) {
+        return std::make_exception_ptr(OnNode<WorkerCrashed>(
+            rank, host, WorkerCrashed::out_of_memory(index, static_cast<pid_t>(pid), observed)));
+      }
+      if (!observed.empty()) {
+        return std::make_exception_ptr(OnNode<WorkerCrashed>(
+            rank, host, index, static_cast<pid_t>(pid), signal, status, observed));
+      }
       return std::make_exception_ptr(
           OnNode<WorkerCrashed>(rank, host, index, static_cast<pid_t>(pid), signal, status));
     }

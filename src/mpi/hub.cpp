@@ -766,10 +766,27 @@ void CallState::wait_until_inputs_sent() noexcept {
   if (lent) hub_.wait_until_sent(id_);
 }
 
+void CallState::finish_progress_quietly() noexcept {
+  std::unique_ptr<procpool::detail::ProgressReporter> reporter;
+  bool done = false;
+  {
+    std::lock_guard lock(hub_.mutex);
+    reporter = std::move(progress_);
+    done = finished_locked();
+  }
+  if (!reporter) return;
+  try {
+    reporter->finish(done ? "done" : "stopped");
+  } catch (...) {
+    // A callback that throws as a call its caller left ends: there is no one
+    // to tell, and a destructor cannot throw.
+  }
+}
+
 CallState::~CallState() {
+  finish_progress_quietly();  // first, without the lock: the callback may use the pool
   std::lock_guard lock(hub_.mutex);
   hub_.calls.erase(id_);
-  if (progress_) progress_->finish(finished_locked() ? "done" : "stopped");
   if (hub_.stopped || submitted_) return;  // a submitted call ends on the node by itself
   for (std::size_t n = 0; n < opened_.size(); ++n) {
     if (!opened_[n]) continue;
@@ -817,17 +834,35 @@ bool CallState::pop_locked(OutcomeRun& out, std::size_t most) {
   return true;
 }
 
+void CallState::tell_progress(std::unique_lock<std::mutex>& lock, bool finished) {
+  // On the caller's thread and without the lock, as procpool::Pool does: the
+  // callback may throw (the call then stops, and the caller gets it) or use
+  // the pool. The replies only count the tasks done (the pump's thread).
+  if (!progress_) return;
+  const std::size_t done = std::exchange(progress_due_, 0);
+  if (done == 0 && !finished) return;
+  auto reporter = std::move(progress_);  // (a throw leaves it gone: never called again)
+  lock.unlock();
+  try {
+    if (done != 0) reporter->advance(done);
+    if (finished) reporter->finish("done");
+  } catch (...) {
+    lock.lock();
+    throw;
+  }
+  lock.lock();
+  if (!finished) progress_ = std::move(reporter);
+}
+
 bool CallState::next_run(OutcomeRun& out, std::size_t most) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
     top_up(lock);
+    tell_progress(lock, false);
     if (pop_locked(out, most)) return true;
     if (finished_locked() && ready_.empty()) {
       out = OutcomeRun{};
-      if (progress_) {
-        progress_->finish("done");
-        progress_.reset();
-      }
+      tell_progress(lock, true);
       return false;
     }
     if (hub_.stopped) throw Error("procpool::mpi::Pool: the Session ended during a call");
@@ -839,6 +874,7 @@ bool CallState::wait_until(Clock::time_point deadline) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
     top_up(lock);
+    tell_progress(lock, false);
     if (front_ready_locked() || finished_locked()) return true;
     const auto now = Clock::now();
     if (now >= deadline) return false;
@@ -1202,7 +1238,7 @@ void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader
   }
   --chunks_out_;
   ++replies_;
-  if (progress_) progress_->advance(chunk.count - again);
+  progress_due_ += chunk.count - again;
   send_retries_locked();
   // A reply of errors alone (its node could not run the call, or every task
   // threw at once) says nothing about how long the tasks take.
@@ -1292,7 +1328,7 @@ void CallState::write_lost_again(std::unique_lock<std::mutex>& lock) {
                      0,
                      0,
                      {RawOutcome{r.index, nullptr, 0, failed[i], hub_.nodes[r.avoid].rank}}};
-      if (progress_) progress_->advance(1);
+      ++progress_due_;
       continue;
     }
     r.inputs = inputs;
@@ -1334,7 +1370,7 @@ void CallState::fail_next_input(std::unique_lock<std::mutex>& lock) {
   one.count = 1;
   one.each.push_back(RawOutcome{taken_, nullptr, 0, failed, 0});
   if (abandoned_) report_unobserved(pool_, failed);
-  if (progress_) progress_->advance(1);
+  ++progress_due_;
   ++taken_;
 }
 
@@ -1354,7 +1390,7 @@ void CallState::send_retries_locked() {
                      0,
                      {RawOutcome{r.index, nullptr, 0, r.error, hub_.nodes[r.avoid].rank}}};
       if (abandoned_) report_unobserved(pool_, r.error);
-      if (progress_) progress_->advance(1);
+      ++progress_due_;
       retries_.pop_front();
       continue;
     }

@@ -311,6 +311,11 @@ class CallState : public std::enable_shared_from_this<CallState> {
   void send_new_chunks(std::unique_lock<std::mutex>& lock);
   /// A chunk's inputs are encoded: join() need no longer wait for that.
   void done_encoding_locked();
+  /// Tells the progress reporter the tasks done since, and that the call is
+  /// over if `finished`.
+  void tell_progress(std::unique_lock<std::mutex>& lock, bool finished);
+  /// The progress line's last word as the call's handle goes.
+  void finish_progress_quietly() noexcept;
   /// Takes the next input from the range and fails it: no node with workers
   /// is left to the pool (they were given up on, see Hub::give_up_on_locked).
   void fail_next_input(std::unique_lock<std::mutex>& lock);
@@ -364,6 +369,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   };
   std::map<std::size_t, ReadyChunk> ready_;  // by the chunk's first input index
   std::unique_ptr<procpool::detail::ProgressReporter> progress_;
+  std::size_t progress_due_ = 0;  // tasks done, not yet told to progress_
 };
 
 }  // namespace procpool::mpi::detail

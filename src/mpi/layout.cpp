@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <map>
 #include <numeric>
+#include <string>
 
 namespace procpool::mpi::detail {
 namespace {
@@ -92,6 +93,41 @@ std::vector<RankShare> share_nodes(const std::vector<RankPlace>& ranks) {
     }
   }
   return shares;
+}
+
+std::vector<std::string> narrow_binding_warnings(const std::vector<RankPlace>& ranks) {
+  std::vector<std::string> lines;
+  for (const auto& [node, members] : ranks_by_node(ranks)) {
+    bool bound = false;
+    unsigned node_cpus = 0;  // the fewest any of its ranks could use unbound
+    std::vector<std::uint64_t> all;
+    for (std::size_t r : members) {
+      const RankPlace& p = ranks[r];
+      if (p.affinity.empty() || p.cpus_unbound == 0) {
+        bound = false;  // unknown: say nothing
+        break;
+      }
+      bound = bound || p.bound_by_mpirun;
+      node_cpus = node_cpus == 0 ? p.cpus_unbound : std::min(node_cpus, p.cpus_unbound);
+      all.resize(std::max(all.size(), p.affinity.size()), 0);
+      for (std::size_t i = 0; i < p.affinity.size(); ++i)
+        all[i] |= p.affinity[i];
+    }
+    if (!bound) continue;
+    unsigned used = 0;
+    for (std::uint64_t word : all)
+      used += static_cast<unsigned>(std::popcount(word));
+    if (used >= node_cpus) continue;
+    lines.push_back("procpool::mpi: mpirun bound the " + std::to_string(members.size()) +
+                    " rank(s) on node " + node + " to " + std::to_string(used) + " of its " +
+                    std::to_string(node_cpus) +
+                    " CPUs (its default: a core per rank for two ranks or fewer, else a "
+                    "socket), so the pool runs at most " +
+                    std::to_string(used) +
+                    " worker(s) there; launch with `mpirun --bind-to none` (one rank per node: "
+                    "`--map-by ppr:1:node --bind-to none`) to use them all");
+  }
+  return lines;
 }
 
 unsigned split_workers(unsigned per_node, const RankShare& share) {

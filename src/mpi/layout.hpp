@@ -16,6 +16,10 @@ struct RankPlace {
   std::string node;  // SLURMD_NODENAME where Slurm launched it, else the host name
   unsigned usable_cpus = 1;
   std::vector<std::uint64_t> affinity;  // bit i of word i/64: CPU i; empty: unknown
+  /// What usable_cpus would be without the affinity (cgroups, Slurm, the
+  /// CPUs online); 0: unknown.
+  unsigned cpus_unbound = 0;
+  bool bound_by_mpirun = false;  // mpirun bound it at launch (its default binding)
 };
 
 /// One rank's part of its node.
@@ -33,6 +37,12 @@ std::vector<RankShare> share_nodes(const std::vector<RankPlace>& ranks);
 
 /// A rank's part of `per_node` workers shared out among its node's ranks.
 unsigned split_workers(unsigned per_node, const RankShare& share);
+
+/// One line per node where mpirun's binding leaves CPUs unused: its ranks
+/// together may run on fewer CPUs than the node gives them (Open MPI binds
+/// each rank to a core by default for two ranks or fewer, else to a socket),
+/// so the pool forks fewer workers there than it could. Says what to do.
+std::vector<std::string> narrow_binding_warnings(const std::vector<RankPlace>& ranks);
 
 /// How many distinct nodes the ranks are on.
 std::size_t count_nodes(const std::vector<RankPlace>& ranks);

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <initializer_list>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -254,6 +255,16 @@ std::string get_text(const char* field) {
   return std::string(field, strnlen(field, host_length));
 }
 
+/// The CPUs this process could use were it not for its affinity mask.
+unsigned cpus_without_affinity(const CpuReport& r) {
+  unsigned n = r.online;
+  for (const std::optional<unsigned>& limit :
+       {r.cgroup_quota, r.cgroup_cpuset, r.slurm, r.override_cpus}) {
+    if (limit) n = std::min(n, *limit);
+  }
+  return n;
+}
+
 /// Every rank's place, on every rank (an allgather of fixed-size records).
 std::vector<RankPlace> gather_places(const std::string& host) {
   constexpr int affinity_words = CPU_SETSIZE / 64;
@@ -261,12 +272,18 @@ std::vector<RankPlace> gather_places(const std::string& host) {
     char host[host_length];
     char node[host_length];
     std::uint64_t usable_cpus;
+    std::uint64_t cpus_unbound;
+    std::uint64_t bound_by_mpirun;
     std::uint64_t affinity[affinity_words];
   };
   Record mine{};
   put_text(mine.host, host);
   put_text(mine.node, this_node_name());
-  mine.usable_cpus = usable_cpu_count();
+  const CpuReport cpus = cpu_report();
+  mine.usable_cpus = cpus.usable;
+  mine.cpus_unbound = cpus_without_affinity(cpus);
+  const char* bound = std::getenv("OMPI_MCA_orte_bound_at_launch");
+  mine.bound_by_mpirun = bound != nullptr && std::string(bound) == "1";
   const std::vector<std::uint64_t> affinity = this_affinity();
   std::copy(affinity.begin(), affinity.end(), mine.affinity);
   std::vector<Record> all(static_cast<std::size_t>(session_size));
@@ -278,6 +295,8 @@ std::vector<RankPlace> gather_places(const std::string& host) {
     p.host = get_text(r.host);
     p.node = get_text(r.node);
     p.usable_cpus = static_cast<unsigned>(r.usable_cpus);
+    p.cpus_unbound = static_cast<unsigned>(r.cpus_unbound);
+    p.bound_by_mpirun = r.bound_by_mpirun != 0;
     p.affinity.assign(std::begin(r.affinity), std::end(r.affinity));
     while (!p.affinity.empty() && p.affinity.back() == 0)
       p.affinity.pop_back();
@@ -338,6 +357,10 @@ Session::Session(int& argc, char**& argv) {
   // how many nodes the job has.
   std::vector<detail::RankPlace> places = detail::gather_places(host);
   detail::session_nodes = static_cast<int>(detail::count_nodes(places));
+  if (rank == 0) {
+    for (const std::string& line : detail::narrow_binding_warnings(places))
+      std::fprintf(stderr, "%s\n", line.c_str());
+  }
 
   if (rank != 0) {
     if (provided < MPI_THREAD_FUNNELED) {

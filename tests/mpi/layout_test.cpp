@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <bit>
 #include <numeric>
 
 namespace procpool::mpi::detail {
@@ -119,6 +121,53 @@ TEST(Layout, ThisProcessReportsItsPlace) {
   for (std::uint64_t w : mine)
     n += static_cast<unsigned>(__builtin_popcountll(w));
   EXPECT_GE(n, 1u);
+}
+
+/// A rank as mpirun places it: bound at launch or not, on a node that would
+/// give it `unbound` CPUs.
+RankPlace placed(const std::string& node, std::vector<std::uint64_t> affinity, unsigned unbound,
+                 bool bound) {
+  unsigned usable = 0;
+  for (std::uint64_t w : affinity)
+    usable += static_cast<unsigned>(std::popcount(w));
+  RankPlace p = rank_on(node, std::max(usable, 1u), std::move(affinity));
+  p.cpus_unbound = unbound;
+  p.bound_by_mpirun = bound;
+  return p;
+}
+
+TEST(NarrowBinding, MpirunsCorePerRankOnABigNodeIsSaidWithWhatToDo) {
+  // mpirun -n 2 on two 16-CPU nodes: each rank bound to one core.
+  const auto lines = narrow_binding_warnings(
+      {placed("n1", cpus(0, 1), 16, true), placed("n2", cpus(0, 1), 16, true)});
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_NE(lines[0].find("node n1 to 1 of its 16 CPUs"), std::string::npos) << lines[0];
+  EXPECT_NE(lines[0].find("--bind-to none"), std::string::npos) << lines[0];
+  EXPECT_NE(lines[1].find("node n2"), std::string::npos) << lines[1];
+}
+
+TEST(NarrowBinding, RanksThatTogetherCoverTheNodeAreFine) {
+  // mpirun -n 2 on one 2-CPU node: a core each, both cores used.
+  EXPECT_TRUE(narrow_binding_warnings(
+                  {placed("n1", cpus(0, 1), 2, true), placed("n1", cpus(1, 1), 2, true)})
+                  .empty());
+  // Two of four cores used: said, counting the node's ranks together.
+  const auto lines = narrow_binding_warnings(
+      {placed("n1", cpus(0, 1), 4, true), placed("n1", cpus(1, 1), 4, true)});
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_NE(lines[0].find("2 rank(s) on node n1 to 2 of its 4 CPUs"), std::string::npos)
+      << lines[0];
+}
+
+TEST(NarrowBinding, ABindingThatMpirunDidNotMakeIsTheUsersChoice) {
+  // srun -c 4, taskset, or --bind-to none: nothing to say.
+  EXPECT_TRUE(narrow_binding_warnings({placed("n1", cpus(0, 4), 32, false)}).empty());
+  EXPECT_TRUE(narrow_binding_warnings({placed("n1", cpus(0, 16), 16, true)}).empty());
+  // The node's cgroup or Slurm share is what bounds it: the binding takes nothing.
+  EXPECT_TRUE(narrow_binding_warnings({placed("n1", cpus(0, 2), 2, true)}).empty());
+  // Unknown affinity or CPU count: nothing said rather than a wrong line.
+  EXPECT_TRUE(narrow_binding_warnings({placed("n1", {}, 16, true)}).empty());
+  EXPECT_TRUE(narrow_binding_warnings({placed("n1", cpus(0, 1), 0, true)}).empty());
 }
 
 }  // namespace

@@ -439,6 +439,43 @@ int main(int argc, char** argv) {
     (void)&hostname_hash;
   }
   {
+    // A progress callback runs on the caller's thread, without the pool's
+    // lock (it may use the pool), and ends with a final call that counts
+    // every task of every node.
+    const auto caller = std::this_thread::get_id();
+    bool on_caller = true;
+    procpool::ProgressInfo last;
+    int calls = 0;
+    procpool::mpi::Pool* self = nullptr;
+    procpool::mpi::Pool pool(
+        {.processes = 2, .chunksize = 7, .progress = [&](const procpool::ProgressInfo& p) {
+           on_caller = on_caller && std::this_thread::get_id() == caller;
+           MPI_CHECK(self->processes() > 0);
+           last = p;
+           ++calls;
+         }});
+    self = &pool;
+    MPI_CHECK(pool.map(&square, inputs) == local.map(&square, inputs));
+    MPI_CHECK(on_caller && calls > 0);
+    MPI_CHECK(last.finished && last.done == inputs.size() && last.total == inputs.size());
+    // One that throws stops its call only: the caller gets the exception,
+    // the callback is not called again, and the pool goes on (as
+    // procpool::Pool's, tests/integrity_test.cpp).
+    int throwing_calls = 0;
+    procpool::mpi::Pool stopped(
+        {.processes = 1, .chunksize = 1, .progress = [&](const procpool::ProgressInfo&) {
+           if (++throwing_calls == 1) throw std::runtime_error("progress callback failed");
+         }});
+    try {
+      (void)stopped.map(&slow_square, std::vector<int>(200, 3));
+      MPI_CHECK_MSG(false, "no exception from the progress callback");
+    } catch (const std::runtime_error& e) {
+      MPI_CHECK_MSG(std::string(e.what()) == "progress callback failed", e.what());
+    }
+    MPI_CHECK(throwing_calls == 1);
+    MPI_CHECK(stopped.map(&slow_square, std::vector<int>(20, 4)) == std::vector<long>(20, 16));
+  }
+  {
     // initializer state, built once per worker on every node
     procpool::mpi::Pool pool({.processes = 2}, &make_table);
     procpool::Pool reference({.processes = 2}, &make_table);

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs an MPI test program under a real mpirun on this host, bounded in time.
-#   run_mpi.sh [--ranks N] [--within S] [--expect-fail REGEX] [--expect REGEX] PROGRAM [ARGS...]
+#   run_mpi.sh [--ranks N] [--within S] [--expect-fail REGEX] [--expect REGEX]
+#              [--bind-to WHAT] PROGRAM [ARGS...]
 # --interrupt-after S sends SIGINT (Ctrl-C) to the launcher after S seconds.
 # --ranks 0 runs PROGRAM without mpirun (a plain ./app). Without --expect-fail
 # the job must exit 0; with it, the job must exit non-zero within S seconds and
 # its output must match REGEX. Either way no process of PROGRAM may be left
-# behind a few seconds after the job ends.
+# behind a few seconds after the job ends. --bind-to: mpirun's binding
+# (default none, see below; `default` leaves mpirun's own).
 set -uo pipefail
-ranks=3 within=60 expect_fail="" expect="" interrupt=""
+ranks=3 within=60 expect_fail="" expect="" interrupt="" bind_to=none
 while [ $# -gt 0 ]; do
   case $1 in
     --ranks) ranks=$2; shift 2 ;;
@@ -15,6 +17,7 @@ while [ $# -gt 0 ]; do
     --expect-fail) expect_fail=$2; shift 2 ;;
     --expect) expect=$2; shift 2 ;;
     --interrupt-after) interrupt=$2; shift 2 ;;
+    --bind-to) bind_to=$2; shift 2 ;;
     *) break ;;
   esac
 done
@@ -30,7 +33,9 @@ start=$(date +%s%N)
 if [ "$ranks" = 0 ]; then
   timeout -k 5 "$within" "$prog" "$@" >"$out" 2>&1 &
 else
-  timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe --bind-to none "$prog" "$@" >"$out" 2>&1 &
+  binding=(--bind-to "$bind_to")
+  [ "$bind_to" = default ] && binding=()
+  timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe "${binding[@]}" "$prog" "$@" >"$out" 2>&1 &
 fi
 job=$!
 if [ -n "$interrupt" ]; then

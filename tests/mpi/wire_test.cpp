@@ -1,12 +1,17 @@
-// Bundles (src/mpi/wire.hpp): many small messages to one rank as one, without MPI.
+// Bundles (src/mpi/wire.hpp): many small messages to one rank as one, without
+// MPI; and the error records a node writes for the root (codec.hpp).
 #include <gtest/gtest.h>
 
+#include <csignal>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "../../src/mpi/codec.hpp"
 #include "../../src/mpi/wire.hpp"
 #include "procpool/errors.hpp"
+#include "procpool/mpi.hpp"
 
 namespace procpool::mpi::detail {
 namespace {
@@ -110,6 +115,64 @@ TEST(MpiBundle, ACorruptBundleIsAProtocolError) {
   w.put(static_cast<std::uint64_t>(inner.size()));
   w.write(inner.data(), inner.size());
   EXPECT_THROW(unbundle(message_body(nested, type)), ProtocolError);
+}
+
+/// `error` written by a node (save_error) and rebuilt by the root for global
+/// input `index` on rank 2 of host "n2".
+template <class E>
+const E& across_ranks(const E& error, std::size_t index, std::exception_ptr& kept) {
+  Buffer record;
+  Writer out(record);
+  save_error(out, std::make_exception_ptr(error));
+  Reader in(record);
+  kept = load_error(in, index, 2, "n2");
+  EXPECT_EQ(in.remaining(), 0u);
+  try {
+    std::rethrow_exception(kept);
+  } catch (const E& e) {
+    EXPECT_NE(dynamic_cast<const ErrorLocation*>(&e), nullptr);
+    return e;
+  } catch (...) {
+  }
+  ADD_FAILURE() << "not rebuilt as the same type";
+  throw std::runtime_error("not rebuilt as the same type");
+}
+
+TEST(MpiErrorRecord, AnOutOfMemoryDeathReachesTheRootWithTheLimitAndTheAdvice) {
+  std::exception_ptr kept;
+  const auto& e = across_ranks(
+      WorkerCrashed::out_of_memory(5, 1234, "the OOM killer killed it: memory limit 0.25 GiB"),
+      4005, kept);
+  EXPECT_TRUE(e.out_of_memory());
+  EXPECT_EQ(e.index(), 4005u);  // the global index, not the node's
+  EXPECT_EQ(e.pid(), 1234);
+  EXPECT_EQ(e.signal(), SIGKILL);
+  EXPECT_EQ(e.observed(), "the OOM killer killed it: memory limit 0.25 GiB");
+  const std::string what = e.what();
+  EXPECT_NE(what.find("running task 4005"), std::string::npos) << what;
+  EXPECT_NE(what.find("memory limit 0.25 GiB. Use fewer processes"), std::string::npos) << what;
+  EXPECT_NE(what.find("(on node n2, rank 2)"), std::string::npos) << what;
+  EXPECT_EQ(what.find("under a debugger"), std::string::npos) << what;
+}
+
+TEST(MpiErrorRecord, ADeathAroundATaskKeepsWhatWasSeen) {
+  std::exception_ptr kept;
+  const auto& e = across_ranks(
+      WorkerCrashed(7, 99, SIGKILL, 0, "its worker died 3 times as it waited"), 70, kept);
+  EXPECT_FALSE(e.out_of_memory());
+  EXPECT_EQ(e.observed(), "its worker died 3 times as it waited");
+  EXPECT_NE(std::string(e.what()).find("task 70 failed: its worker died 3 times"),
+            std::string::npos)
+      << e.what();
+}
+
+TEST(MpiErrorRecord, APlainCrashStaysPlain) {
+  std::exception_ptr kept;
+  const auto& e = across_ranks(WorkerCrashed(1, 42, SIGSEGV, 0), 11, kept);
+  EXPECT_FALSE(e.out_of_memory());
+  EXPECT_TRUE(e.observed().empty());
+  EXPECT_EQ(e.signal(), SIGSEGV);
+  EXPECT_NE(std::string(e.what()).find("running task 11"), std::string::npos) << e.what();
 }
 
 }  // namespace
