@@ -375,7 +375,8 @@ class Pool {
   /// its state, as procpool::Pool's do: in the worker, so that an initializer
   /// that crashes (a library a node lacks) costs that node's workers, never
   /// its rank and so the MPI job. Big read-only data that every worker of a
-  /// node should share: build it before the Session (inherited copy-on-write).
+  /// rank should share: build it before the Session (inherited copy-on-write;
+  /// once per node with one rank per node).
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
@@ -495,7 +496,7 @@ class Pool {
                   "they run on other machines (MPI ranks) and in workers forked before this "
                   "call, which cannot see what a capture refers to. Build the data once per "
                   "worker with Pool(options, init) and take it as the function's first "
-                  "parameter, State&, build it once per node before the Session, or pass it "
+                  "parameter, State&, build it once per rank before the Session, or pass it "
                   "as an extra argument of the call.");
   }
 

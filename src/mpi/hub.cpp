@@ -716,6 +716,15 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
   if (hub_.stopped) {
     throw Error("procpool::mpi::Pool: the Session has ended; create pools while it lives");
   }
+  // Accepted here, or not at all: a close() since the caller's check_open()
+  // (its setup, the caller's code, may take long) refuses it; join() waits
+  // for a submitted task from here on, until its chunk is out (start()).
+  if (pool_->closed)
+    throw PoolClosed("procpool::mpi::Pool: the pool was closed; no more work is accepted");
+  if (submitted_) {
+    ++pool_->encoding_chunks;
+    holds_submit_ = true;
+  }
   // A call of the same code and arguments as an earlier one starts from what
   // that one measured, instead of from one measuring chunk per node.
   // It weighs as one task per worker, so this call's own first replies
@@ -741,7 +750,20 @@ void CallState::start() {
   // A submitted task runs whether or not anyone waits for it. (Not in the
   // constructor: its chunk may hold the call, see ChunkRecord::owner.)
   std::unique_lock lock(hub_.mutex);
-  if (submitted_) top_up(lock);
+  if (!submitted_) return;
+  try {
+    top_up(lock);
+  } catch (...) {
+    release_submit_locked();
+    throw;
+  }
+  release_submit_locked();
+}
+
+void CallState::release_submit_locked() {
+  if (!std::exchange(holds_submit_, false)) return;
+  --pool_->encoding_chunks;
+  hub_.changed.notify_all();  // join() may be waiting for it
 }
 
 void CallState::abandon() {
@@ -768,25 +790,35 @@ void CallState::wait_until_inputs_sent() noexcept {
 
 void CallState::finish_progress_quietly() noexcept {
   std::unique_ptr<procpool::detail::ProgressReporter> reporter;
+  std::size_t due = 0;
   bool done = false;
   {
     std::lock_guard lock(hub_.mutex);
     reporter = std::move(progress_);
+    due = std::exchange(progress_due_, 0);
     done = finished_locked();
   }
   if (!reporter) return;
   try {
+    if (due != 0) reporter->advance(due);
     reporter->finish(done ? "done" : "stopped");
   } catch (...) {
-    // A callback that throws as a call its caller left ends: there is no one
-    // to tell, and a destructor cannot throw.
+    // A callback that throws as its call's handle goes: there is no one to
+    // tell, and a destructor cannot throw.
   }
 }
 
 CallState::~CallState() {
-  finish_progress_quietly();  // first, without the lock: the callback may use the pool
+  {
+    std::lock_guard lock(hub_.mutex);
+    hub_.calls.erase(id_);  // first: no reply reaches it from here on
+    release_submit_locked();
+  }
+  // Its handle did this on the caller's thread already; this one may be the
+  // pump's (a dropped Future's chunk held the call), which must not wait on
+  // a callback.
+  finish_progress_quietly();
   std::lock_guard lock(hub_.mutex);
-  hub_.calls.erase(id_);
   if (hub_.stopped || submitted_) return;  // a submitted call ends on the node by itself
   for (std::size_t n = 0; n < opened_.size(); ++n) {
     if (!opened_[n]) continue;
@@ -848,6 +880,7 @@ void CallState::tell_progress(std::unique_lock<std::mutex>& lock, bool finished)
     if (finished) reporter->finish("done");
   } catch (...) {
     lock.lock();
+    broken_ = std::current_exception();  // the call stops: its next step throws it again
     throw;
   }
   lock.lock();
@@ -1523,6 +1556,7 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
 }
 CallHandle::~CallHandle() {
   if (!state_) return;
+  state_->finish_progress_quietly();  // on the caller's thread, as its calls do
   state_->abandon();
   // The range goes with the handle's owner (StreamCall::view_) right after.
   state_->wait_until_inputs_sent();
@@ -1630,6 +1664,32 @@ void wait_said(PoolState& pool, std::unique_lock<std::mutex>& lock) {
   hub.changed.wait(lock, [&] { return !hub.reporting_locked(pool); });
 }
 
+/// Every node's insights into its own Pool, by node (empty for a node given
+/// up on): one request each, waited for.
+std::map<std::size_t, procpool::Insights> ask_nodes_locked(PoolState& pool,
+                                                           std::unique_lock<std::mutex>& lock) {
+  Hub& hub = *pool.hub;
+  const std::uint64_t request = ++hub.next_id;
+  for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+    if (!hub.nodes[n].lost.empty()) {
+      hub.insight_replies[request][n] = procpool::Insights{};  // it would not answer
+      continue;
+    }
+    ++hub.insight_requests;
+    ++hub.nodes[n].insights_due;
+    Buffer m = new_message(Msg::insights);
+    Writer w(m);
+    w.put(pool.id);
+    w.put(request);
+    hub.send(n, std::move(m));
+  }
+  hub.changed.wait(
+      lock, [&] { return hub.insight_replies[request].size() == hub.nodes.size() || hub.stopped; });
+  auto replies = std::move(hub.insight_replies[request]);
+  hub.insight_replies.erase(request);
+  return replies;
+}
+
 void end_pool_locked(PoolState& pool, Msg how) {
   if (pool.ended) return;
   pool.ended = true;
@@ -1687,6 +1747,9 @@ void pool_join(PoolState& pool) {
         "procpool::mpi::Pool::join: call close() or terminate() first, as work could still arrive");
   }
   wait_idle(pool, lock);
+  // The nodes' pools end with it: what insights() says of them after the
+  // end is what they say now.
+  if (!pool.ended && !pool.hub->stopped) pool.last_node_insights = ask_nodes_locked(pool, lock);
   end_pool_locked(pool, Msg::destroy_pool);
   wait_said(pool, lock);
 }
@@ -1722,25 +1785,9 @@ Insights pool_insights(PoolState& pool) {
   out.unobserved_error_messages = pool.unobserved_messages;
   std::map<std::size_t, procpool::Insights> replies;
   if (!pool.ended && !hub.stopped) {
-    const std::uint64_t request = ++hub.next_id;
-    for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
-      if (!hub.nodes[n].lost.empty()) {
-        hub.insight_replies[request][n] = procpool::Insights{};  // it would not answer
-        continue;
-      }
-      ++hub.insight_requests;
-      ++hub.nodes[n].insights_due;
-      Buffer m = new_message(Msg::insights);
-      Writer w(m);
-      w.put(pool.id);
-      w.put(request);
-      hub.send(n, std::move(m));
-    }
-    hub.changed.wait(lock, [&] {
-      return hub.insight_replies[request].size() == hub.nodes.size() || hub.stopped;
-    });
-    replies = std::move(hub.insight_replies[request]);
-    hub.insight_replies.erase(request);
+    replies = ask_nodes_locked(pool, lock);
+  } else if (pool.last_node_insights) {
+    replies = *pool.last_node_insights;  // as join() found them
   }
   out.processes = pool.total_processes();  // (less a node given up on while it waited)
   double compute = 0;

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -208,6 +209,9 @@ class PoolState {
   /// Chunks whose inputs a call is encoding (without the lock): accepted
   /// work, which join() waits for as for the chunks in flight.
   std::size_t encoding_chunks = 0;
+  /// The nodes' insights as join() found them, just before it ended their
+  /// pools: what insights() says of them afterwards.
+  std::optional<std::map<std::size_t, procpool::Insights>> last_node_insights;
   double encode_seconds = 0;
   std::uint64_t unobserved_errors = 0;
   std::vector<std::string> unobserved_messages;  // the first ten
@@ -257,6 +261,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   /// Its handle is gone (a dropped Future): failures are reported on stderr.
   void abandon();
+  /// The progress line's last word (on the caller's thread, as its handle
+  /// goes; without the lock: the callback may use the pool). Never throws.
+  void finish_progress_quietly() noexcept;
   /// Returns once no chunk is still being sent from its range's memory (the
   /// range may go after that).
   void wait_until_inputs_sent() noexcept;
@@ -314,8 +321,8 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// Tells the progress reporter the tasks done since, and that the call is
   /// over if `finished`.
   void tell_progress(std::unique_lock<std::mutex>& lock, bool finished);
-  /// The progress line's last word as the call's handle goes.
-  void finish_progress_quietly() noexcept;
+  /// Ends start()'s hold on PoolState::encoding_chunks, if it has one.
+  void release_submit_locked();
   /// Takes the next input from the range and fails it: no node with workers
   /// is left to the pool (they were given up on, see Hub::give_up_on_locked).
   void fail_next_input(std::unique_lock<std::mutex>& lock);
@@ -370,6 +377,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::map<std::size_t, ReadyChunk> ready_;  // by the chunk's first input index
   std::unique_ptr<procpool::detail::ProgressReporter> progress_;
   std::size_t progress_due_ = 0;  // tasks done, not yet told to progress_
+  /// A submitted call counts in PoolState::encoding_chunks from its
+  /// construction until start() has sent its chunk (or failed to).
+  bool holds_submit_ = false;
 };
 
 }  // namespace procpool::mpi::detail

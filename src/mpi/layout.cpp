@@ -119,13 +119,14 @@ std::vector<std::string> narrow_binding_warnings(const std::vector<RankPlace>& r
       used += static_cast<unsigned>(std::popcount(word));
     if (used >= node_cpus) continue;
     lines.push_back("procpool::mpi: mpirun bound the " + std::to_string(members.size()) +
-                    " rank(s) on node " + node + " to " + std::to_string(used) + " of its " +
+                    " rank(s) on node " + node + " to " + std::to_string(used) + " of the " +
                     std::to_string(node_cpus) +
-                    " CPUs (its default: a core per rank for two ranks or fewer, else a "
-                    "socket), so the pool runs at most " +
+                    " CPUs they could use (mpirun binds each rank to a core by default for two "
+                    "ranks or fewer, else to a socket): their workers share those " +
                     std::to_string(used) +
-                    " worker(s) there; launch with `mpirun --bind-to none` (one rank per node: "
-                    "`--map-by ppr:1:node --bind-to none`) to use them all");
+                    " (Options::processes = 0 forks that many); launch with `mpirun --bind-to "
+                    "none` (one rank per node: `--map-by ppr:1:node --bind-to none`) to use all " +
+                    std::to_string(node_cpus));
   }
   return lines;
 }

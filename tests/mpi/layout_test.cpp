@@ -141,7 +141,8 @@ TEST(NarrowBinding, MpirunsCorePerRankOnABigNodeIsSaidWithWhatToDo) {
   const auto lines = narrow_binding_warnings(
       {placed("n1", cpus(0, 1), 16, true), placed("n2", cpus(0, 1), 16, true)});
   ASSERT_EQ(lines.size(), 2u);
-  EXPECT_NE(lines[0].find("node n1 to 1 of its 16 CPUs"), std::string::npos) << lines[0];
+  EXPECT_NE(lines[0].find("node n1 to 1 of the 16 CPUs they could use"), std::string::npos)
+      << lines[0];
   EXPECT_NE(lines[0].find("--bind-to none"), std::string::npos) << lines[0];
   EXPECT_NE(lines[1].find("node n2"), std::string::npos) << lines[1];
 }
@@ -155,7 +156,7 @@ TEST(NarrowBinding, RanksThatTogetherCoverTheNodeAreFine) {
   const auto lines = narrow_binding_warnings(
       {placed("n1", cpus(0, 1), 4, true), placed("n1", cpus(1, 1), 4, true)});
   ASSERT_EQ(lines.size(), 1u);
-  EXPECT_NE(lines[0].find("2 rank(s) on node n1 to 2 of its 4 CPUs"), std::string::npos)
+  EXPECT_NE(lines[0].find("2 rank(s) on node n1 to 2 of the 4 CPUs"), std::string::npos)
       << lines[0];
 }
 

@@ -458,6 +458,17 @@ int main(int argc, char** argv) {
     MPI_CHECK(pool.map(&square, inputs) == local.map(&square, inputs));
     MPI_CHECK(on_caller && calls > 0);
     MPI_CHECK(last.finished && last.done == inputs.size() && last.total == inputs.size());
+    // After join() the insights still have every node's workers, as they
+    // were when the nodes' pools ended.
+    pool.close();
+    pool.join();
+    const procpool::mpi::Insights after = pool.insights();
+    std::uint64_t worker_tasks = 0;
+    for (const auto& n : after.per_node) {
+      for (const auto& w : n.pool.workers)
+        worker_tasks += w.tasks;
+    }
+    MPI_CHECK_MSG(worker_tasks == inputs.size(), after.to_string());
     // One that throws stops its call only: the caller gets the exception,
     // the callback is not called again, and the pool goes on (as
     // procpool::Pool's, tests/integrity_test.cpp).

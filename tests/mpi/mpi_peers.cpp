@@ -53,6 +53,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -269,12 +270,14 @@ Picky make_picky(int how) {
 /// inputs: it does so without the hub's lock, and what ending the pool
 /// meanwhile does is what fixed_bugs E and F are about. (The string keeps
 /// it off the fast path of trivially copyable types, which skips save().)
+std::atomic<int> saves_begun{0};
 struct SlowToSave {
   int value = 0;
   int save_ms = 0;
   std::string note;
   template <class Archive>
   void save(Archive& ar) const {
+    ++saves_begun;
     std::this_thread::sleep_for(milliseconds(save_ms));
     ar(value, save_ms, note);
   }
@@ -285,6 +288,12 @@ struct SlowToSave {
 };
 int value_of(const SlowToSave& s) {
   return s.value;
+}
+/// Waits until a SlowToSave has begun to be saved since `before` were.
+void until_a_save_begins(int before) {
+  const auto give_up = Clock::now() + seconds(20);
+  while (saves_begun.load() == before && Clock::now() < give_up)
+    std::this_thread::sleep_for(milliseconds(1));
 }
 
 /// Nested standard types and a cereal struct holding them.
@@ -1351,6 +1360,7 @@ std::vector<Case> fixed_bugs_cases() {
                        procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
                        std::optional<procpool::mpi::Future<int>> f;
                        std::exception_ptr refused;
+                       const int before = saves_begun.load();
                        std::thread submitter([&] {
                          try {
                            f.emplace(pool.submit(&value_of, SlowToSave{round, 300, {}}));
@@ -1358,7 +1368,7 @@ std::vector<Case> fixed_bugs_cases() {
                            refused = std::current_exception();
                          }
                        });
-                       std::this_thread::sleep_for(milliseconds(50));  // it is in save() by now
+                       until_a_save_begins(before);  // the call was accepted; it is in save() now
                        const auto start = Clock::now();
                        pool.terminate();
                        submitter.join();
@@ -1380,6 +1390,7 @@ std::vector<Case> fixed_bugs_cases() {
                        procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
                        std::optional<procpool::mpi::Future<int>> f;
                        std::exception_ptr refused;
+                       const int before = saves_begun.load();
                        std::thread submitter([&] {
                          try {
                            f.emplace(pool.submit(&value_of, SlowToSave{100 + round, 300, {}}));
@@ -1387,7 +1398,7 @@ std::vector<Case> fixed_bugs_cases() {
                            refused = std::current_exception();
                          }
                        });
-                       std::this_thread::sleep_for(milliseconds(50));  // it is in save() by now
+                       until_a_save_begins(before);  // the call was accepted; it is in save() now
                        pool.close();
                        pool.join();  // the submit began before close(): accepted, so it runs
                        submitter.join();

@@ -35,7 +35,8 @@ if [ "$ranks" = 0 ]; then
 else
   binding=(--bind-to "$bind_to")
   [ "$bind_to" = default ] && binding=()
-  timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe "${binding[@]}" "$prog" "$@" >"$out" 2>&1 &
+  timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe ${binding[@]+"${binding[@]}"} \
+    "$prog" "$@" >"$out" 2>&1 &
 fi
 job=$!
 if [ -n "$interrupt" ]; then
