@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs an MPI test program under a real mpirun on this host, bounded in time.
 #   run_mpi.sh [--ranks N] [--within S] [--expect-fail REGEX] [--expect REGEX]
-#              [--bind-to WHAT] PROGRAM [ARGS...]
+#              [--bind-to WHAT] [--mpmd PROGRAM2] PROGRAM [ARGS...]
 # --interrupt-after S sends SIGINT (Ctrl-C) to the launcher after S seconds.
 # --ranks 0 runs PROGRAM without mpirun (a plain ./app). Without --expect-fail
 # the job must exit 0; with it, the job must exit non-zero within S seconds and
 # its output must match REGEX. Either way no process of PROGRAM may be left
 # behind a few seconds after the job ends. --bind-to: mpirun's binding
-# (default none, see below; `default` leaves mpirun's own).
+# (default none, see below; `default` leaves mpirun's own). --mpmd: one more
+# rank, running PROGRAM2 (`mpirun -n N PROGRAM : -n 1 PROGRAM2`).
 set -uo pipefail
-ranks=3 within=60 expect_fail="" expect="" interrupt="" bind_to=none
+ranks=3 within=60 expect_fail="" expect="" interrupt="" bind_to=none mpmd=()
 while [ $# -gt 0 ]; do
   case $1 in
     --ranks) ranks=$2; shift 2 ;;
@@ -18,6 +19,7 @@ while [ $# -gt 0 ]; do
     --expect) expect=$2; shift 2 ;;
     --interrupt-after) interrupt=$2; shift 2 ;;
     --bind-to) bind_to=$2; shift 2 ;;
+    --mpmd) mpmd=(: -n 1 "$2"); shift 2 ;;
     *) break ;;
   esac
 done
@@ -36,7 +38,7 @@ else
   binding=(--bind-to "$bind_to")
   [ "$bind_to" = default ] && binding=()
   timeout -k 5 "$within" mpirun -n "$ranks" --oversubscribe ${binding[@]+"${binding[@]}"} \
-    "$prog" "$@" >"$out" 2>&1 &
+    "$prog" "$@" ${mpmd[@]+"${mpmd[@]}"} >"$out" 2>&1 &
 fi
 job=$!
 if [ -n "$interrupt" ]; then
