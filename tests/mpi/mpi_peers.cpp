@@ -700,6 +700,14 @@ std::vector<Case> recycling_cases() {
          for (int i = 0; i < 300; ++i)
            PEER_CHECK(got[static_cast<std::size_t>(i)] == 3 * i);
          PEER_CHECK(pool.submit(&use_model, 7).get() == 21);
+         // Each node's Pool applied it: a worker that ran tasks was recycled
+         // at least once per 3 of them.
+         const procpool::mpi::Insights in = pool.insights();
+         for (const auto& node : in.per_node) {
+           for (const auto& w : node.pool.workers) {
+             PEER_CHECK_MSG(w.tasks <= 3 || w.recycles >= (w.tasks - 1) / 3, in.to_string());
+           }
+         }
        }});
   return cases;
 }
