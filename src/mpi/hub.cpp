@@ -763,7 +763,7 @@ void CallState::start() {
 void CallState::release_submit_locked() {
   if (!std::exchange(holds_submit_, false)) return;
   --pool_->encoding_chunks;
-  hub_.changed.notify_all();  // join() may be waiting for it
+  if (pool_->closed) hub_.changed.notify_all();  // join() may be waiting for it
 }
 
 void CallState::abandon() {
@@ -1178,7 +1178,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
 
 void CallState::done_encoding_locked() {
   --pool_->encoding_chunks;
-  hub_.changed.notify_all();  // join() may be waiting for it
+  if (pool_->closed) hub_.changed.notify_all();  // join() may be waiting for it
 }
 
 void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader& records,
