@@ -289,12 +289,35 @@ struct SlowToSave {
 int value_of(const SlowToSave& s) {
   return s.value;
 }
-/// Waits until a SlowToSave has begun to be saved since `before` were.
-void until_a_save_begins(int before) {
-  const auto give_up = Clock::now() + seconds(20);
-  while (saves_begun.load() == before && Clock::now() < give_up)
-    std::this_thread::sleep_for(milliseconds(1));
-}
+
+/// `pool.submit(&value_of, SlowToSave{value, 300})` on a thread of its own,
+/// returned once the root is in its save(): the call was accepted and its
+/// input is being encoded (without the hub's lock).
+struct SlowSubmit {
+  std::optional<procpool::Future<int>> future;
+  std::exception_ptr refused;  // submit() itself threw this
+  std::thread thread;
+
+  SlowSubmit(procpool::mpi::Pool& pool, int value) {
+    const int before = saves_begun.load();
+    thread = std::thread([this, &pool, value] {
+      try {
+        future.emplace(pool.submit(&value_of, SlowToSave{value, 300, {}}));
+      } catch (...) {
+        refused = std::current_exception();
+      }
+    });
+    const auto give_up = Clock::now() + seconds(20);
+    while (saves_begun.load() == before && Clock::now() < give_up)
+      std::this_thread::sleep_for(milliseconds(1));
+  }
+  SlowSubmit(const SlowSubmit&) = delete;
+  SlowSubmit& operator=(const SlowSubmit&) = delete;
+  ~SlowSubmit() { join(); }
+  void join() {
+    if (thread.joinable()) thread.join();
+  }
+};
 
 /// Nested standard types and a cereal struct holding them.
 struct Record {
@@ -1366,24 +1389,14 @@ std::vector<Case> fixed_bugs_cases() {
                      // PoolClosed before the node's answer comes back.)
                      for (int round = 0; round < 3; ++round) {
                        procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
-                       std::optional<procpool::mpi::Future<int>> f;
-                       std::exception_ptr refused;
-                       const int before = saves_begun.load();
-                       std::thread submitter([&] {
-                         try {
-                           f.emplace(pool.submit(&value_of, SlowToSave{round, 300, {}}));
-                         } catch (...) {
-                           refused = std::current_exception();
-                         }
-                       });
-                       until_a_save_begins(before);  // the call was accepted; it is in save() now
+                       SlowSubmit submit(pool, round);
                        const auto start = Clock::now();
                        pool.terminate();
-                       submitter.join();
+                       submit.join();
                        try {
-                         if (refused) std::rethrow_exception(refused);
-                         PEER_CHECK(f.has_value());
-                         (void)f->get();
+                         if (submit.refused) std::rethrow_exception(submit.refused);
+                         PEER_CHECK(submit.future.has_value());
+                         (void)submit.future->get();
                          PEER_CHECK_MSG(false, "the task ran after terminate()");
                        } catch (const procpool::PoolClosed&) {
                        } catch (const std::exception& e) {
@@ -1396,23 +1409,13 @@ std::vector<Case> fixed_bugs_cases() {
                    "(ExecutorShutdownTestMixin.test_hang_issue12364: accepted work runs)", [] {
                      for (int round = 0; round < 3; ++round) {
                        procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
-                       std::optional<procpool::mpi::Future<int>> f;
-                       std::exception_ptr refused;
-                       const int before = saves_begun.load();
-                       std::thread submitter([&] {
-                         try {
-                           f.emplace(pool.submit(&value_of, SlowToSave{100 + round, 300, {}}));
-                         } catch (...) {
-                           refused = std::current_exception();
-                         }
-                       });
-                       until_a_save_begins(before);  // the call was accepted; it is in save() now
+                       SlowSubmit submit(pool, 100 + round);
                        pool.close();
-                       pool.join();  // the submit began before close(): accepted, so it runs
-                       submitter.join();
-                       PEER_CHECK(refused == nullptr && f.has_value());
+                       pool.join();  // the submit was accepted before close(): it runs
+                       submit.join();
+                       PEER_CHECK(submit.refused == nullptr && submit.future.has_value());
                        try {
-                         PEER_CHECK(f->get() == 100 + round);
+                         PEER_CHECK(submit.future->get() == 100 + round);
                        } catch (const std::exception& e) {
                          PEER_CHECK_MSG(false,
                                         std::string("the accepted task failed: ") + e.what());
