@@ -721,10 +721,6 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
   // for a submitted task from here on, until its chunk is out (start()).
   if (pool_->closed)
     throw PoolClosed("procpool::mpi::Pool: the pool was closed; no more work is accepted");
-  if (submitted_) {
-    ++pool_->encoding_chunks;
-    holds_submit_ = true;
-  }
   // A call of the same code and arguments as an earlier one starts from what
   // that one measured, instead of from one measuring chunk per node.
   // It weighs as one task per worker, so this call's own first replies
@@ -743,6 +739,10 @@ CallState::CallState(std::shared_ptr<PoolState> pool, Buffer setup, std::unique_
   if (pool_->options.progress.mode() != Progress::Mode::off) {
     progress_ =
         std::make_unique<procpool::detail::ProgressReporter>(pool_->options.progress, total);
+  }
+  if (submitted_) {  // last: nothing after it throws, so its destructor will release it
+    ++pool_->encoding_chunks;
+    holds_submit_ = true;
   }
 }
 
@@ -1092,9 +1092,6 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       size = in_bound;
     }
     const std::uint64_t chunk = ++hub_.next_id;
-    ++hub_.nodes[best].inflight_chunks;  // reserved while the inputs are encoded
-    hub_.nodes[best].inflight_items += size;
-    ++pool_->encoding_chunks;
     const std::size_t first = taken_;
     std::size_t count = 0;
     std::exception_ptr failed;
@@ -1114,6 +1111,11 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     if (feed_->inputs_stay_put()) w.lend_blocks(lent, lend_at_least);
     Parts parts;
     const auto started = Clock::now();
+    // Reserved while the inputs are encoded (nothing from here to the try
+    // below throws: every path out of it gives them back).
+    ++hub_.nodes[best].inflight_chunks;
+    hub_.nodes[best].inflight_items += size;
+    ++pool_->encoding_chunks;
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
@@ -1552,7 +1554,14 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
                        std::optional<std::size_t> total, bool submitted, std::size_t value_size)
     : state_(std::make_shared<CallState>(std::move(pool), std::move(setup), std::move(feed), order,
                                          total, submitted, value_size)) {
-  state_->start();
+  try {
+    state_->start();
+  } catch (...) {
+    // No handle will end the progress line: its chunk, if out, may hold the
+    // call, which would end it on the pump's thread.
+    state_->finish_progress_quietly();
+    throw;
+  }
 }
 CallHandle::~CallHandle() {
   if (!state_) return;
