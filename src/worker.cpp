@@ -17,6 +17,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <string>
@@ -221,12 +222,33 @@ const char* const inner_thread_variables[6] = {"OMP_NUM_THREADS",        "OPENBL
                                                "MKL_NUM_THREADS",        "BLIS_NUM_THREADS",
                                                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"};
 
+namespace {
+
+void exit_worker_with(int status, void* /*unused*/) {
+  exit_worker(status);
+}
+
+/// A task (or an initializer) that calls exit() ends its worker with that
+/// status, but without the handlers registered before the fork: they are the
+/// parent's (its atexit handlers and static destructors, the libraries'). Run
+/// here, they act for the parent a second time, and they allocate and lock in
+/// a child of a threaded parent, where a lock another thread held at the fork
+/// is never released. Handlers run last registered first: this one ends the
+/// process before any of them.
+void end_worker_at_exit() {
+  // Fails only without memory for the handler: exit() then runs the others.
+  (void)::on_exit(&exit_worker_with, nullptr);
+}
+
+}  // namespace
+
 void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (::getppid() != parent) ::_exit(0);  // the parent died before prctl took effect
   std::signal(SIGINT, SIG_IGN);
   __fpurge(stdout);
   __fpurge(stderr);
+  end_worker_at_exit();
   give_back_inherited_free_heap();
   if (inner_threads == 0) return;
   const std::string value = std::to_string(inner_threads);

@@ -130,6 +130,42 @@ TEST(Hygiene, WorkersNeverRunTheParentsAtexitHandlers) {
   EXPECT_EQ(count(out, "atexit-marker"), 1u) << out;
 }
 
+int print_then_exit(int status) {
+  std::printf("task-printed-%d ", status);  // buffered: stdout is a pipe
+  std::exit(status);
+}
+
+/// The exit status a call's task ended its worker with, or -1.
+template <class Call>
+int exit_status_of(Call call) {
+  try {
+    call();
+  } catch (const procpool::WorkerCrashed& e) {
+    return e.signal() == 0 ? e.exit_status() : -1;
+  }
+  return -1;
+}
+
+// A task that calls exit() ends its worker with that status, without running
+// what the parent registered before the fork, and what it printed is printed.
+TEST(Hygiene, ATaskCallingExitRunsNoneOfTheParentsAtexitHandlers) {
+  std::string out = test_helpers::output_of(
+      STDOUT_FILENO,
+      [] {
+        std::atexit([] { std::printf("atexit-marker\n"); });
+        const int by_map = exit_status_of(
+            [] { procpool::map(&print_then_exit, std::vector{3}, {.processes = 1}); });
+        procpool::Pool pool({.processes = 1});
+        const int by_pool = exit_status_of([&] { pool.submit(&print_then_exit, 4).get(); });
+        std::printf("statuses %d %d\n", by_map, by_pool);
+      },
+      true);
+  EXPECT_EQ(count(out, "statuses 3 4"), 1u) << out;
+  EXPECT_EQ(count(out, "atexit-marker"), 1u) << out;
+  EXPECT_EQ(count(out, "task-printed-3"), 1u) << out;
+  EXPECT_EQ(count(out, "task-printed-4"), 1u) << out;
+}
+
 TEST(Hygiene, WhatATaskPrintsIsNotLost) {
   std::string out = test_helpers::output_of(
       STDOUT_FILENO,

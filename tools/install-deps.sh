@@ -4,7 +4,7 @@
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 packages="g++ cmake ninja-build pkg-config libcereal-dev libgtest-dev libgmock-dev \
-  libbenchmark-dev clang libclang-rt-14-dev slurmctld slurmd slurm-client munge tmux procps python3 \
+  libbenchmark-dev clang libclang-rt-14-dev slurmctld slurmd slurm-client munge tmux procps python3 gdb \
   openmpi-bin libopenmpi-dev python3-mpi4py"
 missing=""
 for p in $packages; do
