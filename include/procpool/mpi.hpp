@@ -52,6 +52,9 @@ namespace procpool::mpi {
 /// serves the root's pools until the root's Session ends, then finalises MPI
 /// and exits the process with status 0 (running its atexit handlers: a rank
 /// is a normal run of the program): code after it runs on the root only.
+/// A rank that has not heard from the root for PROCPOOL_MPI_ROOT_TIMEOUT
+/// seconds (default 300; 0: never), a ping included, ends the job non-zero:
+/// a stopped or cut-off root is noticed by no launcher.
 ///
 /// At start every rank checks that it runs the very same executable as the
 /// root (its build id): functions cross ranks by their offset in it. A rank

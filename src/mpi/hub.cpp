@@ -70,21 +70,6 @@ constexpr auto watch_interval = std::chrono::milliseconds(100);
 /// A gap between two looks this long means the root itself did not run.
 constexpr auto stall = std::chrono::seconds(1);
 
-Clock::duration silence_limit_from_environment() {
-  const char* text = std::getenv("PROCPOOL_MPI_NODE_TIMEOUT");
-  double limit = default_silence_limit_seconds;
-  if (text != nullptr && *text != '\0') {
-    char* end = nullptr;
-    limit = std::strtod(text, &end);
-    if (*end != '\0' || !(limit >= 0) || limit > 1e9) {
-      throw Error(std::string("procpool::mpi: PROCPOOL_MPI_NODE_TIMEOUT=") + text +
-                  " is not a number of seconds (0: wait for silent nodes for ever)");
-    }
-    if (limit > 0) limit = std::max(limit, 0.01);  // not rounded to 0 (for ever)
-  }
-  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
-}
-
 std::mutex hub_mutex;
 std::shared_ptr<Hub> installed_hub;
 pid_t installed_in = 0;  // the process whose hub installed_hub is
@@ -120,6 +105,21 @@ thread_local bool flushes_its_outboxes = false;
 thread_local bool reporter_lost_its_hub = false;
 
 }  // namespace
+
+Clock::duration limit_from_environment(const char* name, double default_seconds) {
+  const char* text = std::getenv(name);
+  double limit = default_seconds;
+  if (text != nullptr && *text != '\0') {
+    char* end = nullptr;
+    limit = std::strtod(text, &end);
+    if (*end != '\0' || !(limit >= 0) || limit > 1e9) {
+      throw Error(std::string("procpool::mpi: ") + name + "=" + text +
+                  " is not a number of seconds (0: wait for ever)");
+    }
+    if (limit > 0) limit = std::max(limit, 0.01);  // not rounded to 0 (for ever)
+  }
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
+}
 
 // ---- Hub --------------------------------------------------------------------
 
@@ -194,7 +194,8 @@ Hub::Hub(bool use_mpi, std::vector<NodeSlot> slots) : nodes(std::move(slots)) {
     node.heard = Clock::now();
   local_ = std::make_unique<NodeServer>([this](Parts m) { local_reply(joined(std::move(m))); });
   if (use_mpi && nodes.size() > 1) {
-    silence_limit_ = silence_limit_from_environment();
+    silence_limit_ =
+        limit_from_environment("PROCPOOL_MPI_NODE_TIMEOUT", default_silence_limit_seconds);
     transport_ = std::make_unique<Transport>();
     pump_ = std::thread([this] { pump(); });
   }
@@ -413,8 +414,11 @@ void Hub::pump() {
         route(static_cast<std::size_t>(m->first), std::move(m->second));
         active = true;
       }
-      while (transport_->receive_signal())
+      while (auto signal = transport_->receive_signal()) {
         active = true;  // pongs: last_heard has them
+        // A node that has not heard from the root a while asks whether it is still there.
+        if (signal->second == Signal::ping) transport_->signal(signal->first, Signal::pong);
+      }
       watch_silent_nodes_locked();
     } catch (const std::exception& e) {
       // A corrupt message, MPI failing: nothing sensible can go on; say where and end the job.

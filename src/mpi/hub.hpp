@@ -24,6 +24,12 @@
 
 namespace procpool::mpi::detail {
 
+/// A time limit read from the environment variable `name`, in seconds (0:
+/// none, wait for ever), `default_seconds` when it is unset; an Error that
+/// names it when it is not a number of seconds.
+std::chrono::steady_clock::duration limit_from_environment(const char* name,
+                                                           double default_seconds);
+
 /// One node of the job as the root sees it (index = MPI rank).
 struct NodeSlot {
   int rank = 0;

@@ -8,6 +8,7 @@
 #include <csignal>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -126,6 +127,68 @@ bool answer_pings(Transport& transport) {
   return any;
 }
 
+/// How long the root may stay silent before its nodes end the job, unless
+/// PROCPOOL_MPI_ROOT_TIMEOUT says otherwise. The root answers a node's ping at
+/// once (on its pump's thread, whatever its caller does), so only a root that
+/// has stopped (a frozen machine, SIGSTOP) or is cut off is silent this long,
+/// and neither mpirun nor srun notices that (they end the job when the root
+/// dies); a pause in a debugger of a few minutes is not.
+constexpr double default_root_silence_seconds = 300;
+
+/// A node's watch over the root: it asks a root silent for a quarter of the
+/// limit whether it is there (a ping), and gives up on it once it has been
+/// silent for the whole limit with that ping unanswered.
+class RootWatch {
+ public:
+  RootWatch()
+      : limit_(limit_from_environment("PROCPOOL_MPI_ROOT_TIMEOUT", default_root_silence_seconds)) {}
+
+  /// How long the root has been silent, once that is too long; pings it on
+  /// the way. Time this rank did not run (stopped itself) is not the root's.
+  std::optional<double> root_lost(Transport& transport) {
+    const Clock::time_point now = Clock::now();
+    if (limit_ == Clock::duration::zero() || now - looked_ < look_interval) return std::nullopt;
+    const Clock::duration unwatched = now - looked_;
+    looked_ = now;
+    heard_ = std::max(heard_, transport.last_heard(0));
+    if (unwatched > stall) {
+      heard_ = std::min(now, heard_ + unwatched);
+      pinged_ = std::min(now, pinged_ + unwatched);
+    }
+    const Clock::duration silent = now - heard_;
+    const bool ping_unanswered = pinged_ > heard_;
+    if (silent >= limit_ && ping_unanswered && now - pinged_ >= limit_ / 4)
+      return std::chrono::duration<double>(silent).count();
+    if (silent >= limit_ / 4 && now - pinged_ >= limit_ / 4) {
+      transport.signal(0, Signal::ping);
+      pinged_ = now;
+    }
+    return std::nullopt;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  static constexpr auto look_interval = std::chrono::milliseconds(100);
+  /// A gap between two looks this long means this rank itself did not run.
+  static constexpr auto stall = std::chrono::seconds(1);
+
+  Clock::duration limit_;
+  Clock::time_point heard_ = Clock::now();
+  Clock::time_point pinged_{};
+  Clock::time_point looked_ = Clock::now();
+};
+
+[[noreturn]] void give_up_on_root(int rank, const std::string& host, double silent) {
+  char said[96];
+  std::snprintf(said, sizeof said, "%.1f s", silent);
+  end_job_without("procpool::mpi: rank " + std::to_string(rank) + " on " + host +
+                      ": the root (rank 0) has not answered for " + said +
+                      " (it died, stopped, or is cut off from this node; "
+                      "PROCPOOL_MPI_ROOT_TIMEOUT sets how long is too long, 0: wait for ever); "
+                      "ending the job",
+                  1);
+}
+
 /// Sends the replies `out` to the root in order, the small ones of chunks
 /// finished together in bundles: one MPI message for many replies.
 void send_bundled(Transport& transport, std::deque<Parts>& out) {
@@ -170,12 +233,15 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
     // answering the root's pings (a node that takes long to finish is not
     // a node that has stopped).
     std::thread teardown;
+    RootWatch watch;
     unsigned idle = 0;
     // (Ended here if it fails, not after unwinding: the teardown thread uses
     // what is above.)
     try {
       for (bool running = true; running;) {
         bool active = answer_pings(transport);
+        if (const std::optional<double> silent = watch.root_lost(transport))
+          give_up_on_root(rank, host, *silent);
         while (!teardown.joinable()) {
           auto m = transport.receive(0);
           if (!m) break;

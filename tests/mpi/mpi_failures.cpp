@@ -12,6 +12,8 @@
 //                caller's memory: the job ends at once, non-zero, naming it
 //   long_tasks   tasks longer than the silence limit give up on no node
 //   root_pauses  the root stops for longer than the limit, then goes on: no node given up on
+//   root_stops   the root stops for good (PROCPOOL_MPI_ROOT_TIMEOUT=2): its
+//                nodes give up on it and end the job, non-zero, saying why
 //   slow_inputs  large inputs crossing for longer than the limit: no node given up on
 //   root_throws  the root throws out of main: every rank must end
 //   root_throws_caught  ... and the exception is caught past the Session: status 0
@@ -881,6 +883,22 @@ void root_pauses() {
     MPI_CHECK_MSG(node.out_of_rotation.empty(), node.out_of_rotation);
 }
 
+/// The root stops (SIGSTOP: what a root on a frozen machine or behind a cut
+/// network looks like to its nodes; neither mpirun nor srun notices) between calls, with
+/// PROCPOOL_MPI_ROOT_TIMEOUT=2: its nodes give up on it and end the job, non-zero, naming it.
+/// (Continued 8 s later: mpirun may wait for a stopped rank as it ends the job.)
+void root_stops() {
+  procpool::mpi::Pool pool({.processes = 1});
+  MPI_CHECK(pool.map([](int x) { return x * 3; }, range(40)).size() == 40);
+  continue_in(8, ::getpid());
+  std::fprintf(stderr, "mpi_failures root_stops: the root stops\n");
+  std::fflush(stderr);
+  ::raise(SIGSTOP);
+  std::fprintf(stderr,
+               "mpi_failures root_stops: the root goes on: the nodes did not end the job\n");
+  std::exit(1);
+}
+
 /// Large inputs (32 MiB each, in pieces of 1 MiB: PROCPOOL_MPI_MAX_PIECE)
 /// that take about as long to cross as PROCPOOL_MPI_NODE_TIMEOUT (0.5 s in
 /// the test): the nodes answer pings while they receive, and no node is given up on.
@@ -982,6 +1000,7 @@ int main(int argc, char** argv) {
   if (mode == "stop_rank_lending") stop_rank_lending();
   if (mode == "long_tasks") long_tasks_quiet_nodes();
   if (mode == "root_pauses") root_pauses();
+  if (mode == "root_stops") root_stops();
   if (mode == "slow_inputs") slow_large_inputs();
   if (mode == "root_throws") root_throws();
   return 0;
