@@ -124,7 +124,7 @@ std::vector<std::string> narrow_binding_warnings(const std::vector<RankPlace>& r
                     " CPUs they could use (mpirun binds each rank to a core by default for two "
                     "ranks or fewer, else to a socket): their workers share those " +
                     std::to_string(used) +
-                    " (Options::processes = 0 forks that many); launch with `mpirun --bind-to "
+                    "; launch with `mpirun --bind-to "
                     "none` (one rank per node: `--map-by ppr:1:node --bind-to none`) to use all " +
                     std::to_string(node_cpus));
   }
