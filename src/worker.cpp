@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -224,23 +225,27 @@ const char* const inner_thread_variables[6] = {"OMP_NUM_THREADS",        "OPENBL
 
 namespace {
 
-void exit_worker_with(int status, void* /*unused*/) {
-  exit_worker(status);
-}
+/// Set in a worker as it starts (and inherited by a nested pool's workers).
+bool this_process_is_a_worker = false;
 
-/// A task (or an initializer) that calls exit() ends its worker with that
-/// status, but without the handlers registered before the fork: they are the
-/// parent's (its atexit handlers and static destructors, the libraries'). Run
-/// here, they act for the parent a second time, and they allocate and lock in
-/// a child of a threaded parent, where a lock another thread held at the fork
-/// is never released. Handlers run last registered first: this one ends the
-/// process before any of them.
-void end_worker_at_exit() {
-  // Fails only without memory for the handler: exit() then runs the others.
-  (void)::on_exit(&exit_worker_with, nullptr);
+void end_worker_at_exit(int status, void* /*unused*/) {
+  if (this_process_is_a_worker) exit_worker(status);
 }
 
 }  // namespace
+
+void skip_parent_exit_handlers_in_workers() {
+  // Once per process, in the parent, on the thread about to fork: glibc's
+  // fork does not reset the lock of the exit handlers' list, so a worker that
+  // registered its own would hang for ever whenever another thread of the
+  // parent was registering one at the fork (a static's first use).
+  static std::atomic<pid_t> registered_in{0};
+  pid_t seen = registered_in.load(std::memory_order_relaxed);
+  const pid_t self = ::getpid();
+  if (seen == self || !registered_in.compare_exchange_strong(seen, self)) return;
+  // Fails only without memory for the handler: exit() then runs the others.
+  (void)::on_exit(&end_worker_at_exit, nullptr);
+}
 
 void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -248,7 +253,7 @@ void prepare_worker_process(pid_t parent, unsigned inner_threads) {
   std::signal(SIGINT, SIG_IGN);
   __fpurge(stdout);
   __fpurge(stderr);
-  end_worker_at_exit();
+  this_process_is_a_worker = true;
   give_back_inherited_free_heap();
   if (inner_threads == 0) return;
   const std::string value = std::to_string(inner_threads);

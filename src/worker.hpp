@@ -27,6 +27,17 @@ struct WorkerContext {
   bool task_timeout = false;
 };
 
+/// A task (or an initializer) that calls exit() ends its worker with that
+/// status, as a worker ends (what it printed on stdout and stderr flushed),
+/// without the exit handlers the parent had registered before its first
+/// fork: its atexit handlers and static destructors, the libraries' (MPI's,
+/// a sanitizer's). They would act for the parent a second time, and lock and
+/// allocate in a child of a threaded parent. Handlers run last registered
+/// first: the one this registers (once per process, before its first fork)
+/// ends a worker before any registered earlier; one the parent registers
+/// later still runs. Called in the parent before it forks a worker.
+void skip_parent_exit_handlers_in_workers();
+
 /// Serves messages from `fd` until the parent closes it, then exits with _exit
 /// (never exit(): the parent's atexit handlers must not run in a worker).
 [[noreturn]] void run_worker(int fd, WorkerLogic& logic, const WorkerContext& context);

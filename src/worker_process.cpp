@@ -502,6 +502,7 @@ std::unique_ptr<WorkerLink> fork_worker(const WorkerBirth& birth) {
     std::fflush(stderr);
     ::_exit(70);
   };
+  skip_parent_exit_handlers_in_workers();
   const pid_t pid = start_child_process(birth.from_helper_thread, [&]() -> pid_t {
     const pid_t child = ::fork();
     if (child == 0) in_child();
