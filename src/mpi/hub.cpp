@@ -891,12 +891,24 @@ void CallState::tell_progress(std::unique_lock<std::mutex>& lock, bool finished)
   if (!finished) progress_ = std::move(reporter);
 }
 
+/// Tops the call up; a pool that has ended meanwhile is what it returns (the
+/// results that came back before are still handed over, as Pool does).
+std::exception_ptr CallState::top_up_unless_closed(std::unique_lock<std::mutex>& lock) {
+  try {
+    top_up(lock);
+  } catch (const PoolClosed&) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
 bool CallState::next_run(OutcomeRun& out, std::size_t most) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
-    top_up(lock);
+    const std::exception_ptr closed = top_up_unless_closed(lock);
     tell_progress(lock, false);
     if (pop_locked(out, most)) return true;
+    if (closed) std::rethrow_exception(closed);
     if (finished_locked() && ready_.empty()) {
       out = OutcomeRun{};
       tell_progress(lock, true);
@@ -910,9 +922,10 @@ bool CallState::next_run(OutcomeRun& out, std::size_t most) {
 bool CallState::wait_until(Clock::time_point deadline) {
   std::unique_lock lock(hub_.mutex);
   for (;;) {
-    top_up(lock);
+    const std::exception_ptr closed = top_up_unless_closed(lock);
     tell_progress(lock, false);
     if (front_ready_locked() || finished_locked()) return true;
+    if (closed) std::rethrow_exception(closed);
     const auto now = Clock::now();
     if (now >= deadline) return false;
     hub_.changed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(100)));

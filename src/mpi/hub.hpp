@@ -321,6 +321,7 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// every later top_up throws it again, rather than the call going on with
   /// inputs taken that will never come back.
   void top_up(std::unique_lock<std::mutex>& lock);
+  std::exception_ptr top_up_unless_closed(std::unique_lock<std::mutex>& lock);
   void send_new_chunks(std::unique_lock<std::mutex>& lock);
   /// A chunk's inputs are encoded: join() need no longer wait for that.
   void done_encoding_locked();
