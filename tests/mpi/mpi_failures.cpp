@@ -101,8 +101,14 @@ int value_of(const CrashesWhenLoaded& in) {
   return in.value;
 }
 
-bool on_rank_1() {
+/// This process's MPI rank as its launcher set it (mpirun, srun --mpi=pmix),
+/// for a worker as for its rank; null without a launcher.
+const char* launcher_rank() {
   const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  return rank != nullptr ? rank : std::getenv("PMIX_RANK");
+}
+bool on_rank_1() {
+  const char* rank = launcher_rank();
   return rank != nullptr && std::strcmp(rank, "1") == 0;
 }
 /// Its worker dies whenever it runs on rank 1's node; anywhere else it works.
@@ -205,7 +211,7 @@ bool rank_1_and_another_have_workers(const procpool::mpi::Insights& layout) {
   for (const auto& n : layout.per_node)
     with_workers += n.processes != 0 ? 1 : 0;
   return with_workers >= 2 && layout.per_node.size() >= 2 && layout.per_node[1].processes != 0 &&
-         std::getenv("OMPI_COMM_WORLD_RANK") != nullptr;
+         launcher_rank() != nullptr;
 }
 
 /// A node whose workers die on every task (its memory, a library, a disk):

@@ -53,15 +53,18 @@ stacks_if_hung() {
     for pid in $(pgrep -f -- "^$prog( |\$)"); do
       local name
       name=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-60)
-      timeout $((dump_budget - 5)) gdb -p "$pid" -batch -nx -ex 'thread apply all bt' 2>&1 |
+      timeout -k 2 $((dump_budget - 8)) gdb -p "$pid" -batch -nx -ex 'thread apply all bt' 2>&1 |
         grep -E '^(Thread|#)' | sed "s|^|[$pid $name] |" >&2 &
     done
     wait
   fi
   kill -TERM "$job" 2>/dev/null  # timeout passes it on to mpirun
 }
+# (In a process group of its own, so that its gdb runs end with it.)
+set -m
 stacks_if_hung &
 watcher=$!
+set +m
 if [ -n "$interrupt" ]; then
   # Ctrl-C: timeout passes SIGINT on to mpirun, which passes it to every rank.
   sleep "$interrupt"
@@ -69,7 +72,7 @@ if [ -n "$interrupt" ]; then
 fi
 wait "$job"
 rc=$?
-kill "$watcher" 2>/dev/null
+kill -- -"$watcher" 2>/dev/null
 wait "$watcher" 2>/dev/null
 elapsed_ms=$((($(date +%s%N) - start) / 1000000))
 elapsed=$((elapsed_ms / 1000)).$(printf %03d $((elapsed_ms % 1000)))
