@@ -171,6 +171,7 @@ class Engine::Impl final : private ReplySink {
   void enable_wake();
   void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
   std::exception_ptr broken() const noexcept { return broken_; }
+  bool workers_stopped() const noexcept { return stopping_; }
   std::uint64_t compute_nanos() const noexcept {
     return compute_nanos_.load(std::memory_order_relaxed);
   }
@@ -963,6 +964,10 @@ void Engine::let_tail_chunks_queue() noexcept {
 
 std::exception_ptr Engine::broken() const noexcept {
   return impl_->broken();
+}
+
+bool Engine::workers_stopped() const noexcept {
+  return impl_->workers_stopped();
 }
 
 std::uint64_t Engine::compute_nanos() const noexcept {

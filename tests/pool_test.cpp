@@ -11,7 +11,9 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <ranges>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -183,6 +185,74 @@ TEST(Pool, CloseJoinAndPoolClosed) {
   pool.join();
   EXPECT_EQ(pending.get(), 2) << "accepted work must finish before join returns";
   EXPECT_TRUE(test_helpers::children().empty());
+}
+
+// CPython's test_imap after close(), with a single-pass range: an imap still
+// running at join() hands over the results of the inputs it had taken, then
+// ends with PoolClosed, and reads no input it can no longer run (it used to
+// read max_inflight more and fail them, so a stream lost them).
+TEST(Pool, ImapConsumedAfterJoinLeavesTheInputsItCannotRunUnread) {
+  std::istringstream numbers;
+  {
+    std::string text;
+    for (int i = 0; i < 60; ++i)
+      text += std::to_string(i) + " ";
+    numbers.str(text);
+  }
+  int taken = 0;
+  auto counted = std::views::istream<int>(numbers) | std::views::transform([&taken](int x) {
+                   ++taken;
+                   return x;
+                 });
+  procpool::Pool pool({.processes = 2, .chunksize = 1, .max_inflight = 4});
+  auto results = pool.imap([](int x) { return x * x; }, counted);
+  auto it = results.begin();
+  for (int i = 0; i < 3; ++i, ++it)
+    ASSERT_EQ(*it, i * i);
+  pool.close();
+  pool.join();
+  const int taken_at_join = taken;
+  int delivered = 3;
+  std::string ended;
+  try {
+    for (; it != std::default_sentinel; ++it) {
+      ASSERT_EQ(*it, delivered * delivered) << "input " << delivered;
+      ++delivered;
+    }
+  } catch (const procpool::PoolClosed& e) {
+    ended = e.what();
+  }
+  EXPECT_NE(ended.find("left unread"), std::string::npos) << ended;
+  EXPECT_GT(delivered, 3) << "the inputs taken before join() give their results after it";
+  EXPECT_EQ(delivered, taken_at_join) << "every input taken has its result";
+  EXPECT_EQ(taken, taken_at_join) << "no input is read once the pool cannot run it";
+}
+
+// The same after terminate(), over an endless range: the outcomes of the
+// inputs taken (values or PoolClosed), then the end, with PoolClosed.
+TEST(Pool, EndlessImapOutcomesEndsAfterTerminate) {
+  std::size_t taken = 0;
+  auto endless = std::views::iota(0) | std::views::transform([&taken](int x) {
+                   ++taken;
+                   return x;
+                 });
+  procpool::Pool pool({.processes = 2, .chunksize = 1, .max_inflight = 4});
+  auto outcomes = pool.imap_outcomes([](int x) { return x; }, endless);
+  auto it = outcomes.begin();
+  ASSERT_TRUE(it->ok());
+  pool.terminate();
+  const std::size_t taken_at_terminate = taken;
+  std::size_t seen = 1;
+  std::string ended;
+  try {
+    for (++it; it != std::default_sentinel && seen < 1000; ++it)
+      ++seen;
+  } catch (const procpool::PoolClosed& e) {
+    ended = e.what();
+  }
+  EXPECT_NE(ended.find("left unread"), std::string::npos) << ended << " after " << seen;
+  EXPECT_EQ(seen, taken_at_terminate) << "one outcome for each input taken";
+  EXPECT_EQ(taken, taken_at_terminate);
 }
 
 TEST(Pool, TerminateKillsWorkersAndFailsUnfinishedWork) {

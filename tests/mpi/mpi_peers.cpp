@@ -2200,6 +2200,9 @@ std::vector<Case> differential_cases() {
            PEER_CHECK_MSG(a->taken_at_join == a->taken_before_join, both);
            PEER_CHECK_MSG(a->values_after_join + 3 == a->taken_at_join, both);
            PEER_CHECK_MSG(a->end_after_join == "PoolClosed", both);
+           // ... and reads no input it can no longer run (procpool::Pool read
+           // and failed max_inflight more: a stream lost them).
+           PEER_CHECK_MSG(a->taken_at_end == a->taken_at_join, both);
          }
          PEER_CHECK_MSG(remote.values_after_join == local.values_after_join, both);
        }});

@@ -25,6 +25,7 @@
 #include "procpool/detail/interrupt.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/detail/schedule.hpp"
+#include "procpool/errors.hpp"
 #include "procpool/options.hpp"
 #include "procpool/progress.hpp"
 #include "procpool/results.hpp"
@@ -596,7 +597,7 @@ class CallDriver {
   /// With the engine's lock held: whether next() would return without waiting.
   [[nodiscard]] bool ready_locked() {
     collect();
-    return has_ready() || finished();
+    return has_ready() || finished() || cut_off();
   }
 
   /// Stops the call early (`how` ends the progress line); safe to call more
@@ -647,6 +648,7 @@ class CallDriver {
         progress_.finish("done");
         return std::nullopt;
       }
+      if (cut_off()) throw cut_off_error();
       step(lock, std::chrono::milliseconds(100));
     }
   }
@@ -655,7 +657,7 @@ class CallDriver {
     std::unique_lock lock(mutex_);
     for (;;) {
       collect();
-      if (has_ready() || finished()) return true;
+      if (has_ready() || finished() || cut_off()) return true;
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
           deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return false;
@@ -664,6 +666,19 @@ class CallDriver {
   }
 
   bool finished() const { return feed_.done() && in_flight_ == 0; }
+
+  /// Whether the pool's workers were stopped (join(), terminate()) before the
+  /// call took all its inputs, and every input it took has been handed over:
+  /// it ends there. The inputs not taken stay unread (a single-pass range
+  /// loses none to a pool that could not run them).
+  bool cut_off() const { return !feed_.done() && in_flight_ == 0 && engine_.workers_stopped(); }
+
+  static PoolClosed cut_off_error() {
+    return PoolClosed(
+        "procpool: the pool's workers were stopped (join() or terminate()) before this call "
+        "had taken all its inputs; those it took have had their outcomes, the rest were left "
+        "unread: consume a call's results before join(), or start it on a new pool");
+  }
 
   void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
     engine_.add_parent_time(0, std::exchange(decode_ns_, 0));
@@ -692,7 +707,8 @@ class CallDriver {
   /// true if anything was submitted.
   bool fill() {
     bool submitted = false;
-    while (!feed_.done()) {
+    // A stopped pool would fail each input it was given: leave them unread.
+    while (!feed_.done() && !engine_.workers_stopped()) {
       const ChunkPlan plan = next_chunk_plan();
       std::size_t n = plan.tasks;
       // The bound counts chunks as the feed really cut them (a byte budget

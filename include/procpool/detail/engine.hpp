@@ -147,6 +147,9 @@ class Engine {
   /// are ready); null while it can. Every task it fails for that reason
   /// carries this very exception.
   [[nodiscard]] std::exception_ptr broken() const noexcept;
+  /// Whether the workers were stopped (stop_gracefully(), kill_workers()):
+  /// a chunk submitted now fails with PoolClosed.
+  [[nodiscard]] bool workers_stopped() const noexcept;
   /// The time every worker spent running chunks so far (each chunk as its
   /// worker timed it), summed over workers; read without the pool's lock.
   [[nodiscard]] std::uint64_t compute_nanos() const noexcept;
