@@ -892,7 +892,8 @@ void CallState::tell_progress(std::unique_lock<std::mutex>& lock, bool finished)
 }
 
 /// Tops the call up; a pool that has ended meanwhile is what it returns (the
-/// results that came back before are still handed over, as Pool does).
+/// outcomes of the chunks out are still handed over, as Pool does: after
+/// terminate() the nodes answer for them, with PoolClosed or their values).
 std::exception_ptr CallState::top_up_unless_closed(std::unique_lock<std::mutex>& lock) {
   try {
     top_up(lock);
@@ -908,7 +909,7 @@ bool CallState::next_run(OutcomeRun& out, std::size_t most) {
     const std::exception_ptr closed = top_up_unless_closed(lock);
     tell_progress(lock, false);
     if (pop_locked(out, most)) return true;
-    if (closed) std::rethrow_exception(closed);
+    if (closed && chunks_out_ == 0) std::rethrow_exception(closed);
     if (finished_locked() && ready_.empty()) {
       out = OutcomeRun{};
       tell_progress(lock, true);
@@ -925,7 +926,7 @@ bool CallState::wait_until(Clock::time_point deadline) {
     const std::exception_ptr closed = top_up_unless_closed(lock);
     tell_progress(lock, false);
     if (front_ready_locked() || finished_locked()) return true;
-    if (closed) std::rethrow_exception(closed);
+    if (closed && chunks_out_ == 0) std::rethrow_exception(closed);
     const auto now = Clock::now();
     if (now >= deadline) return false;
     hub_.changed.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(100)));
@@ -1091,7 +1092,12 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       exhausted_ = true;
       break;
     }
-    if (pool_->ended) throw PoolClosed("procpool::mpi::Pool: the pool was ended");
+    if (pool_->ended) {
+      throw PoolClosed(
+          "procpool::mpi::Pool: the pool was ended (join() or terminate()) before this call had "
+          "taken all its inputs; those it took have had their outcomes, the rest were left "
+          "unread: consume a call's results before join(), or start it on a new pool");
+    }
     if (hub_.stopped) return;
     const std::size_t best = least_loaded_with_room_locked(hub_.nodes.size());
     if (best == hub_.nodes.size()) {

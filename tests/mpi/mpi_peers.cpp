@@ -1979,7 +1979,8 @@ struct AcrossJoin {
   std::string end_after_join;         // "end" or the error's kind
   std::size_t taken_before_join = 0;  // inputs the call had taken (3 handed back, 1 held)
   std::size_t taken_at_join = 0;
-  std::size_t taken_at_end = 0;     // after consuming it (not compared: an input read to fail)
+  std::size_t taken_at_end = 0;     // after consuming it
+  std::string message;              // the PoolClosed's
   std::uint64_t tasks_at_join = 0;  // insights().tasks: what the workers ran
 };
 
@@ -2034,6 +2035,9 @@ AcrossJoin across_close_scenario() {
       out.end_after_join = "end";
     } catch (const CaseFailed&) {
       throw;
+    } catch (const procpool::PoolClosed& e) {
+      out.end_after_join = "PoolClosed";
+      out.message = e.what();
     } catch (...) {
       out.end_after_join = error_kind(std::current_exception());
     }
@@ -2114,6 +2118,45 @@ std::vector<std::string> early_close_recycling_scenario() {
   PEER_CHECK_MSG(i == n, where + std::to_string(i) + " outcomes");
   pool.join();
   PEER_CHECK_MSG(Clock::now() - start < seconds(10), where + "too slow");
+  return out;
+}
+
+// 8. An endless imap_outcomes, terminate() after its first outcome.
+
+struct AcrossTerminate {
+  std::size_t outcomes = 0;  // outcomes after terminate(), at most 1000 counted
+  std::string end;           // "end", "none" (1000 reached) or the error's kind
+  std::string message;       // the PoolClosed's
+  std::size_t taken_at_terminate = 0;
+  std::size_t taken_at_end = 0;
+};
+
+template <class P>
+AcrossTerminate endless_after_terminate_scenario() {
+  P pool(on_busy_ranks({.processes = 2, .chunksize = 1, .max_inflight = 4}));
+  std::atomic<std::size_t> taken{0};
+  auto outcomes =
+      pool.imap_outcomes(&square_plus, std::views::iota(0) | std::views::transform([&taken](int x) {
+                                         ++taken;
+                                         return x;
+                                       }));
+  auto it = outcomes.begin();
+  PEER_CHECK_MSG(it->ok(), std::string(pool_name<P>()) + ": the first outcome");
+  pool.terminate();
+  AcrossTerminate out;
+  out.taken_at_terminate = taken.load();
+  out.end = "none";
+  try {
+    for (++it; it != std::default_sentinel && out.outcomes < 1000; ++it)
+      ++out.outcomes;
+    if (it == std::default_sentinel) out.end = "end";
+  } catch (const procpool::PoolClosed& e) {
+    out.end = "PoolClosed";
+    out.message = e.what();
+  } catch (...) {
+    out.end = error_kind(std::current_exception());
+  }
+  out.taken_at_end = taken.load();
   return out;
 }
 
@@ -2203,8 +2246,30 @@ std::vector<Case> differential_cases() {
            // ... and reads no input it can no longer run (procpool::Pool read
            // and failed max_inflight more: a stream lost them).
            PEER_CHECK_MSG(a->taken_at_end == a->taken_at_join, both);
+           PEER_CHECK_MSG(a->message.find("left unread") != std::string::npos, a->message);
          }
          PEER_CHECK_MSG(remote.values_after_join == local.values_after_join, both);
+       }});
+  cases.push_back(
+      {"endless_imap_outcomes_across_terminate",
+       "_test_multiprocessing test_terminate with an imap running; loky test_shutdown", [] {
+         const AcrossTerminate local = endless_after_terminate_scenario<procpool::Pool>();
+         const AcrossTerminate remote = endless_after_terminate_scenario<procpool::mpi::Pool>();
+         auto text = [](const AcrossTerminate& a) {
+           return std::to_string(a.outcomes) + " outcomes then " + a.end + " (inputs taken " +
+                  std::to_string(a.taken_at_terminate) + "/" + std::to_string(a.taken_at_end) + ")";
+         };
+         const std::string both =
+             "after terminate(): procpool::Pool " + text(local) + "; mpi::Pool " + text(remote);
+         std::fprintf(stderr, "  %s\n", both.c_str());
+         // The outcomes of the inputs taken (values or PoolClosed), then
+         // PoolClosed: no input is read once the pool cannot run it.
+         for (const AcrossTerminate* a : {&local, &remote}) {
+           PEER_CHECK_MSG(a->end == "PoolClosed", both);
+           PEER_CHECK_MSG(a->outcomes + 1 == a->taken_at_terminate, both);
+           PEER_CHECK_MSG(a->taken_at_end == a->taken_at_terminate, both);
+           PEER_CHECK_MSG(a->message.find("left unread") != std::string::npos, a->message);
+         }
        }});
   cases.push_back({"future_get_after_join_and_terminate",
                    "test_futures.py test_submit_exception after shutdown; _test_multiprocessing "
