@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "procpool/errors.hpp"
@@ -86,14 +87,13 @@ std::size_t align_up(std::size_t n, std::size_t alignment) {
   return (n + alignment - 1) / alignment * alignment;
 }
 
-/// The GNU build id of the module reported first (the main executable), or "".
-int find_build_id(dl_phdr_info* info, std::size_t, void* data) {
-  auto* out = static_cast<std::string*>(data);
-  for (ElfW(Half) i = 0; i < info->dlpi_phnum; ++i) {
-    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+/// The GNU build id of a loaded module ("build-id:<hex>"), or "" if it has none.
+std::string build_id(std::uintptr_t base, const ElfW(Phdr) * phdr, ElfW(Half) phnum) {
+  for (ElfW(Half) i = 0; i < phnum; ++i) {
+    const ElfW(Phdr)& ph = phdr[i];
     if (ph.p_type != PT_NOTE) continue;
     const std::size_t alignment = ph.p_align == 8 ? 8 : 4;
-    const auto* at = reinterpret_cast<const unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+    const auto* at = reinterpret_cast<const unsigned char*>(base + ph.p_vaddr);
     const unsigned char* end = at + ph.p_memsz;
     while (static_cast<std::size_t>(end - at) >= sizeof(ElfW(Nhdr))) {
       ElfW(Nhdr) note;
@@ -104,13 +104,32 @@ int find_build_id(dl_phdr_info* info, std::size_t, void* data) {
       if (next > end || next <= at) break;
       if (note.n_type == NT_GNU_BUILD_ID && note.n_namesz == 4 &&
           std::memcmp(name, "GNU", 4) == 0 && note.n_descsz > 0) {
-        *out = "build-id:" + hex(desc, note.n_descsz);
-        return 1;
+        return "build-id:" + hex(desc, note.n_descsz);
       }
       at = next;
     }
   }
+  return "";
+}
+
+/// The build id of the module reported first (the main executable), or "".
+int find_build_id(dl_phdr_info* info, std::size_t, void* data) {
+  *static_cast<std::string*>(data) = build_id(info->dlpi_addr, info->dlpi_phdr, info->dlpi_phnum);
   return 1;  // only the first module, the executable, matters
+}
+
+/// A file's size and modification time: the stand-in for a missing build id.
+std::string file_identity(const char* path) {
+  struct stat st {};
+  if (::stat(path, &st) != 0) return "unknown";
+  return "file:" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec);
+}
+
+/// What makes a loaded shared object itself (see CodeRef::identity).
+std::string module_identity(const ModuleQuery& module) {
+  std::string id = build_id(module.base, module.phdr, module.phnum);
+  return id.empty() ? file_identity(module.name.c_str()) : id;
 }
 
 std::string compute_executable_identity() {
@@ -120,10 +139,7 @@ std::string compute_executable_identity() {
   // No build-id note (linked with --build-id=none): the file's size and
   // modification time are the best cheap stand-in. /proc/self/exe names the
   // file this process runs even if it was since replaced or deleted.
-  struct stat st {};
-  if (::stat("/proc/self/exe", &st) != 0) return "unknown";
-  return "file:" + std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
-         std::to_string(st.st_mtim.tv_nsec);
+  return file_identity("/proc/self/exe");
 }
 
 /// Identities already looked up, both ways. A walk over the loaded modules
@@ -145,7 +161,7 @@ class IdentityCache {
   }
   std::optional<std::uintptr_t> address(const CodeRef& ref) {
     std::lock_guard lock(mutex_);
-    auto it = addresses_.find({ref.module, ref.offset});
+    auto it = addresses_.find({ref.module, ref.offset, ref.identity});
     if (it == addresses_.end()) return std::nullopt;
     return it->second;
   }
@@ -154,7 +170,7 @@ class IdentityCache {
     if (refs_.size() >= limit) refs_.clear();
     if (addresses_.size() >= limit) addresses_.clear();
     refs_.emplace(address, ref);
-    addresses_.emplace(std::pair{ref.module, ref.offset}, address);
+    addresses_.emplace(std::tuple{ref.module, ref.offset, ref.identity}, address);
   }
 
  private:
@@ -168,8 +184,24 @@ class IdentityCache {
 
   std::mutex mutex_;
   std::map<std::uintptr_t, CodeRef> refs_;
-  std::map<std::pair<std::string, std::uint64_t>, std::uintptr_t> addresses_;
+  // By the identity too: an address is remembered only once its module was
+  // found to be the build the reference names.
+  std::map<std::tuple<std::string, std::uint64_t, std::string>, std::uintptr_t> addresses_;
 };
+
+/// Throws Error unless the loaded `module` is the build `expected` names: the
+/// same path may hold another build here (another node's copy, a library
+/// rebuilt while the program ran), where an offset means nothing.
+void check_module_identity(const ModuleQuery& module, const std::string& expected) {
+  const std::string mine = module_identity(module);
+  if (mine == expected) return;
+  throw Error("procpool: the shared library " + module.name +
+              ", which holds a function sent from the parent process, is another build here "
+              "(its identity is " +
+              mine + ", the sender's " + expected +
+              "); functions cannot be matched by offset. Install the same build of it "
+              "everywhere (was it rebuilt or replaced while the program ran?).");
+}
 
 }  // namespace
 
@@ -184,7 +216,7 @@ CodeRef code_ref(const void* address) {
                 " lies in no loaded module's code, so it cannot be named to another process. "
                 "Pass a function defined in the program or a shared library it loads.");
   }
-  CodeRef ref{module.name, at - module.base};
+  CodeRef ref{module.name, at - module.base, module.name.empty() ? "" : module_identity(module)};
   IdentityCache::instance().remember(at, ref);
   return ref;
 }
@@ -209,6 +241,7 @@ const void* code_address(const CodeRef& ref) {
     throw Error("procpool: the module '" + ref.module +
                 "' that holds a function sent from the parent process is not loaded here");
   }
+  if (!ref.identity.empty() && !ref.module.empty()) check_module_identity(module, ref.identity);
   const std::uintptr_t address = module.base + static_cast<std::uintptr_t>(ref.offset);
   if (!in_code_segment(module.base, module.phdr, module.phnum, address)) {
     throw Error("procpool: offset " + std::to_string(ref.offset) + " in " +
@@ -223,6 +256,8 @@ void save_code_ref(Writer& out, const CodeRef& ref) {
   out.put(static_cast<std::uint64_t>(ref.module.size()));
   out.write(ref.module.data(), ref.module.size());
   out.put(ref.offset);
+  out.put(static_cast<std::uint64_t>(ref.identity.size()));
+  out.write(ref.identity.data(), ref.identity.size());
 }
 
 CodeRef load_code_ref(Reader& in) {
@@ -232,6 +267,11 @@ CodeRef load_code_ref(Reader& in) {
   ref.module.resize(static_cast<std::size_t>(size));
   in.read(ref.module.data(), ref.module.size());
   ref.offset = in.get<std::uint64_t>();
+  const auto identity_size = in.get<std::uint64_t>();
+  if (identity_size > 4096)
+    throw ProtocolError("procpool: corrupt function reference (module identity length)");
+  ref.identity.resize(static_cast<std::size_t>(identity_size));
+  in.read(ref.identity.data(), ref.identity.size());
   return ref;
 }
 

@@ -1,5 +1,6 @@
 // Start::spawn: Pool workers that are fresh runs of this test binary, and
 // the identity by which functions cross to them.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -466,20 +467,47 @@ TEST(CodeIdentity, AFunctionOfASharedLibraryRoundTrips) {
   const procpool::detail::CodeRef ref = procpool::detail::code_ref_of(strlen_here);
   // libc's, or a sanitizer runtime's that intercepts strlen.
   EXPECT_NE(ref.module.find(".so"), std::string::npos) << ref.module;
+  EXPECT_FALSE(ref.identity.empty()) << "a shared library's reference names its build";
   Strlen* back = procpool::detail::function_at<Strlen>(ref);
   EXPECT_EQ(back, strlen_here);
   EXPECT_EQ(back("four"), 4u);
+  procpool::detail::Buffer bytes;
+  procpool::detail::Writer out(bytes);
+  procpool::detail::save_code_ref(out, ref);
+  procpool::detail::Reader in(bytes);
+  EXPECT_EQ(procpool::detail::load_code_ref(in), ref);
+}
+
+// The same path may hold another build of a library elsewhere (another
+// node's copy, one rebuilt while the program ran): a reference made in
+// another build is refused by name, never followed to whatever code lies at
+// its offset here.
+TEST(CodeIdentity, AnotherBuildOfASharedLibraryIsRejectedWithAClearMessage) {
+  using Strlen = std::size_t(const char*);
+  Strlen* strlen_here = &std::strlen;
+  procpool::detail::CodeRef ref = procpool::detail::code_ref_of(strlen_here);
+  ASSERT_FALSE(ref.module.empty());
+  ref.identity = "build-id:0123456789abcdef";
+  try {
+    (void)procpool::detail::code_address(ref);
+    FAIL() << "expected procpool::Error";
+  } catch (const procpool::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(ref.module), std::string::npos) << what;
+    EXPECT_NE(what.find("another build"), std::string::npos) << what;
+    EXPECT_NE(what.find("build-id:0123456789abcdef"), std::string::npos) << what;
+  }
 }
 
 TEST(CodeIdentity, ReferencesThatNameNoCodeAreErrors) {
   EXPECT_THROW(procpool::detail::code_ref(nullptr), procpool::Error);
   try {
-    procpool::detail::code_address({"/nonexistent/libprocpool_missing.so", 16});
+    procpool::detail::code_address({"/nonexistent/libprocpool_missing.so", 16, ""});
     FAIL() << "expected procpool::Error";
   } catch (const procpool::Error& e) {
     EXPECT_NE(std::string(e.what()).find("libprocpool_missing.so"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(procpool::detail::code_address({"", std::uint64_t{1} << 60}), procpool::Error);
+  EXPECT_THROW(procpool::detail::code_address({"", std::uint64_t{1} << 60, ""}), procpool::Error);
 }
 
 TEST(CodeIdentity, AnotherBuildIsRejectedWithAClearMessage) {
@@ -494,6 +522,45 @@ TEST(CodeIdentity, AnotherBuildIsRejectedWithAClearMessage) {
     EXPECT_NE(what.find("different executable"), std::string::npos) << what;
     EXPECT_NE(what.find("build-id:0123456789abcdef"), std::string::npos) << what;
   }
+}
+
+// A plugin rebuilt (replaced on disk) while the program runs: a worker started
+// after that loads the new build from the same path, and the old build's
+// function reference is refused with a message that names the library, not
+// followed to whatever code lies at its offset now.
+TEST(CodeIdentity, APluginReplacedOnDiskIsRefusedBySpawnedWorkers) {
+  std::string dir = "/tmp/procpool-plugin-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir.data()), nullptr);
+  const std::string path = dir + "/libplugin.so";
+  std::filesystem::copy_file(PLUGIN_V1, path);
+  void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  ASSERT_NE(handle, nullptr) << ::dlerror();
+  using AddVersion = int(int);
+  auto* add_version = reinterpret_cast<AddVersion*>(::dlsym(handle, "plugin_add_version"));
+  ASSERT_NE(add_version, nullptr);
+  const std::vector<int> inputs{10, 20};
+  {
+    procpool::Pool pool({.processes = 1, .start = Start::spawn});
+    EXPECT_EQ(pool.map(add_version, inputs), (std::vector<int>{11, 21}));
+  }
+  // Replaced as a build does it: a new file renamed over the old one (the
+  // copy this process loaded lives on).
+  std::filesystem::copy_file(PLUGIN_V2, path + ".new");
+  std::filesystem::rename(path + ".new", path);
+  {
+    procpool::Pool pool({.processes = 1, .start = Start::spawn});
+    try {
+      const std::vector<int> got = pool.map(add_version, inputs);
+      ADD_FAILURE() << "expected procpool::Error, got " << got[0] << ", " << got[1];
+    } catch (const procpool::Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("another build"), std::string::npos) << what;
+      EXPECT_NE(what.find(path), std::string::npos) << what;
+    }
+  }
+  EXPECT_EQ(add_version(1), 2) << "the caller's copy is the first build";
+  std::filesystem::remove_all(dir);
+  EXPECT_TRUE(test_helpers::children().empty());
 }
 
 }  // namespace

@@ -21,6 +21,11 @@ struct CodeRef {
   std::string module;
   /// Bytes from the module's load base (its bias: 0 for a non-PIE executable).
   std::uint64_t offset = 0;
+  /// For a shared object, what makes it itself where the reference was made
+  /// ("build-id:<hex>", else "file:<size>:<mtime ns>"): the receiver checks
+  /// that its copy is the same build. Empty for the main executable (checked
+  /// once per process, check_executable_identity) or when not to be checked.
+  std::string identity;
 
   friend bool operator==(const CodeRef&, const CodeRef&) = default;
 };
@@ -29,8 +34,8 @@ struct CodeRef {
 CodeRef code_ref(const void* address);
 
 /// The address of `ref` in this process; loads its shared object if it is not
-/// loaded yet. Throws Error when the module cannot be found or the offset
-/// lies outside its loaded segments.
+/// loaded yet. Throws Error when the module cannot be found, is another build
+/// than the one `ref` was made in, or the offset lies outside its loaded segments.
 const void* code_address(const CodeRef& ref);
 
 /// The identity of a function pointer (casting code to data pointers is
