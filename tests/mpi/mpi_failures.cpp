@@ -26,6 +26,7 @@
 //                it sends its inputs back, the other nodes run them
 #include <procpool/mpi.hpp>
 
+#include <dlfcn.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -43,6 +44,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <stdexcept>
@@ -963,6 +965,58 @@ void long_run() {
   pool.map(&slow, range(100000));
 }
 
+// A plugin rebuilt on disk while the job runs: the root loaded the first
+// build; the other ranks load the plugin when a call names its function, and
+// find the second build at that path. Their tasks fail, naming the library;
+// none runs the second build's code at the first build's offset. The root's
+// node (its workers inherit the first build) runs its share, if it has workers.
+void plugin_rebuilt(int nodes) {
+  std::string dir = "/tmp/procpool-mpi-plugin-XXXXXX";
+  MPI_CHECK(::mkdtemp(dir.data()) != nullptr);
+  const std::string path = dir + "/libplugin.so";
+  std::filesystem::copy_file(PLUGIN_V1, path);
+  void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  MPI_CHECK_MSG(handle != nullptr, ::dlerror());
+  using AddVersion = int(int);
+  auto* add_version = reinterpret_cast<AddVersion*>(::dlsym(handle, "plugin_add_version"));
+  MPI_CHECK(add_version != nullptr);
+  std::filesystem::copy_file(PLUGIN_V2, path + ".new");
+  std::filesystem::rename(path + ".new", path);
+
+  procpool::mpi::Pool pool({.processes = 1, .chunksize = 1});
+  const auto outcomes = pool.map_outcomes(add_version, range(60));
+  std::size_t ran = 0;
+  std::vector<bool> refused_on_rank(static_cast<std::size_t>(nodes), false);
+  for (const auto& o : outcomes) {
+    if (o.ok()) {
+      MPI_CHECK_MSG(*o.value == static_cast<int>(o.index) + 1,
+                    "input " + std::to_string(o.index) + " ran the second build");
+      ++ran;
+      continue;
+    }
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      const std::string what = e.what();
+      MPI_CHECK_MSG(what.find("another build") != std::string::npos, what);
+      MPI_CHECK_MSG(what.find(path) != std::string::npos, what);
+      const auto& at = dynamic_cast<const procpool::mpi::ErrorLocation&>(e);
+      MPI_CHECK_MSG(at.rank() != 0, what);
+      refused_on_rank[static_cast<std::size_t>(at.rank())] = true;
+    }
+  }
+  std::size_t refusing = 0;
+  for (int r = 1; r < nodes; ++r)
+    refusing += refused_on_rank[static_cast<std::size_t>(r)] ? 1 : 0;
+  std::fprintf(stderr,
+               "mpi_failures plugin_rebuilt: %zu of 60 ran on the root's node, %zu nodes refused\n",
+               ran, refusing);
+  // (On a 2-core machine the root's node may have no worker of its own.)
+  if (nodes == 1) MPI_CHECK(ran == outcomes.size());
+  if (nodes > 1) MPI_CHECK(refusing > 0);
+  std::filesystem::remove_all(dir);
+}
+
 void identity() {
   using procpool::mpi::detail::identity_mismatch;
   MPI_CHECK(!identity_mismatch(1, "a", "build-id:1", "b", "build-id:1"));
@@ -995,6 +1049,7 @@ int main(int argc, char** argv) {
   if (mode == "cannot_fork" && on_rank_1()) cannot_start_processes();
   procpool::mpi::Session session(argc, argv);
   if (mode == "errors") errors(session.size());
+  if (mode == "plugin_rebuilt") plugin_rebuilt(session.size());
   if (mode == "cannot_fork") cannot_fork();
   if (mode == "long") long_run();
   if (mode == "broken_node") broken_node();
