@@ -894,8 +894,13 @@ void Engine::Impl::end_all(WorkerLink::Ending how, const std::exception_ptr& rea
 }
 
 void Engine::Impl::stop_gracefully() {
-  end_all(WorkerLink::Ending::finished, nullptr);
-  pending_.clear();
+  // The caller waited for every chunk; one that another thread's call sent
+  // since (its lazy range, while join() let go of the lock) fails instead of
+  // vanishing: that call would wait for its outcomes for ever.
+  const auto late = std::make_exception_ptr(
+      PoolClosed("procpool: the pool was joined before this task could run"));
+  end_all(WorkerLink::Ending::finished, late);
+  fail_pending(late);
 }
 
 void Engine::Impl::kill_workers(std::exception_ptr reason) {

@@ -96,8 +96,12 @@ class PoolCall final : public ResultSource<Out>, public DetachedTask {
 
   bool finished_locked() override { return driver_.ready_locked(); }
   std::exception_ptr take_error() override {
-    auto outcome = driver_.next();
-    return outcome ? outcome->error : nullptr;
+    try {
+      auto outcome = driver_.next();
+      return outcome ? outcome->error : nullptr;
+    } catch (...) {  // the pool ended before the task was sent (PoolClosed)
+      return std::current_exception();
+    }
   }
 
  private:

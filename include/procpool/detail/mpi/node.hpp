@@ -464,7 +464,15 @@ class TypedNodeCall final : public NodeCall {
                              std::vector<NodeChunk>& chunks,
                              std::vector<std::exception_ptr>& decode_errors, Results& results,
                              PutValue put_value) {
-    auto next = results.begin();
+    // The node's pool ended mid-batch (the root terminated it): the call
+    // ends there, with PoolClosed, and each input left fails with it.
+    std::exception_ptr ended;
+    std::optional<decltype(results.begin())> next;
+    try {
+      next.emplace(results.begin());
+    } catch (const PoolClosed&) {
+      ended = std::current_exception();
+    }
     std::size_t position = 0;
     for (NodeChunk& chunk : chunks) {
       ReplyParts& reply = *chunk.reply;
@@ -477,8 +485,17 @@ class TypedNodeCall final : public NodeCall {
             continue;
           }
         }
-        auto outcome = std::move(*next);
-        ++next;
+        if (ended) {
+          reply.writer().put(std::uint8_t{0});
+          save_error(reply.writer(), ended);
+          continue;
+        }
+        auto outcome = std::move(**next);
+        try {
+          ++*next;
+        } catch (const PoolClosed&) {
+          ended = std::current_exception();
+        }
         if (outcome.ok()) {
           const std::size_t at = reply.writer().size();
           try {
