@@ -14,6 +14,7 @@
 #include <ranges>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -253,6 +254,42 @@ TEST(Pool, EndlessImapOutcomesEndsAfterTerminate) {
   EXPECT_NE(ended.find("left unread"), std::string::npos) << ended << " after " << seen;
   EXPECT_EQ(seen, taken_at_terminate) << "one outcome for each input taken";
   EXPECT_EQ(taken, taken_at_terminate);
+}
+
+// CPython's test_imap_handle_iterable_exception reads the iterator again
+// after it raised. Walking a stopped imap again gets the error that stopped
+// it (it used to wait for ever for results that would not come); the pool
+// goes on.
+TEST(Pool, AnImapReadAgainAfterItThrewThrowsTheSameError) {
+  procpool::Pool pool({.processes = 2, .chunksize = 1});
+  auto results = pool.imap(
+      [](int x) {
+        if (x == 5) throw std::invalid_argument("five");
+        return x;
+      },
+      std::views::iota(0, 40));
+  std::vector<int> seen;
+  try {
+    for (int v : results)
+      seen.push_back(v);
+    FAIL() << "expected a TaskError";
+  } catch (const procpool::TaskError& e) {
+    EXPECT_EQ(e.index(), 5u);
+  }
+  EXPECT_EQ(seen, (std::vector<int>{0, 1, 2, 3, 4}));
+  for (int again = 0; again < 2; ++again) {
+    try {
+      for (int v : results)
+        seen.push_back(v);
+      ADD_FAILURE() << "read again, it ended without its error";
+    } catch (const procpool::TaskError& e) {
+      EXPECT_EQ(e.index(), 5u);
+      EXPECT_EQ(e.remote_what(), "five");
+    }
+  }
+  EXPECT_EQ(seen.size(), 5u);
+  EXPECT_EQ(pool.map([](int x) { return x + 1; }, std::vector<int>{1, 2}),
+            (std::vector<int>{2, 3}));
 }
 
 TEST(Pool, TerminateKillsWorkersAndFailsUnfinishedWork) {

@@ -489,8 +489,7 @@ std::optional<delivered_t<D, Out>> deliver(Driver& driver) {
     return std::move(*outcome);
   } else {
     if (outcome->error) {
-      driver.stop(
-          "failed");  // fork per call: kills and reaps the workers before the caller sees it
+      driver.stop_with(outcome->error);  // fork per call: kills and reaps the workers first
       std::rethrow_exception(outcome->error);
     }
     if constexpr (D == Delivery::ordered) {
@@ -562,6 +561,7 @@ class CallDriver {
   /// yielded before are handed over, and what a progress callback threw; the
   /// call is stopped (its workers, for fork per call) before either reaches the caller.
   std::optional<Outcome<Out>> next() {
+    if (stopped_) throw_stopped();
     // Decoded outcomes belong to this driver alone: no need to lock the engine.
     if (!current_.empty()) return pop_current();
     return stopping_on_error([&] { return next_locked(); });
@@ -596,6 +596,7 @@ class CallDriver {
 
   /// With the engine's lock held: whether next() would return without waiting.
   [[nodiscard]] bool ready_locked() {
+    if (stopped_) return true;  // next() throws what stopped it
     collect();
     return has_ready() || finished() || cut_off();
   }
@@ -603,6 +604,13 @@ class CallDriver {
   /// Stops the call early (`how` ends the progress line); safe to call more
   /// than once. The workers are stopped first; a progress callback that
   /// throws on this last call is not heard (this runs from destructors too).
+  /// Stops the call because of `error` (a task's, on its way to the
+  /// caller): reading the call again throws it again.
+  void stop_with(std::exception_ptr error) {
+    if (!stopped_by_) stopped_by_ = std::move(error);
+    stop("failed");
+  }
+
   void stop(const char* how = "stopped") {
     if (stopped_) return;
     stopped_ = true;
@@ -627,9 +635,17 @@ class CallDriver {
     try {
       return std::forward<Body>(body)();
     } catch (...) {
-      stop("failed");
+      stop_with(std::current_exception());
       throw;
     }
+  }
+
+  /// A stopped call has nothing more to give: reading it again (a second
+  /// begin() after it threw) gets what stopped it, never a wait for results
+  /// that will not come.
+  [[noreturn]] void throw_stopped() const {
+    if (stopped_by_) std::rethrow_exception(stopped_by_);
+    throw Error("procpool: this call was stopped; it gives no more results");
   }
 
   std::optional<Outcome<Out>> next_locked() {
@@ -654,6 +670,7 @@ class CallDriver {
   }
 
   bool wait_until_locked(std::chrono::steady_clock::time_point deadline) {
+    if (stopped_) return true;  // next() throws what stopped it
     std::unique_lock lock(mutex_);
     for (;;) {
       collect();
@@ -807,7 +824,8 @@ class CallDriver {
   bool ordered_;
   StopMode stop_mode_;
   bool stopped_ = false;
-  std::size_t in_flight_ = 0;  // taken from the feed, not yet handed to the caller
+  std::exception_ptr stopped_by_;  // what stopped it, if an error did
+  std::size_t in_flight_ = 0;      // taken from the feed, not yet handed to the caller
   std::size_t sent_ = 0;
   std::size_t last_chunk_items_ = 0;
   std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
