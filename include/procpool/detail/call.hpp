@@ -601,9 +601,6 @@ class CallDriver {
     return has_ready() || finished() || cut_off();
   }
 
-  /// Stops the call early (`how` ends the progress line); safe to call more
-  /// than once. The workers are stopped first; a progress callback that
-  /// throws on this last call is not heard (this runs from destructors too).
   /// Stops the call because of `error` (a task's, on its way to the
   /// caller): reading the call again throws it again.
   void stop_with(std::exception_ptr error) {
@@ -611,6 +608,9 @@ class CallDriver {
     stop("failed");
   }
 
+  /// Stops the call early (`how` ends the progress line); safe to call more
+  /// than once. The workers are stopped first; a progress callback that
+  /// throws on this last call is not heard (this runs from destructors too).
   void stop(const char* how = "stopped") {
     if (stopped_) return;
     stopped_ = true;
