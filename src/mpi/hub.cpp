@@ -800,7 +800,7 @@ void CallState::finish_progress_quietly() noexcept {
     std::lock_guard lock(hub_.mutex);
     reporter = std::move(progress_);
     due = std::exchange(progress_due_, 0);
-    done = finished_locked();
+    done = finished_locked() && !range_failure_;
   }
   if (!reporter) return;
   try {
@@ -911,6 +911,10 @@ bool CallState::next_run(OutcomeRun& out, std::size_t most) {
     if (pop_locked(out, most)) return true;
     if (closed && chunks_out_ == 0) std::rethrow_exception(closed);
     if (finished_locked() && ready_.empty()) {
+      if (range_failure_) {
+        broken_ = range_failure_;  // read again, the call throws it again (top_up)
+        std::rethrow_exception(range_failure_);
+      }
       out = OutcomeRun{};
       tell_progress(lock, true);
       return false;
@@ -1117,7 +1121,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     const std::uint64_t chunk = ++hub_.next_id;
     const std::size_t first = taken_;
     std::size_t count = 0;
-    std::exception_ptr failed;
+    std::exception_ptr failed;        // this input's save() threw
+    std::exception_ptr range_failed;  // the range threw: the inputs read before still go
     bool end = false;
     Buffer message = new_message(Msg::chunk);
     Writer w(message);
@@ -1148,7 +1153,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
           continue;
         }
         const InputFeed::Fed fed = feed_->next(w, failed);
-        if (fed == InputFeed::Fed::end) {
+        if (fed == InputFeed::Fed::broke) range_failed = std::exchange(failed, nullptr);
+        if (fed == InputFeed::Fed::end || fed == InputFeed::Fed::broke) {
           end = true;
           break;
         }
@@ -1179,6 +1185,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       throw PoolClosed("procpool::mpi::Pool: the pool was ended");
     }
     exhausted_ = end;
+    range_failure_ = range_failed;
     hub_.nodes[best].inflight_items -= size - count;
     if (count == 0) {
       --hub_.nodes[best].inflight_chunks;
@@ -1413,8 +1420,9 @@ void CallState::fail_next_input(std::unique_lock<std::mutex>& lock) {
     throw;
   }
   lock.lock();
-  if (fed == InputFeed::Fed::end) {
+  if (fed == InputFeed::Fed::end || fed == InputFeed::Fed::broke) {
     exhausted_ = true;
+    if (fed == InputFeed::Fed::broke) range_failure_ = failed;
     return;
   }
   if (!failed) {

@@ -375,6 +375,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::vector<Retry> lost_;
   bool abandoned_ = false;
   std::exception_ptr broken_;  // see top_up
+  /// What the input range threw: the call ends with it once the outcomes of
+  /// the inputs read before are handed over (exhausted_ is then set).
+  std::exception_ptr range_failure_;
   /// The outcomes of one chunk (or of one input that failed on the root),
   /// handed out in order: one map entry per chunk, not per input.
   struct ReadyChunk {

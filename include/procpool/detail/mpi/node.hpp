@@ -566,11 +566,13 @@ std::unique_ptr<NodeCall> make_node_call(Reader& setup) {
 /// read only as far as the results are consumed).
 class InputFeed {
  public:
-  enum class Fed { item, failed, end };
+  enum class Fed { item, failed, end, broke };
   virtual ~InputFeed() = default;
   /// Appends the next input to `out` (framed) and returns `item`; `failed`
   /// when its save() threw (then `error` says why and nothing was written);
-  /// `end` when the range is exhausted.
+  /// `end` when the range is exhausted; `broke` when the range itself threw
+  /// (its iterator moving on, being read or compared with its end: `error`
+  /// holds what it threw, and the range is not read again).
   virtual Fed next(Writer& out, std::exception_ptr& error) = 0;
   /// Appends up to `most` inputs in one copy when the range allows it
   /// (bare values in contiguous memory); returns how many (0: use next()).
@@ -593,17 +595,29 @@ class RangeFeed final : public InputFeed {
  public:
   explicit RangeFeed(View& view) : view_(view) {}
   Fed next(Writer& out, std::exception_ptr& error) override {
-    advance();
-    if (*it_ == std::ranges::end(view_)) return Fed::end;
+    if (broke_) return Fed::end;
+    // The range's own failure ends the feed: the inputs read before it still
+    // run, and the call throws it once their outcomes are handed over
+    // (procpool::Pool does the same, as CPython's imap does).
+    try {
+      advance();
+      if (*it_ == std::ranges::end(view_)) return Fed::end;
+    } catch (...) {
+      return broke(error);
+    }
     // The iterator moves on only when the next input is asked for: an input
     // range (a stream) is never read further than the inputs taken.
     pending_ = true;
     const std::size_t at = out.size();
+    bool read = false;
     try {
-      put_framed(out, static_cast<const Item&>(**it_));
+      decltype(auto) item = **it_;
+      read = true;
+      put_framed(out, static_cast<const Item&>(item));
       ++index_;
       return Fed::item;
     } catch (...) {
+      if (!read) return broke(error);
       out.truncate(at);
       error = current_serialize_input_error(index_++);
       return Fed::failed;
@@ -660,9 +674,16 @@ class RangeFeed final : public InputFeed {
     pending_ = false;
   }
 
+  Fed broke(std::exception_ptr& error) {
+    broke_ = true;
+    error = std::current_exception();
+    return Fed::broke;
+  }
+
   View& view_;
   std::optional<std::ranges::iterator_t<View>> it_;
   bool pending_ = false;  // *it_ was taken: move on before the next input
+  bool broke_ = false;    // the range threw: never read again
   std::size_t index_ = 0;
 };
 
