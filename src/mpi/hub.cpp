@@ -57,6 +57,12 @@ constexpr double long_task_seconds = 0.01;
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
 /// below it, one more part costs about what copying it would.
 constexpr std::size_t lend_at_least = std::size_t{1} << 20;
+/// How long one top-up may go on reading the caller's range while results
+/// are ready to hand over: a slow range (a stream, a query per input) reads
+/// on only after they are handed over, not to the end of the in-flight bound
+/// (1024 inputs or more) first. A fast range fills the bound in far less.
+/// Also the longest an automatic chunk is read for (see send_new_chunks).
+constexpr auto read_ahead_while_ready = std::chrono::milliseconds(10);
 
 /// How long a node that owes the root an answer may stay silent, unless
 /// PROCPOOL_MPI_NODE_TIMEOUT says otherwise: a node's rank answers a ping at
@@ -1089,7 +1095,9 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
 }
 
 void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
+  const auto began = Clock::now();
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
+    if (front_ready_locked() && Clock::now() - began > read_ahead_while_ready) return;
     if (total_ && taken_ >= *total_) {
       // Every input was taken (a submitted task's one): nothing more to ask
       // the range, even of a pool that has ended since.
@@ -1144,10 +1152,15 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     ++hub_.nodes[best].inflight_chunks;
     hub_.nodes[best].inflight_items += size;
     ++pool_->encoding_chunks;
+    const bool cut_when_slow = pool_->options.chunksize == 0;
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
       while (count < size) {
+        // An automatic chunk holds what the range gives in a moment: one
+        // that reads slowly (a stream) goes in small chunks, which run as it
+        // is read, rather than a node's whole share read first.
+        if (cut_when_slow && count != 0 && Clock::now() - started > read_ahead_while_ready) break;
         if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
           count += block;
           continue;
@@ -1177,19 +1190,23 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     lock.lock();
     done_encoding_locked();
     pool_->encode_seconds += seconds(Clock::now() - started);
-    if (pool_->ended) {
-      // terminate() came while the inputs were encoded: the nodes have ended
-      // the pool, and this chunk fails as the ones in flight did.
-      --hub_.nodes[best].inflight_chunks;
-      hub_.nodes[best].inflight_items -= size;
-      throw PoolClosed("procpool::mpi::Pool: the pool was ended");
-    }
     exhausted_ = end;
     range_failure_ = range_failed;
     hub_.nodes[best].inflight_items -= size - count;
-    if (count == 0) {
+    if (count == 0 || pool_->ended) {
       --hub_.nodes[best].inflight_chunks;
-    } else {
+      hub_.nodes[best].inflight_items -= count;
+    }
+    if (pool_->ended) {
+      // The pool ended (terminate() from another thread) while the inputs
+      // were encoded: the nodes have ended it, and the inputs read fail as
+      // those of the chunks in flight do; the loop then ends the call.
+      fail_on_root_locked(first, count,
+                          std::make_exception_ptr(PoolClosed(
+                              "procpool::mpi::Pool: the pool was ended (join() or terminate()) "
+                              "before this input could be sent")));
+      taken_ += count;
+    } else if (count != 0) {
       ChunkRecord r;
       r.first = first;
       r.count = count;
@@ -1199,13 +1216,22 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       send_chunk_locked(chunk, std::move(r), std::move(parts));
     }
     if (failed) {
-      OutcomeRun& one = ready_[taken_].outcomes;
-      one.first = taken_;
-      one.count = 1;
-      one.each.push_back(RawOutcome{taken_, nullptr, 0, failed, 0});
+      fail_on_root_locked(taken_, 1, failed);
       ++taken_;
     }
   }
+}
+
+void CallState::fail_on_root_locked(std::size_t first, std::size_t count,
+                                    const std::exception_ptr& error) {
+  if (count == 0) return;
+  OutcomeRun& run = ready_[first].outcomes;
+  run.first = first;
+  run.count = count;
+  for (std::size_t i = first; i < first + count; ++i)
+    run.each.push_back(RawOutcome{i, nullptr, 0, error, 0});
+  if (abandoned_) report_unobserved(pool_, error);
+  progress_due_ += count;
 }
 
 void CallState::done_encoding_locked() {

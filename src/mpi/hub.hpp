@@ -298,6 +298,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// of `attempts` runs so far; their bytes are copied out of the reply.
   void queue_again_locked(std::size_t node, unsigned attempts,
                           const std::vector<RawOutcome>& inputs, bool sent_back);
+  /// Inputs `first` .. `first + count - 1`, read but never sent (their
+  /// save() threw, or the pool ended as they were encoded), fail with `error`.
+  void fail_on_root_locked(std::size_t first, std::size_t count, const std::exception_ptr& error);
   bool front_ready_locked() const;
   bool finished_locked() const {
     return exhausted_ && chunks_out_ == 0 && retries_.empty() && lost_.empty();

@@ -2913,6 +2913,117 @@ std::vector<std::string> empty_and_starmap_scenario(std::vector<std::string>& fa
   return lines;
 }
 
+// 14. terminate() from another thread while the consumer's thread encodes
+// inputs (their save(), without any lock of the pool's): every input the
+// call read still gets an outcome, then the call ends with PoolClosed.
+
+/// An input whose save() counts itself, and which, when `slow`, signals that
+/// it has begun and takes 300 ms (a terminate() lands meanwhile).
+std::atomic<int> gated_saves{0};
+std::atomic<bool> slow_save_begun{false};
+struct GatedSave {
+  int value = 0;
+  bool slow = false;
+  std::string note;  // off the trivially copyable path: save() runs
+  template <class Archive>
+  void save(Archive& ar) const {
+    ++gated_saves;
+    if (slow) {
+      slow_save_begun = true;
+      std::this_thread::sleep_for(milliseconds(300));
+    }
+    ar(value, slow, note);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    ar(value, slow, note);
+  }
+};
+int gated_value(const GatedSave& g) {
+  std::this_thread::sleep_for(milliseconds(10));
+  return g.value * 10 + 1;
+}
+
+template <class P>
+std::vector<std::string> terminate_while_encoding_scenario(std::vector<std::string>& failures) {
+  std::vector<std::string> lines;
+  std::vector<GatedSave> inputs(40);
+  for (int i = 0; i < 40; ++i)
+    inputs[static_cast<std::size_t>(i)] = GatedSave{i, i == 6, {}};
+  for (const std::size_t chunksize : {std::size_t{1}, std::size_t{3}}) {
+    const std::string where =
+        std::string(pool_name<P>()) + " chunksize " + std::to_string(chunksize) + ": ";
+    P pool(on_busy_ranks({.processes = 1, .chunksize = chunksize}));
+    gated_saves = 0;
+    slow_save_begun = false;
+    std::thread terminator([&] {
+      const auto give_up = Clock::now() + seconds(10);
+      while (!slow_save_begun && Clock::now() < give_up)
+        std::this_thread::sleep_for(milliseconds(1));
+      pool.terminate();
+    });
+    std::vector<std::string> got;
+    std::string end = "end";
+    std::size_t next = 0;
+    bool in_order = true;
+    try {
+      // (Only the inputs from a vector: its std::views::all walks them lazily.)
+      for (const auto& o : pool.imap_outcomes(&gated_value, std::views::all(inputs))) {
+        in_order = in_order && o.index == next++;
+        if (o.ok()) {
+          if (*o.value != static_cast<int>(o.index) * 10 + 1) in_order = false;
+          got.push_back(std::to_string(o.index));
+        } else {
+          got.push_back(std::to_string(o.index) + ":" + error_kind(o.error));
+        }
+      }
+    } catch (...) {
+      end = error_kind(std::current_exception());
+    }
+    terminator.join();
+    const int read = gated_saves.load();
+    lines.push_back(where + std::to_string(got.size()) + " outcomes " + joined(got) + " then " +
+                    end + ", " + std::to_string(read) + " inputs read");
+    std::fprintf(stderr, "  %s\n", lines.back().c_str());
+    // Every input read (saved) has its outcome, in order; the slow one (6)
+    // was read, so it is among them; the call ends with PoolClosed.
+    if (!in_order || static_cast<int>(got.size()) != read || got.size() < 7 || end != "PoolClosed")
+      failures.push_back(lines.back());
+  }
+  return lines;
+}
+
+// 15. A slow input range (a stream, a query per input) with quick tasks:
+// results flow while it is read, not once the in-flight bound is full.
+
+std::atomic<int> slow_reads{0};
+int read_slowly(int i) {
+  std::this_thread::sleep_for(milliseconds(20));
+  ++slow_reads;
+  return i;
+}
+
+template <class P>
+std::string slow_range_scenario(std::vector<std::string>& failures, std::size_t chunksize) {
+  P pool(on_busy_ranks({.processes = 2, .chunksize = chunksize}));
+  slow_reads = 0;
+  int read_at_first = -1, handed = 0;
+  bool in_order = true;
+  const std::vector<int> numbers = range(60);
+  for (int v : pool.imap(&square_plus, numbers | std::views::transform(&read_slowly))) {
+    if (read_at_first < 0) read_at_first = slow_reads.load();
+    in_order = in_order && v == square_plus(handed++);
+  }
+  const std::string line = std::string(pool_name<P>()) + " chunksize " + std::to_string(chunksize) +
+                           ": first of " + std::to_string(handed) + " results handed over after " +
+                           std::to_string(read_at_first) + " of 60 inputs read (20 ms each)";
+  std::fprintf(stderr, "  %s\n", line.c_str());
+  // procpool::Pool: 8-14 seen (what its bound allows quick tasks); mpi::Pool
+  // read all 60 before (its bound is 1024 inputs or more).
+  if (handed != 60 || !in_order || read_at_first > 30) failures.push_back(line);
+  return line;
+}
+
 std::vector<Case> differential_cases() {
   std::vector<Case> cases;
   cases.push_back(
@@ -3130,6 +3241,25 @@ std::vector<Case> differential_cases() {
              std::fprintf(stderr, "  %s\n", line.c_str());
          PEER_CHECK_MSG(failures.empty(), joined(failures));
        }});
+  cases.push_back(
+      {"terminate_while_inputs_are_encoded",
+       "_test_multiprocessing test_terminate (work outstanding); loky test_shutdown while "
+       "the call feeds its inputs",
+       [] {
+         std::vector<std::string> failures;
+         (void)terminate_while_encoding_scenario<procpool::Pool>(failures);
+         (void)terminate_while_encoding_scenario<procpool::mpi::Pool>(failures);
+         PEER_CHECK_MSG(failures.empty(), joined(failures));
+       }});
+  cases.push_back({"slow_input_range_results_flow",
+                   "_test_multiprocessing test_imap (lazy consumption); mpi4py test_map_lazy", [] {
+                     std::vector<std::string> failures;
+                     for (const std::size_t chunksize : {std::size_t{1}, std::size_t{0}}) {
+                       (void)slow_range_scenario<procpool::Pool>(failures, chunksize);
+                       (void)slow_range_scenario<procpool::mpi::Pool>(failures, chunksize);
+                     }
+                     PEER_CHECK_MSG(failures.empty(), joined(failures));
+                   }});
   cases.push_back({"progress_callback_throws",
                    "README (a progress callback that throws); _test_multiprocessing "
                    "test_map_async_callbacks / error_callback raising",
