@@ -57,10 +57,11 @@ constexpr double long_task_seconds = 0.01;
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
 /// below it, one more part costs about what copying it would.
 constexpr std::size_t lend_at_least = std::size_t{1} << 20;
-/// How long one top-up may go on reading the caller's range while results
-/// are ready to hand over: a slow range (a stream, a query per input) reads
-/// on only after they are handed over, not to the end of the in-flight bound
-/// (1024 inputs or more) first. A fast range fills the bound in far less.
+/// How long one top-up may spend in the caller's range (reading and
+/// encoding inputs) while results are ready to hand over: a slow range (a
+/// stream, a query per input) reads on only after they are handed over, not
+/// to the end of the in-flight bound (1024 inputs or more) first. A fast
+/// range fills the bound in far less (20k ints: about 1 ms).
 /// Also the longest an automatic chunk is read for (see send_new_chunks).
 constexpr auto read_ahead_while_ready = std::chrono::milliseconds(10);
 
@@ -1095,9 +1096,9 @@ void CallState::top_up(std::unique_lock<std::mutex>& lock) {
 }
 
 void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
-  const auto began = Clock::now();
+  Clock::duration reading{};  // in the caller's range, this top-up (not sending)
   while (!exhausted_ && taken_ - delivered_ < inflight_bound_locked()) {
-    if (front_ready_locked() && Clock::now() - began > read_ahead_while_ready) return;
+    if (front_ready_locked() && reading > read_ahead_while_ready) return;
     if (total_ && taken_ >= *total_) {
       // Every input was taken (a submitted task's one): nothing more to ask
       // the range, even of a pool that has ended since.
@@ -1189,6 +1190,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     }
     lock.lock();
     done_encoding_locked();
+    reading += Clock::now() - started;
     pool_->encode_seconds += seconds(Clock::now() - started);
     exhausted_ = end;
     range_failure_ = range_failed;
