@@ -292,6 +292,67 @@ TEST(Pool, AnImapReadAgainAfterItThrewThrowsTheSameError) {
             (std::vector<int>{2, 3}));
 }
 
+// The input range is the caller's code, read without the pool's lock: one
+// that blocks (a stream waiting for data) held the lock, so insights(),
+// terminate() and every other use of the pool from another thread waited
+// for it (a range blocked 3 s: insights() took 2.9 s).
+TEST(Pool, ARangeThatBlocksHoldsUpNeitherInsightsNorTerminate) {
+  procpool::Pool pool({.processes = 2, .chunksize = 1});
+  std::mutex m;
+  std::condition_variable cv;
+  bool blocking = false, released = false, timed_out = false;
+  auto stream = std::views::iota(0, 50) | std::views::transform([&](int x) {
+                  if (x == 5) {
+                    std::unique_lock lock(m);
+                    blocking = true;
+                    cv.notify_all();
+                    // Released by the other thread once its calls returned;
+                    // the 10 s are only there so that the old code ends.
+                    timed_out =
+                        !cv.wait_for(lock, std::chrono::seconds(10), [&] { return released; });
+                  }
+                  return x;
+                });
+  std::thread other([&] {
+    {
+      std::unique_lock lock(m);
+      cv.wait(lock, [&] { return blocking; });
+    }
+    const procpool::Insights seen = pool.insights();
+    EXPECT_EQ(seen.workers.size(), 2u);
+    pool.terminate();
+    std::lock_guard lock(m);
+    released = true;
+    cv.notify_all();
+  });
+  std::size_t handed = 0;
+  std::string ended;
+  try {
+    for (int v : pool.imap([](int x) { return x; }, stream)) {
+      (void)v;
+      ++handed;
+    }
+  } catch (const procpool::PoolClosed& e) {
+    ended = e.what();
+  }
+  other.join();
+  EXPECT_FALSE(timed_out) << "insights() and terminate() waited for the range";
+  // Inputs 0-5 were read before terminate() took effect: each got an
+  // outcome (a value, or PoolClosed, which imap throws), none went missing.
+  EXPECT_FALSE(ended.empty()) << handed << " results and no PoolClosed";
+  EXPECT_LE(handed, 6u);
+}
+
+// Read without the lock, a range may use the pool itself.
+TEST(Pool, ARangeMayUseThePoolItReadsFor) {
+  procpool::Pool pool({.processes = 2, .chunksize = 2});
+  auto inputs = std::views::iota(0, 6) | std::views::transform([&pool](int x) {
+                  return pool.submit([](int y) { return y * 10; }, x).get();
+                });
+  EXPECT_EQ(pool.map([](int x) { return x + 1; }, inputs),
+            (std::vector<int>{1, 11, 21, 31, 41, 51}));
+}
+
 TEST(Pool, TerminateKillsWorkersAndFailsUnfinishedWork) {
   procpool::Pool pool({.processes = 2});
   auto stuck = pool.submit(

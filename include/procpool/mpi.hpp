@@ -250,6 +250,7 @@ class StreamCall final
               total, submitted, travels_bare_v<Out> ? sizeof(Out) : 0) {}
 
   std::optional<Value> next() override {
+    if (stopped_by_) std::rethrow_exception(stopped_by_);  // read again after it threw
     if (taken_ == run_.count) {
       // Outcomes come from the root's queues a chunk's run at a time (one
       // lock, not one per input); with Options::max_inflight, one at a time,
@@ -273,7 +274,12 @@ class StreamCall final
     if constexpr (D == procpool::detail::Delivery::outcomes) {
       return Outcome<Out>{raw.index, std::move(value), error};
     } else {
-      if (error) std::rethrow_exception(error);
+      if (error) {
+        // The first failure stops the call, as procpool::Pool's does: read
+        // again, it throws the same error, never the results after it.
+        stopped_by_ = error;
+        std::rethrow_exception(error);
+      }
       if constexpr (D == procpool::detail::Delivery::unordered) {
         return Indexed<Out>{raw.index, std::move(*value)};
       } else {
@@ -324,6 +330,7 @@ class StreamCall final
   CallHandle call_;
   OutcomeRun run_;
   std::size_t taken_ = 0;
+  std::exception_ptr stopped_by_;  // the task error that stopped the call
 };
 
 }  // namespace detail

@@ -1154,14 +1154,20 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     hub_.nodes[best].inflight_items += size;
     ++pool_->encoding_chunks;
     const bool cut_when_slow = pool_->options.chunksize == 0;
+    std::size_t next_clock_check = 1;
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
       while (count < size) {
         // An automatic chunk holds what the range gives in a moment: one
         // that reads slowly (a stream) goes in small chunks, which run as it
-        // is read, rather than a node's whole share read first.
-        if (cut_when_slow && count != 0 && Clock::now() - started > read_ahead_while_ready) break;
+        // is read, rather than a node's whole share read first. The clock is
+        // read after 1, 2, 4 ... 64 inputs, then every 64: a read costs
+        // several times what encoding an int does (26 against 4.6 ns here).
+        if (cut_when_slow && count >= next_clock_check) {
+          if (Clock::now() - started > read_ahead_while_ready) break;
+          next_clock_check = count < 64 ? 2 * count : count + 64;
+        }
         if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
           count += block;
           continue;

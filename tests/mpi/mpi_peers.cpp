@@ -3024,6 +3024,54 @@ std::string slow_range_scenario(std::vector<std::string>& failures, std::size_t 
   return line;
 }
 
+// 16. An imap whose task throws, read again after it threw (README: "A call
+// that threw ... throws the same error again").
+
+int throws_at_5(int x) {
+  if (x == 5) throw std::invalid_argument("input 5 is refused");
+  return x * 10 + 1;
+}
+
+template <class P>
+std::string read_again_scenario(std::vector<std::string>& failures,
+                                procpool::detail::Delivery via) {
+  P pool(on_busy_ranks({.processes = 2, .chunksize = 3}));
+  const std::vector<int> inputs = range(20);
+  std::string walks;
+  auto walk = [&](auto& results) {
+    for (int walk_no = 0; walk_no < 2; ++walk_no) {
+      std::size_t n = 0;
+      try {
+        for (auto it = results.begin(); it != std::default_sentinel; ++it)
+          ++n;
+        walks += "[" + std::to_string(n) + " then end]";
+      } catch (const procpool::TaskError& e) {
+        walks += "[" + std::to_string(n) + " then TaskError " + std::to_string(e.index()) + "]";
+      } catch (...) {
+        walks += "[" + std::to_string(n) + " then " + error_kind(std::current_exception()) + "]";
+      }
+    }
+  };
+  if (via == procpool::detail::Delivery::ordered) {
+    auto results = pool.imap(&throws_at_5, inputs);
+    walk(results);
+  } else {
+    auto results = pool.imap_unordered(&throws_at_5, inputs);
+    walk(results);
+  }
+  const std::string line =
+      std::string(pool_name<P>()) +
+      (via == procpool::detail::Delivery::ordered ? " imap: " : " imap_unordered: ") + walks;
+  std::fprintf(stderr, "  %s\n", line.c_str());
+  // The first walk ends with input 5's error (imap: after 0-4); the second
+  // throws it again at once, handing over nothing more.
+  const bool again = walks.ends_with("[0 then TaskError 5]");
+  const bool first =
+      via != procpool::detail::Delivery::ordered || walks.starts_with("[5 then TaskError 5]");
+  if (!again || !first) failures.push_back(line);
+  return line;
+}
+
 std::vector<Case> differential_cases() {
   std::vector<Case> cases;
   cases.push_back(
@@ -3257,6 +3305,16 @@ std::vector<Case> differential_cases() {
                      for (const std::size_t chunksize : {std::size_t{1}, std::size_t{0}}) {
                        (void)slow_range_scenario<procpool::Pool>(failures, chunksize);
                        (void)slow_range_scenario<procpool::mpi::Pool>(failures, chunksize);
+                     }
+                     PEER_CHECK_MSG(failures.empty(), joined(failures));
+                   }});
+  cases.push_back({"task_error_then_read_again",
+                   "_test_multiprocessing test_imap (an error, then next() again)", [] {
+                     std::vector<std::string> failures;
+                     for (const auto via : {procpool::detail::Delivery::ordered,
+                                            procpool::detail::Delivery::unordered}) {
+                       (void)read_again_scenario<procpool::Pool>(failures, via);
+                       (void)read_again_scenario<procpool::mpi::Pool>(failures, via);
                      }
                      PEER_CHECK_MSG(failures.empty(), joined(failures));
                    }});

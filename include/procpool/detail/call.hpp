@@ -584,8 +584,8 @@ class CallDriver {
   /// Queues the first inputs for the workers; whoever drives the engine next sends them.
   void start() {
     stopping_on_error([&] {
-      std::lock_guard lock(mutex_);
-      fill();
+      std::unique_lock lock(mutex_);
+      fill(lock);
     });
   }
 
@@ -655,7 +655,7 @@ class CallDriver {
     // works through results already here. (With more queued, waiting for the
     // next round saves a system call per chunk.)
     const bool running_dry = engine_.outstanding() <= engine_.processes();
-    if (running_dry && fill()) engine_.pump(lock, std::chrono::milliseconds(0));
+    if (running_dry && fill(lock)) engine_.pump(lock, std::chrono::milliseconds(0));
     for (;;) {
       if (auto outcome = take_ready()) return outcome;
       if (finished()) {
@@ -699,7 +699,7 @@ class CallDriver {
 
   void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
     engine_.add_parent_time(0, std::exchange(decode_ns_, 0));
-    fill();
+    fill(lock);
     engine_.pump(lock, timeout);
     collect();
     if (interrupt_.interrupted()) {
@@ -721,8 +721,9 @@ class CallDriver {
   }
 
   /// Takes inputs from the feed and submits them as far as the bound allows;
-  /// true if anything was submitted.
-  bool fill() {
+  /// true if anything was submitted. The range is read without the pool's
+  /// lock (`lock`, held on entry and on return).
+  bool fill(std::unique_lock<std::mutex>& lock) {
     bool submitted = false;
     // A stopped pool would fail each input it was given: leave them unread.
     while (!feed_.done() && !engine_.workers_stopped()) {
@@ -740,7 +741,7 @@ class CallDriver {
       }
       n = std::min(n, limit - in_flight_);
       const std::int64_t started = steady_now_ns();
-      Chunk chunk = feed_.next(call_, n);
+      Chunk chunk = read_unlocked(lock, n);
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count != 0) {
         chunk.tail = plan.tail;
@@ -761,6 +762,22 @@ class CallDriver {
       }
     }
     return submitted;
+  }
+
+  /// The feed's next chunk of at most `most` inputs, read with the pool's
+  /// lock released: the range and the inputs' save() are the caller's code.
+  /// A range that blocks (a stream waiting for data) then holds up neither
+  /// terminate() nor insights() nor the pool's other calls, and it may use
+  /// the pool itself. If the workers were stopped meanwhile, the engine fails
+  /// the chunk with PoolClosed when it is submitted: every input read has
+  /// its outcome.
+  Chunk read_unlocked(std::unique_lock<std::mutex>& lock, std::size_t most) {
+    lock.unlock();
+    struct Relock {
+      std::unique_lock<std::mutex>& lock;
+      ~Relock() { lock.lock(); }
+    } relock{lock};
+    return feed_.next(call_, most);
   }
 
   void collect() {
