@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string_view>
 #include <system_error>
 #include <utility>
@@ -1029,7 +1030,13 @@ double CallState::load_locked(std::size_t n) const {
 }
 
 std::size_t CallState::chunk_size_locked(std::size_t node) const {
-  if (pool_->options.chunksize != 0) return pool_->options.chunksize;
+  if (pool_->options.chunksize != 0) {
+    // No larger than what is left of a sized range: a chunksize of
+    // SIZE_MAX (CPython's test_map_chunksize) is the whole call.
+    if (!total_) return pool_->options.chunksize;
+    return std::clamp<std::size_t>(*total_ - std::min(*total_, taken_), 1,
+                                   pool_->options.chunksize);
+  }
   const double workers = pool_->processes[node];
   std::size_t size = static_cast<std::size_t>(workers);  // first: one task per worker, to measure
   if (task_seconds_ > 0) {
@@ -1067,10 +1074,18 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
 
 std::size_t CallState::inflight_bound_locked() const {
   if (pool_->options.max_inflight != 0) return pool_->options.max_inflight;
+  // Saturating: an explicit chunksize near SIZE_MAX over an unsized range
+  // would overflow it (and then bound nothing, or stop every send).
+  constexpr std::size_t most = std::numeric_limits<std::size_t>::max();
   std::size_t bound = 0;
-  for (std::size_t n = 0; n < hub_.nodes.size(); ++n)
-    bound += capacity_locked(n) * chunk_size_locked(n);
-  return std::max<std::size_t>(1024, 2 * bound);
+  for (std::size_t n = 0; n < hub_.nodes.size(); ++n) {
+    const std::size_t chunk = chunk_size_locked(n);
+    const std::size_t capacity = capacity_locked(n);
+    const std::size_t node_bound =
+        capacity != 0 && chunk > most / capacity ? most : capacity * chunk;
+    bound = node_bound > most - bound ? most : bound + node_bound;
+  }
+  return std::max<std::size_t>(1024, bound > most / 2 ? most : 2 * bound);
 }
 
 void CallState::top_up(std::unique_lock<std::mutex>& lock) {
@@ -1124,7 +1139,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     // only a guard: rather than a sliver, the chunk waits for the consumer.
     const std::size_t in_bound = inflight_bound_locked() - (taken_ - delivered_);
     if (in_bound < size) {
-      if (pool_->options.max_inflight == 0) return;
+      // (With nothing out, no reply would come to make room: it goes.)
+      if (pool_->options.max_inflight == 0 && taken_ != delivered_) return;
       size = in_bound;
     }
     const std::uint64_t chunk = ++hub_.next_id;
