@@ -535,6 +535,9 @@ void drain(Driver& driver, std::vector<delivered_t<D, Out>>& out) {
 /// serve other calls (a Pool).
 enum class StopMode { kill_workers, close_call };
 
+/// How long one fill() may spend reading the caller's range (see there).
+inline constexpr std::int64_t fill_reading_ns = 10'000'000;
+
 /// Drives one call through the engine. `Feed` is IndexFeed or StreamFeed.
 template <class Out, class Feed>
 class CallDriver {
@@ -725,8 +728,15 @@ class CallDriver {
   /// lock (`lock`, held on entry and on return).
   bool fill(std::unique_lock<std::mutex>& lock) {
     bool submitted = false;
+    std::int64_t reading_ns = 0;
     // A stopped pool would fail each input it was given: leave them unread.
     while (!feed_.done() && !engine_.workers_stopped()) {
+      // A range slow to read (a stream, a query per input) is not read to
+      // the end of the bound at once: after 10 ms the chunks read go, and
+      // the results back are handed over, before it is read on. (Quick
+      // tasks allow a large bound: 60 inputs of 20 ms were all read, once,
+      // before the first result; a fast range fills it in far less.)
+      if (submitted && reading_ns > fill_reading_ns) return submitted;
       const ChunkPlan plan = next_chunk_plan();
       std::size_t n = plan.tasks;
       // The bound counts chunks as the feed really cut them (a byte budget
@@ -742,6 +752,7 @@ class CallDriver {
       n = std::min(n, limit - in_flight_);
       const std::int64_t started = steady_now_ns();
       Chunk chunk = read_unlocked(lock, n);
+      reading_ns += steady_now_ns() - started;
       engine_.add_parent_time(static_cast<std::uint64_t>(steady_now_ns() - started), 0);
       if (chunk.count != 0) {
         chunk.tail = plan.tail;
