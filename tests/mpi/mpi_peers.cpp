@@ -999,6 +999,23 @@ std::vector<Case> errors_cases() {
          EXPECT_THROW_AS(std::runtime_error, (void)pool.map_outcomes(&absolute, inputs));
          PEER_CHECK(pool.map(&absolute, std::vector<long>{-9}) == std::vector<long>{9});
        }});
+  cases.push_back(
+      {"progress_counts_unsendable_inputs", "(a save() that throws on the root is done too)", [] {
+         // Before befa3d8 the bar finished at 9 of 10: an input whose save()
+         // threw on the root never counted.
+         std::size_t last_done = 0;
+         bool finished = false;
+         procpool::mpi::Pool pool(
+             {.processes = 1, .chunksize = 2, .progress = [&](const procpool::ProgressInfo& i) {
+                last_done = i.done;
+                finished = finished || i.finished;
+              }});
+         std::vector<Picky> inputs(10);
+         inputs[3].fail_save = true;
+         const auto outcomes = pool.map_outcomes(&inout, inputs);
+         PEER_CHECK(outcomes.size() == 10 && !outcomes[3].ok());
+         PEER_CHECK_MSG(finished && last_done == 10, std::to_string(last_done) + " of 10 done");
+       }});
   cases.push_back({"empty_future", "(a Future with no task)", [] {
                      procpool::mpi::Future<int> none;
                      PEER_CHECK(!none.valid());
