@@ -210,6 +210,9 @@ class CallHandle {
   bool wait_until(std::chrono::steady_clock::time_point deadline);
   /// The error for a value whose load() threw (called in the catch block).
   std::exception_ptr decode_error(const RawOutcome& raw);
+  /// An error stopped the call on its way to the caller: the progress line
+  /// ends "failed" now, as procpool::Pool's does, not as the handle goes.
+  void failed() noexcept;
 
  private:
   std::shared_ptr<CallState> state_;
@@ -250,6 +253,33 @@ class StreamCall final
               total, submitted, travels_bare_v<Out> ? sizeof(Out) : 0) {}
 
   std::optional<Value> next() override {
+    try {
+      return next_outcome();
+    } catch (...) {
+      call_.failed();
+      throw;
+    }
+  }
+  /// map's way in: a run of fixed-size values (a reply with no failure in
+  /// it) goes in one pass, without a step through next() for each.
+  void drain_into(std::vector<Value>& out) override {
+    for (;;) {
+      if constexpr (D != procpool::detail::Delivery::unordered && travels_bare_v<Out> &&
+                    std::is_default_constructible_v<Out>) {
+        take_rest_of_bare_run(out);
+      }
+      auto value = next();
+      if (!value) return;
+      out.push_back(std::move(*value));
+    }
+  }
+
+  bool wait_until(std::chrono::steady_clock::time_point deadline) {
+    return call_.wait_until(deadline);
+  }
+
+ private:
+  std::optional<Value> next_outcome() {
     if (stopped_by_) std::rethrow_exception(stopped_by_);  // read again after it threw
     if (taken_ == run_.count) {
       // Outcomes come from the root's queues a chunk's run at a time (one
@@ -287,25 +317,6 @@ class StreamCall final
       }
     }
   }
-  /// map's way in: a run of fixed-size values (a reply with no failure in
-  /// it) goes in one pass, without a step through next() for each.
-  void drain_into(std::vector<Value>& out) override {
-    for (;;) {
-      if constexpr (D != procpool::detail::Delivery::unordered && travels_bare_v<Out> &&
-                    std::is_default_constructible_v<Out>) {
-        take_rest_of_bare_run(out);
-      }
-      auto value = next();
-      if (!value) return;
-      out.push_back(std::move(*value));
-    }
-  }
-
-  bool wait_until(std::chrono::steady_clock::time_point deadline) {
-    return call_.wait_until(deadline);
-  }
-
- private:
   /// Appends what is left of the current run when all of it is values of
   /// Out's own size (anything else goes through next(), which says why).
   void take_rest_of_bare_run(std::vector<Value>& out) {

@@ -58,6 +58,13 @@ constexpr double long_task_seconds = 0.01;
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
 /// below it, one more part costs about what copying it would.
 constexpr std::size_t lend_at_least = std::size_t{1} << 20;
+/// A node chunk ends once its encoded inputs reach this size, whatever its
+/// count: a huge chunksize over an endless range (CPython's tests pass
+/// sys.maxsize) must not read that range for ever into one message, and the
+/// memory in flight stays bounded (a few chunks per worker). A large input
+/// still goes whole, alone in its chunk. procpool::Pool cuts its chunks at
+/// 256 KiB; a message between ranks is worth more per byte.
+constexpr std::size_t node_chunk_bytes = std::size_t{1} << 20;
 /// How long one top-up may spend in the caller's range (reading and
 /// encoding inputs) while results are ready to hand over: a slow range (a
 /// stream, a query per input) reads on only after they are handed over, not
@@ -800,7 +807,7 @@ void CallState::wait_until_inputs_sent() noexcept {
   if (lent) hub_.wait_until_sent(id_);
 }
 
-void CallState::finish_progress_quietly() noexcept {
+void CallState::finish_progress_quietly(const char* how) noexcept {
   std::unique_ptr<procpool::detail::ProgressReporter> reporter;
   std::size_t due = 0;
   bool done = false;
@@ -813,7 +820,7 @@ void CallState::finish_progress_quietly() noexcept {
   if (!reporter) return;
   try {
     if (due != 0) reporter->advance(due);
-    reporter->finish(done ? "done" : "stopped");
+    reporter->finish(how != nullptr ? how : done ? "done" : "stopped");
   } catch (...) {
     // A callback that throws as its call's handle goes: there is no one to
     // tell, and a destructor cannot throw.
@@ -1174,7 +1181,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
-      while (count < size) {
+      while (count < size && w.size() - count_at < node_chunk_bytes) {
         // An automatic chunk holds what the range gives in a moment: one
         // that reads slowly (a stream) goes in small chunks, which run as it
         // is read, rather than a node's whole share read first. The clock is
@@ -1184,7 +1191,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
           if (Clock::now() - started > read_ahead_while_ready) break;
           next_clock_check = count < 64 ? 2 * count : count + 64;
         }
-        if (const std::size_t block = feed_->next_block(w, size - count); block != 0) {
+        const std::size_t room_bytes = node_chunk_bytes - (w.size() - count_at);
+        if (const std::size_t block = feed_->next_block(w, size - count, room_bytes); block != 0) {
           count += block;
           continue;
         }
@@ -1653,6 +1661,9 @@ CallHandle::~CallHandle() {
 }
 bool CallHandle::next_run(OutcomeRun& out, std::size_t most) {
   return state_->next_run(out, most);
+}
+void CallHandle::failed() noexcept {
+  state_->finish_progress_quietly("failed");
 }
 bool CallHandle::wait_until(std::chrono::steady_clock::time_point deadline) {
   return state_->wait_until(deadline);

@@ -268,8 +268,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   /// Its handle is gone (a dropped Future): failures are reported on stderr.
   void abandon();
   /// The progress line's last word (on the caller's thread, as its handle
-  /// goes; without the lock: the callback may use the pool). Never throws.
-  void finish_progress_quietly() noexcept;
+  /// goes or its error reaches the caller; without the lock: the callback may
+  /// use the pool): `how`, else "done" or "stopped". Never throws; once only.
+  void finish_progress_quietly(const char* how = nullptr) noexcept;
   /// Returns once no chunk is still being sent from its range's memory (the
   /// range may go after that).
   void wait_until_inputs_sent() noexcept;

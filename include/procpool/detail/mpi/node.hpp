@@ -574,9 +574,10 @@ class InputFeed {
   /// (its iterator moving on, being read or compared with its end: `error`
   /// holds what it threw, and the range is not read again).
   virtual Fed next(Writer& out, std::exception_ptr& error) = 0;
-  /// Appends up to `most` inputs in one copy when the range allows it
-  /// (bare values in contiguous memory); returns how many (0: use next()).
-  virtual std::size_t next_block(Writer& out, std::size_t most) = 0;
+  /// Appends up to `most` inputs, and no more than `most_bytes` of them
+  /// (but at least one), in one copy when the range allows it (bare values
+  /// in contiguous memory); returns how many (0: use next()).
+  virtual std::size_t next_block(Writer& out, std::size_t most, std::size_t most_bytes) = 0;
   /// Whether each input next() writes is an object of the range that stays
   /// where it is while the call lasts (not a temporary made to be read), so
   /// that its large blocks may be sent from where they are (Writer::lend_blocks).
@@ -624,13 +625,14 @@ class RangeFeed final : public InputFeed {
     }
   }
 
-  std::size_t next_block(Writer& out, std::size_t most) override {
+  std::size_t next_block(Writer& out, std::size_t most, std::size_t most_bytes) override {
     using Iterator = std::ranges::iterator_t<View>;
     if constexpr (travels_bare_v<Item> && std::contiguous_iterator<Iterator> &&
                   std::sized_sentinel_for<std::ranges::sentinel_t<View>, Iterator> &&
                   std::same_as<std::iter_value_t<Iterator>, Item>) {
       advance();
-      const auto n = std::min(most, static_cast<std::size_t>(std::ranges::end(view_) - *it_));
+      const auto n = std::min({most, std::max<std::size_t>(1, most_bytes / sizeof(Item)),
+                               static_cast<std::size_t>(std::ranges::end(view_) - *it_)});
       out.write(std::to_address(*it_), n * sizeof(Item));
       *it_ += static_cast<std::iter_difference_t<Iterator>>(n);
       index_ += n;
@@ -638,6 +640,7 @@ class RangeFeed final : public InputFeed {
     } else {
       (void)out;
       (void)most;
+      (void)most_bytes;
       return 0;
     }
   }
