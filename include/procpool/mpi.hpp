@@ -275,7 +275,12 @@ class StreamCall final
   }
 
   bool wait_until(std::chrono::steady_clock::time_point deadline) {
-    return call_.wait_until(deadline);
+    try {
+      return call_.wait_until(deadline);
+    } catch (...) {
+      call_.failed();
+      throw;
+    }
   }
 
  private:

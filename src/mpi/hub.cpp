@@ -58,12 +58,14 @@ constexpr double long_task_seconds = 0.01;
 /// the caller's memory, as a part of its own (see Writer::lend_blocks):
 /// below it, one more part costs about what copying it would.
 constexpr std::size_t lend_at_least = std::size_t{1} << 20;
-/// A node chunk ends once its encoded inputs reach this size, whatever its
-/// count: a huge chunksize over an endless range (CPython's tests pass
-/// sys.maxsize) must not read that range for ever into one message, and the
-/// memory in flight stays bounded (a few chunks per worker). A large input
-/// still goes whole, alone in its chunk. procpool::Pool cuts its chunks at
-/// 256 KiB; a message between ranks is worth more per byte.
+/// A node chunk of an explicit chunksize ends once its encoded inputs reach
+/// this size, whatever its count: a huge chunksize over an endless range
+/// (CPython's tests pass sys.maxsize) must not read that range for ever into
+/// one message, and the memory in flight stays bounded (a few chunks per
+/// worker). A large input still goes whole, alone in its chunk. (An
+/// automatic chunk is bounded by its count and its 10 ms of reading, and
+/// holds an input per worker however large.) procpool::Pool cuts its
+/// chunks at 256 KiB; a message between ranks is worth more per byte.
 constexpr std::size_t node_chunk_bytes = std::size_t{1} << 20;
 /// How long one top-up may spend in the caller's range (reading and
 /// encoding inputs) while results are ready to hand over: a slow range (a
@@ -1141,6 +1143,9 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
       continue;
     }
     std::size_t size = std::min(room_locked(best), chunk_size_locked(best));
+    // (Each input takes a byte at least: no more are read. The in-flight
+    // bound then sees what the chunk can hold, not a count it cannot.)
+    if (pool_->options.chunksize != 0) size = std::min(size, node_chunk_bytes);
     // Options::max_inflight bounds the inputs taken and not yet handed back:
     // a chunk takes no more than it leaves room for. The automatic bound is
     // only a guard: rather than a sliver, the chunk waits for the consumer.
@@ -1181,7 +1186,8 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     lock.unlock();
     try {
       // The range is read without the lock: its code is the caller's.
-      while (count < size && w.size() - count_at < node_chunk_bytes) {
+      const std::size_t most_bytes = cut_when_slow ? SIZE_MAX : node_chunk_bytes;
+      while (count < size && w.size() - count_at < most_bytes) {
         // An automatic chunk holds what the range gives in a moment: one
         // that reads slowly (a stream) goes in small chunks, which run as it
         // is read, rather than a node's whole share read first. The clock is
@@ -1191,7 +1197,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
           if (Clock::now() - started > read_ahead_while_ready) break;
           next_clock_check = count < 64 ? 2 * count : count + 64;
         }
-        const std::size_t room_bytes = node_chunk_bytes - (w.size() - count_at);
+        const std::size_t room_bytes = most_bytes - (w.size() - count_at);
         if (const std::size_t block = feed_->next_block(w, size - count, room_bytes); block != 0) {
           count += block;
           continue;
@@ -1648,7 +1654,7 @@ CallHandle::CallHandle(std::shared_ptr<PoolState> pool, Buffer setup,
   } catch (...) {
     // No handle will end the progress line: its chunk, if out, may hold the
     // call, which would end it on the pump's thread.
-    state_->finish_progress_quietly();
+    state_->finish_progress_quietly("failed");
     throw;
   }
 }

@@ -20,14 +20,28 @@
 // other prepare handler has taken its lock (procpool's caches lock a mutex
 // there, and a thread holding one may be allocating). The thread that forks
 // is never held up: the handlers it runs after fork() may allocate.
+//
+// What it leaves (LLVM 18's handler locks these too): a thread that starts
+// or ends while another forks takes the sanitizer's thread registry lock,
+// and one that ends returns its allocator cache, outside any entry point
+// (pthread_create is not gated: ASan's waits for the new thread, whose start
+// may allocate, which would wait for the fork); and a prepare handler
+// registered before this one (by a shared library's constructor: procpool
+// builds static) runs after the gate is closed, so one that locks a mutex a
+// thread holds while allocating would wait for ever. glibc's own fork locks
+// (stdio's list, NSS) are taken after every handler; none is held while
+// allocating in procpool's code.
 
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <new>
 
 extern "C" {
@@ -36,18 +50,27 @@ void* __interceptor_calloc(std::size_t count, std::size_t size);
 void* __interceptor_realloc(void* p, std::size_t size);
 void* __interceptor_reallocarray(void* p, std::size_t count, std::size_t size);
 void* __interceptor_memalign(std::size_t alignment, std::size_t size);
+void* __interceptor___libc_memalign(std::size_t alignment, std::size_t size);
 void* __interceptor_aligned_alloc(std::size_t alignment, std::size_t size);
 int __interceptor_posix_memalign(void** out, std::size_t alignment, std::size_t size);
 void* __interceptor_valloc(std::size_t size);
 void* __interceptor_pvalloc(std::size_t size);
 void __interceptor_free(void* p);
+void __interceptor_cfree(void* p);
+// These allocate with the sanitizer's allocator directly, not through malloc.
+char* __interceptor_strdup(const char* s);
+char* __interceptor___strdup(const char* s);
+char* __interceptor_strndup(const char* s, std::size_t n);
+char* __interceptor_realpath(const char* path, char* resolved);
 }
 
 namespace {
 
 std::atomic<int> threads_inside{0};
 std::atomic<bool> fork_pending{false};
-thread_local bool this_thread_forks = false;  // static TLS of the executable: no allocation
+// Static TLS of the executable: reading them allocates nothing.
+thread_local bool this_thread_forks = false;
+thread_local int depth = 0;  // entry points this thread is inside (one calls another)
 
 void enter_allocator() {
   for (;;) {
@@ -59,14 +82,18 @@ void enter_allocator() {
   }
 }
 
-/// Holds the allocator open for one call of it, unless this thread is forking.
+/// Holds the allocator open for one call of an entry point: the outermost
+/// one of this thread (a nested one, as dlsym's calloc in operator new,
+/// never waits), unless this thread is forking.
 class Inside {
  public:
-  Inside() : counted_(!this_thread_forks) {
+  Inside() : counted_(depth == 0 && !this_thread_forks) {
+    ++depth;
     if (counted_) enter_allocator();
   }
   ~Inside() {
     if (counted_) threads_inside.fetch_sub(1);
+    --depth;
   }
   Inside(const Inside&) = delete;
   Inside& operator=(const Inside&) = delete;
@@ -86,21 +113,91 @@ void close_allocator_for_fork() {
   this_thread_forks = true;
 }
 
-void open_allocator_after_fork() {
+void open_allocator_in_parent() {
   this_thread_forks = false;
   fork_pending.store(false);
 }
 
-/// Registered before any other fork handler of the program (priority 101:
-/// before its static initializers), so that its prepare handler runs last.
-[[gnu::constructor(101)]] void register_fork_handlers() {
-  ::pthread_atfork(close_allocator_for_fork, open_allocator_after_fork, open_allocator_after_fork);
+void open_allocator_in_child() {
+  // A thread of the parent may have counted itself just as the child was
+  // made (it then backs off, in the parent only): the child has none.
+  threads_inside.store(0);
+  open_allocator_in_parent();
 }
 
-/// The sanitizer's own definition of `name` (next after this executable).
+/// The sanitizer's operators new and delete, found by name (they keep its
+/// new/delete mismatch checks): resolved before main() below, or by the first
+/// call that comes earlier (two threads resolving one at once is harmless;
+/// a function-local static would leave its guard held in a child forked
+/// meanwhile).
+enum Op : std::size_t {
+  new_1,
+  new_array_1,
+  new_nothrow,
+  new_array_nothrow,
+  new_aligned,
+  new_array_aligned,
+  new_aligned_nothrow,
+  new_array_aligned_nothrow,
+  delete_1,
+  delete_array_1,
+  delete_sized,
+  delete_array_sized,
+  delete_nothrow,
+  delete_array_nothrow,
+  delete_aligned,
+  delete_array_aligned,
+  delete_sized_aligned,
+  delete_array_sized_aligned,
+  delete_aligned_nothrow,
+  delete_array_aligned_nothrow,
+  op_count
+};
+constexpr std::array<const char*, op_count> op_names{"_Znwm",
+                                                     "_Znam",
+                                                     "_ZnwmRKSt9nothrow_t",
+                                                     "_ZnamRKSt9nothrow_t",
+                                                     "_ZnwmSt11align_val_t",
+                                                     "_ZnamSt11align_val_t",
+                                                     "_ZnwmSt11align_val_tRKSt9nothrow_t",
+                                                     "_ZnamSt11align_val_tRKSt9nothrow_t",
+                                                     "_ZdlPv",
+                                                     "_ZdaPv",
+                                                     "_ZdlPvm",
+                                                     "_ZdaPvm",
+                                                     "_ZdlPvRKSt9nothrow_t",
+                                                     "_ZdaPvRKSt9nothrow_t",
+                                                     "_ZdlPvSt11align_val_t",
+                                                     "_ZdaPvSt11align_val_t",
+                                                     "_ZdlPvmSt11align_val_t",
+                                                     "_ZdaPvmSt11align_val_t",
+                                                     "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+                                                     "_ZdaPvSt11align_val_tRKSt9nothrow_t"};
+std::array<std::atomic<void*>, op_count> ops{};
+
+void* resolve(Op op) {
+  void* fn = dlsym(RTLD_NEXT, op_names[op]);
+  if (fn == nullptr) {
+    std::fprintf(stderr, "asan_fork_gate: no %s after this program (is it an ASan build?)\n",
+                 op_names[op]);
+    std::abort();
+  }
+  ops[op].store(fn);
+  return fn;
+}
+
 template <class Fn>
-Fn next_definition(const char* name) {
-  return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, name));
+Fn sanitizers(Op op) {
+  void* fn = ops[op].load();
+  return reinterpret_cast<Fn>(fn != nullptr ? fn : resolve(op));
+}
+
+/// Registered before any other fork handler of the program (priority 101:
+/// before its static initializers), so that its prepare handler runs last.
+[[gnu::constructor(101)]] void install() {
+  for (std::size_t op = 0; op < op_count; ++op)
+    if (ops[op].load() == nullptr) resolve(static_cast<Op>(op));
+  ::pthread_atfork(close_allocator_for_fork, open_allocator_in_parent, open_allocator_in_child);
 }
 
 }  // namespace
@@ -127,6 +224,10 @@ void* memalign(std::size_t alignment, std::size_t size) noexcept {
   Inside inside;
   return __interceptor_memalign(alignment, size);
 }
+void* __libc_memalign(std::size_t alignment, std::size_t size) noexcept {
+  Inside inside;
+  return __interceptor___libc_memalign(alignment, size);
+}
 void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
   Inside inside;
   return __interceptor_aligned_alloc(alignment, size);
@@ -147,60 +248,109 @@ void free(void* p) noexcept {
   Inside inside;
   __interceptor_free(p);
 }
-
+void cfree(void* p) noexcept {
+  Inside inside;
+  __interceptor_cfree(p);
+}
+char* strdup(const char* s) noexcept {
+  Inside inside;
+  return __interceptor_strdup(s);
+}
+char* __strdup(const char* s) noexcept {
+  Inside inside;
+  return __interceptor___strdup(s);
+}
+char* strndup(const char* s, std::size_t n) noexcept {
+  Inside inside;
+  return __interceptor_strndup(s, n);
+}
+char* realpath(const char* path, char* resolved) noexcept {
+  Inside inside;
+  return __interceptor_realpath(path, resolved);
+}
 }  // extern "C"
 
-// operator new and delete go to the sanitizer's own (found by name), which
-// keeps its new/delete mismatch checks.
-#define PROCPOOL_GATED(result, mangled, signature, ...)                     \
-  {                                                                         \
-    static const auto next = next_definition<result(*) signature>(mangled); \
-    Inside inside;                                                          \
-    return next(__VA_ARGS__);                                               \
-  }
-
-void* operator new(std::size_t n) PROCPOOL_GATED(void*, "_Znwm", (std::size_t), n) void*
-operator new[](std::size_t n) PROCPOOL_GATED(void*, "_Znam", (std::size_t), n) void*
-operator new(std::size_t n, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void*, "_ZnwmRKSt9nothrow_t", (std::size_t, const std::nothrow_t&), n, t) void*
-    operator new[](std::size_t n, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void*, "_ZnamRKSt9nothrow_t", (std::size_t, const std::nothrow_t&), n, t) void*
-    operator new(std::size_t n, std::align_val_t a)
-        PROCPOOL_GATED(void*, "_ZnwmSt11align_val_t", (std::size_t, std::align_val_t), n, a) void*
-        operator new[](std::size_t n, std::align_val_t a)
-            PROCPOOL_GATED(void*, "_ZnamSt11align_val_t", (std::size_t, std::align_val_t), n,
-                           a) void*
-            operator new(std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void*, "_ZnwmSt11align_val_tRKSt9nothrow_t",
-                   (std::size_t, std::align_val_t, const std::nothrow_t&), n, a, t) void*
-    operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void*, "_ZnamSt11align_val_tRKSt9nothrow_t",
-                   (std::size_t, std::align_val_t, const std::nothrow_t&), n, a, t)
-
-        void
-        operator delete(void* p) noexcept PROCPOOL_GATED(void, "_ZdlPv", (void*), p) void
-        operator delete[](void* p) noexcept PROCPOOL_GATED(void, "_ZdaPv", (void*), p) void
-        operator delete(void* p, std::size_t n) noexcept
-    PROCPOOL_GATED(void, "_ZdlPvm", (void*, std::size_t), p, n) void
-    operator delete[](void* p, std::size_t n) noexcept
-    PROCPOOL_GATED(void, "_ZdaPvm", (void*, std::size_t), p, n) void
-    operator delete(void* p, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void, "_ZdlPvRKSt9nothrow_t", (void*, const std::nothrow_t&), p, t) void
-    operator delete[](void* p, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void, "_ZdaPvRKSt9nothrow_t", (void*, const std::nothrow_t&), p, t) void
-    operator delete(void* p, std::align_val_t a) noexcept
-    PROCPOOL_GATED(void, "_ZdlPvSt11align_val_t", (void*, std::align_val_t), p, a) void
-    operator delete[](void* p, std::align_val_t a) noexcept
-    PROCPOOL_GATED(void, "_ZdaPvSt11align_val_t", (void*, std::align_val_t), p, a) void
-    operator delete(void* p, std::size_t n, std::align_val_t a) noexcept
-    PROCPOOL_GATED(void, "_ZdlPvmSt11align_val_t", (void*, std::size_t, std::align_val_t), p, n,
-                   a) void
-    operator delete[](void* p, std::size_t n, std::align_val_t a) noexcept
-    PROCPOOL_GATED(void, "_ZdaPvmSt11align_val_t", (void*, std::size_t, std::align_val_t), p, n,
-                   a) void
-    operator delete(void* p, std::align_val_t a, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void, "_ZdlPvSt11align_val_tRKSt9nothrow_t",
-                   (void*, std::align_val_t, const std::nothrow_t&), p, a, t) void
-    operator delete[](void* p, std::align_val_t a, const std::nothrow_t& t) noexcept
-    PROCPOOL_GATED(void, "_ZdaPvSt11align_val_tRKSt9nothrow_t",
-                   (void*, std::align_val_t, const std::nothrow_t&), p, a, t)
+void* operator new(std::size_t n) {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t)>(new_1)(n);
+}
+void* operator new[](std::size_t n) {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t)>(new_array_1)(n);
+}
+void* operator new(std::size_t n, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t, const std::nothrow_t&)>(new_nothrow)(n, t);
+}
+void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t, const std::nothrow_t&)>(new_array_nothrow)(n, t);
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t, std::align_val_t)>(new_aligned)(n, a);
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  Inside inside;
+  return sanitizers<void* (*)(std::size_t, std::align_val_t)>(new_array_aligned)(n, a);
+}
+void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  using Fn = void* (*)(std::size_t, std::align_val_t, const std::nothrow_t&);
+  return sanitizers<Fn>(new_aligned_nothrow)(n, a, t);
+}
+void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  using Fn = void* (*)(std::size_t, std::align_val_t, const std::nothrow_t&);
+  return sanitizers<Fn>(new_array_aligned_nothrow)(n, a, t);
+}
+void operator delete(void* p) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*)>(delete_1)(p);
+}
+void operator delete[](void* p) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*)>(delete_array_1)(p);
+}
+void operator delete(void* p, std::size_t n) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::size_t)>(delete_sized)(p, n);
+}
+void operator delete[](void* p, std::size_t n) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::size_t)>(delete_array_sized)(p, n);
+}
+void operator delete(void* p, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, const std::nothrow_t&)>(delete_nothrow)(p, t);
+}
+void operator delete[](void* p, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, const std::nothrow_t&)>(delete_array_nothrow)(p, t);
+}
+void operator delete(void* p, std::align_val_t a) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::align_val_t)>(delete_aligned)(p, a);
+}
+void operator delete[](void* p, std::align_val_t a) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::align_val_t)>(delete_array_aligned)(p, a);
+}
+void operator delete(void* p, std::size_t n, std::align_val_t a) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::size_t, std::align_val_t)>(delete_sized_aligned)(p, n, a);
+}
+void operator delete[](void* p, std::size_t n, std::align_val_t a) noexcept {
+  Inside inside;
+  sanitizers<void (*)(void*, std::size_t, std::align_val_t)>(delete_array_sized_aligned)(p, n, a);
+}
+void operator delete(void* p, std::align_val_t a, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  using Fn = void (*)(void*, std::align_val_t, const std::nothrow_t&);
+  sanitizers<Fn>(delete_aligned_nothrow)(p, a, t);
+}
+void operator delete[](void* p, std::align_val_t a, const std::nothrow_t& t) noexcept {
+  Inside inside;
+  using Fn = void (*)(void*, std::align_val_t, const std::nothrow_t&);
+  sanitizers<Fn>(delete_array_aligned_nothrow)(p, a, t);
+}
