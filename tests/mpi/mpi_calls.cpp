@@ -112,6 +112,12 @@ class BreakingStream {
   bool failed = false;
 };
 
+/// row[x % size] + x: a call's extra argument holding shared memory (decoded
+/// on each node, its memory shared by the node's workers).
+long pick_from(int x, const procpool::SharedVector<int>& row) {
+  return static_cast<long>(row[static_cast<std::size_t>(x) % row.size()]) + x;
+}
+
 /// n values counting up from n (an empty vector for 0).
 procpool::SharedVector<int> counting_row(int n) {
   procpool::SharedVector<int> row(static_cast<std::size_t>(n));
@@ -266,6 +272,11 @@ int main(int argc, char** argv) {
     auto want_labels = local.map(&label, inputs, std::string("n"), 2);
     auto got_labels = pool.map(&label, inputs, std::string("n"), 2);
     MPI_CHECK(got_labels == want_labels);
+    // an extra argument that is a SharedVector (decoded on the node, not forwarded)
+    procpool::SharedVector<int> row(1000);
+    for (std::size_t i = 0; i < row.size(); ++i)
+      row[i] = static_cast<int>(3 * i);
+    MPI_CHECK(pool.map(&pick_from, inputs, row) == local.map(&pick_from, inputs, row));
     auto lambda = pool.map([](int x) { return x + 1; }, inputs);
     MPI_CHECK(lambda.size() == inputs.size() && lambda[2999] == 3000);
 

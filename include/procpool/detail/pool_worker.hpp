@@ -70,7 +70,13 @@ template <class F, class State, class Item, class Out, class... Extra>
 std::unique_ptr<TaskRunner> make_pool_runner(void* state, Reader& setup) {
   F f = code_carrier<F>::load(setup);
   std::tuple<Extra...> extra;
-  load_extra_args(setup, extra);
+  try {
+    load_extra_args(setup, extra);
+  } catch (...) {
+    // The call's arguments, not its tasks, failed: each input's outcome says
+    // so (TaskError::Stage::deserialize_input), as an input's load() would.
+    throw InputDecodeFailed{std::current_exception()};
+  }
   return std::make_unique<PoolRunner<F, State, Item, Out, Extra...>>(f, static_cast<State*>(state),
                                                                      std::move(extra));
 }

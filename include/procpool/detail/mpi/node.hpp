@@ -313,6 +313,71 @@ class ForwardedInput {
   std::optional<T> value_;
 };
 
+/// A call's extra arguments on their way through a node: the bytes the root
+/// wrote (save_extra_args) handed on to its workers as they are. The node
+/// never decodes them: a load() that throws or crashes costs the workers
+/// (each input fails, as on procpool::Pool), never the rank, whose death
+/// would end the MPI job. The worker decodes them once per call.
+template <class... Extra>
+class ForwardedExtras {
+ public:
+  using procpool_writes_itself = void;  // see procpool::detail::writes_itself
+
+  ForwardedExtras() = default;
+  /// On the node: the rest of the call's setup, as the root wrote it.
+  explicit ForwardedExtras(Reader& setup)
+      : bytes_(setup.position(), setup.position() + setup.remaining()) {
+    setup.take(setup.remaining());
+  }
+
+  /// On the node, for the worker: framed, so that a load() that reads too
+  /// little or too much cannot spoil what follows.
+  void write_to(Writer& out) const {
+    out.put(static_cast<std::uint64_t>(bytes_.size()));
+    out.write_block(bytes_.data(), bytes_.size());
+  }
+  /// In the worker.
+  void read_from(Reader& in) {
+    const auto length = static_cast<std::size_t>(in.get<std::uint64_t>());
+    Reader own(in.take(length), length);
+    values_.emplace();
+    procpool::detail::load_extra_args(own, *values_);
+  }
+  const std::tuple<Extra...>& values() const noexcept { return *values_; }
+
+ private:
+  std::vector<std::byte> bytes_;
+  std::optional<std::tuple<Extra...>> values_;
+};
+
+/// `F` taking the call's extra arguments as one ForwardedExtras: what a
+/// node's Pool runs for a call that has some.
+template <class F, class Extras>
+struct ApplyExtras;
+template <class F, class... Extra>
+struct ApplyExtras<F, std::tuple<Extra...>> {
+  [[no_unique_address]] F f;
+
+  template <class Item>
+  requires std::is_invocable_v<F&, Item&&, const Extra&...>
+  decltype(auto) operator()(Item&& item, const ForwardedExtras<Extra...>& extras) {
+    return std::apply(
+        [&](const Extra&... extra) -> decltype(auto) {
+          return std::invoke(f, std::forward<Item>(item), extra...);
+        },
+        extras.values());
+  }
+  template <class State, class Item>
+  requires std::is_invocable_v<F&, State&, Item&&, const Extra&...>
+  decltype(auto) operator()(State& state, Item&& item, const ForwardedExtras<Extra...>& extras) {
+    return std::apply(
+        [&](const Extra&... extra) -> decltype(auto) {
+          return std::invoke(f, state, std::forward<Item>(item), extra...);
+        },
+        extras.values());
+  }
+};
+
 /// `F` taking its input as a ForwardedInput<Item>: what a node's Pool runs
 /// for a call whose inputs are forwarded.
 template <class F, class Item>
@@ -368,6 +433,14 @@ template <class G, class Out>
 struct code_carrier<mpi::detail::ForwardResult<G, Out>>
     : wrapper_code_carrier<mpi::detail::ForwardResult, G, Out> {};
 
+template <class F, class Extras>
+inline constexpr bool is_checked_adaptor_v<mpi::detail::ApplyExtras<F, Extras>> = true;
+template <class F, class Extras>
+struct first_parameter<mpi::detail::ApplyExtras<F, Extras>> : first_parameter<F> {};
+template <class G, class Extras>
+struct code_carrier<mpi::detail::ApplyExtras<G, Extras>>
+    : wrapper_code_carrier<mpi::detail::ApplyExtras, G, Extras> {};
+
 template <class F, class Item>
 inline constexpr bool is_checked_adaptor_v<mpi::detail::DecodeInput<F, Item>> = true;
 template <class F, class Item>
@@ -383,9 +456,8 @@ namespace procpool::mpi::detail {
 template <class F, class Item, class Out, class... Extra>
 class TypedNodeCall final : public NodeCall {
  public:
-  explicit TypedNodeCall(Reader& setup) : f_(procpool::detail::code_carrier<F>::load(setup)) {
-    procpool::detail::load_extra_args(setup, extra_);
-  }
+  explicit TypedNodeCall(Reader& setup)
+      : f_(procpool::detail::code_carrier<F>::load(setup)), extras_(held_extras(setup)) {}
 
   void run(procpool::Pool& pool, std::vector<NodeChunk>& chunks, bool send_back_deaths) override {
     std::vector<std::exception_ptr> decode_errors;  // per input; none for bare or forwarded ones
@@ -420,18 +492,30 @@ class TypedNodeCall final : public NodeCall {
               std::vector<std::exception_ptr>& decode_errors, bool send_back_deaths) {
     // Outcomes in input order, as they come: each chunk's reply can leave as
     // soon as its own inputs are done.
-    if constexpr (forwarded_v<Out>) {
-      auto results = std::apply(
+    if constexpr (forwards_extras) {
+      run_with(pool, ApplyExtras<G, std::tuple<Extra...>>{g}, inputs, chunks, decode_errors,
+               send_back_deaths, extras_);
+    } else {
+      std::apply(
           [&](const Extra&... extra) {
-            return pool.imap_outcomes(ForwardResult<G, Out>{g}, inputs, extra...);
+            run_with(pool, g, inputs, chunks, decode_errors, send_back_deaths, extra...);
           },
-          extra_);
+          extras_);
+    }
+  }
+
+  /// run_on's call, with what the node's Pool passes as extra arguments.
+  template <class G, class Inputs, class... Passed>
+  void run_with(procpool::Pool& pool, const G& g, Inputs& inputs, std::vector<NodeChunk>& chunks,
+                std::vector<std::exception_ptr>& decode_errors, bool send_back_deaths,
+                const Passed&... passed) {
+    if constexpr (forwarded_v<Out>) {
+      auto results = pool.imap_outcomes(ForwardResult<G, Out>{g}, inputs, passed...);
       write_outcomes(
           pool, send_back_deaths, chunks, decode_errors, results,
           [](ReplyParts& reply, Forwarded<Out>& value) { reply.append(value.take_bytes()); });
     } else {
-      auto results = std::apply(
-          [&](const Extra&... extra) { return pool.imap_outcomes(g, inputs, extra...); }, extra_);
+      auto results = pool.imap_outcomes(g, inputs, passed...);
       write_outcomes(pool, send_back_deaths, chunks, decode_errors, results,
                      [](ReplyParts& reply, Out& value) { put_framed(reply.writer(), value); });
     }
@@ -552,8 +636,27 @@ class TypedNodeCall final : public NodeCall {
     }
   }
 
+  /// The extra arguments go on to the workers undecoded (a load() that
+  /// crashes must not end the rank), unless one holds a SharedBuffer or
+  /// SharedVector: decoded here, its memory is shared by the node's workers,
+  /// not copied into each (as for inputs, see forwarded_v).
+  static constexpr bool forwards_extras =
+      sizeof...(Extra) != 0 && (!holds_shared_memory<Extra>() && ...);
+  using HeldExtras =
+      std::conditional_t<forwards_extras, ForwardedExtras<Extra...>, std::tuple<Extra...>>;
+
+  static HeldExtras held_extras(Reader& setup) {
+    if constexpr (forwards_extras) {
+      return HeldExtras(setup);
+    } else {
+      std::tuple<Extra...> extra;
+      procpool::detail::load_extra_args(setup, extra);
+      return extra;
+    }
+  }
+
   F f_;
-  std::tuple<Extra...> extra_;
+  HeldExtras extras_;
 };
 
 template <class F, class Item, class Out, class... Extra>
