@@ -38,7 +38,8 @@ class TaskError : public Error {
   enum class Stage {
     task,                ///< the task itself threw
     serialize_input,     ///< in the caller, the input's save(); the task did not run
-    deserialize_input,   ///< in the worker, the input's load(); the task did not run
+    deserialize_input,   ///< in the worker, the input's (or an extra argument's) load();
+                         ///< the task did not run
     serialize_result,    ///< in the worker, the result's save(); the task had returned
     deserialize_result,  ///< in the caller, the result's load(); the task had returned
   };

@@ -33,6 +33,9 @@ long square(int x) {
 std::string label(int x, const std::string& prefix, int scale) {
   return prefix + std::to_string(x * scale);
 }
+int add_scaled(int a, int b, int scale) {
+  return scale * (a + b);
+}
 int add(int a, int b) {
   return a + b;
 }
@@ -304,6 +307,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 500; ++i)
       pairs.emplace_back(i, 2 * i);
     MPI_CHECK(pool.starmap(&add, pairs) == local.starmap(&add, pairs));
+    // with an extra argument (handed on undecoded by the nodes)
+    MPI_CHECK(pool.starmap(&add_scaled, pairs, 3) == local.starmap(&add_scaled, pairs, 3));
 
     // map_outcomes: all succeed, indices global
     auto outcomes = pool.map_outcomes(&square, inputs);

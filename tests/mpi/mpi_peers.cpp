@@ -4838,7 +4838,9 @@ std::vector<Case> differential_cases() {
                      const auto remote = adjacent_bad_scenario<procpool::mpi::Pool>(rows, failures);
                      PEER_CHECK_MSG(failures.empty(), joined(failures));
                    }});
-  // FAILS on both pools when written (2026-12-03, debug build, mpirun -n 3):
+  // Failed on both pools when written (2026-12-03, debug build, mpirun -n 3;
+  // fixed in 533c3a0: the worker reports it as an input decode failure, and a
+  // node hands extra arguments on undecoded):
   //   procpool::Pool: extra argument's load() raise: map_outcomes [0:TaskError task,
   //     1:TaskError task, ..., 5:TaskError task]
   //   mpi::Pool: extra argument's load() raise: map_outcomes [0:Error(procpool::mpi: task 0
@@ -4880,18 +4882,19 @@ std::vector<Case> differential_cases() {
                                       local[i] + " | " + remote[i]);
                    }});
   // Last of the mode: it ends the MPI job when it fails, as it did when
-  // written (2026-12-03, debug build, mpirun -n 3 --oversubscribe --bind-to none):
+  // written (2026-12-03, debug build, mpirun -n 3 --oversubscribe --bind-to
+  // none; fixed in 533c3a0, the node now hands extra arguments on undecoded):
   //   procpool::Pool: extra argument's load() exit(3): map_outcomes [0:exit 3 (around: its
   //     worker died 4 times while it was queued or its result on the way, never while it
   //     ran), ... 5:exit 3 (around: ...)]; submit 0:exit 3; the map after it is right.
   //   mpi::Pool: the job ends in its map_outcomes:
   //     mpirun detected that one or more processes exited with non-zero status ...
   //     Process name: [[26505,1],1]  Exit code: 3
-  // A node's rank decodes a call's extra arguments itself, so a load() that
-  // exits (or crashes) there kills the rank, and with it the whole MPI job,
+  // A node's rank decoded a call's extra arguments itself, so a load() that
+  // exits (or crashes) there killed the rank, and with it the whole MPI job,
   // where procpool::Pool loses only workers (README: a crash "costs one task
-  // ... never the MPI job"). Inputs are passed on undecoded; extra arguments
-  // are not.
+  // ... never the MPI job"). Inputs were passed on undecoded; extra arguments
+  // were not.
   cases.push_back({"deadlock_extra_argument_load_exit",
                    "loky TestExecutorDeadLock.crash_cases: CExitAtUnpickle as the function's "
                    "argument; here a pool's extra argument",

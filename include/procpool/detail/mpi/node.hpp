@@ -8,8 +8,9 @@
 //   * a NodePoolFactory, instantiated for the pool's initializer, that builds
 //     the node's procpool::Pool exactly as Pool(options, init) would;
 //   * a NodeCallFactory, instantiated for (F, Item, Extra...), that decodes a
-//     call's function and extra arguments once, then runs each node chunk on
-//     the node's Pool with map_outcomes and encodes every outcome.
+//     call's function once (its extra arguments go on to the workers as the
+//     root wrote them, see ForwardedExtras), then runs each node chunk on the
+//     node's Pool with map_outcomes and encodes every outcome.
 #pragma once
 
 #include <algorithm>
