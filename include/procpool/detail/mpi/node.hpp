@@ -318,7 +318,8 @@ class ForwardedInput {
 /// wrote (save_extra_args) handed on to its workers as they are. The node
 /// never decodes them: a load() that throws or crashes costs the workers
 /// (each input fails, as on procpool::Pool), never the rank, whose death
-/// would end the MPI job. The worker decodes them once per call.
+/// would end the MPI job. Each worker decodes them once per batch of chunks
+/// (one call of the node's Pool).
 template <class... Extra>
 class ForwardedExtras {
  public:
