@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -197,12 +198,25 @@ class Engine::Impl final : private ReplySink {
     std::uint64_t tasks_sent = 0;
     unsigned position = 0;  // which of the `processes` places this worker holds
   };
+  /// How the last worker that died decoding a call's setup ended.
+  struct SetupDeath {
+    pid_t pid = 0;
+    int signal = 0;
+    int code = 0;
+    bool timed_out = false;
+    unsigned deaths = 0;
+  };
   struct CallState {
     Buffer setup;
     SetupScope scope = SetupScope::every_worker;
     std::deque<ChunkDone> completed;
     TaskTimeEstimate task_time;
     bool local_setup_done = false;  // Start::in_process
+    /// Workers that died decoding this call's setup (no task of it running).
+    unsigned setup_deaths = 0;
+    /// Set once more than `retries` did: every task of the call not yet run
+    /// then fails at once, rather than kill a worker or more each.
+    std::optional<SetupDeath> setup_failed;
   };
   /// Why the engine gives up on a worker.
   enum class Loss { died, timed_out, corrupt };
@@ -230,6 +244,11 @@ class Engine::Impl final : private ReplySink {
   void charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue);
   /// Sends again, in halves, a chunk whose worker died while it was not running.
   void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
+  /// `w` died decoding a call's setup: charges the call, not a task.
+  void charge_setup(Worker& w, pid_t pid, const WorkerExit& exit, bool timed_out,
+                    std::deque<Chunk>& requeue);
+  /// Fails each task of `chunk` with its call's setup death, if it has one.
+  bool fail_if_setup_failed(const Chunk& chunk);
   /// Gives up on the pool when new workers keep dying before they are ready.
   void note_start_up_death(pid_t pid, const WorkerExit& exit);
   /// The error for a task whose worker died under it: an OOM kill says so.
@@ -339,7 +358,8 @@ void Engine::Impl::start_worker(unsigned position) {
   worker.position = position;
   telemetry_.worker_started(position, worker.link->pid());
   for (auto& [id, call] : calls_) {
-    if (call.scope == SetupScope::every_worker && !call.setup.empty()) {
+    // Not a setup that killed its workers: no task of that call runs again.
+    if (call.scope == SetupScope::every_worker && !call.setup.empty() && !call.setup_failed) {
       worker.link->send_setup(id, call.setup);
     }
   }
@@ -373,6 +393,7 @@ void Engine::Impl::close_call(std::uint64_t call, bool may_have_queued) {
 }
 
 void Engine::Impl::submit(Chunk chunk) {
+  if (fail_if_setup_failed(chunk)) return;
   if (broken_ || stopping_) {
     std::exception_ptr reason =
         broken_ ? broken_
@@ -534,9 +555,43 @@ void Engine::Impl::finish_chunk(const Chunk& chunk, ChunkDone done) {
 
 void Engine::Impl::requeue_front(std::deque<Chunk>& chunks) {
   while (!chunks.empty()) {
-    if (calls_.contains(chunks.back().call)) pending_.push_front(std::move(chunks.back()));
+    if (calls_.contains(chunks.back().call) && !fail_if_setup_failed(chunks.back())) {
+      pending_.push_front(std::move(chunks.back()));
+    }
     chunks.pop_back();
   }
+}
+
+void Engine::Impl::charge_setup(Worker& w, pid_t pid, const WorkerExit& exit, bool timed_out,
+                                std::deque<Chunk>& requeue) {
+  // The worker was decoding the call's setup (its extra arguments), which
+  // every worker decodes before the call's first task: no task is to blame,
+  // and each would kill its own worker in turn. So the call is charged: its
+  // chunks go again as they are while deaths <= retries, then every task of
+  // it not yet run fails (requeue_front and submit fail them as they come).
+  auto it = calls_.find(exit.running->call);
+  if (it != calls_.end() && ++it->second.setup_deaths > config_.retries) {
+    it->second.setup_failed =
+        SetupDeath{pid, exit.signal, exit.code, timed_out, it->second.setup_deaths};
+    std::erase_if(pending_, [this](const Chunk& c) { return fail_if_setup_failed(c); });
+  }
+  for (Chunk& chunk : w.inflight)
+    requeue.push_back(std::move(chunk));
+}
+
+bool Engine::Impl::fail_if_setup_failed(const Chunk& chunk) {
+  auto it = calls_.find(chunk.call);
+  if (it == calls_.end() || !it->second.setup_failed) return false;
+  const SetupDeath& death = *it->second.setup_failed;
+  for (std::uint64_t i = 0; i < chunk.count; ++i) {
+    const auto index = static_cast<std::size_t>(chunk.first + i);
+    std::exception_ptr failure =
+        death.timed_out ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
+                        : std::make_exception_ptr(WorkerCrashed::in_setup(
+                              index, death.pid, death.signal, death.code, death.deaths));
+    finish_chunk(chunk, ChunkDone::failed(chunk.first + i, 1, std::move(failure)));
+  }
+  return true;
 }
 
 void Engine::Impl::charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue) {
@@ -573,6 +628,10 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
   // in halves: under a storm of kills, smaller pieces get their replies home
   // between them. The chunks queued behind it had no chance to run: they go
   // again as they are.
+  if (exit.running && exit.running->setup && loss != Loss::corrupt) {
+    charge_setup(w, pid, exit, loss == Loss::timed_out, requeue);
+    w.inflight.clear();
+  }
   bool front = true;
   const auto send_again = [&](Chunk chunk) {
     const bool worked_on = std::exchange(front, false);

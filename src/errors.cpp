@@ -95,6 +95,22 @@ WorkerCrashed WorkerCrashed::out_of_memory(std::size_t index, pid_t pid, const s
   return crashed;
 }
 
+WorkerCrashed WorkerCrashed::in_setup(std::size_t index, pid_t pid, int signal, int exit_status,
+                                      unsigned deaths) {
+  const std::string seen = std::to_string(deaths) + (deaths == 1 ? " worker" : " workers") +
+                           " died decoding the call's extra arguments";
+  WorkerCrashed crashed(
+      Message{"procpool: task " + std::to_string(index) + " never ran: " + seen +
+              ", before any task of the call (the last, worker " + std::to_string(pid) + ", " +
+              describe_death(signal, exit_status) +
+              "), so every task of the call not yet run fails. Check the load() of the "
+              "call's extra arguments; reproduce it with Options{.start = "
+              "procpool::Start::in_process} under a debugger"},
+      index, pid, signal, exit_status);
+  crashed.observed_ = seen;
+  return crashed;
+}
+
 TaskTimeout::TaskTimeout(std::size_t index, std::chrono::milliseconds limit)
     : Error("procpool: task " + std::to_string(index) + " ran longer than its limit of " +
             std::to_string(limit.count()) + " ms and its worker was stopped"),

@@ -50,6 +50,9 @@ class WorkerLoop {
 
  private:
   void run_task_frame(const FrameHeader& header, Reader& payload);
+  /// Decodes a call's setup, noted in the slot: if its extra arguments'
+  /// load() kills this worker, the parent charges the call, not a task.
+  void set_up_call(std::uint64_t call, Reader& payload);
   bool move_into_arena(std::size_t at, FrameHeader& reply);
   void map_reply_region(std::size_t region, std::size_t bytes);
   /// Remembers how large the reply was, to guess where to write the next one.
@@ -115,6 +118,17 @@ bool WorkerLoop::move_into_arena(std::size_t at, FrameHeader& reply) {
   reply.flags =
       static_cast<std::uint16_t>(reply.flags | arena_flags(static_cast<std::size_t>(region)));
   return true;
+}
+
+void WorkerLoop::set_up_call(std::uint64_t call, Reader& payload) {
+  WorkerSlot* slot = context_.slot;
+  if (slot) {
+    slot->call.store(call, std::memory_order_relaxed);
+    slot->started_ns.store(steady_now_ns(), std::memory_order_relaxed);
+    slot->running.store(WorkerSlot::running_setup, std::memory_order_release);
+  }
+  logic_.setup(call, payload);
+  if (slot) slot->running.store(0, std::memory_order_release);
 }
 
 void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
@@ -347,7 +361,7 @@ void WorkerLoop::run() {
           if (header.flags & flag_end_call_after) logic_.end(header.call);
           break;
         case FrameKind::setup:
-          logic_.setup(header.call, payload);
+          set_up_call(header.call, payload);
           break;
         case FrameKind::end_call:
           logic_.end(header.call);

@@ -276,10 +276,11 @@ class WorkerProcess final : public WorkerLink {
   bool mid_message() const noexcept override { return channel_.mid_message(); }
 
   std::optional<RunningTaskRef> running_task() const noexcept override {
-    if (slot_->running.load(std::memory_order_acquire) == 0) return std::nullopt;
-    return RunningTaskRef{slot_->call.load(std::memory_order_relaxed),
-                          slot_->index.load(std::memory_order_relaxed),
-                          slot_->started_ns.load(std::memory_order_relaxed)};
+    const std::uint32_t running = slot_->running.load(std::memory_order_acquire);
+    if (running == 0) return std::nullopt;
+    return RunningTaskRef{
+        slot_->call.load(std::memory_order_relaxed), slot_->index.load(std::memory_order_relaxed),
+        slot_->started_ns.load(std::memory_order_relaxed), running == WorkerSlot::running_setup};
   }
   WorkerCounters counters() const noexcept override { return slot_->counters(); }
 

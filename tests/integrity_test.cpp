@@ -5,6 +5,7 @@
 #include <procpool/procpool.hpp>
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -485,6 +486,110 @@ TEST(InputSerialisation, ImapYieldsTheResultsBeforeThenThrowsInAPool) {
     EXPECT_EQ(e.stage(), Stage::serialize_input);
   }
   EXPECT_EQ(fours.map(unwrap, unsendables(3)), (std::vector<int>{0, 10, 20}));
+}
+
+// An extra argument is decoded once in each worker, before the call's first
+// task there (loky's crash_cases pass such objects as the argument). One
+// whose load() kills or hangs its worker fails the call, not input after
+// input: each input used to cost its worker (and its retries' workers) in
+// turn, and a hang was never timed out, since no task was running.
+
+/// Its load() does, in the worker that decodes it: 0 nothing, 1 _exit(3), 2 hang.
+struct WorkerBomb {
+  int how = 0;
+  std::string unsent;  // not trivially copyable: the value travels through save() and load()
+  template <class Archive>
+  void save(Archive& ar) const {
+    ar(how);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    ar(how);
+    if (how == 1) ::_exit(3);
+    while (how == 2)
+      ::pause();
+  }
+};
+
+int plus_bomb(int x, const WorkerBomb& bomb) {
+  return x + bomb.how;
+}
+
+unsigned crashes_in(const procpool::Insights& insights) {
+  unsigned n = 0;
+  for (const procpool::WorkerInsights& w : insights.workers)
+    n += w.crashes;
+  return n;
+}
+
+/// Every outcome a WorkerCrashed whose call's setup killed `fewest` to
+/// `most` workers (each death after the first that fails the call counts too).
+template <class Outcomes>
+void expect_all_died_in_setup(const Outcomes& outcomes, std::size_t n, unsigned fewest,
+                              unsigned most) {
+  ASSERT_EQ(outcomes.size(), n);
+  for (std::size_t i = 0; i < n; ++i) {
+    ASSERT_FALSE(outcomes[i].ok()) << i;
+    try {
+      std::rethrow_exception(outcomes[i].error);
+    } catch (const procpool::WorkerCrashed& e) {
+      EXPECT_EQ(e.index(), i);
+      EXPECT_EQ(e.exit_status(), 3);
+      const std::string said = " died decoding the call's extra arguments";
+      const std::string& seen = e.observed();
+      const unsigned deaths = static_cast<unsigned>(std::atoi(seen.c_str()));
+      EXPECT_TRUE(deaths >= fewest && deaths <= most) << seen;
+      EXPECT_EQ(seen, std::to_string(deaths) + (deaths == 1 ? " worker" : " workers") + said);
+      EXPECT_NE(std::string(e.what()).find("task " + std::to_string(i) + " never ran"),
+                std::string::npos)
+          << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << i << ": " << e.what();
+    }
+  }
+}
+
+TEST(ExtraArguments, OneWhoseLoadKillsItsWorkerCostsTheCallOneDeathPerWorkerNotOnePerInput) {
+  procpool::Pool pool({.processes = 2, .chunksize = 1});
+  const std::vector<int> inputs(200, 1);
+  expect_all_died_in_setup(pool.map_outcomes(plus_bomb, inputs, WorkerBomb{1, {}}), inputs.size(),
+                           1, 2);
+  // Both workers had the setup before the first died; no new one gets it.
+  EXPECT_LE(crashes_in(pool.insights()), 2u);
+  EXPECT_EQ(pool.map(plus_bomb, std::vector{1, 2, 3}, WorkerBomb{0, {}}), (std::vector{1, 2, 3}));
+  try {
+    (void)pool.submit(plus_bomb, 7, WorkerBomb{1, {}}).get();
+    FAIL() << "no exception";
+  } catch (const procpool::WorkerCrashed& e) {
+    EXPECT_EQ(e.index(), 0u);
+    EXPECT_EQ(e.exit_status(), 3);
+  }
+  EXPECT_EQ(pool.submit(plus_bomb, 7, WorkerBomb{0, {}}).get(), 7);
+}
+
+TEST(ExtraArguments, RetriesGiveTheSetupThatManyMoreWorkers) {
+  procpool::Pool pool({.processes = 1, .chunksize = 3, .retries = 2});
+  expect_all_died_in_setup(pool.map_outcomes(plus_bomb, std::vector<int>(10, 1), WorkerBomb{1, {}}),
+                           10, 3, 3);
+  EXPECT_EQ(crashes_in(pool.insights()), 3u);
+  EXPECT_EQ(pool.map(plus_bomb, std::vector{4, 5}, WorkerBomb{0, {}}), (std::vector{4, 5}));
+}
+
+TEST(ExtraArguments, OneWhoseLoadHangsIsStoppedByTheTaskTimeout) {
+  procpool::Pool pool({.processes = 2, .task_timeout = std::chrono::milliseconds(300)});
+  const auto outcomes = pool.map_outcomes(plus_bomb, std::vector<int>(20, 1), WorkerBomb{2, {}});
+  ASSERT_EQ(outcomes.size(), 20u);
+  for (std::size_t i = 0; i < outcomes.size(); ++i) {
+    ASSERT_FALSE(outcomes[i].ok()) << i;
+    try {
+      std::rethrow_exception(outcomes[i].error);
+    } catch (const procpool::TaskTimeout& e) {
+      EXPECT_EQ(e.index(), i);
+    } catch (...) {
+      ADD_FAILURE() << i << ": " << outcomes[i].what();
+    }
+  }
+  EXPECT_EQ(pool.map(plus_bomb, std::vector{6}, WorkerBomb{0, {}}), (std::vector{6}));
 }
 
 }  // namespace

@@ -73,6 +73,10 @@ class WorkerCrashed : public Error {
   /// The worker was killed by the OOM killer; `seen` says what was observed
   /// (the memory limit, the peak use).
   static WorkerCrashed out_of_memory(std::size_t index, pid_t pid, const std::string& seen);
+  /// Task `index` never ran: workers died decoding its call's setup (the
+  /// call's extra arguments' load()), `deaths` of them, the last `pid`.
+  static WorkerCrashed in_setup(std::size_t index, pid_t pid, int signal, int exit_status,
+                                unsigned deaths);
   /// Whether the OOM killer killed the worker (as far as procpool could tell).
   bool out_of_memory() const noexcept { return out_of_memory_; }
   /// What was observed around the death, as given to the constructor or to

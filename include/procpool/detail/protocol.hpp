@@ -229,7 +229,11 @@ struct WorkerSlot {
   std::atomic<std::uint64_t> call{0};
   std::atomic<std::uint64_t> index{0};
   std::atomic<std::int64_t> started_ns{0};  // steady_clock, the same clock in every process
+  /// What `call` and `started_ns` name: nothing, a task (`index`), or the
+  /// call's setup being decoded (its extra arguments' load(), no task yet).
   std::atomic<std::uint32_t> running{0};
+  static constexpr std::uint32_t running_task = 1;
+  static constexpr std::uint32_t running_setup = 2;
   /// Set by the worker once started (initializer included), before its first task.
   std::atomic<std::uint32_t> ready{0};
 
@@ -294,7 +298,7 @@ class RunningTask {
     if (!slot_) return;
     slot_->index.store(index, std::memory_order_relaxed);
     slot_->started_ns.store(run.task_start_ns, std::memory_order_relaxed);
-    slot_->running.store(1, std::memory_order_release);
+    slot_->running.store(WorkerSlot::running_task, std::memory_order_release);
   }
   /// The task's function returned; what follows is serialisation.
   void computed() {

@@ -65,11 +65,13 @@ struct LinkState {
   bool is_open() const noexcept { return kind == open; }
 };
 
-/// The task a worker is running.
+/// The task a worker is running, or the call whose setup it is decoding.
 struct RunningTaskRef {
   std::uint64_t call = 0;
-  std::uint64_t index = 0;
+  std::uint64_t index = 0;      // the task's; meaningless for a setup
   std::int64_t started_ns = 0;  // steady clock, the same in every process of a node
+  /// Decoding `call`'s setup (its extra arguments): no task of it has run.
+  bool setup = false;
 };
 
 /// How a worker ended: its exit status, and the task it was running then.
