@@ -214,6 +214,8 @@ class Engine::Impl final : private ReplySink {
     bool local_setup_done = false;  // Start::in_process
     /// Workers that died decoding this call's setup (no task of it running).
     unsigned setup_deaths = 0;
+    /// Whether each of them was SIGKILLed, not by the engine: a kill storm's.
+    bool setup_deaths_killed = true;
     /// Set once more than `retries` did: every task of the call not yet run
     /// then fails at once, rather than kill a worker or more each.
     std::optional<SetupDeath> setup_failed;
@@ -244,9 +246,8 @@ class Engine::Impl final : private ReplySink {
   void charge(Chunk task, std::exception_ptr failure, std::deque<Chunk>& requeue);
   /// Sends again, in halves, a chunk whose worker died while it was not running.
   void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
-  /// `w` died decoding a call's setup: charges the call, not a task.
-  void charge_setup(Worker& w, pid_t pid, const WorkerExit& exit, bool timed_out,
-                    std::deque<Chunk>& requeue);
+  /// A worker died decoding `call`'s setup: charges the call, not a task.
+  void charge_setup(std::uint64_t call, pid_t pid, const WorkerExit& exit, bool timed_out);
   /// Fails each task of `chunk` with its call's setup death, if it has one.
   bool fail_if_setup_failed(const Chunk& chunk);
   /// Gives up on the pool when new workers keep dying before they are ready.
@@ -562,21 +563,25 @@ void Engine::Impl::requeue_front(std::deque<Chunk>& chunks) {
   }
 }
 
-void Engine::Impl::charge_setup(Worker& w, pid_t pid, const WorkerExit& exit, bool timed_out,
-                                std::deque<Chunk>& requeue) {
+void Engine::Impl::charge_setup(std::uint64_t call_id, pid_t pid, const WorkerExit& exit,
+                                bool timed_out) {
   // The worker was decoding the call's setup (its extra arguments), which
   // every worker decodes before the call's first task: no task is to blame,
   // and each would kill its own worker in turn. So the call is charged: its
   // chunks go again as they are while deaths <= retries, then every task of
   // it not yet run fails (requeue_front and submit fail them as they come).
-  auto it = calls_.find(exit.running->call);
-  if (it != calls_.end() && ++it->second.setup_deaths > config_.retries) {
-    it->second.setup_failed =
-        SetupDeath{pid, exit.signal, exit.code, timed_out, it->second.setup_deaths};
+  // Deaths that were all SIGKILLs from outside (a storm, while a big setup
+  // is decoded) get the allowance of a task orphaned by them.
+  auto it = calls_.find(call_id);
+  if (it == calls_.end()) return;
+  CallState& call = it->second;
+  ++call.setup_deaths;
+  call.setup_deaths_killed = call.setup_deaths_killed && exit.signal == SIGKILL && !timed_out;
+  const unsigned allowed = config_.retries + (call.setup_deaths_killed ? orphan_allowance : 0);
+  if (call.setup_deaths > allowed) {
+    call.setup_failed = SetupDeath{pid, exit.signal, exit.code, timed_out, call.setup_deaths};
     std::erase_if(pending_, [this](const Chunk& c) { return fail_if_setup_failed(c); });
   }
-  for (Chunk& chunk : w.inflight)
-    requeue.push_back(std::move(chunk));
 }
 
 bool Engine::Impl::fail_if_setup_failed(const Chunk& chunk) {
@@ -629,7 +634,10 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
   // between them. The chunks queued behind it had no chance to run: they go
   // again as they are.
   if (exit.running && exit.running->setup && loss != Loss::corrupt) {
-    charge_setup(w, pid, exit, loss == Loss::timed_out, requeue);
+    // Its chunks go again as they are (or fail, requeue_front).
+    charge_setup(exit.running->call, pid, exit, loss == Loss::timed_out);
+    for (Chunk& chunk : w.inflight)
+      requeue.push_back(std::move(chunk));
     w.inflight.clear();
   }
   bool front = true;

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <list>
 #include <numeric>
 #include <ranges>
@@ -494,7 +495,11 @@ TEST(InputSerialisation, ImapYieldsTheResultsBeforeThenThrowsInAPool) {
 // input: each input used to cost its worker (and its retries' workers) in
 // turn, and a hang was never timed out, since no task was running.
 
-/// Its load() does, in the worker that decodes it: 0 nothing, 1 _exit(3), 2 hang.
+/// Set, for how == 3, to a flag shared with the workers.
+std::atomic<bool>* killed_once = nullptr;
+
+/// Its load() does, in the worker that decodes it: 0 nothing, 1 _exit(3),
+/// 2 hang, 3 SIGKILL its worker the first time (as a kill storm would).
 struct WorkerBomb {
   int how = 0;
   std::string unsent;  // not trivially copyable: the value travels through save() and load()
@@ -508,6 +513,7 @@ struct WorkerBomb {
     if (how == 1) ::_exit(3);
     while (how == 2)
       ::pause();
+    if (how == 3 && !killed_once->exchange(true)) ::raise(SIGKILL);
   }
 };
 
@@ -590,6 +596,16 @@ TEST(ExtraArguments, OneWhoseLoadHangsIsStoppedByTheTaskTimeout) {
     }
   }
   EXPECT_EQ(pool.map(plus_bomb, std::vector{6}, WorkerBomb{0, {}}), (std::vector{6}));
+}
+
+TEST(ExtraArguments, AWorkerKilledFromOutsideWhileDecodingThemCostsNothing) {
+  Shared shared;
+  killed_once = shared.flag;
+  procpool::Pool pool({.processes = 1});
+  EXPECT_EQ(pool.map(plus_bomb, std::vector{1, 2, 3}, WorkerBomb{3, {}}), (std::vector{4, 5, 6}));
+  EXPECT_TRUE(shared.flag->load());
+  EXPECT_EQ(crashes_in(pool.insights()), 1u);
+  killed_once = nullptr;
 }
 
 }  // namespace
