@@ -591,9 +591,10 @@ bool Engine::Impl::fail_if_setup_failed(const Chunk& chunk) {
   for (std::uint64_t i = 0; i < chunk.count; ++i) {
     const auto index = static_cast<std::size_t>(chunk.first + i);
     std::exception_ptr failure =
-        death.timed_out ? std::make_exception_ptr(TaskTimeout(index, config_.task_timeout))
-                        : std::make_exception_ptr(WorkerCrashed::in_setup(
-                              index, death.pid, death.signal, death.code, death.deaths));
+        death.timed_out
+            ? std::make_exception_ptr(TaskTimeout::in_setup(index, config_.task_timeout))
+            : std::make_exception_ptr(WorkerCrashed::in_setup(index, death.pid, death.signal,
+                                                              death.code, death.deaths));
     finish_chunk(chunk, ChunkDone::failed(chunk.first + i, 1, std::move(failure)));
   }
   return true;

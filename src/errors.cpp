@@ -111,6 +111,20 @@ WorkerCrashed WorkerCrashed::in_setup(std::size_t index, pid_t pid, int signal, 
   return crashed;
 }
 
+TaskTimeout::TaskTimeout(Message message, std::size_t index, std::chrono::milliseconds limit)
+    : Error(message.text), index_(index), limit_(limit) {}
+
+TaskTimeout TaskTimeout::in_setup(std::size_t index, std::chrono::milliseconds limit) {
+  return TaskTimeout(
+      Message{"procpool: task " + std::to_string(index) +
+              " never ran: a worker decoding the call's extra arguments ran longer than the "
+              "task limit of " +
+              std::to_string(limit.count()) +
+              " ms (which bounds that too) and was stopped, so every task of the call not yet "
+              "run fails. Check the load() of the call's extra arguments, or raise task_timeout"},
+      index, limit);
+}
+
 TaskTimeout::TaskTimeout(std::size_t index, std::chrono::milliseconds limit)
     : Error("procpool: task " + std::to_string(index) + " ran longer than its limit of " +
             std::to_string(limit.count()) + " ms and its worker was stopped"),

@@ -591,6 +591,11 @@ TEST(ExtraArguments, OneWhoseLoadHangsIsStoppedByTheTaskTimeout) {
       std::rethrow_exception(outcomes[i].error);
     } catch (const procpool::TaskTimeout& e) {
       EXPECT_EQ(e.index(), i);
+      EXPECT_NE(std::string(e.what()).find("task " + std::to_string(i) +
+                                           " never ran: a worker decoding the call's extra "
+                                           "arguments ran longer than the task limit of 300 ms"),
+                std::string::npos)
+          << e.what();
     } catch (...) {
       ADD_FAILURE() << i << ": " << outcomes[i].what();
     }

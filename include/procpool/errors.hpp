@@ -106,10 +106,18 @@ class WorkerCrashed : public Error {
 class TaskTimeout : public Error {
  public:
   TaskTimeout(std::size_t index, std::chrono::milliseconds limit);
+  /// Task `index` never ran: a worker decoding its call's extra arguments
+  /// ran past the limit (which bounds that decode too) and was stopped.
+  static TaskTimeout in_setup(std::size_t index, std::chrono::milliseconds limit);
   std::size_t index() const noexcept { return index_; }
   std::chrono::milliseconds limit() const noexcept { return limit_; }
 
  private:
+  struct Message {
+    std::string text;
+  };
+  TaskTimeout(Message message, std::size_t index, std::chrono::milliseconds limit);
+
   std::size_t index_;
   std::chrono::milliseconds limit_;
 };
