@@ -239,7 +239,10 @@ class Engine::Impl final : private ReplySink {
   void enforce_timeouts();
   std::chrono::milliseconds time_to_next_deadline() const;
   Worker* find_worker(std::uint64_t serial);
-  void lose(std::uint64_t serial, Loss loss, std::exception_ptr corrupt = nullptr);
+  /// `overran`: for a timeout, what the worker was found running past the
+  /// limit (it may have moved on before the kill landed: that is charged).
+  void lose(std::uint64_t serial, Loss loss, std::exception_ptr corrupt = nullptr,
+            std::optional<RunningTaskRef> overran = std::nullopt);
   void recycle(std::uint64_t serial);
   /// Removes `serial` from the workers and, unless stopping, starts its successor.
   void replace(std::uint64_t serial, unsigned position);
@@ -248,6 +251,8 @@ class Engine::Impl final : private ReplySink {
   void orphan(Chunk chunk, pid_t pid, const WorkerExit& exit, std::deque<Chunk>& requeue);
   /// A worker died decoding `call`'s setup: charges the call, not a task.
   void charge_setup(std::uint64_t call, pid_t pid, const WorkerExit& exit, bool timed_out);
+  /// Whether the OOM killer killed that worker (noted in the insights if so).
+  bool killed_for_memory(pid_t pid, const WorkerExit& exit);
   /// Fails each task of `chunk` with its call's setup death, if it has one.
   bool fail_if_setup_failed(const Chunk& chunk);
   /// Gives up on the pool when new workers keep dying before they are ready.
@@ -373,8 +378,12 @@ std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
   call.setup = std::move(setup);
   call.scope = scope;
   if (scope == SetupScope::every_worker && !call.setup.empty()) {
-    for (Worker& w : workers_)
-      w.link->send_setup(id, call.setup);
+    const std::size_t quota = config_.max_tasks_per_child;
+    for (Worker& w : workers_) {
+      // One past its quota runs no task again: it would decode the setup
+      // after its last reply, and its recycling wait for that decode to end.
+      if (quota == 0 || w.tasks_sent < quota) w.link->send_setup(id, call.setup);
+    }
   }
   return id;
 }
@@ -509,6 +518,9 @@ bool Engine::Impl::take(Reply reply) {
                         reply.slowest_nanos);
   compute_nanos_.fetch_add(reply.nanos, std::memory_order_relaxed);
   if (auto it = calls_.find(chunk.call); it != calls_.end()) {
+    // A worker decoded the setup: deaths in it before were not the setup's.
+    it->second.setup_deaths = 0;
+    it->second.setup_deaths_killed = true;
     it->second.task_time.add(done.count, static_cast<double>(reply.nanos));
     if (it->second.scope == SetupScope::each_chunk) {
       submitted_task_time_.add(done.count, static_cast<double>(reply.nanos));
@@ -575,13 +587,26 @@ void Engine::Impl::charge_setup(std::uint64_t call_id, pid_t pid, const WorkerEx
   auto it = calls_.find(call_id);
   if (it == calls_.end()) return;
   CallState& call = it->second;
+  if (call.setup_failed) return;
   ++call.setup_deaths;
-  call.setup_deaths_killed = call.setup_deaths_killed && exit.signal == SIGKILL && !timed_out;
+  const bool killed = exit.signal == SIGKILL && !timed_out && !killed_for_memory(pid, exit);
+  call.setup_deaths_killed = call.setup_deaths_killed && killed;
   const unsigned allowed = config_.retries + (call.setup_deaths_killed ? orphan_allowance : 0);
   if (call.setup_deaths > allowed) {
     call.setup_failed = SetupDeath{pid, exit.signal, exit.code, timed_out, call.setup_deaths};
     std::erase_if(pending_, [this](const Chunk& c) { return fail_if_setup_failed(c); });
   }
+}
+
+bool Engine::Impl::killed_for_memory(pid_t pid, const WorkerExit& exit) {
+  std::optional<std::string> seen = oom_.explain_kill(exit.counted.peak_rss_kb);
+  if (!seen) return false;
+  telemetry_.note_out_of_memory("worker " + std::to_string(pid) +
+                                " decoding a call's extra arguments was killed by the OOM "
+                                "killer: " +
+                                seen->substr(seen->find(": ") + 2) +
+                                "; use fewer processes, or smaller extra arguments");
+  return true;
 }
 
 bool Engine::Impl::fail_if_setup_failed(const Chunk& chunk) {
@@ -617,11 +642,13 @@ void Engine::Impl::fail_pending(const std::exception_ptr& reason) {
   }
 }
 
-void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corrupt) {
+void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corrupt,
+                        std::optional<RunningTaskRef> overran) {
   Worker& w = *find_worker(serial);
   const pid_t pid = w.link->pid();
   w.link->begin_end(loss == Loss::died ? WorkerLink::Ending::lost : WorkerLink::Ending::killed);
-  const WorkerExit exit = w.link->finish_end();
+  WorkerExit exit = w.link->finish_end();
+  if (overran) exit.running = overran;
   telemetry_.worker_left(w.position,
                          loss == Loss::died        ? Departure::crashed
                          : loss == Loss::timed_out ? Departure::timed_out
@@ -793,7 +820,7 @@ void Engine::Impl::enforce_timeouts() {
     for (Worker& w : workers_) {
       const std::optional<RunningTaskRef> task = w.link->running_task();
       if (task && now - task->started_ns > limit) {
-        lose(w.serial, Loss::timed_out);
+        lose(w.serial, Loss::timed_out, nullptr, task);
         killed = true;
         break;
       }

@@ -613,4 +613,25 @@ TEST(ExtraArguments, AWorkerKilledFromOutsideWhileDecodingThemCostsNothing) {
   killed_once = nullptr;
 }
 
+// helper-40's case: a worker at its quota, still running another call's
+// task, was sent the new call's setup; it decoded (and hung in) it after
+// its last reply, and its recycling waited for it with the pool's lock held:
+// the pool hung, task_timeout or not.
+TEST(ExtraArguments, AHangingDecodeNeverReachesAWorkerDueForRecycling) {
+  procpool::Pool pool(
+      {.processes = 1, .task_timeout = std::chrono::milliseconds(300), .max_tasks_per_child = 1});
+  auto slow = pool.submit(
+      [](int x) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        return x;
+      },
+      5);
+  const auto outcomes = pool.map_outcomes(plus_bomb, std::vector<int>(4, 1), WorkerBomb{2, {}});
+  EXPECT_EQ(slow.get(), 5);
+  ASSERT_EQ(outcomes.size(), 4u);
+  for (const auto& o : outcomes)
+    EXPECT_FALSE(o.ok());
+  EXPECT_EQ(pool.map(plus_bomb, std::vector{8}, WorkerBomb{0, {}}), (std::vector{8}));
+}
+
 }  // namespace

@@ -384,7 +384,9 @@ struct NodeFutureSource final : procpool::detail::FutureSource<Stored> {
 ///  - retries: a task whose worker died or timed out runs again on another
 ///    node (the least loaded one with room), should the cause be the node's;
 ///    on a pool of one node, on a fresh worker of that node;
-///  - task_timeout, max_tasks_per_child: applied by each node's own Pool;
+///  - task_timeout, max_tasks_per_child: applied by each node's own Pool
+///    (task_timeout to each batch's decoding of the call's extra arguments
+///    in a worker too);
 ///  - progress: on the root, over every node;
 ///  - imap_unordered's and every error's index is the global input index,
 ///    and every error also names its node (see ErrorLocation).

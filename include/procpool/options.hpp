@@ -53,7 +53,9 @@ struct Options {
   /// is run again on a fresh worker before it fails. Tasks that throw are not retried.
   unsigned retries = 0;
   /// Longest a single task may run; its worker is then killed and the task
-  /// fails with TaskTimeout (or is retried). Zero: no limit.
+  /// fails with TaskTimeout (or is retried). It bounds a worker's decoding of
+  /// a Pool call's extra arguments too (TaskTimeout::in_setup for each task
+  /// of the call: keep it above what a big argument takes). Zero: no limit.
   std::chrono::milliseconds task_timeout{0};
   /// Replace a worker after it has run this many tasks (for code that leaks);
   /// zero: never.
