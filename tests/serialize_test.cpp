@@ -13,6 +13,8 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -78,6 +80,54 @@ TEST(Serialize, RoundTripsTheTypesUsersSend) {
   EXPECT_EQ(round_trip(named), named);
   std::map<int, std::string> m{{1, "one"}, {2, "two"}};
   EXPECT_EQ(round_trip(m), m);
+}
+
+/// Trivially copyable, but with save() and load() of its own: a symbol
+/// interned in a table of each process's own, which travels as its text.
+/// Its bytes (a pointer into this process's table) mean nothing elsewhere,
+/// and its load() refuses an empty name.
+struct Symbol {
+  const std::string* text = nullptr;
+  static Symbol intern(const std::string& s) {
+    static std::set<std::string> table;  // per process
+    return Symbol{&*table.insert(s).first};
+  }
+  template <class Archive>
+  void save(Archive& ar) const {
+    ar(*text);
+  }
+  template <class Archive>
+  void load(Archive& ar) {
+    std::string s;
+    ar(s);
+    if (s.empty()) throw std::invalid_argument("Symbol::load: an empty name");
+    *this = intern(s);
+  }
+};
+static_assert(std::is_trivially_copyable_v<Symbol>);
+static_assert(procpool::detail::runs_user_code_v<Symbol>,
+              "a type's own save()/load() are used even when it is trivially copyable");
+
+TEST(Serialize, ATriviallyCopyableTypeWithItsOwnSaveAndLoadTravelsThroughThem) {
+  Buffer buffer;
+  Writer out(buffer);
+  procpool::detail::save(out, Symbol::intern("gamma"));
+  EXPECT_EQ(buffer.size(), 8u + 5u) << "its save() writes the length and the text";
+  // In a pool started before the symbols exist: raw pointer bytes would name
+  // strings its workers never had.
+  procpool::Pool pool({.processes = 2});
+  std::vector<Symbol> symbols;
+  for (const char* name : {"alpha", "beta", "", "delta"})
+    symbols.push_back(Symbol::intern(name));
+  const auto outcomes = pool.map_outcomes([](const Symbol& s) { return *s.text + "!"; }, symbols);
+  ASSERT_EQ(outcomes.size(), 4u);
+  ASSERT_TRUE(outcomes[0].ok()) << outcomes[0].what();
+  EXPECT_EQ(*outcomes[0].value, "alpha!");
+  ASSERT_TRUE(outcomes[1].ok()) << outcomes[1].what();
+  EXPECT_EQ(*outcomes[1].value, "beta!");
+  EXPECT_FALSE(outcomes[2].ok()) << "its load() refuses an empty name";
+  ASSERT_TRUE(outcomes[3].ok()) << outcomes[3].what();
+  EXPECT_EQ(*outcomes[3].value, "delta!");
 }
 
 TEST(Serialize, LengthsAre64Bit) {

@@ -166,11 +166,34 @@ struct is_std_optional : std::false_type {};
 template <class T>
 struct is_std_optional<std::optional<T>> : std::true_type {};
 
+/// Whether class T has serialize/save/load member functions (cereal's names,
+/// versioned or not, minimal or not). Non-member ones are not looked for:
+/// cereal has them for standard types (std::array, durations) that travel
+/// as raw bytes.
+template <class T>
+constexpr bool has_own_serialization() {
+  if constexpr (std::is_class_v<T>) {
+    using Out = cereal::BinaryOutputArchive;
+    using In = CheckedInputArchive;
+    namespace tr = cereal::traits;
+    return tr::has_member_serialize<T, Out>::value ||
+           tr::has_member_versioned_serialize<T, Out>::value ||
+           tr::has_member_save<T, Out>::value || tr::has_member_versioned_save<T, Out>::value ||
+           tr::has_member_load<T, In>::value || tr::has_member_versioned_load<T, In>::value ||
+           tr::has_member_save_minimal<T, Out>::value ||
+           tr::has_member_versioned_save_minimal<T, Out>::value;
+  } else {
+    return false;
+  }
+}
+
 /// Raw bytes are right for trivially copyable values; a pointer is trivially
 /// copyable but pointing into another process is a bug, so pointers are refused.
+/// A type with its own save()/load() travels through them, trivially copyable
+/// or not: they may hold what its bytes do not (a pointer's target), or check.
 template <class T>
-inline constexpr bool is_raw_v =
-    std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> && !std::is_member_pointer_v<T>;
+inline constexpr bool is_raw_v = std::is_trivially_copyable_v<T> && !std::is_pointer_v<T> &&
+                                 !std::is_member_pointer_v<T> && !has_own_serialization<T>();
 
 template <class T>
 inline constexpr bool is_cereal_v =
