@@ -656,18 +656,19 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
                          exit.counted);
   std::deque<Chunk> requeue;
   bool charged = false;
-  // The chunk the dead worker was working on, though no task of it was
-  // running (it died between two, or with the reply on its way), goes again
-  // in halves: under a storm of kills, smaller pieces get their replies home
-  // between them. The chunks queued behind it had no chance to run: they go
-  // again as they are.
   if (exit.running && exit.running->setup && loss != Loss::corrupt) {
-    // Its chunks go again as they are (or fail, requeue_front).
+    // It died decoding a call's setup: its chunks go again as they are (or
+    // fail, in requeue_front, once that setup has killed too many workers).
     charge_setup(exit.running->call, pid, exit, loss == Loss::timed_out);
     for (Chunk& chunk : w.inflight)
       requeue.push_back(std::move(chunk));
     w.inflight.clear();
   }
+  // The chunk the dead worker was working on, though no task of it was
+  // running (it died between two, or with the reply on its way), goes again
+  // in halves: under a storm of kills, smaller pieces get their replies home
+  // between them. The chunks queued behind it had no chance to run: they go
+  // again as they are.
   bool front = true;
   const auto send_again = [&](Chunk chunk) {
     const bool worked_on = std::exchange(front, false);

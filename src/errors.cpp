@@ -101,7 +101,7 @@ WorkerCrashed WorkerCrashed::in_setup(std::size_t index, pid_t pid, int signal, 
                            " died decoding the call's extra arguments";
   WorkerCrashed crashed(
       Message{"procpool: task " + std::to_string(index) + " never ran: " + seen +
-              ", before any task of the call (the last, worker " + std::to_string(pid) + ", " +
+              " (the last, worker " + std::to_string(pid) + ", " +
               describe_death(signal, exit_status) +
               "), so every task of the call not yet run fails. Check the load() of the "
               "call's extra arguments; reproduce it with Options{.start = "
