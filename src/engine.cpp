@@ -19,6 +19,7 @@
 
 #include "arena_cache.hpp"
 #include "chunk_runner.hpp"
+#include "fork_server.hpp"
 #include "oom.hpp"
 #include "procpool/detail/protocol.hpp"
 #include "procpool/detail/schedule.hpp"
@@ -275,6 +276,8 @@ class Engine::Impl final : private ReplySink {
 
   EngineConfig config_;
   LogicFactory make_logic_;
+  // Start::fork_server: forks the workers, once it has built their logic.
+  std::unique_ptr<ForkServer> fork_server_;
   LinkFactory start_link_;
   Telemetry telemetry_;
   // Start::in_process: the caller's process is the one worker.
@@ -317,6 +320,11 @@ Engine::LinkFactory Engine::Impl::local_worker_factory() {
         "memory, which a freshly started process does not have. Use procpool::Pool with "
         "Start::spawn and a function pointer or capture-less lambda, or Start::fork here.");
   }
+  if (config_.start == Start::fork_server) {
+    fork_server_ = std::make_unique<ForkServer>(
+        ForkServerBirth{parent_pid_, config_.inner_threads, config_.task_timeout.count() > 0,
+                        config_.fork_from_helper_thread, &make_logic_});
+  }
   return [this](unsigned) {
     WorkerBirth birth;
     birth.start = config_.start;
@@ -326,6 +334,7 @@ Engine::LinkFactory Engine::Impl::local_worker_factory() {
     birth.from_helper_thread = config_.fork_from_helper_thread;
     birth.make_logic = &make_logic_;
     birth.spawn_logic = config_.spawn_logic.get();
+    birth.fork_server = fork_server_.get();
     return start_worker_process(birth);
   };
 }

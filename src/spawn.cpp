@@ -122,17 +122,26 @@ bool receive_all(int fd, void* into, std::size_t n) {
 
 }  // namespace
 
+SlotFile create_slot_file() {
+  OwnedFd memfd(::memfd_create("procpool-worker-slot", MFD_CLOEXEC));
+  if (memfd.fd < 0) throw_errno(errno, "cannot create a worker's status page (memfd)");
+  if (::ftruncate(memfd.fd, static_cast<off_t>(sizeof(WorkerSlot))) != 0) {
+    throw_errno(errno, "cannot size a worker's status page");
+  }
+  void* page = ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, memfd.fd, 0);
+  if (page == MAP_FAILED) throw_errno(errno, "cannot map a worker's status page");
+  SlotFile file{memfd.fd, new (page) WorkerSlot()};
+  memfd.fd = -1;
+  return file;
+}
+
 SpawnedWorker spawn_worker_process(int parent_end, int child_end, const SpawnRequest& request) {
   OwnedFd child(child_end);
   // The status page must outlive exec, so it is a memfd both sides map.
-  OwnedFd memfd(::memfd_create("procpool-worker-slot", MFD_CLOEXEC));
-  if (memfd.fd < 0) throw_errno(errno, "cannot create a spawned worker's status page (memfd)");
-  if (::ftruncate(memfd.fd, static_cast<off_t>(sizeof(WorkerSlot))) != 0) {
-    throw_errno(errno, "cannot size a spawned worker's status page");
-  }
-  void* page = ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, memfd.fd, 0);
-  if (page == MAP_FAILED) throw_errno(errno, "cannot map a spawned worker's status page");
-  auto* slot = new (page) WorkerSlot();
+  const SlotFile slot_file = create_slot_file();
+  OwnedFd memfd(slot_file.fd);
+  void* page = slot_file.slot;
+  WorkerSlot* slot = slot_file.slot;
   try {
     // Queued in the socket before the worker exists, so it comes before any
     // frame the engine sends later.

@@ -41,6 +41,15 @@ struct SpawnedWorker {
 };
 SpawnedWorker spawn_worker_process(int parent_end, int child_end, const SpawnRequest& request);
 
+/// A worker's status page in a memory file, mapped here, for a worker that
+/// does not inherit this process's mappings (spawned, or forked by a fork
+/// server): it maps `fd`. The caller closes `fd`.
+struct SlotFile {
+  int fd = -1;
+  WorkerSlot* slot = nullptr;
+};
+SlotFile create_slot_file();
+
 /// Runs `start`, which creates a child process, on a thread that lasts as
 /// long as the process when `from_helper_thread` and the caller is not the
 /// main thread: a child's PR_SET_PDEATHSIG fires when the thread that created

@@ -20,6 +20,7 @@
 
 #include "arena_cache.hpp"
 #include "channel.hpp"
+#include "fork_server.hpp"
 #include "procpool/detail/memory_file.hpp"
 #include "procpool/errors.hpp"
 #include "spawn.hpp"
@@ -464,6 +465,30 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
   return {OwnedFd(sv[0]), OwnedFd(sv[1])};
 }
 
+/// A worker forked by the pool's fork server: it shares no mapping made here
+/// after the server started, so its status page is a memory file and it has
+/// no arenas (large payloads travel as memory files or on the socket).
+std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
+  for (;;) {
+    birth.fork_server->ensure_running();  // before the descriptors it must not inherit
+    auto [parent_end, child_end] = worker_sockets();
+    const SlotFile slot = create_slot_file();
+    const OwnedFd slot_file(slot.fd);
+    pid_t pid = 0;
+    try {
+      pid = birth.fork_server->start_worker(child_end.get(), slot_file.get());
+    } catch (...) {
+      unmap_slot(slot.slot);
+      throw;
+    }
+    if (pid > 0) {
+      return std::make_unique<WorkerProcess>(pid, parent_end.release(), slot.slot, nullptr,
+                                             nullptr);
+    }
+    unmap_slot(slot.slot);  // the server was gone: again, with a new one
+  }
+}
+
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
   auto [parent_end, child_end] = worker_sockets();
   // No arenas: everything travels through the socket.
@@ -525,7 +550,18 @@ pid_t start_child_process(bool from_helper_thread, const std::function<pid_t()>&
 }
 
 std::unique_ptr<WorkerLink> start_worker_process(const WorkerBirth& birth) {
-  return birth.start == Start::spawn ? spawn_worker(birth) : fork_worker(birth);
+  switch (birth.start) {
+    case Start::spawn:
+      return spawn_worker(birth);
+    case Start::fork_server:
+      return fork_server_worker(birth);
+    default:
+      return fork_worker(birth);
+  }
+}
+
+std::vector<int> parent_sockets() {
+  return ParentSockets::instance().snapshot();
 }
 
 }  // namespace procpool::detail

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "procpool/detail/buffer.hpp"
 #include "procpool/detail/protocol.hpp"
@@ -17,9 +18,11 @@
 
 namespace procpool::detail {
 
+class ForkServer;
+
 /// What a new local worker is started with.
 struct WorkerBirth {
-  Start start = Start::fork;  // fork or spawn
+  Start start = Start::fork;  // fork, spawn or fork_server
   pid_t parent = 0;
   unsigned inner_threads = 0;  // for the inner thread-count variables; 0 leaves them
   bool task_timeout = false;   // every task's start is then recorded
@@ -31,9 +34,16 @@ struct WorkerBirth {
   const std::function<std::unique_ptr<WorkerLogic>()>* make_logic = nullptr;
   /// Start::spawn: what a spawned worker builds its logic from.
   const Buffer* spawn_logic = nullptr;
+  /// Start::fork_server: the server that forks it (the engine's).
+  ForkServer* fork_server = nullptr;
 };
 
 /// Starts a local worker process; throws std::system_error if it cannot.
 [[nodiscard]] std::unique_ptr<WorkerLink> start_worker_process(const WorkerBirth& birth);
+
+/// The parent-side sockets of every engine in this process: a new child
+/// process closes them, so that it never keeps another engine's worker from
+/// seeing EOF.
+[[nodiscard]] std::vector<int> parent_sockets();
 
 }  // namespace procpool::detail

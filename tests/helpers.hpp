@@ -98,11 +98,14 @@ inline bool mapped_from_memory_file(const void* at) {
 /// Private (unshared) memory of this process in KiB, from smaps_rollup.
 inline long private_kib() {
   std::ifstream in("/proc/self/smaps_rollup");
-  std::string key;
-  long value = 0, total = 0;
-  std::string unit;
-  while (in >> key >> value >> unit) {
-    if (key == "Private_Clean:" || key == "Private_Dirty:") total += value;
+  long total = 0;
+  // The first line names the range ("...-... ---p ... [rollup]"), then "Key: value kB".
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream fields(line);
+    std::string key;
+    long value = 0;
+    if (fields >> key >> value && (key == "Private_Clean:" || key == "Private_Dirty:"))
+      total += value;
   }
   return total;
 }

@@ -29,9 +29,24 @@ namespace procpool {
 /// The fork-per-call functions (`procpool::map`...) reject it: their function
 /// may capture the caller's memory.
 ///
+/// `fork_server` (procpool::Pool and procpool::mpi::Pool) forks one server
+/// process when the pool starts; it runs the pool's initializer once, and
+/// every worker (and every replacement of one that crashed or was recycled)
+/// is forked from it. The state the initializer built is then held once,
+/// shared copy-on-write by all the workers, instead of once per worker: a
+/// 2 GB model loaded by the initializer costs 2 GB, not 2 GB per worker, and
+/// a new worker starts with it ready. A worker's writes to the state stay its
+/// own, as with `fork`; but whatever the initializer opened (a file, a
+/// socket) is one open file shared by every worker. The pool's constructor
+/// returns once the initializer has run. The server is single-threaded, so
+/// workers started later are safe to fork even if the caller has started
+/// threads by then. Large payloads travel as memory files or on the socket
+/// (these workers share no arena with the caller).
+///
 ///     auto squares = procpool::map(f, xs, {.start = procpool::Start::in_process});
 ///     procpool::Pool pool({.processes = 4, .start = procpool::Start::spawn}, &load_model);
-enum class Start { fork, in_process, spawn };
+///     procpool::Pool shared({.start = procpool::Start::fork_server}, &load_model);
+enum class Start { fork, in_process, spawn, fork_server };
 
 /// Options for `procpool::map` and friends and for `procpool::Pool`.
 /// An aggregate: set only what you need with designated initialisers.

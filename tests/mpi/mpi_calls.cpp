@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <list>
+#include <map>
 #include <numeric>
 #include <ranges>
 #include <set>
@@ -55,6 +56,17 @@ int lookup(Table& t, int i) {
 /// and an extra argument.
 std::string lookup_word(Table& t, std::string word, int scale) {
   return word + ":" + std::to_string(t.values[word.size() % 100] * scale);
+}
+/// Where a worker's state was built (Start::fork_server: in its node's
+/// server), next to the worker's rank (its parent).
+struct BuiltWhere {
+  int built_in = 0;
+};
+BuiltWhere built_where() {
+  return {::getpid()};
+}
+std::pair<int, int> server_and_rank(BuiltWhere& state, int) {
+  return {state.built_in, ::getppid()};
 }
 long slow_square(int x) {
   ::usleep(200);
@@ -518,6 +530,24 @@ int main(int argc, char** argv) {
     MPI_CHECK(picked.size() == few.size());
     for (std::size_t i = 0; i < picked.size(); ++i)
       MPI_CHECK(picked[i].text == (i % 2 == 1 ? Shelf{}.large.text : std::string("s")));
+    // Start::fork_server: each node's initializer runs once, in a server that
+    // its rank forked, and every worker of that node (recycled every 2 tasks)
+    // is forked from it, a child of the rank.
+    procpool::mpi::Pool served({.processes = 2,
+                                .chunksize = 1,
+                                .start = procpool::Start::fork_server,
+                                .max_tasks_per_child = 2},
+                               &built_where);
+    std::map<int, std::set<int>> servers_of_rank;
+    for (const auto& [server, rank] : served.map(&server_and_rank, std::vector<int>(40, 0)))
+      servers_of_rank[rank].insert(server);
+    for (const auto& [rank, servers] : servers_of_rank) {
+      MPI_CHECK(servers.size() == 1);
+      MPI_CHECK(!servers.contains(rank));
+    }
+    procpool::mpi::Pool served_table({.processes = 2, .start = procpool::Start::fork_server},
+                                     &make_table);
+    MPI_CHECK(served_table.map(&lookup_word, words, 2) == reference.map(&lookup_word, words, 2));
     // a capture-less lambda as initializer
     procpool::mpi::Pool lam({.processes = 1}, [] { return make_table(); });
     MPI_CHECK(lam.map(&lookup, inputs) == reference.map(&lookup, inputs));

@@ -1,0 +1,210 @@
+#include "fork_server.hpp"
+
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "procpool/detail/memory_file.hpp"
+#include "procpool/errors.hpp"
+#include "spawn.hpp"
+#include "worker.hpp"
+#include "worker_process.hpp"
+
+namespace procpool::detail {
+namespace {
+
+constexpr char worker_request = 'W';
+
+[[noreturn]] void throw_errno(const char* what, int error) {
+  throw std::system_error(error, std::generic_category(), std::string("procpool: ") + what);
+}
+
+bool send_all(int fd, const void* data, std::size_t n) noexcept {
+  const auto* at = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t sent = ::send(fd, at, n, MSG_NOSIGNAL);
+    if (sent < 0 && errno == EINTR) continue;
+    if (sent <= 0) return false;
+    at += sent;
+    n -= static_cast<std::size_t>(sent);
+  }
+  return true;
+}
+
+bool receive_all(int fd, void* into, std::size_t n) noexcept {
+  auto* at = static_cast<char*>(into);
+  while (n > 0) {
+    const ssize_t got = ::recv(fd, at, n, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return false;
+    at += got;
+    n -= static_cast<std::size_t>(got);
+  }
+  return true;
+}
+
+/// fork() whose child is a child of this process's parent (the pool's
+/// process), not of this one. Raw, as glibc's fork() takes no flags; the
+/// server is single-threaded, so no lock can be held across it.
+pid_t fork_as_sibling() noexcept {
+  return static_cast<pid_t>(
+      ::syscall(SYS_clone, CLONE_PARENT | SIGCHLD, nullptr, nullptr, nullptr, nullptr));
+}
+
+/// In a new worker: becomes the worker that the pool's process sees.
+[[noreturn]] void become_worker(const ForkServerBirth& birth, int control, int socket,
+                                int slot_file, WorkerLogic& logic) {
+  ::close(control);
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);           // a fork does not inherit it
+  if (::getppid() != birth.parent) ::_exit(0);  // the pool's process is already gone
+  void* page =
+      ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, slot_file, 0);
+  ::close(slot_file);
+  if (page == MAP_FAILED) {
+    std::fprintf(stderr, "procpool worker %d could not map its status page\n", ::getpid());
+    ::_exit(70);
+  }
+  WorkerContext context;
+  context.slot = static_cast<WorkerSlot*>(page);
+  context.task_timeout = birth.task_timeout;
+  run_worker(socket, logic, context);
+}
+
+/// The server's life: builds the logic (runs the initializer), then forks a
+/// worker for each request until the pool closes its end.
+[[noreturn]] void serve(const ForkServerBirth& birth, int control) {
+  std::unique_ptr<WorkerLogic> logic = (*birth.make_logic)();
+  // What the initializer printed is printed once, not again by each worker.
+  std::fflush(nullptr);
+  for (;;) {
+    char request = 0;
+    std::vector<int> fds;
+    bool truncated = false;
+    const long got = receive_with_fds(control, &request, 1, 0, fds, truncated);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0 || request != worker_request || fds.size() != 2) exit_worker(0);
+    const pid_t child = fork_as_sibling();
+    if (child == 0) become_worker(birth, control, fds[0], fds[1], *logic);
+    const int reply = child < 0 ? -errno : child;
+    for (int fd : fds)
+      ::close(fd);
+    if (!send_all(control, &reply, sizeof reply)) exit_worker(0);
+  }
+}
+
+}  // namespace
+
+ForkServer::~ForkServer() {
+  end_server();
+}
+
+void ForkServer::start_server() {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    throw_errno("cannot create the socket of the pool's fork server", errno);
+  }
+  const std::vector<int> to_close = parent_sockets();
+  const ForkServerBirth& birth = birth_;
+  skip_parent_exit_handlers_in_workers();
+  const pid_t pid = start_child_process(birth.from_helper_thread, [&]() -> pid_t {
+    const pid_t child = ::fork();
+    if (child != 0) return child < 0 ? -errno : child;
+    ::close(sv[0]);
+    for (int fd : to_close)
+      ::close(fd);
+    prepare_worker_process(birth.parent, birth.inner_threads);
+    try {
+      serve(birth, sv[1]);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "procpool fork server %d could not start: %s\n", ::getpid(), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "procpool fork server %d could not start\n", ::getpid());
+    }
+    std::fflush(stderr);
+    ::_exit(70);
+  });
+  ::close(sv[1]);
+  if (pid < 0) {
+    ::close(sv[0]);
+    throw_errno("cannot fork the pool's fork server", -pid);
+  }
+  pid_ = pid;
+  control_ = sv[0];
+  forked_any_ = false;
+}
+
+pid_t ForkServer::ask(int socket, int slot_file) noexcept {
+  const int fds[] = {socket, slot_file};
+  int reply = 0;
+  if (!send_with_fds(control_, &worker_request, 1, fds)) return 0;
+  if (!receive_all(control_, &reply, sizeof reply)) return 0;
+  return reply;
+}
+
+void ForkServer::ensure_running() {
+  std::lock_guard lock(mutex_);
+  int status = 0;
+  if (pid_ > 0 && ::waitpid(pid_, &status, WNOHANG) == pid_) {
+    // Killed from outside since the last worker (it exits only when told):
+    // reaped here, so end_server() must not wait for it.
+    pid_ = -1;
+    end_server();
+  }
+  if (pid_ < 0) start_server();
+}
+
+pid_t ForkServer::start_worker(int socket, int slot_file) {
+  std::lock_guard lock(mutex_);
+  const pid_t server = pid_;
+  const pid_t reply = server > 0 ? ask(socket, slot_file) : 0;
+  if (reply > 0) {
+    forked_any_ = true;
+    return reply;
+  }
+  if (reply < 0) throw_errno("the pool's fork server cannot fork a worker", -reply);
+  // Gone. Killed from outside: the caller starts another. But one that never
+  // got past the initializer would only be followed by another that does not.
+  const bool was_new = !forked_any_;
+  const int status = end_server();
+  if (!was_new) return 0;
+  throw Error("procpool: the pool's fork server (pid " + std::to_string(server) + ") " +
+              describe_death(WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+                             WIFEXITED(status) ? WEXITSTATUS(status) : 0) +
+              " before it could start a worker. With Start::fork_server the pool's initializer "
+              "runs there, once for every worker: check the initializer (what the server "
+              "printed is above)");
+}
+
+int ForkServer::end_server() noexcept {
+  if (control_ >= 0) ::close(control_);  // the server exits when it sees this
+  control_ = -1;
+  int status = 0;
+  if (pid_ <= 0) return status;
+  // It exits at once unless stopped or stuck: give it a second, then kill it.
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    const pid_t r = ::waitpid(pid_, &status, WNOHANG);
+    if (r == pid_ || (r < 0 && errno != EINTR)) break;
+    if (attempt == 999) {
+      ::kill(pid_, SIGKILL);
+      while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+      }
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  pid_ = -1;
+  return status;
+}
+
+}  // namespace procpool::detail

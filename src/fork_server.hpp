@@ -1,0 +1,77 @@
+// Start::fork_server: one process per pool that runs the pool's initializer
+// once and forks every worker of the pool from itself.
+//
+// With Start::fork each worker runs the initializer: a 2 GB table an
+// initializer loads is loaded, and held, once per worker. The server loads it
+// once; each worker is a copy-on-write fork of the server, so the table's
+// pages are shared by all of them (and by the replacements of workers that
+// crash or are recycled, which start at fork speed with the state built).
+//
+// The server is single-threaded, so forking from it is safe even when the
+// caller has threads by then. Its workers are made with clone(CLONE_PARENT):
+// they are children of the pool's process, which waits for them, kills them
+// and reads their exit status exactly as it does for forked workers.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "procpool/detail/protocol.hpp"
+
+namespace procpool::detail {
+
+/// How the server is started and what its workers are given.
+struct ForkServerBirth {
+  pid_t parent = 0;  // the pool's process
+  unsigned inner_threads = 0;
+  bool task_timeout = false;
+  bool from_helper_thread = false;
+  /// Builds the workers' logic: run once, in the server (the engine's, which
+  /// outlives the server).
+  const std::function<std::unique_ptr<WorkerLogic>()>* make_logic = nullptr;
+};
+
+class ForkServer {
+ public:
+  explicit ForkServer(ForkServerBirth birth) : birth_(birth) {}
+  /// Ends the server (its workers live on: they are not its children) and reaps it.
+  ~ForkServer();
+  ForkServer(const ForkServer&) = delete;
+  ForkServer& operator=(const ForkServer&) = delete;
+
+  /// Starts the server if it is not running (the first time, or it died),
+  /// and waits for its initializer. Call it before making the new worker's
+  /// descriptors: the server must not inherit them (a worker whose socket
+  /// the server also held would never see the pool close it). Throws
+  /// std::system_error if it cannot fork.
+  void ensure_running();
+
+  /// Has the server fork a worker that serves `socket` and shares the status
+  /// page in memory file `slot_file` (both stay open here); returns its pid,
+  /// or 0 when the server was found gone (call ensure_running() and make
+  /// the descriptors again). Throws std::system_error when the fork fails (a
+  /// resource limit), procpool::Error when a server died before it forked
+  /// any worker: its initializer crashed or exited, and another would too.
+  pid_t start_worker(int socket, int slot_file);
+
+  /// The server's pid; -1 before the first worker and after it died.
+  pid_t pid() const noexcept { return pid_; }
+
+ private:
+  void start_server();
+  /// Closes the control socket and reaps the server; returns how it ended.
+  int end_server() noexcept;
+  /// Sends one request; the pid, -errno, or 0 when the server is gone.
+  pid_t ask(int socket, int slot_file) noexcept;
+
+  ForkServerBirth birth_;
+  std::mutex mutex_;
+  pid_t pid_ = -1;
+  int control_ = -1;         // our end of the server's socket
+  bool forked_any_ = false;  // whether this server has started a worker
+};
+
+}  // namespace procpool::detail

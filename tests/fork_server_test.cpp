@@ -1,0 +1,260 @@
+// Start::fork_server: the pool's initializer runs once, in a server process,
+// and every worker is forked from it (loky's and Python's forkserver).
+#include <gtest/gtest.h>
+#include <unistd.h>
+#include <procpool/procpool.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "helpers.hpp"
+
+namespace {
+
+using procpool::Start;
+using namespace test_helpers;
+
+/// What an initializer built, and where.
+struct Model {
+  pid_t built_in = 0;
+  int uses = 0;
+  std::vector<char> table;  // big read-only data
+};
+
+Model small_model() {
+  return Model{::getpid(), 0, {}};
+}
+
+constexpr std::size_t big_table_bytes = std::size_t{96} << 20;
+
+Model big_model() {
+  Model m{::getpid(), 0, std::vector<char>(big_table_bytes)};
+  for (std::size_t i = 0; i < m.table.size(); i += 4096)
+    m.table[i] = static_cast<char>(i >> 12);  // every page written
+  return m;
+}
+
+/// (where the state was built, this worker, its parent)
+std::tuple<pid_t, pid_t, pid_t> where(Model& m, const int&) {
+  return {m.built_in, ::getpid(), ::getppid()};
+}
+
+/// Reads the whole table, then says how much of this worker's memory is its own.
+long private_kib_after_reading(Model& m, const int&) {
+  std::size_t sum = 0;
+  for (std::size_t i = 0; i < m.table.size(); i += 4096)
+    sum += static_cast<unsigned char>(m.table[i]);
+  return sum != 0 ? private_kib() : -1;  // (never 0: page 1 holds 1)
+}
+
+int count_use(Model& m, const int&) {
+  return ++m.uses;
+}
+
+std::set<pid_t> values_of(const std::vector<std::tuple<pid_t, pid_t, pid_t>>& rows, int column) {
+  std::set<pid_t> seen;
+  for (const auto& row : rows)
+    seen.insert(column == 0 ? std::get<0>(row) : column == 1 ? std::get<1>(row) : std::get<2>(row));
+  return seen;
+}
+
+TEST(ForkServer, TheInitializerRunsOnceAndEveryWorkerIsForkedWithItsState) {
+  std::vector<std::tuple<pid_t, pid_t, pid_t>> rows;
+  pid_t server = 0;
+  {
+    procpool::Pool pool(
+        {.processes = 2, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
+        &small_model);
+    rows = pool.map(&where, std::vector<int>(8, 0));
+    server = std::get<0>(rows.front());
+    EXPECT_TRUE(process_alive(server));
+  }
+  // One state, built outside the caller, for eight workers (one per task),
+  // each a child of the caller: it waits for them and reads their status.
+  EXPECT_EQ(values_of(rows, 0).size(), 1u);
+  EXPECT_NE(server, ::getpid());
+  EXPECT_EQ(values_of(rows, 1).size(), 8u);
+  EXPECT_EQ(values_of(rows, 2), std::set<pid_t>{::getpid()});
+  EXPECT_FALSE(values_of(rows, 1).contains(server));
+  // The pool's end ends the server and leaves no process behind.
+  EXPECT_FALSE(process_alive(server));
+  EXPECT_TRUE(children().empty());
+}
+
+TEST(ForkServer, TheStateIsHeldOnceNotOncePerWorker) {
+  // The same initializer under Start::fork: each worker builds and holds its
+  // own table, all of it private. From the fork server it is the server's
+  // pages, shared by every worker.
+  procpool::Pool forked({.processes = 2, .chunksize = 1}, &big_model);
+  const std::vector<long> own = forked.map(&private_kib_after_reading, std::vector<int>(2, 0));
+  procpool::Pool served({.processes = 2, .chunksize = 1, .start = Start::fork_server}, &big_model);
+  const std::vector<long> shared = served.map(&private_kib_after_reading, std::vector<int>(2, 0));
+  const long table_kib = static_cast<long>(big_table_bytes >> 10);
+  for (long kib : own)
+    EXPECT_GT(kib, table_kib);
+  for (long kib : shared)
+    EXPECT_LT(kib, std::min(own[0], own[1]) - table_kib * 3 / 4) << "fork: " << own[0];
+}
+
+TEST(ForkServer, AWorkersWritesToItsStateStayItsOwn) {
+  procpool::Pool pool(
+      {.processes = 1, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 3},
+      &small_model);
+  // Each worker starts from the state as the initializer left it.
+  EXPECT_EQ(pool.map(&count_use, std::vector<int>(7, 0)), (std::vector<int>{1, 2, 3, 1, 2, 3, 1}));
+}
+
+// ---- a lock another thread of the caller holds while workers start
+
+std::mutex caller_lock;  // constant-initialised
+
+bool lock_is_free(const int&) {
+  if (!caller_lock.try_lock()) return false;
+  caller_lock.unlock();
+  return true;
+}
+
+bool lock_is_free_in_state(Model&, const int& x) {
+  return lock_is_free(x);
+}
+
+TEST(ForkServer, WorkersStartedWhileTheCallersThreadHoldsALockDoNotInheritItHeld) {
+  procpool::Pool forked({.processes = 1, .chunksize = 1, .max_tasks_per_child = 1}, &small_model);
+  procpool::Pool served(
+      {.processes = 1, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
+      &small_model);
+  std::atomic<bool> held{false}, release{false};
+  std::thread holder([&] {
+    std::lock_guard lock(caller_lock);
+    held = true;
+    while (!release)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (!held)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // Each task runs in a worker started while the lock was held (recycling).
+  const std::vector<bool> fork_free = forked.map(&lock_is_free_in_state, std::vector<int>(3, 0));
+  const std::vector<bool> served_free = served.map(&lock_is_free_in_state, std::vector<int>(3, 0));
+  release = true;
+  holder.join();
+  // The first task of each ran in a worker forked before the lock was taken.
+  EXPECT_EQ(fork_free, (std::vector<bool>{true, false, false}));
+  EXPECT_EQ(served_free, (std::vector<bool>{true, true, true}));
+}
+
+// ---- failures are a worker's, as with Start::fork
+
+int crash_on_three(Model&, const int& x) {
+  if (x == 3) std::raise(SIGSEGV);
+  if (x == 5) ::pause();
+  return x * 10;
+}
+
+TEST(ForkServer, CrashesAndTimeoutsCostOneTaskAndTheWorkerIsReplacedFromTheServer) {
+  procpool::Pool pool({.processes = 2,
+                       .chunksize = 1,
+                       .start = Start::fork_server,
+                       .task_timeout = std::chrono::milliseconds(500)},
+                      &small_model);
+  const auto outcomes = pool.map_outcomes(&crash_on_three, std::vector<int>{0, 1, 2, 3, 4, 5, 6});
+  ASSERT_EQ(outcomes.size(), 7u);
+  for (int i : {0, 1, 2, 4, 6}) {
+    ASSERT_TRUE(outcomes[static_cast<std::size_t>(i)].ok()) << i;
+    EXPECT_EQ(*outcomes[static_cast<std::size_t>(i)].value, i * 10);
+  }
+  try {
+    std::rethrow_exception(outcomes[3].error);
+  } catch (const procpool::WorkerCrashed& e) {
+    EXPECT_EQ(e.index(), 3u);
+    EXPECT_EQ(e.signal(), SIGSEGV);
+  }
+  EXPECT_THROW(std::rethrow_exception(outcomes[5].error), procpool::TaskTimeout);
+  EXPECT_EQ(pool.map(&count_use, std::vector<int>(2, 0)).size(), 2u);  // replaced, working
+}
+
+// ---- the server itself
+
+pid_t server_of(Model& m, const int&) {
+  return m.built_in;
+}
+
+TEST(ForkServer, AServerKilledFromOutsideIsStartedAgainWhenAWorkerIsNeeded) {
+  procpool::Pool pool(
+      {.processes = 1, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
+      &small_model);
+  const pid_t first = pool.map(&server_of, std::vector<int>{0}).front();
+  ASSERT_EQ(::kill(first, SIGKILL), 0);
+  // The worker running now came from the old server; the next is forked by a new one.
+  const std::vector<pid_t> after = pool.map(&server_of, std::vector<int>(3, 0));
+  EXPECT_NE(after.back(), first);
+  EXPECT_TRUE(process_alive(after.back()));
+}
+
+Model throwing_model() {
+  throw std::runtime_error("no such vocabulary file");
+}
+
+TEST(ForkServer, AnInitializerThatThrowsFailsEveryTaskWithItsMessage) {
+  procpool::Pool pool({.processes = 2, .start = Start::fork_server}, &throwing_model);
+  const auto outcomes = pool.map_outcomes(&count_use, std::vector<int>(3, 0));
+  for (const auto& outcome : outcomes) {
+    ASSERT_FALSE(outcome.ok());
+    try {
+      std::rethrow_exception(outcome.error);
+    } catch (const procpool::TaskError& e) {
+      EXPECT_EQ(e.type_name(), "procpool::InitializerFailed");
+      EXPECT_NE(std::string(e.what()).find("no such vocabulary file"), std::string::npos);
+    }
+  }
+}
+
+Model exiting_model() {
+  std::fprintf(stderr, "the model file is missing\n");
+  std::exit(3);
+}
+
+TEST(ForkServer, AnInitializerThatEndsTheServerIsTheConstructorsError) {
+  try {
+    procpool::Pool pool({.processes = 2, .start = Start::fork_server}, &exiting_model);
+    FAIL() << "the pool started";
+  } catch (const procpool::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("fork server"), std::string::npos) << what;
+    EXPECT_NE(what.find("exited with status 3"), std::string::npos) << what;
+    EXPECT_NE(what.find("initializer"), std::string::npos) << what;
+  }
+  EXPECT_TRUE(children().empty());
+}
+
+Model printing_model() {
+  std::printf("model loaded\n");  // buffered: stdout is a pipe here
+  return small_model();
+}
+
+TEST(ForkServer, WhatTheInitializerPrintsIsPrintedOnce) {
+  const std::string out = output_of(STDOUT_FILENO, [] {
+    procpool::Pool pool(
+        {.processes = 2, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
+        &printing_model);
+    (void)pool.map(&count_use, std::vector<int>(4, 0));
+  });
+  EXPECT_EQ(out, "model loaded\n");
+}
+
+TEST(ForkServer, TheFunctionsThatForkPerCallWorkWithItToo) {
+  const int offset = 7;  // captured: the server is forked at the call's start
+  const std::vector<int> got = procpool::map(
+      [&](int x) { return x + offset; }, std::vector<int>{1, 2, 3}, {.start = Start::fork_server});
+  EXPECT_EQ(got, (std::vector<int>{8, 9, 10}));
+}
+
+}  // namespace
