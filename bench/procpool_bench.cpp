@@ -18,6 +18,10 @@
 //   procpool_bench progress [--n 10000000] [--reps 5]      cost of the progress bar
 //   procpool_bench submit [--n 100000] [--reps 5] [--processes 2]  tasks/s of n submit() calls
 //                                                          kept as futures, then get() on all
+//   procpool_bench initializer [--mib 256] [--tasks 16] [--recycle 1] [--processes 2] [--reps 3]
+//                                                          a Pool whose initializer builds a table:
+//                                                          wall and workers' private memory,
+//                                                          Start::fork against Start::fork_server
 #include <procpool/procpool.hpp>
 
 #include <atomic>
@@ -25,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <list>
+#include <map>
 #include <random>
 #include <ranges>
 #include <string>
@@ -502,6 +507,76 @@ int submit(const Args& a) {
   return 0;
 }
 
+// ---- initializer: the state built once per worker, or once in a fork server
+
+std::size_t model_bytes = 0;  // set before a pool starts; its workers (and server) inherit it
+
+struct Model {
+  std::vector<std::uint64_t> table;
+};
+
+Model build_model() {
+  Model m;
+  m.table.resize(model_bytes / sizeof(std::uint64_t));
+  std::uint64_t x = 88172645463325252ull;
+  for (std::uint64_t& v : m.table) {  // xorshift: some work per word, every page written
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    v = x;
+  }
+  return m;
+}
+
+struct ModelSeen {
+  pid_t pid = 0;
+  long private_kb = 0;
+  std::uint64_t probe = 0;
+};
+
+ModelSeen use_model(Model& m, const long& i) {
+  std::uint64_t sum = 0;
+  for (std::size_t at = 0; at < m.table.size(); at += 512)  // every 4 KiB page read
+    sum += m.table[at];
+  return {::getpid(), bench::rollup_kb("Private_Clean") + bench::rollup_kb("Private_Dirty"),
+          sum + static_cast<std::uint64_t>(i)};
+}
+
+int initializer(const Args& a) {
+  model_bytes = static_cast<std::size_t>(a.get("--mib", 256)) << 20;
+  const long tasks = a.get("--tasks", 16);
+  const auto recycle = static_cast<std::size_t>(a.get("--recycle", 1));
+  const auto processes = static_cast<unsigned>(a.get("--processes", 2));
+  const int reps = static_cast<int>(a.get("--reps", 3));
+  const std::vector<long> inputs(static_cast<std::size_t>(tasks), 0);
+  for (const procpool::Start start : {procpool::Start::fork, procpool::Start::fork_server}) {
+    std::map<pid_t, long> private_kb;  // per worker, over every run
+    const auto run = [&] {
+      procpool::Pool pool(
+          {.processes = processes, .chunksize = 1, .start = start, .max_tasks_per_child = recycle},
+          &build_model);
+      for (const ModelSeen& seen : pool.map(&use_model, inputs))
+        private_kb[seen.pid] = std::max(private_kb[seen.pid], seen.private_kb);
+    };
+    const std::vector<double> runs = bench::repeat(reps, run);
+    long private_total = 0;
+    for (const auto& [pid, kb] : private_kb)
+      private_total += kb;
+    Json(start == procpool::Start::fork ? "initializer_fork" : "initializer_fork_server")
+        .num("mib", static_cast<double>(model_bytes >> 20))
+        .num("tasks", static_cast<double>(tasks))
+        .num("max_tasks_per_child", static_cast<double>(recycle))
+        .num("processes", processes)
+        .stats("wall_s", bench::stats(runs))
+        .num("workers", static_cast<double>(private_kb.size()))
+        .num("private_mib_per_worker",
+             static_cast<double>(private_total) / 1024 /
+                 static_cast<double>(std::max<std::size_t>(1, private_kb.size())))
+        .print();
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -526,6 +601,7 @@ int main(int argc, char** argv) {
   if (w == "imap_flat") return imap_flat(args);
   if (w == "progress") return progress(args);
   if (w == "submit") return submit(args);
+  if (w == "initializer") return initializer(args);
   std::fprintf(stderr, "procpool_bench: unknown workload '%s'\n", w.c_str());
   return 2;
 }

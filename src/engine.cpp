@@ -228,6 +228,7 @@ class Engine::Impl final : private ReplySink {
   LinkFactory local_worker_factory();
   /// Starts the worker at `position`, timing it for insights, and sends it the open calls' setups.
   void start_worker(unsigned position);
+  void restart_worker(unsigned position);
   void dispatch();
   /// The worker with the fewest chunks queued that may take `chunk` now, or null.
   Worker* least_loaded_for(const Chunk& chunk);
@@ -379,6 +380,22 @@ void Engine::Impl::start_worker(unsigned position) {
     }
   }
   workers_.push_back(std::move(worker));
+}
+
+void Engine::Impl::restart_worker(unsigned position) {
+  if (stopping_) return;
+  try {
+    start_worker(position);
+  } catch (const Error& e) {
+    // A fork server whose initializer now fails (run again after the server
+    // was killed): the others work on with one worker fewer; with none left
+    // every task fails with why, rather than wait for a worker for ever.
+    telemetry_.add_note("worker " + std::to_string(position) +
+                        " could not be replaced: " + e.what());
+    if (!workers_.empty()) return;
+    broken_ = std::current_exception();
+    fail_pending(broken_);
+  }
 }
 
 std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
@@ -730,7 +747,7 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     fail_pending(broken_);
     return;
   }
-  if (!stopping_) start_worker(position);
+  restart_worker(position);
 }
 
 std::exception_ptr Engine::Impl::crash_of(std::size_t index, pid_t pid, const WorkerExit& exit,
@@ -816,7 +833,7 @@ void Engine::Impl::recycle(std::uint64_t serial) {
 
 void Engine::Impl::replace(std::uint64_t serial, unsigned position) {
   std::erase_if(workers_, [serial](const Worker& x) { return x.serial == serial; });
-  if (!stopping_) start_worker(position);
+  restart_worker(position);
 }
 
 void Engine::Impl::enforce_timeouts() {

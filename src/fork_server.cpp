@@ -1,5 +1,7 @@
 #include "fork_server.hpp"
 
+#include <dirent.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -25,6 +27,10 @@ namespace procpool::detail {
 namespace {
 
 constexpr char worker_request = 'W';
+/// What the server says once the initializer has run: ready, or it will not
+/// fork because the initializer left threads running.
+constexpr char server_ready = 'R';
+constexpr char server_has_threads = 'T';
 
 [[noreturn]] void throw_errno(const char* what, int error) {
   throw std::system_error(error, std::generic_category(), std::string("procpool: ") + what);
@@ -54,12 +60,57 @@ bool receive_all(int fd, void* into, std::size_t n) noexcept {
   return true;
 }
 
+/// clone()'s arguments after the flags and the stack differ by architecture.
+long clone_syscall(unsigned long flags, int* child_tid) noexcept {
+#if defined(__x86_64__)
+  return ::syscall(SYS_clone, flags, nullptr, nullptr, child_tid, nullptr);
+#else  // arm64 and most others: flags, stack, parent_tid, tls, child_tid
+  return ::syscall(SYS_clone, flags, nullptr, nullptr, nullptr, child_tid);
+#endif
+}
+
 /// fork() whose child is a child of this process's parent (the pool's
 /// process), not of this one. Raw, as glibc's fork() takes no flags; the
-/// server is single-threaded, so no lock can be held across it.
+/// server is single-threaded, so no lock can be held across it. What glibc's
+/// fork does for the child, done here: its thread id written where glibc
+/// keeps it (else pthread_self() would name the server's thread: recursive
+/// and robust mutexes, pthread_setaffinity_np), and its robust mutex list
+/// registered again, empty (the kernel gives a new process none).
 pid_t fork_as_sibling() noexcept {
-  return static_cast<pid_t>(
-      ::syscall(SYS_clone, CLONE_PARENT | SIGCHLD, nullptr, nullptr, nullptr, nullptr));
+  int* tid_address = nullptr;
+  if (::prctl(PR_GET_TID_ADDRESS, &tid_address) != 0) tid_address = nullptr;
+  robust_list_head* robust = nullptr;
+  std::size_t robust_size = 0;
+  if (::syscall(SYS_get_robust_list, 0, &robust, &robust_size) != 0) robust = nullptr;
+  const unsigned long flags =
+      CLONE_PARENT | SIGCHLD | (tid_address ? CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID : 0);
+  const auto child = static_cast<pid_t>(clone_syscall(flags, tid_address));
+  if (child == 0 && robust != nullptr) {
+    robust->list.next = &robust->list;
+    robust->list_op_pending = nullptr;
+    ::syscall(SYS_set_robust_list, robust, robust_size);
+  }
+  return child;
+}
+
+/// A fork child of a threaded process has one thread, but ThreadSanitizer
+/// starts its own background thread in it again.
+constexpr std::size_t server_threads_allowed =
+#if defined(__SANITIZE_THREAD__)
+    2;
+#else
+    1;
+#endif
+
+/// This process's threads, from /proc/self/task.
+std::size_t thread_count() noexcept {
+  std::size_t threads = 0;
+  if (DIR* dir = ::opendir("/proc/self/task")) {
+    while (const dirent* entry = ::readdir(dir))
+      threads += entry->d_name[0] != '.' ? 1 : 0;
+    ::closedir(dir);
+  }
+  return threads;
 }
 
 /// In a new worker: becomes the worker that the pool's process sees.
@@ -87,6 +138,10 @@ pid_t fork_as_sibling() noexcept {
   std::unique_ptr<WorkerLogic> logic = (*birth.make_logic)();
   // What the initializer printed is printed once, not again by each worker.
   std::fflush(nullptr);
+  // A thread the initializer left running (an OpenMP or BLAS pool, a logger)
+  // may hold a lock at a fork that no worker could ever take.
+  const char state = thread_count() > server_threads_allowed ? server_has_threads : server_ready;
+  if (!send_all(control, &state, 1) || state != server_ready) exit_worker(0);
   for (;;) {
     char request = 0;
     std::vector<int> fds;
@@ -96,7 +151,7 @@ pid_t fork_as_sibling() noexcept {
     if (got <= 0 || request != worker_request || fds.size() != 2) exit_worker(0);
     const pid_t child = fork_as_sibling();
     if (child == 0) become_worker(birth, control, fds[0], fds[1], *logic);
-    const int reply = child < 0 ? -errno : child;
+    const int reply = child > 0 ? child : -errno;
     for (int fd : fds)
       ::close(fd);
     if (!send_all(control, &reply, sizeof reply)) exit_worker(0);
@@ -141,14 +196,37 @@ void ForkServer::start_server() {
   }
   pid_ = pid;
   control_ = sv[0];
-  forked_any_ = false;
+  add_parent_socket(control_);  // a child forked later must not keep the server from its EOF
+  wait_until_ready();
+}
+
+void ForkServer::wait_until_ready() {
+  char state = 0;
+  if (receive_all(control_, &state, 1) && state == server_ready) return;
+  const pid_t server = pid_;
+  const int status = end_server();
+  if (state == server_has_threads) {
+    throw Error("procpool: the pool's initializer left threads running in its fork server (pid " +
+                std::to_string(server) +
+                "); workers are forked from it, which is safe only while it has one thread (a "
+                "thread may hold a lock, malloc's or a library's, that the worker could never "
+                "take). End them before the initializer returns (an OpenMP or BLAS runtime keeps "
+                "its threads: limit it to one there), or use Start::fork");
+  }
+  throw Error("procpool: the pool's fork server (pid " + std::to_string(server) + ") " +
+              describe_death(WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+                             WIFEXITED(status) ? WEXITSTATUS(status) : 0) +
+              " while it ran the pool's initializer, before it could start a worker. With "
+              "Start::fork_server the initializer runs there, once for every worker: check the "
+              "initializer (what the server printed is above)");
 }
 
 pid_t ForkServer::ask(int socket, int slot_file) noexcept {
   const int fds[] = {socket, slot_file};
+  const bool sent = send_with_fds(control_, &worker_request, 1, fds);
+  ::close(socket);  // in flight now: no child forked from here meanwhile can hold it
   int reply = 0;
-  if (!send_with_fds(control_, &worker_request, 1, fds)) return 0;
-  if (!receive_all(control_, &reply, sizeof reply)) return 0;
+  if (!sent || !receive_all(control_, &reply, sizeof reply)) return 0;
   return reply;
 }
 
@@ -166,28 +244,21 @@ void ForkServer::ensure_running() {
 
 pid_t ForkServer::start_worker(int socket, int slot_file) {
   std::lock_guard lock(mutex_);
-  const pid_t server = pid_;
-  const pid_t reply = server > 0 ? ask(socket, slot_file) : 0;
-  if (reply > 0) {
-    forked_any_ = true;
-    return reply;
+  if (pid_ <= 0) {
+    ::close(socket);
+    return 0;
   }
+  const pid_t reply = ask(socket, slot_file);
   if (reply < 0) throw_errno("the pool's fork server cannot fork a worker", -reply);
-  // Gone. Killed from outside: the caller starts another. But one that never
-  // got past the initializer would only be followed by another that does not.
-  const bool was_new = !forked_any_;
-  const int status = end_server();
-  if (!was_new) return 0;
-  throw Error("procpool: the pool's fork server (pid " + std::to_string(server) + ") " +
-              describe_death(WIFSIGNALED(status) ? WTERMSIG(status) : 0,
-                             WIFEXITED(status) ? WEXITSTATUS(status) : 0) +
-              " before it could start a worker. With Start::fork_server the pool's initializer "
-              "runs there, once for every worker: check the initializer (what the server "
-              "printed is above)");
+  if (reply == 0) end_server();  // killed from outside: the caller starts another
+  return reply;
 }
 
 int ForkServer::end_server() noexcept {
-  if (control_ >= 0) ::close(control_);  // the server exits when it sees this
+  if (control_ >= 0) {
+    remove_parent_socket(control_);
+    ::close(control_);  // the server exits when it sees this
+  }
   control_ = -1;
   int status = 0;
   if (pid_ <= 0) return status;

@@ -43,18 +43,18 @@ class ForkServer {
   ForkServer& operator=(const ForkServer&) = delete;
 
   /// Starts the server if it is not running (the first time, or it died),
-  /// and waits for its initializer. Call it before making the new worker's
-  /// descriptors: the server must not inherit them (a worker whose socket
-  /// the server also held would never see the pool close it). Throws
-  /// std::system_error if it cannot fork.
+  /// and waits until its initializer has run. Call it before making the new
+  /// worker's descriptors: the server must not inherit them (a worker whose
+  /// socket the server also held would never see the pool close it). Throws
+  /// std::system_error if it cannot fork, procpool::Error if the server died
+  /// in the initializer or the initializer left threads running there.
   void ensure_running();
 
-  /// Has the server fork a worker that serves `socket` and shares the status
-  /// page in memory file `slot_file` (both stay open here); returns its pid,
-  /// or 0 when the server was found gone (call ensure_running() and make
-  /// the descriptors again). Throws std::system_error when the fork fails (a
-  /// resource limit), procpool::Error when a server died before it forked
-  /// any worker: its initializer crashed or exited, and another would too.
+  /// Has the server fork a worker that serves `socket` (closed here: its
+  /// last copy is the worker's) and shares the status page in memory file
+  /// `slot_file` (left open); returns its pid, or 0 when the server was found
+  /// gone (call ensure_running() and make the descriptors again). Throws
+  /// std::system_error when the fork fails (a resource limit).
   pid_t start_worker(int socket, int slot_file);
 
   /// The server's pid; -1 before the first worker and after it died.
@@ -62,6 +62,7 @@ class ForkServer {
 
  private:
   void start_server();
+  void wait_until_ready();
   /// Closes the control socket and reaps the server; returns how it ended.
   int end_server() noexcept;
   /// Sends one request; the pid, -errno, or 0 when the server is gone.
@@ -70,8 +71,7 @@ class ForkServer {
   ForkServerBirth birth_;
   std::mutex mutex_;
   pid_t pid_ = -1;
-  int control_ = -1;         // our end of the server's socket
-  bool forked_any_ = false;  // whether this server has started a worker
+  int control_ = -1;  // our end of the server's socket
 };
 
 }  // namespace procpool::detail

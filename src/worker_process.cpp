@@ -469,14 +469,16 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
 /// after the server started, so its status page is a memory file and it has
 /// no arenas (large payloads travel as memory files or on the socket).
 std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
-  for (;;) {
+  // A server killed from outside is started again; one killed each time,
+  // before it forks a worker, is a storm this does not outlast.
+  for (int attempt = 0; attempt < 5; ++attempt) {
     birth.fork_server->ensure_running();  // before the descriptors it must not inherit
     auto [parent_end, child_end] = worker_sockets();
     const SlotFile slot = create_slot_file();
     const OwnedFd slot_file(slot.fd);
     pid_t pid = 0;
     try {
-      pid = birth.fork_server->start_worker(child_end.get(), slot_file.get());
+      pid = birth.fork_server->start_worker(child_end.release(), slot_file.get());
     } catch (...) {
       unmap_slot(slot.slot);
       throw;
@@ -485,8 +487,11 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
       return std::make_unique<WorkerProcess>(pid, parent_end.release(), slot.slot, nullptr,
                                              nullptr);
     }
-    unmap_slot(slot.slot);  // the server was gone: again, with a new one
+    unmap_slot(slot.slot);
   }
+  throw Error(
+      "procpool: the pool's fork server was killed 5 times in a row before it could fork a "
+      "worker; find what kills it (the OOM killer, a kill storm)");
 }
 
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
@@ -562,6 +567,14 @@ std::unique_ptr<WorkerLink> start_worker_process(const WorkerBirth& birth) {
 
 std::vector<int> parent_sockets() {
   return ParentSockets::instance().snapshot();
+}
+
+void add_parent_socket(int fd) {
+  ParentSockets::instance().add(fd);
+}
+
+void remove_parent_socket(int fd) {
+  ParentSockets::instance().remove(fd);
 }
 
 }  // namespace procpool::detail

@@ -45,5 +45,7 @@ struct WorkerBirth {
 /// process closes them, so that it never keeps another engine's worker from
 /// seeing EOF.
 [[nodiscard]] std::vector<int> parent_sockets();
+void add_parent_socket(int fd);
+void remove_parent_socket(int fd);
 
 }  // namespace procpool::detail

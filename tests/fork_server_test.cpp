@@ -1,6 +1,9 @@
 // Start::fork_server: the pool's initializer runs once, in a server process,
 // and every worker is forked from it (loky's and Python's forkserver).
 #include <gtest/gtest.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <procpool/procpool.hpp>
 
@@ -9,6 +12,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -154,7 +158,10 @@ TEST(ForkServer, WorkersStartedWhileTheCallersThreadHoldsALockDoNotInheritItHeld
 // ---- failures are a worker's, as with Start::fork
 
 int crash_on_three(Model&, const int& x) {
-  if (x == 3) std::raise(SIGSEGV);
+  if (x == 3) {
+    std::signal(SIGSEGV, SIG_DFL);  // a sanitizer's handler would exit(1) instead
+    std::raise(SIGSEGV);
+  }
   if (x == 5) ::pause();
   return x * 10;
 }
@@ -233,6 +240,134 @@ TEST(ForkServer, AnInitializerThatEndsTheServerIsTheConstructorsError) {
     EXPECT_NE(what.find("initializer"), std::string::npos) << what;
   }
   EXPECT_TRUE(children().empty());
+}
+
+Model threading_model() {
+  std::thread([] { ::pause(); }).detach();  // a runtime's pool thread, say
+  return small_model();
+}
+
+TEST(ForkServer, AnInitializerThatLeavesThreadsRunningIsRefusedNotForkedFrom) {
+  try {
+    procpool::Pool pool({.processes = 2, .start = Start::fork_server}, &threading_model);
+    FAIL() << "the pool started";
+  } catch (const procpool::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("left threads running"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(children().empty());
+}
+
+// ---- what other children of the caller hold
+
+TEST(ForkServer, APoolStartedLaterDoesNotKeepTheServerFromEnding) {
+  auto served = std::make_unique<procpool::Pool>(
+      procpool::Options{.processes = 1, .start = Start::fork_server}, &small_model);
+  procpool::Pool forked({.processes = 1}, &small_model);  // its worker forked after the server
+  const pid_t server = served->map(&server_of, std::vector<int>{0}).front();
+  (void)forked.map(&count_use, std::vector<int>{0});
+  const auto before = std::chrono::steady_clock::now();
+  served.reset();
+  // Ended when told, not killed after the pool's one-second wait: no other
+  // child kept its socket open.
+  EXPECT_LT(std::chrono::steady_clock::now() - before, std::chrono::milliseconds(800));
+  EXPECT_FALSE(process_alive(server));
+  ::usleep(50'000);
+  EXPECT_EQ(forked.map(&count_use, std::vector<int>{0}).size(), 1u);
+}
+
+Model slow_model() {
+  ::usleep(300'000);
+  return small_model();
+}
+
+int crash_now(Model&, const int&) {
+  std::signal(SIGSEGV, SIG_DFL);
+  std::raise(SIGSEGV);
+  return 0;
+}
+
+TEST(ForkServer, APoolMadeWhileTheInitializerRunsDoesNotHideAWorkersCrash) {
+  // A child forked while the new worker's socket was still open here would
+  // keep it open: the worker's crash would never be seen (a hang).
+  std::unique_ptr<procpool::Pool> other;
+  std::thread maker([&] {
+    ::usleep(100'000);  // while the server's initializer runs
+    other = std::make_unique<procpool::Pool>(procpool::Options{.processes = 1}, &small_model);
+  });
+  procpool::Pool served({.processes = 1, .start = Start::fork_server}, &slow_model);
+  maker.join();
+  const auto outcomes = served.map_outcomes(&crash_now, std::vector<int>{0});
+  ASSERT_EQ(outcomes.size(), 1u);
+  EXPECT_FALSE(outcomes[0].ok());
+}
+
+// ---- glibc's per-thread record in a worker cloned from the server
+
+pthread_mutex_t* shared_recursive_mutex() {
+  void* page = ::mmap(nullptr, sizeof(pthread_mutex_t), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  auto* mutex = static_cast<pthread_mutex_t*>(page);
+  pthread_mutexattr_t attributes;
+  pthread_mutexattr_init(&attributes);
+  pthread_mutexattr_setpshared(&attributes, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_RECURSIVE);
+  pthread_mutex_init(mutex, &attributes);
+  return mutex;
+}
+
+pthread_mutex_t* recursive_mutex = nullptr;  // set before the pools start
+
+int hold_or_try(Model&, const int& x) {
+  if (x == 0) {
+    pthread_mutex_lock(recursive_mutex);  // held until this worker ends
+    return 0;
+  }
+  ::usleep(200'000);
+  const int result = pthread_mutex_trylock(recursive_mutex);
+  if (result == 0) pthread_mutex_unlock(recursive_mutex);
+  return result;
+}
+
+TEST(ForkServer, AWorkerIsItsOwnThreadToARecursiveProcessSharedMutex) {
+  // Each worker must know its own thread id (glibc's fork writes it; a bare
+  // clone would leave the server's, and every worker would own the mutex).
+  recursive_mutex = shared_recursive_mutex();
+  procpool::Pool pool({.processes = 2, .chunksize = 1, .start = Start::fork_server}, &small_model);
+  EXPECT_EQ(pool.map(&hold_or_try, std::vector<int>{0, 1}), (std::vector<int>{0, EBUSY}));
+}
+
+// ---- a server restarted whose initializer then fails
+
+const char* const fail_marker = "/tmp/procpool_fork_server_test_fail";
+
+Model fails_once_marked() {
+  if (::access(fail_marker, F_OK) == 0) std::exit(3);
+  return small_model();
+}
+
+TEST(ForkServer, AServerThatCannotBeStartedAgainFailsTheTasksInsteadOfHanging) {
+  ::unlink(fail_marker);
+  procpool::Pool pool(
+      {.processes = 1, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
+      &fails_once_marked);
+  const pid_t server = pool.map(&server_of, std::vector<int>{0}).front();
+  std::fclose(std::fopen(fail_marker, "w"));
+  ASSERT_EQ(::kill(server, SIGKILL), 0);
+  // The worker there now (forked by the old server) runs one task; its
+  // replacement needs a new server, whose initializer exits.
+  const auto outcomes = pool.map_outcomes(&count_use, std::vector<int>(3, 0));
+  ::unlink(fail_marker);
+  ASSERT_EQ(outcomes.size(), 3u);
+  EXPECT_TRUE(outcomes[0].ok());
+  for (std::size_t i = 1; i < 3; ++i) {
+    ASSERT_FALSE(outcomes[i].ok());
+    try {
+      std::rethrow_exception(outcomes[i].error);
+    } catch (const procpool::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("exited with status 3"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW((void)pool.map(&count_use, std::vector<int>{0}), procpool::Error);
 }
 
 Model printing_model() {

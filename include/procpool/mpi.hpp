@@ -404,7 +404,9 @@ class Pool {
   /// that crashes (a library a node lacks) costs that node's workers, never
   /// its rank and so the MPI job. Big read-only data that every worker of a
   /// rank should share: build it before the Session (inherited copy-on-write;
-  /// once per node with one rank per node).
+  /// once per node with one rank per node), or use Start::fork_server: the
+  /// initializer then runs once per rank, in a server its workers are forked
+  /// from (the rank waits for it as the pool is made).
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;

@@ -144,7 +144,10 @@ class Pool {
   /// `Pool pool({})`: the default Options.
   explicit Pool(std::initializer_list<detail::DefaultOptions>) : Pool(Options{}) {}
 
-  /// Starts the workers; each runs `init()` once and keeps its result as that worker's state.
+  /// Starts the workers; each runs `init()` once and keeps its result as that
+  /// worker's state. With Start::fork_server `init()` runs once in all, in the
+  /// server the workers are forked from, and each worker starts with a
+  /// copy-on-write copy of its result.
   template <class Init>
   Pool(Options options, Init init) requires std::invocable<Init&> {
     using State = std::decay_t<std::invoke_result_t<Init&>>;
