@@ -14,6 +14,8 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <ranges>
 #include <set>
 #include <string>
 #include <thread>
@@ -115,6 +117,42 @@ TEST(ForkServer, AWorkersWritesToItsStateStayItsOwn) {
       &small_model);
   // Each worker starts from the state as the initializer left it.
   EXPECT_EQ(pool.map(&count_use, std::vector<int>(7, 0)), (std::vector<int>{1, 2, 3, 1, 2, 3, 1}));
+}
+
+int crash_on_three(Model&, const int& x);
+
+int scaled(Model& m, const int& x, const int& factor) {
+  return x * factor + m.uses;
+}
+
+int add(int a, int b) {
+  return a + b;
+}
+
+TEST(ForkServer, EveryCallOfAPoolGivesWhatItGivesWithFork) {
+  // CPython runs its whole Pool suite again under forkserver; the calls here.
+  procpool::Pool forked({.processes = 2, .chunksize = 2}, &small_model);
+  procpool::Pool served({.processes = 2, .chunksize = 2, .start = Start::fork_server},
+                        &small_model);
+  std::vector<int> xs(50);
+  std::iota(xs.begin(), xs.end(), 0);
+  EXPECT_EQ(served.map(&scaled, xs, 3), forked.map(&scaled, xs, 3));
+  std::vector<int> lazy;
+  for (int v : served.imap([](int x) { return x * 2; }, std::views::iota(0) | std::views::take(40)))
+    lazy.push_back(v);
+  ASSERT_EQ(lazy.size(), 40u);
+  EXPECT_EQ(lazy.back(), 78);
+  std::set<std::size_t> indices;
+  for (auto [index, value] : served.imap_unordered([](int x) { return x + 1; }, xs)) {
+    EXPECT_EQ(value, static_cast<int>(index) + 1);
+    indices.insert(index);
+  }
+  EXPECT_EQ(indices.size(), xs.size());
+  const std::vector<std::pair<int, int>> pairs{{1, 1}, {2, 2}};
+  EXPECT_EQ(served.starmap(add, pairs), (std::vector<int>{2, 4}));
+  EXPECT_EQ(served.submit(add, 2, 3).get(), 5);
+  const auto outcomes = served.map_outcomes(&crash_on_three, std::vector<int>{2, 3, 4});
+  EXPECT_TRUE(outcomes[0].ok() && outcomes[2].ok() && !outcomes[1].ok());
 }
 
 // ---- a lock another thread of the caller holds while workers start

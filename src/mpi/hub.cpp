@@ -1730,7 +1730,11 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
   // be the node's (its memory, a library, a disk): the nodes' own pools then
   // do not retry. On one node, its pool retries, as procpool::Pool does.
   pool->root_retries = options.retries != 0 && nodes_with_workers > 1;
-  for (std::size_t n = 0; n < hub.nodes.size(); ++n) {
+  // The root's own node (0) last: its pool is made here and now (with
+  // Start::fork_server, once its initializer has run), and the other nodes
+  // make theirs meanwhile.
+  for (std::size_t k = 1; k <= hub.nodes.size(); ++k) {
+    const std::size_t n = k % hub.nodes.size();
     const unsigned workers = pool->processes[n];
     if (workers == 0) continue;
     Buffer message = new_message(Msg::create_pool);
