@@ -386,14 +386,16 @@ void Engine::Impl::restart_worker(unsigned position) {
   if (stopping_) return;
   try {
     start_worker(position);
-  } catch (const Error& e) {
-    // A fork server whose initializer now fails (run again after the server
-    // was killed): the others work on with one worker fewer; with none left
-    // every task fails with why, rather than wait for a worker for ever.
-    telemetry_.add_note("worker " + std::to_string(position) +
-                        " could not be replaced: " + e.what());
+  } catch (const std::exception& e) {
+    // No process (ulimit -u), no descriptor, or a fork server whose
+    // initializer now fails: the others work on with one worker fewer (the
+    // insights say so); with none left every task fails with why, rather
+    // than wait for a worker for ever.
+    const std::string why =
+        "worker " + std::to_string(position) + " could not be replaced: " + e.what();
+    telemetry_.add_note(why);
     if (!workers_.empty()) return;
-    broken_ = std::current_exception();
+    broken_ = std::make_exception_ptr(Error("procpool: no worker is left: " + why));
     fail_pending(broken_);
   }
 }

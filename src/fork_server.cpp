@@ -148,10 +148,11 @@ std::size_t thread_count() noexcept {
     bool truncated = false;
     const long got = receive_with_fds(control, &request, 1, 0, fds, truncated);
     if (got < 0 && errno == EINTR) continue;
-    if (got <= 0 || request != worker_request || fds.size() != 2) exit_worker(0);
-    const pid_t child = fork_as_sibling();
+    if (got <= 0 || request != worker_request) exit_worker(0);
+    // Short of descriptors (ulimit -n): the kernel drops what does not fit.
+    const pid_t child = fds.size() != 2 || truncated ? -EMFILE : fork_as_sibling();
     if (child == 0) become_worker(birth, control, fds[0], fds[1], *logic);
-    const int reply = child > 0 ? child : -errno;
+    const int reply = child > 0 ? child : child == -EMFILE ? -EMFILE : -errno;
     for (int fd : fds)
       ::close(fd);
     if (!send_all(control, &reply, sizeof reply)) exit_worker(0);

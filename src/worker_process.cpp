@@ -490,8 +490,9 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
     unmap_slot(slot.slot);
   }
   throw Error(
-      "procpool: the pool's fork server was killed 5 times in a row before it could fork a "
-      "worker; find what kills it (the OOM killer, a kill storm)");
+      "procpool: the pool's fork server ended 5 times in a row, each time after its "
+      "initializer ran and before it could fork a worker; find what kills it (the OOM "
+      "killer, a kill storm)");
 }
 
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {

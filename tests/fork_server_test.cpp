@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <ranges>
 #include <set>
@@ -120,6 +121,7 @@ TEST(ForkServer, AWorkersWritesToItsStateStayItsOwn) {
 }
 
 int crash_on_three(Model&, const int& x);
+pid_t server_of(Model& m, const int&);
 
 int scaled(Model& m, const int& x, const int& factor) {
   return x * factor + m.uses;
@@ -210,6 +212,7 @@ TEST(ForkServer, CrashesAndTimeoutsCostOneTaskAndTheWorkerIsReplacedFromTheServe
                        .start = Start::fork_server,
                        .task_timeout = std::chrono::milliseconds(500)},
                       &small_model);
+  const pid_t server = pool.map(&server_of, std::vector<int>{0}).front();
   const auto outcomes = pool.map_outcomes(&crash_on_three, std::vector<int>{0, 1, 2, 3, 4, 5, 6});
   ASSERT_EQ(outcomes.size(), 7u);
   for (int i : {0, 1, 2, 4, 6}) {
@@ -223,7 +226,8 @@ TEST(ForkServer, CrashesAndTimeoutsCostOneTaskAndTheWorkerIsReplacedFromTheServe
     EXPECT_EQ(e.signal(), SIGSEGV);
   }
   EXPECT_THROW(std::rethrow_exception(outcomes[5].error), procpool::TaskTimeout);
-  EXPECT_EQ(pool.map(&count_use, std::vector<int>(2, 0)).size(), 2u);  // replaced, working
+  // Replaced, from the same server: every worker now has its state.
+  EXPECT_EQ(pool.map(&server_of, std::vector<int>(4, 0)), std::vector<pid_t>(4, server));
 }
 
 // ---- the server itself
@@ -341,60 +345,69 @@ TEST(ForkServer, APoolMadeWhileTheInitializerRunsDoesNotHideAWorkersCrash) {
 
 // ---- glibc's per-thread record in a worker cloned from the server
 
-pthread_mutex_t* shared_recursive_mutex() {
-  void* page = ::mmap(nullptr, sizeof(pthread_mutex_t), PROT_READ | PROT_WRITE,
+/// A process-shared recursive mutex, and whether a worker holds it.
+struct SharedLock {
+  pthread_mutex_t mutex;
+  std::atomic<int> held;
+};
+
+SharedLock* shared_recursive_lock() {
+  void* page = ::mmap(nullptr, sizeof(SharedLock), PROT_READ | PROT_WRITE,
                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  auto* mutex = static_cast<pthread_mutex_t*>(page);
+  auto* lock = new (page) SharedLock{};
   pthread_mutexattr_t attributes;
   pthread_mutexattr_init(&attributes);
   pthread_mutexattr_setpshared(&attributes, PTHREAD_PROCESS_SHARED);
   pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_RECURSIVE);
-  pthread_mutex_init(mutex, &attributes);
-  return mutex;
+  pthread_mutex_init(&lock->mutex, &attributes);
+  return lock;
 }
 
-pthread_mutex_t* recursive_mutex = nullptr;  // set before the pools start
+SharedLock* recursive_lock = nullptr;  // set before the pool starts
 
 int hold_or_try(Model&, const int& x) {
   if (x == 0) {
-    pthread_mutex_lock(recursive_mutex);  // held until this worker ends
+    pthread_mutex_lock(&recursive_lock->mutex);  // held until this worker ends
+    recursive_lock->held = 1;
     return 0;
   }
-  ::usleep(200'000);
-  const int result = pthread_mutex_trylock(recursive_mutex);
-  if (result == 0) pthread_mutex_unlock(recursive_mutex);
+  for (int waited = 0; recursive_lock->held == 0 && waited < 10'000; ++waited)
+    ::usleep(1000);  // until the other worker holds it
+  const int result = pthread_mutex_trylock(&recursive_lock->mutex);
+  if (result == 0) pthread_mutex_unlock(&recursive_lock->mutex);
   return result;
 }
 
 TEST(ForkServer, AWorkerIsItsOwnThreadToARecursiveProcessSharedMutex) {
   // Each worker must know its own thread id (glibc's fork writes it; a bare
   // clone would leave the server's, and every worker would own the mutex).
-  recursive_mutex = shared_recursive_mutex();
+  recursive_lock = shared_recursive_lock();
   procpool::Pool pool({.processes = 2, .chunksize = 1, .start = Start::fork_server}, &small_model);
   EXPECT_EQ(pool.map(&hold_or_try, std::vector<int>{0, 1}), (std::vector<int>{0, EBUSY}));
 }
 
 // ---- a server restarted whose initializer then fails
 
-const char* const fail_marker = "/tmp/procpool_fork_server_test_fail";
+const std::string fail_marker =  // the test's own: a sanitizer build may run beside it
+    "/tmp/procpool_fork_server_test_fail." + std::to_string(::getpid());
 
 Model fails_once_marked() {
-  if (::access(fail_marker, F_OK) == 0) std::exit(3);
+  if (::access(fail_marker.c_str(), F_OK) == 0) std::exit(3);
   return small_model();
 }
 
 TEST(ForkServer, AServerThatCannotBeStartedAgainFailsTheTasksInsteadOfHanging) {
-  ::unlink(fail_marker);
+  ::unlink(fail_marker.c_str());
   procpool::Pool pool(
       {.processes = 1, .chunksize = 1, .start = Start::fork_server, .max_tasks_per_child = 1},
       &fails_once_marked);
   const pid_t server = pool.map(&server_of, std::vector<int>{0}).front();
-  std::fclose(std::fopen(fail_marker, "w"));
+  std::fclose(std::fopen(fail_marker.c_str(), "w"));
   ASSERT_EQ(::kill(server, SIGKILL), 0);
   // The worker there now (forked by the old server) runs one task; its
   // replacement needs a new server, whose initializer exits.
   const auto outcomes = pool.map_outcomes(&count_use, std::vector<int>(3, 0));
-  ::unlink(fail_marker);
+  ::unlink(fail_marker.c_str());
   ASSERT_EQ(outcomes.size(), 3u);
   EXPECT_TRUE(outcomes[0].ok());
   for (std::size_t i = 1; i < 3; ++i) {

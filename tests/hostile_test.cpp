@@ -3,8 +3,11 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <atomic>
 #include <chrono>
@@ -241,6 +244,62 @@ TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
                             "-n, RLIMIT_NOFILE) is "),
             std::string::npos)
       << run.output;
+}
+
+struct Unit {};
+Unit make_unit() {
+  return {};
+}
+int identity(Unit&, const int& x) {
+  return x;
+}
+
+/// In a child: a one-worker pool whose worker is recycled after each task,
+/// and then no descriptor left for its replacement. 0 when the first task's
+/// result came and the others failed with why; otherwise what went wrong.
+int run_out_of_descriptors_mid_call(procpool::Start start) {
+  ::alarm(30);  // a hang fails the test
+  procpool::Pool pool({.processes = 1, .chunksize = 1, .start = start, .max_tasks_per_child = 1},
+                      &make_unit);
+  if (pool.map(&identity, std::vector<int>{7}) != std::vector<int>{7}) return 10;
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  limit.rlim_cur = 64;
+  ::setrlimit(RLIMIT_NOFILE, &limit);
+  while (::open("/dev/null", O_RDONLY | O_CLOEXEC) >= 0) {
+  }
+  try {
+    const auto outcomes = pool.map_outcomes(&identity, std::vector<int>{1, 2, 3});
+    if (outcomes.size() != 3 || !outcomes[0].ok()) return 11;
+    for (std::size_t i = 1; i < 3; ++i) {
+      try {
+        std::rethrow_exception(outcomes[i].error);
+      } catch (const procpool::Error& e) {
+        const std::string what = e.what();
+        if (what.find("no worker is left: worker 0 could not be replaced") == std::string::npos)
+          return 12;
+      } catch (...) {
+        return 13;
+      }
+    }
+  } catch (...) {
+    return 14;  // the call itself threw (the replacement's error escaped it)
+  }
+  return 0;
+}
+
+TEST(Limits, AWorkerThatCannotBeReplacedFailsTheTasksLeftWithWhy) {
+  if (test_helpers::under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  for (const procpool::Start start : {procpool::Start::fork, procpool::Start::fork_server}) {
+    std::fflush(nullptr);
+    const pid_t child = ::fork();
+    if (child == 0) ::_exit(run_out_of_descriptors_mid_call(start));
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << WTERMSIG(status);
+    EXPECT_EQ(WEXITSTATUS(status), 0) << (start == procpool::Start::fork ? "fork" : "fork_server");
+  }
 }
 
 TEST(Limits, TooFewProcessesRunTheWorkersThatCouldStart) {
