@@ -29,7 +29,8 @@ namespace procpool {
 /// The fork-per-call functions (`procpool::map`...) reject it: their function
 /// may capture the caller's memory.
 ///
-/// `fork_server` (procpool::Pool and procpool::mpi::Pool) forks one server
+/// `fork_server` (made for procpool::Pool and procpool::mpi::Pool; the
+/// fork-per-call functions accept it, with a server per call) forks one server
 /// process when the pool starts; it runs the pool's initializer once, and
 /// every worker (and every replacement of one that crashed or was recycled)
 /// is forked from it. The state the initializer built is then held once,
