@@ -57,9 +57,6 @@ class ForkServer {
   /// std::system_error when the fork fails (a resource limit).
   pid_t start_worker(int socket, int slot_file);
 
-  /// The server's pid; -1 before the first worker and after it died.
-  pid_t pid() const noexcept { return pid_; }
-
  private:
   void start_server();
   void wait_until_ready();
