@@ -39,13 +39,13 @@ int long_map() {
 
 }  // namespace
 
-/// GCC 12's ThreadSanitizer makes a thread's signal state on that thread's
-/// first blocking call (the map's first poll here), and a signal that arrives
-/// while it does so is stored in a copy that is then overwritten: the handler
-/// never runs (seen 1-4 times in 100 under load: the helper's handler and the
-/// pool's interrupt count both 0, the map run to its end). Newer runtimes
-/// publish it with a compare-and-swap. A blocking call before any SIGINT can
-/// come makes that state here, so the test is about procpool, not that race.
+/// GCC 12's ThreadSanitizer makes a thread's signal state (a 72 KiB mapping)
+/// on that thread's first blocking call, here the map's first poll. A SIGINT
+/// that arrived while it did so made a second one inside the handler (strace),
+/// and the program's handler never ran: its flag and the pool's interrupt
+/// count were both 0 (gdb) and the map ran to its end, 1-4 times in 100 under
+/// load. A blocking call before any SIGINT can come makes that state here, so
+/// the tests are about procpool, not that race.
 void make_sanitizer_signal_state_early() {
 #if defined(__SANITIZE_THREAD__)
   ::poll(nullptr, 0, 0);
