@@ -166,6 +166,7 @@ ForkServer::~ForkServer() {
 }
 
 void ForkServer::start_server() {
+  auto born_alone = hold_child_births();
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     throw_errno("cannot create the socket of the pool's fork server", errno);
@@ -198,6 +199,7 @@ void ForkServer::start_server() {
   pid_ = pid;
   control_ = sv[0];
   add_parent_socket(control_);  // a child forked later must not keep the server from its EOF
+  born_alone.unlock();          // others may start children while the initializer runs
   wait_until_ready();
 }
 
@@ -232,7 +234,6 @@ pid_t ForkServer::ask(int socket, int slot_file) noexcept {
 }
 
 void ForkServer::ensure_running() {
-  std::lock_guard lock(mutex_);
   int status = 0;
   if (pid_ > 0 && ::waitpid(pid_, &status, WNOHANG) == pid_) {
     // Killed from outside since the last worker (it exits only when told):
@@ -244,7 +245,6 @@ void ForkServer::ensure_running() {
 }
 
 pid_t ForkServer::start_worker(int socket, int slot_file) {
-  std::lock_guard lock(mutex_);
   if (pid_ <= 0) {
     ::close(socket);
     return 0;

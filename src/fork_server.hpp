@@ -17,7 +17,6 @@
 
 #include <functional>
 #include <memory>
-#include <mutex>
 
 #include "procpool/detail/protocol.hpp"
 
@@ -34,6 +33,7 @@ struct ForkServerBirth {
   const std::function<std::unique_ptr<WorkerLogic>()>* make_logic = nullptr;
 };
 
+/// Not thread-safe: its engine uses it under the engine's lock.
 class ForkServer {
  public:
   explicit ForkServer(ForkServerBirth birth) : birth_(birth) {}
@@ -66,7 +66,6 @@ class ForkServer {
   pid_t ask(int socket, int slot_file) noexcept;
 
   ForkServerBirth birth_;
-  std::mutex mutex_;
   pid_t pid_ = -1;
   int control_ = -1;  // our end of the server's socket
 };

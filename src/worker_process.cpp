@@ -75,6 +75,23 @@ class ParentSockets {
   std::vector<int> fds_;
 };
 
+/// See hold_child_births(). A recursive mutex: a birth may start the fork
+/// server, whose own birth holds it too.
+class ChildBirths {
+ public:
+  static std::recursive_mutex& mutex() { return *current; }
+
+ private:
+  /// A child may be forked while another thread holds it (or this one: its
+  /// owner is then a thread id of the parent's): the child gets a new one.
+  /// (The old one is left, never destroyed: a lock still refers to it.)
+  static int renew_in_children() {
+    return ::pthread_atfork(nullptr, nullptr, [] { current = new std::recursive_mutex; });
+  }
+  static inline std::recursive_mutex* current = new std::recursive_mutex;
+  static inline const int renewed_in_children = renew_in_children();
+};
+
 /// Waits for a worker that has closed its socket (or was killed); one that
 /// lingers is killed.
 WorkerExit reap(pid_t pid) {
@@ -473,6 +490,7 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
   // before it forks a worker, is a storm this does not outlast.
   for (int attempt = 0; attempt < 5; ++attempt) {
     birth.fork_server->ensure_running();  // before the descriptors it must not inherit
+    const auto born_alone = hold_child_births();
     auto [parent_end, child_end] = worker_sockets();
     const SlotFile slot = create_slot_file();
     const OwnedFd slot_file(slot.fd);
@@ -496,6 +514,7 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
 }
 
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
+  const auto born_alone = hold_child_births();
   auto [parent_end, child_end] = worker_sockets();
   // No arenas: everything travels through the socket.
   const SpawnedWorker born =
@@ -507,6 +526,7 @@ std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
 }
 
 std::unique_ptr<WorkerLink> fork_worker(const WorkerBirth& birth) {
+  const auto born_alone = hold_child_births();
   // Named, not a structured binding: the child's lambda captures them, which
   // clang 14 refuses for bindings.
   std::pair<OwnedFd, OwnedFd> sockets = worker_sockets();
@@ -576,6 +596,10 @@ void add_parent_socket(int fd) {
 
 void remove_parent_socket(int fd) {
   ParentSockets::instance().remove(fd);
+}
+
+std::unique_lock<std::recursive_mutex> hold_child_births() {
+  return std::unique_lock(ChildBirths::mutex());
 }
 
 }  // namespace procpool::detail

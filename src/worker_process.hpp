@@ -9,6 +9,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "procpool/detail/buffer.hpp"
@@ -47,5 +48,13 @@ struct WorkerBirth {
 [[nodiscard]] std::vector<int> parent_sockets();
 void add_parent_socket(int fd);
 void remove_parent_socket(int fd);
+
+/// Held while a child process is born: from the creation of its socket pair
+/// until the parent's end is among parent_sockets() and the child's end is
+/// closed here. Another engine's child forked in between (pools made at once
+/// on several threads) would hold both ends, and the first engine would wait
+/// for its worker's EOF until that child ended. Every child this library
+/// forks is born under it; a child starts with it free.
+[[nodiscard]] std::unique_lock<std::recursive_mutex> hold_child_births();
 
 }  // namespace procpool::detail

@@ -9,8 +9,10 @@
 #include <cstdlib>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -26,6 +28,30 @@ constexpr bool under_sanitizer =
 #else
     false;
 #endif
+
+/// Ends the test program if `body` takes longer than `limit`: a hang must
+/// fail the test, not block it until ctest's timeout.
+template <class Body>
+void within(std::chrono::seconds limit, const char* what, Body body) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock lock(m);
+    if (!cv.wait_for(lock, limit, [&] { return done; })) {
+      std::fprintf(stderr, "%s did not finish within %lld s (a hang)\n", what,
+                   static_cast<long long>(limit.count()));
+      std::_Exit(1);
+    }
+  });
+  body();
+  {
+    std::lock_guard lock(m);
+    done = true;
+  }
+  cv.notify_all();
+  watchdog.join();
+}
 
 struct Child {
   pid_t pid;

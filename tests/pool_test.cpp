@@ -603,4 +603,32 @@ TEST(Pool, ConcurrentCallsFromSeveralThreads) {
   EXPECT_EQ(ok, (std::vector<int>{1, 1, 1, 1}));
 }
 
+/// Pools made at once on several threads, then ended one by one on another:
+/// a worker of one pool must not hold another pool's socket (forked while
+/// that pool's socket pair existed and was not yet listed as the parent's),
+/// or ending that pool waits for the worker's EOF until the first pool ends
+/// too: with both ended on one thread, in that order, for ever (an MPI
+/// node's rank makes its pools on threads of their own and ends them in
+/// order: mpi.peers.lifecycle hung there).
+TEST(Pool, PoolsMadeAtOnceOnSeveralThreadsEndInAnyOrder) {
+  for (int round = 0; round < 8; ++round) {
+    std::vector<std::unique_ptr<procpool::Pool>> pools(4);
+    std::vector<std::thread> makers;
+    for (std::size_t t = 0; t < pools.size(); ++t) {
+      makers.emplace_back([&pools, t] {
+        pools[t] = std::make_unique<procpool::Pool>(procpool::Options{.processes = 2});
+      });
+    }
+    for (auto& m : makers)
+      m.join();
+    test_helpers::within(std::chrono::seconds(30), "ending the pools one by one", [&] {
+      for (auto& pool : pools) {
+        EXPECT_EQ(pool->map([](int x) { return x + 1; }, std::vector<int>{1, 2, 3}),
+                  (std::vector<int>{2, 3, 4}));
+        pool.reset();
+      }
+    });
+  }
+}
+
 }  // namespace

@@ -41,30 +41,6 @@ int logged_task(int x) {
   return 2 * x;
 }
 
-/// Ends the test program if `body` takes longer than `limit`: a hang must
-/// fail the test, not block it until ctest's timeout.
-template <class Body>
-void within(std::chrono::seconds limit, const char* what, Body body) {
-  std::mutex m;
-  std::condition_variable cv;
-  bool done = false;
-  std::thread watchdog([&] {
-    std::unique_lock lock(m);
-    if (!cv.wait_for(lock, limit, [&] { return done; })) {
-      std::fprintf(stderr, "spawn_test: %s did not finish within %lld s (a hang)\n", what,
-                   static_cast<long long>(limit.count()));
-      std::_Exit(1);
-    }
-  });
-  body();
-  {
-    std::lock_guard lock(m);
-    done = true;
-  }
-  cv.notify_all();
-  watchdog.join();
-}
-
 TEST(Spawn, WorkersDoNotInheritALockHeldByAnotherThread) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> loggers;
@@ -78,7 +54,7 @@ TEST(Spawn, WorkersDoNotInheritALockHeldByAnotherThread) {
   for (int i = 0; i < 20; ++i)
     inputs[static_cast<std::size_t>(i)] = i;
   std::vector<int> results;
-  within(std::chrono::seconds(60), "a spawn pool whose workers log", [&] {
+  test_helpers::within(std::chrono::seconds(60), "a spawn pool whose workers log", [&] {
     procpool::Pool pool({.processes = 2, .start = Start::spawn, .max_tasks_per_child = 1});
     results = pool.map(&logged_task, inputs);
   });
