@@ -1,9 +1,11 @@
 #include "node_server.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <system_error>
 #include <utility>
 
 #include "procpool/detail/code_identity.hpp"
@@ -18,6 +20,21 @@ constexpr std::uint64_t max_batch_inputs = 65536;
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+/// The exception being handled, as a node's pool that could not be made
+/// reports it: a procpool::Error travels with its message, where another
+/// type would name a task. (No worker could start: a std::system_error.)
+std::exception_ptr current_pool_error() {
+  try {
+    throw;
+  } catch (const Error&) {
+    return std::current_exception();
+  } catch (const std::exception& e) {
+    return std::make_exception_ptr(Error(e.what()));
+  } catch (...) {
+    return std::current_exception();
+  }
 }
 
 }  // namespace
@@ -67,6 +84,9 @@ NodeServer::~NodeServer() {
   wake_.notify_all();
   for (std::thread& t : threads_)
     t.join();
+  // (Executors wait for the pools being made: by now those are made.)
+  for (Maker& m : makers_)
+    m.thread.join();
   calls_.clear();
   pools_.clear();  // each Pool finishes its accepted work and reaps its workers
 }
@@ -75,36 +95,24 @@ void NodeServer::handle(Buffer message) {
   Msg type{};
   Reader in = message_body(message, type);
   switch (type) {
-    case Msg::create_pool: {
-      const auto id = in.get<std::uint64_t>();
-      const Options options = load_options(in);
-      auto entry = std::make_shared<PoolEntry>();
-      try {
-        const CodeRef factory = procpool::detail::load_code_ref(in);
-        const void* init = nullptr;
-        if (in.get<std::uint8_t>() != 0) {
-          init = procpool::detail::code_address(procpool::detail::load_code_ref(in));
-        }
-        entry->send_back_deaths = in.get<std::uint8_t>() != 0;
-        entry->pool = procpool::detail::function_at<NodePoolFactoryFn>(factory)(options, init);
-      } catch (const Error&) {
-        entry->error = std::current_exception();
-      } catch (const std::exception& e) {
-        // (No worker could start: a std::system_error.) A procpool::Error
-        // travels with its message, where another type would name a task.
-        entry->error = std::make_exception_ptr(Error(e.what()));
-      } catch (...) {
-        entry->error = std::current_exception();
-      }
-      pools_[id] = std::move(entry);
+    case Msg::create_pool:
+      create_pool(in);
       return;
-    }
     case Msg::destroy_pool:
     case Msg::terminate_pool: {
       const auto id = in.get<std::uint64_t>();
       auto it = pools_.find(id);
       if (it == pools_.end()) return;
-      if (type == Msg::terminate_pool && it->second->pool) it->second->pool->terminate();
+      if (type == Msg::terminate_pool) {
+        PoolEntry& entry = *it->second;
+        std::shared_ptr<procpool::Pool> made;
+        {
+          std::lock_guard lock(entry.mutex);
+          if (!entry.made) entry.terminate_when_made = true;
+          made = entry.pool;
+        }
+        if (made) made->terminate();
+      }
       // The last chunk that uses it ends it (its destructor waits for its work).
       pools_.erase(it);
       return;
@@ -194,19 +202,104 @@ void NodeServer::handle(Buffer message) {
     case Msg::insights: {
       const auto pool = in.get<std::uint64_t>();
       const auto request = in.get<std::uint64_t>();
-      Buffer out = new_message(Msg::insights_reply);
-      Writer w(out);
-      w.put(request);
-      auto p = pools_.find(pool);
-      save_insights(w, p != pools_.end() && p->second->pool ? p->second->pool->insights()
-                                                            : procpool::Insights{});
-      reply_(single_part(std::move(out)));
+      std::shared_ptr<procpool::Pool> made;
+      if (auto p = pools_.find(pool); p != pools_.end()) {
+        PoolEntry& entry = *p->second;
+        std::lock_guard lock(entry.mutex);
+        if (!entry.made) {
+          entry.insights_waiting.push_back(request);  // its maker answers
+          return;
+        }
+        made = entry.pool;
+      }
+      reply_insights(request, made ? made->insights() : procpool::Insights{});
       return;
     }
     default:
       throw ProtocolError("procpool::mpi: a node got a message of unknown type " +
                           std::to_string(static_cast<int>(type)));
   }
+}
+
+void NodeServer::PoolEntry::wait_made() {
+  std::unique_lock lock(mutex);
+  made_cv.wait(lock, [this] { return made; });
+}
+
+void NodeServer::create_pool(Reader& in) {
+  join_finished_makers();
+  const auto id = in.get<std::uint64_t>();
+  const Options options = load_options(in);
+  auto entry = std::make_shared<PoolEntry>();
+  pools_[id] = entry;
+  NodePoolFactoryFn* factory = nullptr;
+  const void* init = nullptr;
+  try {
+    factory = procpool::detail::function_at<NodePoolFactoryFn>(procpool::detail::load_code_ref(in));
+    if (in.get<std::uint8_t>() != 0) {
+      init = procpool::detail::code_address(procpool::detail::load_code_ref(in));
+    }
+    entry->send_back_deaths = in.get<std::uint8_t>() != 0;
+  } catch (...) {
+    finish_making(*entry, nullptr, current_pool_error());  // (a rank running other code)
+    return;
+  }
+  auto finished = std::make_shared<std::atomic<bool>>(false);
+  try {
+    std::thread thread([this, entry, options, factory, init, finished]() mutable {
+      make_pool(std::move(entry), options, factory, init);
+      finished->store(true);
+    });
+    makers_.push_back(Maker{std::move(thread), std::move(finished)});
+  } catch (const std::system_error&) {
+    make_pool(std::move(entry), options, factory, init);  // no thread to spare: here and now
+  }
+}
+
+void NodeServer::make_pool(std::shared_ptr<PoolEntry> entry, const Options& options,
+                           NodePoolFactoryFn* factory, const void* init) {
+  std::shared_ptr<procpool::Pool> made;
+  std::exception_ptr error;
+  try {
+    made = factory(options, init);
+  } catch (...) {
+    error = current_pool_error();
+  }
+  finish_making(*entry, std::move(made), std::move(error));
+}
+
+void NodeServer::finish_making(PoolEntry& entry, std::shared_ptr<procpool::Pool> made,
+                               std::exception_ptr error) {
+  bool terminate = false;
+  std::vector<std::uint64_t> insights_waiting;
+  {
+    std::lock_guard lock(entry.mutex);
+    entry.pool = made;
+    entry.error = std::move(error);
+    entry.made = true;
+    terminate = entry.terminate_when_made;
+    insights_waiting.swap(entry.insights_waiting);
+  }
+  entry.made_cv.notify_all();
+  if (terminate && made) made->terminate();
+  for (const std::uint64_t request : insights_waiting)
+    reply_insights(request, made ? made->insights() : procpool::Insights{});
+}
+
+void NodeServer::reply_insights(std::uint64_t request, const procpool::Insights& insights) {
+  Buffer out = new_message(Msg::insights_reply);
+  Writer w(out);
+  w.put(request);
+  save_insights(w, insights);
+  reply_(single_part(std::move(out)));
+}
+
+void NodeServer::join_finished_makers() {
+  std::erase_if(makers_, [](Maker& m) {
+    if (!m.finished->load()) return false;
+    m.thread.join();
+    return true;
+  });
 }
 
 void NodeServer::end_bundle_run_locked() {
@@ -285,6 +378,7 @@ void NodeServer::run(std::vector<Job>& jobs) {
   std::deque<Reply> replies(jobs.size());  // a deque: ReplyParts stays where it is
   std::vector<NodeChunk> chunks;
   const Job& job = jobs.front();  // every job of a batch is of the same call
+  if (job.call && job.call->pool) job.call->pool->wait_made();
   procpool::Pool* pool = job.call && job.call->pool ? job.call->pool->pool.get() : nullptr;
   auto worker_nanos = [pool] {
     return pool != nullptr ? procpool::detail::PoolAccess::compute_nanos(*pool) : 0;

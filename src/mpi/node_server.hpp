@@ -36,12 +36,29 @@ class NodeServer {
   void handle(Buffer message);
 
  private:
+  /// A node's Pool. It is made on a thread of its own: its constructor may
+  /// run the initializer (Start::fork_server, once per node: loading a model,
+  /// a vocabulary), for longer than the root waits for a silent node, and
+  /// the rank must go on answering the root meanwhile. Chunks wait for it
+  /// (an executor each), and an insights request is answered once it is made.
   struct PoolEntry {
+    /// The root retries on other nodes: an input whose worker died goes back
+    /// to it (record_died_here). Set before its maker starts.
+    bool send_back_deaths = false;
+    std::mutex mutex;
+    std::condition_variable made_cv;
+    // Set by its maker, under `mutex`, with `made`:
+    bool made = false;
     std::shared_ptr<procpool::Pool> pool;
     std::exception_ptr error;  // the pool could not be built: its chunks go back
-    /// The root retries on other nodes: an input whose worker died goes back
-    /// to it (record_died_here).
-    bool send_back_deaths = false;
+    // Asked of it before it was made, done by its maker once it is:
+    bool terminate_when_made = false;
+    std::vector<std::uint64_t> insights_waiting;  // their request ids
+    void wait_made();
+  };
+  struct Maker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> finished;  // its pool made, and its part done
   };
   struct CallEntry {
     std::shared_ptr<PoolEntry> pool;
@@ -62,6 +79,19 @@ class NodeServer {
     std::chrono::steady_clock::time_point arrived;
   };
   void run(std::vector<Job>& jobs);
+  /// Handles create_pool: the pool is made on a thread of its own (or on
+  /// this one, if no thread can start).
+  void create_pool(Reader& in);
+  /// Makes the pool (on its maker thread).
+  void make_pool(std::shared_ptr<PoolEntry> entry, const Options& options,
+                 NodePoolFactoryFn* factory, const void* init);
+  /// Publishes the pool (or why there is none), then does what was asked of it meanwhile.
+  void finish_making(PoolEntry& entry, std::shared_ptr<procpool::Pool> made,
+                     std::exception_ptr error);
+  void reply_insights(std::uint64_t request, const procpool::Insights& insights);
+  /// Joins the makers that have finished (with none running, a rank that
+  /// makes pool after pool holds no thread for each).
+  void join_finished_makers();
   void executor();
   /// Wakes an idle executor for the `queued` jobs just queued, or starts
   /// one (with mutex_ held); if none can start and none runs, takes them
@@ -85,6 +115,7 @@ class NodeServer {
   BundleInProgress bundle_;
   std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
   std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
+  std::vector<Maker> makers_;  // (the thread that calls handle() only)
 
   std::mutex mutex_;
   std::condition_variable wake_;

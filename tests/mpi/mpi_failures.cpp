@@ -47,6 +47,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -947,6 +948,48 @@ void long_tasks_quiet_nodes() {
     MPI_CHECK_MSG(node.out_of_rotation.empty(), node.out_of_rotation);
 }
 
+/// (3 workers per node: the ranks of one host share it, one each.)
+/// State that takes longer to build than PROCPOOL_MPI_NODE_TIMEOUT (2 s in
+/// this test) on every node but the root's: a vocabulary, a model, loaded once
+/// per node by Start::fork_server's initializer.
+struct LoadedSlowly {
+  int loaded_by = 0;  // the rank's pid: its server's parent
+};
+LoadedSlowly load_slowly() {
+  const char* rank = launcher_rank();
+  if (rank != nullptr && std::strcmp(rank, "0") != 0) ::sleep(3);
+  return {::getppid()};
+}
+std::pair<int, int> loader_and_rank(LoadedSlowly& state, int) {
+  return {state.loaded_by, ::getppid()};
+}
+
+/// A node whose pool's initializer takes longer than the node timeout is
+/// still a node that answers: its rank goes on serving (pings included)
+/// while its fork server builds the state, and its chunks wait for it.
+void slow_initializer() {
+  const auto started = std::chrono::steady_clock::now();
+  procpool::mpi::Pool pool({.processes = 3, .chunksize = 1, .start = procpool::Start::fork_server},
+                           &load_slowly);
+  const auto made_in = std::chrono::steady_clock::now() - started;
+  const auto out = pool.map(&loader_and_rank, std::vector<int>(12, 0));
+  MPI_CHECK(out.size() == 12);
+  std::set<int> ranks;
+  for (const auto& [loader, rank] : out) {
+    MPI_CHECK(loader == rank);  // each node's state was built by a server of that node's rank
+    ranks.insert(rank);
+  }
+  const procpool::mpi::Insights insights = pool.insights();
+  std::size_t nodes_with_workers = 0;
+  for (const auto& node : insights.per_node) {
+    MPI_CHECK_MSG(node.out_of_rotation.empty(), node.out_of_rotation);
+    if (node.processes != 0) ++nodes_with_workers;
+  }
+  MPI_CHECK(ranks.size() == nodes_with_workers);  // every node ran some, the slow ones too
+  std::fprintf(stderr, "mpi_failures slow_initializer: pool made in %.3f s, %zu nodes ran tasks\n",
+               std::chrono::duration<double>(made_in).count(), ranks.size());
+}
+
 void root_throws() {
   procpool::mpi::Pool pool({.processes = 1});
   MPI_CHECK(pool.map(&throws_on_7, std::vector<int>{1, 2}).size() == 2);
@@ -1064,5 +1107,6 @@ int main(int argc, char** argv) {
   if (mode == "root_stops") root_stops();
   if (mode == "slow_inputs") slow_large_inputs();
   if (mode == "root_throws") root_throws();
+  if (mode == "slow_initializer") slow_initializer();
   return 0;
 }
