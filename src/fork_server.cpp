@@ -132,9 +132,13 @@ std::size_t thread_count() noexcept {
   run_worker(socket, logic, context);
 }
 
+/// Set in a fork server, before the initializer runs (see in_fork_server).
+bool is_fork_server = false;
+
 /// The server's life: builds the logic (runs the initializer), then forks a
 /// worker for each request until the pool closes its end.
 [[noreturn]] void serve(const ForkServerBirth& birth, int control) {
+  is_fork_server = true;
   std::unique_ptr<WorkerLogic> logic = (*birth.make_logic)();
   // What the initializer printed is printed once, not again by each worker.
   std::fflush(nullptr);
@@ -163,6 +167,10 @@ std::size_t thread_count() noexcept {
 
 ForkServer::~ForkServer() {
   end_server();
+}
+
+bool in_fork_server() noexcept {
+  return is_fork_server;
 }
 
 void ForkServer::start_server() {

@@ -33,6 +33,10 @@ struct ForkServerBirth {
   const std::function<std::unique_ptr<WorkerLogic>()>* make_logic = nullptr;
 };
 
+/// Whether this process is a pool's fork server (its initializer runs there:
+/// an error from it names the server, not a worker).
+bool in_fork_server() noexcept;
+
 /// Not thread-safe: its engine uses it under the engine's lock.
 class ForkServer {
  public:

@@ -6,6 +6,8 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+
+#include "fork_server.hpp"
 #include "spawn.hpp"
 
 namespace procpool {
@@ -44,9 +46,13 @@ PoolLogic::PoolLogic(const std::function<std::shared_ptr<void>()>& make_state) {
   try {
     state_ = make_state();
   } catch (...) {
-    init_error_ = std::make_exception_ptr(InitializerFailed(
-        "procpool: the pool's initializer threw in worker " + std::to_string(::getpid()) + ": " +
-        describe_current_exception() + "; every task of this pool fails"));
+    const std::string where = in_fork_server()
+                                  ? "in the pool's fork server (pid " + std::to_string(::getpid()) +
+                                        "), which runs it once for every worker"
+                                  : "in worker " + std::to_string(::getpid());
+    init_error_ = std::make_exception_ptr(
+        InitializerFailed("procpool: the pool's initializer threw " + where + ": " +
+                          describe_current_exception() + "; every task of this pool fails"));
   }
 }
 

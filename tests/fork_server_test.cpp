@@ -262,6 +262,8 @@ TEST(ForkServer, AnInitializerThatThrowsFailsEveryTaskWithItsMessage) {
     } catch (const procpool::TaskError& e) {
       EXPECT_EQ(e.type_name(), "procpool::InitializerFailed");
       EXPECT_NE(std::string(e.what()).find("no such vocabulary file"), std::string::npos);
+      EXPECT_NE(std::string(e.what()).find("in the pool's fork server (pid "), std::string::npos)
+          << e.what();
     }
   }
 }
