@@ -75,21 +75,25 @@ class ParentSockets {
   std::vector<int> fds_;
 };
 
-/// See hold_child_births(). A recursive mutex: a birth may start the fork
-/// server, whose own birth holds it too.
+/// See hold_child_births(). Made on first use, not as the library loads: a
+/// spawned worker serves its pool from a static initialiser of another file
+/// (enter_spawned_pool_worker), and a task there may make a pool of its own.
 class ChildBirths {
  public:
-  static std::recursive_mutex& mutex() { return *current; }
+  static std::mutex& mutex() {
+    [[maybe_unused]] static const int renewed_in_children =
+        ::pthread_atfork(nullptr, nullptr, [] { current() = new std::mutex; });
+    return *current();
+  }
 
  private:
   /// A child may be forked while another thread holds it (or this one: its
-  /// owner is then a thread id of the parent's): the child gets a new one.
-  /// (The old one is left, never destroyed: a lock still refers to it.)
-  static int renew_in_children() {
-    return ::pthread_atfork(nullptr, nullptr, [] { current = new std::recursive_mutex; });
+  /// owner is then a thread of the parent's): the child gets a new one.
+  /// (The old one is left, never destroyed: a lock may still refer to it.)
+  static std::mutex*& current() {
+    static std::mutex* made = new std::mutex;
+    return made;
   }
-  static inline std::recursive_mutex* current = new std::recursive_mutex;
-  static inline const int renewed_in_children = renew_in_children();
 };
 
 /// Waits for a worker that has closed its socket (or was killed); one that
@@ -598,7 +602,7 @@ void remove_parent_socket(int fd) {
   ParentSockets::instance().remove(fd);
 }
 
-std::unique_lock<std::recursive_mutex> hold_child_births() {
+std::unique_lock<std::mutex> hold_child_births() {
   return std::unique_lock(ChildBirths::mutex());
 }
 

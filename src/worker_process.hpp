@@ -55,6 +55,6 @@ void remove_parent_socket(int fd);
 /// on several threads) would hold both ends, and the first engine would wait
 /// for its worker's EOF until that child ended. Every child this library
 /// forks is born under it; a child starts with it free.
-[[nodiscard]] std::unique_lock<std::recursive_mutex> hold_child_births();
+[[nodiscard]] std::unique_lock<std::mutex> hold_child_births();
 
 }  // namespace procpool::detail

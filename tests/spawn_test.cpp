@@ -259,6 +259,24 @@ pid_t parent_of(pid_t pid) {
   return static_cast<pid_t>(ppid);
 }
 
+/// A task of a spawned worker that makes a pool of its own (each kind).
+int sum_in_an_inner_pool(int n) {
+  procpool::Pool inner({.processes = 1});
+  std::vector<int> ones(static_cast<std::size_t>(n), 1);
+  int sum = 0;
+  for (int one : inner.map(&square, ones))
+    sum += one;
+  return sum + procpool::map([](int x) { return x; }, std::vector<int>{n}, {.processes = 1})[0];
+}
+
+TEST(Spawn, ATaskMayMakeAPoolOfItsOwn) {
+  // A spawned worker serves its pool from a static initialiser: the library's
+  // own statics (one made as a later file loads) were not made yet there, and
+  // the inner pool threw "Operation not permitted" from an unmade mutex.
+  procpool::Pool pool({.processes = 2, .start = Start::spawn});
+  EXPECT_EQ(pool.map(&sum_in_an_inner_pool, std::vector<int>{2, 3}), (std::vector<int>{4, 6}));
+}
+
 TEST(Spawn, WorkersAreChildrenRunningThisExecutable) {
   procpool::Pool pool({.processes = 2, .start = Start::spawn});
   const auto pids = pool.worker_pids();

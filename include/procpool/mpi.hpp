@@ -406,7 +406,8 @@ class Pool {
   /// rank should share: build it before the Session (inherited copy-on-write;
   /// once per node with one rank per node), or use Start::fork_server: the
   /// initializer then runs once per rank, in a server its workers are forked
-  /// from (the rank waits for it as the pool is made).
+  /// from (made on a thread of the rank's own: the constructor returns at
+  /// once, and that node's tasks wait for its initializer).
   template <class Init>
   requires std::invocable<Init&> Pool(Options options, Init init) {
     using State = std::decay_t<std::invoke_result_t<Init&>>;

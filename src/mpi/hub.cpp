@@ -1730,9 +1730,9 @@ std::shared_ptr<PoolState> open_pool(const Options& options, NodePoolFactoryFn* 
   // be the node's (its memory, a library, a disk): the nodes' own pools then
   // do not retry. On one node, its pool retries, as procpool::Pool does.
   pool->root_retries = options.retries != 0 && nodes_with_workers > 1;
-  // The root's own node (0) last: its pool is made here and now (with
-  // Start::fork_server, once its initializer has run), and the other nodes
-  // make theirs meanwhile.
+  // Every node makes its pool on a thread of its own (NodeServer::create_pool;
+  // with Start::fork_server that runs the initializer), the root's own node
+  // (0) too: it is asked last.
   for (std::size_t k = 1; k <= hub.nodes.size(); ++k) {
     const std::size_t n = k % hub.nodes.size();
     const unsigned workers = pool->processes[n];

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <string>
 #include <system_error>
@@ -247,7 +248,15 @@ void NodeServer::create_pool(Reader& in) {
   auto finished = std::make_shared<std::atomic<bool>>(false);
   try {
     std::thread thread([this, entry, options, factory, init, finished]() mutable {
-      make_pool(std::move(entry), options, factory, init);
+      try {
+        make_pool(std::move(entry), options, factory, init);
+      } catch (const std::exception& e) {
+        // Answering an insights request failed (memory): on the rank's own
+        // thread that would have ended the job with why; so it does here.
+        std::fprintf(stderr, "procpool::mpi: a node cannot go on: %s\n", e.what());
+        std::fflush(stderr);
+        std::abort();
+      }
       finished->store(true);
     });
     makers_.push_back(Maker{std::move(thread), std::move(finished)});
