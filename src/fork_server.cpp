@@ -113,9 +113,14 @@ std::size_t thread_count() noexcept {
   return threads;
 }
 
+/// Set in a fork server, before the initializer runs; cleared in each of its
+/// workers (see in_fork_server).
+bool is_fork_server = false;
+
 /// In a new worker: becomes the worker that the pool's process sees.
 [[noreturn]] void become_worker(const ForkServerBirth& birth, int control, int socket,
                                 int slot_file, WorkerLogic& logic) {
+  is_fork_server = false;  // a pool it makes has workers of its own, not a server's
   ::close(control);
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);           // a fork does not inherit it
   if (::getppid() != birth.parent) ::_exit(0);  // the pool's process is already gone
@@ -131,9 +136,6 @@ std::size_t thread_count() noexcept {
   context.task_timeout = birth.task_timeout;
   run_worker(socket, logic, context);
 }
-
-/// Set in a fork server, before the initializer runs (see in_fork_server).
-bool is_fork_server = false;
 
 /// The server's life: builds the logic (runs the initializer), then forks a
 /// worker for each request until the pool closes its end.

@@ -1142,11 +1142,8 @@ std::string inner_initializer_error(Model&, const int&) {
 // a task in a fork-server pool's worker, whose initializer throws. The error
 // names where it threw: a worker of that inner pool, not "the pool's fork
 // server" (which the outer pool's worker, a clone of its server, is not).
-// DISABLED: it says "threw in the pool's fork server (pid N)", N the inner
-// pool's worker: serve() sets is_fork_server (src/fork_server.cpp:141) and
-// a worker cloned from the server keeps it (become_worker never clears it),
-// so in_fork_server() is true in every such worker and in all it forks.
-TEST(ForkServerHard, DISABLED_AnInitializerErrorInAPoolMadeByAServersWorkerNamesTheInnerWorker) {
+// (Found by this test: the server's flag was kept by the workers it cloned.)
+TEST(ForkServerHard, AnInitializerErrorInAPoolMadeByAServersWorkerNamesTheInnerWorker) {
   procpool::Pool pool({.processes = 1, .start = Start::fork_server}, &small_model);
   const std::string got = pool.map(&inner_initializer_error, std::vector<int>{0}).front();
   EXPECT_NE(got.find("no such vocabulary file"), std::string::npos) << got;
