@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -9,7 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -46,6 +49,23 @@ bool send_all(int fd, const void* data, std::size_t n) noexcept {
     n -= static_cast<std::size_t>(sent);
   }
   return true;
+}
+
+/// How long the pool waits for its server to answer a request for a worker
+/// (a clone and a reply: well under a millisecond when it runs).
+constexpr std::chrono::milliseconds answer_patience{2000};
+
+/// Whether `fd` has something to read within `patience`.
+bool answers_within(int fd, std::chrono::milliseconds patience) noexcept {
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    pollfd p{fd, POLLIN, 0};
+    const int ready = ::poll(&p, 1, static_cast<int>(std::max<long>(0, left.count())));
+    if (ready > 0) return true;  // an answer, or the server's end closed
+    if (ready == 0 || errno != EINTR) return false;
+  }
 }
 
 bool receive_all(int fd, void* into, std::size_t n) noexcept {
@@ -238,8 +258,15 @@ pid_t ForkServer::ask(int socket, int slot_file) noexcept {
   const int fds[] = {socket, slot_file};
   const bool sent = send_with_fds(control_, &worker_request, 1, fds);
   ::close(socket);  // in flight now: no child forked from here meanwhile can hold it
+  if (!sent) return 0;
+  if (!answers_within(control_, answer_patience)) {
+    // Stopped (SIGSTOP, a debugger) or stuck: the pool waits under its lock,
+    // so it gets no longer; killed, it is started again like a dead one.
+    ::kill(pid_, SIGKILL);
+    return 0;
+  }
   int reply = 0;
-  if (!sent || !receive_all(control_, &reply, sizeof reply)) return 0;
+  if (!receive_all(control_, &reply, sizeof reply)) return 0;
   return reply;
 }
 
