@@ -245,6 +245,13 @@ void NodeServer::create_pool(Reader& in) {
     finish_making(*entry, nullptr, current_pool_error());  // (a rank running other code)
     return;
   }
+  if (options.start != Start::fork_server) {
+    // Its constructor runs no code of the program's (the initializer runs in
+    // each worker) and takes a few forks: made here, as it always was, and
+    // no thread is started beside the rank's other threads to fork from.
+    make_pool(std::move(entry), options, factory, init);
+    return;
+  }
   auto finished = std::make_shared<std::atomic<bool>>(false);
   try {
     std::thread thread([this, entry, options, factory, init, finished]() mutable {

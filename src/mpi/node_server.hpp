@@ -36,10 +36,10 @@ class NodeServer {
   void handle(Buffer message);
 
  private:
-  /// A node's Pool. It is made on a thread of its own: its constructor may
-  /// run the initializer (Start::fork_server, once per node: loading a model,
-  /// a vocabulary), for longer than the root waits for a silent node, and
-  /// the rank must go on answering the root meanwhile. Chunks wait for it
+  /// A node's Pool. With Start::fork_server it is made on a thread of its
+  /// own: its constructor runs the initializer (once per node: loading a
+  /// model, a vocabulary), maybe for longer than the root waits for a silent
+  /// node, and the rank must go on answering the root meanwhile. Chunks wait for it
   /// (an executor each), and an insights request is answered once it is made.
   struct PoolEntry {
     /// The root retries on other nodes: an input whose worker died goes back
@@ -79,10 +79,10 @@ class NodeServer {
     std::chrono::steady_clock::time_point arrived;
   };
   void run(std::vector<Job>& jobs);
-  /// Handles create_pool: the pool is made on a thread of its own (or on
-  /// this one, if no thread can start).
+  /// Handles create_pool: a Start::fork_server pool is made on a thread of
+  /// its own (or on this one, if no thread can start), others here.
   void create_pool(Reader& in);
-  /// Makes the pool (on its maker thread).
+  /// Makes the pool (on its maker thread, or on this one).
   void make_pool(std::shared_ptr<PoolEntry> entry, const Options& options,
                  NodePoolFactoryFn* factory, const void* init);
   /// Publishes the pool (or why there is none), then does what was asked of it meanwhile.
