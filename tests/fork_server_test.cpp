@@ -972,6 +972,9 @@ Model slowish_model() {
 // then ends when told, in any order, not after a second's wait for a server
 // or worker that another server kept from seeing its EOF.
 TEST(ForkServerHard, PoolsMadeOnSeveralThreadsAtOnceKeepTheirServersApart) {
+  if (test_helpers::under_tsan_fork_hole) {
+    GTEST_SKIP() << "threads allocating while others fork: TSan's fork hole (tests/helpers.hpp)";
+  }
   constexpr int pools = 4;
   std::vector<std::unique_ptr<procpool::Pool>> made(pools);
   std::vector<std::thread> makers;
