@@ -861,10 +861,13 @@ std::string name_zombies(const std::set<pid_t>& workers, bool reap) {
     servers.insert(board()->servers[i]);
   std::string named;
   for (pid_t z : zombie_children()) {
-    named += " " + std::to_string(z) +
-             (servers.contains(z)   ? " (a server)"
-              : workers.contains(z) ? " (a worker that ran tasks)"
-                                    : " (no server, and no worker the pool knew)");
+    // (Appended piece by piece: GCC 12 at -O3 warns of an overlap, wrongly,
+    // in " " + std::string.)
+    named += ' ';
+    named += std::to_string(z);
+    named += servers.contains(z)   ? " (a server)"
+             : workers.contains(z) ? " (a worker that ran tasks)"
+                                   : " (no server, and no worker the pool knew)";
     if (reap) ::waitpid(z, nullptr, 0);
   }
   return named;
