@@ -10,11 +10,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -51,20 +51,46 @@ bool send_all(int fd, const void* data, std::size_t n) noexcept {
   return true;
 }
 
-/// How long the pool waits for its server to answer a request for a worker
-/// (a clone and a reply: well under a millisecond when it runs).
-constexpr std::chrono::milliseconds answer_patience{2000};
+/// How long the pool waits for its server to answer a request for a worker:
+/// a clone and a reply, well under a millisecond for a small server, but a
+/// clone copies the page tables of all the server holds (a large model: a
+/// second or more), so a running server is given long; one that stays
+/// stopped (SIGSTOP, a debugger), far less: it answers nothing until continued.
+constexpr std::chrono::milliseconds answer_patience{60'000};
+constexpr std::chrono::milliseconds stopped_patience{2'000};
 
-/// Whether `fd` has something to read within `patience`.
-bool answers_within(int fd, std::chrono::milliseconds patience) noexcept {
-  const auto deadline = std::chrono::steady_clock::now() + patience;
+/// Whether process `pid` is stopped or traced (its state in /proc).
+bool is_stopped(pid_t pid) noexcept {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  std::FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return false;
+  char line[512] = {};
+  const bool read = std::fgets(line, sizeof line, f) != nullptr;
+  std::fclose(f);
+  const char* after_name = read ? std::strrchr(line, ')') : nullptr;  // the name may hold ')'
+  return after_name != nullptr && (after_name[2] == 'T' || after_name[2] == 't');
+}
+
+/// Whether `fd` has something to read before `server` has run out of patience.
+bool answers_in_time(int fd, pid_t server) noexcept {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + answer_patience;
+  Clock::time_point stopped_since{};
   for (;;) {
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
     pollfd p{fd, POLLIN, 0};
-    const int ready = ::poll(&p, 1, static_cast<int>(std::max<long>(0, left.count())));
+    const int ready = ::poll(&p, 1, 100);
     if (ready > 0) return true;  // an answer, or the server's end closed
-    if (ready == 0 || errno != EINTR) return false;
+    if (ready < 0 && errno != EINTR) return false;
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    if (!is_stopped(server)) {
+      stopped_since = {};
+    } else if (stopped_since == Clock::time_point{}) {
+      stopped_since = now;
+    } else if (now - stopped_since >= stopped_patience) {
+      return false;
+    }
   }
 }
 
@@ -259,7 +285,7 @@ pid_t ForkServer::ask(int socket, int slot_file) noexcept {
   const bool sent = send_with_fds(control_, &worker_request, 1, fds);
   ::close(socket);  // in flight now: no child forked from here meanwhile can hold it
   if (!sent) return 0;
-  if (!answers_within(control_, answer_patience)) {
+  if (!answers_in_time(control_, pid_)) {
     // Stopped (SIGSTOP, a debugger) or stuck: the pool waits under its lock,
     // so it gets no longer; killed, it is started again like a dead one.
     ::kill(pid_, SIGKILL);
