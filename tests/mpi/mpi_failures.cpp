@@ -972,6 +972,11 @@ void slow_initializer() {
   procpool::mpi::Pool pool({.processes = 3, .chunksize = 1, .start = procpool::Start::fork_server},
                            &load_slowly);
   const auto made_in = std::chrono::steady_clock::now() - started;
+  // Asked while the other nodes still run their initializers: each answers
+  // once its pool is made, with its workers.
+  const procpool::mpi::Insights early = pool.insights();
+  for (const auto& node : early.per_node)
+    MPI_CHECK(node.pool.workers.size() == 1);
   const auto out = pool.map(&loader_and_rank, std::vector<int>(12, 0));
   MPI_CHECK(out.size() == 12);
   std::set<int> ranks;
