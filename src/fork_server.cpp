@@ -10,9 +10,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -107,13 +109,16 @@ bool receive_all(int fd, void* into, std::size_t n) noexcept {
 }
 
 /// clone()'s arguments after the flags and the stack differ by architecture.
-long clone_syscall(unsigned long flags, int* child_tid) noexcept {
+long clone_syscall(unsigned long flags, int* parent_tid, int* child_tid) noexcept {
 #if defined(__x86_64__)
-  return ::syscall(SYS_clone, flags, nullptr, nullptr, child_tid, nullptr);
+  return ::syscall(SYS_clone, flags, nullptr, parent_tid, child_tid, nullptr);
 #else  // arm64 and most others: flags, stack, parent_tid, tls, child_tid
-  return ::syscall(SYS_clone, flags, nullptr, nullptr, nullptr, child_tid);
+  return ::syscall(SYS_clone, flags, nullptr, parent_tid, nullptr, child_tid);
 #endif
 }
+
+static_assert(sizeof(std::atomic<std::int32_t>) == sizeof(pid_t),
+              "the kernel writes a pid_t into WorkerSlot::cloned_pid");
 
 /// fork() whose child is a child of this process's parent (the pool's
 /// process), not of this one. Raw, as glibc's fork() takes no flags; the
@@ -121,16 +126,19 @@ long clone_syscall(unsigned long flags, int* child_tid) noexcept {
 /// fork does for the child, done here: its thread id written where glibc
 /// keeps it (else pthread_self() would name the server's thread: recursive
 /// and robust mutexes, pthread_setaffinity_np), and its robust mutex list
-/// registered again, empty (the kernel gives a new process none).
-pid_t fork_as_sibling() noexcept {
+/// registered again, empty (the kernel gives a new process none). The
+/// child's pid is also written to `slot->cloned_pid` before the clone
+/// returns, in memory the pool shares.
+pid_t fork_as_sibling(WorkerSlot* slot) noexcept {
   int* tid_address = nullptr;
   if (::prctl(PR_GET_TID_ADDRESS, &tid_address) != 0) tid_address = nullptr;
   robust_list_head* robust = nullptr;
   std::size_t robust_size = 0;
   if (::syscall(SYS_get_robust_list, 0, &robust, &robust_size) != 0) robust = nullptr;
-  const unsigned long flags =
-      CLONE_PARENT | SIGCHLD | (tid_address ? CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID : 0);
-  const auto child = static_cast<pid_t>(clone_syscall(flags, tid_address));
+  const unsigned long flags = CLONE_PARENT | CLONE_PARENT_SETTID | SIGCHLD |
+                              (tid_address ? CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID : 0);
+  auto* cloned_pid = reinterpret_cast<int*>(&slot->cloned_pid);
+  const auto child = static_cast<pid_t>(clone_syscall(flags, cloned_pid, tid_address));
   if (child == 0 && robust != nullptr) {
     robust->list.next = &robust->list;
     robust->list_op_pending = nullptr;
@@ -163,24 +171,39 @@ std::size_t thread_count() noexcept {
 /// workers (see in_fork_server).
 bool is_fork_server = false;
 
-/// In a new worker: becomes the worker that the pool's process sees.
+/// In a new worker: becomes the worker that the pool's process sees. `slot`
+/// is the server's mapping of its status page, which the clone shares.
 [[noreturn]] void become_worker(const ForkServerBirth& birth, int control, int socket,
-                                int slot_file, WorkerLogic& logic) {
+                                int slot_file, WorkerSlot* slot, WorkerLogic& logic) {
   is_fork_server = false;  // a pool it makes has workers of its own, not a server's
   ::close(control);
+  ::close(slot_file);
   ::prctl(PR_SET_PDEATHSIG, SIGKILL);           // a fork does not inherit it
   if (::getppid() != birth.parent) ::_exit(0);  // the pool's process is already gone
-  void* page =
-      ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, slot_file, 0);
-  ::close(slot_file);
-  if (page == MAP_FAILED) {
-    std::fprintf(stderr, "procpool worker %d could not map its status page\n", ::getpid());
-    ::_exit(70);
-  }
   WorkerContext context;
-  context.slot = static_cast<WorkerSlot*>(page);
+  context.slot = slot;
   context.task_timeout = birth.task_timeout;
   run_worker(socket, logic, context);
+}
+
+/// The status page of a worker about to be cloned, or nullptr (errno says why).
+WorkerSlot* map_status_page(int slot_file) noexcept {
+  void* page =
+      ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, slot_file, 0);
+  return page == MAP_FAILED ? nullptr : static_cast<WorkerSlot*>(page);
+}
+
+/// Clones the worker that serves socket `fds[0]` with the status page in
+/// memory file `fds[1]`: its pid, or -errno.
+int clone_worker(const ForkServerBirth& birth, int control, const std::vector<int>& fds,
+                 WorkerLogic& logic) {
+  WorkerSlot* slot = map_status_page(fds[1]);
+  if (slot == nullptr) return -errno;
+  const pid_t child = fork_as_sibling(slot);
+  if (child == 0) become_worker(birth, control, fds[0], fds[1], slot, logic);
+  const int reply = child > 0 ? child : -errno;
+  ::munmap(slot, sizeof(WorkerSlot));
+  return reply;
 }
 
 /// The server's life: builds the logic (runs the initializer), then forks a
@@ -202,9 +225,8 @@ bool is_fork_server = false;
     if (got < 0 && errno == EINTR) continue;
     if (got <= 0 || request != worker_request) exit_worker(0);
     // Short of descriptors (ulimit -n): the kernel drops what does not fit.
-    const pid_t child = fds.size() != 2 || truncated ? -EMFILE : fork_as_sibling();
-    if (child == 0) become_worker(birth, control, fds[0], fds[1], *logic);
-    const int reply = child > 0 ? child : child == -EMFILE ? -EMFILE : -errno;
+    const int reply =
+        fds.size() != 2 || truncated ? -EMFILE : clone_worker(birth, control, fds, *logic);
     for (int fd : fds)
       ::close(fd);
     if (!send_all(control, &reply, sizeof reply)) exit_worker(0);

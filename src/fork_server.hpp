@@ -57,7 +57,8 @@ class ForkServer {
   /// Has the server fork a worker that serves `socket` (closed here: its
   /// last copy is the worker's) and shares the status page in memory file
   /// `slot_file` (left open); returns its pid, or 0 when the server was found
-  /// gone (call ensure_running() and make the descriptors again). Throws
+  /// gone (call ensure_running() and make the descriptors again; a worker it
+  /// cloned before it died is named by the page's `cloned_pid`). Throws
   /// std::system_error when the fork fails (a resource limit).
   pid_t start_worker(int socket, int slot_file);
 

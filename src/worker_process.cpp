@@ -489,6 +489,17 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
 /// A worker forked by the pool's fork server: it shares no mapping made here
 /// after the server started, so its status page is a memory file and it has
 /// no arenas (large payloads travel as memory files or on the socket).
+/// A worker that a fork server cloned and was killed before it could name:
+/// the pool's child all the same (CLONE_PARENT), known only by the pid the
+/// kernel wrote to its status page. Left alone, it would end as a zombie.
+void reap_unannounced_worker(const WorkerSlot& slot) noexcept {
+  const pid_t unannounced = slot.cloned_pid.load(std::memory_order_acquire);
+  if (unannounced <= 0) return;
+  ::kill(unannounced, SIGKILL);
+  while (::waitpid(unannounced, nullptr, 0) < 0 && errno == EINTR) {
+  }
+}
+
 std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
   // A server killed from outside is started again; one killed each time,
   // before it forks a worker, is a storm this does not outlast.
@@ -509,6 +520,7 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
       return std::make_unique<WorkerProcess>(pid, parent_end.release(), slot.slot, nullptr,
                                              nullptr);
     }
+    reap_unannounced_worker(*slot.slot);
     unmap_slot(slot.slot);
   }
   throw Error(

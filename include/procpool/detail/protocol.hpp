@@ -236,6 +236,11 @@ struct WorkerSlot {
   static constexpr std::uint32_t running_setup = 2;
   /// Set by the worker once started (initializer included), before its first task.
   std::atomic<std::uint32_t> ready{0};
+  /// A fork server's worker: its pid, written by the kernel as the server
+  /// clones it (CLONE_PARENT_SETTID), before the server can answer. The
+  /// worker is the pool's child; a server killed before it answered leaves
+  /// the pool only this to find, and reap, the worker.
+  std::atomic<std::int32_t> cloned_pid{0};
 
   // Cumulative, written by the worker alone, read by the parent for insights.
   std::atomic<std::uint64_t> tasks{0};
