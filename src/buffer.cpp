@@ -308,9 +308,10 @@ void PrefaultAhead::wait_until_mapped(std::size_t bytes) noexcept {
   }
 }
 
-void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memory_file) {
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n, FreshCopy where) {
   PrefaultAhead ahead(to, n, false);
   const auto* source = static_cast<const std::byte*>(from);
+  const bool to_memory_file = where != FreshCopy::heap;
   for (std::size_t done = 0; done < n;) {
     const std::size_t step = std::min(PrefaultAhead::piece, n - done);
     ahead.wait_until_mapped(done + step);
@@ -318,7 +319,7 @@ void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memor
     // the piece costs less than a fault per page.
     if (to_memory_file && n < PrefaultAhead::worth_a_thread) prefault_for_writing(to + done, step);
     std::memcpy(to + done, source + done, step);
-    if (to_memory_file) unmap_memory_file_pages(to + done, step);
+    if (where == FreshCopy::memory_file_unmapped) unmap_memory_file_pages(to + done, step);
     done += step;
   }
 }

@@ -196,7 +196,7 @@ void WorkerChannel::send_header_and_renew_out(std::size_t queued, const FrameHea
   if (!send_with_fds(fd_, &header, sizeof header, {})) exit_worker(0);
   if (slot_) WorkerSlot::add(slot_->bytes_out, sizeof header + header.size);
   out_ = Buffer{};
-  out_.share_when_large();
+  out_.share_when_large(WrittenPages::kept_mapped);
   sent_ = 0;
 }
 

@@ -153,7 +153,8 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
 class WorkerChannel {
  public:
   WorkerChannel(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot) {
-    out_.share_when_large();  // a large reply is then handed over in its memory file
+    // A large reply is then handed over in its memory file.
+    out_.share_when_large(WrittenPages::kept_mapped);
   }
 
   std::size_t available() const noexcept { return in_.size() - pos_; }

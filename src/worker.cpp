@@ -140,7 +140,7 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
   Buffer direct = region >= 0 ? Buffer::over(arena->data(static_cast<std::size_t>(region)),
                                              ReplyArena::capacity)
                               : Buffer{};
-  direct.share_when_large();
+  direct.share_when_large(WrittenPages::kept_mapped);
   if (region >= 0) {
     const double expected = last_reply_bytes_per_task_ * static_cast<double>(header.count);
     map_reply_region(static_cast<std::size_t>(region),

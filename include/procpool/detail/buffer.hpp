@@ -80,13 +80,24 @@ class PrefaultAhead {
   std::unique_ptr<Helper> helper_;
 };
 
+/// Where copy_to_fresh writes: the heap, or a shared memory-file mapping
+/// whose bytes are for another process (each piece mapped in one call before
+/// it is written), its pages left mapped here or unmapped once written (the
+/// file keeps them).
+enum class FreshCopy { heap, memory_file_kept_mapped, memory_file_unmapped };
+
 /// Copies `n` bytes to fresh memory at `to`, its pages mapped ahead of the
 /// copy (PrefaultAhead) when it is large.
-/// `to_memory_file`: `to` is a shared memory-file mapping whose bytes are
-/// written for another process: each piece is mapped in one call, written,
-/// and unmapped (the file keeps it), so that this process never holds the
-/// block twice.
-void copy_to_fresh(std::byte* to, const void* from, std::size_t n, bool to_memory_file = false);
+void copy_to_fresh(std::byte* to, const void* from, std::size_t n,
+                   FreshCopy where = FreshCopy::heap);
+
+/// What a Buffer that shares its bytes when large (share_when_large) does with
+/// the pages of its memory file once written: the caller's inputs are
+/// unmapped, so that the caller never counts an input twice in its RSS (the
+/// worker frees them as it decodes); a worker's replies stay mapped until
+/// sent, where unmapping them only hid them from its RSS and cost 4-11 % of
+/// the throughput of large results (`procpool_bench payload_out`).
+enum class WrittenPages { unmapped, kept_mapped };
 
 /// Like std::vector<std::byte>, but growing leaves new bytes uninitialised:
 /// results of hundreds of MiB must not be zero-filled before they are written.
@@ -121,7 +132,15 @@ class Buffer {
   /// From now on, growing to memory_file_threshold or more puts the bytes in
   /// a memory file (allocate_shared_block) that shared_fd() names, so that a
   /// large message can be handed to another process instead of copied.
-  void share_when_large() noexcept { share_when_large_ = true; }
+  void share_when_large(WrittenPages written = WrittenPages::unmapped) noexcept {
+    share_when_large_ = true;
+    written_ = written;
+  }
+  /// How copy_to_fresh writes into this buffer's memory file.
+  FreshCopy memory_file_copy() const noexcept {
+    return written_ == WrittenPages::unmapped ? FreshCopy::memory_file_unmapped
+                                              : FreshCopy::memory_file_kept_mapped;
+  }
   /// The memory file holding the bytes, or -1.
   int shared_fd() const noexcept { return owned_ ? fd_ : -1; }
 
@@ -180,6 +199,7 @@ class Buffer {
     std::swap(owned_, other.owned_);
     std::swap(fd_, other.fd_);
     std::swap(share_when_large_, other.share_when_large_);
+    std::swap(written_, other.written_);
   }
 
  private:
@@ -189,6 +209,7 @@ class Buffer {
   bool owned_ = true;
   int fd_ = -1;
   bool share_when_large_ = false;
+  WrittenPages written_ = WrittenPages::unmapped;
 };
 
 /// A block that a Writer left where it was rather than copy it (see
@@ -228,10 +249,10 @@ class Writer {
   void write_block(const void* bytes, std::size_t n) {
     if (n >= PrefaultAhead::piece && n < PrefaultAhead::worth_a_thread) {
       // Into a memory file (its bytes are for the process it is handed
-      // to), piece by piece, each unmapped once written: see copy_to_fresh.
+      // to), piece by piece: see copy_to_fresh.
       buffer_.reserve(buffer_.size() + n);
       if (buffer_.shared_fd() >= 0) {
-        copy_to_fresh(buffer_.grow(n), bytes, n, true);
+        copy_to_fresh(buffer_.grow(n), bytes, n, buffer_.memory_file_copy());
         return;
       }
     }
@@ -245,7 +266,8 @@ class Writer {
       std::memcpy(at, bytes, n);  // its owner maps it
     } else {
       // A memory file's bytes are for the process it is handed to.
-      copy_to_fresh(at, bytes, n, buffer_.shared_fd() >= 0);
+      copy_to_fresh(at, bytes, n,
+                    buffer_.shared_fd() >= 0 ? buffer_.memory_file_copy() : FreshCopy::heap);
     }
   }
   /// See Buffer::prepare_for.
