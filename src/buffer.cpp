@@ -155,8 +155,9 @@ Block allocate_block(std::size_t at_least) {
 }
 
 Block allocate_shared_block(std::size_t at_least) {
-  const std::size_t capacity = round_up(at_least, page_bytes);
-  const int fd = create_memory_file(capacity);
+  const auto [spare, spare_size] = take_spare_memory_file(at_least);
+  const std::size_t capacity = spare >= 0 ? spare_size : round_up(at_least, page_bytes);
+  const int fd = spare >= 0 ? spare : create_memory_file(capacity);
   try {
     std::byte* data = map_memory_file(fd, capacity, true);
     ::madvise(data, capacity, MADV_DONTFORK);  // as map_block: a new worker has no use for it

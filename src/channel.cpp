@@ -43,6 +43,11 @@ void ParentChannel::queue_attachment(std::vector<int> fds, std::uint64_t file_of
   queue_header(FrameKind::attach, 0, file_offset, outgoing_.back().fds.size(), 0, 0);
 }
 
+void ParentChannel::queue_spares(std::vector<int> fds) {
+  outgoing_.push_back({outbox_.size(), std::move(fds)});
+  queue_header(FrameKind::spare, 0, 0, outgoing_.back().fds.size(), 0, 0);
+}
+
 bool ParentChannel::send_outbox(int flags) {
   while (out_pos_ < outbox_.size()) {
     // Up to the next attachment's header, or from it with its descriptors.

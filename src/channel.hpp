@@ -38,6 +38,8 @@ class ParentChannel {
   /// Queues an attach frame carrying `fds` (taken over: closed once sent),
   /// for the next frame queued; `file_offset` as FrameKind::attach says.
   void queue_attachment(std::vector<int> fds, std::uint64_t file_offset);
+  /// Queues memory files (owned here from now on) in a FrameKind::spare frame.
+  void queue_spares(std::vector<int> fds);
   bool has_unsent() const noexcept { return out_pos_ < outbox_.size(); }
 
   /// Sends what it can without blocking; false if the worker is gone.

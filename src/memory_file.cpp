@@ -1,6 +1,7 @@
 #include "procpool/detail/memory_file.hpp"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -119,6 +121,82 @@ std::byte* map_sealed_memory_file(int fd, std::size_t size) {
   if (at == MAP_FAILED)
     throw_errno("cannot map a shared buffer of " + std::to_string(size) + " bytes");
   return static_cast<std::byte*>(at);
+}
+
+namespace {
+
+/// The spare memory files of this process (a worker's), see
+/// keep_spare_memory_file. A child forked from here (a worker's own pool)
+/// starts with none: the files are its parent's to write.
+class SpareFiles {
+ public:
+  static SpareFiles& instance() noexcept {
+    static SpareFiles* const made = [] {
+      auto* spares = new SpareFiles;  // never destroyed: a worker ends with _exit
+      ::pthread_atfork(nullptr, nullptr, [] { instance().forget_in_child(); });
+      return spares;
+    }();
+    return *made;
+  }
+
+  void keep(int fd) noexcept {
+    struct stat st {};
+    const auto size = ::fstat(fd, &st) == 0 ? static_cast<std::size_t>(st.st_size) : 0;
+    std::lock_guard lock(*mutex_);
+    if (size == 0 || bytes_ + size > spare_files_limit) {
+      ::close(fd);
+      return;
+    }
+    files_.emplace_back(fd, size);
+    bytes_ += size;
+  }
+
+  std::pair<int, std::size_t> take(std::size_t at_least) noexcept {
+    std::lock_guard lock(*mutex_);
+    auto best = files_.end();
+    for (auto it = files_.begin(); it != files_.end(); ++it) {
+      if (it->second >= at_least && (best == files_.end() || it->second < best->second)) best = it;
+    }
+    if (best == files_.end()) return {-1, 0};
+    const std::pair<int, std::size_t> file = *best;
+    files_.erase(best);
+    bytes_ -= file.second;
+    ++taken_;
+    return file;
+  }
+
+  SpareFilesState state() noexcept {
+    std::lock_guard lock(*mutex_);
+    return {files_.size(), bytes_, taken_};
+  }
+
+ private:
+  void forget_in_child() noexcept {
+    mutex_ = new std::mutex;  // the old one may be held by a thread the child lacks
+    for (const auto& file : files_)
+      ::close(file.first);
+    files_.clear();
+    bytes_ = 0;
+  }
+
+  std::mutex* mutex_ = new std::mutex;
+  std::vector<std::pair<int, std::size_t>> files_;  // descriptor, size
+  std::size_t bytes_ = 0;
+  std::uint64_t taken_ = 0;
+};
+
+}  // namespace
+
+void keep_spare_memory_file(int fd) noexcept {
+  SpareFiles::instance().keep(fd);
+}
+
+std::pair<int, std::size_t> take_spare_memory_file(std::size_t at_least) noexcept {
+  return SpareFiles::instance().take(at_least);
+}
+
+SpareFilesState spare_memory_files() noexcept {
+  return SpareFiles::instance().state();
 }
 
 void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept {

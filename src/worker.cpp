@@ -59,6 +59,8 @@ class WorkerLoop {
   void note_reply_size(const FrameHeader& task, const FrameHeader& reply);
   /// Takes the descriptors an attach frame announces; dies if they did not arrive.
   void take_attachment(const FrameHeader& header);
+  /// Keeps the memory files a spare frame brought (keep_spare_memory_file).
+  void keep_spares(const FrameHeader& header);
   /// Maps the memory file a task frame's payload is in (flag_in_file).
   Reader map_input_file(const FrameHeader& header);
   /// Unmaps it and closes what came attached.
@@ -303,6 +305,16 @@ Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   return payload;
 }
 
+void WorkerLoop::keep_spares(const FrameHeader& header) {
+  std::vector<int> spares;
+  if (header.count == 0 || header.count > max_fds_per_message ||
+      !channel_.take_fds(static_cast<std::size_t>(header.count), spares)) {
+    die("corrupt message from the parent (spare memory files announced but not received)");
+  }
+  for (int fd : spares)
+    keep_spare_memory_file(fd);
+}
+
 void WorkerLoop::drop_attachments() noexcept {
   unmap_memory_file(input_file_, input_file_size_);
   input_file_ = nullptr;
@@ -323,6 +335,11 @@ void WorkerLoop::run() {
     if (header.magic != frame_magic) die("corrupt message from the parent (bad magic)");
     if (header.kind == FrameKind::attach) {
       take_attachment(header);
+      channel.skip(sizeof header);
+      continue;
+    }
+    if (header.kind == FrameKind::spare) {
+      keep_spares(header);
       channel.skip(sizeof header);
       continue;
     }

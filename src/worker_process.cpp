@@ -4,9 +4,11 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <csignal>
@@ -16,6 +18,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "arena_cache.hpp"
@@ -234,6 +237,66 @@ void unmap_slot(WorkerSlot* slot) noexcept {
 }
 
 /// One local worker process and everything the parent holds for it.
+/// Memory files of a worker's large replies that the parent has read (their
+/// leases let go, on whatever thread decoded them), waiting to go back to
+/// that worker as spares (FrameKind::spare) with the next chunk it is sent.
+/// What waits is bounded, for a worker (what it would keep) and for all of
+/// this process's workers together (a pool idle after a call holds them
+/// until its next one): a file past either bound is closed at once, as it
+/// is once the worker has ended.
+class SpareReturns {
+ public:
+  void give(int fd) noexcept {
+    const std::size_t size = size_of(fd);
+    std::lock_guard lock(mutex_);
+    if (closed_ || size == 0 || bytes_ + size > spare_files_limit || !reserve_in_process(size)) {
+      ::close(fd);
+      return;
+    }
+    fds_.push_back(fd);
+    bytes_ += size;
+  }
+  std::vector<int> take() {
+    std::lock_guard lock(mutex_);
+    release_in_process(std::exchange(bytes_, 0));
+    return std::exchange(fds_, {});
+  }
+  void close() noexcept {
+    std::lock_guard lock(mutex_);
+    closed_ = true;
+    close_all(fds_);
+    release_in_process(std::exchange(bytes_, 0));
+  }
+  ~SpareReturns() { close(); }
+
+  static std::size_t size_of(int fd) noexcept {
+    struct stat st {};
+    return ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<std::size_t>(st.st_size) : 0;
+  }
+
+ private:
+  static constexpr std::size_t process_limit = std::size_t{1} << 30;
+  static std::atomic<std::size_t>& in_process() noexcept {
+    static std::atomic<std::size_t> bytes{0};
+    return bytes;
+  }
+  static bool reserve_in_process(std::size_t size) noexcept {
+    std::size_t now = in_process().load(std::memory_order_relaxed);
+    do {
+      if (now + size > process_limit) return false;
+    } while (!in_process().compare_exchange_weak(now, now + size, std::memory_order_relaxed));
+    return true;
+  }
+  static void release_in_process(std::size_t size) noexcept {
+    in_process().fetch_sub(size, std::memory_order_relaxed);
+  }
+
+  std::mutex mutex_;
+  std::vector<int> fds_;
+  std::size_t bytes_ = 0;
+  bool closed_ = false;
+};
+
 class WorkerProcess final : public WorkerLink {
  public:
   WorkerProcess(pid_t pid, int fd, WorkerSlot* slot, std::shared_ptr<ReplyArena> arena,
@@ -263,6 +326,7 @@ class WorkerProcess final : public WorkerLink {
     channel_.queue_frame(FrameKind::end_call, call, 0, 0, Buffer{});
   }
   void send_chunk(const Chunk& chunk, const Buffer* own_setup) override {
+    give_back_spares();
     std::uint16_t flags = 0;
     if (own_setup) {
       send_setup(chunk.call, *own_setup);
@@ -314,6 +378,7 @@ class WorkerProcess final : public WorkerLink {
 
   WorkerExit finish_end() noexcept override {
     ended_ = true;
+    spares_->close();
     if (how_ == Ending::finished) channel_.drain();
     ParentSockets::instance().remove(channel_.fd());
     ::close(channel_.fd());
@@ -384,9 +449,28 @@ class WorkerProcess final : public WorkerLink {
     return done;
   }
 
+  /// Sends the worker the memory files of its replies read since the last chunk.
+  void give_back_spares() {
+    std::vector<int> fds = spares_->take();
+    for (std::size_t from = 0; from < fds.size(); from += max_fds_per_message) {
+      const auto to = std::min(fds.size(), from + max_fds_per_message);
+      channel_.queue_spares(std::vector<int>(fds.begin() + static_cast<std::ptrdiff_t>(from),
+                                             fds.begin() + static_cast<std::ptrdiff_t>(to)));
+    }
+  }
+
+  /// Whether the memory file of a reply goes back to the worker once read
+  /// (see keep_spare_memory_file): one it would keep.
+  static bool worth_giving_back(int fd) noexcept {
+    const std::size_t size = SpareReturns::size_of(fd);
+    return size != 0 && size <= spare_files_limit;
+  }
+
   /// Decoded straight from the worker's memory file, which is this reply's
-  /// alone: its pages are given back as decoding copies them out, and the
-  /// rest when the lease goes.
+  /// alone. One small enough goes back to the worker once read, to write a
+  /// later reply in; a larger one's pages are given back as decoding copies
+  /// them out, and the rest when the lease goes, so that a result of N
+  /// bytes never costs the caller 2N.
   void lease_from_file(int fd, std::uint64_t offset, std::uint64_t size, ChunkDone& done) {
     const std::size_t mapped = static_cast<std::size_t>(offset + size);
     std::byte* at = nullptr;
@@ -398,15 +482,24 @@ class WorkerProcess final : public WorkerLink {
                 std::to_string(size) + " bytes) could not be mapped: " + e.what() +
                 "; free some memory or return smaller results"));
     }
-    ::close(fd);  // the mapping keeps the file
+    const bool spare = !done.failure && worth_giving_back(fd);
+    if (!spare) ::close(fd);  // the mapping keeps the file
     if (done.failure) return;
 #ifdef MADV_POPULATE_READ
     if (at) ::madvise(at, mapped, MADV_POPULATE_READ);  // one call, not a fault per 4 KiB
 #endif
     done.external = at + offset;
     done.external_size = static_cast<std::size_t>(size);
-    done.give_back = true;
-    done.lease = std::shared_ptr<void>(at, [mapped](void* p) { unmap_memory_file(p, mapped); });
+    done.give_back = !spare;
+    if (!spare) {
+      done.lease = std::shared_ptr<void>(at, [mapped](void* p) { unmap_memory_file(p, mapped); });
+      return;
+    }
+    // Should the lease's own allocation fail, shared_ptr calls this at once.
+    done.lease = std::shared_ptr<void>(at, [mapped, fd, returns = spares_](void* p) {
+      unmap_memory_file(p, mapped);
+      returns->give(fd);
+    });
   }
 
   /// Decoded straight from the arena; handing the lease back frees the region for the next reply.
@@ -445,6 +538,7 @@ class WorkerProcess final : public WorkerLink {
   std::size_t arena_mapped_[ReplyArena::regions] = {};  // bytes of each region mapped here
   Ending how_ = Ending::killed;
   bool ended_ = false;
+  std::shared_ptr<SpareReturns> spares_ = std::make_shared<SpareReturns>();
 };
 
 LinkState WorkerProcess::receive(ReplySink& sink) {

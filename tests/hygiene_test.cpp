@@ -494,7 +494,9 @@ LoadsOnce loads_once_of(int i) {
 
 TEST(LargeResults, AResultWhoseLoadThrowsAfterReadingItsPagesFailsAndIsNotReadTwice) {
   // map takes a chunk's values in one go: a value that fails there was
-  // decoded again, one by one, from pages already given back (zeros).
+  // decoded again, one by one, from pages already given back (zeros). A
+  // 40 MiB reply's file now goes back to its worker, whole: its value was
+  // then loaded a second time, and this load() let it through.
   procpool::Pool pool({.processes = 1, .chunksize = 2});
   try {
     const auto values = pool.map(loads_once_of, std::vector<int>{0, 1});

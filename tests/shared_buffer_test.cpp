@@ -2,14 +2,17 @@
 // files, without a copy, and the caller's own once they have arrived.
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <procpool/detail/memory_file.hpp>
 #include <procpool/procpool.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <list>
+#include <numeric>
 #include <ranges>
 #include <span>
 #include <string>
@@ -265,6 +268,77 @@ TEST(MemoryFilePayloads, LargeVectorResultsAndInputsArriveWhole) {
       inputs, {.processes = 2});
   for (int seed = 0; seed < 3; ++seed)
     EXPECT_EQ(sums[static_cast<std::size_t>(seed)], static_cast<std::uint64_t>(size) * (seed + 1));
+}
+
+// ---- the memory files of large results go back to their worker, to be written again
+
+namespace {
+
+constexpr std::size_t spare_test_size = 40 * mib + 5;
+
+/// A 40 MiB result that says which input made it: every byte is the seed,
+/// but for the seed's square every 64 KiB (a result written over another
+/// shows the other's bytes somewhere).
+std::vector<unsigned char> stamped_result(int seed) {
+  std::vector<unsigned char> v(spare_test_size, static_cast<unsigned char>(seed));
+  for (std::size_t at = 0; at < v.size(); at += 64 << 10)
+    v[at] = static_cast<unsigned char>(seed * seed);
+  return v;
+}
+
+bool is_stamped(const std::vector<unsigned char>& got, int seed) {
+  const std::vector<unsigned char> want = stamped_result(seed);
+  return got.size() == want.size() && std::memcmp(got.data(), want.data(), want.size()) == 0;
+}
+
+/// How many large replies this worker has written into memory files its
+/// caller gave back.
+std::uint64_t spares_taken(int) {
+  return procpool::detail::spare_memory_files().taken;
+}
+
+/// In a worker that has spares: what a child of its own (a pool it makes)
+/// holds of them.
+std::size_t spares_a_child_of_the_worker_holds(int) {
+  return procpool::map([](int) { return procpool::detail::spare_memory_files().files; },
+                       std::vector{0}, {.processes = 1})[0];
+}
+
+}  // namespace
+
+TEST(SpareMemoryFiles, AWorkerWritesLaterLargeResultsIntoFilesItsCallerGaveBack) {
+  for (const Start start : {Start::fork, Start::spawn, Start::fork_server}) {
+    SCOPED_TRACE(static_cast<int>(start));
+    procpool::Pool pool({.processes = 1, .chunksize = 1, .start = start});
+    int seed = 0;
+    for (int round = 0; round < 4; ++round) {
+      const std::vector<int> seeds{seed + 1, seed + 2, seed + 3};
+      seed += 3;
+      const auto results = pool.map(stamped_result, seeds);
+      for (std::size_t i = 0; i < seeds.size(); ++i)
+        EXPECT_TRUE(is_stamped(results[i], seeds[i])) << "result of input " << seeds[i];
+    }
+    // The first one or two are written into new files: a file goes back with
+    // the next chunk after the caller has read it.
+    EXPECT_GE(pool.map(spares_taken, std::vector{0})[0], 8u);
+    EXPECT_EQ(pool.map(spares_a_child_of_the_worker_holds, std::vector{0})[0], 0u);
+  }
+}
+
+TEST(SpareMemoryFiles, AFileGoesBackOnlyOnceTheCallerHasReadIt) {
+  // Results taken slowly, one at a time, while the worker goes on writing:
+  // none may be written over before it is read.
+  procpool::Pool pool({.processes = 1, .chunksize = 1});
+  std::vector<int> seeds(12);
+  std::iota(seeds.begin(), seeds.end(), 1);
+  std::size_t checked = 0;
+  for (const auto& result : pool.imap(stamped_result, seeds)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_TRUE(is_stamped(result, seeds[checked])) << "result of input " << seeds[checked];
+    ++checked;
+  }
+  EXPECT_EQ(checked, seeds.size());
+  EXPECT_GE(pool.map(spares_taken, std::vector{0})[0], 4u);
 }
 
 // ---- SharedBuffer inputs: the caller's memory files handed to the workers

@@ -193,19 +193,21 @@ class ChunkDecoder {
                                              TaskError::Stage::deserialize_result));
   }
 
-  /// The value after a value tag, for take_values(). If decoding it throws,
+  /// The value after a value tag, for take_values(). A value whose load()
+  /// (user code, inside its own frame) throws is never decoded again: its
+  /// TaskError is kept for take() (nullopt). Otherwise, if decoding throws,
   /// a reply that is not given back is rewound for take() to report it (the
-  /// exception propagates). One that is may have given back the pages read
+  /// exception propagates); one that is may have given back the pages read
   /// so far (Reader::consumed), and decoding again would read zeros: the
-  /// failure is kept for take() instead (nullopt), as the value's own
-  /// TaskError when its load() threw inside its frame, else as the chunk's.
+  /// failure is kept as the chunk's instead.
   std::optional<Out> load_value_once() {
     if constexpr (runs_user_code_v<Out>) {
       Reader own = take_frame(in_);  // before any byte is given back
       try {
         return load_value<Out>(own);
       } catch (...) {
-        if (!done_.give_back) throw;
+        // Kept, never read again: the pages may be given back by now, and a
+        // load() (user code) runs once for each value, whatever it does.
         value_error_ = load_error(static_cast<std::size_t>(done_.first + taken_));
         return std::nullopt;
       }

@@ -53,6 +53,27 @@ long long sealed_memory_file_size(int fd) noexcept;
 /// copy, writes copy only the pages they touch. Throws std::system_error.
 std::byte* map_sealed_memory_file(int fd, std::size_t size);
 
+/// Memory files that held this worker's earlier large replies, given back by
+/// the parent once it read them (FrameKind::spare), to write the next ones
+/// in: their pages exist already, and on a VM filling a fresh page costs
+/// several times more than copying into one (`first touch` in
+/// bench/compare.py). A worker keeps at most spare_files_limit bytes of them;
+/// the parent gives back only files of at most that size.
+inline constexpr std::size_t spare_files_limit = std::size_t{256} << 20;
+/// Keeps memory file `fd` (this process owns it) as a spare, or closes it
+/// when that would pass spare_files_limit.
+void keep_spare_memory_file(int fd) noexcept;
+/// A spare memory file of at least `at_least` bytes, taken out of the spares
+/// (the caller owns it), and its size; {-1, 0} if none is that large.
+std::pair<int, std::size_t> take_spare_memory_file(std::size_t at_least) noexcept;
+/// What the spares hold, and how many were taken since this process began
+/// (for tests and insights).
+struct SpareFilesState {
+  std::size_t files = 0, bytes = 0;
+  std::uint64_t taken = 0;
+};
+SpareFilesState spare_memory_files() noexcept;
+
 /// Gives the pages of [at, at + n) of a shared, writable memory-file mapping
 /// back to the system (whole pages only): bytes already consumed. A hint.
 void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept;

@@ -30,6 +30,10 @@ enum class FrameKind : std::uint16_t {
   /// them; several attach frames in a row add up. `first`: where the payload
   /// of a next frame flagged flag_in_file starts in the last of them.
   attach = 5,
+  /// Parent -> worker: `count` memory files attached (SCM_RIGHTS) that held
+  /// the worker's earlier large replies and that the parent has read: the
+  /// worker writes later large replies into them (keep_spare_memory_file).
+  spare = 6,
 };
 
 /// Result flags: the payload is in the worker's reply arena, not on the
