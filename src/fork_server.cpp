@@ -243,7 +243,7 @@ bool in_fork_server() noexcept {
   return is_fork_server;
 }
 
-void ForkServer::start_server() {
+bool ForkServer::start_server() {
   auto born_alone = hold_child_births();
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
@@ -278,14 +278,18 @@ void ForkServer::start_server() {
   control_ = sv[0];
   add_parent_socket(control_);  // a child forked later must not keep the server from its EOF
   born_alone.unlock();          // others may start children while the initializer runs
-  wait_until_ready();
+  return wait_until_ready();
 }
 
-void ForkServer::wait_until_ready() {
+bool ForkServer::wait_until_ready() {
   char state = 0;
-  if (receive_all(control_, &state, 1) && state == server_ready) return;
+  if (receive_all(control_, &state, 1) && state == server_ready) {
+    was_ready_ = true;
+    return true;
+  }
   const pid_t server = pid_;
   const int status = end_server();
+  if (state != server_has_threads && was_ready_ && WIFSIGNALED(status)) return false;
   if (state == server_has_threads) {
     throw Error("procpool: the pool's initializer left threads running in its fork server (pid " +
                 std::to_string(server) +
@@ -318,7 +322,7 @@ pid_t ForkServer::ask(int socket, int slot_file) noexcept {
   return reply;
 }
 
-void ForkServer::ensure_running() {
+bool ForkServer::ensure_running() {
   int status = 0;
   if (pid_ > 0 && ::waitpid(pid_, &status, WNOHANG) == pid_) {
     // Killed from outside since the last worker (it exits only when told):
@@ -326,7 +330,7 @@ void ForkServer::ensure_running() {
     pid_ = -1;
     end_server();
   }
-  if (pid_ < 0) start_server();
+  return pid_ >= 0 || start_server();
 }
 
 pid_t ForkServer::start_worker(int socket, int slot_file) {

@@ -52,7 +52,11 @@ class ForkServer {
   /// socket the server also held would never see the pool close it). Throws
   /// std::system_error if it cannot fork, procpool::Error if the server died
   /// in the initializer or the initializer left threads running there.
-  void ensure_running();
+  /// False when a server started again (after one that had been ready) was
+  /// killed by a signal while it ran the initializer: more likely from
+  /// outside (a kill storm, the OOM killer) than the initializer's doing, as
+  /// it ran before: call it again, counting the tries.
+  [[nodiscard]] bool ensure_running();
 
   /// Has the server fork a worker that serves `socket` (closed here: its
   /// last copy is the worker's) and shares the status page in memory file
@@ -63,8 +67,8 @@ class ForkServer {
   pid_t start_worker(int socket, int slot_file);
 
  private:
-  void start_server();
-  void wait_until_ready();
+  bool start_server();
+  bool wait_until_ready();
   /// Closes the control socket and reaps the server; returns how it ended.
   int end_server() noexcept;
   /// Sends one request; the pid, -errno, or 0 when the server is gone.
@@ -72,7 +76,8 @@ class ForkServer {
 
   ForkServerBirth birth_;
   pid_t pid_ = -1;
-  int control_ = -1;  // our end of the server's socket
+  int control_ = -1;        // our end of the server's socket
+  bool was_ready_ = false;  // a server of this pool has run the initializer
 };
 
 }  // namespace procpool::detail

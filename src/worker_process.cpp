@@ -598,7 +598,8 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
   // A server killed from outside is started again; one killed each time,
   // before it forks a worker, is a storm this does not outlast.
   for (int attempt = 0; attempt < 5; ++attempt) {
-    birth.fork_server->ensure_running();  // before the descriptors it must not inherit
+    // Before the descriptors it must not inherit.
+    if (!birth.fork_server->ensure_running()) continue;
     const auto born_alone = hold_child_births();
     auto [parent_end, child_end] = worker_sockets();
     const SlotFile slot = create_slot_file();
@@ -618,9 +619,9 @@ std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
     unmap_slot(slot.slot);
   }
   throw Error(
-      "procpool: the pool's fork server ended 5 times in a row, each time after its "
-      "initializer ran and before it could fork a worker; find what kills it (the OOM "
-      "killer, a kill storm)");
+      "procpool: the pool's fork server ended 5 times in a row, each time before it could "
+      "fork a worker (while it ran the pool's initializer again, or after); find what kills "
+      "it (the OOM killer, a kill storm)");
 }
 
 std::unique_ptr<WorkerLink> spawn_worker(const WorkerBirth& birth) {
