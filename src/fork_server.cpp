@@ -289,7 +289,12 @@ bool ForkServer::wait_until_ready() {
   }
   const pid_t server = pid_;
   const int status = end_server();
-  if (state != server_has_threads && was_ready_ && WIFSIGNALED(status)) return false;
+  // SIGKILL: from outside (a kill storm, the OOM killer), not a crash of the
+  // initializer, which has its own signal and message below.
+  if (state != server_has_threads && was_ready_ && WIFSIGNALED(status) &&
+      WTERMSIG(status) == SIGKILL) {
+    return false;
+  }
   if (state == server_has_threads) {
     throw Error("procpool: the pool's initializer left threads running in its fork server (pid " +
                 std::to_string(server) +

@@ -53,9 +53,9 @@ class ForkServer {
   /// std::system_error if it cannot fork, procpool::Error if the server died
   /// in the initializer or the initializer left threads running there.
   /// False when a server started again (after one that had been ready) was
-  /// killed by a signal while it ran the initializer: more likely from
-  /// outside (a kill storm, the OOM killer) than the initializer's doing, as
-  /// it ran before: call it again, counting the tries.
+  /// killed by SIGKILL while it ran the initializer: from outside (a kill
+  /// storm, the OOM killer), as the initializer ran before: call it again,
+  /// counting the tries.
   [[nodiscard]] bool ensure_running();
 
   /// Has the server fork a worker that serves `socket` (closed here: its

@@ -133,7 +133,9 @@ class SpareFiles {
   static SpareFiles& instance() noexcept {
     static SpareFiles* const made = [] {
       auto* spares = new SpareFiles;  // never destroyed: a worker ends with _exit
-      ::pthread_atfork(nullptr, nullptr, [] { instance().forget_in_child(); });
+      // Locked across a fork, so that the child sees the list whole.
+      ::pthread_atfork([] { instance().mutex_->lock(); }, [] { instance().mutex_->unlock(); },
+                       [] { instance().forget_in_child(); });
       return spares;
     }();
     return *made;
@@ -147,7 +149,12 @@ class SpareFiles {
       ::close(fd);
       return;
     }
-    files_.emplace_back(fd, size);
+    try {
+      files_.emplace_back(fd, size);
+    } catch (...) {  // no memory for the list: the file is only a spare
+      ::close(fd);
+      return;
+    }
     bytes_ += size;
   }
 
@@ -172,11 +179,11 @@ class SpareFiles {
 
  private:
   void forget_in_child() noexcept {
-    mutex_ = new std::mutex;  // the old one may be held by a thread the child lacks
     for (const auto& file : files_)
       ::close(file.first);
     files_.clear();
     bytes_ = 0;
+    mutex_->unlock();  // taken by the prepare handler, in the thread that forked
   }
 
   std::mutex* mutex_ = new std::mutex;

@@ -237,6 +237,50 @@ void unmap_slot(WorkerSlot* slot) noexcept {
 }
 
 /// One local worker process and everything the parent holds for it.
+/// The descriptors of reply files on their way back to a worker (leased,
+/// or waiting in a SpareReturns): a child forked meanwhile (a new worker, a
+/// fork server) closes them, or their pages would outlive the worker they
+/// are for, held by a process that never uses them.
+class SpareDescriptors {
+ public:
+  static SpareDescriptors& instance() {
+    static SpareDescriptors* const made = [] {
+      auto* made_now = new SpareDescriptors;  // never destroyed: children use it after exit
+      ::pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                       [] { instance().forget_in_child(); });
+      return made_now;
+    }();
+    return *made;
+  }
+  /// False (the descriptor is not listed) when there is no memory to list it.
+  bool add(int fd) noexcept {
+    std::lock_guard lock(mutex_);
+    try {
+      fds_.push_back(fd);
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+  void remove(int fd) noexcept {
+    std::lock_guard lock(mutex_);
+    std::erase(fds_, fd);
+  }
+  /// What the process's SpareReturns hold together (see SpareReturns).
+  std::atomic<std::size_t> bytes_waiting{0};
+
+ private:
+  void forget_in_child() noexcept {
+    for (int fd : fds_)
+      ::close(fd);
+    fds_.clear();
+    bytes_waiting.store(0, std::memory_order_relaxed);
+    mutex_.unlock();  // taken by the prepare handler, in the thread that forked
+  }
+  std::mutex mutex_;
+  std::vector<int> fds_;
+};
+
 /// Memory files of a worker's large replies that the parent has read (their
 /// leases let go, on whatever thread decoded them), waiting to go back to
 /// that worker as spares (FrameKind::spare) with the next chunk it is sent.
@@ -246,25 +290,37 @@ void unmap_slot(WorkerSlot* slot) noexcept {
 /// is once the worker has ended.
 class SpareReturns {
  public:
+  /// Takes over `fd`, listed in SpareDescriptors.
   void give(int fd) noexcept {
     const std::size_t size = size_of(fd);
     std::lock_guard lock(mutex_);
     if (closed_ || size == 0 || bytes_ + size > spare_files_limit || !reserve_in_process(size)) {
-      ::close(fd);
+      forget(fd);
       return;
     }
-    fds_.push_back(fd);
+    try {
+      fds_.push_back(fd);
+    } catch (...) {  // no memory for the list: the file is only a spare
+      release_in_process(size);
+      forget(fd);
+      return;
+    }
     bytes_ += size;
   }
+  /// What waits, no longer listed in SpareDescriptors: the caller sends it.
   std::vector<int> take() {
     std::lock_guard lock(mutex_);
     release_in_process(std::exchange(bytes_, 0));
+    for (int fd : fds_)
+      SpareDescriptors::instance().remove(fd);
     return std::exchange(fds_, {});
   }
   void close() noexcept {
     std::lock_guard lock(mutex_);
     closed_ = true;
-    close_all(fds_);
+    for (int fd : fds_)
+      forget(fd);
+    fds_.clear();
     release_in_process(std::exchange(bytes_, 0));
   }
   ~SpareReturns() { close(); }
@@ -273,22 +329,24 @@ class SpareReturns {
     struct stat st {};
     return ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<std::size_t>(st.st_size) : 0;
   }
+  /// Closes a listed descriptor.
+  static void forget(int fd) noexcept {
+    SpareDescriptors::instance().remove(fd);
+    ::close(fd);
+  }
 
  private:
   static constexpr std::size_t process_limit = std::size_t{1} << 30;
-  static std::atomic<std::size_t>& in_process() noexcept {
-    static std::atomic<std::size_t> bytes{0};
-    return bytes;
-  }
   static bool reserve_in_process(std::size_t size) noexcept {
-    std::size_t now = in_process().load(std::memory_order_relaxed);
+    std::atomic<std::size_t>& waiting = SpareDescriptors::instance().bytes_waiting;
+    std::size_t now = waiting.load(std::memory_order_relaxed);
     do {
       if (now + size > process_limit) return false;
-    } while (!in_process().compare_exchange_weak(now, now + size, std::memory_order_relaxed));
+    } while (!waiting.compare_exchange_weak(now, now + size, std::memory_order_relaxed));
     return true;
   }
   static void release_in_process(std::size_t size) noexcept {
-    in_process().fetch_sub(size, std::memory_order_relaxed);
+    SpareDescriptors::instance().bytes_waiting.fetch_sub(size, std::memory_order_relaxed);
   }
 
   std::mutex mutex_;
@@ -482,7 +540,8 @@ class WorkerProcess final : public WorkerLink {
                 std::to_string(size) + " bytes) could not be mapped: " + e.what() +
                 "; free some memory or return smaller results"));
     }
-    const bool spare = !done.failure && worth_giving_back(fd);
+    const bool spare =
+        !done.failure && worth_giving_back(fd) && SpareDescriptors::instance().add(fd);
     if (!spare) ::close(fd);  // the mapping keeps the file
     if (done.failure) return;
 #ifdef MADV_POPULATE_READ

@@ -325,6 +325,41 @@ TEST(SpareMemoryFiles, AWorkerWritesLaterLargeResultsIntoFilesItsCallerGaveBack)
   }
 }
 
+/// The memory files this process holds open but for its own spares: ones
+/// it inherited from its caller at its fork.
+std::size_t inherited_memory_files() {
+  std::size_t open = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
+    open += !error && target.rfind("/memfd:procpool (deleted)", 0) == 0 ? 1 : 0;
+  }
+  return open - procpool::detail::spare_memory_files().files;
+}
+
+/// A 40 MiB result whose first byte says how many memory files its worker inherited.
+std::vector<unsigned char> large_result_counting_inherited_files(int) {
+  std::vector<unsigned char> v(spare_test_size, 1);
+  v[0] = static_cast<unsigned char>(inherited_memory_files());
+  return v;
+}
+
+TEST(SpareMemoryFiles, AWorkerForkedWhileFilesAreOnTheirWayBackDoesNotKeepThem) {
+  // Every task in a new worker, forked while the caller holds the files of
+  // results it reads or has read: a worker that kept them would hold their
+  // pages for its whole life.
+  procpool::Pool pool({.processes = 2, .chunksize = 1, .max_tasks_per_child = 1});
+  for (int round = 0; round < 3; ++round) {
+    std::size_t inherited = 0;
+    for (const auto& result :
+         pool.imap(large_result_counting_inherited_files, std::vector<int>(6, 0))) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      inherited += result.at(0);
+    }
+    EXPECT_EQ(inherited, 0u) << "round " << round;
+  }
+}
+
 TEST(SpareMemoryFiles, AFileGoesBackOnlyOnceTheCallerHasReadIt) {
   // Results taken slowly, one at a time, while the worker goes on writing:
   // none may be written over before it is read.
