@@ -236,7 +236,6 @@ void unmap_slot(WorkerSlot* slot) noexcept {
   ::munmap(slot, sizeof(WorkerSlot));
 }
 
-/// One local worker process and everything the parent holds for it.
 /// The descriptors of reply files on their way back to a worker (leased,
 /// or waiting in a SpareReturns): a child forked meanwhile (a new worker, a
 /// fork server) closes them, or their pages would outlive the worker they
@@ -355,6 +354,7 @@ class SpareReturns {
   bool closed_ = false;
 };
 
+/// One local worker process and everything the parent holds for it.
 class WorkerProcess final : public WorkerLink {
  public:
   WorkerProcess(pid_t pid, int fd, WorkerSlot* slot, std::shared_ptr<ReplyArena> arena,
@@ -639,9 +639,6 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
   return {OwnedFd(sv[0]), OwnedFd(sv[1])};
 }
 
-/// A worker forked by the pool's fork server: it shares no mapping made here
-/// after the server started, so its status page is a memory file and it has
-/// no arenas (large payloads travel as memory files or on the socket).
 /// A worker that a fork server cloned and was killed before it could name:
 /// the pool's child all the same (CLONE_PARENT), known only by the pid the
 /// kernel wrote to its status page. Left alone, it would end as a zombie.
@@ -652,6 +649,10 @@ void reap_unannounced_worker(const WorkerSlot& slot) noexcept {
   while (::waitpid(unannounced, nullptr, 0) < 0 && errno == EINTR) {
   }
 }
+
+/// A worker forked by the pool's fork server: it shares no mapping made here
+/// after the server started, so its status page is a memory file and it has
+/// no arenas (large payloads travel as memory files or on the socket).
 
 std::unique_ptr<WorkerLink> fork_server_worker(const WorkerBirth& birth) {
   // A server killed from outside is started again; one killed each time,
