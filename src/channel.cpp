@@ -103,6 +103,16 @@ bool ParentChannel::take_attachment(const FrameHeader& header) {
   return true;
 }
 
+bool ParentChannel::keep_spares(const FrameHeader& header) noexcept {
+  const auto count = static_cast<std::size_t>(header.count);
+  if (fds_lost_ || received_fds_.size() < count) return false;
+  for (std::size_t i = 0; i < count; ++i)
+    keep_spare_memory_file(received_fds_[i]);
+  received_fds_.erase(received_fds_.begin(),
+                      received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
+  return true;
+}
+
 void ParentChannel::drain() noexcept {
   ::fcntl(fd_, F_SETFL, 0);  // blocking
   std::byte sink[4096];
@@ -194,6 +204,13 @@ void WorkerChannel::send_attached(std::size_t queued, std::span<const int> fds,
     header.first = file_offset;
     if (!send_with_fds(fd_, &header, sizeof header, group)) exit_worker(0);  // the parent is gone
   }
+}
+
+void WorkerChannel::send_spares(std::span<const int> fds) {
+  FrameHeader header;
+  header.kind = FrameKind::spare;
+  header.count = fds.size();
+  if (!send_with_fds(fd_, &header, sizeof header, fds)) exit_worker(0);  // the parent is gone
 }
 
 void WorkerChannel::send_header_and_renew_out(std::size_t queued, const FrameHeader& header) {

@@ -82,6 +82,9 @@ class ParentChannel {
   /// Moves the descriptors an attach frame announces from those received to
   /// attached_; false if they did not arrive.
   bool take_attachment(const FrameHeader& header);
+  /// Keeps the memory files a worker gave back in a spare frame (input
+  /// files it decoded) as this process's spares; false if they did not arrive.
+  bool keep_spares(const FrameHeader& header) noexcept;
   /// Sends what it can (MSG_DONTWAIT in `flags`: without blocking), with
   /// each attachment's descriptors on the bytes of its header.
   [[nodiscard]] bool send_outbox(int flags);
@@ -127,8 +130,10 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
         inbox_.reserve(whole);
         break;
       }
-      if (header.kind == FrameKind::attach) {
-        if (!take_attachment(header)) return Received::bad_header;
+      if (header.kind == FrameKind::attach || header.kind == FrameKind::spare) {
+        const bool taken =
+            header.kind == FrameKind::attach ? take_attachment(header) : keep_spares(header);
+        if (!taken) return Received::bad_header;
         in_pos_ += whole;
         continue;
       }
@@ -175,6 +180,9 @@ class WorkerChannel {
   /// `fds` (the receiver gets its own copies) for the frame that follows;
   /// `file_offset` as FrameKind::attach says.
   void send_attached(std::size_t queued, std::span<const int> fds, std::uint64_t file_offset);
+  /// Sends memory files (the receiver gets its own copies) in a spare frame,
+  /// now: between two whole frames, as nothing of out() is sent before it is whole.
+  void send_spares(std::span<const int> fds);
   /// Sends `header` alone, now, after the first `queued` bytes of out(), and
   /// gives out() new memory: its memory file now belongs to the parent.
   void send_header_and_renew_out(std::size_t queued, const FrameHeader& header);

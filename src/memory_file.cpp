@@ -172,6 +172,14 @@ class SpareFiles {
     return file;
   }
 
+  void drop() noexcept {
+    std::lock_guard lock(*mutex_);
+    for (const auto& file : files_)
+      ::close(file.first);
+    files_.clear();
+    bytes_ = 0;
+  }
+
   SpareFilesState state() noexcept {
     std::lock_guard lock(*mutex_);
     return {files_.size(), bytes_, taken_};
@@ -204,6 +212,10 @@ std::pair<int, std::size_t> take_spare_memory_file(std::size_t at_least) noexcep
 
 SpareFilesState spare_memory_files() noexcept {
   return SpareFiles::instance().state();
+}
+
+void drop_spare_memory_files() noexcept {
+  SpareFiles::instance().drop();
 }
 
 void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept {

@@ -63,6 +63,9 @@ class WorkerLoop {
   void keep_spares(const FrameHeader& header);
   /// Maps the memory file a task frame's payload is in (flag_in_file).
   Reader map_input_file(const FrameHeader& header);
+  /// Sends the input file mapped above back to the parent (FrameKind::spare):
+  /// its inputs are decoded, before their task runs.
+  void give_input_file_back() noexcept;
   /// Unmaps it and closes what came attached.
   void drop_attachments() noexcept;
 
@@ -290,10 +293,15 @@ void WorkerLoop::take_attachment(const FrameHeader& header) {
 
 Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   input_file_size_ = static_cast<std::size_t>(attached_offset_ + header.size);
-  // Giving pages back (MADV_REMOVE) needs a writable shared mapping.
   const bool handed_over = (header.flags & flag_file_handed_over) != 0;
+  // A file the parent let go of goes back to it whole once decoded, for its
+  // next large input (its pages exist already); a larger one is given back
+  // page by page as it is decoded (MADV_REMOVE), which needs a writable
+  // shared mapping.
+  const bool goes_back_whole = handed_over && input_file_size_ <= spare_files_limit;
   try {
-    input_file_ = map_memory_file(attached_.back(), input_file_size_, handed_over);
+    input_file_ =
+        map_memory_file(attached_.back(), input_file_size_, handed_over && !goes_back_whole);
   } catch (const std::exception& e) {
     die(e.what());
   }
@@ -301,8 +309,23 @@ Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   if (input_file_) ::madvise(input_file_, input_file_size_, MADV_POPULATE_READ);
 #endif
   Reader payload(input_file_ + attached_offset_, static_cast<std::size_t>(header.size));
-  if (handed_over) payload.allow_giving_back();
+  if (goes_back_whole) {
+    payload.when_all_consumed(
+        [](void* loop) { static_cast<WorkerLoop*>(loop)->give_input_file_back(); }, this);
+  } else if (handed_over) {
+    payload.allow_giving_back();
+  }
   return payload;
+}
+
+void WorkerLoop::give_input_file_back() noexcept {
+  unmap_memory_file(input_file_, input_file_size_);
+  input_file_ = nullptr;
+  input_file_size_ = 0;
+  const int fd = attached_.back();  // the task's own files were taken out of attached_
+  attached_.pop_back();
+  channel_.send_spares({&fd, 1});
+  ::close(fd);
 }
 
 void WorkerLoop::keep_spares(const FrameHeader& header) {

@@ -295,8 +295,14 @@ std::pair<long, long long> sum_and_file_held(const std::vector<char>& block) {
 void expect_held_once(const std::pair<long, long long>& seen, const std::vector<char>& input,
                       long rss_growth_kib, long bound_kib = 64 * 1024) {
   EXPECT_EQ(seen.first, checksum(input));
-  EXPECT_GE(seen.second, 0) << "the input should have come in a memory file";
-  EXPECT_LT(seen.second, 16 << 20) << "the worker kept the memory file's pages while it decoded";
+  if (input.size() <= procpool::detail::spare_files_limit) {
+    // Decoded, the file went back to the caller whole, before the task ran.
+    EXPECT_EQ(seen.second, -1) << "the worker still held the input's memory file in its task";
+  } else {
+    // Too large to be kept as a spare: its pages were given back as decoded.
+    EXPECT_GE(seen.second, 0) << "the input should have come in a memory file";
+    EXPECT_LT(seen.second, 16 << 20) << "the worker kept the memory file's pages while it decoded";
+  }
   // Without the hand-over the caller's peak grew by the whole encoding. (A
   // process's peak: ctest runs each test in a process of its own.) A
   // sanitizer's shadow of the file's mapping adds to it, whatever is unmapped.
@@ -313,6 +319,7 @@ TEST(LargeInputs, APoolsInputIsHeldOnceByTheCallerAndGivenBackByTheWorker) {
   const auto seen = pool.map(sum_and_file_held, inputs);
   ASSERT_EQ(seen.size(), 1u);
   expect_held_once(seen[0], inputs[0], peak_rss_kib() - before);
+  EXPECT_EQ(procpool::detail::spare_memory_files().files, 1u) << "the file did not come back";
 }
 
 TEST(LargeInputs, AnInputBetweenTheMemoryFileAndThreadSizesIsHeldOnceToo) {
@@ -326,6 +333,17 @@ TEST(LargeInputs, AnInputBetweenTheMemoryFileAndThreadSizesIsHeldOnceToo) {
   ASSERT_EQ(seen.size(), 1u);
   std::fprintf(stderr, "the caller's peak grew by %ld KiB\n", peak_rss_kib() - before);
   expect_held_once(seen[0], inputs[0], peak_rss_kib() - before, 24 * 1024);
+}
+
+TEST(LargeInputs, AnInputTooLargeToGoBackAsASpareIsGivenBackPageByPage) {
+  std::vector<std::vector<char>> inputs;
+  inputs.push_back(block_of(procpool::detail::spare_files_limit + (std::size_t{32} << 20), 6));
+  procpool::Pool pool({.processes = 1});
+  const long before = peak_rss_kib();
+  const auto seen = pool.map(sum_and_file_held, inputs);
+  ASSERT_EQ(seen.size(), 1u);
+  expect_held_once(seen[0], inputs[0], peak_rss_kib() - before);
+  EXPECT_EQ(procpool::detail::spare_memory_files().files, 0u) << "it came back as a spare";
 }
 
 TEST(LargeInputs, AnInputFromAListIsHeldOnceByTheCaller) {

@@ -325,6 +325,37 @@ TEST(SpareMemoryFiles, AWorkerWritesLaterLargeResultsIntoFilesItsCallerGaveBack)
   }
 }
 
+/// Whether an input is the one stamped with `seed` (read whole in the worker:
+/// an input written over by the next one shows it), and the seed.
+int seed_of_stamped_input(const std::vector<unsigned char>& input) {
+  const int seed = input.empty() ? -1 : input[1];
+  return is_stamped(input, seed) ? seed : -1;
+}
+
+TEST(SpareMemoryFiles, ACallerWritesLaterLargeInputsIntoFilesItsWorkersGaveBack) {
+  for (const Start start : {Start::fork, Start::spawn, Start::fork_server}) {
+    SCOPED_TRACE(static_cast<int>(start));
+    const std::uint64_t taken_before = procpool::detail::spare_memory_files().taken;
+    {
+      procpool::Pool pool({.processes = 1, .chunksize = 1, .start = start});
+      int seed = 0;
+      for (int round = 0; round < 4; ++round) {
+        std::vector<std::vector<unsigned char>> inputs;
+        for (int i = 0; i < 3; ++i)
+          inputs.push_back(stamped_result(++seed));
+        const auto seen = pool.map(seed_of_stamped_input, inputs);
+        for (std::size_t i = 0; i < inputs.size(); ++i)
+          EXPECT_EQ(seen[i], inputs[i][1]) << "input " << static_cast<int>(inputs[i][1]);
+      }
+      // The first ones in flight are written into new files; a file comes
+      // back once its worker has decoded it.
+      EXPECT_GE(procpool::detail::spare_memory_files().taken - taken_before, 8u);
+    }
+    // With the pool's workers gone, nothing will use them soon.
+    EXPECT_EQ(procpool::detail::spare_memory_files().files, 0u);
+  }
+}
+
 /// The memory files this process holds open but for its own spares: ones
 /// it inherited from its caller at its fork.
 std::size_t inherited_memory_files() {

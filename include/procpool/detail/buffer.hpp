@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "procpool/detail/memory_file.hpp"
@@ -358,8 +359,18 @@ class Reader {
   void allow_giving_back() noexcept { give_back_ = true; }
   bool gives_back() const noexcept { return give_back_; }
   /// Says that the `n` bytes at `at`, already taken, will not be read again.
-  void consumed(const std::byte* at, std::size_t n) const noexcept {
+  void consumed(const std::byte* at, std::size_t n) noexcept {
     if (give_back_) discard_memory_file_pages(const_cast<std::byte*>(at), n);
+    // Bytes are consumed front to back: a range that ends at the end is the last.
+    if (all_consumed_ != nullptr && at + n == end_) std::exchange(all_consumed_, nullptr)(arg_);
+  }
+  /// Calls `done(arg)` once, when the bytes up to this reader's end are
+  /// consumed (see consumed()): its memory may then be handed on whole, as a
+  /// worker gives an input's memory file back to the parent.
+  void when_all_consumed(void (*done)(void*), void* arg) noexcept {
+    all_consumed_ = done;
+    arg_ = arg;
+    end_ = pos_ + left_;
   }
 
  private:
@@ -370,6 +381,9 @@ class Reader {
   const std::byte* pos_;
   std::size_t left_;
   bool give_back_ = false;
+  void (*all_consumed_)(void*) = nullptr;
+  void* arg_ = nullptr;
+  const std::byte* end_ = nullptr;
 };
 
 }  // namespace procpool::detail

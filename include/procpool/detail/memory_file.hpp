@@ -53,12 +53,13 @@ long long sealed_memory_file_size(int fd) noexcept;
 /// copy, writes copy only the pages they touch. Throws std::system_error.
 std::byte* map_sealed_memory_file(int fd, std::size_t size);
 
-/// Memory files that held this worker's earlier large replies, given back by
-/// the parent once it read them (FrameKind::spare), to write the next ones
-/// in: their pages exist already, and on a VM filling a fresh page costs
+/// Memory files that held large messages this process sent and whose
+/// receiver has read them, given back (FrameKind::spare) to write the next
+/// ones in: their pages exist already, and on a VM filling a fresh page costs
 /// several times more than copying into one (`first touch` in
-/// bench/compare.py). A worker keeps at most spare_files_limit bytes of them;
-/// the parent gives back only files of at most that size.
+/// bench/compare.py). A worker gets back the files of its replies, the
+/// parent those of its inputs. A process keeps at most spare_files_limit
+/// bytes of them; only files of at most that size are given back.
 inline constexpr std::size_t spare_files_limit = std::size_t{256} << 20;
 /// Keeps memory file `fd` (this process owns it) as a spare, or closes it
 /// when that would pass spare_files_limit.
@@ -73,6 +74,9 @@ struct SpareFilesState {
   std::uint64_t taken = 0;
 };
 SpareFilesState spare_memory_files() noexcept;
+/// Closes every spare memory file of this process (its last local worker
+/// has ended: nothing comes to use them soon).
+void drop_spare_memory_files() noexcept;
 
 /// Gives the pages of [at, at + n) of a shared, writable memory-file mapping
 /// back to the system (whole pages only): bytes already consumed. A hint.

@@ -30,9 +30,10 @@ enum class FrameKind : std::uint16_t {
   /// them; several attach frames in a row add up. `first`: where the payload
   /// of a next frame flagged flag_in_file starts in the last of them.
   attach = 5,
-  /// Parent -> worker: `count` memory files attached (SCM_RIGHTS) that held
-  /// the worker's earlier large replies and that the parent has read: the
-  /// worker writes later large replies into them (keep_spare_memory_file).
+  /// Either way: `count` memory files attached (SCM_RIGHTS) that the sender
+  /// has read and lets go of, for the receiver to write its next large
+  /// messages in (keep_spare_memory_file): from the parent, files of the
+  /// worker's earlier replies; from a worker, files of inputs it decoded.
   spare = 6,
 };
 
@@ -53,7 +54,8 @@ inline constexpr std::uint16_t flag_end_call_after = 16;
 inline constexpr std::uint16_t flag_in_file = 32;
 /// Task flag, with flag_in_file: the parent let go of the file (it can
 /// encode the inputs again), so the worker gives its pages back as it
-/// decodes them.
+/// decodes them, or, for a file of at most spare_files_limit, gives the
+/// whole file back (FrameKind::spare) once decoded.
 inline constexpr std::uint16_t flag_file_handed_over = 64;
 
 /// Flags for a payload in arena region `region`.
@@ -137,6 +139,10 @@ inline bool valid_reply_header(const FrameHeader& header, std::uint64_t max_payl
   if (header.kind == FrameKind::attach) {
     return header.size == 0 && header.flags == 0 && header.count != 0 &&
            header.count <= max_fds_per_message && header.first <= max_payload;
+  }
+  if (header.kind == FrameKind::spare) {
+    return header.size == 0 && header.flags == 0 && header.count != 0 &&
+           header.count <= max_fds_per_message;
   }
   const bool in_arena = (header.flags & flag_in_arena) != 0;
   const bool in_file = (header.flags & flag_in_file) != 0;
