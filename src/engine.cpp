@@ -27,6 +27,7 @@
 #include "procpool/detail/worker_link.hpp"
 #include "procpool/errors.hpp"
 #include "procpool/insights.hpp"
+#include "worker.hpp"
 #include "worker_process.hpp"
 
 namespace procpool::detail {
@@ -1043,11 +1044,31 @@ Insights Engine::Impl::insights(double wall_seconds) const {
 // The public face: every call goes to the Impl, whose members stay out of
 // the users' translation units.
 
+namespace {
+
+/// The engines (pools and calls) of this process.
+std::atomic<int> live_engines{0};
+
+}  // namespace
+
 Engine::Engine(EngineConfig config, LogicFactory make_logic)
-    : impl_(std::make_unique<Impl>(std::move(config), std::move(make_logic), nullptr)) {}
+    : impl_(std::make_unique<Impl>(std::move(config), std::move(make_logic), nullptr)) {
+  live_engines.fetch_add(1, std::memory_order_relaxed);
+}
 Engine::Engine(EngineConfig config, LinkFactory start_link)
-    : impl_(std::make_unique<Impl>(std::move(config), nullptr, std::move(start_link))) {}
-Engine::~Engine() = default;
+    : impl_(std::make_unique<Impl>(std::move(config), nullptr, std::move(start_link))) {
+  live_engines.fetch_add(1, std::memory_order_relaxed);
+}
+Engine::~Engine() {
+  impl_.reset();  // its workers end
+  // The input files workers gave back wait for the next large input of a
+  // pool or call; with none left they give their memory back. Not in a
+  // worker, whose spares are mostly its own replies' files, kept until it
+  // ends (and whose count was inherited from its parent at the fork).
+  if (live_engines.fetch_sub(1, std::memory_order_acq_rel) == 1 && !in_worker_process()) {
+    drop_spare_memory_files();
+  }
+}
 
 std::uint64_t Engine::open_call(Buffer setup, SetupScope scope) {
   return impl_->open_call(std::move(setup), scope);

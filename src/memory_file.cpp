@@ -125,7 +125,8 @@ std::byte* map_sealed_memory_file(int fd, std::size_t size) {
 
 namespace {
 
-/// The spare memory files of this process (a worker's), see
+/// The spare memory files of this process (a worker's replies', a
+/// caller's inputs'), see
 /// keep_spare_memory_file. A child forked from here (a worker's own pool)
 /// starts with none: the files are its parent's to write.
 class SpareFiles {

@@ -10,6 +10,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -27,6 +29,12 @@ namespace procpool::detail {
 namespace {
 
 constexpr std::size_t flush_threshold = 1024 * 1024;
+
+/// The size of file `fd`, or SIZE_MAX if it cannot be told.
+std::size_t file_size(int fd) noexcept {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? static_cast<std::size_t>(st.st_size) : SIZE_MAX;
+}
 
 [[noreturn]] void die(const char* what) {
   std::fprintf(stderr, "procpool worker %d: %s\n", static_cast<int>(::getpid()), what);
@@ -253,6 +261,10 @@ void end_worker_at_exit(int status, void* /*unused*/) {
 
 }  // namespace
 
+bool in_worker_process() noexcept {
+  return this_process_is_a_worker;
+}
+
 void skip_parent_exit_handlers_in_workers() {
   // Once per process, in the parent, on the thread about to fork: glibc's
   // fork does not reset the lock of the exit handlers' list, so a worker that
@@ -298,7 +310,7 @@ Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   // next large input (its pages exist already); a larger one is given back
   // page by page as it is decoded (MADV_REMOVE), which needs a writable
   // shared mapping.
-  const bool goes_back_whole = handed_over && input_file_size_ <= spare_files_limit;
+  const bool goes_back_whole = handed_over && file_size(attached_.back()) <= spare_files_limit;
   try {
     input_file_ =
         map_memory_file(attached_.back(), input_file_size_, handed_over && !goes_back_whole);

@@ -12,6 +12,9 @@ namespace procpool::detail {
 /// so they are printed once, by the parent. A non-zero `inner_threads` goes
 /// into the usual thread-count variables the caller has not set.
 void prepare_worker_process(pid_t parent, unsigned inner_threads);
+/// Whether prepare_worker_process ran in this process (or in the worker it
+/// was forked from).
+bool in_worker_process() noexcept;
 
 /// The thread-count variables of the usual inner thread pools (OpenMP, BLAS...).
 extern const char* const inner_thread_variables[6];

@@ -354,9 +354,6 @@ class SpareReturns {
   bool closed_ = false;
 };
 
-/// The WorkerProcess objects of this process.
-std::atomic<int> live_workers{0};
-
 /// One local worker process and everything the parent holds for it.
 class WorkerProcess final : public WorkerLink {
  public:
@@ -369,16 +366,11 @@ class WorkerProcess final : public WorkerLink {
         input_arena_(std::move(input_arena)) {
     ::fcntl(fd, F_SETFL, O_NONBLOCK);  // no other status flag is ever set on these sockets
     ParentSockets::instance().add(fd);
-    live_workers.fetch_add(1, std::memory_order_relaxed);
   }
   ~WorkerProcess() override {
-    if (!ended_) {
-      begin_end(Ending::killed);
-      [[maybe_unused]] const WorkerExit exit = finish_end();
-    }
-    // The input files the workers gave back wait for the next large input
-    // of a pool or call; with no worker left, they give their memory back.
-    if (live_workers.fetch_sub(1, std::memory_order_acq_rel) == 1) drop_spare_memory_files();
+    if (ended_) return;
+    begin_end(Ending::killed);
+    [[maybe_unused]] const WorkerExit exit = finish_end();
   }
   WorkerProcess(const WorkerProcess&) = delete;
   WorkerProcess& operator=(const WorkerProcess&) = delete;

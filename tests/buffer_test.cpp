@@ -7,9 +7,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cereal/types/string.hpp>
+#include <cereal/types/vector.hpp>
+
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -133,6 +140,111 @@ TEST(BufferBlocks, ForkedChildrenDoNotInheritThem) {
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child could see the buffer";
   EXPECT_EQ(buffer.data()[100], std::byte{7});
+}
+
+/// Bytes of `size` that differ from page to page and from `seed` to seed.
+std::vector<char> patterned(std::size_t size, int seed) {
+  std::vector<char> v(size);
+  for (std::size_t i = 0; i < size; i += 1021)
+    v[i] = static_cast<char>(seed + static_cast<int>(i / 1021));
+  return v;
+}
+
+/// A type that runs its own code to load (cereal), so it travels framed.
+struct Tagged {
+  std::string name;
+  std::vector<char> bytes;
+  template <class Archive>
+  void serialize(Archive& archive) {
+    archive(name, bytes);
+  }
+  bool operator==(const Tagged&) const = default;
+};
+
+/// What a worker's hand-over of an input's memory file does to the bytes
+/// (its parent writes the next input over them): a hook that fired before
+/// every byte was read shows in the value decoded.
+struct Overwrite {
+  procpool::detail::Buffer* bytes = nullptr;
+  int calls = 0;
+  static void run(void* self) {
+    auto* hook = static_cast<Overwrite*>(self);
+    ++hook->calls;
+    std::memset(hook->bytes->data(), 0xEE, hook->bytes->size());
+  }
+};
+
+template <class T>
+void expect_handed_on_once_read(const T& value) {
+  procpool::detail::Buffer bytes;
+  procpool::detail::Writer out(bytes);
+  procpool::detail::save_framed(out, value);
+  Overwrite hook{&bytes};
+  procpool::detail::Reader in(bytes);
+  in.when_all_consumed(&Overwrite::run, &hook);
+  const T got = procpool::detail::load_input<T>(in);
+  EXPECT_EQ(hook.calls, 1);
+  EXPECT_TRUE(got == value) << "the bytes were handed on before they were all read";
+}
+
+constexpr std::size_t big = std::size_t{20} << 20;  // read in pieces of 8 MiB
+
+TEST(ReaderHandOver, TheHookRunsOnceAfterTheLastByteOfAnyValueIsRead) {
+  {
+    SCOPED_TRACE("vector");
+    expect_handed_on_once_read(patterned(big, 1));
+  }
+  {
+    SCOPED_TRACE("tuple of two vectors");
+    expect_handed_on_once_read(std::make_tuple(patterned(big, 2), patterned(big, 3)));
+  }
+  {
+    SCOPED_TRACE("vector of vectors");
+    expect_handed_on_once_read(std::vector<std::vector<char>>{patterned(big, 4), patterned(9, 5)});
+  }
+  {
+    SCOPED_TRACE("an empty vector last");
+    expect_handed_on_once_read(std::make_pair(patterned(big, 6), std::vector<char>{}));
+  }
+  {
+    SCOPED_TRACE("string");
+    const std::vector<char> chars = patterned(big, 7);
+    expect_handed_on_once_read(std::string(chars.begin(), chars.end()));
+  }
+  {
+    SCOPED_TRACE("optional");
+    expect_handed_on_once_read(std::optional<std::vector<char>>(patterned(big, 8)));
+  }
+  {
+    SCOPED_TRACE("a type with its own load (framed)");
+    expect_handed_on_once_read(Tagged{"t", patterned(big, 9)});
+  }
+}
+
+TEST(ReaderHandOver, AnInputThatFailsToDecodeIsNotHandedOn) {
+  procpool::detail::Buffer bytes;
+  procpool::detail::Writer out(bytes);
+  procpool::detail::save_framed(out, patterned(big, 1));
+  Overwrite hook{&bytes};
+  procpool::detail::Reader in(bytes.data(), bytes.size() - 1);  // truncated
+  in.when_all_consumed(&Overwrite::run, &hook);
+  EXPECT_ANY_THROW(procpool::detail::load_input<std::vector<char>>(in));
+  EXPECT_EQ(hook.calls, 0);
+}
+
+TEST(ReaderHandOver, ACopyOfTheReaderDoesNotHandOn) {
+  procpool::detail::Buffer bytes;
+  procpool::detail::Writer out(bytes);
+  procpool::detail::save_framed(out, patterned(big, 1));
+  Overwrite hook{&bytes};
+  procpool::detail::Reader in(bytes);
+  in.when_all_consumed(&Overwrite::run, &hook);
+  procpool::detail::Reader copy = in;
+  EXPECT_EQ(procpool::detail::load_input<std::vector<char>>(copy), patterned(big, 1));
+  EXPECT_EQ(hook.calls, 0);
+  procpool::detail::Reader moved = std::move(in);
+  EXPECT_EQ(procpool::detail::load_input<std::vector<char>>(moved), patterned(big, 1));
+  EXPECT_EQ(hook.calls, 1);
 }
 
 }  // namespace

@@ -314,6 +314,34 @@ class Reader {
  public:
   Reader(const std::byte* data, std::size_t size) : pos_(data), left_(size) {}
   explicit Reader(const Buffer& buffer) : Reader(buffer.data(), buffer.size()) {}
+  /// A copy reads the same bytes, but without the when_all_consumed hook:
+  /// only the reader it was set on may hand the memory on.
+  Reader(const Reader& other) noexcept
+      : pos_(other.pos_), left_(other.left_), give_back_(other.give_back_) {}
+  Reader& operator=(const Reader& other) noexcept {
+    pos_ = other.pos_;
+    left_ = other.left_;
+    give_back_ = other.give_back_;
+    all_consumed_ = nullptr;
+    return *this;
+  }
+  /// A moved reader takes the hook with it.
+  Reader(Reader&& other) noexcept
+      : pos_(other.pos_),
+        left_(other.left_),
+        give_back_(other.give_back_),
+        all_consumed_(std::exchange(other.all_consumed_, nullptr)),
+        arg_(other.arg_),
+        end_(other.end_) {}
+  Reader& operator=(Reader&& other) noexcept {
+    pos_ = other.pos_;
+    left_ = other.left_;
+    give_back_ = other.give_back_;
+    all_consumed_ = std::exchange(other.all_consumed_, nullptr);
+    arg_ = other.arg_;
+    end_ = other.end_;
+    return *this;
+  }
 
   /// Returns a pointer to the next `n` bytes and skips them.
   const std::byte* take(std::size_t n) {
