@@ -311,39 +311,50 @@ void expect_held_once(const std::pair<long, long long>& seen, const std::vector<
   }
 }
 
-TEST(LargeInputs, APoolsInputIsHeldOnceByTheCallerAndGivenBackByTheWorker) {
+/// One input of `size` bytes sent to a Pool of one worker: what its task
+/// saw, how much the caller's peak RSS grew, and how many spare memory files
+/// the caller held once the call returned (the pool still open).
+struct OneInputSeen {
+  std::vector<char> input;
+  std::pair<long, long long> seen;
+  long peak_growth_kib = 0;
+  std::size_t spares_after = 0;
+};
+
+OneInputSeen send_one_input_to_a_pool(std::size_t size, int seed) {
+  OneInputSeen out;
   std::vector<std::vector<char>> inputs;
-  inputs.push_back(block_of(large_input, 3));
+  inputs.push_back(block_of(size, seed));
   procpool::Pool pool({.processes = 1});
   const long before = peak_rss_kib();
   const auto seen = pool.map(sum_and_file_held, inputs);
-  ASSERT_EQ(seen.size(), 1u);
-  expect_held_once(seen[0], inputs[0], peak_rss_kib() - before);
-  EXPECT_EQ(procpool::detail::spare_memory_files().files, 1u) << "the file did not come back";
+  out.peak_growth_kib = peak_rss_kib() - before;
+  out.spares_after = procpool::detail::spare_memory_files().files;
+  EXPECT_EQ(seen.size(), 1u);
+  if (!seen.empty()) out.seen = seen[0];
+  out.input = std::move(inputs[0]);
+  return out;
+}
+
+TEST(LargeInputs, APoolsInputIsHeldOnceByTheCallerAndGivenBackByTheWorker) {
+  const OneInputSeen one = send_one_input_to_a_pool(large_input, 3);
+  expect_held_once(one.seen, one.input, one.peak_growth_kib);
+  EXPECT_EQ(one.spares_after, 1u) << "the file did not come back";
 }
 
 TEST(LargeInputs, AnInputBetweenTheMemoryFileAndThreadSizesIsHeldOnceToo) {
   // 48 MiB: in a memory file (32 MiB and more), written without a helper
   // thread (below 64 MiB).
-  std::vector<std::vector<char>> inputs;
-  inputs.push_back(block_of(std::size_t{48} << 20, 4));
-  procpool::Pool pool({.processes = 1});
-  const long before = peak_rss_kib();
-  const auto seen = pool.map(sum_and_file_held, inputs);
-  ASSERT_EQ(seen.size(), 1u);
-  std::fprintf(stderr, "the caller's peak grew by %ld KiB\n", peak_rss_kib() - before);
-  expect_held_once(seen[0], inputs[0], peak_rss_kib() - before, 24 * 1024);
+  const OneInputSeen one = send_one_input_to_a_pool(std::size_t{48} << 20, 4);
+  std::fprintf(stderr, "the caller's peak grew by %ld KiB\n", one.peak_growth_kib);
+  expect_held_once(one.seen, one.input, one.peak_growth_kib, 24 * 1024);
 }
 
 TEST(LargeInputs, AnInputTooLargeToGoBackAsASpareIsGivenBackPageByPage) {
-  std::vector<std::vector<char>> inputs;
-  inputs.push_back(block_of(procpool::detail::spare_files_limit + (std::size_t{32} << 20), 6));
-  procpool::Pool pool({.processes = 1});
-  const long before = peak_rss_kib();
-  const auto seen = pool.map(sum_and_file_held, inputs);
-  ASSERT_EQ(seen.size(), 1u);
-  expect_held_once(seen[0], inputs[0], peak_rss_kib() - before);
-  EXPECT_EQ(procpool::detail::spare_memory_files().files, 0u) << "it came back as a spare";
+  const OneInputSeen one =
+      send_one_input_to_a_pool(procpool::detail::spare_files_limit + (std::size_t{32} << 20), 6);
+  expect_held_once(one.seen, one.input, one.peak_growth_kib);
+  EXPECT_EQ(one.spares_after, 0u) << "it came back as a spare";
 }
 
 TEST(LargeInputs, AnInputFromAListIsHeldOnceByTheCaller) {
