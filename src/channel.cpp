@@ -92,24 +92,26 @@ void ParentChannel::send_rest_and_end() noexcept {
   ::shutdown(fd_, SHUT_WR);
 }
 
-bool ParentChannel::take_attachment(const FrameHeader& header) {
+bool ParentChannel::take_received(const FrameHeader& header, std::vector<int>& into) {
   const auto count = static_cast<std::size_t>(header.count);
   if (fds_lost_ || received_fds_.size() < count) return false;
-  attached_.fds.insert(attached_.fds.end(), received_fds_.begin(),
-                       received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
-  received_fds_.erase(received_fds_.begin(),
-                      received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
+  const auto end = received_fds_.begin() + static_cast<std::ptrdiff_t>(count);
+  into.insert(into.end(), received_fds_.begin(), end);
+  received_fds_.erase(received_fds_.begin(), end);
+  return true;
+}
+
+bool ParentChannel::take_attachment(const FrameHeader& header) {
+  if (!take_received(header, attached_.fds)) return false;
   attached_.file_offset = header.first;
   return true;
 }
 
-bool ParentChannel::keep_spares(const FrameHeader& header) noexcept {
-  const auto count = static_cast<std::size_t>(header.count);
-  if (fds_lost_ || received_fds_.size() < count) return false;
-  for (std::size_t i = 0; i < count; ++i)
-    keep_spare_memory_file(received_fds_[i]);
-  received_fds_.erase(received_fds_.begin(),
-                      received_fds_.begin() + static_cast<std::ptrdiff_t>(count));
+bool ParentChannel::keep_spares(const FrameHeader& header) {
+  std::vector<int> spares;
+  if (!take_received(header, spares)) return false;
+  for (int fd : spares)
+    keep_spare_memory_file(fd);
   return true;
 }
 

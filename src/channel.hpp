@@ -84,7 +84,10 @@ class ParentChannel {
   bool take_attachment(const FrameHeader& header);
   /// Keeps the memory files a worker gave back in a spare frame (input
   /// files it decoded) as this process's spares; false if they did not arrive.
-  bool keep_spares(const FrameHeader& header) noexcept;
+  bool keep_spares(const FrameHeader& header);
+  /// Moves the `count` descriptors `header` announces from those received
+  /// to `into`, in order; false if they did not arrive.
+  bool take_received(const FrameHeader& header, std::vector<int>& into);
   /// Sends what it can (MSG_DONTWAIT in `flags`: without blocking), with
   /// each attachment's descriptors on the bytes of its header.
   [[nodiscard]] bool send_outbox(int flags);

@@ -143,8 +143,7 @@ class SpareFiles {
   }
 
   void keep(int fd) noexcept {
-    struct stat st {};
-    const auto size = ::fstat(fd, &st) == 0 ? static_cast<std::size_t>(st.st_size) : 0;
+    const std::size_t size = memory_file_size(fd);
     std::lock_guard lock(*mutex_);
     if (size == 0 || bytes_ + size > spare_files_limit) {
       ::close(fd);
@@ -217,6 +216,11 @@ SpareFilesState spare_memory_files() noexcept {
 
 void drop_spare_memory_files() noexcept {
   SpareFiles::instance().drop();
+}
+
+std::size_t memory_file_size(int fd) noexcept {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<std::size_t>(st.st_size) : 0;
 }
 
 void discard_memory_file_pages(std::byte* at, std::size_t n) noexcept {

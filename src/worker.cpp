@@ -10,7 +10,6 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,7 +17,6 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,12 +27,6 @@ namespace procpool::detail {
 namespace {
 
 constexpr std::size_t flush_threshold = 1024 * 1024;
-
-/// The size of file `fd`, or SIZE_MAX if it cannot be told.
-std::size_t file_size(int fd) noexcept {
-  struct stat st {};
-  return ::fstat(fd, &st) == 0 ? static_cast<std::size_t>(st.st_size) : SIZE_MAX;
-}
 
 [[noreturn]] void die(const char* what) {
   std::fprintf(stderr, "procpool worker %d: %s\n", static_cast<int>(::getpid()), what);
@@ -310,7 +302,8 @@ Reader WorkerLoop::map_input_file(const FrameHeader& header) {
   // next large input (its pages exist already); a larger one is given back
   // page by page as it is decoded (MADV_REMOVE), which needs a writable
   // shared mapping.
-  const bool goes_back_whole = handed_over && file_size(attached_.back()) <= spare_files_limit;
+  const std::size_t file_size = memory_file_size(attached_.back());
+  const bool goes_back_whole = handed_over && file_size != 0 && file_size <= spare_files_limit;
   try {
     input_file_ =
         map_memory_file(attached_.back(), input_file_size_, handed_over && !goes_back_whole);

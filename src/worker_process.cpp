@@ -4,7 +4,6 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -291,7 +290,7 @@ class SpareReturns {
  public:
   /// Takes over `fd`, listed in SpareDescriptors.
   void give(int fd) noexcept {
-    const std::size_t size = size_of(fd);
+    const std::size_t size = memory_file_size(fd);
     std::lock_guard lock(mutex_);
     if (closed_ || size == 0 || bytes_ + size > spare_files_limit || !reserve_in_process(size)) {
       forget(fd);
@@ -324,10 +323,6 @@ class SpareReturns {
   }
   ~SpareReturns() { close(); }
 
-  static std::size_t size_of(int fd) noexcept {
-    struct stat st {};
-    return ::fstat(fd, &st) == 0 && st.st_size > 0 ? static_cast<std::size_t>(st.st_size) : 0;
-  }
   /// Closes a listed descriptor.
   static void forget(int fd) noexcept {
     SpareDescriptors::instance().remove(fd);
@@ -520,7 +515,7 @@ class WorkerProcess final : public WorkerLink {
   /// Whether the memory file of a reply goes back to the worker once read
   /// (see keep_spare_memory_file): one it would keep.
   static bool worth_giving_back(int fd) noexcept {
-    const std::size_t size = SpareReturns::size_of(fd);
+    const std::size_t size = memory_file_size(fd);
     return size != 0 && size <= spare_files_limit;
   }
 

@@ -74,9 +74,11 @@ struct SpareFilesState {
   std::uint64_t taken = 0;
 };
 SpareFilesState spare_memory_files() noexcept;
-/// Closes every spare memory file of this process (its last local worker
+/// Closes every spare memory file of this process (its last pool or call
 /// has ended: nothing comes to use them soon).
 void drop_spare_memory_files() noexcept;
+/// The size of memory file `fd`, or 0 if it cannot be told.
+std::size_t memory_file_size(int fd) noexcept;
 
 /// Gives the pages of [at, at + n) of a shared, writable memory-file mapping
 /// back to the system (whole pages only): bytes already consumed. A hint.
