@@ -48,7 +48,8 @@ SharedBuffer::SharedBuffer(std::size_t size) : size_(size) {
 
 SharedBuffer::~SharedBuffer() {
   detail::unmap_memory_file(data_, size_);
-  if (fd_ >= 0) ::close(fd_);
+  // Its last close frees the pages: not on the caller's time.
+  detail::close_memory_file_aside(fd_, size_);
   if (counts_file_) files_kept_by_arrivals.fetch_sub(1, std::memory_order_relaxed);
 }
 

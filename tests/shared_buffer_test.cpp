@@ -557,3 +557,106 @@ TEST(SharedBufferInputs, ArrivalsBeyondTheDescriptorBudgetLetTheirFilesGo) {
   }
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
 }
+
+// ---- Dropped buffers: their files are closed aside, on a thread of their own
+
+namespace {
+
+#if defined(__SANITIZE_THREAD__)
+constexpr bool closes_aside = false;  // closed in place (see close_memory_file_aside)
+#else
+constexpr bool closes_aside = true;
+#endif
+
+/// procpool's memory files this process holds open.
+std::size_t open_memory_files() {
+  std::size_t open = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
+    open += !error && target.rfind("/memfd:procpool", 0) == 0 ? 1 : 0;
+  }
+  return open;
+}
+
+/// Whether `open_memory_files()` falls to `count` within five seconds.
+bool memory_files_fall_to(std::size_t count) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (open_memory_files() > count) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+/// How many of procpool's memory files a worker holds open as its task runs.
+std::size_t memory_files_open_in_worker(int) {
+  return open_memory_files();
+}
+
+}  // namespace
+
+TEST(DroppedSharedBuffers, TheirFilesAreClosedSoonAfterTheCallerDropsThem) {
+  procpool::Pool pool({.processes = 2});
+  const std::size_t before = open_memory_files();
+  {
+    auto blocks =
+        pool.map([](int seed) { return make_block(seed, 2 * mib); }, std::views::iota(0, 8));
+    ASSERT_EQ(open_memory_files(), before + 8);
+    procpool::detail::MemoryFileClosesHeld held;
+    blocks.clear();
+    // Dropped, not yet closed: each waits its turn (or was closed in place).
+    EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), closes_aside ? 8u : 0u);
+    EXPECT_EQ(open_memory_files(), before + (closes_aside ? 8 : 0));
+  }
+  EXPECT_TRUE(memory_files_fall_to(before)) << open_memory_files() - before << " still open";
+  procpool::detail::wait_for_memory_files_closed_aside();
+  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 0u);
+}
+
+TEST(DroppedSharedBuffers, AWorkerForkedWhileTheyWaitDoesNotKeepThem) {
+  if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  const std::size_t before = open_memory_files();
+  procpool::detail::MemoryFileClosesHeld held;
+  for (int i = 0; i < 4; ++i)
+    make_block(i, 2 * mib);  // made and dropped here: its file waits to be closed
+  ASSERT_EQ(procpool::detail::memory_files_waiting_to_close(), 4u);
+  ASSERT_EQ(open_memory_files(), before + 4);
+  // A fork-per-call worker, forked as they wait: it must not hold their
+  // pages. It inherits the caller's other files but its spares.
+  const std::size_t inherited = before - procpool::detail::spare_memory_files().files;
+  const auto seen = procpool::map(memory_files_open_in_worker, std::vector<int>{0});
+  EXPECT_EQ(seen.at(0), inherited);
+  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 4u);  // still the caller's to close
+}
+
+TEST(DroppedSharedBuffers, NoMoreWaitThanTheLimitsAllow) {
+  if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  const std::size_t before = open_memory_files();
+  procpool::detail::MemoryFileClosesHeld held;
+  // Sparse: their size is all they cost. Past what may wait in bytes (a GiB
+  // at most): closed in place.
+  (void)SharedBuffer{std::size_t{2} << 30};
+  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 0u);
+  EXPECT_EQ(open_memory_files(), before);
+  // Past what may wait in files.
+  for (int i = 0; i < 300; ++i)
+    (void)SharedBuffer{mib};
+  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 256u);
+  EXPECT_EQ(open_memory_files(), before + 256);
+}
+
+TEST(DroppedSharedBuffers, AWorkerClosesWhatItDropsInPlace) {
+  // A worker keeps to its own threads (a fork server must have one).
+  for (const Start start : {Start::fork, Start::fork_server}) {
+    procpool::Pool pool({.processes = 1, .start = start});
+    const auto waiting = pool.map(
+        [](int seed) {
+          procpool::detail::MemoryFileClosesHeld held;
+          make_block(seed, 2 * mib);
+          return procpool::detail::memory_files_waiting_to_close();
+        },
+        std::vector<int>{1});
+    EXPECT_EQ(waiting.at(0), 0u) << "start " << static_cast<int>(start);
+  }
+}
