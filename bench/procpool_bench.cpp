@@ -22,12 +22,15 @@
 //                                                          a Pool whose initializer builds a table:
 //                                                          wall and workers' private memory,
 //                                                          Start::fork against Start::fork_server
+#include <procpool/detail/memory_file.hpp>
 #include <procpool/procpool.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <list>
 #include <map>
 #include <random>
@@ -135,8 +138,10 @@ std::vector<double> to_gbps(std::vector<double> runs, double bytes) {
 
 /// Moves `tasks` payloads of `--mib` MiB with `move(source)` and prints GB/s
 /// next to the copy floor measured in the same run.
+/// `more` adds fields of the workload's own to the line.
 template <class Move>
-int payload(const char* workload, const Args& a, char fill, Move move) {
+int payload(const char* workload, const Args& a, char fill, Move move,
+            const std::function<void(Json&, double bytes)>& more = {}) {
   const long tasks = a.get("--tasks", 64);
   const std::size_t size = static_cast<std::size_t>(a.get("--mib", 16)) << 20;
   const int reps = static_cast<int>(a.get("--reps", 5));
@@ -145,13 +150,14 @@ int payload(const char* workload, const Args& a, char fill, Move move) {
   auto floor = to_gbps(copy_floor(source, tasks, reps), bytes);
   auto runs = to_gbps(move(source, tasks, reps), bytes);
   const auto s = bench::stats(runs), f = bench::stats(floor);
-  Json(workload)
-      .num("mib", static_cast<double>(size >> 20))
+  Json line(workload);
+  line.num("mib", static_cast<double>(size >> 20))
       .num("tasks", static_cast<double>(tasks))
       .stats("gbps", s)
       .stats("floor_gbps", f)
-      .num("fraction_of_floor", s.median / f.median)
-      .print();
+      .num("fraction_of_floor", s.median / f.median);
+  if (more) more(line, bytes);
+  line.print();
   return 0;
 }
 
@@ -222,23 +228,36 @@ procpool::SharedBuffer take_from_stock(long) {
 }
 
 int payload_zero_copy(const Args& a) {
+  // The caller drops the buffers at the end of the timed call, as the floor
+  // frees its copies; their pages are freed on another thread
+  // (close_memory_file_aside), so each run is also timed until they are.
+  std::vector<double> until_freed;
   return payload(
-      "payload_zero_copy", a, 'z', [](const std::vector<char>& source, long tasks, int reps) {
+      "payload_zero_copy", a, 'z',
+      [&](const std::vector<char>& source, long tasks, int reps) {
         procpool::Pool pool({.processes = 1});
         const std::vector<std::size_t> sizes(static_cast<std::size_t>(tasks), source.size());
         const std::vector<long> ids(static_cast<std::size_t>(tasks));
         std::vector<double> runs;
         for (int r = 0; r < reps; ++r) {
           pool.map(stock_up, sizes);  // not timed: the task's own work
-          // Timed: the results arrive, are checked, and are freed, as the floor's copies are.
-          runs.push_back(bench::seconds([&] {
+          // Timed: the results arrive, are checked, and are dropped.
+          const auto start = std::chrono::steady_clock::now();
+          {
             const auto blocks = pool.map(take_from_stock, ids);
             for (const auto& block : blocks)
               if (block.size() != source.size() || block.data()[block.size() - 1] != std::byte{'z'})
                 std::abort();
-          }));
+          }
+          runs.push_back(bench::seconds_since(start));
+          procpool::detail::wait_for_memory_files_closed_aside();
+          until_freed.push_back(bench::seconds_since(start));
         }
         return runs;
+      },
+      [&](Json& line, double bytes) {
+        const auto freed = bench::stats(to_gbps(until_freed, bytes));
+        line.stats("until_freed_gbps", freed);
       });
 }
 

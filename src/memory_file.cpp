@@ -173,11 +173,16 @@ class SpareFiles {
   }
 
   void drop() noexcept {
-    std::lock_guard lock(*mutex_);
-    for (const auto& file : files_)
-      ::close(file.first);
-    files_.clear();
-    bytes_ = 0;
+    std::vector<std::pair<int, std::size_t>> dropped;
+    {
+      std::lock_guard lock(*mutex_);
+      dropped.swap(files_);
+      bytes_ = 0;
+    }
+    // Their pages are freed aside. Out of the lock: no thread may wait for
+    // the closer's while it holds this one, as a fork takes both.
+    for (const auto& [fd, size] : dropped)
+      close_memory_file_aside(fd, size);
   }
 
   SpareFilesState state() noexcept {
