@@ -194,11 +194,10 @@ def payload_sweep(a, q, rows, raw, have_python):
                          "--tasks", str(tasks), "--reps", reps])
 
     def until_freed(c):
-        # The dropped buffers' pages are freed on another thread: the time
-        # until they are, next to the caller's.
-        if "until_freed_gbps_median" not in c:
-            return "not timed until freed"
-        return f"{c['until_freed_gbps_median'] / c['floor_gbps_median']:.1f}x until their pages are freed"
+        # The dropped buffers' pages are freed on another thread, while the
+        # floor frees its copies on the timed one: the target is judged on
+        # the time until they are freed, the caller's time is shown too.
+        return c.get("until_freed_gbps_median", c["gbps_median"]) / c["floor_gbps_median"]
 
     def row(what, c, p, target, check, note):
         rows.append((what, (c["gbps_median"], c["gbps_min"], c["gbps_max"]), p,
@@ -227,12 +226,14 @@ def payload_sweep(a, q, rows, raw, have_python):
         c = run_json([B, "payload_zero_copy", "--tasks", str(tasks), "--mib", str(mib), "--reps", reps])
         py_side = python(tasks, mib)
         raw[f"payload_zero_copy_{tasks}x{mib}MiB"] = {"procpool": c, "python": py_side}
-        frac = c["fraction_of_floor"]
+        frac, freed = c["fraction_of_floor"], until_freed(c)
         row(f"{tasks} results of {mib} MiB, SharedBuffer (GB/s)", c,
             py_side["shm_zero_copy"] if py_side else None,
-            f">= 5x floor {c['floor_gbps_median']:.2f} GB/s", lambda r, f=frac: f >= 5,
-            f"{frac:.1f}x the floor as the caller waits; {until_freed(c)}; "
-            "Python: shared_memory attached, not copied")
+            f">= 5x floor {c['floor_gbps_median']:.2f} GB/s, until freed",
+            lambda r, f=freed: f >= 5,
+            f"{freed:.1f}x the floor until the dropped buffers' pages are freed, {frac:.1f}x "
+            "as the caller waits (they are freed on another thread); Python: shared_memory "
+            "attached, not copied")
 
 
 def main():

@@ -256,8 +256,8 @@ int payload_zero_copy(const Args& a) {
         return runs;
       },
       [&](Json& line, double bytes) {
-        const auto freed = bench::stats(to_gbps(until_freed, bytes));
-        line.stats("until_freed_gbps", freed);
+        if (!until_freed.empty())
+          line.stats("until_freed_gbps", bench::stats(to_gbps(until_freed, bytes)));
       });
 }
 

@@ -1054,19 +1054,22 @@ std::atomic<int> live_engines{0};
 Engine::Engine(EngineConfig config, LogicFactory make_logic)
     : impl_(std::make_unique<Impl>(std::move(config), std::move(make_logic), nullptr)) {
   live_engines.fetch_add(1, std::memory_order_relaxed);
+  cancel_idle_spare_drop();
 }
 Engine::Engine(EngineConfig config, LinkFactory start_link)
     : impl_(std::make_unique<Impl>(std::move(config), nullptr, std::move(start_link))) {
   live_engines.fetch_add(1, std::memory_order_relaxed);
+  cancel_idle_spare_drop();
 }
 Engine::~Engine() {
   impl_.reset();  // its workers end
   // The input files workers gave back wait for the next large input of a
-  // pool or call; with none left they give their memory back. Not in a
-  // worker, whose spares are mostly its own replies' files, kept until it
-  // ends (and whose count was inherited from its parent at the fork).
+  // pool or call; with none left they give their memory back, unless
+  // another starts soon (a loop of calls). Not in a worker, whose spares
+  // are mostly its own replies' files, kept until it ends (and whose count
+  // was inherited from its parent at the fork).
   if (live_engines.fetch_sub(1, std::memory_order_acq_rel) == 1 && !in_worker_process()) {
-    drop_spare_memory_files();
+    drop_spare_memory_files_when_idle();
   }
 }
 

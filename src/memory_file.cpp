@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -173,16 +174,25 @@ class SpareFiles {
   }
 
   void drop() noexcept {
-    std::vector<std::pair<int, std::size_t>> dropped;
-    {
-      std::lock_guard lock(*mutex_);
-      dropped.swap(files_);
-      bytes_ = 0;
-    }
     // Their pages are freed aside. Out of the lock: no thread may wait for
-    // the closer's while it holds this one, as a fork takes both.
-    for (const auto& [fd, size] : dropped)
-      close_memory_file_aside(fd, size);
+    // the closer's while it holds this one, as a fork takes both. A few at a
+    // time, with nothing allocated or freed: this runs on the closer's thread.
+    for (;;) {
+      std::array<std::pair<int, std::size_t>, 16> dropped;
+      std::size_t count = 0;
+      {
+        std::lock_guard lock(*mutex_);
+        count = std::min(dropped.size(), files_.size());
+        const auto end = files_.end(), begin = end - static_cast<std::ptrdiff_t>(count);
+        std::copy(begin, end, dropped.begin());
+        files_.erase(begin, end);  // keeps the capacity
+        for (std::size_t i = 0; i < count; ++i)
+          bytes_ -= dropped[i].second;
+      }
+      if (count == 0) return;
+      for (std::size_t i = 0; i < count; ++i)
+        close_memory_file_aside(dropped[i].first, dropped[i].second);
+    }
   }
 
   SpareFilesState state() noexcept {

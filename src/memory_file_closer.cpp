@@ -3,16 +3,22 @@
 // which was 40 % of what dropping 64 arrived SharedBuffers cost the caller
 // (bench/RESULTS.md). A thread of its own closes them instead, so that the
 // caller goes on at once; bounded, so that what waits to be freed never grows
-// past a fixed amount of memory or descriptors.
+// past a fixed amount of memory or descriptors. The same thread drops the
+// spare memory files a while after the last pool or call has ended.
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <new>
+#include <optional>
 #include <system_error>
 #include <thread>
 
@@ -34,6 +40,16 @@ std::size_t pending_bytes_limit() noexcept {
 /// Below this a close costs less than handing the file over.
 constexpr std::size_t worth_closing_aside = std::size_t{1} << 20;
 
+/// At most an eighth of the descriptors this process may open wait to be
+/// closed: what remains must do for the program's own files.
+bool descriptors_to_spare(std::size_t waiting) noexcept {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return true;
+  return waiting < limit.rlim_cur / 8;
+}
+
+using Clock = std::chrono::steady_clock;
+
 class MemoryFileCloser {
  public:
   static MemoryFileCloser& instance() noexcept {
@@ -52,13 +68,30 @@ class MemoryFileCloser {
   /// queue is full, or no thread can be had.
   bool queue(int fd, std::size_t bytes) noexcept {
     std::lock_guard lock(mutex_);
-    if (count_ == ring_.size() || pending_bytes_ + bytes > bytes_limit_) return false;
+    if (count_ == ring_.size() || pending_bytes_ + bytes > bytes_limit_ ||
+        !descriptors_to_spare(count_)) {
+      return false;
+    }
     if (!thread_running_ && !start_thread()) return false;
     ring_[(head_ + count_) % ring_.size()] = {fd, bytes};
     ++count_;
     pending_bytes_ += bytes;
     work_.notify_one();
     return true;
+  }
+
+  /// Drops the spare memory files at `when`, unless cancelled first; false
+  /// if no thread can (then the caller drops them).
+  bool drop_spares_at(Clock::time_point when) noexcept {
+    std::lock_guard lock(mutex_);
+    if (!thread_running_ && !start_thread()) return false;
+    drop_spares_at_ = when;
+    work_.notify_one();
+    return true;
+  }
+  void cancel_spare_drop() noexcept {
+    std::lock_guard lock(mutex_);
+    drop_spares_at_.reset();
   }
 
   void wait_until_idle() noexcept {
@@ -87,10 +120,29 @@ class MemoryFileCloser {
     std::size_t bytes = 0;
   };
 
+  /// The file being closed, out of the lock: a child forked meanwhile
+  /// inherits it if its close had not begun, and closes it, if that
+  /// descriptor is still this file (its number may have been reused since).
+  struct InFlight {
+    int fd = -1;
+    dev_t device = 0;
+    ino_t inode = 0;
+    static InFlight of(int fd) noexcept {
+      struct stat st {};
+      if (::fstat(fd, &st) != 0) return {};
+      return {fd, st.st_dev, st.st_ino};
+    }
+    void close_if_still_here() const noexcept {
+      struct stat st {};
+      if (fd >= 0 && ::fstat(fd, &st) == 0 && st.st_dev == device && st.st_ino == inode)
+        ::close(fd);
+    }
+  };
+
   bool start_thread() noexcept {
     try {
       std::thread([this] { serve(); }).detach();
-    } catch (const std::system_error&) {
+    } catch (...) {
       return false;  // no thread to be had (a ulimit on processes): close in place
     }
     thread_running_ = true;
@@ -102,15 +154,30 @@ class MemoryFileCloser {
   void serve() noexcept {
     std::unique_lock lock(mutex_);
     for (;;) {
-      work_.wait(lock, [&] { return count_ > 0 && holds_ == 0; });
+      if (drop_spares_at_ && Clock::now() >= *drop_spares_at_) {
+        drop_spares_at_.reset();
+        lock.unlock();
+        drop_spare_memory_files();  // queues them here: not under the lock
+        lock.lock();
+        continue;
+      }
+      if (count_ == 0 || holds_ > 0) {
+        // Woken by new work, a new deadline, or nothing (then it looks again).
+        if (drop_spares_at_) {
+          work_.wait_until(lock, *drop_spares_at_);
+        } else {
+          work_.wait(lock);
+        }
+        continue;
+      }
       const Entry next = ring_[head_];
       head_ = (head_ + 1) % ring_.size();
       --count_;
+      closing_ = InFlight::of(next.fd);
       lock.unlock();
-      // Out of the queue and not yet closed: a child forked now inherits it
-      // (as it would have inherited the buffer), and closes it as it ends.
       ::close(next.fd);
       lock.lock();
+      closing_ = {};
       pending_bytes_ -= next.bytes;
       if (pending_bytes_ == 0) idle_.notify_all();
     }
@@ -122,8 +189,18 @@ class MemoryFileCloser {
   void forget_in_child() noexcept {
     for (; count_ > 0; --count_, head_ = (head_ + 1) % ring_.size())
       ::close(ring_[head_].fd);
+    closing_.close_if_still_here();
+    closing_ = {};
+    // Their waiters were the parent's closing thread, which is not here: a
+    // glibc condition variable that counts one that never wakes can hang
+    // its second notify. New ones (the old are left as they are, never
+    // destroyed: destroying a waited-on one is undefined).
+    new (&work_) std::condition_variable;
+    new (&idle_) std::condition_variable;
+    holds_ = 0;  // a hold belongs to a thread of the parent
     head_ = 0;
     pending_bytes_ = 0;
+    drop_spares_at_.reset();  // the child's spares start empty
     thread_running_ = false;
     mutex_.unlock();  // taken by the prepare handler, in the thread that forked
   }
@@ -133,9 +210,11 @@ class MemoryFileCloser {
   std::array<Entry, 256> ring_{};
   std::size_t head_ = 0, count_ = 0;
   std::size_t pending_bytes_ = 0;  // queued or being closed
+  InFlight closing_;
   const std::size_t bytes_limit_ = pending_bytes_limit();
   int holds_ = 0;
   bool thread_running_ = false;
+  std::optional<Clock::time_point> drop_spares_at_;
 };
 
 /// Where closing aside is not done: a worker (its own threads are counted,
@@ -165,6 +244,17 @@ void wait_for_memory_files_closed_aside() noexcept {
 
 std::size_t memory_files_waiting_to_close() noexcept {
   return MemoryFileCloser::instance().queued();
+}
+
+void drop_spare_memory_files_when_idle() noexcept {
+  if (closes_in_place() ||
+      !MemoryFileCloser::instance().drop_spares_at(Clock::now() + spare_files_idle)) {
+    drop_spare_memory_files();
+  }
+}
+
+void cancel_idle_spare_drop() noexcept {
+  MemoryFileCloser::instance().cancel_spare_drop();
 }
 
 MemoryFileClosesHeld::MemoryFileClosesHeld() noexcept {

@@ -29,6 +29,26 @@ namespace {
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
+/// Whether memory files are closed aside, and spares dropped after a while,
+/// on a thread of their own (see close_memory_file_aside).
+#if defined(__SANITIZE_THREAD__)
+constexpr bool closes_aside = false;
+#else
+constexpr bool closes_aside = true;
+#endif
+
+/// Whether the caller's spare memory files are all dropped within
+/// spare_files_idle and five seconds.
+bool spares_dropped_soon() {
+  const auto deadline = std::chrono::steady_clock::now() + procpool::detail::spare_files_idle +
+                        std::chrono::seconds(5);
+  while (procpool::detail::spare_memory_files().files != 0) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
 /// A buffer of `size` bytes that says who made it: byte i is (seed + i) % 251,
 /// and its first bytes hold the worker's pid.
 SharedBuffer make_block(int seed, std::size_t size) {
@@ -351,9 +371,23 @@ TEST(SpareMemoryFiles, ACallerWritesLaterLargeInputsIntoFilesItsWorkersGaveBack)
       // back once its worker has decoded it.
       EXPECT_GE(procpool::detail::spare_memory_files().taken - taken_before, 8u);
     }
-    // With the pool's workers gone, nothing will use them soon.
-    EXPECT_EQ(procpool::detail::spare_memory_files().files, 0u);
+    // With the pool's workers gone and no other pool or call, nothing will
+    // use them soon.
+    EXPECT_TRUE(spares_dropped_soon());
   }
+}
+
+TEST(SpareMemoryFiles, CallsInALoopWriteTheirInputsIntoThePreviousCallsFile) {
+  // One large input per call: its file comes back as the call runs, and the
+  // next call, started within spare_files_idle, writes its input there.
+  const std::uint64_t taken_before = procpool::detail::spare_memory_files().taken;
+  for (int call = 1; call <= 3; ++call) {
+    const std::list<std::vector<unsigned char>> inputs{
+        stamped_result(call)};  // sent, not inherited
+    EXPECT_EQ(procpool::map(seed_of_stamped_input, inputs, {.processes = 1}).at(0), call);
+  }
+  EXPECT_EQ(procpool::detail::spare_memory_files().taken - taken_before, closes_aside ? 2u : 0u);
+  EXPECT_TRUE(spares_dropped_soon());
 }
 
 /// The memory files this process holds open but for its own spares: ones
@@ -562,12 +596,6 @@ TEST(SharedBufferInputs, ArrivalsBeyondTheDescriptorBudgetLetTheirFilesGo) {
 
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool closes_aside = false;  // closed in place (see close_memory_file_aside)
-#else
-constexpr bool closes_aside = true;
-#endif
-
 /// procpool's memory files this process holds open.
 std::size_t open_memory_files() {
   std::size_t open = 0;
@@ -598,6 +626,7 @@ std::size_t memory_files_open_in_worker(int) {
 
 TEST(DroppedSharedBuffers, TheirFilesAreClosedSoonAfterTheCallerDropsThem) {
   procpool::Pool pool({.processes = 2});
+  procpool::detail::wait_for_memory_files_closed_aside();  // none of an earlier test's
   const std::size_t before = open_memory_files();
   {
     auto blocks =
@@ -616,6 +645,7 @@ TEST(DroppedSharedBuffers, TheirFilesAreClosedSoonAfterTheCallerDropsThem) {
 
 TEST(DroppedSharedBuffers, AWorkerForkedWhileTheyWaitDoesNotKeepThem) {
   if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  procpool::detail::wait_for_memory_files_closed_aside();
   const std::size_t before = open_memory_files();
   procpool::detail::MemoryFileClosesHeld held;
   for (int i = 0; i < 4; ++i)
@@ -630,26 +660,87 @@ TEST(DroppedSharedBuffers, AWorkerForkedWhileTheyWaitDoesNotKeepThem) {
   EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 4u);  // still the caller's to close
 }
 
-TEST(DroppedSharedBuffers, NoMoreWaitThanTheLimitsAllow) {
+/// Sets this process's soft limit on descriptors; false if the hard one is lower.
+bool limit_descriptors(rlim_t soft) {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_max < soft) return false;
+  limit.rlim_cur = soft;
+  return ::setrlimit(RLIMIT_NOFILE, &limit) == 0;
+}
+
+TEST(DroppedSharedBuffers, NoMoreFilesWaitThanTheLimitsAllow) {
   if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  rlimit before_limit{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before_limit), 0);
+  if (!limit_descriptors(4096)) GTEST_SKIP() << "the hard limit on descriptors is below 4096";
+  procpool::detail::wait_for_memory_files_closed_aside();
+  const std::size_t before = open_memory_files();
+  {
+    procpool::detail::MemoryFileClosesHeld held;
+    // Sparse: their size is all they cost. 256 files at most.
+    for (int i = 0; i < 300; ++i)
+      (void)SharedBuffer{mib};
+    EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 256u);
+    EXPECT_EQ(open_memory_files(), before + 256);
+  }
+  procpool::detail::wait_for_memory_files_closed_aside();
+  ASSERT_TRUE(limit_descriptors(800));
+  {
+    // An eighth of the descriptors the process may open, at most.
+    procpool::detail::MemoryFileClosesHeld held;
+    for (int i = 0; i < 300; ++i)
+      (void)SharedBuffer{mib};
+    EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 100u);
+  }
+  procpool::detail::wait_for_memory_files_closed_aside();
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before_limit), 0);
+  EXPECT_EQ(open_memory_files(), before);
+}
+
+TEST(DroppedSharedBuffers, NoMoreBytesWaitThanTheLimitAllows) {
+  if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  // A GiB, or a sixteenth of the memory where that is less.
+  if (::sysconf(_SC_PHYS_PAGES) / 16 * ::sysconf(_SC_PAGESIZE) < (long{1} << 30))
+    GTEST_SKIP() << "less than 16 GiB of memory: a smaller limit than this test assumes";
+  procpool::detail::wait_for_memory_files_closed_aside();
   const std::size_t before = open_memory_files();
   procpool::detail::MemoryFileClosesHeld held;
-  // Sparse: their size is all they cost. Past what may wait in bytes (a GiB
-  // at most): closed in place.
-  (void)SharedBuffer{std::size_t{2} << 30};
+  (void)SharedBuffer{std::size_t{2} << 30};  // sparse, and alone past the limit
   EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 0u);
   EXPECT_EQ(open_memory_files(), before);
-  // Past what may wait in files.
-  for (int i = 0; i < 300; ++i)
-    (void)SharedBuffer{mib};
-  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 256u);
-  EXPECT_EQ(open_memory_files(), before + 256);
+  for (int i = 0; i < 3; ++i)
+    (void)SharedBuffer{std::size_t{400} * mib};  // the third would pass it
+  EXPECT_EQ(procpool::detail::memory_files_waiting_to_close(), 2u);
+  EXPECT_EQ(open_memory_files(), before + 2);
+}
+
+TEST(DroppedSharedBuffers, AChildForkedFromTheCallerClosesAsideOfItsOwn) {
+  if (!closes_aside) GTEST_SKIP() << "closed in place here";
+  (void)SharedBuffer{2 * mib};  // the closing thread waits for work as the child is forked
+  procpool::detail::wait_for_memory_files_closed_aside();
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::alarm(20);  // a hang ends the child with SIGALRM
+    const std::size_t before = open_memory_files();
+    for (int i = 0; i < 3; ++i)
+      (void)SharedBuffer{2 * mib};
+    procpool::detail::wait_for_memory_files_closed_aside();
+    ::_exit(open_memory_files() == before ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status)) << "the child hung or crashed: signal "
+                                 << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WIFEXITED(status) ? WEXITSTATUS(status) : -1, 0) << "files left open in the child";
 }
 
 TEST(DroppedSharedBuffers, AWorkerClosesWhatItDropsInPlace) {
-  // A worker keeps to its own threads (a fork server must have one).
+  // A worker keeps to its own threads (a fork server must have one: one
+  // whose initializer left a thread running would refuse to start).
   for (const Start start : {Start::fork, Start::fork_server}) {
-    procpool::Pool pool({.processes = 1, .start = start});
+    procpool::Pool pool({.processes = 1, .start = start},
+                        [] { return make_block(0, 2 * mib).size(); });
     const auto waiting = pool.map(
         [](int seed) {
           procpool::detail::MemoryFileClosesHeld held;

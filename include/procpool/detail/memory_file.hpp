@@ -3,6 +3,7 @@
 // messages and SharedBuffer results change hands without being copied.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -77,6 +78,16 @@ SpareFilesState spare_memory_files() noexcept;
 /// Closes every spare memory file of this process (its last pool or call
 /// has ended: nothing comes to use them soon).
 void drop_spare_memory_files() noexcept;
+/// How long the spares outlive the last pool or call: a program that calls
+/// map in a loop writes each call's first large inputs into its previous
+/// call's files (their pages exist already).
+inline constexpr std::chrono::milliseconds spare_files_idle{1000};
+/// drop_spare_memory_files() once spare_files_idle has passed, on the
+/// thread that closes memory files aside, unless cancel_idle_spare_drop()
+/// is called first (a pool or call has started). At once where that thread
+/// does not run (see close_memory_file_aside).
+void drop_spare_memory_files_when_idle() noexcept;
+void cancel_idle_spare_drop() noexcept;
 /// The size of memory file `fd`, or 0 if it cannot be told.
 std::size_t memory_file_size(int fd) noexcept;
 
