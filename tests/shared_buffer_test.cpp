@@ -37,6 +37,17 @@ constexpr bool closes_aside = false;
 constexpr bool closes_aside = true;
 #endif
 
+/// procpool's memory files this process holds open.
+std::size_t open_memory_files() {
+  std::size_t open = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
+    open += !error && target.rfind("/memfd:procpool", 0) == 0 ? 1 : 0;
+  }
+  return open;
+}
+
 /// Whether the caller's spare memory files are all dropped within
 /// spare_files_idle and five seconds.
 bool spares_dropped_soon() {
@@ -393,13 +404,7 @@ TEST(SpareMemoryFiles, CallsInALoopWriteTheirInputsIntoThePreviousCallsFile) {
 /// The memory files this process holds open but for its own spares: ones
 /// it inherited from its caller at its fork.
 std::size_t inherited_memory_files() {
-  std::size_t open = 0;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
-    std::error_code error;
-    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
-    open += !error && target.rfind("/memfd:procpool (deleted)", 0) == 0 ? 1 : 0;
-  }
-  return open - procpool::detail::spare_memory_files().files;
+  return open_memory_files() - procpool::detail::spare_memory_files().files;
 }
 
 /// A 40 MiB result whose first byte says how many memory files its worker inherited.
@@ -595,17 +600,6 @@ TEST(SharedBufferInputs, ArrivalsBeyondTheDescriptorBudgetLetTheirFilesGo) {
 // ---- Dropped buffers: their files are closed aside, on a thread of their own
 
 namespace {
-
-/// procpool's memory files this process holds open.
-std::size_t open_memory_files() {
-  std::size_t open = 0;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
-    std::error_code error;
-    const auto target = std::filesystem::read_symlink(entry.path(), error).string();
-    open += !error && target.rfind("/memfd:procpool", 0) == 0 ? 1 : 0;
-  }
-  return open;
-}
 
 /// Whether `open_memory_files()` falls to `count` within five seconds.
 bool memory_files_fall_to(std::size_t count) {

@@ -93,10 +93,11 @@ std::size_t memory_file_size(int fd) noexcept;
 
 /// Closes memory file `fd` (`bytes` bytes) soon, on a thread of its own,
 /// where it is large enough to matter: its last close frees its pages, which
-/// takes the caller about 1.3 ms per 16 MiB. In place when too many wait
-/// already (256 files, or a GiB of them, a sixteenth of the memory at most),
-/// in a worker process, and under ThreadSanitizer. A child forked meanwhile
-/// closes those its parent had queued.
+/// takes the caller about 1.3 ms per 16 MiB. In place below 1 MiB, when too
+/// many wait already (256 files, an eighth of RLIMIT_NOFILE, or a GiB of
+/// them, a sixteenth of the memory at most), in a worker process, and under
+/// ThreadSanitizer. A child forked meanwhile closes those its parent had
+/// queued.
 void close_memory_file_aside(int fd, std::size_t bytes) noexcept;
 /// Returns once every file queued by close_memory_file_aside() is closed.
 void wait_for_memory_files_closed_aside() noexcept;
