@@ -247,6 +247,8 @@ std::size_t memory_files_waiting_to_close() noexcept {
 }
 
 void drop_spare_memory_files_when_idle() noexcept {
+  // None (the common case: no large input went through): no thread to start.
+  if (spare_memory_files().files == 0) return;
   if (closes_in_place() ||
       !MemoryFileCloser::instance().drop_spares_at(Clock::now() + spare_files_idle)) {
     drop_spare_memory_files();
