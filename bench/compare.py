@@ -15,6 +15,7 @@ a JSON file.
     python3 bench/compare.py --only submit,startup_spawn
     python3 bench/compare.py --only payload_sweep   # 128 MiB to 4 GiB results (~12 GB of memory)
     python3 bench/compare.py --only mpi      # procpool::mpi vs mpi4py.futures, mpirun -n 3
+    python3 bench/compare.py --only mpi --mpi-ranks 4   # 4 ranks sharing this host's CPUs
 """
 import argparse
 import json
@@ -98,13 +99,17 @@ def spread(values):
 
 
 def mpi_section(a, q, rounds, rows, raw, have_python, limit):
-    """procpool::mpi against mpi4py.futures.MPIPoolExecutor on the same ranks
-    (mpirun -n 3 on this host, --mca btl tcp,self: the network path, not
-    shared memory) and the same work, alternating; and a plain MPI ping-pong
-    of the same message size as the floor for big results."""
+    """procpool::mpi against mpi4py.futures.MPIPoolExecutor on the same host
+    (mpirun -n --mpi-ranks, --mca btl tcp,self: the network path, not shared
+    memory) and the same work, alternating; and a plain MPI ping-pong of the
+    same message size as the floor for big results. mpi4py.futures gets as
+    many workers as we have (one rank each, plus its client), unless
+    --mpi4py-ranks says otherwise."""
     bench_dir = os.path.dirname(a.bench)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    mpirun = ["mpirun", "-n", "3", "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self"]
+
+    def mpirun(ranks):
+        return ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "tcp,self"]
     tiny, cpu, mib, big = ("2000", "16", "4", "8") if q else ("20000", "64", "16", "64")
     args = ["--tiny", tiny, "--cpu", cpu, "--task-ms", "50", "--mib", mib, "--big", big]
 
@@ -116,10 +121,18 @@ def mpi_section(a, q, rounds, rows, raw, have_python, limit):
                                                  capture_output=True).returncode == 0
     if have_python and not have_mpi4py:
         print("note: no mpi4py (apt-get install python3-mpi4py); procpool::mpi side only\n")
-    ours, theirs = alternate(rounds, lambda: run(mpirun + [os.path.join(bench_dir, "mpi_bench")] + args),
-                             (lambda: run(mpirun + [a.python, "-m", "mpi4py.futures",
-                                                    os.path.join(a.baselines, "bench_mpi4py.py")] + args))
-                             if have_mpi4py else None)
+    ours_runs = []
+
+    def run_ours():
+        ours_runs.append(run(mpirun(a.mpi_ranks) + [os.path.join(bench_dir, "mpi_bench")] + args))
+        return ours_runs[-1]
+
+    def run_theirs():
+        # The first of ours has run: its worker count sizes theirs.
+        ranks = a.mpi4py_ranks or ours_runs[0]["workers"] + 1
+        return run(mpirun(ranks) + [a.python, "-m", "mpi4py.futures", os.path.join(a.baselines, "bench_mpi4py.py")] + args)
+
+    ours, theirs = alternate(rounds, run_ours, run_theirs if have_mpi4py else None)
     ping = [run(["mpirun", "-n", "2", "--oversubscribe", "--mca", "btl", "tcp,self",
                  os.path.join(bench_dir, "mpi_pingpong"), mib, "5" if q else "20"])["pingpong_gbps"]
             for _ in range(rounds)]
@@ -129,7 +142,7 @@ def mpi_section(a, q, rounds, rows, raw, have_python, limit):
         return spread([r[key] for r in results]) if results else None
 
     workers = ours[0]["workers"]
-    layout = f"{workers} workers on 3 ranks" + (f" vs {theirs[0]['workers']} mpi4py workers" if theirs else "")
+    layout = f"{workers} workers on {a.mpi_ranks} ranks" + (f" vs {theirs[0]['workers']} mpi4py workers" if theirs else "")
     # Both sides on a pool that is already up: mpi4py.futures' executor is
     # started before its timed map, and so is ours.
     for key, their_key, what in (("tiny_cs1_tasks_per_s", "tiny_cs1_tasks_per_s",
@@ -244,6 +257,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--only", default="", help="comma-separated workloads")
     ap.add_argument("--json", default=os.path.join(ROOT, "build/bench-results.json"))
+    ap.add_argument("--rounds", type=int, default=0, help="alternating rounds (0: 3, or 1 with --quick)")
+    ap.add_argument("--mpi-ranks", type=int, default=3,
+                    help="ranks of procpool::mpi (on one host they share its CPUs)")
+    ap.add_argument("--mpi4py-ranks", type=int, default=0,
+                    help="ranks of mpi4py.futures (0: one per procpool::mpi worker, plus its client)")
+    ap.add_argument("--physlimits", default="",
+                    help="a physlimits program built beforehand (where this machine has no C compiler)")
     a = ap.parse_args()
     q = a.quick
     reps = "2" if q else "5"
@@ -252,7 +272,7 @@ def main():
     short_reps = "2" if q else "15"
     # The fast workloads alternate with Python three times over; each side's
     # median is the median of its three rounds' medians.
-    rounds = 1 if q else 3
+    rounds = a.rounds or (1 if q else 3)
     only = set(filter(None, a.only.split(",")))
     have_python = os.path.isdir(a.baselines) and os.path.exists(a.python)
     if not have_python:
@@ -267,8 +287,9 @@ def main():
     # Physical limits, measured in this run.
     limits = None
     if have_python:
-        exe = os.path.join(tempfile.gettempdir(), "procpool-physlimits")
-        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(a.baselines, "physlimits.c")], check=True)
+        exe = a.physlimits or os.path.join(tempfile.gettempdir(), "procpool-physlimits")
+        if not a.physlimits:
+            subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(a.baselines, "physlimits.c")], check=True)
         limits = run_json([exe] + (["2000", "2", "100", "2", "1000", "10"] if q else ["50000", "5", "500", "10", "20000", "50"]))
         raw["physlimits"] = limits
 
