@@ -7,14 +7,23 @@
 //          [--retries R]:
 //          one warm map of that kind, N times, with its times
 //   ... --local 1: the big and inputs profiles with procpool::Pool (no mpirun)
+//   ... --profile-long N [--sleep 1]: N maps of --cpu tasks of --task-ms on a
+//          fresh pool, each with its efficiency and how the tasks spread over
+//          the workers (--sleep 1: tasks sleep instead of spinning, so that
+//          only the dispatch is measured, also on an oversubscribed machine)
 #include <sys/resource.h>
+#include <unistd.h>
 #include <procpool/mpi.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -42,6 +51,81 @@ long spin(double ms) {
   while (Clock::now() < end)
     ++n;
   return n;
+}
+
+/// When and where one long task ran (CLOCK_REALTIME: the ranks of one host
+/// read the same clock).
+struct TaskTrace {
+  double start_s;
+  double end_s;
+  int pid;
+  int rank;  // of the node that forked the worker (-1: not known)
+};
+
+double realtime_s() {
+  timespec t{};
+  ::clock_gettime(CLOCK_REALTIME, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) / 1e9;
+}
+
+/// ms > 0: spins that long; ms < 0: sleeps -ms.
+TaskTrace traced_task(double ms) {
+  const double start = realtime_s();
+  if (ms < 0)
+    std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(-ms));
+  else
+    spin(ms);
+  // Open MPI's environment, inherited by the node's workers.
+  const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+  return {start, realtime_s(), static_cast<int>(::getpid()), rank ? std::atoi(rank) : -1};
+}
+
+/// --profile-long: each map's efficiency, the most and fewest tasks a worker
+/// ran, and how long the last task to start waited past the first.
+int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, bool sleep,
+                      unsigned processes) {
+  procpool::mpi::Pool pool({.processes = processes});
+  const unsigned workers = pool.processes();
+  // Workers started and warm, as in the main run's CPU row: the first map
+  // below is then the first of its code, measured with no estimate.
+  pool.map(&inc, std::vector<int>(200, 1));
+  for (std::size_t r = 0; r < rounds; ++r) {
+    const double t0 = realtime_s();
+    const std::vector<TaskTrace> traces =
+        pool.map(&traced_task, std::vector<double>(count, sleep ? -task_ms : task_ms));
+    const double wall = realtime_s() - t0;
+    std::map<int, int> per_worker;
+    double last_start = 0, first_end = 1e300;
+    for (const TaskTrace& t : traces) {
+      ++per_worker[t.pid];
+      last_start = std::max(last_start, t.start_s - t0);
+      first_end = std::min(first_end, t.end_s - t0);
+    }
+    if (std::getenv("PROCPOOL_BENCH_STARTS") != nullptr) {
+      std::map<std::pair<int, int>, std::vector<double>> starts;
+      for (const TaskTrace& t : traces)
+        starts[{t.rank, t.pid}].push_back(1e3 * (t.start_s - t0));
+      for (auto& [where, list] : starts) {
+        std::sort(list.begin(), list.end());
+        std::fprintf(stderr, "  rank %d worker %d started tasks at", where.first, where.second);
+        for (double v : list)
+          std::fprintf(stderr, " %.0f", v);
+        std::fputs(" ms\n", stderr);
+      }
+    }
+    int most = 0, fewest = 1 << 30;
+    for (const auto& [pid, n] : per_worker) {
+      most = std::max(most, n);
+      fewest = std::min(fewest, n);
+    }
+    std::printf(
+        "map %zu: %zu x %.0f ms on %u workers: %.1f ms, efficiency %.3f; %zu workers ran "
+        "tasks, %d to %d each; first task ended at %.1f ms, last started at %.1f ms\n",
+        r, count, task_ms, workers, 1e3 * wall,
+        static_cast<double>(count) * task_ms / 1e3 / (wall * workers), per_worker.size(), fewest,
+        most, 1e3 * first_end, 1e3 * last_start);
+  }
+  return 0;
 }
 
 std::vector<char> big(int mib) {
@@ -127,6 +211,8 @@ int main(int argc, char** argv) {
   std::size_t profile_inputs = 0;
   bool local = false;    // --local: see the profiles below
   unsigned retries = 0;  // --retries R: Options::retries of the profiled pools
+  std::size_t profile_long = 0;
+  bool sleep = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -142,11 +228,15 @@ int main(int argc, char** argv) {
     if (k == "--profile-inputs") profile_inputs = std::strtoull(v, nullptr, 10);
     if (k == "--local") local = std::atoi(v) != 0;
     if (k == "--retries") retries = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
+    if (k == "--profile-long") profile_long = std::strtoull(v, nullptr, 10);
+    if (k == "--sleep") sleep = std::atoi(v) != 0;
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
   for (std::size_t i = 0; i < tiny; ++i)
     xs[i] = static_cast<int>(i);
+
+  if (profile_long != 0) return profile_long_maps(profile_long, cpu, task_ms, sleep, processes);
 
   if (profile_auto != 0 || profile_cs1 != 0) {
     const std::size_t chunksize = profile_cs1 != 0 ? 1 : 0;

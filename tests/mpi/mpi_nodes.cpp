@@ -2,13 +2,20 @@
 // name for it where Slurm launched the rank, else the host name), and the
 // root checks that every rank's node ran tasks, from the results and from
 // the insights. Used by the fake two-node Slurm cluster test.
+//
+// `mpi_nodes spread` (4 ranks): long tasks, as many per worker on every
+// node, each worker runs as many, on the first call of their code (no task
+// time known) as on the next.
 #include <procpool/mpi.hpp>
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mpi_check.hpp"
@@ -23,10 +30,49 @@ std::string node_of(int) {
   return host;
 }
 
+/// A long task that needs no CPU (the test's 16 workers share 2 cores):
+/// only how the tasks were dealt decides when the call ends.
+int long_task_worker(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return static_cast<int>(::getpid());
+}
+
+int spread(procpool::mpi::Session& session) {
+  constexpr unsigned workers_per_node = 4;
+  procpool::mpi::Pool pool({.processes = workers_per_node * static_cast<unsigned>(session.size()),
+                            .warn_oversubscription = false});
+  const unsigned workers = pool.processes();
+  MPI_CHECK_MSG(workers == 4 * static_cast<unsigned>(session.size()),
+                "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
+  pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
+  constexpr int rounds = 4;
+  for (const char* which : {"first", "second"}) {
+    std::map<int, int> tasks_per_worker;
+    for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, 100)))
+      ++tasks_per_worker[pid];
+    std::string counts;
+    for (const auto& [pid, n] : tasks_per_worker)
+      counts += " " + std::to_string(n);
+    std::fprintf(stderr, "mpi_nodes spread: %s call: tasks per worker:%s\n", which, counts.c_str());
+    // A worker that ran one more than its share made the call a round longer
+    // (25 % here): 3 to 5 each with node chunks sized by work.
+    MPI_CHECK_MSG(tasks_per_worker.size() == workers,
+                  std::string(which) + " call: " + std::to_string(tasks_per_worker.size()) +
+                      " of " + std::to_string(workers) + " workers ran tasks");
+    for (const auto& [pid, n] : tasks_per_worker)
+      MPI_CHECK_MSG(n == rounds, std::string(which) + " call: worker " + std::to_string(pid) +
+                                     " ran " + std::to_string(n) + " tasks, not " +
+                                     std::to_string(rounds) + ":" + counts);
+  }
+  std::fprintf(stderr, "mpi_nodes spread: OK\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   procpool::mpi::Session session(argc, argv);
+  if (argc > 1 && std::strcmp(argv[1], "spread") == 0) return spread(session);
   procpool::mpi::Pool pool({.processes = 1});
   std::vector<int> inputs(4000, 0);
   std::map<std::string, int> tasks_per_node;
