@@ -14,7 +14,7 @@ a JSON file.
     python3 bench/compare.py --only tiny_cs1,startup
     python3 bench/compare.py --only submit,startup_spawn
     python3 bench/compare.py --only payload_sweep   # 128 MiB to 4 GiB results (~12 GB of memory)
-    python3 bench/compare.py --only mpi      # procpool::mpi vs mpi4py.futures, mpirun -n 3
+    python3 bench/compare.py --only mpi      # procpool::mpi vs mpi4py.futures, mpirun -n 3 (--mpi-ranks)
     python3 bench/compare.py --only mpi --mpi-ranks 4   # 4 ranks sharing this host's CPUs
 """
 import argparse
@@ -265,6 +265,8 @@ def main():
     ap.add_argument("--physlimits", default="",
                     help="a physlimits program built beforehand (where this machine has no C compiler)")
     a = ap.parse_args()
+    if a.rounds < 0 or a.mpi_ranks < 1 or a.mpi4py_ranks < 0:
+        ap.error("--rounds must be 0 or more, --mpi-ranks 1 or more, --mpi4py-ranks 0 or more")
     q = a.quick
     reps = "2" if q else "5"
     # Workloads of a few milliseconds: more runs each, so that the median is

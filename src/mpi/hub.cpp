@@ -1003,6 +1003,11 @@ bool CallState::long_tasks_locked() const {
   return pool_->options.chunksize == 0 && task_seconds_ >= long_task_seconds;
 }
 
+bool CallState::last_rounds_of_long_tasks_locked() const {
+  if (!long_tasks_locked() || !total_) return false;
+  return *total_ - std::min(*total_, taken_) <= 2 * std::size_t{pool_->total_processes()};
+}
+
 std::size_t CallState::room_locked(std::size_t n) const {
   const NodeSlot& node = hub_.nodes[n];
   const std::size_t workers = pool_->processes[n];
@@ -1021,9 +1026,7 @@ std::size_t CallState::room_locked(std::size_t n) const {
     // with one, a worker that starts its queued task at once keeps the core
     // that the reply and the next task need to travel (64 x 50 ms on 2
     // workers, 3 ranks on 2 cores: 1669-1690 ms with one, 1627-1649 with two).
-    std::size_t limit = workers;
-    const std::size_t untaken = total_ ? *total_ - std::min(*total_, taken_) : SIZE_MAX;
-    if (untaken > 2 * std::size_t{pool_->total_processes()}) limit = 3 * workers;
+    const std::size_t limit = last_rounds_of_long_tasks_locked() ? workers : 3 * workers;
     return node.inflight_items >= limit ? 0 : limit - node.inflight_items;
   }
   if (node.inflight_chunks >= capacity_locked(n)) return 0;
@@ -1052,9 +1055,13 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
   // held. Sized by work instead (3 of 50.7 ms on 4 workers, 8 of 30 ms), a
   // chunk left a worker of a node without a queued task while another node
   // held three chunks: 64 x 50 ms on 4 nodes of 4 workers took five rounds
-  // instead of four (efficiency 0.79, now 0.97-0.99). The root then sends a
-  // node a chunk per task time (a hundred a second at 10 ms), not one per
-  // 50 ms of the node's work.
+  // instead of four (sleeping tasks, 4 ranks on 2 cores: efficiency
+  // 0.78-0.79, now 0.97-0.99). The root then sends a node a chunk per task
+  // time (a hundred a second at 10 ms), not one per 50 ms of the node's work.
+  // (One per chunk in the last rounds, so that a reply frees its worker
+  // without waiting for the slowest task of its chunk, measured worse on 16
+  // cores with spinning tasks: 0.796-0.798 in three of four warm calls of
+  // 64 x 100 ms, against 0.97-0.995 without.)
   std::size_t size = static_cast<std::size_t>(workers);
   if (task_seconds_ > 0 && !long_tasks_locked()) {
     size = static_cast<std::size_t>(
@@ -1383,10 +1390,14 @@ void CallState::receive(const ChunkRecord& chunk, const NodeTimes& times, Reader
   const double workers = pool_->processes[chunk.node];
   if (workers == 0) return;  // a node out of rotation: its times tell nothing now
   // A chunk of long tasks that ended with the one before it in its node's
-  // batch ran beside it: its time is in that one's. Counted as no time, such
-  // replies pulled an estimate of 50 ms tasks down to a few ms, and the next
-  // call of the same code dealt them as short ones.
-  if (long_tasks_locked() && times.run_seconds <= 0) return;
+  // batch ran beside it: its time is in that one's (its reply comes a few
+  // microseconds after, with no worker time of its own). Counted, such
+  // replies pulled an estimate of 100 ms tasks down to 7-16 ms, and the next
+  // call of the same code dealt them as short ones. (The first reply of a
+  // batch always carries worker time: tasks that really got shorter still
+  // move the estimate.)
+  if (long_tasks_locked() && times.worker_seconds <= 0 && times.run_seconds < wall_time_counts_from)
+    return;
   const double count = static_cast<double>(chunk.count);
   measured_seconds_ = estimate_decay * measured_seconds_ +
                       estimate_seconds(times, workers, count, pool_->options.chunksize == 0);

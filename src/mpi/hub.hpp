@@ -340,6 +340,9 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
   bool long_tasks_locked() const;
+  /// Long tasks, and what is left to take would fill every worker twice at
+  /// most: the last rounds, dealt to free workers only.
+  bool last_rounds_of_long_tasks_locked() const;
   /// How many inputs node `node` may get now (0: it is full), and its load.
   std::size_t room_locked(std::size_t node) const;
   double load_locked(std::size_t node) const;

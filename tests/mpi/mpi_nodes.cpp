@@ -46,13 +46,28 @@ int spread(procpool::mpi::Session& session) {
                 "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
   pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
   constexpr int rounds = 4;
+  const auto chunks_so_far = [&pool] {
+    std::uint64_t chunks = 0;
+    for (const auto& node : pool.insights().per_node)
+      chunks += node.chunks;
+    return chunks;
+  };
   for (const char* which : {"first", "second"}) {
     std::map<int, int> tasks_per_worker;
+    const std::uint64_t chunks_before = chunks_so_far();
     for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, 100)))
       ++tasks_per_worker[pid];
+    // Long tasks go one per worker per chunk (fewer in the last rounds): the
+    // second call too, from the first one's estimate. Batched replies that
+    // counted as no time once pulled it to 7-16 ms, and the second call went
+    // in chunks of 8 and more.
+    const std::uint64_t chunks = chunks_so_far() - chunks_before;
+    MPI_CHECK_MSG(chunks >= rounds * std::uint64_t{workers} / workers_per_node,
+                  std::string(which) + " call: " + std::to_string(chunks) + " node chunks for " +
+                      std::to_string(rounds * workers) + " long tasks");
     std::string counts;
     for (const auto& [pid, n] : tasks_per_worker)
-      counts += " " + std::to_string(n);
+      counts.append(" ").append(std::to_string(n));
     std::fprintf(stderr, "mpi_nodes spread: %s call: tasks per worker:%s\n", which, counts.c_str());
     // A worker that ran one more than its share made the call a round longer
     // (25 % here): 3 to 5 each with node chunks sized by work.
