@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -42,7 +43,7 @@ int spread(procpool::mpi::Session& session) {
   procpool::mpi::Pool pool({.processes = workers_per_node * static_cast<unsigned>(session.size()),
                             .warn_oversubscription = false});
   const unsigned workers = pool.processes();
-  MPI_CHECK_MSG(workers == 4 * static_cast<unsigned>(session.size()),
+  MPI_CHECK_MSG(workers == workers_per_node * static_cast<unsigned>(session.size()),
                 "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
   pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
   constexpr int rounds = 4;
@@ -57,7 +58,7 @@ int spread(procpool::mpi::Session& session) {
     const std::uint64_t chunks_before = chunks_so_far();
     for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, 100)))
       ++tasks_per_worker[pid];
-    // Long tasks go one per worker per chunk (fewer in the last rounds): the
+    // Long tasks go one per worker per chunk (fewer near the end): the
     // second call too, from the first one's estimate. Batched replies that
     // counted as no time once pulled it to 7-16 ms, and the second call went
     // in chunks of 8 and more.
