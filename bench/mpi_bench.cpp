@@ -80,9 +80,24 @@ TaskTrace traced_task(double ms) {
   return {start, realtime_s(), static_cast<int>(::getpid()), rank ? std::atoi(rank) : -1};
 }
 
+/// PROCPOOL_BENCH_STARTS=1: when each worker started its tasks, by rank, in
+/// ms since `t0`.
+void print_starts(const std::vector<TaskTrace>& traces, double t0) {
+  std::map<std::pair<int, int>, std::vector<double>> starts;
+  for (const TaskTrace& t : traces)
+    starts[{t.rank, t.pid}].push_back(1e3 * (t.start_s - t0));
+  for (auto& [where, list] : starts) {
+    std::sort(list.begin(), list.end());
+    std::fprintf(stderr, "  rank %d worker %d started tasks at", where.first, where.second);
+    for (double v : list)
+      std::fprintf(stderr, " %.0f", v);
+    std::fputs(" ms\n", stderr);
+  }
+}
+
 /// --profile-long: each map's efficiency, the most and fewest tasks a worker
 /// ran, and how long the last task to start waited past the first.
-int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, bool sleep,
+int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, bool sleeping,
                       unsigned processes) {
   procpool::mpi::Pool pool({.processes = processes});
   const unsigned workers = pool.processes();
@@ -92,7 +107,7 @@ int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, boo
   for (std::size_t r = 0; r < rounds; ++r) {
     const double t0 = realtime_s();
     const std::vector<TaskTrace> traces =
-        pool.map(&traced_task, std::vector<double>(count, sleep ? -task_ms : task_ms));
+        pool.map(&traced_task, std::vector<double>(count, sleeping ? -task_ms : task_ms));
     const double wall = realtime_s() - t0;
     std::map<int, int> per_worker;
     double last_start = 0, first_end = 1e300;
@@ -101,18 +116,7 @@ int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, boo
       last_start = std::max(last_start, t.start_s - t0);
       first_end = std::min(first_end, t.end_s - t0);
     }
-    if (std::getenv("PROCPOOL_BENCH_STARTS") != nullptr) {
-      std::map<std::pair<int, int>, std::vector<double>> starts;
-      for (const TaskTrace& t : traces)
-        starts[{t.rank, t.pid}].push_back(1e3 * (t.start_s - t0));
-      for (auto& [where, list] : starts) {
-        std::sort(list.begin(), list.end());
-        std::fprintf(stderr, "  rank %d worker %d started tasks at", where.first, where.second);
-        for (double v : list)
-          std::fprintf(stderr, " %.0f", v);
-        std::fputs(" ms\n", stderr);
-      }
-    }
+    if (std::getenv("PROCPOOL_BENCH_STARTS") != nullptr) print_starts(traces, t0);
     int most = 0, fewest = 1 << 30;
     for (const auto& [pid, n] : per_worker) {
       most = std::max(most, n);
@@ -212,7 +216,7 @@ int main(int argc, char** argv) {
   bool local = false;    // --local: see the profiles below
   unsigned retries = 0;  // --retries R: Options::retries of the profiled pools
   std::size_t profile_long = 0;
-  bool sleep = false;
+  bool sleeping = false;  // --sleep 1: --profile-long's tasks sleep
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -229,14 +233,14 @@ int main(int argc, char** argv) {
     if (k == "--local") local = std::atoi(v) != 0;
     if (k == "--retries") retries = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     if (k == "--profile-long") profile_long = std::strtoull(v, nullptr, 10);
-    if (k == "--sleep") sleep = std::atoi(v) != 0;
+    if (k == "--sleep") sleeping = std::atoi(v) != 0;
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
   for (std::size_t i = 0; i < tiny; ++i)
     xs[i] = static_cast<int>(i);
 
-  if (profile_long != 0) return profile_long_maps(profile_long, cpu, task_ms, sleep, processes);
+  if (profile_long != 0) return profile_long_maps(profile_long, cpu, task_ms, sleeping, processes);
 
   if (profile_auto != 0 || profile_cs1 != 0) {
     const std::size_t chunksize = profile_cs1 != 0 ? 1 : 0;
