@@ -6,22 +6,26 @@
 //   ... --profile-auto N | --profile-cs1 N | --profile-big N | --profile-inputs N
 //          [--retries R]:
 //          one warm map of that kind, N times, with its times
-//   ... --local 1: the big and inputs profiles with procpool::Pool (no mpirun)
-//   ... --profile-long N [--sleep 1]: N maps of --cpu tasks of --task-ms on a
+//   ... --local 1: the big, inputs and long profiles with procpool::Pool (no mpirun)
+//   ... --profile-long N [--sleep 1] [--mixed 1]: N maps of --cpu tasks of --task-ms on a
 //          fresh pool, each with its efficiency and how the tasks spread over
 //          the workers (--sleep 1: tasks sleep instead of spinning, so that
-//          only the dispatch is measured, also on an oversubscribed machine)
+//          only the dispatch is measured, also on an oversubscribed machine;
+//          --mixed 1: lengths of 0.2 to 1.8 times --task-ms, mixed, and the
+//          efficiency against the best schedule's time too)
 #include <sys/resource.h>
 #include <unistd.h>
 #include <procpool/mpi.hpp>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <map>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <vector>
@@ -97,17 +101,39 @@ void print_starts(const std::vector<TaskTrace>& traces, double t0) {
 
 /// --profile-long: each map's efficiency, the most and fewest tasks a worker
 /// ran, and how long the last task to start waited past the first.
+/// --mixed 1: task lengths spread evenly over 0.2 to 1.8 times --task-ms
+/// (mean --task-ms), in an order that mixes them (golden-ratio steps): the
+/// last rounds then hold short and long tasks side by side.
+std::vector<double> task_lengths(std::size_t count, double task_ms, bool mixed) {
+  std::vector<double> ms(count, task_ms);
+  if (!mixed) return ms;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double step = static_cast<double>(i) * 0.6180339887498949;
+    ms[i] = task_ms * (0.2 + 1.6 * (step - std::floor(step)));
+  }
+  return ms;
+}
+
+template <class AnyPool>
 int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, bool sleeping,
-                      unsigned processes) {
-  procpool::mpi::Pool pool({.processes = processes});
+                      bool mixed, unsigned processes) {
+  AnyPool pool({.processes = processes, .warn_oversubscription = false});
   const unsigned workers = pool.processes();
   // Workers started and warm, as in the main run's CPU row: the first map
   // below is then the first of its code, measured with no estimate.
   pool.map(&inc, std::vector<int>(200, 1));
+  std::vector<double> lengths = task_lengths(count, task_ms, mixed);
+  const double work_s = std::accumulate(lengths.begin(), lengths.end(), 0.0) / 1e3;
+  // No schedule ends before its longest task does.
+  const double least_s =
+      std::max(work_s / workers, *std::max_element(lengths.begin(), lengths.end()) / 1e3);
+  if (sleeping) {
+    for (double& ms : lengths)
+      ms = -ms;
+  }
   for (std::size_t r = 0; r < rounds; ++r) {
     const double t0 = realtime_s();
-    const std::vector<TaskTrace> traces =
-        pool.map(&traced_task, std::vector<double>(count, sleeping ? -task_ms : task_ms));
+    const std::vector<TaskTrace> traces = pool.map(&traced_task, lengths);
     const double wall = realtime_s() - t0;
     std::map<int, int> per_worker;
     double last_start = 0, first_end = 1e300;
@@ -123,11 +149,12 @@ int profile_long_maps(std::size_t rounds, std::size_t count, double task_ms, boo
       fewest = std::min(fewest, n);
     }
     std::printf(
-        "map %zu: %zu x %.0f ms on %u workers: %.1f ms, efficiency %.3f; %zu workers ran "
-        "tasks, %d to %d each; first task ended at %.1f ms, last started at %.1f ms\n",
-        r, count, task_ms, workers, 1e3 * wall,
-        static_cast<double>(count) * task_ms / 1e3 / (wall * workers), per_worker.size(), fewest,
-        most, 1e3 * first_end, 1e3 * last_start);
+        "map %zu: %zu x %s%.0f ms on %u workers: %.1f ms, efficiency %.3f (of the best "
+        "schedule's %.1f ms: %.3f); %zu workers ran tasks, %d to %d each; first task ended at "
+        "%.1f ms, last started at %.1f ms\n",
+        r, count, mixed ? "mean " : "", task_ms, workers, 1e3 * wall, work_s / (wall * workers),
+        1e3 * least_s, least_s / wall, per_worker.size(), fewest, most, 1e3 * first_end,
+        1e3 * last_start);
   }
   return 0;
 }
@@ -217,6 +244,7 @@ int main(int argc, char** argv) {
   unsigned retries = 0;  // --retries R: Options::retries of the profiled pools
   std::size_t profile_long = 0;
   bool sleeping = false;  // --sleep 1: --profile-long's tasks sleep
+  bool mixed = false;     // --mixed 1: --profile-long's tasks of mixed lengths
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     const char* v = argv[i + 1];
@@ -234,13 +262,20 @@ int main(int argc, char** argv) {
     if (k == "--retries") retries = static_cast<unsigned>(std::strtoul(v, nullptr, 10));
     if (k == "--profile-long") profile_long = std::strtoull(v, nullptr, 10);
     if (k == "--sleep") sleeping = std::atoi(v) != 0;
+    if (k == "--mixed") mixed = std::atoi(v) != 0;
   }
   procpool::mpi::Session session(argc, argv);
   std::vector<int> xs(tiny);
   for (std::size_t i = 0; i < tiny; ++i)
     xs[i] = static_cast<int>(i);
 
-  if (profile_long != 0) return profile_long_maps(profile_long, cpu, task_ms, sleeping, processes);
+  if (profile_long != 0) {
+    if (local)
+      return profile_long_maps<procpool::Pool>(profile_long, cpu, task_ms, sleeping, mixed,
+                                               processes);
+    return profile_long_maps<procpool::mpi::Pool>(profile_long, cpu, task_ms, sleeping, mixed,
+                                                  processes);
+  }
 
   if (profile_auto != 0 || profile_cs1 != 0) {
     const std::size_t chunksize = profile_cs1 != 0 ? 1 : 0;

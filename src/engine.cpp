@@ -32,6 +32,18 @@
 
 namespace procpool::detail {
 
+namespace {
+/// See Engine::IdleWorkersOnly.
+thread_local bool opens_idle_workers_only_calls = false;
+}  // namespace
+
+Engine::IdleWorkersOnly::IdleWorkersOnly() noexcept
+    : was_(std::exchange(opens_idle_workers_only_calls, true)) {}
+
+Engine::IdleWorkersOnly::~IdleWorkersOnly() {
+  opens_idle_workers_only_calls = was_;
+}
+
 Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   Chunk part;
   part.call = chunk.call;
@@ -150,7 +162,8 @@ class Engine::Impl final : private ReplySink {
     } else {
       kill_workers(nullptr);
     }
-    if (wake_fd_ >= 0) ::close(wake_fd_);
+    for (const int fd : spare_wakes_)
+      ::close(fd);
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
@@ -211,6 +224,7 @@ class Engine::Impl final : private ReplySink {
   struct CallState {
     Buffer setup;
     SetupScope scope = SetupScope::every_worker;
+    bool idle_workers_only = false;  // see Engine::IdleWorkersOnly
     std::deque<ChunkDone> completed;
     TaskTimeEstimate task_time;
     bool local_setup_done = false;  // Start::in_process
@@ -289,7 +303,23 @@ class Engine::Impl final : private ReplySink {
   std::deque<Chunk> pending_;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
-  int wake_fd_ = -1;                    // eventfd, see enable_wake()
+  bool wake_enabled_ = false;  // see enable_wake()
+  /// A round waiting in poll(), on an event descriptor of its own that
+  /// wake() and the rounds that collect replies write (see pump_round).
+  struct Waiter {
+    int fd;
+    bool told;  // written to: read it empty before it is used again
+  };
+  std::vector<Waiter> waiters_;
+  /// Those descriptors between rounds: as many as rounds may run at once
+  /// (one at least, made by enable_wake(); more only while several run).
+  std::vector<int> spare_wakes_;
+  /// A descriptor for a Waiter (-1 if none can be made).
+  int take_wake_fd() noexcept;
+  /// Takes `fd` back, and closes those no round running now could use.
+  void give_back_wake_fd(int fd) noexcept;
+  /// Writes to every waiter not told yet.
+  void tell_waiters() noexcept;
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
@@ -405,8 +435,12 @@ std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
   const std::uint64_t id = next_call_++;
   CallState& call = calls_[id];
   call.setup = std::move(setup);
-  call.scope = scope;
-  if (scope == SetupScope::every_worker && !call.setup.empty()) {
+  call.idle_workers_only = opens_idle_workers_only_calls;
+  // Such a call is a task or a few (a node's chunk of long tasks): its setup
+  // goes with its chunk to the one worker that runs it, not to every worker
+  // of the node and an end frame after (two frames per worker per task).
+  call.scope = call.idle_workers_only ? SetupScope::each_chunk : scope;
+  if (call.scope == SetupScope::every_worker && !call.setup.empty()) {
     const std::size_t quota = config_.max_tasks_per_child;
     for (Worker& w : workers_) {
       // One past its quota runs no task again: it would decode the setup
@@ -474,8 +508,11 @@ std::vector<pid_t> Engine::Impl::worker_pids() const {
 Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
   const CallState& call = calls_.at(chunk.call);
   const std::size_t depth =
-      SchedulePolicy::queue_limit(chunk.count, chunk.tail && !tail_chunks_queue_,
-                                  call.scope == SetupScope::each_chunk, nanos_per_task(chunk.call));
+      call.idle_workers_only
+          ? 1
+          : SchedulePolicy::queue_limit(chunk.count, chunk.tail && !tail_chunks_queue_,
+                                        call.scope == SetupScope::each_chunk,
+                                        nanos_per_task(chunk.call));
   const std::size_t quota = config_.max_tasks_per_child;
   Worker* best = nullptr;
   for (Worker& w : workers_) {
@@ -887,14 +924,44 @@ Engine::Impl::Worker* Engine::Impl::find_worker(std::uint64_t serial) {
 }
 
 void Engine::Impl::enable_wake() {
-  if (wake_fd_ < 0) wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake_fd_ < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
+  if (wake_enabled_) return;
+  const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
+  spare_wakes_.push_back(fd);
+  wake_enabled_ = true;
+}
+
+int Engine::Impl::take_wake_fd() noexcept {
+  if (spare_wakes_.empty()) return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  const int fd = spare_wakes_.back();
+  spare_wakes_.pop_back();
+  return fd;
+}
+
+void Engine::Impl::give_back_wake_fd(int fd) noexcept {
+  try {
+    spare_wakes_.push_back(fd);
+  } catch (...) {
+    ::close(fd);
+  }
+  // The rounds still running hold their own; one more waits for the next.
+  const std::size_t keep = std::max<std::size_t>(1, rounds_in_progress_);
+  while (spare_wakes_.size() > keep) {
+    ::close(spare_wakes_.back());
+    spare_wakes_.pop_back();
+  }
+}
+
+void Engine::Impl::tell_waiters() noexcept {
+  const std::uint64_t one = 1;
+  for (Waiter& w : waiters_) {
+    if (std::exchange(w.told, true)) continue;  // one word is enough
+    [[maybe_unused]] const ssize_t n = ::write(w.fd, &one, sizeof one);
+  }
 }
 
 void Engine::Impl::wake() noexcept {
-  if (wake_fd_ < 0) return;
-  const std::uint64_t one = 1;
-  [[maybe_unused]] const ssize_t n = ::write(wake_fd_, &one, sizeof one);
+  tell_waiters();
 }
 
 void Engine::Impl::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
@@ -941,17 +1008,32 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
     serials.push_back(w.serial);
   }
   if (fds.empty()) return;
-  if (wake_fd_ >= 0) fds.push_back(pollfd{wake_fd_, POLLIN, 0});
+  // Several threads may wait here at once (callers of concurrent calls, the
+  // service thread), and any of them may collect the reply another waits
+  // for: each waits on a descriptor of its own, which the one that collects
+  // replies writes (below), as wake() does. One descriptor shared by all
+  // lost that word to whichever waiter read it first, or to one not yet in
+  // poll(): a node of an mpi::Pool, running a call per long task, then
+  // started a free worker's next task a poll's 100 ms late.
+  const int own = wake_enabled_ ? take_wake_fd() : -1;
+  if (own >= 0) {
+    fds.push_back(pollfd{own, POLLIN, 0});
+    waiters_.push_back(Waiter{own, false});
+  }
   const auto wait = std::min(timeout, time_to_next_deadline());
   lock.unlock();
   const int ready = ::poll(fds.data(), fds.size(), static_cast<int>(wait.count()));
   lock.lock();
-  if (wake_fd_ >= 0) {
-    if (fds.back().revents != 0) {
-      std::uint64_t count = 0;
-      [[maybe_unused]] const ssize_t n = ::read(wake_fd_, &count, sizeof count);
-    }
+  if (own >= 0) {
     fds.pop_back();
+    const auto me = std::find_if(waiters_.begin(), waiters_.end(),
+                                 [own](const Waiter& w) { return w.fd == own; });
+    if (me->told) {
+      std::uint64_t count = 0;
+      [[maybe_unused]] const ssize_t n = ::read(own, &count, sizeof count);
+    }
+    waiters_.erase(me);
+    give_back_wake_fd(own);
   }
   enforce_timeouts();
   if (ready <= 0) return;
@@ -968,7 +1050,7 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
   // Another thread may be waiting in poll() for a reply this round took
   // (a caller, while the service thread or another caller collected it):
   // without a word it would sleep out its whole timeout.
-  if (std::exchange(delivered_, false) && rounds_in_progress_ > 1) wake();
+  if (std::exchange(delivered_, false)) tell_waiters();
 }
 
 void Engine::Impl::run_in_process() {

@@ -105,9 +105,9 @@ void PoolCore::stop_service() {
     std::lock_guard lock(mutex);
     if (!service_running) return;
     service_stop = true;
+    engine->wake();  // it may be waiting for the workers
   }
   wake_service.notify_all();
-  engine->wake();  // it may be waiting for the workers
   service.join();
   std::unique_lock lock(mutex);
   service_running = false;

@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -601,6 +602,55 @@ TEST(Pool, ConcurrentCallsFromSeveralThreads) {
   for (auto& th : threads)
     th.join();
   EXPECT_EQ(ok, (std::vector<int>{1, 1, 1, 1}));
+}
+
+double realtime_seconds() {
+  timespec t{};
+  ::clock_gettime(CLOCK_REALTIME, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
+
+/// Sleeps `ms`, then says when it ended (CLOCK_REALTIME: the same clock in
+/// the worker as in the caller).
+double sleep_then_tell_when(int ms) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return realtime_seconds();
+}
+
+TEST(Pool, ConcurrentCallersHearTheirResultsWithoutWaitingOutAPoll) {
+  // Each caller thread waits in poll() for its workers' replies, and any of
+  // them may collect a reply that another waits for. It then tells that one
+  // on a descriptor of the waiter's own: the shared one lost the word to
+  // whichever waiter read it first, or to one not yet in poll(), and a
+  // caller whose result was in slept out its poll's 100 ms (a node of an
+  // mpi::Pool runs a call per long task from a thread each: 16 tasks of
+  // 100 ms on 4 workers took 500 ms in 3 runs of 5, not 400).
+  constexpr int threads = 8, calls_each = 6, task_ms = 30;  // 48 calls
+  procpool::Pool pool({.processes = threads, .warn_oversubscription = false});
+  pool.map([](int x) { return x; }, std::vector<int>(threads, 1));  // every worker up
+  std::mutex mutex;
+  std::vector<double> waits;  // from a task's end to its caller's return, in ms
+  std::vector<std::thread> callers;
+  for (int t = 0; t < threads; ++t) {
+    callers.emplace_back([&] {
+      for (int c = 0; c < calls_each; ++c) {
+        const double ended = pool.map(&sleep_then_tell_when, std::vector<int>{task_ms}).at(0);
+        const double waited_ms = 1e3 * (realtime_seconds() - ended);
+        std::lock_guard lock(mutex);
+        waits.push_back(waited_ms);
+      }
+    });
+  }
+  for (auto& c : callers)
+    c.join();
+  std::sort(waits.begin(), waits.end());
+  // A missed word costs the wait for the next reply of any call (about a
+  // task's time here) or the poll's 100 ms: 6 to 9 of the 48 calls returned
+  // 30-61 ms after their task ended, and none with the fix (2 ms at most).
+  const auto late = std::count_if(waits.begin(), waits.end(), [](double ms) { return ms > 20; });
+  EXPECT_LE(late, 2) << late << " of " << waits.size() << " calls returned more than 20 ms after "
+                     << "their task ended; slowest " << waits.back() << " ms, median "
+                     << waits[waits.size() / 2] << " ms";
 }
 
 /// Pools made at once on several threads, then ended one by one on another:

@@ -1020,12 +1020,15 @@ std::size_t CallState::room_locked(std::size_t n) const {
     // Near the end, long tasks go to free workers only: the last ones then
     // run wherever a worker frees up first, instead of queueing behind a busy
     // node while another idles.
-    // Until the end is near, two more tasks per worker wait on the node (one
-    // queued at each worker, see as_node_pool, one in the node's Pool), to
-    // hide that round trip:
-    // with one, a worker that starts its queued task at once keeps the core
-    // that the reply and the next task need to travel (64 x 50 ms on 2
-    // workers, 3 ranks on 2 cores: 1669-1690 ms with one, 1627-1649 with two).
+    // Until the end is near, two more tasks per worker wait on the node, to
+    // hide that round trip: with one, a worker that starts its queued task at
+    // once keeps the core that the reply and the next task need to travel
+    // (64 x 50 ms on 2 workers, 3 ranks on 2 cores: 1669-1690 ms with one,
+    // 1627-1649 with two, in chunks of a task per worker). In chunks of one
+    // task, each its own reply (chunk_size_locked), two more per worker
+    // still did better than one: efficiency 0.989-0.996 against 0.961-0.992
+    // there, and on 4 ranks of 4 sleeping workers 0.983-0.987 against one
+    // call of 0.795 in six.
     const std::size_t limit = last_rounds_of_long_tasks_locked() ? workers : 3 * workers;
     return node.inflight_items >= limit ? 0 : limit - node.inflight_items;
   }
@@ -1050,20 +1053,23 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
                                    pool_->options.chunksize);
   }
   const double workers = pool_->processes[node];
-  // First one task per worker, to measure. Long tasks stay at that: the
-  // tasks of a chunk then start together and its reply frees every slot it
-  // held. Sized by work instead (3 of 50.7 ms on 4 workers, 8 of 30 ms), a
-  // chunk left a worker of a node without a queued task while another node
-  // held three chunks: 64 x 50 ms on 4 nodes of 4 workers took five rounds
-  // instead of four (sleeping tasks, 4 ranks on 2 cores: efficiency
-  // 0.78-0.79, now 0.97-0.99). The root then sends a node a chunk per task
-  // time (a hundred a second at 10 ms), not one per 50 ms of the node's work.
-  // (One per chunk in the last rounds, so that a reply frees its worker
-  // without waiting for the slowest task of its chunk, measured worse on 16
-  // cores with spinning tasks: 0.796-0.798 in three of four warm calls of
-  // 64 x 100 ms, against 0.97-0.995 without.)
+  // First one task per worker, to measure. Long tasks then go one per chunk,
+  // each run apart on its node (runs_alone_locked): its reply frees its
+  // worker's slot as soon as it ends, and the root sends the next task to
+  // whichever node has a worker free. In chunks of a task per worker, a
+  // chunk's reply waited for its slowest task, and so did the node's
+  // workers that had run the others: 64 tasks of 20-180 ms on 4 nodes of
+  // 4 workers (sleeping, 4 ranks on 2 cores) took 648-734 ms, now 496-511,
+  // where one task at a time to the first free worker takes 500. Sized by
+  // work (3 of 50.7 ms on 4 workers), a chunk left a worker without a
+  // queued task while another node held three chunks. The root sends a
+  // node a chunk per task time (a hundred a second at 10 ms); they travel
+  // bundled. (One per chunk was measured worse on 16 cores in the last
+  // rounds, 0.796-0.798 against 0.97-0.995, before the node's threads heard
+  // their replies at once: see Engine::Impl::pump_round.)
+  if (long_tasks_locked()) return 1;
   std::size_t size = static_cast<std::size_t>(workers);
-  if (task_seconds_ > 0 && !long_tasks_locked()) {
+  if (task_seconds_ > 0) {
     size = static_cast<std::size_t>(
         std::clamp(node_chunk_seconds * workers / task_seconds_, 1.0, max_node_chunk));
   }
@@ -1182,6 +1188,7 @@ void CallState::send_new_chunks(std::unique_lock<std::mutex>& lock) {
     w.put(chunk);
     const std::size_t count_at = w.size();
     w.put(std::uint64_t{0});
+    w.put(runs_alone_locked());
     // Large inputs go to another rank from where they are, not copied into
     // the message: the caller's memory is not held twice (see lent_). For
     // the root's own node they are copied once, below, into a message of
@@ -1562,6 +1569,7 @@ void CallState::send_retries_locked() {
     w.put(id_);
     w.put(chunk);
     w.put(static_cast<std::uint64_t>(count));
+    w.put(runs_alone_locked());
     w.write(r.inputs->input(r.position),
             static_cast<std::size_t>(r.inputs->input(last) - r.inputs->input(r.position)) +
                 r.inputs->input_size(last));

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -152,6 +153,7 @@ void NodeServer::handle(Buffer message) {
       job.call_id = in.get<std::uint64_t>();
       job.chunk = in.get<std::uint64_t>();
       job.count = in.get<std::uint64_t>();
+      job.alone = in.get<std::uint8_t>() != 0;
       job.items_at = static_cast<std::size_t>(in.position() - message.data());
       auto c = calls_.find(job.call_id);
       if (c != calls_.end()) {
@@ -165,8 +167,11 @@ void NodeServer::handle(Buffer message) {
       // one batch (see executor), by whoever takes that one: an executor is
       // on its way for every queued job (one waits only while none is).
       // Waking or starting another for it would leave that one idle.
-      const bool joins = !jobs_.empty() && jobs_.back().call_id == job.call_id;
-      if (!bundle_.handling) {
+      const bool joins = !job.alone && !jobs_.empty() && !jobs_.back().alone &&
+                         jobs_.back().call_id == job.call_id;
+      // A chunk of long tasks gets an executor of its own, bundled or not.
+      if (!bundle_.handling || job.alone) {
+        if (bundle_.handling && bundle_.queued != 0) end_bundle_run_locked();
         jobs_.push_back(std::move(job));
         if (!joins) start_executor_locked(1);
         return;
@@ -368,8 +373,9 @@ void NodeServer::executor() {
     // the node's Pool: small chunks (chunksize 1) then cost one call per
     // batch instead of one each.
     std::size_t inputs = batch.front().count;
-    for (auto it = jobs_.begin(); it != jobs_.end() && inputs < max_batch_inputs;) {
-      if (it->call_id == batch.front().call_id) {
+    const bool alone = batch.front().alone;
+    for (auto it = jobs_.begin(); !alone && it != jobs_.end() && inputs < max_batch_inputs;) {
+      if (it->call_id == batch.front().call_id && !it->alone) {
         inputs += it->count;
         batch.push_back(std::move(*it));
         it = jobs_.erase(it);
@@ -456,6 +462,8 @@ void NodeServer::run(std::vector<Job>& jobs) {
     }
   } else {
     try {
+      std::optional<procpool::detail::Engine::IdleWorkersOnly> idle_workers_only;
+      if (job.alone) idle_workers_only.emplace();
       job.call->runner->run(*job.call->pool->pool, chunks, job.call->pool->send_back_deaths);
     } catch (...) {
       error = std::current_exception();

@@ -74,6 +74,9 @@ class NodeServer {
     std::uint64_t call_id = 0;
     std::uint64_t chunk = 0;
     std::uint64_t count = 0;
+    /// Long tasks (Msg::chunk's alone): a batch of its own, whose reply
+    /// waits for no other chunk's tasks.
+    bool alone = false;
     Buffer message;
     std::size_t items_at = 0;
     std::chrono::steady_clock::time_point arrived;

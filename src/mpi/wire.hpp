@@ -30,7 +30,8 @@ enum class Msg : std::uint8_t {
   destroy_pool,     // u64 pool: finish its work and end its workers
   terminate_pool,   // u64 pool: kill its workers now
   open_call,        // u64 pool, u64 call, u8 one shot, setup bytes (rest)
-  chunk,            // u64 call, u64 chunk, u64 count, framed inputs (rest)
+  chunk,            // u64 call, u64 chunk, u64 count, u8 alone, framed inputs (rest); alone:
+                    // long tasks, run apart from the call's other chunks (see NodeServer::Job)
   close_call,       // u64 call
   insights,         // u64 pool, u64 request
   shutdown,         // finish everything, answer bye, exit

@@ -10,10 +10,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <map>
 #include <string>
 #include <thread>
@@ -58,8 +61,8 @@ int spread(procpool::mpi::Session& session) {
     const std::uint64_t chunks_before = chunks_so_far();
     for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, 100)))
       ++tasks_per_worker[pid];
-    // Long tasks go one per worker per chunk (fewer near the end): the
-    // second call too, from the first one's estimate. Batched replies that
+    // Long tasks go one per chunk once timed (the first chunk per node: one
+    // per worker): the second call too, from the first one's estimate. Batched replies that
     // counted as no time once pulled it to 7-16 ms, and the second call went
     // in chunks of 8 and more.
     const std::uint64_t chunks = chunks_so_far() - chunks_before;
@@ -84,11 +87,109 @@ int spread(procpool::mpi::Session& session) {
   return 0;
 }
 
+/// When and where a task of `mixed` ran (CLOCK_REALTIME: every rank of the
+/// host reads the same clock).
+struct Ran {
+  double start = 0, end = 0;
+  int pid = 0;
+};
+
+double realtime_s() {
+  timespec t{};
+  ::clock_gettime(CLOCK_REALTIME, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
+
+Ran mixed_task(int ms) {
+  Ran ran;
+  ran.start = realtime_s();
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  ran.end = realtime_s();
+  ran.pid = static_cast<int>(::getpid());
+  return ran;
+}
+
+/// The tasks that started while some worker had sat idle for more than
+/// `idle_s` already (since `t0`, or since its own last task ended): each
+/// could have started that much earlier there.
+std::vector<std::string> late_starts(const std::vector<Ran>& ran, double t0, double idle_s) {
+  std::map<int, std::vector<std::pair<double, double>>> by_worker;  // (start, end)
+  for (const Ran& r : ran)
+    by_worker[r.pid].emplace_back(r.start, r.end);
+  std::vector<std::string> late;
+  for (const Ran& task : ran) {
+    for (auto& [pid, spans] : by_worker) {
+      std::sort(spans.begin(), spans.end());
+      double free_since = t0;  // idle from the call's start until its first task
+      for (const auto& [start, end] : spans) {
+        if (start >= task.start) break;
+        free_since = end;
+      }
+      const bool busy_at_start = std::any_of(spans.begin(), spans.end(), [&](const auto& s) {
+        return s.first <= task.start && task.start < s.second;
+      });
+      if (!busy_at_start && task.start - free_since > idle_s) {
+        late.push_back("a task started at " + std::to_string(1e3 * (task.start - t0)) +
+                       " ms while worker " + std::to_string(pid) + " was idle since " +
+                       std::to_string(1e3 * (free_since - t0)) + " ms");
+        break;
+      }
+    }
+  }
+  return late;
+}
+
+/// `mpi_nodes mixed` (4 ranks): long tasks of mixed lengths go to whichever
+/// worker frees up first, on any node. A node once ran a chunk's tasks as
+/// one batch whose reply waited for its slowest: its other workers sat
+/// idle, 64 tasks of 20-180 ms on 4 nodes of 4 workers took 650 ms against
+/// 500 for one task at a time to the first free worker.
+int mixed(procpool::mpi::Session& session) {
+  constexpr unsigned workers_per_node = 4;
+  procpool::mpi::Pool pool({.processes = workers_per_node * static_cast<unsigned>(session.size()),
+                            .warn_oversubscription = false});
+  const unsigned workers = pool.processes();
+  MPI_CHECK_MSG(workers == workers_per_node * static_cast<unsigned>(session.size()),
+                "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
+  pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
+  std::vector<int> lengths(3 * workers);
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    const double step = static_cast<double>(i) * 0.6180339887498949;  // mixes long and short
+    lengths[i] = 40 + static_cast<int>(160 * (step - std::floor(step)));
+  }
+  // The first call learns that its tasks are long from its first replies;
+  // the second starts from that estimate.
+  for (const char* which : {"first", "second"}) {
+    const double t0 = realtime_s();
+    const std::vector<Ran> ran = pool.map(&mixed_task, lengths);
+    const double wall = realtime_s() - t0;
+    for (std::size_t i = 0; i < ran.size(); ++i) {
+      MPI_CHECK_MSG(ran[i].end - ran[i].start >= lengths[i] * 1e-3,
+                    std::string(which) + " call: task " + std::to_string(i) + " ended early");
+    }
+    const std::vector<std::string> late = late_starts(ran, t0, 0.06);
+    std::fprintf(stderr, "mpi_nodes mixed: %s call: %.0f ms, %zu tasks started late\n", which,
+                 1e3 * wall, late.size());
+    for (const std::string& l : late)
+      std::fprintf(stderr, "  %s\n", l.c_str());
+    // The first call's first chunk per node (one task per worker, sent
+    // before any task was timed) still waits for its slowest task.
+    if (std::strcmp(which, "second") == 0) {
+      MPI_CHECK_MSG(late.size() <= 1, std::to_string(late.size()) + " of " +
+                                          std::to_string(ran.size()) +
+                                          " tasks started 60 ms or more after a worker was free");
+    }
+  }
+  std::fprintf(stderr, "mpi_nodes mixed: OK\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   procpool::mpi::Session session(argc, argv);
   if (argc > 1 && std::strcmp(argv[1], "spread") == 0) return spread(session);
+  if (argc > 1 && std::strcmp(argv[1], "mixed") == 0) return mixed(session);
   procpool::mpi::Pool pool({.processes = 1});
   std::vector<int> inputs(4000, 0);
   std::map<std::string, int> tasks_per_node;

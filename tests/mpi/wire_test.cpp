@@ -22,6 +22,7 @@ Buffer chunk_message(std::uint64_t chunk, std::size_t input_bytes) {
   w.put(std::uint64_t{7});  // call
   w.put(chunk);
   w.put(std::uint64_t{1});  // count
+  w.put(std::uint8_t{0});   // alone
   const std::string input(input_bytes, static_cast<char>('a' + chunk % 26));
   w.write(input.data(), input.size());
   return m;

@@ -129,7 +129,8 @@ class Engine {
   [[nodiscard]] bool worker_running_dry() const noexcept;
   /// Lets wake() end a round's wait early (for a thread that must stop promptly).
   void enable_wake();
-  /// Ends the wait of a round in progress, if enable_wake() was called; any thread.
+  /// Ends the wait of every round in progress, if enable_wake() was called;
+  /// with the lock that the rounds run under held (see pump).
   void wake() noexcept;
   /// Finished chunks of a call, oldest first.
   [[nodiscard]] std::deque<ChunkDone>& completed(std::uint64_t call);
@@ -143,6 +144,23 @@ class Engine {
   /// tasks to nodes with free workers, and a node's next task queued at its
   /// worker starts without waiting for the node's threads to be scheduled.
   void let_tail_chunks_queue() noexcept;
+
+  /// While one lives, the calls that this thread opens send their tasks to
+  /// idle workers only, never queued behind a busy one, and their setup
+  /// with each chunk (SetupScope::each_chunk). A node of an
+  /// mpi::Pool runs each chunk of long tasks as a call of its own: queued at
+  /// a busy worker, a task could wait for the slowest task of the node while
+  /// another worker was free.
+  class IdleWorkersOnly {
+   public:
+    IdleWorkersOnly() noexcept;
+    ~IdleWorkersOnly();
+    IdleWorkersOnly(const IdleWorkersOnly&) = delete;
+    IdleWorkersOnly& operator=(const IdleWorkersOnly&) = delete;
+
+   private:
+    bool was_;
+  };
   /// Why the pool can run nothing more (new workers keep dying before they
   /// are ready); null while it can. Every task it fails for that reason
   /// carries this very exception.
