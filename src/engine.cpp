@@ -35,13 +35,16 @@ namespace procpool::detail {
 namespace {
 /// See Engine::IdleWorkersOnly.
 thread_local bool opens_idle_workers_only_calls = false;
+thread_local std::uint64_t* idle_workers_only_nanos = nullptr;
 }  // namespace
 
-Engine::IdleWorkersOnly::IdleWorkersOnly() noexcept
-    : was_(std::exchange(opens_idle_workers_only_calls, true)) {}
+Engine::IdleWorkersOnly::IdleWorkersOnly(std::uint64_t* worker_nanos) noexcept
+    : was_(std::exchange(opens_idle_workers_only_calls, true)),
+      was_nanos_(std::exchange(idle_workers_only_nanos, worker_nanos)) {}
 
 Engine::IdleWorkersOnly::~IdleWorkersOnly() {
   opens_idle_workers_only_calls = was_;
+  idle_workers_only_nanos = was_nanos_;
 }
 
 Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
@@ -224,7 +227,8 @@ class Engine::Impl final : private ReplySink {
   struct CallState {
     Buffer setup;
     SetupScope scope = SetupScope::every_worker;
-    bool idle_workers_only = false;  // see Engine::IdleWorkersOnly
+    bool idle_workers_only = false;         // see Engine::IdleWorkersOnly
+    std::uint64_t* worker_nanos = nullptr;  // and its `worker_nanos`
     std::deque<ChunkDone> completed;
     TaskTimeEstimate task_time;
     bool local_setup_done = false;  // Start::in_process
@@ -436,6 +440,7 @@ std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
   CallState& call = calls_[id];
   call.setup = std::move(setup);
   call.idle_workers_only = opens_idle_workers_only_calls;
+  if (call.idle_workers_only) call.worker_nanos = idle_workers_only_nanos;
   // Such a call is a task or a few (a node's chunk of long tasks): its setup
   // goes with its chunk to the one worker that runs it, not to every worker
   // of the node and an end frame after (two frames per worker per task).
@@ -588,6 +593,7 @@ bool Engine::Impl::take(Reply reply) {
     it->second.setup_deaths = 0;
     it->second.setup_deaths_killed = true;
     it->second.task_time.add(done.count, static_cast<double>(reply.nanos));
+    if (it->second.worker_nanos) *it->second.worker_nanos += reply.nanos;
     if (it->second.scope == SetupScope::each_chunk) {
       submitted_task_time_.add(done.count, static_cast<double>(reply.nanos));
     }
@@ -1015,12 +1021,20 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
   // lost that word to whichever waiter read it first, or to one not yet in
   // poll(): a node of an mpi::Pool, running a call per long task, then
   // started a free worker's next task a poll's 100 ms late.
+  auto wait = std::min(timeout, time_to_next_deadline());
+  // Outcomes this round delivered already (a worker lost, above): the other
+  // waiters hear of it, and this round does not wait (one may be its own).
+  if (std::exchange(delivered_, false)) {
+    tell_waiters();
+    wait = std::chrono::milliseconds(0);
+  }
+  fds.reserve(fds.size() + 1);
+  waiters_.reserve(waiters_.size() + 1);  // (nothing below throws, the fd taken)
   const int own = wake_enabled_ ? take_wake_fd() : -1;
   if (own >= 0) {
     fds.push_back(pollfd{own, POLLIN, 0});
     waiters_.push_back(Waiter{own, false});
   }
-  const auto wait = std::min(timeout, time_to_next_deadline());
   lock.unlock();
   const int ready = ::poll(fds.data(), fds.size(), static_cast<int>(wait.count()));
   lock.lock();
@@ -1036,20 +1050,22 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
     give_back_wake_fd(own);
   }
   enforce_timeouts();
-  if (ready <= 0) return;
-  for (std::size_t i = 0; i < fds.size(); ++i) {
-    if (fds[i].revents == 0) continue;
-    Worker* w = find_worker(serials[i]);
-    if (!w || w->link->wait_fd() != fds[i].fd) continue;
-    serve_events(*w, fds[i].revents);
-  }
-  dispatch();
-  for (std::size_t i = 0; i < workers_.size(); ++i) {
-    if (!flush(workers_[i])) break;
+  if (ready > 0) {
+    for (std::size_t i = 0; i < fds.size(); ++i) {
+      if (fds[i].revents == 0) continue;
+      Worker* w = find_worker(serials[i]);
+      if (!w || w->link->wait_fd() != fds[i].fd) continue;
+      serve_events(*w, fds[i].revents);
+    }
+    dispatch();
+    for (std::size_t i = 0; i < workers_.size(); ++i) {
+      if (!flush(workers_[i])) break;
+    }
   }
   // Another thread may be waiting in poll() for a reply this round took
   // (a caller, while the service thread or another caller collected it):
-  // without a word it would sleep out its whole timeout.
+  // without a word it would sleep out its whole timeout. (A round that
+  // throws before this leaves delivered_ set: the next one tells them.)
   if (std::exchange(delivered_, false)) tell_waiters();
 }
 

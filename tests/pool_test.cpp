@@ -645,11 +645,15 @@ TEST(Pool, ConcurrentCallersHearTheirResultsWithoutWaitingOutAPoll) {
     c.join();
   std::sort(waits.begin(), waits.end());
   // A missed word costs the wait for the next reply of any call (about a
-  // task's time here) or the poll's 100 ms: 6 to 9 of the 48 calls returned
-  // 30-61 ms after their task ended, and none with the fix (2 ms at most).
-  const auto late = std::count_if(waits.begin(), waits.end(), [](double ms) { return ms > 20; });
-  EXPECT_LE(late, 2) << late << " of " << waits.size() << " calls returned more than 20 ms after "
-                     << "their task ended; slowest " << waits.back() << " ms, median "
+  // task's time here) or the poll's 100 ms: 4 to 16 of the 48 calls
+  // returned 30-61 ms after their task ended, and none with the fix (2 ms at
+  // most, in a debug build). Sanitizers slow every hop: there only the
+  // longest misses count.
+  const double late_ms = test_helpers::under_sanitizer ? 60 : 20;
+  const auto late =
+      std::count_if(waits.begin(), waits.end(), [late_ms](double ms) { return ms > late_ms; });
+  EXPECT_LE(late, 2) << late << " of " << waits.size() << " calls returned more than " << late_ms
+                     << " ms after their task ended; slowest " << waits.back() << " ms, median "
                      << waits[waits.size() / 2] << " ms";
 }
 

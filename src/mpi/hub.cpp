@@ -1020,9 +1020,11 @@ std::size_t CallState::room_locked(std::size_t n) const {
     // Near the end, long tasks go to free workers only: the last ones then
     // run wherever a worker frees up first, instead of queueing behind a busy
     // node while another idles.
-    // Until the end is near, two more tasks per worker wait on the node, to
-    // hide that round trip: with one, a worker that starts its queued task at
-    // once keeps the core that the reply and the next task need to travel
+    // Until the end is near, two more tasks per worker wait on the node (in
+    // its Pool's queue: a long task waits for an idle worker there, see
+    // runs_alone_locked), to hide that round trip: with one, a worker that
+    // starts its queued task at once keeps the core that the reply and the
+    // next task need to travel
     // (64 x 50 ms on 2 workers, 3 ranks on 2 cores: 1669-1690 ms with one,
     // 1627-1649 with two, in chunks of a task per worker). In chunks of one
     // task, each its own reply (chunk_size_locked), two more per worker

@@ -412,13 +412,21 @@ void NodeServer::run(std::vector<Job>& jobs) {
   // `worker_seconds` what the node's workers spent running tasks meanwhile
   // (other calls' too, if they share the pool): the root estimates task time
   // from them (CallState::receive).
+  // A chunk of one long task run alone says its task's own time, as its
+  // worker timed it, for both: its wall time would hold its wait in the
+  // node's queue too (up to two tasks per worker ahead of it), and a call
+  // of 5 ms tasks, once taken for long, would stay so.
+  std::uint64_t alone_worker_nanos = 0;
   auto send = [&](std::size_t j) {
     Reply& r = replies[j];
     const auto now = std::chrono::steady_clock::now();
     const std::uint64_t nanos = worker_nanos();
-    const double times[] = {seconds_since(jobs[j].arrived),
-                            std::chrono::duration<double>(now - last_done).count(),
-                            static_cast<double>(nanos - last_worker_nanos) * 1e-9};
+    double times[] = {seconds_since(jobs[j].arrived),
+                      std::chrono::duration<double>(now - last_done).count(),
+                      static_cast<double>(nanos - last_worker_nanos) * 1e-9};
+    if (jobs[j].alone && jobs[j].count == 1 && alone_worker_nanos != 0) {
+      times[1] = times[2] = static_cast<double>(alone_worker_nanos) * 1e-9;
+    }
     last_done = now;
     last_worker_nanos = nanos;
     std::memcpy(r.parts.front() + r.times_at, times, sizeof times);
@@ -463,7 +471,7 @@ void NodeServer::run(std::vector<Job>& jobs) {
   } else {
     try {
       std::optional<procpool::detail::Engine::IdleWorkersOnly> idle_workers_only;
-      if (job.alone) idle_workers_only.emplace();
+      if (job.alone) idle_workers_only.emplace(&alone_worker_nanos);
       job.call->runner->run(*job.call->pool->pool, chunks, job.call->pool->send_back_deaths);
     } catch (...) {
       error = std::current_exception();

@@ -705,7 +705,11 @@ class CallDriver {
   void step(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
     engine_.add_parent_time(0, std::exchange(decode_ns_, 0));
     fill(lock);
-    engine_.pump(lock, timeout);
+    // fill() reads the range without the lock: an outcome of this call that
+    // another thread's round collected meanwhile is here already, and that
+    // round told no one (this thread was not waiting yet).
+    collect();
+    engine_.pump(lock, has_ready() || finished() ? std::chrono::milliseconds(0) : timeout);
     collect();
     if (interrupt_.interrupted()) {
       // The program handles Ctrl-C: stop every worker now, then let it know.

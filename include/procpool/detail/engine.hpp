@@ -130,7 +130,9 @@ class Engine {
   /// Lets wake() end a round's wait early (for a thread that must stop promptly).
   void enable_wake();
   /// Ends the wait of every round in progress, if enable_wake() was called;
-  /// with the lock that the rounds run under held (see pump).
+  /// with the lock that the rounds run under held (see pump). Nothing is
+  /// kept for a round that starts later: a caller checks, under that lock,
+  /// what it would have been woken for before it starts one.
   void wake() noexcept;
   /// Finished chunks of a call, oldest first.
   [[nodiscard]] std::deque<ChunkDone>& completed(std::uint64_t call);
@@ -153,13 +155,18 @@ class Engine {
   /// another worker was free.
   class IdleWorkersOnly {
    public:
-    IdleWorkersOnly() noexcept;
+    /// `worker_nanos`, if given, gets the time that the workers spent on
+    /// those calls' chunks, as each timed its own, added as each ends (with
+    /// the pool's lock held): the node tells the root its task's own time,
+    /// not its time in the node's queue too.
+    explicit IdleWorkersOnly(std::uint64_t* worker_nanos = nullptr) noexcept;
     ~IdleWorkersOnly();
     IdleWorkersOnly(const IdleWorkersOnly&) = delete;
     IdleWorkersOnly& operator=(const IdleWorkersOnly&) = delete;
 
    private:
     bool was_;
+    std::uint64_t* was_nanos_;
   };
   /// Why the pool can run nothing more (new workers keep dying before they
   /// are ready); null while it can. Every task it fails for that reason

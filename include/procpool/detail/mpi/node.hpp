@@ -49,6 +49,8 @@ using NodePoolFactoryFn = std::unique_ptr<procpool::Pool>(const Options& options
 
 /// A node's Pool: the root deals the last tasks of a call to nodes with free
 /// workers, so within the node they may queue (Engine::let_tail_chunks_queue).
+/// (Not long tasks: each runs as a call of its own, to an idle worker only;
+/// see NodeServer::Job::alone.)
 inline std::unique_ptr<procpool::Pool> as_node_pool(std::unique_ptr<procpool::Pool> pool) {
   procpool::detail::PoolAccess::engine(*pool).let_tail_chunks_queue();
   return pool;
