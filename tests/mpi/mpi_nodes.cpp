@@ -22,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "../helpers.hpp"
 #include "mpi_check.hpp"
 
 namespace {
@@ -41,14 +42,26 @@ int long_task_worker(int ms) {
   return static_cast<int>(::getpid());
 }
 
-int spread(procpool::mpi::Session& session) {
-  constexpr unsigned workers_per_node = 4;
-  procpool::mpi::Pool pool({.processes = workers_per_node * static_cast<unsigned>(session.size()),
-                            .warn_oversubscription = false});
+constexpr unsigned workers_per_node = 4;
+
+/// Options for 4 workers on each rank of the session (its ranks share one host).
+procpool::Options four_workers_per_rank(const procpool::mpi::Session& session) {
+  return {.processes = workers_per_node * static_cast<unsigned>(session.size()),
+          .warn_oversubscription = false};
+}
+
+/// Checks that `pool` has them all, and starts every one (a short map).
+unsigned start_all_workers(procpool::mpi::Pool& pool, const procpool::mpi::Session& session) {
   const unsigned workers = pool.processes();
   MPI_CHECK_MSG(workers == workers_per_node * static_cast<unsigned>(session.size()),
                 "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
-  pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
+  pool.map([](int x) { return x; }, std::vector<int>(200, 1));
+  return workers;
+}
+
+int spread(procpool::mpi::Session& session) {
+  procpool::mpi::Pool pool(four_workers_per_rank(session));
+  const unsigned workers = start_all_workers(pool, session);
   constexpr int rounds = 4;
   const auto chunks_so_far = [&pool] {
     std::uint64_t chunks = 0;
@@ -86,14 +99,6 @@ int spread(procpool::mpi::Session& session) {
   std::fprintf(stderr, "mpi_nodes spread: OK\n");
   return 0;
 }
-
-/// ASan and TSan slow every hop, and a rank may wait longer for a core.
-constexpr bool under_sanitizer =
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
 
 /// When and where a task of `mixed` ran (CLOCK_REALTIME: every rank of the
 /// host reads the same clock).
@@ -155,13 +160,8 @@ std::vector<std::string> late_starts(const std::vector<Ran>& ran, double t0, dou
 /// 29-30 of them late, against 448 for one task at a time to the first
 /// free worker.
 int mixed(procpool::mpi::Session& session) {
-  constexpr unsigned workers_per_node = 4;
-  procpool::mpi::Pool pool({.processes = workers_per_node * static_cast<unsigned>(session.size()),
-                            .warn_oversubscription = false});
-  const unsigned workers = pool.processes();
-  MPI_CHECK_MSG(workers == workers_per_node * static_cast<unsigned>(session.size()),
-                "run it with 4 ranks on one host: " + std::to_string(workers) + " workers");
-  pool.map([](int x) { return x; }, std::vector<int>(200, 1));  // every worker started
+  procpool::mpi::Pool pool(four_workers_per_rank(session));
+  const unsigned workers = start_all_workers(pool, session);
   std::vector<int> lengths(3 * workers);
   for (std::size_t i = 0; i < lengths.size(); ++i) {
     const double step = static_cast<double>(i) * 0.6180339887498949;  // mixes long and short
@@ -188,7 +188,8 @@ int mixed(procpool::mpi::Session& session) {
     // none, but a loaded machine may hold a rank back: under ASan, with a
     // build beside it, 9 in 1 run of 25 (a worker idle 125 ms).
     if (std::strcmp(which, "second") == 0) {
-      MPI_CHECK_MSG(late.size() <= (under_sanitizer ? ran.size() / 3 : 3),
+      // (ASan and TSan slow every hop, and a rank may wait longer for a core.)
+      MPI_CHECK_MSG(late.size() <= (test_helpers::under_sanitizer ? ran.size() / 3 : 3),
                     std::to_string(late.size()) + " of " + std::to_string(ran.size()) +
                         " tasks started more than 60 ms after a worker was free");
     }
