@@ -1024,13 +1024,12 @@ std::size_t CallState::room_locked(std::size_t n) const {
     // its Pool's queue: a long task waits for an idle worker there, see
     // runs_alone_locked), to hide that round trip: with one, a worker that
     // starts its queued task at once keeps the core that the reply and the
-    // next task need to travel
-    // (64 x 50 ms on 2 workers, 3 ranks on 2 cores: 1669-1690 ms with one,
-    // 1627-1649 with two, in chunks of a task per worker). In chunks of one
-    // task, each its own reply (chunk_size_locked), two more per worker
-    // still did better than one: efficiency 0.989-0.996 against 0.961-0.992
-    // there, and on 4 ranks of 4 sleeping workers 0.983-0.987 against one
-    // call of 0.795 in six.
+    // next task need to travel (64 x 50 ms on 2 workers, 3 ranks on 2 cores:
+    // 1669-1690 ms with one, 1627-1649 with two, in chunks of a task per
+    // worker). In chunks of one task, each its own reply (chunk_size_locked),
+    // two more per worker still did better than one: efficiency 0.989-0.996
+    // against 0.961-0.992 there, and on 4 ranks of 4 sleeping workers
+    // 0.983-0.987 against one call of 0.795 in six.
     const std::size_t limit = last_rounds_of_long_tasks_locked() ? workers : 3 * workers;
     return node.inflight_items >= limit ? 0 : limit - node.inflight_items;
   }
