@@ -194,6 +194,7 @@ class Engine::Impl final : private ReplySink {
   std::uint64_t compute_nanos() const noexcept {
     return compute_nanos_.load(std::memory_order_relaxed);
   }
+  /// Writes to every waiter (Waiter) not told yet.
   void wake() noexcept;
   std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
   double nanos_per_task(std::uint64_t call) const;
@@ -322,8 +323,6 @@ class Engine::Impl final : private ReplySink {
   int take_wake_fd() noexcept;
   /// Takes `fd` back, and closes those no round running now could use.
   void give_back_wake_fd(int fd) noexcept;
-  /// Writes to every waiter not told yet.
-  void tell_waiters() noexcept;
   RecentTaskTime submitted_task_time_;  // one-task calls (Pool::submit)
   unsigned callers_pumping_ = 0;
   unsigned rounds_in_progress_ = 0;
@@ -958,16 +957,12 @@ void Engine::Impl::give_back_wake_fd(int fd) noexcept {
   }
 }
 
-void Engine::Impl::tell_waiters() noexcept {
+void Engine::Impl::wake() noexcept {
   const std::uint64_t one = 1;
   for (Waiter& w : waiters_) {
     if (std::exchange(w.told, true)) continue;  // one word is enough
     [[maybe_unused]] const ssize_t n = ::write(w.fd, &one, sizeof one);
   }
-}
-
-void Engine::Impl::wake() noexcept {
-  tell_waiters();
 }
 
 void Engine::Impl::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
@@ -1025,7 +1020,7 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
   // Outcomes this round delivered already (a worker lost, above): the other
   // waiters hear of it, and this round does not wait (one may be its own).
   if (std::exchange(delivered_, false)) {
-    tell_waiters();
+    wake();
     wait = std::chrono::milliseconds(0);
   }
   fds.reserve(fds.size() + 1);
@@ -1066,7 +1061,7 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock,
   // (a caller, while the service thread or another caller collected it):
   // without a word it would sleep out its whole timeout. (A round that
   // throws before this leaves delivered_ set: the next one tells them.)
-  if (std::exchange(delivered_, false)) tell_waiters();
+  if (std::exchange(delivered_, false)) wake();
 }
 
 void Engine::Impl::run_in_process() {

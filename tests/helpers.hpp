@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 
 #include <chrono>
 #include <condition_variable>
@@ -66,6 +67,14 @@ constexpr bool under_tsan_fork_hole =
 #else
     false;
 #endif
+
+/// CLOCK_REALTIME in seconds: every process of the host (a worker, an MPI
+/// rank) reads the same clock, so times taken in them compare.
+inline double realtime_seconds() {
+  timespec t{};
+  ::clock_gettime(CLOCK_REALTIME, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
 
 struct Child {
   pid_t pid;

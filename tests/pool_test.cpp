@@ -6,7 +6,6 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
-#include <ctime>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -604,17 +603,11 @@ TEST(Pool, ConcurrentCallsFromSeveralThreads) {
   EXPECT_EQ(ok, (std::vector<int>{1, 1, 1, 1}));
 }
 
-double realtime_seconds() {
-  timespec t{};
-  ::clock_gettime(CLOCK_REALTIME, &t);
-  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
-}
-
 /// Sleeps `ms`, then says when it ended (CLOCK_REALTIME: the same clock in
 /// the worker as in the caller).
 double sleep_then_tell_when(int ms) {
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-  return realtime_seconds();
+  return test_helpers::realtime_seconds();
 }
 
 TEST(Pool, ConcurrentCallersHearTheirResultsWithoutWaitingOutAPoll) {
@@ -635,7 +628,7 @@ TEST(Pool, ConcurrentCallersHearTheirResultsWithoutWaitingOutAPoll) {
     callers.emplace_back([&] {
       for (int c = 0; c < calls_each; ++c) {
         const double ended = pool.map(&sleep_then_tell_when, std::vector<int>{task_ms}).at(0);
-        const double waited_ms = 1e3 * (realtime_seconds() - ended);
+        const double waited_ms = 1e3 * (test_helpers::realtime_seconds() - ended);
         std::lock_guard lock(mutex);
         waits.push_back(waited_ms);
       }

@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <map>
 #include <string>
 #include <thread>
@@ -107,17 +106,11 @@ struct Ran {
   int pid = 0;
 };
 
-double realtime_s() {
-  timespec t{};
-  ::clock_gettime(CLOCK_REALTIME, &t);
-  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
-}
-
 Ran mixed_task(int ms) {
   Ran ran;
-  ran.start = realtime_s();
+  ran.start = test_helpers::realtime_seconds();
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
-  ran.end = realtime_s();
+  ran.end = test_helpers::realtime_seconds();
   ran.pid = static_cast<int>(::getpid());
   return ran;
 }
@@ -170,9 +163,9 @@ int mixed(procpool::mpi::Session& session) {
   // The first call learns that its tasks are long from its first replies;
   // the second starts from that estimate.
   for (const char* which : {"first", "second"}) {
-    const double t0 = realtime_s();
+    const double t0 = test_helpers::realtime_seconds();
     const std::vector<Ran> ran = pool.map(&mixed_task, lengths);
-    const double wall = realtime_s() - t0;
+    const double wall = test_helpers::realtime_seconds() - t0;
     for (std::size_t i = 0; i < ran.size(); ++i) {
       MPI_CHECK_MSG(ran[i].end - ran[i].start >= lengths[i] * 1e-3,
                     std::string(which) + " call: task " + std::to_string(i) + " ended early");
