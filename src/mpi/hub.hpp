@@ -340,10 +340,16 @@ class CallState : public std::enable_shared_from_this<CallState> {
   std::size_t chunk_size_locked(std::size_t node) const;
   std::size_t capacity_locked(std::size_t node) const;
   bool long_tasks_locked() const;
-  /// A chunk's `alone` byte (Msg::chunk): long tasks' chunks run apart from
-  /// the call's others on their node, so that each one's reply leaves as
-  /// soon as its own task ends, not behind a longer one.
-  std::uint8_t runs_alone_locked() const { return long_tasks_locked() ? 1 : 0; }
+  /// Automatic chunks, and nothing yet says how long this call's tasks take
+  /// (no reply, no earlier call's estimate): the first round, a task per
+  /// chunk (see chunk_size_locked).
+  bool measuring_locked() const;
+  /// A chunk's `alone` byte (Msg::chunk): long tasks' chunks, and the first
+  /// round's, run apart from the call's others on their node, so that each
+  /// one's reply leaves as soon as its own task ends, not behind a longer one.
+  std::uint8_t runs_alone_locked() const {
+    return long_tasks_locked() || measuring_locked() ? 1 : 0;
+  }
   /// Long tasks, and what is left to take would fill every worker twice at
   /// most: the last rounds, dealt to free workers only.
   bool last_rounds_of_long_tasks_locked() const;
