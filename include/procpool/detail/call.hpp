@@ -660,7 +660,8 @@ class CallDriver {
     // works through results already here. (With more queued, waiting for the
     // next round saves a system call per chunk.)
     const bool running_dry = engine_.outstanding() <= engine_.processes();
-    if (running_dry && fill(lock)) engine_.pump(lock, std::chrono::milliseconds(0));
+    if (running_dry && fill(lock))
+      engine_.pump(lock, std::chrono::milliseconds(0), Engine::Driver::caller, call_);
     for (;;) {
       if (auto outcome = take_ready()) return outcome;
       if (finished()) {
@@ -709,7 +710,8 @@ class CallDriver {
     // another thread's round collected meanwhile is here already, and that
     // round told no one (this thread was not waiting yet).
     collect();
-    engine_.pump(lock, has_ready() || finished() ? std::chrono::milliseconds(0) : timeout);
+    engine_.pump(lock, has_ready() || finished() ? std::chrono::milliseconds(0) : timeout,
+                 Engine::Driver::caller, call_);
     collect();
     if (interrupt_.interrupted()) {
       // The program handles Ctrl-C: stop every worker now, then let it know.

@@ -113,10 +113,11 @@ class Engine {
   enum class Driver { caller, service };
 
   /// One round: hands queued chunks to workers, moves bytes, collects results.
-  /// Waits at most `timeout` for something to happen. The lock (which guards
-  /// this engine) is released while waiting so other threads can submit.
+  /// Waits at most `timeout` for outcomes of call `for_call` (of any call,
+  /// for 0), or for wake(). The lock (which guards this engine) is released
+  /// while waiting so other threads can submit.
   void pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
-            Driver driver = Driver::caller);
+            Driver driver = Driver::caller, std::uint64_t for_call = 0);
   /// Whether a caller is driving the engine now or did so within `recently`:
   /// then a service thread has nothing to add but a second poll of the same sockets.
   [[nodiscard]] bool caller_driving(std::chrono::milliseconds recently) const;
