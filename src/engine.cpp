@@ -197,6 +197,8 @@ class Engine::Impl final : private ReplySink {
   }
   /// Tells every waiter (Waiter) to end its round.
   void wake() noexcept;
+  /// Has queued chunks handed to the workers now: tells the watcher (else a waiter).
+  void nudge() noexcept;
   std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
   double nanos_per_task(std::uint64_t call) const;
   std::size_t outstanding() const noexcept;
@@ -335,6 +337,7 @@ class Engine::Impl final : private ReplySink {
   /// what (a pollfd per worker, in the workers' order).
   bool watched_ = false;
   std::vector<pollfd> watched_set_;
+  std::vector<std::uint64_t> watched_serials_;  // whose sockets those are
   /// Calls that outcomes were delivered to since their waiters were told.
   std::vector<std::uint64_t> delivered_to_;
   void tell(Waiter& w, unsigned why) noexcept;
@@ -660,11 +663,13 @@ void Engine::Impl::after_replies(Worker& w) {
 }
 
 void Engine::Impl::finish_chunk(const Chunk& chunk, ChunkDone done) {
+  // Noted for a closed call too: a round that waits for any call's outcomes
+  // (join(), waiting for the workers to finish) hears of it.
+  if (std::find(delivered_to_.begin(), delivered_to_.end(), chunk.call) == delivered_to_.end())
+    delivered_to_.push_back(chunk.call);
   auto it = calls_.find(chunk.call);
   if (it == calls_.end()) return;
   it->second.completed.push_back(std::move(done));
-  if (std::find(delivered_to_.begin(), delivered_to_.end(), chunk.call) == delivered_to_.end())
-    delivered_to_.push_back(chunk.call);
 }
 
 void Engine::Impl::requeue_front(std::deque<Chunk>& chunks) {
@@ -1000,6 +1005,16 @@ void Engine::Impl::wake() noexcept {
     tell(w, told_woken);
 }
 
+void Engine::Impl::nudge() noexcept {
+  for (Waiter& w : waiters_) {
+    if (w.watches) {
+      tell(w, told_refresh);
+      return;
+    }
+  }
+  if (!waiters_.empty()) tell(waiters_.front(), told_take_over);
+}
+
 bool Engine::Impl::tell_delivered(std::uint64_t for_call) noexcept {
   if (delivered_to_.empty()) return false;
   const auto got = [this](std::uint64_t call) {
@@ -1017,6 +1032,8 @@ bool Engine::Impl::tell_delivered(std::uint64_t for_call) noexcept {
 bool Engine::Impl::watched_set_stale() const noexcept {
   if (watched_set_.size() != workers_.size()) return true;
   for (std::size_t i = 0; i < workers_.size(); ++i) {
+    // (A replaced worker's socket may reuse its predecessor's number.)
+    if (watched_serials_[i] != workers_[i].serial) return true;
     const WorkerLink& link = *workers_[i].link;
     const short events = link.wants_write() ? POLLIN | POLLOUT : POLLIN;
     if (watched_set_[i].fd != link.wait_fd() || watched_set_[i].events != events) return true;
@@ -1116,8 +1133,13 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   // threw before it could tell): their waiters hear of it now, and this
   // round does not wait if some are its own.
   if (tell_delivered(for_call)) wait = std::chrono::milliseconds(0);
+  // Waiting for any call's outcomes with none to come (join(), its last
+  // chunks dropped by dispatch() as their call had closed): nothing to wait for.
+  if (for_call == 0 && outstanding() == 0) wait = std::chrono::milliseconds(0);
   fds.reserve(fds.size() + 1);
   waiters_.reserve(waiters_.size() + 1);  // (nothing below throws, the fd taken)
+  watched_set_.reserve(fds.size());
+  watched_serials_.reserve(fds.size());
   const int own = wake_enabled_ ? take_wake_fd() : -1;
   // A round that does not wait, or has no descriptor of its own, polls the
   // sockets itself; so does the first to wait while none watches them.
@@ -1132,6 +1154,7 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   if (watches) {
     watched_ = true;
     watched_set_.assign(fds.begin(), fds.begin() + static_cast<std::ptrdiff_t>(sockets));
+    watched_serials_.assign(serials.begin(), serials.end());
   }
   pollfd* first = polls_workers ? fds.data() : fds.data() + sockets;
   const auto count = static_cast<nfds_t>(fds.data() + fds.size() - first);
@@ -1216,6 +1239,7 @@ void Engine::Impl::end_all(WorkerLink::Ending how, const std::exception_ptr& rea
       finish_chunk(c, ChunkDone::failed(c.first, c.count, copy_for_one_chunk(reason)));
   }
   workers_.clear();
+  wake();  // every round waiting on them (their ends' hang-ups told the watcher only)
 }
 
 void Engine::Impl::stop_gracefully() {
@@ -1304,6 +1328,9 @@ void Engine::enable_wake() {
 }
 void Engine::wake() noexcept {
   impl_->wake();
+}
+void Engine::nudge() noexcept {
+  impl_->nudge();
 }
 std::deque<ChunkDone>& Engine::completed(std::uint64_t call) {
   return impl_->completed(call);

@@ -144,9 +144,11 @@ void PoolCore::kick() {
   // burst of submits wakes anyone.
   if (engine->queued() > 1) return;
   if (engine->pumping()) {
-    // Whoever is waiting for the workers sends it once a reply arrives: wake
-    // them now only if a worker is running out of work.
-    if (engine->worker_running_dry()) engine->wake();
+    // Whoever is waiting for the workers sends it once a reply arrives: now
+    // only if a worker is running out of work. (Only the round that watches
+    // the workers is told: waking every waiter cost each submit a thread
+    // switch per waiting caller.)
+    if (engine->worker_running_dry()) engine->nudge();
     return;
   }
   if (service_kicked) return;  // a round is already due

@@ -684,6 +684,27 @@ TEST(Pool, ConcurrentCallersAreWokenOnlyForTheirOwnResults) {
                          << " times per task: a reply woke threads it was not for";
 }
 
+TEST(Pool, JoinReturnsOnceTheLastTaskOfADroppedCallEnds) {
+  // join() waits for any call's outcomes, and a dropped call's tasks still
+  // running end as outcomes of a closed call: they must still tell it, or
+  // it sleeps out its 100 ms rounds (102 ms late in one run of two before).
+  procpool::Pool pool({.processes = 2, .chunksize = 1});
+  pool.map([](int x) { return x; }, std::vector<int>(2, 1));  // every worker up
+  constexpr int task_ms = 130;
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    auto results = pool.imap(&sleep_then_tell_when, std::vector<int>{0, task_ms, task_ms});
+    EXPECT_GT(*results.begin(), 0);  // then the call is dropped, two tasks running
+  }
+  pool.close();
+  pool.join();
+  const double late_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() -
+      task_ms;
+  EXPECT_LT(late_ms, test_helpers::under_sanitizer ? 60 : 35)
+      << "join() returned " << late_ms << " ms after the last task ended";
+}
+
 /// Pools made at once on several threads, then ended one by one on another:
 /// a worker of one pool must not hold another pool's socket (forked while
 /// that pool's socket pair existed and was not yet listed as the parent's),

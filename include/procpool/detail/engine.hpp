@@ -135,6 +135,10 @@ class Engine {
   /// kept for a round that starts later: a caller checks, under that lock,
   /// what it would have been woken for before it starts one.
   void wake() noexcept;
+  /// Has a round in progress hand queued chunks to the workers now, without
+  /// ending the others' waits; with the lock held. (A round does so anyway
+  /// once a reply arrives.)
+  void nudge() noexcept;
   /// Finished chunks of a call, oldest first.
   [[nodiscard]] std::deque<ChunkDone>& completed(std::uint64_t call);
   /// Average compute time per task of a call in nanoseconds; 0 until measured.
