@@ -1176,13 +1176,18 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   }
   if (watches) watched_ = false;
   enforce_timeouts();
-  if (polls_workers && ready > 0) {
+  const bool served = polls_workers && ready > 0;
+  if (served) {
     for (std::size_t i = 0; i < sockets; ++i) {
       if (fds[i].revents == 0) continue;
       Worker* w = find_worker(serials[i]);
       if (!w || w->link->wait_fd() != fds[i].fd) continue;
       serve_events(*w, fds[i].revents);
     }
+  }
+  // A round told anything (nudge() among others) hands out what is queued
+  // even if its wait had ended before the word came: it may be the last.
+  if (served || told != 0) {
     dispatch();
     for (std::size_t i = 0; i < workers_.size(); ++i) {
       if (!flush(workers_[i])) break;

@@ -10,6 +10,7 @@
 #include <system_error>
 #include <utility>
 
+#include "estimate.hpp"
 #include "procpool/detail/code_identity.hpp"
 
 namespace procpool::mpi::detail {
@@ -424,7 +425,12 @@ void NodeServer::run(std::vector<Job>& jobs) {
     double times[] = {seconds_since(jobs[j].arrived),
                       std::chrono::duration<double>(now - last_done).count(),
                       static_cast<double>(nanos - last_worker_nanos) * 1e-9};
-    if (jobs[j].alone && jobs[j].count == 1 && alone_worker_nanos != 0) {
+    // (Not when it moved a megabyte or more: the worker's time would leave
+    // out the moving, and a call's first round, a task per chunk, would
+    // size its next chunks of big results by their compute time alone.)
+    const std::size_t moved = jobs[j].message.size() + r.parts.size();
+    if (jobs[j].alone && jobs[j].count == 1 && alone_worker_nanos != 0 &&
+        moved < wall_time_counts_from_bytes) {
       times[1] = times[2] = static_cast<double>(alone_worker_nanos) * 1e-9;
     }
     last_done = now;

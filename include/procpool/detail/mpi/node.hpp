@@ -111,6 +111,13 @@ class ReplyParts {
     }
     current_.resize(size);
   }
+  /// Its bytes so far, in every part.
+  std::size_t size() const noexcept {
+    std::size_t n = current_.size();
+    for (const Buffer& part : parts_)
+      n += part.size();
+    return n;
+  }
   /// The parts in order; the reply is left empty.
   std::vector<Buffer> take() {
     if (!current_.empty() || parts_.empty()) parts_.push_back(std::move(current_));
