@@ -1087,10 +1087,11 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock, std::chrono::m
   // outcomes to their call, so that each reply wakes the thread that waits
   // for it and no other. All of them polling every socket, each woken by
   // every reply, a node of 16 workers running 800 tasks of 10 ms spent
-  // 290-390 ms of its rank's CPU on 2400 tasks' 37k polls and 80k context
-  // switches. (One descriptor shared by all lost its word to whichever
-  // waiter read it first, or to one not yet in poll(): a free worker's next
-  // task then started a poll's 100 ms late.)
+  // 278-393 ms of its rank's CPU per map (85-106 now), with 37k polls and
+  // 80k context switches over 2400 tasks (4.7k and 27k now). (One
+  // descriptor shared by all lost its word to whichever waiter read it
+  // first, or to one not yet in poll(): a free worker's next task then
+  // started a poll's 100 ms late.)
   struct KeepWatched {
     Impl& engine;
     ~KeepWatched() { engine.keep_workers_watched(); }
@@ -1136,10 +1137,10 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   // Waiting for any call's outcomes with none to come (join(), its last
   // chunks dropped by dispatch() as their call had closed): nothing to wait for.
   if (for_call == 0 && outstanding() == 0) wait = std::chrono::milliseconds(0);
-  fds.reserve(fds.size() + 1);
-  waiters_.reserve(waiters_.size() + 1);  // (nothing below throws, the fd taken)
   watched_set_.reserve(fds.size());
   watched_serials_.reserve(fds.size());
+  fds.reserve(fds.size() + 1);
+  waiters_.reserve(waiters_.size() + 1);  // (nothing below throws, the fd taken)
   const int own = wake_enabled_ ? take_wake_fd() : -1;
   // A round that does not wait, or has no descriptor of its own, polls the
   // sockets itself; so does the first to wait while none watches them.

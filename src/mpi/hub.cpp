@@ -1060,25 +1060,28 @@ std::size_t CallState::chunk_size_locked(std::size_t node) const {
                                    pool_->options.chunksize);
   }
   const double workers = pool_->processes[node];
-  // The first round measures: a task per worker, one per chunk (below).
-  // Long tasks then go one per chunk too, each run apart on its node (runs_alone_locked): its reply
-  // frees its worker's slot as soon as it ends, and the root sends the next task to whichever node
-  // has a worker free. In chunks of a task per worker, a chunk's reply waited for its slowest task,
-  // and so did the node's workers that had run the others: 64 tasks of 20-180 ms on 4 nodes of 4
-  // workers (sleeping, 4 ranks on 2 cores) took 648-734 ms, now 496-511, where one task at a time
-  // to the first free worker takes 500. Sized by work (3 of 50.7 ms on 4 workers), a chunk left a
-  // worker without a queued task while another node held three chunks. The root sends a node a
-  // chunk per task time (a hundred a second at 10 ms); they travel bundled. (One per chunk was
-  // measured worse on 16 cores in the last rounds, 0.796-0.798 against 0.97-0.995, before the
-  // node's threads heard their replies at once: see Engine::Impl::pump_round.)
+  // The first round measures: a task per worker, one per chunk (below). Long
+  // tasks then go one per chunk too, each run apart on its node
+  // (runs_alone_locked): its reply frees its worker's slot as soon as it ends,
+  // and the root sends the next task to whichever node has a worker free. In
+  // chunks of a task per worker, a chunk's reply waited for its slowest task,
+  // and so did the node's workers that had run the others: 64 tasks of 20-180
+  // ms on 4 nodes of 4 workers (sleeping, 4 ranks on 2 cores) took 648-734 ms,
+  // now 496-511, where one task at a time to the first free worker takes 500.
+  // Sized by work (3 of 50.7 ms on 4 workers), a chunk left a worker without a
+  // queued task while another node held three chunks. The root sends a node a
+  // chunk per task time (a hundred a second at 10 ms); they travel bundled.
+  // (One per chunk was measured worse on 16 cores in the last rounds,
+  // 0.796-0.798 against 0.97-0.995, before the node's threads heard their
+  // replies at once: see Engine::Impl::pump_round.)
   if (long_tasks_locked()) return 1;
   // The first round, before any task is timed, goes one task per chunk too,
   // each run apart: sent as one chunk of a task per worker, it ran as one
   // batch, whose reply waited for its slowest task, and so did the node's
   // other workers. A first call of mixed long tasks (64 of 20-180 ms on 4
-  // nodes of 4 sleeping workers) took 541-582 ms where greedy dealing takes
-  // 500. Tiny tasks pay a message per worker once per code (the estimate is
-  // kept for the pool's next calls of it).
+  // nodes of 4 sleeping workers) took 541-582 ms, now 510-516, where greedy
+  // dealing takes 500. Tiny tasks pay a message per worker once per code
+  // (the estimate is kept for the pool's next calls of it).
   if (measuring_locked()) return 1;
   std::size_t size = static_cast<std::size_t>(workers);
   if (task_seconds_ > 0) {
