@@ -68,6 +68,15 @@ constexpr bool under_tsan_fork_hole =
     false;
 #endif
 
+/// Built with ThreadSanitizer, which slows page faults and large copies
+/// most of all.
+constexpr bool under_tsan =
+#if defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 /// CLOCK_REALTIME in seconds: every process of the host (a worker, an MPI
 /// rank) reads the same clock, so times taken in them compare.
 inline double realtime_seconds() {

@@ -63,15 +63,9 @@ const pid_t test_process = ::getpid();
 
 /// TSan cannot start threads in a child of a process that has threads (it
 /// ends it: die_after_fork), and a Pool made in a worker starts threads.
-constexpr bool under_tsan =
-#if defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
-
 #define SKIP_NESTED_POOLS_UNDER_TSAN() \
-  if (under_tsan) GTEST_SKIP() << "TSan ends a forked child that starts threads (die_after_fork)"
+  if (test_helpers::under_tsan)        \
+  GTEST_SKIP() << "TSan ends a forked child that starts threads (die_after_fork)"
 
 /// A crash as a segfault looks from outside: the worker dies of SIGSEGV,
 /// also under a sanitizer (whose own handler would otherwise report the
