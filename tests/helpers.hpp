@@ -30,6 +30,15 @@ constexpr bool under_sanitizer =
     false;
 #endif
 
+/// Built with ThreadSanitizer, which slows page faults and large copies
+/// most of all.
+constexpr bool under_tsan =
+#if defined(__SANITIZE_THREAD__)
+    true;
+#else
+    false;
+#endif
+
 /// Ends the test program if `body` takes longer than `limit`: a hang must
 /// fail the test, not block it until ctest's timeout.
 template <class Body>
@@ -61,21 +70,7 @@ void within(std::chrono::seconds limit, const char* what, Body body) {
 /// Tests that fork from one thread while others allocate at full tilt hang
 /// so now and then under it (LLVM 19's runtime locks the allocator; the ASan
 /// build links tests/support/asan_fork_gate.cpp for the same hole).
-constexpr bool under_tsan_fork_hole =
-#if defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
-
-/// Built with ThreadSanitizer, which slows page faults and large copies
-/// most of all.
-constexpr bool under_tsan =
-#if defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
+constexpr bool under_tsan_fork_hole = under_tsan;
 
 /// CLOCK_REALTIME in seconds: every process of the host (a worker, an MPI
 /// rank) reads the same clock, so times taken in them compare.
