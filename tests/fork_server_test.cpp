@@ -204,10 +204,7 @@ TEST(ForkServer, WorkersStartedWhileTheCallersThreadHoldsALockDoNotInheritItHeld
 // ---- failures are a worker's, as with Start::fork
 
 int crash_on_three(Model&, const int& x) {
-  if (x == 3) {
-    std::signal(SIGSEGV, SIG_DFL);  // a sanitizer's handler would exit(1) instead
-    std::raise(SIGSEGV);
-  }
+  if (x == 3) test_helpers::segfault();
   if (x == 5) ::pause();
   return x * 10;
 }
@@ -331,9 +328,7 @@ Model slow_model() {
 }
 
 int crash_now(Model&, const int&) {
-  std::signal(SIGSEGV, SIG_DFL);
-  std::raise(SIGSEGV);
-  return 0;
+  test_helpers::segfault();
 }
 
 TEST(ForkServer, APoolMadeWhileTheInitializerRunsDoesNotHideAWorkersCrash) {
@@ -1127,10 +1122,7 @@ TEST(ForkServerHard, FunctionsThatForkPerCallStartAServerForEachCall) {
     board()->crashes_left = 1;
     const auto got = procpool::map(
         [&](int x) {
-          if (x == 3 && board()->crashes_left.fetch_sub(1) > 0) {
-            std::signal(SIGSEGV, SIG_DFL);
-            std::raise(SIGSEGV);
-          }
+          if (x == 3 && board()->crashes_left.fetch_sub(1) > 0) test_helpers::segfault();
           return std::tuple<int, pid_t, pid_t>{x + offset, ::getpid(), ::getppid()};
         },
         std::vector<int>{0, 1, 2, 3, 4, 5},

@@ -57,12 +57,7 @@ TEST(Map, EmptyInputGivesEmptyResult) {
   EXPECT_TRUE(test_helpers::children().empty());
 }
 
-constexpr bool reads_cost_private_shadow =
-#if defined(__SANITIZE_THREAD__)
-    true;
-#else
-    false;
-#endif
+constexpr bool reads_cost_private_shadow = test_helpers::under_tsan;
 
 TEST(Map, CaptureByReferenceSeesCallersMemoryWithoutCopyingIt) {
   // 1 GiB, every page written so it really exists in the parent. Under TSan,

@@ -67,14 +67,7 @@ const pid_t test_process = ::getpid();
   if (test_helpers::under_tsan)        \
   GTEST_SKIP() << "TSan ends a forked child that starts threads (die_after_fork)"
 
-/// A crash as a segfault looks from outside: the worker dies of SIGSEGV,
-/// also under a sanitizer (whose own handler would otherwise report the
-/// signal and exit with a status instead).
-[[noreturn]] void segfault() {
-  std::signal(SIGSEGV, SIG_DFL);
-  std::raise(SIGSEGV);
-  std::abort();  // (not reached)
-}
+using test_helpers::segfault;
 
 /// Counters and a gate that the test and every worker share (a MAP_SHARED
 /// page made before any pool, so every worker inherits it).

@@ -52,6 +52,8 @@
 #include <procpool/mpi.hpp>
 #include <procpool/pool.hpp>
 
+#include "../helpers.hpp"
+
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -108,15 +110,7 @@ procpool::Options on_busy_ranks(procpool::Options options) {
   return options;
 }
 
-/// A crash as a segfault looks from outside: the worker dies of SIGSEGV. (A
-/// sanitizer's own handler would report it instead, symbolizing the stack
-/// for a second or two in each crashed worker, and exit with its own code:
-/// under ASan that was two thirds of this program's time.)
-[[noreturn]] void segfault() {
-  std::signal(SIGSEGV, SIG_DFL);
-  std::raise(SIGSEGV);
-  ::_exit(99);  // a SIGSEGV that returned: visible as "exit 99"
-}
+using test_helpers::segfault;
 
 // ---- checks that fail one case, not the program -----------------------------
 
