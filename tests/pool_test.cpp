@@ -713,9 +713,14 @@ TEST(Pool, JoinReturnsOnceTheLastTaskOfADroppedCallEnds) {
 /// node's rank makes its pools on threads of their own and ends them in
 /// order: mpi.peers.lifecycle hung there).
 TEST(Pool, PoolsMadeAtOnceOnSeveralThreadsEndInAnyOrder) {
-  if (test_helpers::under_tsan_fork_hole) {
-    GTEST_SKIP() << "four threads allocating while others fork: a worker hung in TSan's "
-                    "allocator lock in 1 run of 15-30 (tests/helpers.hpp)";
+  if (test_helpers::under_sanitizer) {
+    // Under ASan too: the pool makers' threads end while other pools fork,
+    // and a thread that ends returns its allocator cache under the lock that
+    // tests/support/asan_fork_gate.cpp cannot close (its comment says so). A
+    // worker hung there (gdb: SizeClassAllocator64::GetFromAllocator in the
+    // child) in 3 runs of 10 on 2026-12-05, and failed a clean-clone CI.
+    GTEST_SKIP() << "four threads ending while others fork: a worker hung in the sanitizer's "
+                    "allocator lock (TSan 1 run of 15-30, ASan 3 of 10; tests/helpers.hpp)";
   }
   for (int round = 0; round < 8; ++round) {
     std::vector<std::unique_ptr<procpool::Pool>> pools(4);
