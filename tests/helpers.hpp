@@ -13,9 +13,11 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -202,5 +204,25 @@ std::string output_of(int fd, Body body, bool exit_normally = false) {
   ::waitpid(pid, &status, 0);
   return out;
 }
+
+/// A fresh directory under /tmp (`prefix` then six random characters), removed
+/// with everything in it when this ends: a test's marker files leave nothing
+/// behind on the machine.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix) : path_("/tmp/" + prefix + "-XXXXXX") {
+    if (::mkdtemp(path_.data()) == nullptr) throw std::runtime_error("mkdtemp failed: " + path_);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  std::string path_;
+};
 
 }  // namespace test_helpers

@@ -393,14 +393,14 @@ long expected_for(int i) {
   return checksum(block_of(std::size_t{40} << 20, i)) * 1000 + 2 * (10 + i);
 }
 
-std::string fresh_crash_marker() {
-  char dir[] = "/tmp/procpool-crash-XXXXXX";
-  EXPECT_NE(::mkdtemp(dir), nullptr);
-  return std::string(dir) + "/crashed";
-}
+/// Points crash_marker into a fresh directory, removed at the end of the test.
+struct FreshCrashMarker {
+  test_helpers::TempDir dir{"procpool-crash"};
+  FreshCrashMarker() { crash_marker = dir.path() + "/crashed"; }
+};
 
 TEST(LargeInputs, AHandedOverInputIsEncodedAgainForItsRetry) {
-  crash_marker = fresh_crash_marker();
+  const FreshCrashMarker fresh_marker;
   const auto inputs = tagged_blocks(3);
   procpool::Pool pool({.processes = 1, .retries = 1});
   const auto sums = pool.map(crash_once_on_input_1, inputs);
@@ -411,7 +411,7 @@ TEST(LargeInputs, AHandedOverInputIsEncodedAgainForItsRetry) {
 }
 
 TEST(LargeInputs, InputsQueuedBehindACrashAreEncodedAgain) {
-  crash_marker = fresh_crash_marker();
+  const FreshCrashMarker fresh_marker;
   const auto inputs = tagged_blocks(4);
   procpool::Pool pool({.processes = 1});
   const auto outcomes = pool.map_outcomes(crash_once_on_input_1, inputs);
@@ -449,7 +449,7 @@ long crash_once_on_document_1(const SavedOnce& document) {
 }
 
 TEST(LargeInputs, AnInputThatCannotBeEncodedAgainFailsItsRetryWithTheReason) {
-  crash_marker = fresh_crash_marker();
+  const FreshCrashMarker fresh_marker;
   std::vector<SavedOnce> inputs(2);
   for (int i = 0; i < 2; ++i)
     inputs[static_cast<std::size_t>(i)].body = block_of(std::size_t{40} << 20, i);
@@ -481,7 +481,7 @@ long crash_once_on_block_0(const std::vector<char>& block) {
 TEST(LargeInputs, AViewOfAReusedBufferKeepsWhatItSentForTheRetry) {
   // Each element is the same buffer, refilled: encoding it again for the
   // retry would send the last input loaded instead of the first.
-  crash_marker = fresh_crash_marker();
+  const FreshCrashMarker fresh_marker;
   const std::vector<int> keys{0, 1, 2};
   std::vector<char> buffer;
   auto loaded = keys | std::views::transform([&buffer](int key) -> const std::vector<char>& {

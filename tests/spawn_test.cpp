@@ -523,9 +523,8 @@ TEST(CodeIdentity, AnotherBuildIsRejectedWithAClearMessage) {
 // function reference is refused with a message that names the library, not
 // followed to whatever code lies at its offset now.
 TEST(CodeIdentity, APluginReplacedOnDiskIsRefusedBySpawnedWorkers) {
-  std::string dir = "/tmp/procpool-plugin-XXXXXX";
-  ASSERT_NE(::mkdtemp(dir.data()), nullptr);
-  const std::string path = dir + "/libplugin.so";
+  const test_helpers::TempDir dir("procpool-plugin");
+  const std::string path = dir.path() + "/libplugin.so";
   std::filesystem::copy_file(PLUGIN_V1, path);
   void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   ASSERT_NE(handle, nullptr) << ::dlerror();
@@ -553,7 +552,6 @@ TEST(CodeIdentity, APluginReplacedOnDiskIsRefusedBySpawnedWorkers) {
     }
   }
   EXPECT_EQ(add_version(1), 2) << "the caller's copy is the first build";
-  std::filesystem::remove_all(dir);
   EXPECT_TRUE(test_helpers::children().empty());
 }
 

@@ -71,13 +71,19 @@ int hangs_on_77(int x) {
   if (x == 77) ::sleep(30);
   return x;
 }
+/// The job's marker files of crashes_once start with this (one name for
+/// every rank of the job: the root removes them all at the end).
+std::string retry_marker_prefix() {
+  const char* job = std::getenv("PMIX_NAMESPACE");
+  return "procpool-mpi-retry-" + std::string(job != nullptr ? job : "solo") + "-";
+}
 /// Crashes the first time it runs an input on a node (marker file per node
 /// process tree), succeeds when retried there (with 2 retries over 2 nodes:
 /// the third run is back on the first node).
 int crashes_once(int x) {
   if (x % 100 == 3) {
     const std::string marker =
-        "/tmp/procpool-mpi-retry-" + std::to_string(::getppid()) + "-" + std::to_string(x);
+        "/tmp/" + retry_marker_prefix() + std::to_string(::getppid()) + "-" + std::to_string(x);
     if (std::ifstream(marker).good()) return x;
     std::ofstream(marker) << "ran";
     ::raise(SIGKILL);
@@ -482,6 +488,9 @@ void errors(int nodes) {
   if (!test_helpers::under_sanitizer) {
     procpool::mpi::Pool retrying({.processes = 2, .retries = 2});
     auto got = retrying.map(&crashes_once, range(1000));
+    for (const auto& entry : std::filesystem::directory_iterator("/tmp"))
+      if (entry.path().filename().string().starts_with(retry_marker_prefix()))
+        std::filesystem::remove(entry.path());
     MPI_CHECK(got == range(1000));
     retries_move_to_another_node();
   }
