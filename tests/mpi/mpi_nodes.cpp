@@ -62,6 +62,11 @@ int spread(procpool::mpi::Session& session) {
   procpool::mpi::Pool pool(four_workers_per_rank(session));
   const unsigned workers = start_all_workers(pool, session);
   constexpr int rounds = 4;
+  // A worker runs a fifth task only if another's reply reached the root a
+  // task's length late. Under TSan, 4 ranks, 16 workers and their threads on
+  // 2 cores stall that long: with 100 ms tasks the check failed in 3 of 20
+  // runs alone and 13 of 20 beside two busy loops (debug: 0 of 40).
+  const int task_ms = test_helpers::under_sanitizer ? 400 : 100;
   const auto chunks_so_far = [&pool] {
     std::uint64_t chunks = 0;
     for (const auto& node : pool.insights().per_node)
@@ -71,7 +76,7 @@ int spread(procpool::mpi::Session& session) {
   for (const char* which : {"first", "second"}) {
     std::map<int, int> tasks_per_worker;
     const std::uint64_t chunks_before = chunks_so_far();
-    for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, 100)))
+    for (int pid : pool.map(&long_task_worker, std::vector<int>(rounds * workers, task_ms)))
       ++tasks_per_worker[pid];
     // Long tasks go one per chunk once timed (the first chunk per node: one
     // task per worker): the second call too, from the first one's estimate.
