@@ -361,6 +361,7 @@ void Hub::send(std::size_t node, Parts message, std::uint64_t lender) {
   } else {
     flush_locked(node);  // what was before it goes before it
     transport_->send(nodes[node].rank, std::move(message), lender);
+    pace_.active();
   }
   pump_wake_.notify_one();
 }
@@ -372,6 +373,7 @@ void Hub::flush_locked(std::size_t node) {
   // emptied then: give_up_on_locked.)
   transport_->send(nodes[node].rank, single_part(outboxes_[node].message()));
   outboxes_[node].clear();
+  pace_.active();           // its answer comes soon: poll fast
   pump_wake_.notify_one();  // it polls fast while replies are due
 }
 
@@ -420,7 +422,6 @@ bool Hub::remote_work_locked() const {
 void Hub::pump() {
   poll_precisely();
   std::unique_lock lock(mutex);
-  unsigned idle = 0;
   while (!pump_stop_) {
     bool active = false;
     bool moving = false;  // a message is on its way in or out
@@ -445,20 +446,24 @@ void Hub::pump() {
       std::abort();
     }
     if (active) {
-      idle = 0;
+      pace_.active();
       changed.notify_all();
     }
     let_go_released(lock);  // calls that replies, or a node given up on, held
     if (active) continue;
-    // Poll fast while replies are due, slowly otherwise: MPI has no way to
-    // wake a thread, and the root's node runs workers on the same cores. A
-    // large message moves only while MPI is called: often, until it is through.
+    // Poll while replies are due, fast just after a message (see PollPace),
+    // slowly otherwise: MPI has no way to wake a thread, and the root's node
+    // runs workers on the same cores. A message on its way (a large one in
+    // pieces, or one past the eager limit, which takes a few exchanges)
+    // moves only while MPI is called: poll fast until it is through. (Paced
+    // there too, a warm map of 20k tiny tasks lost a quarter of its speed.)
     std::chrono::microseconds wait{20000};
     if (transport_->moving_large()) {
       wait = std::chrono::microseconds(20);
-    } else if (moving || transport_->receiving() || remote_work_locked()) {
-      ++idle;
-      wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 500);
+    } else if (moving || transport_->receiving()) {
+      wait = PollPace::fastest;
+    } else if (remote_work_locked()) {
+      wait = pace_.next_wait(std::chrono::microseconds(500));
     }
     pump_wake_.wait_for(lock, wait);
   }

@@ -169,6 +169,8 @@ class Hub {
   std::vector<Bundle> outboxes_;
   std::thread pump_;
   std::condition_variable pump_wake_;
+  /// When the pump last moved a message either way, for its next poll's wait.
+  PollPace pace_;
   bool pump_stop_ = false;
   /// How long a node that owes the root an answer may stay silent
   /// (PROCPOOL_MPI_NODE_TIMEOUT seconds; 0: for ever).

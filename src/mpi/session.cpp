@@ -234,7 +234,7 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
     // a node that has stopped).
     std::thread teardown;
     RootWatch watch;
-    unsigned idle = 0;
+    PollPace pace;
     // (Ended here if it fails, not after unwinding: the teardown thread uses
     // what is above.)
     try {
@@ -269,7 +269,7 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
         active = active || !out.empty();
         const bool sent = transport.progress();
         if (active) {
-          idle = 0;
+          pace.active();
           continue;
         }
         if (transport.moving_large()) {
@@ -285,9 +285,8 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
           continue;
         }
         // MPI cannot wake a thread: poll fast just after activity, then
-        // slowly, so an idle rank costs its node's workers nothing.
-        ++idle;
-        const auto wait = std::chrono::microseconds(idle < 64 ? 10 : idle < 512 ? 100 : 1000);
+        // slowly (PollPace), so an idle rank costs its node's workers nothing.
+        const auto wait = pace.next_wait(std::chrono::milliseconds(1));
         std::unique_lock lock(mutex);
         ready.wait_for(lock, wait, [&] { return !outbox.empty() || torn_down; });
       }

@@ -349,4 +349,11 @@ void poll_precisely() {
   ::prctl(PR_SET_TIMERSLACK, 1000UL);  // 1 us; best effort
 }
 
+std::chrono::microseconds PollPace::next_wait(std::chrono::microseconds slowest,
+                                              Clock::time_point now) const {
+  const auto quiet = std::chrono::duration_cast<std::chrono::microseconds>(now - last_active_);
+  if (quiet < fast_for) return fastest;
+  return std::clamp(quiet / share, fastest, std::max(fastest, slowest));
+}
+
 }  // namespace procpool::mpi::detail

@@ -2,6 +2,7 @@
 // MPI; and the error records a node writes for the root (codec.hpp).
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <stdexcept>
@@ -174,6 +175,29 @@ TEST(MpiErrorRecord, APlainCrashStaysPlain) {
   EXPECT_TRUE(e.observed().empty());
   EXPECT_EQ(e.signal(), SIGSEGV);
   EXPECT_NE(std::string(e.what()).find("running task 11"), std::string::npos) << e.what();
+}
+
+TEST(PollPace, PollsFastAfterAMessageThenWaitsAShareOfTheQuietUpToItsLimit) {
+  using std::chrono::microseconds;
+  using std::chrono::milliseconds;
+  const PollPace::Clock::time_point t0{};
+  PollPace pace;
+  pace.active(t0);
+  const microseconds slowest{500};
+  // A stream of small chunks: their replies come within fast_for of each other.
+  EXPECT_EQ(pace.next_wait(slowest, t0), PollPace::fastest);
+  EXPECT_EQ(pace.next_wait(slowest, t0 + PollPace::fast_for - microseconds(1)), PollPace::fastest);
+  // Quiet for longer: a share of the quiet time, so a late message waits at
+  // most that share more, and polls grow rarer the longer nothing comes.
+  EXPECT_EQ(pace.next_wait(slowest, t0 + milliseconds(2)), microseconds(2000 / PollPace::share));
+  EXPECT_EQ(pace.next_wait(slowest, t0 + milliseconds(50)), slowest);
+  EXPECT_EQ(pace.next_wait(milliseconds(20), t0 + milliseconds(50)),
+            microseconds(50000 / PollPace::share));
+  // A limit below the fastest poll does not make polls faster than that.
+  EXPECT_EQ(pace.next_wait(microseconds(1), t0 + milliseconds(50)), PollPace::fastest);
+  // A message starts the fast polls again.
+  pace.active(t0 + milliseconds(50));
+  EXPECT_EQ(pace.next_wait(slowest, t0 + milliseconds(50) + microseconds(100)), PollPace::fastest);
 }
 
 }  // namespace
