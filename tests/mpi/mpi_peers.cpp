@@ -22,9 +22,9 @@
 //   init_throws  an initializer that throws: every task says so, no hang,
 //              and the Session ends cleanly
 //   fixed_bugs the cases that failed before, each named by the bug it found
-//              (A-F, see fixed_bugs_cases), all fixed; kept as regressions
+//              (A-F, see peers/lifecycle.cpp), all fixed; kept as regressions
 //   differential  each scenario on a procpool::Pool and on an mpi::Pool,
-//              both checked and compared (see differential_cases)
+//              both checked and compared (see peers/differential.hpp)
 //
 // What mpi4py tests and these do not, and why:
 //  - Future.cancel()/cancelled(), shutdown(cancel_futures=True),
@@ -50,6 +50,9 @@
 //  - get_comm_workers, MPICommExecutor(comm, root), intercommunicators,
 //    MPI_THREAD_SERIALIZED lock: there is no communicator in our API (the
 //    Session owns MPI_COMM_WORLD, root is rank 0).
+//  - ThenableFuture (aplus then/catch): no continuation API.
+//  - A callable that is not callable (initializer=123 -> TypeError): a
+//    compile error for us (tests/compile_fail covers it).
 #include "peers/peers.hpp"
 
 namespace peers {

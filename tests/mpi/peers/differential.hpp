@@ -1,4 +1,5 @@
-// What the differential scenarios share (mpi_peers.cpp, mode differential).
+// What the scenarios of mode differential (differential_1..3.cpp) share, and
+// what the mode is.
 #pragma once
 
 #include "peers.hpp"
@@ -241,6 +242,11 @@ inline std::string crash_counts(const CrashRun& run) {
   for (unsigned c : run.crashes)
     s.push_back(std::to_string(c));
   return joined(s);
+}
+
+enum class Via { imap, imap_unordered, imap_outcomes };
+inline const char* via_name(Via d) {
+  return d == Via::imap ? "imap" : d == Via::imap_unordered ? "imap_unordered" : "imap_outcomes";
 }
 
 }  // namespace peers

@@ -411,11 +411,6 @@ struct SayWhenRun {
   }
 };
 
-enum class Via { imap, imap_unordered, imap_outcomes };
-const char* via_name(Via d) {
-  return d == Via::imap ? "imap" : d == Via::imap_unordered ? "imap_unordered" : "imap_outcomes";
-}
-
 template <class P>
 SayWhenRun say_when_run(P& pool, Via delivery, SayWhen::Throws throws, int total, int when) {
   SayWhen inputs(total, when, throws);
@@ -806,146 +801,6 @@ CrashRun timeout_retry_scenario(std::vector<std::string>& failures) {
   return out;
 }
 
-// 13. A progress callback that throws.
-
-/// What the progress callback throws.
-struct ProgressGaveUp : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-/// The callback's record, shared with the pool's Options (the callback runs
-/// on the caller's side: it may hold anything).
-struct ProgressSpy {
-  std::mutex m;
-  int calls = 0;
-  bool armed = false;          // throws once, then disarms itself
-  bool at_finish = false;      // armed: throws on the final call, else once done >= 3
-  int calls_since_throw = -1;  // -1: has not thrown
-  procpool::ProgressInfo last;
-
-  void operator()(const procpool::ProgressInfo& info) {
-    std::lock_guard lock(m);
-    ++calls;
-    if (calls_since_throw >= 0) ++calls_since_throw;
-    last = info;
-    if (armed && (at_finish ? info.finished : info.done >= 3)) {
-      armed = false;
-      calls_since_throw = 0;
-      throw ProgressGaveUp("the progress callback gave up at " + std::to_string(info.done));
-    }
-  }
-  void arm(bool finish) {
-    std::lock_guard lock(m);
-    armed = true;
-    at_finish = finish;
-    calls_since_throw = -1;
-  }
-};
-
-template <class P>
-std::vector<std::string> progress_throws_scenario(std::vector<std::string>& failures) {
-  constexpr int n = 40;
-  std::vector<std::string> lines;
-  auto spy = std::make_shared<ProgressSpy>();
-  P pool(on_busy_ranks({.processes = 2,
-                        .chunksize = 1,
-                        .progress = [spy](const procpool::ProgressInfo& info) { (*spy)(info); }}));
-  const std::vector<int> slow(n, 20);  // 40 tasks of 20 ms on 2 workers: ~0.4 s, a few redraws
-  for (const Via via : {Via::imap, Via::imap_unordered, Via::imap_outcomes}) {
-    for (const bool at_finish : {false, true}) {
-      const std::string where =
-          std::string(pool_name<P>()) + " " + via_name(via) +
-          (at_finish ? " throws on the final call: " : " throws at done >= 3: ");
-      spy->arm(at_finish);
-      std::size_t handed = 0;
-      std::string end = "end", after = "-";
-      auto consume = [&](auto& results) {
-        try {
-          for (auto it = results.begin(); it != std::default_sentinel; ++it)
-            ++handed;
-        } catch (const ProgressGaveUp&) {
-          end = "ProgressGaveUp";
-        } catch (...) {
-          end = error_kind(std::current_exception());
-        }
-        // The call was stopped: walking it again gives what? (the library's
-        // choice, compared between the pools; but it must not hang: after
-        // 3 s, terminate() ends the wait, and the case fails.)
-        const bool returned = returned_within(
-            [&] {
-              try {
-                std::size_t more = 0;
-                for (auto it = results.begin(); it != std::default_sentinel; ++it)
-                  ++more;
-                after = std::to_string(more) + " more then end";
-              } catch (const ProgressGaveUp&) {
-                after = "ProgressGaveUp again";
-              } catch (...) {
-                after = error_kind(std::current_exception());
-              }
-            },
-            [&] { pool.terminate(); }, seconds(3),
-            where +
-                "HUNG: walking the stopped call again has not returned in 3 s; "
-                "terminate() now");
-        if (!returned) after = "HUNG for 3 s, then terminate() ended it with " + after;
-        return returned;
-      };
-      bool returned = true;
-      if (via == Via::imap) {
-        auto results = pool.imap(&sleep_then_return, slow);
-        returned = consume(results);
-      } else if (via == Via::imap_unordered) {
-        auto results = pool.imap_unordered(&sleep_then_return, slow);
-        returned = consume(results);
-      } else {
-        auto results = pool.imap_outcomes(&sleep_then_return, slow);
-        returned = consume(results);
-      }
-      // Not called again for the stopped call (a redraw is due every 0.1 s).
-      std::this_thread::sleep_for(milliseconds(300));
-      int since = 0;
-      {
-        std::lock_guard lock(spy->m);
-        since = spy->calls_since_throw;
-      }
-      lines.push_back(where + std::to_string(handed) + " handed then " + end + "; walked again: " +
-                      after + "; callback calls after its throw " + std::to_string(since));
-      std::fprintf(stderr, "  %s\n", lines.back().c_str());
-      // README: "A progress callback that throws stops the call (its
-      // workers first) and its exception reaches you; it is not called
-      // again." Thrown on the final call, every result was handed over.
-      if (end != "ProgressGaveUp" || since != 0 || (at_finish && handed != n) || !returned)
-        failures.push_back(lines.back());
-      if (!returned) return lines;  // terminated: nothing more to run on it
-    }
-  }
-  // map: the same, and then the pool goes on, its callback called afresh.
-  spy->arm(false);
-  std::string end = "end";
-  try {
-    (void)pool.map(&sleep_then_return, slow);
-  } catch (const ProgressGaveUp&) {
-    end = "ProgressGaveUp";
-  } catch (...) {
-    end = error_kind(std::current_exception());
-  }
-  lines.push_back(std::string(pool_name<P>()) + " map throws at done >= 3: " + end);
-  std::fprintf(stderr, "  %s\n", lines.back().c_str());
-  if (end != "ProgressGaveUp") failures.push_back(lines.back());
-  const auto again = pool.map(&square_plus, range(50));
-  bool right = again.size() == 50;
-  for (int i = 0; right && i < 50; ++i)
-    right = again[static_cast<std::size_t>(i)] == square_plus(i);
-  std::lock_guard lock(spy->m);
-  lines.push_back(std::string(pool_name<P>()) + " map afterwards: " + (right ? "right" : "WRONG") +
-                  ", last progress " + std::to_string(spy->last.done) +
-                  (spy->last.finished ? " finished" : " unfinished"));
-  std::fprintf(stderr, "  %s\n", lines.back().c_str());
-  if (!right || spy->last.done != 50 || !spy->last.finished) failures.push_back(lines.back());
-  return lines;
-}
-
 }  // namespace
 
 std::vector<Case> differential_cases_1() {
@@ -1152,42 +1007,6 @@ std::vector<Case> differential_cases_1() {
          PEER_CHECK_MSG(failures.empty(), joined(failures));
          PEER_CHECK_MSG(remote.crashes == local.crashes, both);
        }});
-  cases.push_back({"progress_callback_throws",
-                   "README (a progress callback that throws); _test_multiprocessing "
-                   "test_map_async_callbacks / error_callback raising",
-                   [] {
-                     // mpi::Pool first, each line printed as it comes: procpool::Pool
-                     // hung when this was written (walking an imap again after its
-                     // callback threw; fixed in 01e5047), and a hang is what
-                     // run_mpi.sh's time bound ends. Last of the mode, so the rest run.
-                     std::vector<std::string> failures;
-                     const auto remote = progress_throws_scenario<procpool::mpi::Pool>(failures);
-                     const auto local = progress_throws_scenario<procpool::Pool>(failures);
-                     PEER_CHECK_MSG(failures.empty(), joined(failures));
-                     // What walking a stopped call again gives is the library's choice:
-                     // the same on both pools.
-                     auto walked = [](const std::string& line) {
-                       const auto at = line.find("walked again");
-                       return at == std::string::npos ? std::string() : line.substr(at);
-                     };
-                     for (std::size_t i = 0; i < local.size() && i < remote.size(); ++i)
-                       PEER_CHECK_MSG(walked(local[i]) == walked(remote[i]),
-                                      local[i] + " | " + remote[i]);
-                   }});
-  // Last of the mode: it ends the MPI job when it fails, as it did when
-  // written (2026-12-03, debug build, mpirun -n 3 --oversubscribe --bind-to
-  // none; fixed in 533c3a0, the node now hands extra arguments on undecoded):
-  //   procpool::Pool: extra argument's load() exit(3): map_outcomes [0:exit 3 (around: its
-  //     worker died 4 times while it was queued or its result on the way, never while it
-  //     ran), ... 5:exit 3 (around: ...)]; submit 0:exit 3; the map after it is right.
-  //   mpi::Pool: the job ends in its map_outcomes:
-  //     mpirun detected that one or more processes exited with non-zero status ...
-  //     Process name: [[26505,1],1]  Exit code: 3
-  // A node's rank decoded a call's extra arguments itself, so a load() that
-  // exits (or crashes) there killed the rank, and with it the whole MPI job,
-  // where procpool::Pool loses only workers (README: a crash "costs one task
-  // ... never the MPI job"). Inputs were passed on undecoded; extra arguments
-  // were not.
   return cases;
 }
 

@@ -2,9 +2,6 @@
 // case, and the tasks and values the cases send (see mpi_peers.cpp).
 #pragma once
 
-//  - ThenableFuture (aplus then/catch): no continuation API.
-//  - A callable that is not callable (initializer=123 -> TypeError): a
-//    compile error for us (tests/compile_fail covers it).
 #include <procpool/mpi.hpp>
 #include <procpool/pool.hpp>
 
