@@ -373,7 +373,7 @@ void Hub::flush_locked(std::size_t node) {
   // emptied then: give_up_on_locked.)
   transport_->send(nodes[node].rank, single_part(outboxes_[node].message()));
   outboxes_[node].clear();
-  pace_.active();           // its answer comes soon: poll fast
+  pace_.active();           // an answer to it, if any, comes soon: poll fast
   pump_wake_.notify_one();  // it polls fast while replies are due
 }
 
@@ -422,6 +422,7 @@ bool Hub::remote_work_locked() const {
 void Hub::pump() {
   poll_precisely();
   std::unique_lock lock(mutex);
+  bool was_on_the_way = false;
   while (!pump_stop_) {
     bool active = false;
     bool moving = false;  // a message is on its way in or out
@@ -457,12 +458,16 @@ void Hub::pump() {
     // pieces, or one past the eager limit, which takes a few exchanges)
     // moves only while MPI is called: poll fast until it is through. (Paced
     // there too, a warm map of 20k tiny tasks lost a quarter of its speed.)
+    // One on its way for long has stalled: paced like a quiet one.
     std::chrono::microseconds wait{20000};
+    const bool on_the_way = moving || transport_->receiving();
+    if (on_the_way && !was_on_the_way) pace_.active();  // it began to move now
+    was_on_the_way = on_the_way;
     if (transport_->moving_large()) {
       wait = std::chrono::microseconds(20);
-    } else if (moving || transport_->receiving()) {
+    } else if (on_the_way && pace_.on_the_way_fast()) {
       wait = PollPace::fastest;
-    } else if (remote_work_locked()) {
+    } else if (on_the_way || remote_work_locked()) {
       wait = pace_.next_wait(std::chrono::microseconds(500));
     }
     pump_wake_.wait_for(lock, wait);

@@ -235,6 +235,7 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
     std::thread teardown;
     RootWatch watch;
     PollPace pace;
+    bool was_on_the_way = false;
     // (Ended here if it fails, not after unwinding: the teardown thread uses
     // what is above.)
     try {
@@ -280,8 +281,13 @@ void send_bundled(Transport& transport, std::deque<Parts>& out) {
           std::this_thread::sleep_for(std::chrono::microseconds(20));
           continue;
         }
-        if (!sent || transport.receiving()) {
-          std::this_thread::yield();  // a small message, through in a moment
+        // A small message on its way is through in a moment; one on its way
+        // for long has stalled (PollPace::on_the_way_fast).
+        const bool on_the_way = !sent || transport.receiving();
+        if (on_the_way && !was_on_the_way) pace.active();  // it began to move now
+        was_on_the_way = on_the_way;
+        if (on_the_way && pace.on_the_way_fast()) {
+          std::this_thread::yield();
           continue;
         }
         // MPI cannot wake a thread: poll fast just after activity, then

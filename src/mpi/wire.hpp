@@ -230,6 +230,16 @@ class PollPace {
   /// t / share more.
   static constexpr int share = 8;
 
+  /// Whether a message on its way (past the eager limit, it moves only while
+  /// MPI is called) is still polled fast: for on_the_way_for after the last
+  /// message. One on its way longer has stalled (its peer is stopped, say):
+  /// it is polled as when quiet, not 100 000 times a second on a core that
+  /// the workers need, until its peer is given up on.
+  [[nodiscard]] bool on_the_way_fast(Clock::time_point now = Clock::now()) const noexcept {
+    return now - last_active_ < on_the_way_for;
+  }
+  static constexpr std::chrono::microseconds on_the_way_for{2000};
+
  private:
   Clock::time_point last_active_ = Clock::now();
 };

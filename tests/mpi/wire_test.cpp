@@ -200,5 +200,17 @@ TEST(PollPace, PollsFastAfterAMessageThenWaitsAShareOfTheQuietUpToItsLimit) {
   EXPECT_EQ(pace.next_wait(slowest, t0 + milliseconds(50) + microseconds(100)), PollPace::fastest);
 }
 
+TEST(PollPace, AMessageOnItsWayIsPolledFastOnlyUntilItHasStalled) {
+  const PollPace::Clock::time_point t0{};
+  PollPace pace;
+  pace.active(t0);
+  EXPECT_TRUE(pace.on_the_way_fast(t0));
+  EXPECT_TRUE(pace.on_the_way_fast(t0 + PollPace::on_the_way_for - std::chrono::microseconds(1)));
+  // Its peer stopped, say: the pump polls it as a quiet one.
+  EXPECT_FALSE(pace.on_the_way_fast(t0 + PollPace::on_the_way_for));
+  pace.active(t0 + std::chrono::seconds(1));
+  EXPECT_TRUE(pace.on_the_way_fast(t0 + std::chrono::seconds(1)));
+}
+
 }  // namespace
 }  // namespace procpool::mpi::detail
