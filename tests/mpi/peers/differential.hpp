@@ -116,18 +116,8 @@ inline int slow_at(int x, int slow) {
 /// A fresh directory under /tmp for one scenario's marker files, removed
 /// with everything in it at the end.
 struct MarkerDir {
-  std::string path;
-  MarkerDir() {
-    std::string tmpl = "/tmp/procpool-differential-" + std::to_string(::getpid()) + "-XXXXXX";
-    if (::mkdtemp(tmpl.data()) == nullptr) throw CaseFailed("mkdtemp failed");
-    path = tmpl;
-  }
-  MarkerDir(const MarkerDir&) = delete;
-  MarkerDir& operator=(const MarkerDir&) = delete;
-  ~MarkerDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path, ignored);
-  }
+  test_helpers::TempDir dir{"procpool-differential-" + std::to_string(::getpid())};
+  const std::string& path = dir.path();
   std::size_t count() const {
     std::size_t n = 0;
     for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator(path))
