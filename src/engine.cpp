@@ -252,7 +252,18 @@ class Engine::Impl final : private ReplySink {
   /// Starts the worker at `position`, timing it for insights, and sends it the open calls' setups.
   void start_worker(unsigned position);
   void restart_worker(unsigned position);
+  /// Hands queued chunks to workers, oldest first, until the oldest must wait.
   void dispatch();
+  /// The oldest queued chunk (the head) must wait: for an idle worker (a
+  /// tail chunk, an untimed submit, a long task), a free input region, a
+  /// recycled worker. A chunk of another call that a worker may take now goes
+  /// ahead of it instead of waiting too, at most one per worker while the same
+  /// head waits, so that the head is held up by no more than one chunk per
+  /// worker. Whether a chunk went (or failed and left the queue).
+  bool pass_waiting_head();
+  /// Sends the queued chunk at `at` to `worker`, or as much of it as the
+  /// worker may still run (max_tasks_per_child): the rest stays in its place.
+  void send_queued(std::deque<Chunk>::iterator at, Worker& worker);
   /// The worker with the fewest chunks queued that may take `chunk` now, or null.
   Worker* least_loaded_for(const Chunk& chunk);
   void pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
@@ -315,6 +326,15 @@ class Engine::Impl final : private ReplySink {
   std::unique_ptr<ChunkRunner> local_runner_;
   std::vector<Worker> workers_;
   std::deque<Chunk> pending_;
+  /// The head of pending_ that chunks passed while it waited, and how many did.
+  struct HeadWait {
+    std::uint64_t call = 0;
+    std::uint64_t first = 0;
+    std::size_t passed = 0;
+  };
+  HeadWait head_wait_;
+  /// How far behind a waiting head pass_waiting_head() looks for a chunk that may pass.
+  static constexpr std::size_t max_chunks_scanned_past_head = 64;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
   bool wake_enabled_ = false;  // see enable_wake()
@@ -562,31 +582,67 @@ Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
 }
 
 void Engine::Impl::dispatch() {
-  const std::size_t quota = config_.max_tasks_per_child;
   while (!pending_.empty()) {
     if (!calls_.contains(pending_.front().call) || !encode_again_if_handed_over(pending_.front())) {
       pending_.pop_front();
       continue;
     }
-    Worker* best = least_loaded_for(pending_.front());
-    if (!best) return;
-    Chunk chunk = std::move(pending_.front());
-    pending_.pop_front();
-    if (quota != 0 && best->tasks_sent + chunk.count > quota) {
-      // Send only what the worker may still run; the rest goes to its successor.
-      const std::uint64_t fits = quota - best->tasks_sent;
-      pending_.push_front(slice(chunk, fits, chunk.count));
-      chunk = slice(chunk, 0, fits);
+    if (Worker* best = least_loaded_for(pending_.front())) {
+      send_queued(pending_.begin(), *best);
+      continue;
     }
-    best->tasks_sent += chunk.count;
-    const CallState& call = calls_.at(chunk.call);
-    const bool own_setup = call.scope == SetupScope::each_chunk && !call.setup.empty();
-    best->link->send_chunk(chunk, own_setup ? &call.setup : nullptr);
-    // The link holds its own descriptor of the memory file (or a copy of the
-    // bytes): the worker may now give its pages back as it decodes them.
-    if (chunk.source) chunk.payload = Buffer{};
-    best->inflight.push_back(std::move(chunk));
+    if (!pass_waiting_head()) return;
   }
+}
+
+bool Engine::Impl::pass_waiting_head() {
+  const Chunk& head = pending_.front();
+  if (head_wait_.call != head.call || head_wait_.first != head.first) {
+    head_wait_ = HeadWait{head.call, head.first, 0};
+  }
+  if (head_wait_.passed >= workers_.size()) return false;
+  // A call's own chunks keep their order: only the first queued chunk of
+  // each other call may pass.
+  std::vector<std::uint64_t> seen{head.call};
+  const std::size_t scan = std::min(pending_.size(), max_chunks_scanned_past_head);
+  for (std::size_t i = 1; i < scan; ++i) {
+    Chunk& chunk = pending_[i];
+    if (std::find(seen.begin(), seen.end(), chunk.call) != seen.end()) continue;
+    seen.push_back(chunk.call);
+    // A closed call's chunks are dropped once they head the queue.
+    if (!calls_.contains(chunk.call)) continue;
+    if (!encode_again_if_handed_over(chunk)) {
+      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
+      return true;  // failed with its error: the queue moved on
+    }
+    if (Worker* best = least_loaded_for(chunk)) {
+      ++head_wait_.passed;
+      send_queued(pending_.begin() + static_cast<std::ptrdiff_t>(i), *best);
+      return true;
+    }
+  }
+  return false;
+}
+
+void Engine::Impl::send_queued(std::deque<Chunk>::iterator at, Worker& worker) {
+  Chunk chunk = std::move(*at);
+  const std::size_t quota = config_.max_tasks_per_child;
+  if (quota != 0 && worker.tasks_sent + chunk.count > quota) {
+    // Send only what the worker may still run; the rest goes to its successor.
+    const std::uint64_t fits = quota - worker.tasks_sent;
+    *at = slice(chunk, fits, chunk.count);
+    chunk = slice(chunk, 0, fits);
+  } else {
+    pending_.erase(at);
+  }
+  worker.tasks_sent += chunk.count;
+  const CallState& call = calls_.at(chunk.call);
+  const bool own_setup = call.scope == SetupScope::each_chunk && !call.setup.empty();
+  worker.link->send_chunk(chunk, own_setup ? &call.setup : nullptr);
+  // The link holds its own descriptor of the memory file (or a copy of the
+  // bytes): the worker may now give its pages back as it decodes them.
+  if (chunk.source) chunk.payload = Buffer{};
+  worker.inflight.push_back(std::move(chunk));
 }
 
 bool Engine::Impl::encode_again_if_handed_over(Chunk& chunk) {

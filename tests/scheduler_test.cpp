@@ -5,10 +5,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "procpool/detail/engine.hpp"
 #include "procpool/detail/schedule.hpp"
@@ -171,10 +174,16 @@ class FakeLink final : public WorkerLink {
 };
 
 struct FakeEngine {
-  FakeEngine()
-      : engine(EngineConfig{}, Engine::LinkFactory([this](unsigned) {
+  static EngineConfig config_for(unsigned processes) {
+    EngineConfig config;
+    config.processes = processes;
+    return config;
+  }
+  explicit FakeEngine(unsigned processes = 1)
+      : engine(config_for(processes), Engine::LinkFactory([this](unsigned) {
                  auto link = std::make_unique<FakeLink>();
                  fake = link.get();
+                 fakes.push_back(fake);
                  return link;
                })) {}
   void pump() {
@@ -191,10 +200,40 @@ struct FakeEngine {
     return call;
   }
 
+  /// Submits chunk `first` (one task) of `call`.
+  void submit_task(std::uint64_t call, std::uint64_t first) {
+    Chunk chunk;
+    chunk.call = call;
+    chunk.first = first;
+    chunk.count = 1;
+    engine.submit(std::move(chunk));
+  }
+  /// Opens a call and times one task of it at 1 us: its chunks may then
+  /// queue behind a busy worker.
+  std::uint64_t open_short_call() {
+    const std::uint64_t call = engine.open_call();
+    submit_task(call, 0);
+    pump();
+    for (FakeLink* link : fakes)
+      link->answer_all(1000);
+    pump();
+    EXPECT_EQ(engine.completed(call).size(), 1u);
+    return call;
+  }
+
   std::mutex mutex;
-  FakeLink* fake = nullptr;
+  FakeLink* fake = nullptr;      // the last worker started
+  std::vector<FakeLink*> fakes;  // every worker, in the order they started
   Engine engine;
 };
+
+/// What a fake worker was sent and has not answered, as (call, first task).
+std::vector<std::pair<std::uint64_t, std::uint64_t>> sent_to(const FakeLink& link) {
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> sent;
+  for (const FakeLink::Sent& chunk : link.queued)
+    sent.emplace_back(chunk.call, chunk.first);
+  return sent;
+}
 
 TEST(EngineSchedule, UntimedSubmitsWaitForAnIdleWorker) {
   FakeEngine f;
@@ -239,6 +278,57 @@ TEST(EngineSchedule, TailChunkGoesOnlyToAnIdleWorker) {
   f.pump();
   EXPECT_EQ(f.engine.completed(call).size(), 1u);
   EXPECT_EQ(f.fake->queued.size(), 1u);
+}
+
+TEST(EngineSchedule, AnotherCallsChunkPassesAHeadThatWaitsForAnIdleWorker) {
+  // The head of the queue, an untimed submit, waits for an idle worker. A
+  // short call's chunk behind it may queue at the busy worker now: it would
+  // otherwise wait too, and the worker would run dry when its task ends.
+  FakeEngine f;
+  const std::uint64_t quick = f.open_short_call();
+  const std::uint64_t running = f.submit_one();
+  const std::uint64_t waiting = f.submit_one();
+  for (std::uint64_t i = 1; i <= 3; ++i)
+    f.submit_task(quick, i);
+  f.pump();
+  // One chunk passed (one per worker while the same head waits), the first
+  // of its call: the others wait behind the head, in their order.
+  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+  EXPECT_EQ(sent_to(*f.fake), (Sent{{running, 0}, {quick, 1}}));
+  EXPECT_EQ(f.engine.queued(), 3u);
+  // Once the worker is idle, the head goes first, then the rest of the call.
+  f.fake->answer_all(1000);
+  f.pump();
+  EXPECT_EQ(sent_to(*f.fake), (Sent{{waiting, 0}, {quick, 2}, {quick, 3}}));
+  EXPECT_EQ(f.engine.queued(), 0u);
+}
+
+TEST(EngineSchedule, AWaitingHeadIsPassedAtMostOncePerWorker) {
+  FakeEngine f(2);
+  ASSERT_EQ(f.fakes.size(), 2u);
+  const std::uint64_t quick = f.open_short_call();
+  const std::uint64_t running_a = f.submit_one();
+  const std::uint64_t running_b = f.submit_one();
+  f.pump();
+  ASSERT_EQ(f.fakes[0]->queued.size() + f.fakes[1]->queued.size(), 2u);
+  const std::uint64_t waiting = f.submit_one();
+  for (std::uint64_t i = 1; i <= 6; ++i)
+    f.submit_task(quick, i);
+  f.pump();
+  f.pump();  // a later round passes no more for the same head
+  // Each busy worker took one of the short call's chunks, in the call's order.
+  std::vector<std::uint64_t> passed;
+  for (FakeLink* link : f.fakes) {
+    ASSERT_EQ(link->queued.size(), 2u);
+    EXPECT_TRUE(link->queued[0].call == running_a || link->queued[0].call == running_b);
+    EXPECT_EQ(link->queued[1].call, quick);
+    passed.push_back(link->queued[1].first);
+  }
+  std::sort(passed.begin(), passed.end());
+  EXPECT_EQ(passed, (std::vector<std::uint64_t>{1, 2}));
+  EXPECT_EQ(f.engine.queued(), 5u);  // the head and four chunks behind it
+  EXPECT_EQ(f.engine.outstanding(), 9u);
+  (void)waiting;
 }
 
 }  // namespace
