@@ -252,20 +252,22 @@ class Engine::Impl final : private ReplySink {
   /// Starts the worker at `position`, timing it for insights, and sends it the open calls' setups.
   void start_worker(unsigned position);
   void restart_worker(unsigned position);
-  /// Hands queued chunks to workers, oldest first, until the oldest must wait.
+  /// Hands queued chunks to workers, oldest first; while the oldest must
+  /// wait, chunks behind it may pass it (pass_waiting_head).
   void dispatch();
   /// The oldest queued chunk (the head) must wait: for an idle worker (a
   /// tail chunk, an untimed submit, a long task), a free input region, a
   /// recycled worker. A chunk of another call that a worker may take now goes
-  /// ahead of it instead of waiting too, at most one per worker while the same
-  /// head waits, so that the head is held up by no more than one chunk per
-  /// worker. Whether a chunk went (or failed and left the queue).
+  /// ahead of it instead of waiting too, at most one to each worker while the
+  /// same head waits, so that the head is held up by no more than one chunk
+  /// at any worker. Whether a chunk went (or failed and left the queue).
   bool pass_waiting_head();
   /// Sends the queued chunk at `at` to `worker`, or as much of it as the
   /// worker may still run (max_tasks_per_child): the rest stays in its place.
   void send_queued(std::deque<Chunk>::iterator at, Worker& worker);
-  /// The worker with the fewest chunks queued that may take `chunk` now, or null.
-  Worker* least_loaded_for(const Chunk& chunk);
+  /// The worker with the fewest chunks queued that may take `chunk` now, or
+  /// null; none of the workers in `skip` (by serial), if given.
+  Worker* least_loaded_for(const Chunk& chunk, const std::vector<std::uint64_t>* skip = nullptr);
   void pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
                   std::uint64_t for_call);
   /// One wait of a round (see pump_round); whether the round waits on.
@@ -326,14 +328,17 @@ class Engine::Impl final : private ReplySink {
   std::unique_ptr<ChunkRunner> local_runner_;
   std::vector<Worker> workers_;
   std::deque<Chunk> pending_;
-  /// The head of pending_ that chunks passed while it waited, and how many did.
+  /// The head of pending_ that chunks passed while it waited, and the
+  /// workers (serials) that took one of them.
   struct HeadWait {
     std::uint64_t call = 0;
     std::uint64_t first = 0;
-    std::size_t passed = 0;
+    std::vector<std::uint64_t> passed_to;
   };
   HeadWait head_wait_;
-  /// How far behind a waiting head pass_waiting_head() looks for a chunk that may pass.
+  /// The calls pass_waiting_head() has looked at (kept to reuse its memory).
+  std::vector<std::uint64_t> calls_seen_behind_head_;
+  /// How many chunks behind a waiting head pass_waiting_head() looks at.
   static constexpr std::size_t max_chunks_scanned_past_head = 64;
   std::map<std::uint64_t, CallState> calls_;
   std::uint64_t next_call_ = 1;
@@ -561,7 +566,8 @@ std::vector<pid_t> Engine::Impl::worker_pids() const {
   return pids;
 }
 
-Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
+Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk,
+                                                     const std::vector<std::uint64_t>* skip) {
   const CallState& call = calls_.at(chunk.call);
   const std::size_t depth =
       call.idle_workers_only
@@ -574,6 +580,7 @@ Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk) {
   for (Worker& w : workers_) {
     if (quota != 0 && w.tasks_sent >= quota) continue;  // to be recycled once idle
     if (!w.link->ready_for(chunk)) continue;
+    if (skip && std::find(skip->begin(), skip->end(), w.serial) != skip->end()) continue;
     if (w.inflight.size() < depth && (!best || w.inflight.size() < best->inflight.size())) {
       best = &w;
     }
@@ -598,25 +605,26 @@ void Engine::Impl::dispatch() {
 bool Engine::Impl::pass_waiting_head() {
   const Chunk& head = pending_.front();
   if (head_wait_.call != head.call || head_wait_.first != head.first) {
-    head_wait_ = HeadWait{head.call, head.first, 0};
+    head_wait_.call = head.call;
+    head_wait_.first = head.first;
+    head_wait_.passed_to.clear();
   }
-  if (head_wait_.passed >= workers_.size()) return false;
+  if (head_wait_.passed_to.size() >= workers_.size()) return false;
   // A call's own chunks keep their order: only the first queued chunk of
   // each other call may pass.
-  std::vector<std::uint64_t> seen{head.call};
-  const std::size_t scan = std::min(pending_.size(), max_chunks_scanned_past_head);
-  for (std::size_t i = 1; i < scan; ++i) {
-    Chunk& chunk = pending_[i];
+  std::vector<std::uint64_t>& seen = calls_seen_behind_head_;
+  seen.assign(1, head.call);
+  const std::size_t end = std::min(pending_.size(), 1 + max_chunks_scanned_past_head);
+  for (std::size_t i = 1; i < end; ++i) {
+    const Chunk& chunk = pending_[i];
     if (std::find(seen.begin(), seen.end(), chunk.call) != seen.end()) continue;
     seen.push_back(chunk.call);
-    // A closed call's chunks are dropped once they head the queue.
-    if (!calls_.contains(chunk.call)) continue;
-    if (!encode_again_if_handed_over(chunk)) {
-      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
-      return true;  // failed with its error: the queue moved on
-    }
-    if (Worker* best = least_loaded_for(chunk)) {
-      ++head_wait_.passed;
+    // A closed call's chunks are dropped once they head the queue; one to
+    // encode again (a retry of an input handed over) waits for its turn, so
+    // that its bytes are not made and held before a worker can take them.
+    if (!calls_.contains(chunk.call) || chunk.handed_over()) continue;
+    if (Worker* best = least_loaded_for(chunk, &head_wait_.passed_to)) {
+      head_wait_.passed_to.push_back(best->serial);
       send_queued(pending_.begin() + static_cast<std::ptrdiff_t>(i), *best);
       return true;
     }
@@ -625,14 +633,15 @@ bool Engine::Impl::pass_waiting_head() {
 }
 
 void Engine::Impl::send_queued(std::deque<Chunk>::iterator at, Worker& worker) {
-  Chunk chunk = std::move(*at);
+  Chunk chunk;
   const std::size_t quota = config_.max_tasks_per_child;
-  if (quota != 0 && worker.tasks_sent + chunk.count > quota) {
-    // Send only what the worker may still run; the rest goes to its successor.
+  if (quota != 0 && worker.tasks_sent + at->count > quota) {
+    // Send only what the worker may still run; the rest stays queued for another.
     const std::uint64_t fits = quota - worker.tasks_sent;
-    *at = slice(chunk, fits, chunk.count);
-    chunk = slice(chunk, 0, fits);
+    chunk = slice(*at, 0, fits);
+    *at = slice(*at, fits, at->count);
   } else {
+    chunk = std::move(*at);
     pending_.erase(at);
   }
   worker.tasks_sent += chunk.count;

@@ -179,8 +179,9 @@ struct FakeEngine {
     config.processes = processes;
     return config;
   }
-  explicit FakeEngine(unsigned processes = 1)
-      : engine(config_for(processes), Engine::LinkFactory([this](unsigned) {
+  explicit FakeEngine(unsigned processes = 1) : FakeEngine(config_for(processes)) {}
+  explicit FakeEngine(const EngineConfig& config)
+      : engine(config, Engine::LinkFactory([this](unsigned) {
                  auto link = std::make_unique<FakeLink>();
                  fake = link.get();
                  fakes.push_back(fake);
@@ -223,7 +224,7 @@ struct FakeEngine {
 
   std::mutex mutex;
   FakeLink* fake = nullptr;      // the last worker started
-  std::vector<FakeLink*> fakes;  // every worker, in the order they started
+  std::vector<FakeLink*> fakes;  // every worker started, in order (a replaced one dangles)
   Engine engine;
 };
 
@@ -303,32 +304,88 @@ TEST(EngineSchedule, AnotherCallsChunkPassesAHeadThatWaitsForAnIdleWorker) {
   EXPECT_EQ(f.engine.queued(), 0u);
 }
 
-TEST(EngineSchedule, AWaitingHeadIsPassedAtMostOncePerWorker) {
+TEST(EngineSchedule, AWaitingHeadIsPassedAtMostOnceAtEachWorker) {
   FakeEngine f(2);
   ASSERT_EQ(f.fakes.size(), 2u);
+  FakeLink& first = *f.fakes[0];
+  FakeLink& second = *f.fakes[1];
   const std::uint64_t quick = f.open_short_call();
-  const std::uint64_t running_a = f.submit_one();
-  const std::uint64_t running_b = f.submit_one();
+  // The first worker runs an untimed submit; the second has two of the
+  // short call's chunks queued.
+  for (std::uint64_t i = 1; i <= 4; ++i)
+    f.submit_task(quick, i);
   f.pump();
-  ASSERT_EQ(f.fakes[0]->queued.size() + f.fakes[1]->queued.size(), 2u);
-  const std::uint64_t waiting = f.submit_one();
-  for (std::uint64_t i = 1; i <= 6; ++i)
+  first.answer_all(1000);
+  f.pump();
+  ASSERT_EQ(first.queued.size(), 0u);
+  ASSERT_EQ(second.queued.size(), 2u);
+  const std::uint64_t running = f.submit_one();
+  f.pump();
+  ASSERT_EQ(sent_to(first).at(0).first, running);
+  // The head waits for an idle worker; the short call's next four queue behind it.
+  f.submit_one();
+  for (std::uint64_t i = 5; i <= 8; ++i)
     f.submit_task(quick, i);
   f.pump();
   f.pump();  // a later round passes no more for the same head
-  // Each busy worker took one of the short call's chunks, in the call's order.
-  std::vector<std::uint64_t> passed;
-  for (FakeLink* link : f.fakes) {
-    ASSERT_EQ(link->queued.size(), 2u);
-    EXPECT_TRUE(link->queued[0].call == running_a || link->queued[0].call == running_b);
-    EXPECT_EQ(link->queued[1].call, quick);
-    passed.push_back(link->queued[1].first);
-  }
-  std::sort(passed.begin(), passed.end());
-  EXPECT_EQ(passed, (std::vector<std::uint64_t>{1, 2}));
-  EXPECT_EQ(f.engine.queued(), 5u);  // the head and four chunks behind it
-  EXPECT_EQ(f.engine.outstanding(), 9u);
-  (void)waiting;
+  // The least loaded worker would take two; each worker takes one, in the call's order.
+  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+  EXPECT_EQ(sent_to(first), (Sent{{running, 0}, {quick, 5}}));
+  EXPECT_EQ(sent_to(second), (Sent{{quick, 2}, {quick, 4}, {quick, 6}}));
+  EXPECT_EQ(f.engine.queued(), 3u);  // the head and two chunks behind it
+}
+
+TEST(EngineSchedule, TheHeadsOwnCallsLaterChunksDoNotPassIt) {
+  // A short call's tail chunk waits for an idle worker; its later chunks,
+  // which could queue, keep their place behind it.
+  FakeEngine f;
+  const std::uint64_t quick = f.open_short_call();
+  const std::uint64_t running = f.submit_one();
+  f.pump();
+  Chunk tail;
+  tail.call = quick;
+  tail.first = 1;
+  tail.count = 1;
+  tail.tail = true;
+  f.engine.submit(std::move(tail));
+  f.submit_task(quick, 2);
+  f.pump();
+  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+  EXPECT_EQ(sent_to(*f.fake), (Sent{{running, 0}}));
+  EXPECT_EQ(f.engine.queued(), 2u);
+}
+
+TEST(EngineSchedule, AChunkThatPassesIsCutToItsWorkersTaskQuota) {
+  // max_tasks_per_child 4: a worker that ran one task and runs a second
+  // takes two of a passing chunk's five; the other three keep its place.
+  EngineConfig config = FakeEngine::config_for(1);
+  config.max_tasks_per_child = 4;
+  FakeEngine f(config);
+  const std::uint64_t quick = f.open_short_call();
+  const std::uint64_t running = f.submit_one();
+  const std::uint64_t waiting = f.submit_one();
+  Chunk five;
+  five.call = quick;
+  five.first = 10;
+  five.count = 5;
+  f.engine.submit(std::move(five));
+  f.pump();
+  ASSERT_EQ(f.fake->queued.size(), 2u);
+  EXPECT_EQ(f.fake->queued[0].call, running);
+  EXPECT_EQ(f.fake->queued[1].call, quick);
+  EXPECT_EQ(f.fake->queued[1].first, 10u);
+  EXPECT_EQ(f.fake->queued[1].count, 2u);
+  EXPECT_EQ(f.engine.queued(), 2u);  // the head, and the chunk's rest behind it
+  // The worker, at its quota, is replaced; the new one takes the head, then the rest.
+  f.fake->answer_all(1000);
+  f.pump();
+  ASSERT_EQ(f.fakes.size(), 2u);  // a second worker was started
+  ASSERT_EQ(f.fake->queued.size(), 2u);
+  EXPECT_EQ(f.fake->queued[0].call, waiting);
+  EXPECT_EQ(f.fake->queued[1].call, quick);
+  EXPECT_EQ(f.fake->queued[1].first, 12u);
+  EXPECT_EQ(f.fake->queued[1].count, 3u);
+  EXPECT_EQ(f.engine.queued(), 0u);
 }
 
 }  // namespace
