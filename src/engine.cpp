@@ -260,7 +260,7 @@ class Engine::Impl final : private ReplySink {
   /// recycled worker. A chunk of another call that a worker may take now goes
   /// ahead of it instead of waiting too, at most one to each worker while the
   /// same head waits, so that the head is held up by no more than one chunk
-  /// at any worker. Whether a chunk went (or failed and left the queue).
+  /// at any worker. Whether a chunk went.
   bool pass_waiting_head();
   /// Sends the queued chunk at `at` to `worker`, or as much of it as the
   /// worker may still run (max_tasks_per_child): the rest stays in its place.
