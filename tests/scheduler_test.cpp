@@ -5,7 +5,6 @@
 
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -194,10 +193,7 @@ struct FakeEngine {
   /// Submits a one-task call, as Pool::submit does.
   std::uint64_t submit_one() {
     const std::uint64_t call = engine.open_call(Buffer{}, Engine::SetupScope::each_chunk);
-    Chunk chunk;
-    chunk.call = call;
-    chunk.count = 1;
-    engine.submit(std::move(chunk));
+    submit_task(call, 0);
     return call;
   }
 
@@ -228,9 +224,12 @@ struct FakeEngine {
   Engine engine;
 };
 
-/// What a fake worker was sent and has not answered, as (call, first task).
-std::vector<std::pair<std::uint64_t, std::uint64_t>> sent_to(const FakeLink& link) {
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> sent;
+/// Chunks as (call, first task).
+using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
+
+/// What a fake worker was sent and has not answered.
+Sent sent_to(const FakeLink& link) {
+  Sent sent;
   for (const FakeLink::Sent& chunk : link.queued)
     sent.emplace_back(chunk.call, chunk.first);
   return sent;
@@ -294,7 +293,6 @@ TEST(EngineSchedule, AnotherCallsChunkPassesAHeadThatWaitsForAnIdleWorker) {
   f.pump();
   // One chunk passed (one per worker while the same head waits), the first
   // of its call: the others wait behind the head, in their order.
-  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
   EXPECT_EQ(sent_to(*f.fake), (Sent{{running, 0}, {quick, 1}}));
   EXPECT_EQ(f.engine.queued(), 3u);
   // Once the worker is idle, the head goes first, then the rest of the call.
@@ -329,7 +327,6 @@ TEST(EngineSchedule, AWaitingHeadIsPassedAtMostOnceAtEachWorker) {
   f.pump();
   f.pump();  // a later round passes no more for the same head
   // The least loaded worker would take two; each worker takes one, in the call's order.
-  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
   EXPECT_EQ(sent_to(first), (Sent{{running, 0}, {quick, 5}}));
   EXPECT_EQ(sent_to(second), (Sent{{quick, 2}, {quick, 4}, {quick, 6}}));
   EXPECT_EQ(f.engine.queued(), 3u);  // the head and two chunks behind it
@@ -350,7 +347,6 @@ TEST(EngineSchedule, TheHeadsOwnCallsLaterChunksDoNotPassIt) {
   f.engine.submit(std::move(tail));
   f.submit_task(quick, 2);
   f.pump();
-  using Sent = std::vector<std::pair<std::uint64_t, std::uint64_t>>;
   EXPECT_EQ(sent_to(*f.fake), (Sent{{running, 0}}));
   EXPECT_EQ(f.engine.queued(), 2u);
 }
