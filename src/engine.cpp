@@ -147,6 +147,12 @@ class Engine::Impl final : private ReplySink {
       return;
     }
     if (!start_link_) start_link_ = local_worker_factory();
+    if (config_.wake_before_workers) {
+      try {
+        enable_wake();
+      } catch (const std::system_error&) {  // (the caller sees wake_enabled() false)
+      }
+    }
     const std::uint64_t without_arenas = workers_without_arenas();
     try {
       start_workers();
@@ -157,6 +163,7 @@ class Engine::Impl final : private ReplySink {
     if (config_.start == Start::fork && workers_without_arenas() != without_arenas) {
       telemetry_.add_note(address_space_limit_note());
     }
+    keep_a_round_descriptor();
   }
 
   ~Impl() {
@@ -167,6 +174,7 @@ class Engine::Impl final : private ReplySink {
     }
     for (const int fd : spare_wakes_)
       ::close(fd);
+    if (posts_fd_ >= 0) ::close(posts_fd_);
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
@@ -174,6 +182,16 @@ class Engine::Impl final : private ReplySink {
   std::uint64_t open_call(Buffer setup, SetupScope scope);
   void close_call(std::uint64_t call, bool may_have_queued);
   void submit(Chunk chunk);
+  std::uint64_t reserve_call() noexcept {
+    return next_call_.fetch_add(1, std::memory_order_relaxed);
+  }
+  Posted post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
+  void refuse_posts() noexcept;
+  int posts_fd() const noexcept { return posts_fd_; }
+  void knock() noexcept;
+  bool take_posts_word() noexcept;
+  /// Registers the posted calls and queues their chunks (with the lock held).
+  void take_in_posts();
   void pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout, Driver driver,
             std::uint64_t for_call);
   bool caller_driving(std::chrono::milliseconds recently) const {
@@ -182,13 +200,16 @@ class Engine::Impl final : private ReplySink {
                std::chrono::duration_cast<std::chrono::nanoseconds>(recently).count();
   }
   bool pumping() const noexcept { return rounds_in_progress_ != 0; }
-  std::size_t queued() const noexcept { return pending_.size(); }
+  std::size_t queued() const noexcept {
+    return pending_.size() + posted_.load(std::memory_order_acquire);
+  }
   bool worker_running_dry() const noexcept {
     return std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) {
       return w.inflight.size() < SchedulePolicy::min_pipeline;
     });
   }
   void enable_wake();
+  bool wake_enabled() const noexcept { return wake_enabled_; }
   void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
   std::exception_ptr broken() const noexcept { return broken_; }
   bool workers_stopped() const noexcept { return stopping_; }
@@ -199,7 +220,10 @@ class Engine::Impl final : private ReplySink {
   void wake() noexcept;
   /// Has queued chunks handed to the workers now: tells the watcher (else a waiter).
   void nudge() noexcept;
-  std::deque<ChunkDone>& completed(std::uint64_t call) { return calls_[call].completed; }
+  std::deque<ChunkDone>& completed(std::uint64_t call) {
+    take_in_posts();
+    return calls_[call].completed;
+  }
   double nanos_per_task(std::uint64_t call) const;
   std::size_t outstanding() const noexcept;
   void stop_gracefully();
@@ -269,10 +293,10 @@ class Engine::Impl final : private ReplySink {
   /// null; none of the workers in `skip` (by serial), if given.
   Worker* least_loaded_for(const Chunk& chunk, const std::vector<std::uint64_t>* skip = nullptr);
   void pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
-                  std::uint64_t for_call);
+                  bool hears_posts, std::uint64_t for_call);
   /// One wait of a round (see pump_round); whether the round waits on.
   bool wait_once(std::unique_lock<std::mutex>& lock, std::chrono::steady_clock::time_point until,
-                 std::uint64_t for_call);
+                 bool hears_posts, std::uint64_t for_call);
   /// Flushes each worker's pending bytes and lists what to poll it for.
   void workers_poll_set(std::vector<pollfd>& fds, std::vector<std::uint64_t>& serials);
   /// Moves bytes of `w` after poll() said `revents`; false if the worker was lost.
@@ -341,7 +365,28 @@ class Engine::Impl final : private ReplySink {
   /// How many chunks behind a waiting head pass_waiting_head() looks at.
   static constexpr std::size_t max_chunks_scanned_past_head = 64;
   std::map<std::uint64_t, CallState> calls_;
-  std::uint64_t next_call_ = 1;
+  std::atomic<std::uint64_t> next_call_{1};
+  /// A call of one chunk posted without the engine's lock (see post()).
+  struct PostedCall {
+    std::uint64_t call = 0;
+    Buffer setup;
+    Chunk chunk;
+    bool idle_workers_only = false;  // what IdleWorkersOnly said in the thread that posted it
+    std::uint64_t* worker_nanos = nullptr;
+    std::uint64_t input_ns = 0;
+  };
+  /// Guards posts_ and posts_refused_ only; taken after the engine's lock, never before it.
+  std::mutex posts_mutex_;
+  std::vector<PostedCall> posts_;
+  bool posts_refused_ = false;
+  /// posts_.size(), for queued() and outstanding() and a quick look without posts_mutex_.
+  std::atomic<std::size_t> posted_{0};
+  std::vector<PostedCall> taking_in_;  // posts_ swapped out by take_in_posts(), its memory kept
+  int posts_fd_ = -1;                  // see Engine::posts_fd()
+  /// open_call() and submit() for one posted call.
+  void take_in(PostedCall& posted);
+  /// submit() without taking posts in first.
+  void queue(Chunk chunk);
   bool wake_enabled_ = false;  // see enable_wake()
   /// A round waiting in poll(), on an event descriptor of its own that
   /// wake() and the other rounds write (see pump_round).
@@ -375,8 +420,11 @@ class Engine::Impl final : private ReplySink {
   /// the watch to a waiter.
   void keep_workers_watched() noexcept;
   /// Those descriptors between rounds: as many as rounds may run at once
-  /// (one at least, made by enable_wake(); more only while several run).
+  /// (one kept between rounds, more only while several run).
   std::vector<int> spare_wakes_;
+  /// Makes the first of those if it can (after the workers: they come first
+  /// under a tight ulimit -n; a round that gets none polls the workers itself).
+  void keep_a_round_descriptor() noexcept;
   /// A descriptor for a Waiter (-1 if none can be made).
   int take_wake_fd() noexcept;
   /// Takes `fd` back, and closes those no round running now could use.
@@ -492,7 +540,8 @@ void Engine::Impl::restart_worker(unsigned position) {
 }
 
 std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
-  const std::uint64_t id = next_call_++;
+  take_in_posts();  // (they came first)
+  const std::uint64_t id = reserve_call();
   CallState& call = calls_[id];
   call.setup = std::move(setup);
   call.idle_workers_only = opens_idle_workers_only_calls;
@@ -513,6 +562,7 @@ std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
 }
 
 void Engine::Impl::close_call(std::uint64_t call, bool may_have_queued) {
+  take_in_posts();  // the call may be among them
   auto it = calls_.find(call);
   if (it == calls_.end()) return;
   const bool had_setup = !it->second.setup.empty();
@@ -527,6 +577,11 @@ void Engine::Impl::close_call(std::uint64_t call, bool may_have_queued) {
 }
 
 void Engine::Impl::submit(Chunk chunk) {
+  take_in_posts();  // they came first
+  queue(std::move(chunk));
+}
+
+void Engine::Impl::queue(Chunk chunk) {
   if (fail_if_setup_failed(chunk)) return;
   if (broken_ || stopping_) {
     std::exception_ptr reason =
@@ -537,6 +592,77 @@ void Engine::Impl::submit(Chunk chunk) {
     return;
   }
   pending_.push_back(std::move(chunk));
+}
+
+Engine::Posted Engine::Impl::post(std::uint64_t call, Buffer setup, Chunk chunk,
+                                  std::uint64_t input_ns) {
+  PostedCall posted{call,    std::move(setup), std::move(chunk), opens_idle_workers_only_calls,
+                    nullptr, input_ns};
+  if (posted.idle_workers_only) posted.worker_nanos = idle_workers_only_nanos;
+  bool first = false;
+  {
+    std::lock_guard lock(posts_mutex_);
+    if (posts_refused_) return Posted::refused;
+    posts_.push_back(std::move(posted));
+    first = posts_.size() == 1;
+    posted_.store(posts_.size(), std::memory_order_release);
+  }
+  if (!first) return Posted::queued;
+  knock();  // after the post is in: whoever reads the word then takes it in
+  return Posted::first;
+}
+
+void Engine::Impl::knock() noexcept {
+  if (posts_fd_ < 0) return;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(posts_fd_, &one, sizeof one);
+}
+
+void Engine::Impl::refuse_posts() noexcept {
+  std::lock_guard lock(posts_mutex_);
+  posts_refused_ = true;
+}
+
+bool Engine::Impl::take_posts_word() noexcept {
+  if (posts_fd_ < 0) return false;
+  std::uint64_t words = 0;
+  return ::read(posts_fd_, &words, sizeof words) == static_cast<ssize_t>(sizeof words);
+}
+
+void Engine::Impl::take_in_posts() {
+  if (posted_.load(std::memory_order_acquire) == 0) return;
+  {
+    std::lock_guard lock(posts_mutex_);
+    taking_in_.swap(posts_);
+    posted_.store(0, std::memory_order_release);
+  }
+  std::size_t done = 0;
+  try {
+    for (; done < taking_in_.size(); ++done)
+      take_in(taking_in_[done]);
+  } catch (...) {
+    // (Only memory runs out here.) Those not taken in yet stay first in line.
+    std::lock_guard lock(posts_mutex_);
+    posts_.insert(posts_.begin(),
+                  std::make_move_iterator(taking_in_.begin() + static_cast<std::ptrdiff_t>(done)),
+                  std::make_move_iterator(taking_in_.end()));
+    posted_.store(posts_.size(), std::memory_order_release);
+    taking_in_.clear();
+    throw;
+  }
+  taking_in_.clear();
+}
+
+void Engine::Impl::take_in(PostedCall& posted) {
+  auto [it, fresh] = calls_.try_emplace(posted.call);
+  CallState& call = it->second;
+  call.setup = std::move(posted.setup);
+  call.scope = SetupScope::each_chunk;
+  call.idle_workers_only = posted.idle_workers_only;
+  call.worker_nanos = posted.worker_nanos;
+  telemetry_.add_parent_time(posted.input_ns, 0);
+  if (posted.chunk.count != 0)
+    queue(std::move(posted.chunk));  // (0: its input failed in the caller)
 }
 
 double Engine::Impl::nanos_per_task(std::uint64_t call) const {
@@ -553,7 +679,7 @@ double Engine::Impl::nanos_per_task(std::uint64_t call) const {
 }
 
 std::size_t Engine::Impl::outstanding() const noexcept {
-  std::size_t n = pending_.size();
+  std::size_t n = queued();
   for (const Worker& w : workers_)
     n += w.inflight.size();
   return n;
@@ -589,6 +715,7 @@ Engine::Impl::Worker* Engine::Impl::least_loaded_for(const Chunk& chunk,
 }
 
 void Engine::Impl::dispatch() {
+  take_in_posts();
   while (!pending_.empty()) {
     if (!calls_.contains(pending_.front().call) || !encode_again_if_handed_over(pending_.front())) {
       pending_.pop_front();
@@ -1029,11 +1156,21 @@ Engine::Impl::Worker* Engine::Impl::find_worker(std::uint64_t serial) {
 }
 
 void Engine::Impl::enable_wake() {
-  if (wake_enabled_) return;
-  const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (fd < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
-  spare_wakes_.push_back(fd);
+  if (wake_enabled_) return keep_a_round_descriptor();
+  posts_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (posts_fd_ < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
   wake_enabled_ = true;
+}
+
+void Engine::Impl::keep_a_round_descriptor() noexcept {
+  if (!wake_enabled_ || !spare_wakes_.empty()) return;
+  const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) return;
+  try {
+    spare_wakes_.push_back(fd);
+  } catch (...) {
+    ::close(fd);
+  }
 }
 
 int Engine::Impl::take_wake_fd() noexcept {
@@ -1136,11 +1273,11 @@ void Engine::Impl::pump(std::unique_lock<std::mutex>& lock, std::chrono::millise
     Round(const Round&) = delete;
     Round& operator=(const Round&) = delete;
   } round(*this, driver == Driver::caller);
-  pump_round(lock, timeout, for_call);
+  pump_round(lock, timeout, driver == Driver::service, for_call);
 }
 
 void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
-                              std::uint64_t for_call) {
+                              bool hears_posts, std::uint64_t for_call) {
   if (in_process()) {
     run_in_process();
     return;
@@ -1163,7 +1300,7 @@ void Engine::Impl::pump_round(std::unique_lock<std::mutex>& lock, std::chrono::m
   } keep_watched{*this};
   const auto until = std::chrono::steady_clock::now() + timeout;
   // (Without wake(), one thread drives the engine: a round is one wait.)
-  while (wait_once(lock, until, for_call) && wake_enabled_) {
+  while (wait_once(lock, until, hears_posts, for_call) && wake_enabled_) {
   }
 }
 
@@ -1185,7 +1322,8 @@ void Engine::Impl::workers_poll_set(std::vector<pollfd>& fds, std::vector<std::u
 }
 
 bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
-                             std::chrono::steady_clock::time_point until, std::uint64_t for_call) {
+                             std::chrono::steady_clock::time_point until, bool hears_posts,
+                             std::uint64_t for_call) {
   enforce_timeouts();
   dispatch();
   std::vector<pollfd> fds;
@@ -1206,7 +1344,12 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   watched_serials_.reserve(fds.size());
   fds.reserve(fds.size() + 1);
   waiters_.reserve(waiters_.size() + 1);  // (nothing below throws, the fd taken)
-  const int own = wake_enabled_ ? take_wake_fd() : -1;
+  // The service thread's round waits on the posts descriptor as its own (it
+  // is that descriptor's one reader): a post wakes it as a word from another
+  // round does, and the thread that posts (submit) never takes the lock to
+  // have its task sent.
+  hears_posts = hears_posts && wake_enabled_ && posts_fd_ >= 0;
+  const int own = hears_posts ? posts_fd_ : wake_enabled_ ? take_wake_fd() : -1;
   // A round that does not wait, or has no descriptor of its own, polls the
   // sockets itself; so does the first to wait while none watches them.
   const bool polls_workers = wait.count() == 0 || own < 0 || !watched_;
@@ -1228,17 +1371,24 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   const int ready = ::poll(first, count, static_cast<int>(wait.count()));
   lock.lock();
   unsigned told = 0;
+  bool posted = false;
   if (own >= 0) {
+    const bool readable = fds.back().revents != 0;
     fds.pop_back();
     const auto me = std::find_if(waiters_.begin(), waiters_.end(),
                                  [own](const Waiter& w) { return w.fd == own; });
     told = me->told;
-    if (told != 0) {
-      std::uint64_t words = 0;
-      [[maybe_unused]] const ssize_t n = ::read(own, &words, sizeof words);
-    }
     waiters_.erase(me);
-    give_back_wake_fd(own);
+    if (hears_posts) {
+      // (Read before the posts are taken in, below: one posted after that writes again.)
+      posted = (readable || told != 0) && take_posts_word();
+    } else {
+      if (told != 0) {
+        std::uint64_t words = 0;
+        [[maybe_unused]] const ssize_t n = ::read(own, &words, sizeof words);
+      }
+      give_back_wake_fd(own);
+    }
   }
   if (watches) watched_ = false;
   enforce_timeouts();
@@ -1253,7 +1403,7 @@ bool Engine::Impl::wait_once(std::unique_lock<std::mutex>& lock,
   }
   // A round told anything (nudge() among others) hands out what is queued
   // even if its wait had ended before the word came: it may be the last.
-  if (served || told != 0) {
+  if (served || told != 0 || posted) {
     dispatch();
     for (std::size_t i = 0; i < workers_.size(); ++i) {
       if (!flush(workers_[i])) break;
@@ -1314,6 +1464,7 @@ void Engine::Impl::end_all(WorkerLink::Ending how, const std::exception_ptr& rea
 }
 
 void Engine::Impl::stop_gracefully() {
+  take_in_posts();  // to fail them below, as the chunks queued
   // The caller waited for every chunk; one that another thread's call sent
   // since (its lazy range, while join() let go of the lock) fails instead of
   // vanishing: that call would wait for its outcomes for ever.
@@ -1324,6 +1475,7 @@ void Engine::Impl::stop_gracefully() {
 }
 
 void Engine::Impl::kill_workers(std::exception_ptr reason) {
+  take_in_posts();  // they are queued chunks too
   end_all(WorkerLink::Ending::killed, reason);
   if (reason) fail_pending(reason);
   pending_.clear();
@@ -1377,6 +1529,24 @@ void Engine::close_call(std::uint64_t call, bool may_have_queued) {
 void Engine::submit(Chunk chunk) {
   impl_->submit(std::move(chunk));
 }
+std::uint64_t Engine::reserve_call() noexcept {
+  return impl_->reserve_call();
+}
+Engine::Posted Engine::post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns) {
+  return impl_->post(call, std::move(setup), std::move(chunk), input_ns);
+}
+void Engine::refuse_posts() noexcept {
+  impl_->refuse_posts();
+}
+int Engine::posts_fd() const noexcept {
+  return impl_->posts_fd();
+}
+void Engine::knock() noexcept {
+  impl_->knock();
+}
+bool Engine::take_posts_word() noexcept {
+  return impl_->take_posts_word();
+}
 void Engine::pump(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout,
                   Driver driver, std::uint64_t for_call) {
   impl_->pump(lock, timeout, driver, for_call);
@@ -1396,6 +1566,9 @@ bool Engine::worker_running_dry() const noexcept {
 }
 void Engine::enable_wake() {
   impl_->enable_wake();
+}
+bool Engine::wake_enabled() const noexcept {
+  return impl_->wake_enabled();
 }
 void Engine::wake() noexcept {
   impl_->wake();

@@ -1,5 +1,6 @@
 #include "procpool/pool.hpp"
 
+#include <poll.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -86,13 +87,14 @@ void PoolLogic::end(std::uint64_t call) {
 }
 
 void PoolCore::start_service() {
-  engine->enable_wake();
   try {
+    engine->enable_wake();  // (again, if it could not before the workers started)
     service = std::thread([this] { serve(); });
     service_running = true;
   } catch (const std::system_error& e) {
-    // A thread counts against ulimit -u like a process: the workers may
-    // have taken the last slots. The pool still works, driven by its callers.
+    // A thread counts against ulimit -u like a process, and its descriptors
+    // against ulimit -n: the workers may have taken the last. The pool still
+    // works, driven by its callers.
     std::fprintf(stderr,
                  "procpool: warning: cannot start the pool's service thread (%s): submitted "
                  "tasks run only while a caller waits for a result\n",
@@ -107,7 +109,7 @@ void PoolCore::stop_service() {
     service_stop = true;
     engine->wake();  // it may be waiting for the workers
   }
-  wake_service.notify_all();
+  wake_service();
   service.join();
   std::unique_lock lock(mutex);
   service_running = false;
@@ -123,7 +125,7 @@ void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {
     if (service_running) {
       detached.push_back(std::move(task));
       lock.unlock();
-      wake_service.notify_one();
+      wake_service();
       return;
     }
     // The pool has stopped: the task ran before join() returned, or failed.
@@ -137,24 +139,18 @@ void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {
   }
 }
 
-void PoolCore::kick() {
-  std::unique_lock lock(mutex);
-  // Others were queued before this one: whoever was asked to send them (or
-  // is sending as replies come) sends this one too. Only the first of a
-  // burst of submits wakes anyone.
-  if (engine->queued() > 1) return;
-  if (engine->pumping()) {
-    // Whoever is waiting for the workers sends it once a reply arrives: now
-    // only if a worker is running out of work. (Only the round that watches
-    // the workers is told: waking every waiter cost each submit a thread
-    // switch per waiting caller.)
-    if (engine->worker_running_dry()) engine->nudge();
-    return;
-  }
-  if (service_kicked) return;  // a round is already due
-  service_kicked = true;
+void PoolCore::wake_service() noexcept {
+  engine->knock();
+}
+
+void PoolCore::idle_wait(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) {
+  // A word is a post to take in, or a knock (stop, a dropped future): a
+  // round of no wait does the first and costs little for the others.
+  pollfd fd{engine->posts_fd(), POLLIN, 0};
   lock.unlock();
-  wake_service.notify_one();
+  const int ready = ::poll(&fd, 1, static_cast<int>(timeout.count()));
+  lock.lock();
+  if (ready > 0 && engine->take_posts_word()) service_kicked = true;
 }
 
 void PoolCore::serve() {
@@ -171,16 +167,16 @@ void PoolCore::serve() {
       if (std::exchange(service_kicked, false)) {
         engine->pump(lock, std::chrono::milliseconds(0), Engine::Driver::service);
       } else if (!work) {
-        wake_service.wait_for(lock, std::chrono::milliseconds(200));
+        idle_wait(lock, std::chrono::milliseconds(200));
       } else if (engine->caller_driving(caller_grace)) {
-        wake_service.wait_for(lock, caller_grace / 4);
+        idle_wait(lock, caller_grace / 4);
       } else {
         engine->pump(lock, round, Engine::Driver::service);
       }
     } catch (const std::exception& e) {
       // Say it once per failure and go on; the calls see their own errors.
       std::fprintf(stderr, "procpool: the pool's service thread: %s\n", e.what());
-      wake_service.wait_for(lock, round);
+      idle_wait(lock, round);
     }
   }
 }
@@ -317,6 +313,7 @@ void Pool::start(Options options, const std::type_info* state_type,
     config.spawn_logic = std::make_shared<const detail::Buffer>(
         detail::spawn_logic_setup(state_type != nullptr ? spawn_init : detail::SpawnInit{}));
   }
+  config.wake_before_workers = true;
   core_->engine = std::make_unique<detail::Engine>(config, [make_state = std::move(make_state)] {
     return std::make_unique<detail::PoolLogic>(make_state);
   });
@@ -328,6 +325,7 @@ Pool::~Pool() {
     {
       std::unique_lock lock(core_->mutex);
       core_->closed = true;
+      core_->engine->refuse_posts();
       while (core_->engine->outstanding() != 0) {
         core_->engine->pump(lock, std::chrono::milliseconds(100));
       }
@@ -350,6 +348,7 @@ void Pool::set_error_handler(std::function<void(std::exception_ptr)> handler) {
 void Pool::close() {
   std::lock_guard lock(core_->mutex);
   core_->closed = true;
+  core_->engine->refuse_posts();  // a submit that saw the pool open but had not posted yet
 }
 
 void Pool::join() {
@@ -371,6 +370,7 @@ void Pool::join() {
 void Pool::terminate() {
   std::lock_guard lock(core_->mutex);
   core_->closed = true;
+  core_->engine->refuse_posts();
   core_->engine->kill_workers(std::make_exception_ptr(
       PoolClosed("procpool: the pool was terminated before this task finished")));
 }
@@ -394,8 +394,7 @@ std::vector<pid_t> Pool::worker_pids() const {
 }
 
 void Pool::check_open() const {
-  std::lock_guard lock(core_->mutex);
-  if (core_->closed) {
+  if (core_->closed) {  // (an atomic: submit() takes the lock only if it must)
     throw PoolClosed("procpool::Pool: the pool was closed; no more work is accepted");
   }
 }

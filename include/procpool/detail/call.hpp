@@ -557,6 +557,38 @@ class CallDriver {
     std::lock_guard lock(mutex_);
     call_ = engine_.open_call(std::move(setup), setup_scope);
   }
+  /// For Pool::submit: a call of one task, whose chunk is posted to the engine
+  /// (Engine::post) rather than opened and submitted under the pool's lock.
+  /// Throws PoolClosed if the pool was closed first.
+  struct OneTaskPosted {};
+  CallDriver(OneTaskPosted, Engine& engine, std::mutex& mutex, Buffer setup, Feed feed,
+             const Options& options)
+      : engine_(engine),
+        mutex_(mutex),
+        call_(engine.reserve_call()),
+        feed_(std::move(feed)),
+        policy_(engine.processes(), options.chunksize, options.max_inflight),
+        ordered_(true),
+        stop_mode_(StopMode::close_call),
+        progress_(options.progress, feed_.total()) {
+    if (feed_.total() != std::optional<std::size_t>(1)) {
+      throw std::logic_error("procpool: a posted call has one task");
+    }
+    const std::int64_t started = steady_now_ns();
+    Chunk chunk = feed_.next(call_, 1);
+    in_flight_ = sent_ = static_cast<std::size_t>(chunk.count);
+    if (auto failed = feed_.take_failed_input()) {
+      // Its save() threw: that is its outcome, and the call is posted without a chunk.
+      ++in_flight_;
+      ++sent_;
+      failed_inputs_.push_back(ChunkDone::failed(failed->index, 1, std::move(failed->error)));
+    }
+    const auto input_ns = static_cast<std::uint64_t>(steady_now_ns() - started);
+    if (engine_.post(call_, std::move(setup), std::move(chunk), input_ns) ==
+        Engine::Posted::refused) {
+      throw PoolClosed("procpool::Pool: the pool was closed; no more work is accepted");
+    }
+  }
   ~CallDriver() { stop(); }
   CallDriver(const CallDriver&) = delete;
   CallDriver& operator=(const CallDriver&) = delete;

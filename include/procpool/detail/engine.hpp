@@ -48,6 +48,10 @@ struct EngineConfig {
   /// Start::spawn: what a spawned worker builds its logic from (the make_logic
   /// given to the Engine cannot cross an exec). Null: this engine cannot spawn.
   std::shared_ptr<const Buffer> spawn_logic;
+  /// Make the descriptors that enable_wake() makes before the workers start,
+  /// so that under a tight ulimit -n the workers take what is left, not the
+  /// pool's service thread's. If they cannot be made, wake_enabled() says so.
+  bool wake_before_workers = false;
 };
 
 /// How many workers to start and what inner thread count to give them.
@@ -108,6 +112,37 @@ class Engine {
   /// queued chunks, which costs a pass over the queue.
   void close_call(std::uint64_t call, bool may_have_queued = true);
   void submit(Chunk chunk);
+
+  /// A call id for post(); taken without the engine's lock.
+  [[nodiscard]] std::uint64_t reserve_call() noexcept;
+  /// What became of a post().
+  enum class Posted {
+    queued,   // taken in later, with the posts before it
+    first,    // the first since posts were last taken in: posts_fd() was written
+    refused,  // refuse_posts() came first: nothing was queued
+  };
+  /// Opens call `call` (from reserve_call()) with its setup sent along with
+  /// its chunk (SetupScope::each_chunk), and queues `chunk` (nothing if it
+  /// has no tasks): what open_call() and submit() do, but without the
+  /// engine's lock, for Pool::submit. A thread submitting task after task
+  /// then never waits for a round that holds the lock while it moves bytes
+  /// (on 2 cores such waits cost each submit a few thread switches). Posted
+  /// calls join the engine in the order posted, before anything else it does
+  /// with the lock held; `input_ns` is the caller's time encoding the chunk.
+  Posted post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
+  /// Refuses every later post() (the pool was closed); with or without the lock.
+  void refuse_posts() noexcept;
+  /// Readable after a first post() or a knock(), until take_posts_word()
+  /// reads it; -1 before enable_wake(). A pool's service thread is its one
+  /// reader (one word, one reader: none is lost): its rounds
+  /// (Driver::service) wait on it too and take the posts in when it is
+  /// written, and between rounds it waits on it alone.
+  [[nodiscard]] int posts_fd() const noexcept;
+  /// Writes posts_fd(), to wake the service thread; without the lock.
+  void knock() noexcept;
+  /// Reads posts_fd() empty; whether there was a word. Without the lock.
+  bool take_posts_word() noexcept;
+
   /// Who drives a round: a caller waiting for its results, or a Pool's
   /// service thread, which steps aside while callers drive.
   enum class Driver { caller, service };
@@ -128,8 +163,11 @@ class Engine {
   /// Whether a worker has less than two chunks to do: work queued now should
   /// reach it without waiting for the next reply.
   [[nodiscard]] bool worker_running_dry() const noexcept;
-  /// Lets wake() end a round's wait early (for a thread that must stop promptly).
+  /// Lets wake() end a round's wait early (for a thread that must stop
+  /// promptly), and makes posts_fd(). Throws std::system_error if it cannot
+  /// make the descriptors it needs.
   void enable_wake();
+  [[nodiscard]] bool wake_enabled() const noexcept;
   /// Ends the wait of every round in progress, if enable_wake() was called;
   /// with the lock that the rounds run under held (see pump). Nothing is
   /// kept for a round that starts later: a caller checks, under that lock,

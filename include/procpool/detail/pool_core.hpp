@@ -2,8 +2,8 @@
 // share, and the calls it hands out.
 #pragma once
 
+#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -41,13 +41,13 @@ struct PoolCore {
   std::unique_ptr<Engine> engine;
   const std::type_info* state_type = nullptr;  // null: the pool has no initializer
   Options options;
-  bool closed = false;
+  /// Read without the lock by submit() (Engine::post refuses what comes after).
+  std::atomic<bool> closed{false};
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
 
   /// The service thread: moves submitted work along while no caller waits on
   /// the pool, and finishes the tasks of dropped futures.
   std::thread service;
-  std::condition_variable wake_service;
   bool service_running = false;
   bool service_stop = false;
   bool service_kicked = false;
@@ -56,18 +56,21 @@ struct PoolCore {
   std::uint64_t unobserved_errors = 0;
   std::vector<std::string> unobserved_messages;  // the first few
 
+  /// Starts the service thread, or says on stderr why it cannot (the pool then
+  /// moves only while a caller waits on it).
   void start_service();
   /// Stops the service thread (the caller must not hold the lock) and
   /// reports what the dropped futures' finished tasks left.
   void stop_service();
   /// Takes over a dropped future's task.
   void adopt(std::unique_ptr<DetachedTask> task) noexcept;
-  /// Asks the service thread to send what was queued now. Many submits in a
-  /// row then leave in few messages rather than a system call each.
-  void kick();
 
  private:
   void serve();
+  void wake_service() noexcept;
+  /// The service thread's wait while it drives no round: until woken, posts
+  /// arrive (then service_kicked), or `timeout`; without the lock meanwhile.
+  void idle_wait(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout);
   /// Hands finished detached tasks' errors on; unlocks while doing so.
   void finish_detached(std::unique_lock<std::mutex>& lock);
   void report(std::exception_ptr error);
@@ -82,10 +85,10 @@ class PoolCall final : public ResultSource<Out>, public DetachedTask {
   PoolCall(std::shared_ptr<PoolCore> core, Buffer setup, std::unique_ptr<Items> owned)
       : core_(std::move(core)),
         items_(std::move(owned)),
-        driver_(*core_->engine, core_->mutex, std::move(setup), StreamFeed<Items, Item>(*items_),
-                core_->options, true, StopMode::close_call, Engine::SetupScope::each_chunk) {
-    driver_.start();
-    core_->kick();  // the service thread sends it: it runs before anyone waits for it
+        driver_(typename Driver::OneTaskPosted{}, *core_->engine, core_->mutex, std::move(setup),
+                StreamFeed<Items, Item>(*items_), core_->options) {
+    // Whoever watches the workers' sockets, or the service thread, sends it:
+    // it runs before anyone waits for it.
   }
 
   std::optional<Out> next() override { return deliver<Delivery::ordered, Out>(driver_); }
@@ -106,8 +109,9 @@ class PoolCall final : public ResultSource<Out>, public DetachedTask {
 
  private:
   std::shared_ptr<PoolCore> core_;
+  using Driver = CallDriver<Out, StreamFeed<Items, Item>>;
   std::unique_ptr<Items> items_;
-  CallDriver<Out, StreamFeed<Items, Item>> driver_;
+  Driver driver_;
 };
 
 /// A Pool call over a lazy (possibly endless) input range.
