@@ -158,6 +158,7 @@ class Engine::Impl final : private ReplySink {
       start_workers();
     } catch (...) {
       kill_workers(nullptr);
+      if (posts_fd_ >= 0) ::close(posts_fd_);  // (no destructor runs)
       throw;
     }
     if (config_.start == Start::fork && workers_without_arenas() != without_arenas) {
@@ -202,11 +203,6 @@ class Engine::Impl final : private ReplySink {
   bool pumping() const noexcept { return rounds_in_progress_ != 0; }
   std::size_t queued() const noexcept {
     return pending_.size() + posted_.load(std::memory_order_acquire);
-  }
-  bool worker_running_dry() const noexcept {
-    return std::any_of(workers_.begin(), workers_.end(), [](const Worker& w) {
-      return w.inflight.size() < SchedulePolicy::min_pipeline;
-    });
   }
   void enable_wake();
   bool wake_enabled() const noexcept { return wake_enabled_; }
@@ -385,8 +381,8 @@ class Engine::Impl final : private ReplySink {
   int posts_fd_ = -1;                  // see Engine::posts_fd()
   /// open_call() and submit() for one posted call.
   void take_in(PostedCall& posted);
-  /// submit() without taking posts in first.
-  void queue(Chunk chunk);
+  /// submit() without taking posts in first; `chunk` is left as it was if this throws.
+  void queue(Chunk&& chunk);
   bool wake_enabled_ = false;  // see enable_wake()
   /// A round waiting in poll(), on an event descriptor of its own that
   /// wake() and the other rounds write (see pump_round).
@@ -562,7 +558,12 @@ std::uint64_t Engine::Impl::open_call(Buffer setup, SetupScope scope) {
 }
 
 void Engine::Impl::close_call(std::uint64_t call, bool may_have_queued) {
-  take_in_posts();  // the call may be among them
+  try {
+    take_in_posts();  // the call may be among them
+  } catch (...) {
+    // Out of memory: they stay posted. (This runs from destructors; a call
+    // closed while still posted then runs when taken in, its outcome unread.)
+  }
   auto it = calls_.find(call);
   if (it == calls_.end()) return;
   const bool had_setup = !it->second.setup.empty();
@@ -581,7 +582,7 @@ void Engine::Impl::submit(Chunk chunk) {
   queue(std::move(chunk));
 }
 
-void Engine::Impl::queue(Chunk chunk) {
+void Engine::Impl::queue(Chunk&& chunk) {
   if (fail_if_setup_failed(chunk)) return;
   if (broken_ || stopping_) {
     std::exception_ptr reason =
@@ -654,15 +655,21 @@ void Engine::Impl::take_in_posts() {
 }
 
 void Engine::Impl::take_in(PostedCall& posted) {
+  // Nothing is taken from `posted` until nothing can throw: if memory runs
+  // out, it goes back to the posts whole (see take_in_posts).
   auto [it, fresh] = calls_.try_emplace(posted.call);
   CallState& call = it->second;
-  call.setup = std::move(posted.setup);
   call.scope = SetupScope::each_chunk;
   call.idle_workers_only = posted.idle_workers_only;
   call.worker_nanos = posted.worker_nanos;
+  try {
+    if (posted.chunk.count != 0) queue(std::move(posted.chunk));  // (0: its input failed)
+  } catch (...) {
+    if (fresh) calls_.erase(it);
+    throw;
+  }
+  call.setup = std::move(posted.setup);
   telemetry_.add_parent_time(posted.input_ns, 0);
-  if (posted.chunk.count != 0)
-    queue(std::move(posted.chunk));  // (0: its input failed in the caller)
 }
 
 double Engine::Impl::nanos_per_task(std::uint64_t call) const {
@@ -1422,6 +1429,7 @@ void Engine::Impl::run_in_process() {
     // worker to watch, and nothing to charge a crash or a timeout to.
     local_runner_ = std::make_unique<ChunkRunner>(*local_logic_, nullptr, false);
   }
+  take_in_posts();
   while (!pending_.empty()) {
     Chunk chunk = std::move(pending_.front());
     pending_.pop_front();
@@ -1560,9 +1568,6 @@ std::size_t Engine::queued() const noexcept {
 
 bool Engine::pumping() const noexcept {
   return impl_->pumping();
-}
-bool Engine::worker_running_dry() const noexcept {
-  return impl_->worker_running_dry();
 }
 void Engine::enable_wake() {
   impl_->enable_wake();

@@ -139,6 +139,12 @@ void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {
   }
 }
 
+void PoolCore::after_post() {
+  if (service_running.load(std::memory_order_acquire)) return;  // it hears of the post
+  std::lock_guard lock(mutex);
+  if (engine->pumping()) engine->nudge();
+}
+
 void PoolCore::wake_service() noexcept {
   engine->knock();
 }

@@ -160,9 +160,6 @@ class Engine {
   [[nodiscard]] std::size_t queued() const noexcept;
   /// Whether a round is in progress in any thread (it waits with the lock released).
   [[nodiscard]] bool pumping() const noexcept;
-  /// Whether a worker has less than two chunks to do: work queued now should
-  /// reach it without waiting for the next reply.
-  [[nodiscard]] bool worker_running_dry() const noexcept;
   /// Lets wake() end a round's wait early (for a thread that must stop
   /// promptly), and makes posts_fd(). Throws std::system_error if it cannot
   /// make the descriptors it needs.

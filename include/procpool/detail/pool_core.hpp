@@ -48,7 +48,7 @@ struct PoolCore {
   /// The service thread: moves submitted work along while no caller waits on
   /// the pool, and finishes the tasks of dropped futures.
   std::thread service;
-  bool service_running = false;
+  std::atomic<bool> service_running{false};  // read by after_post() without the lock
   bool service_stop = false;
   bool service_kicked = false;
   std::vector<std::unique_ptr<DetachedTask>> detached;
@@ -59,6 +59,9 @@ struct PoolCore {
   /// Starts the service thread, or says on stderr why it cannot (the pool then
   /// moves only while a caller waits on it).
   void start_service();
+  /// After a submit posted its task: without a service thread (it could not
+  /// start), has a round that a caller drives send it now.
+  void after_post();
   /// Stops the service thread (the caller must not hold the lock) and
   /// reports what the dropped futures' finished tasks left.
   void stop_service();
@@ -87,8 +90,9 @@ class PoolCall final : public ResultSource<Out>, public DetachedTask {
         items_(std::move(owned)),
         driver_(typename Driver::OneTaskPosted{}, *core_->engine, core_->mutex, std::move(setup),
                 StreamFeed<Items, Item>(*items_), core_->options) {
-    // Whoever watches the workers' sockets, or the service thread, sends it:
-    // it runs before anyone waits for it.
+    // The service thread hears of the post and sends it: it runs before
+    // anyone waits for it.
+    core_->after_post();
   }
 
   std::optional<Out> next() override { return deliver<Delivery::ordered, Out>(driver_); }
