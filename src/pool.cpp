@@ -400,7 +400,7 @@ std::vector<pid_t> Pool::worker_pids() const {
 }
 
 void Pool::check_open() const {
-  if (core_->closed) {  // (an atomic: submit() takes the lock only if it must)
+  if (core_->closed) {  // (an atomic, read without the lock: submit() takes none)
     throw PoolClosed("procpool::Pool: the pool was closed; no more work is accepted");
   }
 }
