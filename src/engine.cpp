@@ -150,7 +150,7 @@ class Engine::Impl final : private ReplySink {
     if (config_.wake_before_workers) {
       try {
         enable_wake();
-      } catch (const std::system_error&) {  // (the caller sees wake_enabled() false)
+      } catch (const std::system_error&) {  // (start_service's enable_wake() tries again)
       }
     }
     const std::uint64_t without_arenas = workers_without_arenas();
@@ -186,7 +186,7 @@ class Engine::Impl final : private ReplySink {
   std::uint64_t reserve_call() noexcept {
     return next_call_.fetch_add(1, std::memory_order_relaxed);
   }
-  Posted post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
+  bool post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
   void refuse_posts() noexcept;
   int posts_fd() const noexcept { return posts_fd_; }
   void knock() noexcept;
@@ -205,7 +205,6 @@ class Engine::Impl final : private ReplySink {
     return pending_.size() + posted_.load(std::memory_order_acquire);
   }
   void enable_wake();
-  bool wake_enabled() const noexcept { return wake_enabled_; }
   void let_tail_chunks_queue() noexcept { tail_chunks_queue_ = true; }
   std::exception_ptr broken() const noexcept { return broken_; }
   bool workers_stopped() const noexcept { return stopping_; }
@@ -595,22 +594,20 @@ void Engine::Impl::queue(Chunk&& chunk) {
   pending_.push_back(std::move(chunk));
 }
 
-Engine::Posted Engine::Impl::post(std::uint64_t call, Buffer setup, Chunk chunk,
-                                  std::uint64_t input_ns) {
+bool Engine::Impl::post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns) {
   PostedCall posted{call,    std::move(setup), std::move(chunk), opens_idle_workers_only_calls,
                     nullptr, input_ns};
   if (posted.idle_workers_only) posted.worker_nanos = idle_workers_only_nanos;
   bool first = false;
   {
     std::lock_guard lock(posts_mutex_);
-    if (posts_refused_) return Posted::refused;
+    if (posts_refused_) return false;
     posts_.push_back(std::move(posted));
     first = posts_.size() == 1;
     posted_.store(posts_.size(), std::memory_order_release);
   }
-  if (!first) return Posted::queued;
-  knock();  // after the post is in: whoever reads the word then takes it in
-  return Posted::first;
+  if (first) knock();  // after the post is in: whoever reads the word then takes it in
+  return true;
 }
 
 void Engine::Impl::knock() noexcept {
@@ -1540,7 +1537,7 @@ void Engine::submit(Chunk chunk) {
 std::uint64_t Engine::reserve_call() noexcept {
   return impl_->reserve_call();
 }
-Engine::Posted Engine::post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns) {
+bool Engine::post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns) {
   return impl_->post(call, std::move(setup), std::move(chunk), input_ns);
 }
 void Engine::refuse_posts() noexcept {
@@ -1571,9 +1568,6 @@ bool Engine::pumping() const noexcept {
 }
 void Engine::enable_wake() {
   impl_->enable_wake();
-}
-bool Engine::wake_enabled() const noexcept {
-  return impl_->wake_enabled();
 }
 void Engine::wake() noexcept {
   impl_->wake();

@@ -584,8 +584,7 @@ class CallDriver {
       failed_inputs_.push_back(ChunkDone::failed(failed->index, 1, std::move(failed->error)));
     }
     const auto input_ns = static_cast<std::uint64_t>(steady_now_ns() - started);
-    if (engine_.post(call_, std::move(setup), std::move(chunk), input_ns) ==
-        Engine::Posted::refused) {
+    if (!engine_.post(call_, std::move(setup), std::move(chunk), input_ns)) {
       throw PoolClosed("procpool::Pool: the pool was closed; no more work is accepted");
     }
   }

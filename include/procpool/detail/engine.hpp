@@ -50,7 +50,7 @@ struct EngineConfig {
   std::shared_ptr<const Buffer> spawn_logic;
   /// Make the descriptors that enable_wake() makes before the workers start,
   /// so that under a tight ulimit -n the workers take what is left, not the
-  /// pool's service thread's. If they cannot be made, wake_enabled() says so.
+  /// pool's service thread's. If they cannot be made, enable_wake() tries again.
   bool wake_before_workers = false;
 };
 
@@ -115,12 +115,6 @@ class Engine {
 
   /// A call id for post(); taken without the engine's lock.
   [[nodiscard]] std::uint64_t reserve_call() noexcept;
-  /// What became of a post().
-  enum class Posted {
-    queued,   // taken in later, with the posts before it
-    first,    // the first since posts were last taken in: posts_fd() was written
-    refused,  // refuse_posts() came first: nothing was queued
-  };
   /// Opens call `call` (from reserve_call()) with its setup sent along with
   /// its chunk (SetupScope::each_chunk), and queues `chunk` (nothing if it
   /// has no tasks): what open_call() and submit() do, but without the
@@ -129,7 +123,9 @@ class Engine {
   /// (on 2 cores such waits cost each submit a few thread switches). Posted
   /// calls join the engine in the order posted, before anything else it does
   /// with the lock held; `input_ns` is the caller's time encoding the chunk.
-  Posted post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
+  /// The first post since the last were taken in writes posts_fd(). False,
+  /// and nothing queued, if refuse_posts() came first.
+  [[nodiscard]] bool post(std::uint64_t call, Buffer setup, Chunk chunk, std::uint64_t input_ns);
   /// Refuses every later post() (the pool was closed); with or without the lock.
   void refuse_posts() noexcept;
   /// Readable after a first post() or a knock(), until take_posts_word()
@@ -164,7 +160,6 @@ class Engine {
   /// promptly), and makes posts_fd(). Throws std::system_error if it cannot
   /// make the descriptors it needs.
   void enable_wake();
-  [[nodiscard]] bool wake_enabled() const noexcept;
   /// Ends the wait of every round in progress, if enable_wake() was called;
   /// with the lock that the rounds run under held (see pump). Nothing is
   /// kept for a round that starts later: a caller checks, under that lock,
