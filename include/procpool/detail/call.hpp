@@ -7,10 +7,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <iterator>
+#include <list>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -898,8 +898,10 @@ class CallDriver {
   std::uint64_t decode_ns_ = 0;  // sampled time decoding results, not yet given to the engine
   std::uint64_t next_index_ = 0;
   std::map<std::uint64_t, ChunkDecoder<Out>> ready_by_index_;  // ordered: by first index
-  std::deque<ChunkDecoder<Out>> current_;
-  std::deque<ChunkDone> failed_inputs_;  // inputs that failed in the caller, not yet collected
+  // Lists, not deques: a deque allocates as it is made, and every submit
+  // makes a call (see Engine's CallState::completed).
+  std::list<ChunkDecoder<Out>> current_;
+  std::list<ChunkDone> failed_inputs_;  // inputs that failed in the caller, not yet collected
   ProgressReporter progress_;
 };
 

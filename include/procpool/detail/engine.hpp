@@ -11,9 +11,9 @@
 
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -170,7 +170,7 @@ class Engine {
   /// once a reply arrives.)
   void nudge() noexcept;
   /// Finished chunks of a call, oldest first.
-  [[nodiscard]] std::deque<ChunkDone>& completed(std::uint64_t call);
+  [[nodiscard]] std::list<ChunkDone>& completed(std::uint64_t call);
   /// Average compute time per task of a call in nanoseconds; 0 until measured.
   [[nodiscard]] double nanos_per_task(std::uint64_t call) const;
   /// Chunks queued or running in workers, for all calls.
