@@ -181,12 +181,15 @@ void NodeServer::handle(Buffer message) {
       // executor is woken for it.
       if (bundle_.queued != 0 && bundle_.call != job.call_id) end_bundle_run_locked();
       // The lock is let go between a run's chunks: an executor may have taken
-      // the ones queued so far (it takes every queued chunk of their call), and
-      // with them the one the run joined. This one then joins nothing, and the
-      // run starts again from it, to wake an executor at its end. (Without
-      // this, a burst of chunksize 1 left its last chunks queued beside idle
-      // executors, and the call hung: 1 map in about 1000 on 3 ranks.)
-      if (bundle_.queued != 0 && !joins) bundle_.queued = 0;
+      // the ones queued so far (it takes the queued chunks of their call, in
+      // order), and with them the one the run joined. This one then joins
+      // nothing, and the run starts again from it, to wake an executor at its
+      // end. (Without this, a burst of chunksize 1 left its last chunks queued
+      // beside idle executors, and the call hung: 1 map in about 1000 on 3 ranks.)
+      if (bundle_.queued != 0 && !joins) {
+        bundle_.queued = 0;
+        ++runs_restarted_;
+      }
       if (bundle_.queued == 0) {
         bundle_.call = job.call_id;
         bundle_.joins = joins;

@@ -34,6 +34,9 @@ class NodeServer {
 
   /// Handles one message from the root (not shutdown); called from one thread.
   void handle(Buffer message);
+  /// How many times a bundle's run of chunks started again because the
+  /// chunk it joined was taken meanwhile (see handle); for tests.
+  std::uint64_t runs_restarted() const noexcept { return runs_restarted_.load(); }
 
  private:
   /// A node's Pool. With Start::fork_server it is made on a thread of its
@@ -116,6 +119,7 @@ class NodeServer {
   /// executor for it unless it joins a job queued before (with mutex_ held).
   void end_bundle_run_locked();
   BundleInProgress bundle_;
+  std::atomic<std::uint64_t> runs_restarted_{0};
   std::map<std::uint64_t, std::shared_ptr<PoolEntry>> pools_;
   std::map<std::uint64_t, std::shared_ptr<CallEntry>> calls_;
   std::vector<Maker> makers_;  // (the thread that calls handle() only)
