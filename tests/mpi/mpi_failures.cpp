@@ -4,6 +4,8 @@
 //   kill_rank    rank 1 is SIGKILLed mid-call: the job must end, non-zero, naming it
 //   stop_rank    rank 1 stops (SIGSTOP) mid-call: its inputs fail within seconds,
 //                naming it, the rest is right, and the job ends non-zero
+//   stop_rank_abort_hangs  the same, and MPI_Abort never returns (see below):
+//                the job must end all the same
 //   stop_rank_idle  rank 1 stops between calls: insights() gives up on it, and the
 //                job ends non-zero, naming it
 //   stop_rank_retries  as stop_rank, with retries: its inputs run on another node
@@ -30,6 +32,7 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <mpi.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -56,6 +59,22 @@
 
 #include "../helpers.hpp"
 #include "mpi_check.hpp"
+
+namespace {
+bool abort_hangs = false;  // mode stop_rank_abort_hangs
+}  // namespace
+
+// MPI's profiling interface: this program's MPI_Abort is the one procpool
+// calls. In mode stop_rank_abort_hangs it never returns, as Open MPI's has
+// been seen not to with a rank stopped: the job must end all the same.
+extern "C" int MPI_Abort(MPI_Comm comm, int code) {
+  if (abort_hangs) {
+    std::fprintf(stderr, "mpi_failures: MPI_Abort hangs (stop_rank_abort_hangs)\n");
+    for (;;)
+      ::pause();
+  }
+  return PMPI_Abort(comm, code);
+}
 
 namespace {
 
@@ -677,7 +696,8 @@ void continue_in_10_seconds(pid_t pid) {
 }
 
 /// Rank 1's pid, for a case that stops rank 1 (`mode`) and needs another
-/// node with workers to go on; it is continued 10 s from now.
+/// node with workers to go on; it is continued 10 s from now (30 s in mode
+/// stop_rank_abort_hangs).
 pid_t rank_1_to_stop(procpool::mpi::Pool& pool, const char* mode) {
   if (!rank_1_and_another_have_workers(pool.insights())) {
     std::fprintf(stderr, "mpi_failures %s: needs rank 1 and another with workers\n", mode);
@@ -685,7 +705,13 @@ pid_t rank_1_to_stop(procpool::mpi::Pool& pool, const char* mode) {
   }
   const pid_t stopped = rank_1_pid(pool);
   MPI_CHECK_MSG(stopped != 0, "no task ran on rank 1");
-  continue_in_10_seconds(stopped);
+  // With an MPI_Abort that hangs, the root ends the job some other way after
+  // 10 s: rank 1 must still be stopped then.
+  if (abort_hangs) {
+    continue_in(30, stopped);
+  } else {
+    continue_in_10_seconds(stopped);
+  }
   return stopped;
 }
 
@@ -1111,7 +1137,8 @@ int main(int argc, char** argv) {
   if (mode == "long") long_run();
   if (mode == "broken_node") broken_node();
   if (mode == "kill_rank") kill_rank();
-  if (mode == "stop_rank") stop_rank();
+  abort_hangs = mode == "stop_rank_abort_hangs";
+  if (mode == "stop_rank" || abort_hangs) stop_rank();
   if (mode == "stop_rank_idle") stop_rank_idle();
   if (mode == "stop_rank_retries") stop_rank_retries();
   if (mode == "stop_rank_a_while") stop_rank_a_while();

@@ -5,6 +5,8 @@
 #   kill_rank   rank 1 is killed mid-call: the step ends, non-zero
 #   stop_rank   rank 1 stops (PROCPOOL_MPI_NODE_TIMEOUT=2): the root gives up
 #               on it and ends the job with MPI_Abort, non-zero, naming it
+#   stop_rank_abort_hangs  the same with an MPI_Abort that never returns: the
+#               root cancels its job step after 10 s (scancel)
 #   root_stops  the root stops (PROCPOOL_MPI_ROOT_TIMEOUT=2): its nodes end
 #               the job, non-zero, saying so
 #   scancel     the job is cancelled mid-call: every rank and worker is gone
@@ -63,6 +65,12 @@ expect_failure() {
 
 expect_failure kill_rank 20 "task 1: Killed|rank 1"
 expect_failure stop_rank 40 "node [^ ]+:1 has not answered" PROCPOOL_MPI_NODE_TIMEOUT=2
+# The same with an MPI_Abort that never returns (the program's own, through
+# MPI's profiling interface): after 10 s the root cancels its job step, rank 1
+# still stopped (it is continued after 30 s). (The root exiting alone would
+# not do: srun waits for the stopped rank.)
+expect_failure stop_rank_abort_hangs 28 "MPI_Abort did not end the job within 10 s; ending it with scancel" \
+  PROCPOOL_MPI_NODE_TIMEOUT=2
 expect_failure root_stops 20 "rank [12] on [^ ]+: the root \(rank 0\) has not answered" \
   PROCPOOL_MPI_ROOT_TIMEOUT=2
 
