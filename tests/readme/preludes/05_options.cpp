@@ -1,0 +1,6 @@
+// snippet: procpool::Options opts{
+#include <procpool/procpool.hpp>
+
+void snippet() {
+  // @snippet
+}

@@ -1,0 +1,6 @@
+// snippet: struct Token {
+#include <procpool/procpool.hpp>
+
+#include <string>
+
+// @snippet
