@@ -133,7 +133,12 @@ void Transport::send(int rank, Parts message, std::uint64_t lender) {
   p.rank = rank;
   p.message = std::move(message);
   p.size = static_cast<std::size_t>(total);
-  p.lender = lender;
+  // Only a message that holds some of the lender's memory (a part it
+  // borrows) is its: one whose bytes are all its own may stay pending for
+  // ever (a stopped node) at no cost to the caller (Hub::give_up_on_locked).
+  const bool borrows = std::any_of(p.message.begin(), p.message.end(),
+                                   [](const Buffer& part) { return part.borrowed(); });
+  p.lender = borrows ? lender : 0;
   // Each part goes in pieces of at most max_piece_ bytes, in order; the
   // receiver puts them one after the other (post_next_piece), whatever their
   // sizes. Only the very first piece has the message tag.

@@ -12,6 +12,8 @@
 //   stop_rank_a_while  with no limit (0): rank 1 stops for ~4 s, the root waits for it
 //   stop_rank_lending  rank 1 stops while large inputs are sent to it from the
 //                caller's memory: the job ends at once, non-zero, naming it
+//   stop_rank_copied  the same with inputs copied into their messages (not
+//                lent): they fail naming it, the rest goes on, the job ends at the end
 //   long_tasks   tasks longer than the silence limit give up on no node
 //   root_pauses  the root stops for longer than the limit, then goes on: no node given up on
 //   root_stops   the root stops for good (PROCPOOL_MPI_ROOT_TIMEOUT=2): its
@@ -900,6 +902,40 @@ void stop_rank_lending() {
   MPI_CHECK_MSG(false, "the map returned: the job should have ended while it sent rank 1 inputs");
 }
 
+/// Rank 1 stops while inputs too small to be lent (copied into their
+/// messages, which MPI may hold as long as it likes) are on their way to it:
+/// those inputs fail naming it and the rest of the call goes on, as in
+/// stop_rank; the job ends (non-zero) only at the Session's end.
+void stop_rank_copied() {
+  procpool::mpi::Pool pool({.processes = 2, .chunksize = 1});
+  const pid_t stopped = rank_1_to_stop(pool, "stop_rank_copied");
+  ::kill(stopped, SIGSTOP);
+  std::vector<std::vector<char>> inputs;
+  for (int i = 0; i < 12; ++i)
+    inputs.emplace_back(std::size_t{512} << 10, static_cast<char>('a' + i));  // < 1 MiB: copied
+  std::fprintf(stderr, "mpi_failures stop_rank_copied: rank 1 (pid %d) stopped\n",
+               static_cast<int>(stopped));
+  const auto outcomes = pool.map_outcomes(
+      [](const std::vector<char>& v) { return static_cast<int>(v.at(v.size() / 2)); }, inputs);
+  std::size_t failed = 0;
+  for (const auto& o : outcomes) {
+    if (o.ok()) {
+      MPI_CHECK(*o.value == 'a' + static_cast<int>(o.index));
+      continue;
+    }
+    ++failed;
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      MPI_CHECK_MSG(location(e).rank() == 1, e.what());
+    }
+  }
+  MPI_CHECK_MSG(failed > 0, "no input failed");
+  MPI_CHECK_MSG(failed < inputs.size(), "every input failed");
+  std::fprintf(stderr, "mpi_failures stop_rank_copied: %zu of %zu inputs failed with rank 1\n",
+               failed, inputs.size());
+}
+
 /// The root itself stops for longer than PROCPOOL_MPI_NODE_TIMEOUT (as in a
 /// debugger, or a paused machine), then goes on: that is no node's silence,
 /// and no node is given up on.
@@ -1143,6 +1179,7 @@ int main(int argc, char** argv) {
   if (mode == "stop_rank_retries") stop_rank_retries();
   if (mode == "stop_rank_a_while") stop_rank_a_while();
   if (mode == "stop_rank_lending") stop_rank_lending();
+  if (mode == "stop_rank_copied") stop_rank_copied();
   if (mode == "long_tasks") long_tasks_quiet_nodes();
   if (mode == "root_pauses") root_pauses();
   if (mode == "root_stops") root_stops();
