@@ -19,6 +19,7 @@
 #include <deque>
 #include <initializer_list>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -46,50 +47,81 @@ namespace {
 /// the root had given up on the stopped rank (where it hung was not seen).
 constexpr unsigned abort_grace_seconds = 10;
 
-/// Under srun: cancels this rank's job step with Slurm's own scancel, which
-/// kills every task of it, a stopped one too (srun does not end a step whose
-/// rank 0 exited while another is stopped: mpi.slurm_failures). False where
-/// there is no step or scancel did not do it.
-bool cancel_slurm_step() noexcept {
+}  // namespace
+
+/// mpirun (its environment, read before MPI_Init, which may set the same
+/// under other launchers) started this process.
+bool started_by_mpirun = false;
+
+namespace {
+
+/// "JOB.STEP" of the Slurm step that srun started this rank in, with every
+/// rank of the job in it; "" otherwise (mpirun, whose ranks inherit the
+/// variables of the step or shell it runs in, a heterogeneous job, a plain
+/// ./app): cancelling any other step could end what is not this job.
+std::string own_slurm_step() {
   const char* job = std::getenv("SLURM_JOB_ID");
   const char* step = std::getenv("SLURM_STEP_ID");
-  if (job == nullptr || step == nullptr) return false;
-  char id[64];
-  if (std::snprintf(id, sizeof id, "%s.%s", job, step) >= static_cast<int>(sizeof id)) return false;
+  const char* tasks = std::getenv("SLURM_STEP_NUM_TASKS");
+  if (started_by_mpirun || job == nullptr || step == nullptr || tasks == nullptr ||
+      std::getenv("SLURM_HET_JOB_ID") != nullptr) {
+    return "";
+  }
+  int ranks = 0;
+  if (MPI_Comm_size(MPI_COMM_WORLD, &ranks) != MPI_SUCCESS || std::to_string(ranks) != tasks)
+    return "";
+  return std::string(job) + "." + step;
+}
+
+/// Cancels Slurm step `step` with Slurm's own scancel, which kills every task
+/// of it, a stopped one too (srun does not end a step whose rank 0 exited
+/// while another is stopped: mpi.slurm_failures). False if scancel cannot be
+/// run, fails, or has not finished within 10 s (its controller unreachable).
+bool cancel_slurm_step(const std::string& step) noexcept {
   char program[] = "scancel";
-  char* argv[] = {program, id, nullptr};
+  std::string id = step;
+  char* argv[] = {program, id.data(), nullptr};
   pid_t pid = 0;
   if (::posix_spawnp(&pid, program, nullptr, nullptr, argv, environ) != 0) return false;
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  for (int waited_ms = 0;; waited_ms += 50) {
+    const pid_t done = ::waitpid(pid, &status, WNOHANG);
+    if (done == pid) return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if ((done < 0 && errno != EINTR) || waited_ms >= 10000) break;
+    ::usleep(50000);
   }
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, &status, 0);
+  return false;
 }
 
-void say(const char* text) noexcept {
+void say(const std::string& text) noexcept {
   // write(2), not stdio: the thread in MPI_Abort may hold stderr's lock.
-  (void)!::write(STDERR_FILENO, text, std::strlen(text));
+  (void)!::write(STDERR_FILENO, text.data(), text.size());
 }
 
 /// From a thread of its own: if the process still runs after
-/// abort_grace_seconds, cancels the Slurm step it belongs to, and failing
-/// that (or if that does not end it either) exits with `code`, which ends
-/// the job under mpirun. Best effort: without a thread to be had, MPI_Abort
-/// is on its own.
-void end_job_if_abort_hangs(int code) noexcept {
+/// abort_grace_seconds, cancels `step` (own_slurm_step) if there is one, and
+/// failing that (or if that does not end it either) exits with `code`, which
+/// ends the job under mpirun. Best effort: without a thread to be had,
+/// MPI_Abort is on its own.
+void end_job_if_abort_hangs(int code, std::string step) noexcept {
   try {
-    std::thread([code] {
+    std::thread([code, step = std::move(step)] {
       std::this_thread::sleep_for(std::chrono::seconds(abort_grace_seconds));
-      char said[192];
-      std::snprintf(said, sizeof said,
-                    "procpool::mpi: MPI_Abort did not end the job within %u s; ending it %s\n",
-                    abort_grace_seconds,
-                    std::getenv("SLURM_STEP_ID") != nullptr ? "with scancel" : "by exiting");
-      say(said);
-      if (cancel_slurm_step()) std::this_thread::sleep_for(std::chrono::seconds(10));
+      const std::string late = "procpool::mpi: MPI_Abort did not end the job within " +
+                               std::to_string(abort_grace_seconds) + " s; ";
+      const std::string exits = "this rank exits with status " + std::to_string(code) + "\n";
+      if (step.empty()) {
+        say(late + exits);
+      } else {
+        say(late + "cancelling Slurm step " + step + " (scancel)\n");
+        if (cancel_slurm_step(step)) std::this_thread::sleep_for(std::chrono::seconds(10));
+        say("procpool::mpi: scancel did not end step " + step + "; " + exits);
+      }
       std::_Exit(code);
     }).detach();
-  } catch (const std::system_error&) {
+  } catch (...) {  // no thread (std::system_error), or no memory for its state
   }
 }
 
@@ -98,14 +130,13 @@ void end_job_if_abort_hangs(int code) noexcept {
 [[noreturn]] void abort_job(const std::string& message, int code) {
   std::fprintf(stderr, "%s\n", message.c_str());
   std::fflush(stderr);
-  end_job_if_abort_hangs(code);
+  try {
+    end_job_if_abort_hangs(code, own_slurm_step());
+  } catch (const std::bad_alloc&) {
+  }
   MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
 }
-
-/// mpirun (its environment, read before MPI_Init, which may set the same
-/// under other launchers) started this process.
-bool started_by_mpirun = false;
 
 [[noreturn]] void end_job_without(const std::string& message, int code) {
   // A rank that exits non-zero without MPI_Finalize makes mpirun end the

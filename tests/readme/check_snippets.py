@@ -44,7 +44,10 @@ from dataclasses import dataclass, field
 
 MARKER = "// @snippet"
 KEY_PREFIX = "// snippet:"
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^`\s]*)\s*$")
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^`]*?)\s*$")
+# Other names a C++ block could be fenced with: refused, so that no C++ block
+# goes unchecked for want of the one name this checks.
+OTHER_CPP = {"c++", "cxx", "cc", "hpp", "h++", "c"}
 
 
 @dataclass
@@ -95,6 +98,9 @@ def extract_snippets(readme):
             i += 1
         if i == len(lines):
             sys.exit(f"README.md line {start}: a ``` block that never ends")
+        if lang != "cpp" and (lang.lower() in OTHER_CPP or lang.lower().startswith("cpp")):
+            sys.exit(f"README.md line {start}: a ```{lang} block; C++ is fenced ```cpp here, "
+                     "so that tests/readme/check_snippets.py compiles it")
         if lang == "cpp":
             body = [l[len(indent):] if l.startswith(indent) else l.lstrip() for l in lines[start:i]]
             snippets.append(Snippet(line=start + 1, text="\n".join(body) + "\n"))
