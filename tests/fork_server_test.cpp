@@ -480,6 +480,8 @@ void reset_board(int init_sleep_ms = 0, int slow_from = 1) {
   b->slow_from = slow_from;
   b->crashes_left = 0;
   b->tasks = 0;
+  for (auto& server : b->servers)
+    server = 0;
 }
 
 Model reporting_model() {
@@ -817,8 +819,10 @@ TEST(ForkServerHard, AServerKilledWhileItRunsTheInitializerAgainIsStartedOnceMor
   ASSERT_EQ(::kill(first, SIGKILL), 0);
   std::atomic<pid_t> second{0};
   std::thread killer([&] {
-    if (!eventually([] { return board()->inits == 2; })) return;
-    second = board()->server.load();
+    // The second run's server, once it has said its pid (the initializer
+    // counts the run first: `server` may still name the first one).
+    if (!eventually([] { return board()->servers[1] != 0; })) return;
+    second = board()->servers[1].load();
     ::kill(second, SIGKILL);
   });
   const auto start = std::chrono::steady_clock::now();
@@ -850,8 +854,12 @@ TEST(ForkServerHard, ServersKilledEachTimeTheyRunTheInitializerAgainFailTheTasks
   std::jthread killer([](const std::stop_token& stop) {
     for (int killed = 1; !stop.stop_requested();) {
       if (const int run = board()->inits; run > killed) {
-        ::kill(board()->server.load(), SIGKILL);
-        killed = run;
+        // That run's server, once it has said its pid: `server` may still
+        // name the one before it (the initializer counts the run first).
+        if (const pid_t server = board()->servers[run - 1].load(); server != 0) {
+          ::kill(server, SIGKILL);
+          killed = run;
+        }
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
