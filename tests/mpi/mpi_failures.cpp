@@ -717,6 +717,31 @@ pid_t rank_1_to_stop(procpool::mpi::Pool& pool, const char* mode) {
   return stopped;
 }
 
+/// Checks the outcomes of a call in which rank 1 stopped: each value is
+/// `expected(index)`, each failure names rank 1 and says that its node has
+/// not answered. Returns how many failed.
+template <class Outcomes, class Expected>
+std::size_t failed_with_rank_1(const Outcomes& outcomes, Expected expected) {
+  std::size_t failed = 0;
+  for (const auto& o : outcomes) {
+    if (o.ok()) {
+      MPI_CHECK(*o.value == expected(o.index));
+      continue;
+    }
+    ++failed;
+    try {
+      std::rethrow_exception(o.error);
+    } catch (const procpool::Error& e) {
+      MPI_CHECK_MSG(location(e).rank() == 1, e.what());
+      MPI_CHECK_MSG(std::string(e.what()).find("input " + std::to_string(o.index) +
+                                               " did not finish: its node has not answered") !=
+                        std::string::npos,
+                    e.what());
+    }
+  }
+  return failed;
+}
+
 /// Rank 1 stops (SIGSTOP: as a frozen machine or a cut network looks to the
 /// root) in the middle of a call, with PROCPOOL_MPI_NODE_TIMEOUT=2: within a
 /// few seconds its inputs fail naming it, every other input is right, the
@@ -734,23 +759,8 @@ void stop_rank() {
       range(1500), static_cast<long>(stopped));
   const double took =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::size_t failed = 0;
-  for (const auto& o : outcomes) {
-    if (o.ok()) {
-      MPI_CHECK(*o.value == 3 * static_cast<int>(o.index));
-      continue;
-    }
-    ++failed;
-    try {
-      std::rethrow_exception(o.error);
-    } catch (const procpool::Error& e) {
-      MPI_CHECK_MSG(location(e).rank() == 1, e.what());
-      MPI_CHECK_MSG(std::string(e.what()).find("input " + std::to_string(o.index) +
-                                               " did not finish: its node has not answered") !=
-                        std::string::npos,
-                    e.what());
-    }
-  }
+  const std::size_t failed =
+      failed_with_rank_1(outcomes, [](std::size_t i) { return 3 * static_cast<int>(i); });
   MPI_CHECK_MSG(failed > 0, "no input failed");
   MPI_CHECK_MSG(took < 10, std::to_string(took) + " s");  // before it goes on (above)
   // The pool goes on without it.
@@ -917,19 +927,8 @@ void stop_rank_copied() {
                static_cast<int>(stopped));
   const auto outcomes = pool.map_outcomes(
       [](const std::vector<char>& v) { return static_cast<int>(v.at(v.size() / 2)); }, inputs);
-  std::size_t failed = 0;
-  for (const auto& o : outcomes) {
-    if (o.ok()) {
-      MPI_CHECK(*o.value == 'a' + static_cast<int>(o.index));
-      continue;
-    }
-    ++failed;
-    try {
-      std::rethrow_exception(o.error);
-    } catch (const procpool::Error& e) {
-      MPI_CHECK_MSG(location(e).rank() == 1, e.what());
-    }
-  }
+  const std::size_t failed =
+      failed_with_rank_1(outcomes, [](std::size_t i) { return 'a' + static_cast<int>(i); });
   MPI_CHECK_MSG(failed > 0, "no input failed");
   MPI_CHECK_MSG(failed < inputs.size(), "every input failed");
   std::fprintf(stderr, "mpi_failures stop_rank_copied: %zu of %zu inputs failed with rank 1\n",
