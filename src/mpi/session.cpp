@@ -22,7 +22,6 @@
 #include <new>
 #include <optional>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -37,6 +36,10 @@
 namespace procpool::mpi {
 namespace detail {
 
+/// mpirun (its environment, read before MPI_Init, which may set the same
+/// under other launchers) started this process.
+bool started_by_mpirun = false;
+
 namespace {
 
 /// How long MPI_Abort may take to end the job before this rank ends it some
@@ -46,14 +49,6 @@ namespace {
 /// once in ~30 CI runs, mpi.slurm_failures' stop_rank job did not end after
 /// the root had given up on the stopped rank (where it hung was not seen).
 constexpr unsigned abort_grace_seconds = 10;
-
-}  // namespace
-
-/// mpirun (its environment, read before MPI_Init, which may set the same
-/// under other launchers) started this process.
-bool started_by_mpirun = false;
-
-namespace {
 
 /// "JOB.STEP" of the Slurm step that srun started this rank in, with every
 /// rank of the job in it; "" otherwise (mpirun, whose ranks inherit the
