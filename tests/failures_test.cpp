@@ -71,7 +71,8 @@ TEST(Timeout, HangingTaskIsStoppedWithinTheLimitPlus100ms) {
     const auto waited = std::chrono::nanoseconds(caught - hang_started[0].load());
     EXPECT_EQ(e.index(), 3u);
     EXPECT_EQ(e.limit(), limit);
-    EXPECT_LT(waited, limit + milliseconds(100))
+    // (Under a sanitizer the kill, the reap and the other worker's end take longer.)
+    EXPECT_LT(waited, limit + milliseconds(test_helpers::under_sanitizer ? 400 : 100))
         << "stopped after " << std::chrono::duration<double>(waited).count();
     EXPECT_GE(waited, limit);
     std::printf("task with a %lld ms limit stopped %.1f ms after it started\n",

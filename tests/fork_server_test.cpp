@@ -776,7 +776,7 @@ TEST(ForkServerHard, AServerKilledWhileAReplacementWaitsForItsAnswerIsReplaced) 
 // the initializer, and leaves no process.
 TEST(ForkServerHard, AServerKilledWhileItRunsTheInitializerIsTheConstructorsError) {
   for (int sig : {SIGKILL, SIGTERM}) {
-    reset_board(300);
+    reset_board(3000);  // far longer than the bound below: a wait for it shows
     std::atomic<pid_t> killed{0};
     std::thread killer([&] {
       if (!eventually([] { return board()->server != 0; })) return;
@@ -797,7 +797,7 @@ TEST(ForkServerHard, AServerKilledWhileItRunsTheInitializerIsTheConstructorsErro
       EXPECT_NE(what.find("initializer"), std::string::npos) << what;
     }
     killer.join();
-    EXPECT_LT(ms_since(start), 250) << "waited for the initializer the signal ended";
+    EXPECT_LT(ms_since(start), 1500) << "waited for the initializer the signal ended";
     EXPECT_EQ(board()->inits.load(), 1);
     EXPECT_TRUE(children().empty());
   }
