@@ -93,9 +93,12 @@ void reset_shared() {
   shared().gate = false;
 }
 
-/// Waits in a worker until the test opens the gate.
+/// Waits in a worker until the test opens the gate, or 30 s: a test that
+/// fails before it opens the gate then shows its failure, not ctest's timeout
+/// (the pool's destructor waits for the gated tasks).
 void wait_for_gate() {
-  while (!shared().gate.load())
+  const auto end = std::chrono::steady_clock::now() + 30s;
+  while (!shared().gate.load() && std::chrono::steady_clock::now() < end)
     ::usleep(1000);
 }
 
