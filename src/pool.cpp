@@ -104,8 +104,14 @@ void PoolCore::start_service() {
 
 void PoolCore::stop_service() {
   {
-    std::lock_guard lock(mutex);
+    std::unique_lock lock(mutex);
     if (!service_running) return;
+    if (service_stop) {
+      // Another thread (a join() beside this one) joins it: a thread can be
+      // joined once. Wait until that one is done, as if this one had done it.
+      service_stopped_changed.wait(lock, [this] { return service_stopped; });
+      return;
+    }
     service_stop = true;
     engine->wake();  // it may be waiting for the workers
   }
@@ -117,6 +123,10 @@ void PoolCore::stop_service() {
   // Unfinished ones can no longer finish: the pool is going away.
   std::vector<std::unique_ptr<DetachedTask>> dropped = std::move(detached);
   lock.unlock();
+  dropped.clear();
+  lock.lock();
+  service_stopped = true;
+  service_stopped_changed.notify_all();
 }
 
 void PoolCore::adopt(std::unique_ptr<DetachedTask> task) noexcept {

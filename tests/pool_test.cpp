@@ -830,6 +830,37 @@ TEST(Pool, ConcurrentCallersAreWokenOnlyForTheirOwnResults) {
                          << " times per task: a reply woke threads it was not for";
 }
 
+TEST(Pool, JoinOnTwoThreadsAtOnceReturnsOnBoth) {
+  // helper-60's case: close(), then join() on two threads at once. Both
+  // joined the pool's service thread, and the second waited for ever (a
+  // std::thread is joined once): it hung in the first or second round.
+  for (int round = 0; round < 20; ++round) {
+    procpool::Pool pool({.processes = 1});
+    auto answer = pool.submit([](int x) { return x + 1; }, round);
+    pool.close();
+    std::atomic<int> joined{0};
+    std::thread first([&] {
+      pool.join();
+      ++joined;
+    });
+    std::thread second([&] {
+      pool.join();
+      ++joined;
+    });
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (joined < 2 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (joined < 2) {
+      // Nothing can end the join() that hangs: say so, and end here.
+      std::fprintf(stderr, "round %d: a join() did not return within 10 s\n", round);
+      std::_Exit(1);
+    }
+    first.join();
+    second.join();
+    EXPECT_EQ(answer.get(), round + 1);
+  }
+}
+
 TEST(Pool, JoinReturnsOnceTheLastTaskOfADroppedCallEnds) {
   // join() waits for any call's outcomes, and a dropped call's tasks still
   // running end as outcomes of a closed call: they must still tell it, or

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -49,7 +50,9 @@ struct PoolCore {
   /// the pool, and finishes the tasks of dropped futures.
   std::thread service;
   std::atomic<bool> service_running{false};  // read by after_post() without the lock
-  bool service_stop = false;
+  bool service_stop = false;                 // set by the one thread that joins the service thread,
+  bool service_stopped = false;              // ...and this once it is done with it (stop_service),
+  std::condition_variable service_stopped_changed;  // which wakes the others waiting
   bool service_kicked = false;
   std::vector<std::unique_ptr<DetachedTask>> detached;
   std::function<void(std::exception_ptr)> error_handler;  // empty: one line on stderr
