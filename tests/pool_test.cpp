@@ -832,8 +832,8 @@ TEST(Pool, ConcurrentCallersAreWokenOnlyForTheirOwnResults) {
 
 TEST(Pool, JoinOnTwoThreadsAtOnceReturnsOnBoth) {
   // helper-60's case: close(), then join() on two threads at once. Both
-  // joined the pool's service thread, and the second waited for ever (a
-  // std::thread is joined once): it hung in the first or second round.
+  // joined the pool's service thread, which a std::thread allows once: the
+  // probe hung in the first or second round, and this test aborted at once.
   for (int round = 0; round < 20; ++round) {
     procpool::Pool pool({.processes = 1});
     auto answer = pool.submit([](int x) { return x + 1; }, round);
