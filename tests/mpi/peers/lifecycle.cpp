@@ -91,6 +91,36 @@ std::vector<Case> lifecycle_cases(int nodes) {
                      auto in = insighted.insights();  // after the end: no hang
                      PEER_CHECK(in.tasks == 0);
                    }});
+  cases.push_back({"joins_on_two_threads", "(Pool.JoinOnTwoThreadsAtOnceReturnsOnBoth)", [] {
+                     // close(), then join() on two threads at once: each returns
+                     // once the pool has ended (procpool::Pool hung here before
+                     // 8c6ecd8, joining its service thread twice).
+                     for (int round = 0; round < 10; ++round) {
+                       procpool::mpi::Pool pool(on_busy_ranks({.processes = 1}));
+                       auto answer = pool.submit(&mul, 2L, static_cast<long>(round));
+                       pool.close();
+                       std::atomic<int> joined{0};
+                       std::thread first([&] {
+                         pool.join();
+                         ++joined;
+                       });
+                       std::thread second([&] {
+                         pool.join();
+                         ++joined;
+                       });
+                       const auto until = Clock::now() + seconds(10);
+                       while (joined < 2 && Clock::now() < until)
+                         std::this_thread::sleep_for(milliseconds(1));
+                       if (joined < 2) {  // nothing can end a join() that hangs
+                         std::fprintf(stderr, "round %d: a join() did not return within 10 s\n",
+                                      round);
+                         std::_Exit(1);
+                       }
+                       first.join();
+                       second.join();
+                       PEER_CHECK(answer.get() == 2L * round);
+                     }
+                   }});
   cases.push_back({"terminate_with_work_outstanding",
                    "ProcessPoolShutdownTest.test_submit_shutdown_cancel(_wait)", [] {
                      // Every outstanding Future ends in bounded time: its value if it
