@@ -125,10 +125,12 @@ ProgressReporter::~ProgressReporter() {
 }
 
 void ProgressReporter::advance(std::size_t tasks) {
-  if (kind_ == Kind::none) return;
-  done_ += tasks;
-  const double now = now_seconds();
-  if (now - last_draw_ >= redraw_interval) draw(false, nullptr);
+  count(tasks);
+  if (draw_due()) draw(false, nullptr);
+}
+
+bool ProgressReporter::draw_due() const noexcept {
+  return kind_ != Kind::none && now_seconds() - last_draw_ >= redraw_interval;
 }
 
 void ProgressReporter::finish(const char* how) {

@@ -682,22 +682,19 @@ TEST(PebbleStop, TerminateFromTheErrorHandlerStopsThePool) {
 
 // The same from the progress callback of a running map: terminate() there ends the call with
 // PoolClosed (README: "terminate() kills the workers at once; unfinished work fails with
-// PoolClosed"), and later work is refused.
-//
-// DISABLED: a bug this translation found. The map hangs for good: the progress callback of a
-// Pool's call is called with the pool's lock held (CallDriver::collect -> ProgressReporter::advance
-// -> draw, inside CallDriver::step(lock, ...), include/procpool/detail/call.hpp), and terminate()
-// takes the same std::mutex (Pool::terminate, src/pool.cpp), so the calling thread waits on a lock
-// it holds itself (gdb: Pool::terminate in __lll_lock_wait under ProgressReporter::draw; the
-// service thread waits on the same mutex in PoolCore::idle_wait). The error handler, which is
-// called without the lock, may call terminate() (the test above passes).
-TEST(PebbleStop, DISABLED_TerminateFromTheProgressCallbackEndsTheCallWithPoolClosed) {
+// PoolClosed"), and later work is refused. The callback asks for the pool's insights and worker
+// pids first, as a progress UI would. This translation found it hanging for good: the callback
+// was called with the pool's lock held, which terminate(), insights() and worker_pids() take.
+TEST(PebbleStop, TerminateFromTheProgressCallbackEndsTheCallWithPoolClosed) {
   bounded("PebbleStop", [] {
     procpool::Pool* self = nullptr;
     std::atomic<bool> called{false};
     procpool::Pool pool(
         {.processes = 1, .chunksize = 1, .progress = [&](const procpool::ProgressInfo&) {
-           if (!called.exchange(true)) self->terminate();
+           if (called.exchange(true)) return;
+           EXPECT_EQ(self->worker_pids().size(), 1u);
+           EXPECT_LE(self->insights().tasks, 200u);
+           self->terminate();
          }});
     self = &pool;
     std::vector<int> inputs(200);

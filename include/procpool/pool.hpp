@@ -312,6 +312,8 @@ struct PoolAccess {
   }
   /// Engine::compute_nanos(), without the lock (it is atomic).
   static std::uint64_t compute_nanos(Pool& pool) { return pool.core_->engine->compute_nanos(); }
+  /// The pool's lock (for tests that hold it).
+  static std::mutex& mutex(Pool& pool) { return pool.core_->mutex; }
 };
 
 }  // namespace detail

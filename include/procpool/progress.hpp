@@ -70,7 +70,15 @@ class ProgressReporter {
   ProgressReporter& operator=(const ProgressReporter&) = delete;
 
   bool active() const noexcept { return kind_ != Kind::none; }
+  /// Counts `tasks` more done and draws if a frame is due.
   void advance(std::size_t tasks);
+  /// Counts `tasks` more done without drawing: for a caller holding a lock
+  /// that the callback must not run under (it may use the pool).
+  void count(std::size_t tasks) noexcept {
+    if (kind_ != Kind::none) done_ += tasks;
+  }
+  /// Whether advance(0) would draw now.
+  bool draw_due() const noexcept;
   /// The final line: "done", "failed", "interrupted" or "stopped".
   void finish(const char* how);
 

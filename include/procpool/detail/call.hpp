@@ -694,14 +694,22 @@ class CallDriver {
     if (running_dry && fill(lock))
       engine_.pump(lock, std::chrono::milliseconds(0), Engine::Driver::caller, call_);
     for (;;) {
-      if (auto outcome = take_ready()) return outcome;
+      if (auto outcome = take_ready()) {
+        if (progress_.draw_due()) {
+          lock.unlock();  // a callback may use the pool
+          progress_.advance(0);
+        }
+        return outcome;
+      }
       if (finished()) {
         // The range threw: everything it yielded before has been handed over.
         if (auto failure = feed_.failure()) std::rethrow_exception(failure);
+        lock.unlock();
         progress_.finish("done");
         return std::nullopt;
       }
       if (cut_off()) throw cut_off_error();
+      draw_progress_unlocked(lock);
       step(lock, std::chrono::milliseconds(100));
     }
   }
@@ -715,6 +723,7 @@ class CallDriver {
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
           deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return false;
+      draw_progress_unlocked(lock);
       step(lock, std::min(left, std::chrono::milliseconds(100)));
     }
   }
@@ -750,6 +759,7 @@ class CallDriver {
           PoolClosed("procpool: the pool's workers were stopped by Ctrl-C (SIGINT)")));
       engine_.close_call(call_);
       stopped_ = true;
+      lock.unlock();  // a callback may use the pool
       progress_.finish("interrupted");
       throw Interrupted("procpool: interrupted by Ctrl-C (SIGINT); the workers were stopped");
     }
@@ -823,12 +833,24 @@ class CallDriver {
   /// its outcome.
   Chunk read_unlocked(std::unique_lock<std::mutex>& lock, std::size_t most) {
     lock.unlock();
-    struct Relock {
-      std::unique_lock<std::mutex>& lock;
-      ~Relock() { lock.lock(); }
-    } relock{lock};
+    Relock relock{lock};
     return feed_.next(call_, most);
   }
+
+  /// Draws the progress counted so far if a frame is due, with the pool's
+  /// lock released: a progress callback may use the pool (terminate() it,
+  /// ask for its insights), and a terminal's write may block.
+  void draw_progress_unlocked(std::unique_lock<std::mutex>& lock) {
+    if (!progress_.draw_due()) return;
+    lock.unlock();
+    Relock relock{lock};
+    progress_.advance(0);
+  }
+
+  struct Relock {
+    std::unique_lock<std::mutex>& lock;
+    ~Relock() { lock.lock(); }
+  };
 
   void collect() {
     for (auto* done : {&failed_inputs_, &engine_.completed(call_)}) {
@@ -844,8 +866,9 @@ class CallDriver {
             current_.push_back(std::move(decoder));
           }
         }
-        // Last: a progress callback that throws leaves this chunk's outcomes in place.
-        progress_.advance(count);
+        // Counted only: this runs under the pool's lock, and the callback
+        // is drawn without it (draw_progress_unlocked, next_locked).
+        progress_.count(count);
       }
     }
   }
