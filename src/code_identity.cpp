@@ -189,6 +189,14 @@ class IdentityCache {
   std::map<std::tuple<std::string, std::uint64_t, std::string>, std::uintptr_t> addresses_;
 };
 
+/// Made as the library loads, not at first use: its constructor registers
+/// fork handlers, and pthread_atfork waits for a fork in progress. A thread
+/// making it then while another forked a worker left the worker a guard
+/// of this static that never opens: it hung the first time it needed it
+/// (four threads making their first map at once: 12 of 100 runs).
+[[maybe_unused]] const IdentityCache& identity_cache_made_as_the_library_loads =
+    IdentityCache::instance();
+
 /// Throws Error unless the loaded `module` is the build `expected` names: the
 /// same path may hold another build here (another node's copy, a library
 /// rebuilt while the program ran), where an offset means nothing.

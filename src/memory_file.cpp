@@ -215,6 +215,13 @@ class SpareFiles {
   std::uint64_t taken_ = 0;
 };
 
+/// Made as the library loads, not at first use: its constructor registers
+/// fork handlers, and pthread_atfork waits for a fork in progress. A thread
+/// making it then while another forked a worker left the worker a guard
+/// of this static that never opens: it hung the first time it needed it
+/// (four threads making their first map at once: 12 of 100 runs).
+[[maybe_unused]] const SpareFiles& spare_files_made_as_the_library_loads = SpareFiles::instance();
+
 }  // namespace
 
 void keep_spare_memory_file(int fd) noexcept {

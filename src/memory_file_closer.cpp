@@ -217,6 +217,14 @@ class MemoryFileCloser {
   std::optional<Clock::time_point> drop_spares_at_;
 };
 
+/// Made as the library loads, not at first use: its constructor registers
+/// fork handlers, and pthread_atfork waits for a fork in progress. A thread
+/// making it then while another forked a worker left the worker a guard
+/// of this static that never opens: it hung the first time it needed it
+/// (four threads making their first map at once: 12 of 100 runs).
+[[maybe_unused]] const MemoryFileCloser& memory_file_closer_made_as_the_library_loads =
+    MemoryFileCloser::instance();
+
 /// Where closing aside is not done: a worker (its own threads are counted,
 /// and a fork server must have one), and under ThreadSanitizer, whose child
 /// of a fork may hang if another thread was inside its interceptors.

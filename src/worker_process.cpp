@@ -77,6 +77,14 @@ class ParentSockets {
   std::vector<int> fds_;
 };
 
+/// Made as the library loads, not at first use: its constructor registers
+/// fork handlers, and pthread_atfork waits for a fork in progress. A thread
+/// making it then while another forked a worker left the worker a guard
+/// of this static that never opens: it hung the first time it needed it
+/// (four threads making their first map at once: 12 of 100 runs).
+[[maybe_unused]] const ParentSockets& parent_sockets_made_as_the_library_loads =
+    ParentSockets::instance();
+
 /// See hold_child_births(). Made on first use, not as the library loads: a
 /// spawned worker serves its pool from a static initialiser of another file
 /// (enter_spawned_pool_worker), and a task there may make a pool of its own.
@@ -97,6 +105,12 @@ class ChildBirths {
     return made;
   }
 };
+
+/// Its fork handler is registered as the library loads, not at first use:
+/// pthread_atfork waits for a fork in progress, and a thread registering it
+/// then, inside the static's guard, while another forked a worker left the
+/// worker a guard that never opens (see ParentSockets).
+[[maybe_unused]] const std::mutex& child_births_made_as_the_library_loads = ChildBirths::mutex();
 
 /// Waits for a worker that has closed its socket (or was killed); one that
 /// lingers is killed.
@@ -278,6 +292,14 @@ class SpareDescriptors {
   std::mutex mutex_;
   std::vector<int> fds_;
 };
+
+/// Made as the library loads, not at first use: its constructor registers
+/// fork handlers, and pthread_atfork waits for a fork in progress. A thread
+/// making it then while another forked a worker left the worker a guard
+/// of this static that never opens: it hung the first time it needed it
+/// (four threads making their first map at once: 12 of 100 runs).
+[[maybe_unused]] const SpareDescriptors& spare_descriptors_made_as_the_library_loads =
+    SpareDescriptors::instance();
 
 /// Memory files of a worker's large replies that the parent has read (their
 /// leases let go, on whatever thread decoded them), waiting to go back to

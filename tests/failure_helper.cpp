@@ -4,11 +4,13 @@
 //   failure_helper sigint-default   long map; SIGINT ends the program
 //   failure_helper sigint-handled   long map; the program handles SIGINT; exits 3 on Interrupted
 //   failure_helper pool-busy        a Pool built by a thread that has ended, running long tasks
+//   failure_helper first-maps       four threads make the program's first maps at once; exits 0
 #include <procpool/procpool.hpp>
 
 #include <poll.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -66,6 +68,22 @@ int main(int argc, char** argv) {
       return got_sigint ? 3 : 4;
     }
     return 0;
+  }
+  if (std::strcmp(mode, "first-maps") == 0) {
+    // Nothing of the library was used before: its singletons are made (or
+    // were, as it loaded) while workers are forked on the other threads.
+    std::vector<std::thread> threads;
+    std::atomic<int> wrong{0};
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([t, &wrong] {
+        const std::vector<int> inputs(50, t);
+        for (int v : procpool::map([](int x) { return x + 1; }, inputs, {.processes = 2}))
+          wrong += v != t + 1;
+      });
+    }
+    for (auto& thread : threads)
+      thread.join();
+    return wrong == 0 ? 0 : 1;
   }
   if (std::strcmp(mode, "pool-busy") == 0) {
     std::unique_ptr<procpool::Pool> pool;
