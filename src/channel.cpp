@@ -1,8 +1,10 @@
 #include "channel.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -115,12 +117,32 @@ bool ParentChannel::keep_spares(const FrameHeader& header) {
   return true;
 }
 
-void ParentChannel::drain() noexcept {
-  ::fcntl(fd_, F_SETFL, 0);  // blocking
+namespace {
+
+/// Whether child `pid` has exited (it is left to be reaped).
+bool has_exited(pid_t pid) noexcept {
+  siginfo_t info{};
+  const int r = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
+  return r != 0 || info.si_pid == pid;  // an error: nothing to wait for either
+}
+
+}  // namespace
+
+void ParentChannel::drain(pid_t pid) noexcept {
   std::byte sink[4096];
   for (;;) {
-    const ssize_t n = ::recv(fd_, sink, sizeof sink, 0);
-    if (n == 0 || (n < 0 && errno != EINTR)) break;
+    pollfd readable{fd_, POLLIN, 0};
+    const int ready = ::poll(&readable, 1, 50);
+    if (ready < 0 && errno != EINTR) return;
+    if (ready > 0) {
+      const ssize_t n = ::recv(fd_, sink, sizeof sink, MSG_DONTWAIT);
+      if (n == 0) return;
+      if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) return;
+    } else if (ready == 0 && has_exited(pid)) {
+      // Quiet, and the worker is gone: whoever still holds its end (a
+      // process its task forked) sends nothing of the worker's.
+      return;
+    }
   }
 }
 
@@ -152,6 +174,10 @@ std::size_t max_reply_payload() noexcept {
 namespace {
 constexpr std::size_t worker_read_size = 256 * 1024;
 }  // namespace
+
+void WorkerChannel::shut_down() noexcept {
+  ::shutdown(fd_, SHUT_RDWR);
+}
 
 bool WorkerChannel::read_more(std::size_t wanted) {
   flush();  // the parent may be waiting for these replies before it sends more

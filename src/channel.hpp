@@ -48,7 +48,10 @@ class ParentChannel {
   /// messages come: it exits once it has answered them.
   void send_rest_and_end() noexcept;
   /// Reads (and drops) what the worker still sends until it is gone.
-  void drain() noexcept;
+  /// Reads and drops what is left until the worker `pid` closed its end, or
+  /// has exited: a process its task forked may hold a copy of the socket
+  /// for as long as it lives.
+  void drain(pid_t pid) noexcept;
 
   enum class Received {
     drained,     // nothing more to read now
@@ -174,6 +177,9 @@ class WorkerChannel {
 
   /// Blocks until at least `wanted` bytes are available; false at EOF.
   [[nodiscard]] bool read_more(std::size_t wanted);
+  /// Shuts the socket down both ways: the parent reads its end now, even
+  /// while a process the task forked (without exec) still holds a copy.
+  void shut_down() noexcept;
   /// Sends the first `n` bytes of out() now (whole replies queued before the
   /// one being built), leaving them in place so that nothing moves.
   void send_front(std::size_t n);

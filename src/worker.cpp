@@ -49,6 +49,13 @@ class WorkerLoop {
   [[noreturn]] void run();
 
  private:
+  /// The parent closed its end: this worker is done. Its own end is shut
+  /// down first, so that the parent sees it close now even while a process
+  /// a task forked (without exec) holds a copy of it.
+  [[noreturn]] void end_at_parents_eof() {
+    channel_.shut_down();
+    exit_worker(0);
+  }
   void run_task_frame(const FrameHeader& header, Reader& payload);
   /// Decodes a call's setup, noted in the slot: if its extra arguments'
   /// load() kills this worker, the parent charges the call, not a task.
@@ -355,7 +362,7 @@ void WorkerLoop::run() {
   ReplyArena* const input_arena = context_.input_arena;
   for (;;) {
     if (channel.available() < sizeof(FrameHeader)) {
-      if (!channel.read_more(sizeof(FrameHeader))) exit_worker(0);
+      if (!channel.read_more(sizeof(FrameHeader))) end_at_parents_eof();
       continue;
     }
     FrameHeader header;
@@ -381,7 +388,7 @@ void WorkerLoop::run() {
     }
     const std::size_t whole = frame_bytes_on_socket(header);
     if (channel.available() < whole) {
-      if (!channel.read_more(whole)) exit_worker(0);
+      if (!channel.read_more(whole)) end_at_parents_eof();
       continue;
     }
     const std::size_t region = arena_region(header.flags);

@@ -454,7 +454,7 @@ class WorkerProcess final : public WorkerLink {
   WorkerExit finish_end() noexcept override {
     ended_ = true;
     spares_->close();
-    if (how_ == Ending::finished) channel_.drain();
+    if (how_ == Ending::finished) channel_.drain(pid_);
     ParentSockets::instance().remove(channel_.fd());
     ::close(channel_.fd());
     WorkerExit exit = how_ == Ending::lost ? reap(pid_) : wait_blocking(pid_);

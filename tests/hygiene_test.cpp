@@ -539,3 +539,54 @@ TEST(LargeResults, AResultWhoseLoadThrowsAfterReadingItsPagesFailsAndIsNotReadTw
 }
 
 }  // namespace
+
+namespace {
+
+/// A task that forks a process of its own (no exec) which outlives it by
+/// far: it holds a copy of everything the worker had open, the worker's end
+/// of its socket included. Returns that process's pid.
+pid_t leave_a_lingering_child(int) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::sleep(30);
+    ::_exit(0);
+  }
+  return child;
+}
+
+void kill_all(const std::vector<pid_t>& pids) {
+  for (pid_t p : pids)
+    if (p > 0) ::kill(p, SIGKILL);
+}
+
+}  // namespace
+
+TEST(Hygiene, AProcessATaskForkedDoesNotHoldUpTheWorkersRecycleOrThePoolsEnd) {
+  // helper-63's case: the parent read a finished worker's socket until every
+  // copy of it was closed, so a recycle, or the pool's end, waited for the
+  // task's process to end (30 s here; under MPI a node's rank stopped
+  // answering and the root gave up on it).
+  std::vector<pid_t> lingering;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    procpool::Pool pool({.processes = 1, .max_tasks_per_child = 1});
+    lingering = pool.map(leave_a_lingering_child, std::vector<int>(3));
+  }
+  const auto took = std::chrono::steady_clock::now() - started;
+  kill_all(lingering);
+  ASSERT_EQ(lingering.size(), 3u);
+  for (pid_t p : lingering)
+    EXPECT_GT(p, 0);
+  EXPECT_LT(took, std::chrono::seconds(10)) << "three recycles and the pool's end waited for the "
+                                               "processes its tasks forked";
+}
+
+TEST(Hygiene, AProcessATaskForkedDoesNotHoldUpAForkPerCallMapsEnd) {
+  const auto started = std::chrono::steady_clock::now();
+  const std::vector<pid_t> lingering =
+      procpool::map(leave_a_lingering_child, std::vector<int>(4), {.processes = 2});
+  const auto took = std::chrono::steady_clock::now() - started;
+  kill_all(lingering);
+  EXPECT_LT(took, std::chrono::seconds(10)) << "the call's end waited for the processes its "
+                                               "tasks forked";
+}
