@@ -43,7 +43,8 @@ void on_sigint(int signal, siginfo_t* info, void* context) {
 
 }  // namespace
 
-InterruptWatch::InterruptWatch() : start_count_(sigint_count.load()) {
+InterruptWatch::InterruptWatch(const InterruptWatch* earlier)
+    : start_count_(earlier ? earlier->start_count_ : sigint_count.load()) {
   std::lock_guard lock(install_mutex);
   if (watches++ != 0) return;
   struct sigaction ours {};

@@ -5,9 +5,12 @@
 //   failure_helper sigint-handled   long map; the program handles SIGINT; exits 3 on Interrupted
 //   failure_helper pool-busy        a Pool built by a thread that has ended, running long tasks
 //   failure_helper first-maps       four threads make the program's first maps at once; exits 0
+//   failure_helper sigint-starting  a SIGINT while the map forks its workers; exits 3 on
+//   Interrupted
 #include <procpool/procpool.hpp>
 
 #include <poll.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -68,6 +71,25 @@ int main(int argc, char** argv) {
       return got_sigint ? 3 : 4;
     }
     return 0;
+  }
+  if (std::strcmp(mode, "sigint-starting") == 0) {
+    // The SIGINT comes from inside the first fork of the call (a fork
+    // handler of the program's): while the call starts its workers.
+    static std::atomic<bool> armed{false};
+    ::pthread_atfork(
+        [] {
+          if (armed.exchange(false)) ::kill(::getpid(), SIGINT);
+        },
+        nullptr, nullptr);
+    std::signal(SIGINT, [](int) { got_sigint = 1; });
+    armed = true;
+    try {
+      long_map();
+    } catch (const procpool::Interrupted& e) {
+      std::printf("interrupted: %s\n", e.what());
+      return got_sigint ? 3 : 4;
+    }
+    return armed ? 5 : 0;  // 5: no fork ran the handler
   }
   if (std::strcmp(mode, "first-maps") == 0) {
     // Nothing of the library was used before: its singletons are made (or

@@ -544,11 +544,15 @@ inline constexpr std::int64_t fill_reading_ns = 10'000'000;
 template <class Out, class Feed>
 class CallDriver {
  public:
+  /// `interrupted_since`: a watch begun earlier, whose SIGINTs stop this
+  /// call too (a fork-per-call call's, begun before it forked its workers).
   CallDriver(Engine& engine, std::mutex& mutex, Buffer setup, Feed feed, const Options& options,
              bool ordered, StopMode stop_mode,
-             Engine::SetupScope setup_scope = Engine::SetupScope::every_worker)
+             Engine::SetupScope setup_scope = Engine::SetupScope::every_worker,
+             const InterruptWatch* interrupted_since = nullptr)
       : engine_(engine),
         mutex_(mutex),
+        interrupt_(interrupted_since),
         feed_(std::move(feed)),
         policy_(engine.processes(), options.chunksize, options.max_inflight),
         ordered_(ordered),

@@ -11,7 +11,11 @@ namespace procpool::detail {
 /// running call then throws Interrupted), or nothing if it was ignored.
 class InterruptWatch {
  public:
-  InterruptWatch();
+  InterruptWatch() : InterruptWatch(nullptr) {}
+  /// A watch that counts SIGINTs from when `earlier` began (null: from now):
+  /// a fork-per-call call starts watching before it forks its workers, and a
+  /// Ctrl-C while it does must stop the call too.
+  explicit InterruptWatch(const InterruptWatch* earlier);
   ~InterruptWatch();
   InterruptWatch(const InterruptWatch&) = delete;
   InterruptWatch& operator=(const InterruptWatch&) = delete;

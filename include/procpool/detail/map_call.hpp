@@ -59,7 +59,7 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
         engine_(engine_config(options, plan_processes(options, input_count()), false),
                 [this] { return std::make_unique<SingleCallLogic>(runner_); }),
         driver_(engine_, mutex_, Buffer{}, Feed(view_), options, D != Delivery::unordered,
-                StopMode::kill_workers),
+                StopMode::kill_workers, Engine::SetupScope::every_worker, &interrupt_from_start_),
         insights_(options.insights) {}
 
   ~ForkCall() override {
@@ -93,6 +93,10 @@ class ForkCall final : public ResultSource<delivered_t<D, typename fork_call_typ
   View view_;
   Runner runner_;
   std::mutex mutex_;
+  /// Begun before the workers are forked, so that a Ctrl-C while they start
+  /// stops the call too (the driver's watch counts from here); it went
+  /// unheard, and the call ran to its end.
+  InterruptWatch interrupt_from_start_;
   Engine engine_;  // forks the workers: everything above is in their memory
   CallDriver<Out, Feed> driver_;
   Insights* insights_;
