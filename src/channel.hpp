@@ -41,13 +41,15 @@ class ParentChannel {
   /// Queues memory files (owned here from now on) in a FrameKind::spare frame.
   void queue_spares(std::vector<int> fds);
   bool has_unsent() const noexcept { return out_pos_ < outbox_.size(); }
+  /// Whether descriptors the worker sent did not fit (MSG_CTRUNC): this
+  /// process is at its limit of open files.
+  bool descriptors_lost() const noexcept { return fds_lost_; }
 
   /// Sends what it can without blocking; false if the worker is gone.
   [[nodiscard]] bool flush();
   /// Sends the rest of the outbox, blocking, and tells the worker that no more
   /// messages come: it exits once it has answered them.
   void send_rest_and_end() noexcept;
-  /// Reads (and drops) what the worker still sends until it is gone.
   /// Reads and drops what is left until the worker `pid` closed its end, or
   /// has exited: a process its task forked may hold a copy of the socket
   /// for as long as it lives.

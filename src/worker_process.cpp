@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -600,6 +601,20 @@ class WorkerProcess final : public WorkerLink {
         std::shared_ptr<void>(arena.get(), [arena, region](void*) { arena->release(region); });
   }
 
+  /// Memory files it sent (large results, SharedBuffers) did not fit: the
+  /// fault is this process's limit, not the worker's message.
+  static std::string descriptors_lost_message() {
+    rlimit limit{};
+    std::string now = "at its limit of open files";
+    if (::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY)
+      now += " (ulimit -n: " + std::to_string(limit.rlim_cur) + ")";
+    return " sent memory files (large results or SharedBuffers) that this process could not "
+           "receive: it is " +
+           now +
+           "; the worker was replaced. Raise the limit (ulimit -n), or keep fewer files open "
+           "while large results arrive";
+  }
+
   LinkState corrupt(const std::string& what) const {
     return LinkState{
         LinkState::corrupt,
@@ -630,6 +645,7 @@ LinkState WorkerProcess::receive(ReplySink& sink) {
     case ParentChannel::Received::stopped:
       return {};
     case ParentChannel::Received::bad_header:
+      if (channel_.descriptors_lost()) return corrupt(descriptors_lost_message());
       return corrupt(
           " sent a corrupt message (bad magic, kind or length); the worker was replaced. Does "
           "the task write to file descriptors it does not own?");

@@ -246,6 +246,21 @@ TEST(Limits, NoDescriptorForAnyWorkerIsAClearError) {
       << run.output;
 }
 
+TEST(Limits, LargeResultsBeyondTheDescriptorLimitSayWhichLimit) {
+  // helper-62's case: a caller four descriptors from its limit could not
+  // receive a 32 MiB result's memory file (MSG_CTRUNC), and was told its
+  // worker "sent a corrupt message ... Does the task write to file
+  // descriptors it does not own?": the task was blamed for the caller's limit.
+  if (test_helpers::under_sanitizer)
+    GTEST_SKIP() << "sanitizer runtimes take descriptors and threads of their own";
+  const ShellRun run = run_shell(std::string(LIMITS_HELPER) + " --large-results-beyond 4");
+  EXPECT_EQ(run.status, 2) << run.output;
+  EXPECT_NE(run.output.find("could not receive: it is at its limit of open files (ulimit -n: "),
+            std::string::npos)
+      << run.output;
+  EXPECT_EQ(run.output.find("corrupt message"), std::string::npos) << run.output;
+}
+
 struct Unit {};
 Unit make_unit() {
   return {};

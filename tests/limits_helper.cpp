@@ -3,6 +3,7 @@
 // under tight ulimits. Exit status: 0 all right, 1 wrong results, 2 an error.
 //
 //     limits_helper [--open-files-beyond N | --open-files N | --out-of-memory]
+//     limits_helper --large-results-beyond N   four 32 MiB results, N descriptors free
 //
 // These set RLIMIT_NOFILE once the program has loaded: so that N more
 // descriptors can be opened, or to N. A test runner's inherited
@@ -71,8 +72,32 @@ int out_of_memory() {
   }
 }
 
+/// Four results of 32 MiB (each arrives as a memory file, one descriptor)
+/// from a fork-per-call map: 0 when all are right, 2 with the error.
+int large_results() {
+  try {
+    const auto out = procpool::map(
+        [](int x) { return std::vector<char>(std::size_t{32} << 20, static_cast<char>(x)); },
+        std::vector<int>{1, 2, 3, 4}, {.processes = 2});
+    for (std::size_t i = 0; i < out.size(); ++i)
+      if (out[i].size() != std::size_t{32} << 20 || out[i][12345] != static_cast<char>(i + 1))
+        return 1;
+    std::printf("all right\n");
+    return 0;
+  } catch (const std::exception& e) {
+    std::printf("error: %s\n", e.what());
+    return 2;
+  }
+}
+
 int main(int argc, char** argv) {
   if (argc == 2 && std::string(argv[1]) == "--out-of-memory") return out_of_memory();
+  if (argc == 3 && std::string(argv[1]) == "--large-results-beyond") {
+    const auto limit = static_cast<rlim_t>(limit_leaving(std::atoi(argv[2])));
+    const rlimit open_files{limit, limit};
+    if (::setrlimit(RLIMIT_NOFILE, &open_files) != 0) return 3;
+    return large_results();
+  }
   const std::string option = argc == 3 ? argv[1] : "";
   if (option == "--open-files-beyond" || option == "--open-files") {
     const int n = std::atoi(argv[2]);
