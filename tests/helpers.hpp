@@ -2,6 +2,7 @@
 #pragma once
 
 #include <dirent.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -10,12 +11,14 @@
 #include <cstdlib>
 #include <ctime>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -224,5 +227,50 @@ class TempDir {
  private:
   std::string path_;
 };
+
+/// Counters and a gate that a test and every forked worker share: a
+/// MAP_SHARED page made before any pool, so every forked worker inherits
+/// it (a spawned worker has a copy of its own).
+struct Shared {
+  std::atomic<int> started{0};
+  std::atomic<int> finished{0};
+  std::atomic<bool> gate{false};
+};
+
+inline Shared& shared() {
+  static Shared* const made = [] {
+    void* p =
+        ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) std::abort();
+    return new (p) Shared{};
+  }();
+  return *made;
+}
+
+inline void reset_shared() {
+  shared().started = 0;
+  shared().finished = 0;
+  shared().gate = false;
+}
+
+/// Waits in a worker until the test opens the gate, or 30 s: a test that
+/// fails before it opens the gate then shows its failure, not ctest's
+/// timeout (a pool's destructor waits for the gated tasks).
+inline void wait_for_gate() {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!shared().gate.load() && std::chrono::steady_clock::now() < end)
+    ::usleep(1000);
+}
+
+/// Waits in the test (without touching any pool) until `n` tasks have started.
+inline bool wait_started(int n,
+                         std::chrono::milliseconds limit = std::chrono::milliseconds(20000)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (shared().started.load() < n) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
+}
 
 }  // namespace test_helpers

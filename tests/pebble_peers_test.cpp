@@ -98,45 +98,10 @@ void bounded(const char* what, Body body) {
   });
 }
 
-/// A gate and counters that the test and every forked worker share (a MAP_SHARED page made
-/// before any pool). Not for spawned workers: they have their own copy.
-struct Shared {
-  std::atomic<int> started{0};
-  std::atomic<bool> gate{false};
-};
-
-Shared& shared() {
-  static Shared* s = [] {
-    void* p =
-        ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) std::abort();
-    return new (p) Shared{};
-  }();
-  return *s;
-}
-
-void reset_shared() {
-  shared().started = 0;
-  shared().gate = false;
-}
-
-/// Waits in a worker until the test opens the gate, or 30 s (so that a test failing before it
-/// opens the gate shows its failure rather than ctest's timeout).
-void wait_for_gate() {
-  const auto end = std::chrono::steady_clock::now() + 30s;
-  while (!shared().gate.load() && std::chrono::steady_clock::now() < end)
-    ::usleep(1000);
-}
-
-/// Waits in the test (without touching the pool) until `n` tasks have started.
-bool wait_started(int n, std::chrono::milliseconds limit = 20000ms) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (shared().started.load() < n) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
-}
+using test_helpers::reset_shared;
+using test_helpers::shared;
+using test_helpers::wait_for_gate;
+using test_helpers::wait_started;
 
 int block_until_gate(int x) {
   ++shared().started;

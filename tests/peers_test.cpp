@@ -69,48 +69,10 @@ const pid_t test_process = ::getpid();
 
 using test_helpers::segfault;
 
-/// Counters and a gate that the test and every worker share (a MAP_SHARED
-/// page made before any pool, so every worker inherits it).
-struct Shared {
-  std::atomic<int> started{0};
-  std::atomic<int> finished{0};
-  std::atomic<bool> gate{false};
-};
-
-Shared& shared() {
-  static Shared* s = [] {
-    void* p =
-        ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) std::abort();
-    return new (p) Shared{};
-  }();
-  return *s;
-}
-
-void reset_shared() {
-  shared().started = 0;
-  shared().finished = 0;
-  shared().gate = false;
-}
-
-/// Waits in a worker until the test opens the gate, or 30 s: a test that
-/// fails before it opens the gate then shows its failure, not ctest's timeout
-/// (the pool's destructor waits for the gated tasks).
-void wait_for_gate() {
-  const auto end = std::chrono::steady_clock::now() + 30s;
-  while (!shared().gate.load() && std::chrono::steady_clock::now() < end)
-    ::usleep(1000);
-}
-
-/// Waits in the test (without touching any pool) until `n` tasks have started.
-bool wait_started(int n, std::chrono::milliseconds limit = 5000ms) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (shared().started.load() < n) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(1ms);
-  }
-  return true;
-}
+using test_helpers::reset_shared;
+using test_helpers::shared;
+using test_helpers::wait_for_gate;
+using test_helpers::wait_started;
 
 int identity(int x) {
   return x;
