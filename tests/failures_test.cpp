@@ -14,6 +14,7 @@
 #include <csignal>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -485,23 +486,30 @@ TEST(CtrlC, ProgramThatHandlesSigintGetsInterruptedAndNoWorkerIsLeft) {
   ::close(h.out);
 }
 
+/// Waits up to `limit` for the helper to end and returns its wait status;
+/// nullopt if it did not (it is then killed with its process group).
+std::optional<int> status_within(Helper& h, std::chrono::seconds limit) {
+  const auto started = Clock::now();
+  int status = 0;
+  pid_t done = 0;
+  while ((done = ::waitpid(h.pid, &status, WNOHANG)) == 0 && Clock::now() - started < limit)
+    std::this_thread::sleep_for(milliseconds(5));
+  ::close(h.out);
+  if (done != 0) return status;
+  ::kill(-h.pid, SIGKILL);
+  ::waitpid(h.pid, nullptr, 0);
+  return std::nullopt;
+}
+
 TEST(CtrlC, ASigintWhileTheCallStartsItsWorkersInterruptsIt) {
   // helper-62's case: the call began watching for SIGINT only once its
   // workers were forked, so a Ctrl-C while they started reached the
   // program's handler and the call ran to its end (18 of 20 runs at 0-1.8 ms).
   Helper h = start_helper("sigint-starting");
   const auto started = Clock::now();
-  int status = 0;
-  pid_t done = 0;
-  while ((done = ::waitpid(h.pid, &status, WNOHANG)) == 0 &&
-         Clock::now() - started < std::chrono::seconds(30))
-    std::this_thread::sleep_for(milliseconds(5));
-  ::close(h.out);
-  if (done == 0) {
-    ::kill(-h.pid, SIGKILL);
-    ::waitpid(h.pid, nullptr, 0);
-    FAIL() << "the helper did not end within 30 s";
-  }
+  const std::optional<int> ended = status_within(h, std::chrono::seconds(30));
+  ASSERT_TRUE(ended) << "the helper did not end within 30 s";
+  const int status = *ended;
   ASSERT_TRUE(WIFEXITED(status)) << status;
   EXPECT_EQ(WEXITSTATUS(status), 3) << "0: the call ran to its end; 4: the program's handler "
                                        "did not run; 5: no fork ran the program's fork handler";
@@ -531,19 +539,9 @@ TEST(Threads, FirstMapsOnFourThreadsAtOnceNeverHang) {
   // task_timeout could not help: the worker never reached a task.
   for (int run = 0; run < 40; ++run) {
     Helper h = start_helper("first-maps");
-    const auto started = Clock::now();
-    int status = 0;
-    pid_t done = 0;
-    while ((done = ::waitpid(h.pid, &status, WNOHANG)) == 0 &&
-           Clock::now() - started < std::chrono::seconds(20))
-      std::this_thread::sleep_for(milliseconds(5));
-    ::close(h.out);
-    if (done == 0) {
-      ::kill(-h.pid, SIGKILL);
-      ::waitpid(h.pid, nullptr, 0);
-      FAIL() << "run " << run << ": the program's first maps on four threads hung";
-    }
-    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-        << "run " << run << ": status " << status;
+    const std::optional<int> status = status_within(h, std::chrono::seconds(20));
+    ASSERT_TRUE(status) << "run " << run << ": the program's first maps on four threads hung";
+    ASSERT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0)
+        << "run " << run << ": status " << *status;
   }
 }
