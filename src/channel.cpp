@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -175,8 +176,46 @@ namespace {
 constexpr std::size_t worker_read_size = 256 * 1024;
 }  // namespace
 
-void WorkerChannel::shut_down() noexcept {
+LinkWatch::LinkWatch(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot) {
+  struct stat st {};
+  if (::fstat(fd, &st) == 0) {
+    device_ = static_cast<std::uint64_t>(st.st_dev);
+    inode_ = static_cast<std::uint64_t>(st.st_ino);
+  }
+}
+
+bool LinkWatch::intact() const noexcept {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return errno == EINTR;  // EBADF: closed
+  return static_cast<std::uint64_t>(st.st_dev) == device_ &&
+         static_cast<std::uint64_t>(st.st_ino) == inode_;
+}
+
+void LinkWatch::check() noexcept {
+  if (!intact()) report_closed();
+  forget_tasks();
+}
+
+void LinkWatch::lost() noexcept {
+  if (unchecked_ != 0 && !intact()) report_closed();
+  // The parent is gone or closed us: nobody wants the results. The end is
+  // shut down both ways first, so that the parent sees it close now even
+  // while a process a task forked (without exec) holds a copy of it.
   ::shutdown(fd_, SHUT_RDWR);
+  exit_worker(0);
+}
+
+void LinkWatch::report_closed() noexcept {
+  if (slot_) {
+    // One task ran since the link was last whole: it took it. Of several,
+    // none is named; the parent runs their chunk again in smaller ones.
+    slot_->call.store(call_, std::memory_order_relaxed);
+    slot_->index.store(unchecked_ == 1 ? index_ : first_, std::memory_order_relaxed);
+    slot_->link_closed_in_chunk.store(earlier_chunks_ == 0 ? 1 : 0, std::memory_order_relaxed);
+    slot_->link_closed.store(fd_ + 1, std::memory_order_relaxed);
+    slot_->running.store(unchecked_ == 1 ? WorkerSlot::running_task : 0, std::memory_order_release);
+  }
+  exit_worker(link_closed_status);
 }
 
 bool WorkerChannel::read_more(std::size_t wanted) {
@@ -190,13 +229,25 @@ bool WorkerChannel::read_more(std::size_t wanted) {
     const std::size_t room = std::max(wanted, in_.size() + worker_read_size) - in_.size();
     std::byte* at = in_.grow(room);
     const std::int64_t waiting_since = steady_now_ns();
-    const long n = receive_with_fds(fd_, at, room, 0, received_fds_, fds_lost_);
+    // Before it waits, a worker whose tasks may have taken the link checks
+    // it: a socket of a task's own in its place would never answer.
+    const bool may_wait_on_a_stranger = link_.tasks_unchecked();
+    const long n = receive_with_fds(fd_, at, room, may_wait_on_a_stranger ? MSG_DONTWAIT : 0,
+                                    received_fds_, fds_lost_);
+    if (n < 0 && may_wait_on_a_stranger && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      in_.resize(in_.size() - room);
+      link_.check();
+      continue;
+    }
     if (slot_) {
       WorkerSlot::add(slot_->wait_ns, static_cast<std::uint64_t>(steady_now_ns() - waiting_since));
       if (n > 0) WorkerSlot::add(slot_->bytes_in, static_cast<std::uint64_t>(n));
     }
     in_.resize(in_.size() - room + (n > 0 ? static_cast<std::size_t>(n) : 0));
-    if (n > 0) return true;
+    if (n > 0) {
+      link_.heard_from_parent();
+      return true;
+    }
     if (n == 0) return false;
     if (errno != EINTR) return false;
   }
@@ -230,7 +281,7 @@ void WorkerChannel::send_attached(std::size_t queued, std::span<const int> fds,
     header.kind = FrameKind::attach;
     header.count = group.size();
     header.first = file_offset;
-    if (!send_with_fds(fd_, &header, sizeof header, group)) exit_worker(0);  // the parent is gone
+    if (!send_with_fds(fd_, &header, sizeof header, group)) link_.lost();
   }
 }
 
@@ -238,12 +289,12 @@ void WorkerChannel::send_spares(std::span<const int> fds) {
   FrameHeader header;
   header.kind = FrameKind::spare;
   header.count = fds.size();
-  if (!send_with_fds(fd_, &header, sizeof header, fds)) exit_worker(0);  // the parent is gone
+  if (!send_with_fds(fd_, &header, sizeof header, fds)) link_.lost();
 }
 
 void WorkerChannel::send_header_and_renew_out(std::size_t queued, const FrameHeader& header) {
   send_front(queued);
-  if (!send_with_fds(fd_, &header, sizeof header, {})) exit_worker(0);
+  if (!send_with_fds(fd_, &header, sizeof header, {})) link_.lost();
   if (slot_) WorkerSlot::add(slot_->bytes_out, sizeof header + header.size);
   out_ = Buffer{};
   out_.share_when_large(WrittenPages::kept_mapped);
@@ -265,7 +316,7 @@ void WorkerChannel::send_range(std::size_t from, std::size_t to) {
     if (n > 0) {
       from += static_cast<std::size_t>(n);
     } else if (n < 0 && errno != EINTR) {
-      exit_worker(0);  // the parent is gone or closed us: nobody wants the results
+      link_.lost();
     }
   }
 }

@@ -167,7 +167,7 @@ ParentChannel::Received ParentChannel::receive(bool arena_allowed, OnFrame&& on_
 /// in `slot` (null: not counted).
 class WorkerChannel {
  public:
-  WorkerChannel(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot) {
+  WorkerChannel(int fd, WorkerSlot* slot) noexcept : fd_(fd), slot_(slot), link_(fd, slot) {
     // A large reply is then handed over in its memory file.
     out_.share_when_large(WrittenPages::kept_mapped);
   }
@@ -179,9 +179,6 @@ class WorkerChannel {
 
   /// Blocks until at least `wanted` bytes are available; false at EOF.
   [[nodiscard]] bool read_more(std::size_t wanted);
-  /// Shuts the socket down both ways: the parent reads its end now, even
-  /// while a process the task forked (without exec) still holds a copy.
-  void shut_down() noexcept;
   /// Sends the first `n` bytes of out() now (whole replies queued before the
   /// one being built), leaving them in place so that nothing moves.
   void send_front(std::size_t n);
@@ -202,6 +199,9 @@ class WorkerChannel {
   /// arrived; false if they did not all arrive.
   [[nodiscard]] bool take_fds(std::size_t n, std::vector<int>& into);
 
+  /// Whether tasks left the link's descriptor alone (see LinkWatch).
+  LinkWatch& link() noexcept { return link_; }
+
  private:
   void send_range(std::size_t from, std::size_t to);
 
@@ -213,6 +213,7 @@ class WorkerChannel {
   std::size_t sent_ = 0;  // bytes at the front of out_ already sent
   std::vector<int> received_fds_;
   bool fds_lost_ = false;
+  LinkWatch link_;
 };
 
 }  // namespace procpool::detail

@@ -19,6 +19,8 @@ ChunkReport ChunkRunner::run(std::uint64_t call, std::uint64_t first, std::uint6
   chunk.first = first;
   chunk.count = count;
   chunk.slot = slot_;
+  chunk.link = link_;
+  if (link_) link_->chunk_starts();
   chunk.time_each_task = task_timeout_ || last_chunk_nanos_per_task_ >= min_nanos_per_timed_task;
   const std::int64_t start = steady_now_ns();
   chunk.task_start_ns = start;
@@ -26,6 +28,7 @@ ChunkReport ChunkRunner::run(std::uint64_t call, std::uint64_t first, std::uint6
   ChunkReport report;
   report.nanos = static_cast<std::uint64_t>(steady_now_ns() - start);
   report.dense = chunk.dense;
+  if (link_) link_->chunk_ended(static_cast<std::int64_t>(report.nanos));
   if (count != 0) {
     last_chunk_nanos_per_task_ = static_cast<double>(report.nanos) / static_cast<double>(count);
   }

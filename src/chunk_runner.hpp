@@ -22,8 +22,9 @@ class ChunkRunner {
  public:
   /// `slot` is where the running task is noted (null: nobody watches);
   /// `task_timeout` says the pool has one, so every task's start is needed.
-  ChunkRunner(WorkerLogic& logic, WorkerSlot* slot, bool task_timeout)
-      : logic_(logic), slot_(slot), task_timeout_(task_timeout) {}
+  /// `link`: the worker's link to its parent, checked after tasks (null: none).
+  ChunkRunner(WorkerLogic& logic, WorkerSlot* slot, bool task_timeout, LinkWatch* link = nullptr)
+      : logic_(logic), slot_(slot), task_timeout_(task_timeout), link_(link) {}
 
   /// Runs tasks `first` .. `first + count - 1` of `call`, inputs from `in`, outcomes to `out`.
   ChunkReport run(std::uint64_t call, std::uint64_t first, std::uint64_t count, Reader& in,
@@ -33,6 +34,7 @@ class ChunkRunner {
   WorkerLogic& logic_;
   WorkerSlot* slot_;
   bool task_timeout_;
+  LinkWatch* link_;
   /// Average task time of the previous chunk: decides whether each task is timed.
   double last_chunk_nanos_per_task_ = 1e9;
 };

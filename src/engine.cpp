@@ -58,6 +58,7 @@ Chunk slice(const Chunk& chunk, std::uint64_t from, std::uint64_t to) {
   part.orphaned = chunk.orphaned;
   part.stride = chunk.stride;
   part.tail = chunk.tail;
+  part.check_link = chunk.check_link;
   part.files = chunk.files;    // indices into it stay valid in any part
   part.source = chunk.source;  // only ever on a chunk of one input: the part is all of it
   // A large part is handed to its worker as a memory file, as the chunk was,
@@ -977,8 +978,25 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
   // between them. The chunks queued behind it had no chance to run: they go
   // again as they are.
   bool front = true;
+  // A task of this chunk took the worker's link, which one the worker could
+  // not tell (LinkWatch): it is the one worked on, wherever it stands.
+  const auto took_the_link = [&](const Chunk& chunk) {
+    const std::optional<RunningTaskRef>& near = exit.closed_link_near;
+    return chunk.call == near->call && near->index >= chunk.first &&
+           near->index < chunk.first + chunk.count;
+  };
+  const bool link_taken = exit.closed_link_fd >= 0 && exit.signal == 0;
   const auto send_again = [&](Chunk chunk) {
-    const bool worked_on = std::exchange(front, false);
+    if (link_taken && !exit.closed_link_near) {
+      // Any of them may hold the task that took it: none is charged, each is
+      // checked on its own next time.
+      chunk.check_link = true;
+      requeue.push_back(std::move(chunk));
+      return;
+    }
+    if (link_taken) chunk.check_link = true;
+    const bool worked_on =
+        exit.closed_link_near ? took_the_link(chunk) : std::exchange(front, false);
     if (worked_on && exit.ready && loss != Loss::corrupt && !exit.running) {
       orphan(std::move(chunk), pid, exit, requeue);
     } else {
@@ -1033,6 +1051,10 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
 
 std::exception_ptr Engine::Impl::crash_of(std::size_t index, pid_t pid, const WorkerExit& exit,
                                           unsigned position) {
+  if (exit.closed_link_fd >= 0 && exit.signal == 0) {
+    return std::make_exception_ptr(
+        WorkerCrashed::closed_link(index, pid, exit.code, exit.closed_link_fd));
+  }
   if (exit.signal == SIGKILL) {
     if (std::optional<std::string> seen = oom_.explain_kill(exit.counted.peak_rss_kb)) {
       telemetry_.note_out_of_memory(
@@ -1062,6 +1084,14 @@ void Engine::Impl::orphan(Chunk chunk, pid_t pid, const WorkerExit& exit,
     return;
   }
   const auto index = static_cast<std::size_t>(chunk.first);
+  if (exit.closed_link_fd >= 0 && exit.signal == 0) {
+    // The last worker's link was taken by a task run with this one, and
+    // this one was not told apart from it.
+    finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count,
+                                          std::make_exception_ptr(WorkerCrashed::closed_link(
+                                              index, pid, exit.code, exit.closed_link_fd))));
+    return;
+  }
   finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count,
                                         std::make_exception_ptr(WorkerCrashed(
                                             index, pid, exit.signal, exit.code,
@@ -1166,14 +1196,14 @@ Engine::Impl::Worker* Engine::Impl::find_worker(std::uint64_t serial) {
 
 void Engine::Impl::enable_wake() {
   if (wake_enabled_) return keep_a_round_descriptor();
-  posts_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  posts_fd_ = above_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (posts_fd_ < 0) throw_errno("cannot create an event descriptor for a pool's service thread");
   wake_enabled_ = true;
 }
 
 void Engine::Impl::keep_a_round_descriptor() noexcept {
   if (!wake_enabled_ || !spare_wakes_.empty()) return;
-  const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  const int fd = above_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (fd < 0) return;
   try {
     spare_wakes_.push_back(fd);
@@ -1183,7 +1213,7 @@ void Engine::Impl::keep_a_round_descriptor() noexcept {
 }
 
 int Engine::Impl::take_wake_fd() noexcept {
-  if (spare_wakes_.empty()) return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (spare_wakes_.empty()) return above_standard_streams(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   const int fd = spare_wakes_.back();
   spare_wakes_.pop_back();
   return fd;

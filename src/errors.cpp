@@ -111,6 +111,21 @@ WorkerCrashed WorkerCrashed::in_setup(std::size_t index, pid_t pid, int signal, 
   return crashed;
 }
 
+WorkerCrashed WorkerCrashed::closed_link(std::size_t index, pid_t pid, int exit_status, int fd) {
+  const std::string seen = "task " + std::to_string(index) + " closed or replaced descriptor " +
+                           std::to_string(fd) + " of its worker, the worker's link to the pool";
+  WorkerCrashed crashed(
+      Message{"procpool: " + seen + " (worker " + std::to_string(pid) +
+              "), so its result could not be sent back; the other tasks are unaffected. A "
+              "task may close only the descriptors it opened: closefrom(), close_range(), "
+              "daemon() or a loop of close() or dup2() over every descriptor takes the "
+              "pool's too"},
+      index, pid, 0, exit_status);
+  crashed.closed_link_ = true;
+  crashed.observed_ = seen;
+  return crashed;
+}
+
 TaskTimeout::TaskTimeout(Message message, std::size_t index, std::chrono::milliseconds limit)
     : Error(message.text), index_(index), limit_(limit) {}
 

@@ -249,6 +249,8 @@ bool ForkServer::start_server() {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     throw_errno("cannot create the socket of the pool's fork server", errno);
   }
+  for (int& fd : sv)
+    fd = above_standard_streams(fd);
   const std::vector<int> to_close = parent_sockets();
   const ForkServerBirth& birth = birth_;
   skip_parent_exit_handlers_in_workers();

@@ -33,7 +33,8 @@ std::uintptr_t page_size() noexcept {
 }  // namespace
 
 int create_memory_file(std::size_t size) {
-  const int fd = ::memfd_create("procpool", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  const int fd =
+      above_standard_streams(::memfd_create("procpool", MFD_CLOEXEC | MFD_ALLOW_SEALING));
   if (fd < 0) throw_errno("cannot create a memory file (memfd_create)");
   if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
     const int error = errno;
@@ -314,10 +315,20 @@ long receive_with_fds(int socket, void* data, std::size_t n, int flags, std::vec
     for (std::size_t i = 0; i < count; ++i) {
       int fd = -1;
       std::memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-      fds.push_back(fd);
+      fds.push_back(above_standard_streams(fd));
     }
   }
   return static_cast<long>(got);
+}
+
+int above_standard_streams(int fd) noexcept {
+  if (fd < 0 || fd > STDERR_FILENO) return fd;
+  const int flags = ::fcntl(fd, F_GETFD);
+  const int moved = ::fcntl(fd, flags >= 0 && (flags & FD_CLOEXEC) ? F_DUPFD_CLOEXEC : F_DUPFD,
+                            STDERR_FILENO + 1);
+  if (moved < 0) return fd;
+  ::close(fd);
+  return moved;
 }
 
 void close_fd(int fd) noexcept {

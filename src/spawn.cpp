@@ -123,7 +123,7 @@ bool receive_all(int fd, void* into, std::size_t n) {
 }  // namespace
 
 SlotFile create_slot_file() {
-  OwnedFd memfd(::memfd_create("procpool-worker-slot", MFD_CLOEXEC));
+  OwnedFd memfd(above_standard_streams(::memfd_create("procpool-worker-slot", MFD_CLOEXEC)));
   if (memfd.fd < 0) throw_errno(errno, "cannot create a worker's status page (memfd)");
   if (::ftruncate(memfd.fd, static_cast<off_t>(sizeof(WorkerSlot))) != 0) {
     throw_errno(errno, "cannot size a worker's status page");

@@ -44,7 +44,7 @@ class WorkerLoop {
       : logic_(logic),
         context_(context),
         channel_(fd, context.slot),
-        chunks_(logic, context.slot, context.task_timeout) {}
+        chunks_(logic, context.slot, context.task_timeout, &channel_.link()) {}
 
   [[noreturn]] void run();
 
@@ -52,10 +52,7 @@ class WorkerLoop {
   /// The parent closed its end: this worker is done. Its own end is shut
   /// down first, so that the parent sees it close now even while a process
   /// a task forked (without exec) holds a copy of it.
-  [[noreturn]] void end_at_parents_eof() {
-    channel_.shut_down();
-    exit_worker(0);
-  }
+  [[noreturn]] void end_at_parents_eof() { channel_.link().lost(); }
   void run_task_frame(const FrameHeader& header, Reader& payload);
   /// Decodes a call's setup, noted in the slot: if its extra arguments'
   /// load() kills this worker, the parent charges the call, not a task.
@@ -165,7 +162,10 @@ void WorkerLoop::run_task_frame(const FrameHeader& header, Reader& payload) {
   ChunkReport report;
   {
     ScopedPointer<std::vector<int>> attaching(files_to_attach(), &files);
+    const bool suspect = (header.flags & flag_check_link) != 0;
+    if (suspect) channel_.link().check();  // earlier chunks' tasks are not this one's
     report = chunks_.run(header.call, header.first, header.count, payload, writer);
+    if (suspect) channel_.link().check();
   }
   FrameHeader reply;
   reply.kind = FrameKind::result;

@@ -48,5 +48,8 @@ void skip_parent_exit_handlers_in_workers();
 /// Ends a worker: flushes what its tasks printed (not what the parent had
 /// buffered before the fork) and exits without running atexit handlers.
 [[noreturn]] void exit_worker(int status);
+/// The status of a worker that ended because a task closed or replaced the
+/// descriptor of its link to the parent (LinkWatch); its slot says which.
+inline constexpr int link_closed_status = 71;
 
 }  // namespace procpool::detail

@@ -403,10 +403,10 @@ class WorkerProcess final : public WorkerLink {
   }
   void send_chunk(const Chunk& chunk, const Buffer* own_setup) override {
     give_back_spares();
-    std::uint16_t flags = 0;
+    auto flags = static_cast<std::uint16_t>(chunk.check_link ? flag_check_link : 0);
     if (own_setup) {
       send_setup(chunk.call, *own_setup);
-      flags = flag_end_call_after;
+      flags = static_cast<std::uint16_t>(flags | flag_end_call_after);
     }
     // SharedBuffer inputs' files first: an input file, if any, comes last.
     std::vector<int> files = duplicate_files(chunk.files.get());
@@ -462,6 +462,12 @@ class WorkerProcess final : public WorkerLink {
     // The process is gone, so its slot no longer changes: it names the task
     // it was running, and its counters are final.
     exit.running = running_task();
+    exit.closed_link_fd = slot_->link_closed.load(std::memory_order_relaxed) - 1;
+    if (exit.closed_link_fd >= 0 && !exit.running &&
+        slot_->link_closed_in_chunk.load(std::memory_order_relaxed) != 0) {
+      exit.closed_link_near = RunningTaskRef{slot_->call.load(std::memory_order_relaxed),
+                                             slot_->index.load(std::memory_order_relaxed)};
+    }
     exit.ready = slot_->ready.load(std::memory_order_acquire) != 0;
     exit.counted = counters();
     unmap_slot(slot_);
@@ -665,7 +671,8 @@ std::pair<OwnedFd, OwnedFd> worker_sockets() {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     throw_errno("cannot create a socket pair for a worker");
   }
-  for (int fd : sv) {
+  for (int& fd : sv) {
+    fd = above_standard_streams(fd);
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &socket_buffer_bytes, sizeof socket_buffer_bytes);
   }

@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 #include <procpool/procpool.hpp>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +19,7 @@
 #include <filesystem>
 #include <list>
 #include <memory>
+#include <numeric>
 #include <ranges>
 #include <thread>
 #include <utility>
@@ -590,3 +593,191 @@ TEST(Hygiene, AProcessATaskForkedDoesNotHoldUpAForkPerCallMapsEnd) {
   EXPECT_LT(took, std::chrono::seconds(10)) << "the call's end waited for the processes its "
                                                "tasks forked";
 }
+
+// Tasks that close or replace descriptors they did not open: closefrom(),
+// close_range(), daemon()-style loops. The worker's link to the pool goes
+// with them; it used to look like "the parent is gone" (status 0), so the
+// task was retried as if its result had been lost on the way, and its
+// innocent neighbours were charged for the deaths until they failed with
+// "something kills the workers from outside".
+namespace {
+
+enum class Takes { close_loop, close_range, dup2_dev_null, own_socket };
+
+void take_descriptors(Takes how) {
+  switch (how) {
+    case Takes::close_loop:
+      for (int fd = 3; fd < 1024; ++fd)
+        ::close(fd);
+      break;
+    case Takes::close_range:
+      ::close_range(3, ~0U, 0);
+      break;
+    case Takes::dup2_dev_null: {
+      const int null = ::open("/dev/null", O_RDWR);
+      for (int fd = 3; fd < 1024; ++fd) {
+        if (fd != null) ::dup2(null, fd);
+      }
+      break;
+    }
+    case Takes::own_socket: {
+      // Sockets of the task's own under the link's number (the first
+      // sixteen are taken): writes to them succeed, so only a check of the
+      // descriptor's identity tells.
+      ::close_range(3, ~0U, 0);
+      for (int i = 0; i < 8; ++i) {
+        int pair[2];
+        if (::socketpair(AF_UNIX, SOCK_STREAM, 0, pair) != 0) std::abort();
+      }
+      break;
+    }
+  }
+}
+
+struct LinkCase {
+  Takes how;
+  procpool::Start start;
+  std::size_t chunksize;
+  bool slow;  // each task takes 2 ms, long enough to be checked on its own
+};
+
+class LinkTaken : public ::testing::TestWithParam<LinkCase> {};
+
+TEST_P(LinkTaken, OnlyTheTaskThatTookItFailsAndItsErrorSaysSo) {
+  const LinkCase c = GetParam();
+  std::vector<int> inputs(20);
+  std::iota(inputs.begin(), inputs.end(), 0);
+  const auto task = [c](int x) {
+    if (x % 5 == 2) take_descriptors(c.how);
+    if (c.slow) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    return x * 3 + 1;
+  };
+  const auto started = std::chrono::steady_clock::now();
+  const auto outcomes = procpool::map_outcomes(
+      task, inputs, {.processes = 2, .chunksize = c.chunksize, .start = c.start});
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(20));
+  ASSERT_EQ(outcomes.size(), inputs.size());
+  for (const auto& outcome : outcomes) {
+    const int x = inputs[outcome.index];
+    if (x % 5 != 2) {
+      ASSERT_TRUE(outcome.ok()) << "task " << x << ": " << outcome.what();
+      EXPECT_EQ(*outcome.value, x * 3 + 1);
+      continue;
+    }
+    ASSERT_FALSE(outcome.ok()) << "task " << x << " took the link and still succeeded";
+    try {
+      std::rethrow_exception(outcome.error);
+    } catch (const procpool::WorkerCrashed& e) {
+      EXPECT_TRUE(e.closed_link()) << e.what();
+      EXPECT_EQ(e.index(), static_cast<std::size_t>(x));
+      EXPECT_NE(std::string(e.what()).find("task " + std::to_string(x) +
+                                           " closed or replaced descriptor"),
+                std::string::npos)
+          << e.what();
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "task " << x << ": " << e.what();
+    }
+  }
+  EXPECT_TRUE(test_helpers::children().empty());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Tasks, LinkTaken,
+    ::testing::Values(LinkCase{Takes::close_loop, procpool::Start::fork, 1, false},
+                      LinkCase{Takes::close_range, procpool::Start::fork, 4, false},
+                      LinkCase{Takes::dup2_dev_null, procpool::Start::fork, 1, false},
+                      LinkCase{Takes::dup2_dev_null, procpool::Start::fork_server, 4, false},
+                      LinkCase{Takes::close_range, procpool::Start::fork, 4, true},
+                      LinkCase{Takes::own_socket, procpool::Start::fork, 1, true},
+                      LinkCase{Takes::own_socket, procpool::Start::fork_server, 3, true}));
+
+TEST(LinkTakenInAPool, ThePoolGoesOnAndTheNextCallIsWhole) {
+  procpool::Pool pool({.processes = 2});
+  const auto outcomes = pool.map_outcomes(
+      [](int x) {
+        if (x == 3) ::close_range(3, ~0U, 0);
+        return x + 1;
+      },
+      std::vector<int>{0, 1, 2, 3, 4, 5});
+  ASSERT_EQ(outcomes.size(), 6u);
+  for (const auto& outcome : outcomes)
+    EXPECT_EQ(outcome.ok(), outcome.index != 3) << outcome.index << ": " << outcome.what();
+  EXPECT_NE(outcomes[3].what().find("closed or replaced descriptor"), std::string::npos)
+      << outcomes[3].what();
+  EXPECT_EQ(pool.map([](int x) { return x * 2; }, std::vector<int>{1, 2, 3}),
+            (std::vector<int>{2, 4, 6}));
+}
+
+}  // namespace
+
+// A program that closed its standard streams gets its next descriptors on
+// 0, 1 and 2: the pool's sockets and memory files used to land there, so
+// what the program or its tasks printed went into them (helper-66: under
+// fork_server every task failed with "sent a corrupt message"; the
+// program's own printf replaced spawned workers or broke the next map).
+namespace {
+
+int run_without_standard_streams(procpool::Start start) {
+  ::close(STDIN_FILENO);
+  ::close(STDOUT_FILENO);
+  ::close(STDERR_FILENO);
+  try {
+    procpool::Pool pool({.processes = 2, .start = start});
+    const auto prints = [](int x) {
+      std::printf("task %d prints to stdout\n", x);
+      std::fflush(stdout);
+      std::fprintf(stderr, "task %d prints to stderr\n", x);
+      return x * 2;
+    };
+    std::vector<int> inputs(40);
+    std::iota(inputs.begin(), inputs.end(), 0);
+    for (int round = 0; round < 3; ++round) {
+      std::printf("the program prints between calls\n");
+      std::fflush(stdout);
+      std::fprintf(stderr, "and to stderr\n");
+      const std::vector<int> doubled = pool.map(prints, inputs);
+      for (int x : inputs) {
+        if (doubled[static_cast<std::size_t>(x)] != x * 2) return 1;
+      }
+      // Large results travel in memory files, which must not land there either.
+      const auto large = pool.map(
+          [](int x) { return std::vector<char>(std::size_t{40} << 20, static_cast<char>(x)); },
+          std::vector<int>{1, 2});
+      if (large.size() != 2 || large[1].back() != 2) return 1;
+    }
+    for (const auto& row : pool.insights().workers) {
+      if (row.crashes != 0) return 4;  // a worker was replaced: its socket got garbage
+    }
+  } catch (...) {
+    return 3;
+  }
+  return 0;
+}
+
+class WithoutStandardStreams : public ::testing::TestWithParam<procpool::Start> {};
+
+TEST_P(WithoutStandardStreams, NothingPrintedReachesThePoolsDescriptors) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(run_without_standard_streams(GetParam()));
+  int status = 0;
+  const auto started = std::chrono::steady_clock::now();
+  pid_t done = 0;
+  while ((done = ::waitpid(child, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() - started < std::chrono::seconds(60))
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (done == 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+    FAIL() << "the program without standard streams did not end within 60 s";
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "1: wrong results; 3: a call threw; 4: a worker was replaced";
+}
+
+INSTANTIATE_TEST_SUITE_P(Starts, WithoutStandardStreams,
+                         ::testing::Values(procpool::Start::fork, procpool::Start::fork_server,
+                                           procpool::Start::spawn));
+
+}  // namespace

@@ -77,6 +77,12 @@ class WorkerCrashed : public Error {
   /// call's extra arguments' load()), `deaths` of them, the last `pid`.
   static WorkerCrashed in_setup(std::size_t index, pid_t pid, int signal, int exit_status,
                                 unsigned deaths);
+  /// Task `index` closed or replaced descriptor `fd` of its worker, the
+  /// worker's link to the pool (closefrom(), close_range(), dup2() over it),
+  /// so its result could not be sent back and the worker ended.
+  static WorkerCrashed closed_link(std::size_t index, pid_t pid, int exit_status, int fd);
+  /// Whether the task took its worker's link to the pool (closed_link()).
+  bool closed_link() const noexcept { return closed_link_; }
   /// Whether the OOM killer killed the worker (as far as procpool could tell).
   bool out_of_memory() const noexcept { return out_of_memory_; }
   /// What was observed around the death, as given to the constructor or to
@@ -94,6 +100,7 @@ class WorkerCrashed : public Error {
   int signal_;
   int exit_status_;
   bool out_of_memory_ = false;
+  bool closed_link_ = false;
   std::string observed_;
 
   struct Message {

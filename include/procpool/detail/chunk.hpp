@@ -48,6 +48,10 @@ struct Chunk {
   /// One of a call's last chunks (SchedulePolicy::next_chunk said so): it
   /// goes only to a worker with nothing queued.
   bool tail = false;
+  /// Sent to a worker whose link a task took, no task told apart (see
+  /// LinkWatch): the next worker checks its link before and after it, so
+  /// that the task that takes it again is named, not a neighbour.
+  bool check_link = false;
   /// The memory files its inputs refer to (SharedBuffer inputs handed over,
   /// not copied), by index. The chunk keeps them: each send hands the worker
   /// duplicates, so a retry or a split part can send them again.

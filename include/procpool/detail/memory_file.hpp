@@ -139,6 +139,13 @@ bool send_with_fds(int socket, const void* data, std::size_t n, std::span<const 
 long receive_with_fds(int socket, void* data, std::size_t n, int flags, std::vector<int>& fds,
                       bool& truncated) noexcept;
 
+/// `fd`, or a copy of it above 2 (the original closed) if it landed on a
+/// standard stream's number: a program that closed stdin, stdout or stderr
+/// gets its next descriptors there, and what it (or a task) then prints
+/// would go into the pool's socket or memory file. Close-on-exec is kept.
+/// `fd` itself if it cannot be moved (or is negative).
+int above_standard_streams(int fd) noexcept;
+
 /// close(), for headers that do not include unistd.h.
 void close_fd(int fd) noexcept;
 

@@ -58,6 +58,10 @@ inline constexpr std::uint16_t flag_in_file = 32;
 /// whole file back (FrameKind::spare) once decoded.
 inline constexpr std::uint16_t flag_file_handed_over = 64;
 
+/// Task flag: a task that ran near this chunk took its worker's link to the
+/// parent (LinkWatch); the worker checks its link before and after it.
+inline constexpr std::uint16_t flag_check_link = 128;
+
 /// Flags for a payload in arena region `region`.
 inline std::uint16_t arena_flags(std::size_t region) {
   return static_cast<std::uint16_t>(flag_in_arena | (region << flag_region_shift));
@@ -251,6 +255,13 @@ struct WorkerSlot {
   /// worker is the pool's child; a server killed before it answered leaves
   /// the pool only this to find, and reap, the worker.
   std::atomic<std::int32_t> cloned_pid{0};
+  /// The worker's descriptor of its link to the parent, plus one, once a
+  /// task closed or replaced it (LinkWatch): why the worker ended. With
+  /// `running` 0, no task was told apart: `call` and `index` then name the
+  /// first of the chunk's tasks that could have, if `link_closed_in_chunk`
+  /// (tasks of earlier chunks could not have).
+  std::atomic<std::int32_t> link_closed{0};
+  std::atomic<std::uint32_t> link_closed_in_chunk{0};
 
   // Cumulative, written by the worker alone, read by the parent for insights.
   std::atomic<std::uint64_t> tasks{0};
@@ -281,6 +292,8 @@ inline std::int64_t steady_now_ns() {
       .count();
 }
 
+class LinkWatch;
+
 /// One chunk being run: what its tasks need to know about where they run,
 /// handed down explicitly from the chunk runner to each task (a worker holds
 /// no globals), and what the run reports back.
@@ -300,6 +313,80 @@ struct ChunkRun {
   std::int64_t task_start_ns = 0;
   /// Out: the outcomes were written dense (see flag_dense).
   bool dense = false;
+  /// The worker's link to its parent, checked after tasks; null in process.
+  LinkWatch* link = nullptr;
+};
+
+/// Watches a worker's link to its parent (its socket's descriptor) for
+/// tasks that close or replace it: closefrom(), close_range() or a loop of
+/// close() or dup2() over every descriptor takes the pool's too. Without the
+/// link the worker cannot send its result: it tells the parent which task
+/// ran (its slot) and ends, rather than die silently ("the parent is gone")
+/// and have the task retried and its neighbours charged. Checking costs a
+/// system call (fstat, 1.6 us on the CI's VM; a chunk of one tiny task
+/// takes about as long), so it happens after a task that took
+/// check_after_ns or more (it alone is then named), before a chunk once the
+/// chunks since the last check took that long together, and whenever the
+/// link fails. Tasks of one chunk that took less are not told apart: the
+/// parent runs their chunk again in smaller ones. Of tasks of several
+/// chunks, the parent splits the oldest (as for any death between tasks).
+class LinkWatch {
+ public:
+  static constexpr std::int64_t check_after_ns = 100'000;
+
+  LinkWatch(int fd, WorkerSlot* slot) noexcept;
+
+  /// Task `index` of `call` returned or threw, `took_ns` after it started
+  /// (0: not timed). Checks the link if the task took long enough; ends
+  /// the worker if it is gone.
+  void task_returned(std::uint64_t call, std::uint64_t index, std::int64_t took_ns) noexcept {
+    if (unchecked_++ == 0 || std::exchange(new_chunk_, false)) first_ = index;
+    call_ = call;
+    index_ = index;
+    if (took_ns >= check_after_ns) check();
+  }
+  /// Before a chunk runs: checks the link if the tasks run since it was
+  /// last seen whole took check_after_ns or more; the chunk's tasks are then
+  /// told apart from theirs.
+  void chunk_starts() noexcept {
+    if (unchecked_ != 0 && unchecked_ns_ >= check_after_ns) check();
+    if (unchecked_ != 0) {
+      ++earlier_chunks_;
+      new_chunk_ = true;
+    }
+  }
+  /// A chunk ended, `nanos` after it started.
+  void chunk_ended(std::int64_t nanos) noexcept { unchecked_ns_ += nanos; }
+  bool tasks_unchecked() const noexcept { return unchecked_ != 0; }
+  /// The parent's bytes arrived on the descriptor: it is still the link.
+  void heard_from_parent() noexcept { forget_tasks(); }
+  /// Ends the worker if the descriptor is no longer the link.
+  void check() noexcept;
+  /// A send or receive on the link failed or met its end: ends the worker,
+  /// with status 0 if the descriptor is still the link (the parent is gone).
+  [[noreturn]] void lost() noexcept;
+  int fd() const noexcept { return fd_; }
+
+ private:
+  bool intact() const noexcept;
+  [[noreturn]] void report_closed() noexcept;
+  void forget_tasks() noexcept {
+    unchecked_ = 0;
+    unchecked_ns_ = 0;
+    earlier_chunks_ = 0;
+    new_chunk_ = false;
+  }
+
+  int fd_;
+  WorkerSlot* slot_;
+  std::uint64_t device_ = 0, inode_ = 0;
+  // The tasks run since the link was last seen whole: the call and first
+  // and last index of those of the latest chunk, how many in all, how long
+  // they took, and how many chunks ran before the latest.
+  std::uint64_t call_ = 0, first_ = 0, index_ = 0, unchecked_ = 0;
+  std::int64_t unchecked_ns_ = 0;
+  std::uint64_t earlier_chunks_ = 0;
+  bool new_chunk_ = false;
 };
 
 /// Marks task `index` as running in this worker's slot for the scope, and
@@ -315,12 +402,22 @@ class RunningTask {
     slot_->started_ns.store(run.task_start_ns, std::memory_order_relaxed);
     slot_->running.store(WorkerSlot::running_task, std::memory_order_release);
   }
-  /// The task's function returned; what follows is serialisation.
+  /// The task's function returned; what follows is serialisation (after
+  /// the link is checked: a task that took its descriptor may have opened
+  /// a file of its own under the number of one the reply would be written to).
   void computed() {
     if (slot_ && index_ % serialize_sample == 0) computed_ = steady_now_ns();
+    if (run_.link) {
+      const std::int64_t took =
+          run_.time_each_task ? (computed_ != 0 ? computed_ : steady_now_ns()) - run_.task_start_ns
+                              : 0;
+      run_.link->task_returned(run_.call, index_, took);
+      checked_ = true;
+    }
   }
   ~RunningTask() {
     if (!slot_) return;
+    if (run_.link && !checked_) run_.link->task_returned(run_.call, index_, 0);  // it threw
     WorkerSlot::add(slot_->tasks, 1);
     const bool timed = run_.time_each_task;
     const std::int64_t end = computed_ != 0 || timed ? steady_now_ns() : 0;
@@ -346,6 +443,7 @@ class RunningTask {
   WorkerSlot* slot_;
   std::uint64_t index_;
   std::int64_t computed_ = 0;
+  bool checked_ = false;
 };
 
 /// Runs task `index` and writes its outcome: the value, or the exception it threw.

@@ -82,6 +82,11 @@ struct WorkerExit {
   /// serving tasks; a worker that dies before is no sign of a bad task.
   bool ready = true;
   std::optional<RunningTaskRef> running;
+  /// The descriptor of its link to the pool, if a task closed or replaced
+  /// it (see LinkWatch): `running` is that task, if the worker could tell;
+  /// if not, `closed_link_near` is the first task that could have.
+  int closed_link_fd = -1;
+  std::optional<RunningTaskRef> closed_link_near;
   /// Its counters, final.
   WorkerCounters counted;
 };
