@@ -757,6 +757,7 @@ int run_without_standard_streams(procpool::Start start) {
 class WithoutStandardStreams : public ::testing::TestWithParam<procpool::Start> {};
 
 TEST_P(WithoutStandardStreams, NothingPrintedReachesThePoolsDescriptors) {
+  std::fflush(nullptr);
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) ::_exit(run_without_standard_streams(GetParam()));
