@@ -328,8 +328,9 @@ struct ChunkRun {
 /// check_after_ns or more (it alone is then named), before a chunk once the
 /// chunks since the last check took that long together, and whenever the
 /// link fails. Tasks of one chunk that took less are not told apart: the
-/// parent runs their chunk again in smaller ones. Of tasks of several
-/// chunks, the parent splits the oldest (as for any death between tasks).
+/// parent runs their chunk again in smaller ones. When tasks of several
+/// chunks ran unchecked, it runs every chunk the worker had again,
+/// uncharged, each checked before and after (flag_check_link).
 class LinkWatch {
  public:
   static constexpr std::int64_t check_after_ns = 100'000;
