@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include "procpool/detail/code_identity.hpp"
@@ -32,6 +34,28 @@ constexpr char spawn_variable[] = "PROCPOOL_SPAWNED_WORKER";
 constexpr int worker_socket_fd = 3;
 constexpr int worker_slot_fd = 4;
 constexpr std::uint32_t hello_magic = 0x57535050;  // "PPSW"
+
+/// The parent that spawned this process as a worker, or 0: read from
+/// spawn_variable before the program's own static initialisers run.
+pid_t spawned_by = 0;
+
+/// Runs before the program's own static initialisers (priority 101; the
+/// worker itself starts after them, see serve_if_spawned_worker), so that a
+/// spawned worker is tied to its parent before any of the program's code
+/// runs: one whose initialisers hang or loop does not outlive a parent
+/// killed meanwhile. Its marker is unset, and its socket and status page
+/// are kept from what those initialisers start (a program started with
+/// system() took itself for a worker of another parent and exited at once).
+__attribute__((constructor(101))) void recognise_spawned_worker() {
+  const char* marker = std::getenv(spawn_variable);
+  if (marker == nullptr) return;
+  spawned_by = static_cast<pid_t>(std::strtol(marker, nullptr, 10));
+  ::unsetenv(spawn_variable);
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != spawned_by) ::_exit(0);  // the parent died before prctl took effect
+  ::fcntl(worker_socket_fd, F_SETFD, FD_CLOEXEC);
+  ::fcntl(worker_slot_fd, F_SETFD, FD_CLOEXEC);
+}
 
 [[noreturn]] void throw_errno(int error, const char* what) {
   throw std::system_error(error, std::generic_category(), std::string("procpool: ") + what);
@@ -194,14 +218,10 @@ SpawnedWorker spawn_worker_process(int parent_end, int child_end, const SpawnReq
 }
 
 void serve_if_spawned_worker(SpawnedLogicFactory make_logic) {
-  const char* marker = std::getenv(spawn_variable);
-  if (marker == nullptr) return;
-  const auto parent = static_cast<pid_t>(std::strtol(marker, nullptr, 10));
-  ::unsetenv(spawn_variable);
-  // Dies with the parent; exits at once if the parent is already gone. The
-  // inner thread counts are already in this process's environment.
-  prepare_worker_process(parent, 0);
-  ::fcntl(worker_socket_fd, F_SETFD, FD_CLOEXEC);  // a task's own children do not get it
+  if (spawned_by == 0) return;
+  // Exits at once if the parent is gone by now. The inner thread counts are
+  // already in this process's environment.
+  prepare_worker_process(std::exchange(spawned_by, 0), 0);
   void* page =
       ::mmap(nullptr, sizeof(WorkerSlot), PROT_READ | PROT_WRITE, MAP_SHARED, worker_slot_fd, 0);
   ::close(worker_slot_fd);

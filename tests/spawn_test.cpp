@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <procpool/detail/code_identity.hpp>
 #include <procpool/procpool.hpp>
@@ -306,8 +307,20 @@ TEST(Spawn, WorkersAreChildrenRunningThisExecutable) {
 // in each spawned worker (procpool is linked statically, after this object),
 // so that task code may use the program's globals.
 int static_constructors_run = 0;
+// What the process looked like as the program's static constructors ran.
+struct AsConstructed {
+  bool marker_visible = false;  // a program they start would see it
+  int death_signal = 0;         // PR_GET_PDEATHSIG
+  int socket_flags = -1;        // of descriptor 3, a spawned worker's socket
+};
+AsConstructed as_constructed;
 struct CountsItsConstruction {
-  CountsItsConstruction() { ++static_constructors_run; }
+  CountsItsConstruction() {
+    ++static_constructors_run;
+    as_constructed.marker_visible = std::getenv("PROCPOOL_SPAWNED_WORKER") != nullptr;
+    ::prctl(PR_GET_PDEATHSIG, &as_constructed.death_signal);
+    as_constructed.socket_flags = ::fcntl(3, F_GETFD);
+  }
 };
 CountsItsConstruction counted;
 const std::string program_global = "initialised by a static constructor";
@@ -339,6 +352,22 @@ TEST(Spawn, WorkersRunTheProgramsStaticConstructorsButNotMain) {
   EXPECT_FALSE(ran_main) << "the worker ran main()";
   EXPECT_FALSE(marker_left) << "the worker left its marker variable for its own children";
   EXPECT_EQ(parent, ::getpid());
+}
+
+TEST(Spawn, AWorkerIsTiedToItsParentBeforeTheProgramsStaticConstructorsRun) {
+  // helper-66's cases: a worker whose static constructors hung outlived a
+  // SIGKILLed parent (PR_SET_PDEATHSIG came after them), and a procpool
+  // program they started with system() saw the marker, took itself for a
+  // worker of another parent, and exited 0 without running its main().
+  procpool::Pool pool({.processes = 1, .start = Start::spawn});
+  auto seen = pool.submit([] {
+    return std::tuple<bool, int, int>{as_constructed.marker_visible, as_constructed.death_signal,
+                                      as_constructed.socket_flags};
+  });
+  const auto [marker_visible, death_signal, socket_flags] = seen.get();
+  EXPECT_FALSE(marker_visible) << "what the static constructors start takes itself for a worker";
+  EXPECT_EQ(death_signal, SIGKILL) << "the worker is not tied to its parent yet";
+  EXPECT_EQ(socket_flags, FD_CLOEXEC) << "what the static constructors start gets the socket";
 }
 
 TEST(Spawn, WorkersGetNoDescriptorTheParentDidNotMeanToGive) {
