@@ -985,7 +985,7 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
     return chunk.call == near->call && near->index >= chunk.first &&
            near->index < chunk.first + chunk.count;
   };
-  const bool link_taken = exit.closed_link_fd >= 0 && exit.signal == 0;
+  const bool link_taken = exit.link_taken();
   const auto send_again = [&](Chunk chunk) {
     if (link_taken && !exit.closed_link_near) {
       // Any of them may hold the task that took it: none is charged, each is
@@ -1051,7 +1051,7 @@ void Engine::Impl::lose(std::uint64_t serial, Loss loss, std::exception_ptr corr
 
 std::exception_ptr Engine::Impl::crash_of(std::size_t index, pid_t pid, const WorkerExit& exit,
                                           unsigned position) {
-  if (exit.closed_link_fd >= 0 && exit.signal == 0) {
+  if (exit.link_taken()) {
     return std::make_exception_ptr(
         WorkerCrashed::closed_link(index, pid, exit.code, exit.closed_link_fd));
   }
@@ -1084,14 +1084,6 @@ void Engine::Impl::orphan(Chunk chunk, pid_t pid, const WorkerExit& exit,
     return;
   }
   const auto index = static_cast<std::size_t>(chunk.first);
-  if (exit.closed_link_fd >= 0 && exit.signal == 0) {
-    // The last worker's link was taken by a task run with this one, and
-    // this one was not told apart from it.
-    finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count,
-                                          std::make_exception_ptr(WorkerCrashed::closed_link(
-                                              index, pid, exit.code, exit.closed_link_fd))));
-    return;
-  }
   finish_chunk(chunk, ChunkDone::failed(chunk.first, chunk.count,
                                         std::make_exception_ptr(WorkerCrashed(
                                             index, pid, exit.signal, exit.code,

@@ -366,7 +366,6 @@ class LinkWatch {
   /// A send or receive on the link failed or met its end: ends the worker,
   /// with status 0 if the descriptor is still the link (the parent is gone).
   [[noreturn]] void lost() noexcept;
-  int fd() const noexcept { return fd_; }
 
  private:
   bool intact() const noexcept;

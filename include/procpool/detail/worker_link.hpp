@@ -87,6 +87,8 @@ struct WorkerExit {
   /// if not, `closed_link_near` is the first task that could have.
   int closed_link_fd = -1;
   std::optional<RunningTaskRef> closed_link_near;
+  /// It ended itself because a task took its link (no signal killed it first).
+  bool link_taken() const noexcept { return closed_link_fd >= 0 && signal == 0; }
   /// Its counters, final.
   WorkerCounters counted;
 };
